@@ -1,0 +1,222 @@
+//! Types shared by the kernel programs (`detector-ebpf`) and the userspace agent.
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding and only integer fields
+//! (no `bool`, enum or `Option`), so the byte layout is the same on both sides and a
+//! key hashes identically whoever builds it. The `user` feature implements
+//! `aya::Pod` so userspace can read them from maps.
+#![no_std]
+
+/// Flow map name in the eBPF object.
+pub const FLOWS_MAP: &str = "FLOWS";
+/// Ring buffer carrying packets whose flow could not be inserted (map full).
+pub const OVERFLOW_MAP: &str = "OVERFLOW";
+/// Per-CPU counters map.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
+pub const SAMPLING_GLOBAL: &str = "SAMPLING";
+
+/// Default number of flows the kernel map holds (`--map-size`).
+pub const DEFAULT_MAP_SIZE: u32 = 262_144;
+/// Ring buffer size for the overflow path, in bytes (a power of two, multiple of the page size).
+pub const OVERFLOW_RING_BYTES: u32 = 1 << 22;
+
+/// Packet seen on ingress (XDP). Same value as NetFlow v9 field 61 (DIRECTION).
+pub const DIRECTION_INGRESS: u8 = 0;
+/// Packet seen on egress (TC). Same value as NetFlow v9 field 61 (DIRECTION).
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// TCP flag bits as carried in NetFlow's TCP_FLAGS field.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// The identity of a flow.
+///
+/// Addresses are 16 bytes: IPv6 as is, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+/// For ICMP and ICMPv6, `src_port` is 0 and `dst_port` is `type << 8 | code`, the NetFlow
+/// convention. For protocols without ports, and for non-first IPv4/IPv6 fragments (whose
+/// L4 header is in the first fragment only), both ports are 0.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    /// Outer VLAN id (802.1Q or 802.1ad S-tag), 0 when untagged.
+    pub vlan: u16,
+    /// Inner VLAN id with QinQ (C-tag), 0 otherwise.
+    pub vlan_inner: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// `DIRECTION_INGRESS` or `DIRECTION_EGRESS`.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Per-CPU counters for one flow. Userspace sums the CPUs' copies.
+///
+/// Counts are cumulative since the entry was created; userspace exports deltas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    pub packets: u64,
+    /// Sum of IP total lengths (IPv4 total length, IPv6 payload length + 40), as NetFlow counts.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first packet on this CPU, 0 if none.
+    pub first_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet on this CPU.
+    pub last_ns: u64,
+    /// OR of the TCP flags seen.
+    pub tcp_flags: u8,
+    /// IPv4 ToS / IPv6 traffic class of the first packet on this CPU.
+    pub tos: u8,
+    pub _pad: [u8; 6],
+}
+
+/// One packet's contribution, sent through the ring buffer when its flow could not be
+/// inserted in the map (the map is full).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OverflowEvent {
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    /// IP total length of the packet.
+    pub bytes: u32,
+    pub tcp_flags: u8,
+    pub tos: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Counter indices in the per-CPU `COUNTERS` array. The array holds `COUNTER_COUNT`
+/// counters per direction: index = `direction * COUNTER_COUNT + counter`.
+pub mod counter {
+    /// Frames the program saw.
+    pub const FRAMES: u32 = 0;
+    /// Bytes of those frames (L2 length).
+    pub const FRAME_BYTES: u32 = 1;
+    /// IP packets accounted in the flow map.
+    pub const FLOW_PACKETS: u32 = 2;
+    /// IP bytes (NetFlow bytes) accounted in the flow map.
+    pub const FLOW_BYTES: u32 = 3;
+    /// Packets whose flow could not be inserted (map full); sent to the ring buffer.
+    pub const INSERT_FAILED: u32 = 4;
+    /// Overflow packets the ring buffer had no room for: these are lost to the export.
+    pub const RINGBUF_DROPPED: u32 = 5;
+    /// IP packets sent through the ring buffer.
+    pub const OVERFLOW_PACKETS: u32 = 6;
+    /// IP bytes sent through the ring buffer.
+    pub const OVERFLOW_BYTES: u32 = 7;
+    /// Packets skipped by 1-in-N sampling.
+    pub const SAMPLED_OUT: u32 = 8;
+    /// Frames that are not IPv4 or IPv6 (ARP, LLDP, ...): passed, not a flow.
+    pub const NOT_IP: u32 = 9;
+    /// Non-first fragments (accounted with ports 0).
+    pub const FRAGMENTS: u32 = 10;
+    /// Parse failures, by reason. The frame is passed and not accounted in a flow.
+    pub const ERR_ETH_TRUNCATED: u32 = 11;
+    pub const ERR_VLAN_TRUNCATED: u32 = 12;
+    pub const ERR_IPV4_TRUNCATED: u32 = 13;
+    /// IP version field does not match the EtherType, or IHL < 5, or total length < IHL.
+    pub const ERR_IP_BAD_HEADER: u32 = 14;
+    pub const ERR_IPV6_TRUNCATED: u32 = 15;
+    pub const ERR_IPV6_EXT_TRUNCATED: u32 = 16;
+    pub const ERR_IPV6_TOO_MANY_EXT: u32 = 17;
+    pub const ERR_L4_TRUNCATED: u32 = 18;
+    /// Number of counters per direction.
+    pub const COUNT: u32 = 19;
+
+    /// Names, indexed by counter, as printed by the agent.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "frames",
+        "frame_bytes",
+        "flow_packets",
+        "flow_bytes",
+        "insert_failed",
+        "ringbuf_dropped",
+        "overflow_packets",
+        "overflow_bytes",
+        "sampled_out",
+        "not_ip",
+        "fragments",
+        "err_eth_truncated",
+        "err_vlan_truncated",
+        "err_ipv4_truncated",
+        "err_ip_bad_header",
+        "err_ipv6_truncated",
+        "err_ipv6_ext_truncated",
+        "err_ipv6_too_many_ext",
+        "err_l4_truncated",
+    ];
+
+    /// First parse-failure counter.
+    pub const FIRST_ERR: u32 = ERR_ETH_TRUNCATED;
+}
+
+/// Total entries of the `COUNTERS` array (both directions).
+pub const COUNTERS_LEN: u32 = 2 * counter::COUNT;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are repr(C), contain only integers and explicit padding fields,
+    // so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::OverflowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn flow_key_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 48);
+        assert_eq!(align_of::<FlowKey>(), 4);
+        assert_eq!(offset_of!(FlowKey, src_addr), 0);
+        assert_eq!(offset_of!(FlowKey, dst_addr), 16);
+        assert_eq!(offset_of!(FlowKey, src_port), 32);
+        assert_eq!(offset_of!(FlowKey, dst_port), 34);
+        assert_eq!(offset_of!(FlowKey, ifindex), 36);
+        assert_eq!(offset_of!(FlowKey, vlan), 40);
+        assert_eq!(offset_of!(FlowKey, vlan_inner), 42);
+        assert_eq!(offset_of!(FlowKey, protocol), 44);
+        assert_eq!(offset_of!(FlowKey, direction), 45);
+        assert_eq!(offset_of!(FlowKey, _pad), 46);
+    }
+
+    #[test]
+    fn flow_stats_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<FlowStats>(), 40);
+        assert_eq!(align_of::<FlowStats>(), 8);
+        assert_eq!(offset_of!(FlowStats, packets), 0);
+        assert_eq!(offset_of!(FlowStats, bytes), 8);
+        assert_eq!(offset_of!(FlowStats, first_ns), 16);
+        assert_eq!(offset_of!(FlowStats, last_ns), 24);
+        assert_eq!(offset_of!(FlowStats, tcp_flags), 32);
+        assert_eq!(offset_of!(FlowStats, tos), 33);
+        assert_eq!(offset_of!(FlowStats, _pad), 34);
+    }
+
+    #[test]
+    fn overflow_event_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<OverflowEvent>(), 64);
+        assert_eq!(offset_of!(OverflowEvent, ts_ns), 0);
+        assert_eq!(offset_of!(OverflowEvent, key), 8);
+        assert_eq!(offset_of!(OverflowEvent, bytes), 56);
+        assert_eq!(offset_of!(OverflowEvent, tcp_flags), 60);
+        assert_eq!(offset_of!(OverflowEvent, tos), 61);
+        assert_eq!(offset_of!(OverflowEvent, _pad), 62);
+    }
+
+    #[test]
+    fn counter_names_cover_every_counter() {
+        assert_eq!(counter::NAMES.len(), counter::COUNT as usize);
+        assert_eq!(counter::NAMES[counter::ERR_L4_TRUNCATED as usize], "err_l4_truncated");
+        assert_eq!(COUNTERS_LEN, 2 * counter::COUNT);
+    }
+}
