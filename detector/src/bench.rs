@@ -1,0 +1,1 @@
+pub fn xdp(_a: crate::cli::BenchArgs) -> anyhow::Result<()> { Ok(()) }

@@ -1,0 +1,123 @@
+//! Command-line interface.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::sources::xdp::XdpModeArg;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "detector",
+    version,
+    about = "Flow meter and P2P detector: XDP/TC flow records exported as NetFlow v9"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Meter an interface and export its flows.
+    Run(RunArgs),
+    /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
+    #[command(hide = true)]
+    BenchXdp(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface to meter (XDP on ingress, TC on egress).
+    #[arg(long, value_name = "IFACE")]
+    pub iface: String,
+
+    /// XDP attach mode: auto tries native (driver) mode and falls back to generic.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeArg,
+
+    /// NetFlow v9 collector HOST:PORT (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub export: Vec<String>,
+
+    /// Export long-lived flows every SECS seconds (delta records).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub active_timeout: u64,
+
+    /// Export and forget flows idle for SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub inactive_timeout: u64,
+
+    /// Flows the kernel map holds; packets of flows that do not fit take the ring-buffer path.
+    #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
+    pub map_size: u32,
+
+    /// Account 1 packet in N (random sampling); exported as the sampling interval.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sampling: u32,
+
+    /// NetFlow v9 source ID (observation domain) of the export.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub source_id: u32,
+
+    /// Write one JSON object per exported record to PATH (`-` for stdout).
+    #[arg(long, value_name = "PATH")]
+    pub flows_json: Option<String>,
+
+    /// Resend NetFlow v9 templates every N datagrams.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub template_refresh_packets: u32,
+
+    /// Resend NetFlow v9 templates at least every SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub template_refresh_secs: u64,
+
+    /// Log the meter's counters every SECS seconds (0: only at exit).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub stats_interval: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Runs per frame under BPF_PROG_TEST_RUN.
+    #[arg(long, default_value_t = 200_000)]
+    pub repeat: u32,
+    /// Flows pre-loaded in the map for the warm-map measurement.
+    #[arg(long, default_value_t = 65_536)]
+    pub warm_flows: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_match_the_documentation() {
+        let cli = Cli::try_parse_from(["detector", "run", "--iface", "eth0"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!((a.active_timeout, a.inactive_timeout), (60, 15));
+        assert_eq!(a.map_size, 262_144);
+        assert_eq!(a.sampling, 1);
+        assert_eq!(a.xdp_mode, XdpModeArg::Auto);
+        assert!(a.export.is_empty() && a.flows_json.is_none());
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_flag_named() {
+        let e = Cli::try_parse_from(["detector", "run", "--iface", "x", "--map-size", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--map-size"), "{e}");
+        let e = Cli::try_parse_from(["detector", "run", "--iface", "x", "--xdp-mode", "turbo"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auto") && e.contains("generic"), "{e}");
+        assert!(Cli::try_parse_from(["detector", "run"]).is_err());
+    }
+}

@@ -1,0 +1,618 @@
+//! NetFlow v9 (RFC 3954) encoder. Pure: it takes records and the current time and returns
+//! datagrams; the UDP socket lives in the sink around it.
+//!
+//! - Template 256 describes IPv4 records, 257 IPv6 records, and options template 258 the
+//!   exporter's sampling interval and algorithm (scope: System).
+//! - Templates (and the sampling options record) are sent in the first datagram, then
+//!   again every `template_refresh_packets` datagrams and every `template_refresh_secs`
+//!   seconds, whichever comes first, as RFC 3954 section 9 asks of exporters over UDP.
+//! - The header sequence number counts export packets of this source id (RFC 3954 5.1).
+//! - Every datagram's UDP payload stays under `max_payload` bytes (default 1400).
+//! - FIRST/LAST_SWITCHED are milliseconds of sysUptime, measured from the exporter start.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::flow::FlowRecord;
+
+pub const TEMPLATE_IPV4: u16 = 256;
+pub const TEMPLATE_IPV6: u16 = 257;
+pub const TEMPLATE_OPTIONS: u16 = 258;
+
+const HEADER_LEN: usize = 20;
+const FLOWSET_HEADER_LEN: usize = 4;
+
+// RFC 3954 section 8 field types.
+const IN_BYTES: u16 = 1;
+const IN_PKTS: u16 = 2;
+const PROTOCOL: u16 = 4;
+const SRC_TOS: u16 = 5;
+const TCP_FLAGS: u16 = 6;
+const L4_SRC_PORT: u16 = 7;
+const IPV4_SRC_ADDR: u16 = 8;
+const INPUT_SNMP: u16 = 10;
+const L4_DST_PORT: u16 = 11;
+const IPV4_DST_ADDR: u16 = 12;
+const OUTPUT_SNMP: u16 = 14;
+const LAST_SWITCHED: u16 = 21;
+const FIRST_SWITCHED: u16 = 22;
+const IPV6_SRC_ADDR: u16 = 27;
+const IPV6_DST_ADDR: u16 = 28;
+const SAMPLING_INTERVAL: u16 = 34;
+const SAMPLING_ALGORITHM: u16 = 35;
+const SRC_VLAN: u16 = 58;
+const DIRECTION: u16 = 61;
+/// Options scope type "System" (RFC 3954 6.2).
+const SCOPE_SYSTEM: u16 = 1;
+
+/// (field type, length) of the data templates; the address fields are swapped per family.
+const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 15] {
+    [
+        (IN_BYTES, 8),
+        (IN_PKTS, 8),
+        (FIRST_SWITCHED, 4),
+        (LAST_SWITCHED, 4),
+        (src, addr_len),
+        (dst, addr_len),
+        (L4_SRC_PORT, 2),
+        (L4_DST_PORT, 2),
+        (PROTOCOL, 1),
+        (SRC_TOS, 1),
+        (TCP_FLAGS, 1),
+        (DIRECTION, 1),
+        (INPUT_SNMP, 4),
+        (OUTPUT_SNMP, 4),
+        (SRC_VLAN, 2),
+    ]
+}
+
+const IPV4_FIELDS: [(u16, u16); 15] = data_fields(IPV4_SRC_ADDR, IPV4_DST_ADDR, 4);
+const IPV6_FIELDS: [(u16, u16); 15] = data_fields(IPV6_SRC_ADDR, IPV6_DST_ADDR, 16);
+const OPTION_SCOPE: [(u16, u16); 1] = [(SCOPE_SYSTEM, 4)];
+const OPTION_FIELDS: [(u16, u16); 2] = [(SAMPLING_INTERVAL, 4), (SAMPLING_ALGORITHM, 1)];
+
+const fn record_len(fields: &[(u16, u16)]) -> usize {
+    let mut i = 0;
+    let mut n = 0;
+    while i < fields.len() {
+        n += fields[i].1 as usize;
+        i += 1;
+    }
+    n
+}
+
+pub const IPV4_RECORD_LEN: usize = record_len(&IPV4_FIELDS);
+pub const IPV6_RECORD_LEN: usize = record_len(&IPV6_FIELDS);
+const OPTIONS_RECORD_LEN: usize = record_len(&OPTION_SCOPE) + record_len(&OPTION_FIELDS);
+
+/// Encoder settings.
+#[derive(Clone, Debug)]
+pub struct V9Config {
+    /// Source ID (observation domain) in every header.
+    pub source_id: u32,
+    /// Resend templates every this many datagrams.
+    pub template_refresh_packets: u32,
+    /// Resend templates at least this often.
+    pub template_refresh_secs: u64,
+    /// 1-in-N sampling interval announced in the options record (1: unsampled).
+    pub sampling_interval: u32,
+    /// Largest UDP payload to emit.
+    pub max_payload: usize,
+}
+
+impl Default for V9Config {
+    fn default() -> Self {
+        Self {
+            source_id: 0,
+            template_refresh_packets: 20,
+            template_refresh_secs: 60,
+            sampling_interval: 1,
+            max_payload: 1400,
+        }
+    }
+}
+
+/// Stateful v9 encoder for one source id.
+#[derive(Debug)]
+pub struct V9Encoder {
+    cfg: V9Config,
+    boot: SystemTime,
+    sequence: u32,
+    packets_since_templates: Option<u32>,
+    templates_sent_at: Option<SystemTime>,
+}
+
+impl V9Encoder {
+    /// `boot` is the exporter's start: sysUptime and FIRST/LAST_SWITCHED count from it.
+    pub fn new(cfg: V9Config, boot: SystemTime) -> Self {
+        assert!(
+            cfg.max_payload >= HEADER_LEN + 512,
+            "max_payload too small for templates"
+        );
+        Self {
+            cfg,
+            boot,
+            sequence: 0,
+            packets_since_templates: None,
+            templates_sent_at: None,
+        }
+    }
+
+    /// Sequence number the next datagram will carry.
+    pub fn next_sequence(&self) -> u32 {
+        self.sequence
+    }
+
+    fn templates_due(&self, now: SystemTime) -> bool {
+        match (self.packets_since_templates, self.templates_sent_at) {
+            (Some(n), Some(at)) => {
+                n >= self.cfg.template_refresh_packets
+                    || now.duration_since(at).unwrap_or(Duration::ZERO)
+                        >= Duration::from_secs(self.cfg.template_refresh_secs)
+            }
+            _ => true,
+        }
+    }
+
+    fn uptime_ms(&self, t: SystemTime) -> u32 {
+        t.duration_since(self.boot)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u32
+    }
+
+    /// Encodes `records` into as many datagrams as needed (none if there are no records
+    /// and templates are not due).
+    pub fn encode(&mut self, records: &[FlowRecord], now: SystemTime) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let with_templates = self.templates_due(now);
+            if i >= records.len() && !with_templates {
+                break;
+            }
+            let mut dg = Datagram::start(self, now);
+            if with_templates {
+                dg.put_templates(self.cfg.source_id, self.cfg.sampling_interval);
+            }
+            while i < records.len() && dg.try_put_record(&records[i], self, self.cfg.max_payload)
+            {
+                i += 1;
+            }
+            out.push(dg.finish());
+            self.sequence = self.sequence.wrapping_add(1);
+            if with_templates {
+                self.packets_since_templates = Some(1);
+                self.templates_sent_at = Some(now);
+            } else if let Some(n) = self.packets_since_templates.as_mut() {
+                *n += 1;
+            }
+            if i >= records.len() {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// One datagram under construction.
+struct Datagram {
+    buf: BytesMut,
+    count: u16,
+    /// Offset and template id of the open data flowset.
+    open: Option<(usize, u16)>,
+}
+
+impl Datagram {
+    fn start(enc: &V9Encoder, now: SystemTime) -> Self {
+        let mut buf = BytesMut::with_capacity(enc.cfg.max_payload);
+        buf.put_u16(9);
+        buf.put_u16(0); // count, patched in finish()
+        buf.put_u32(enc.uptime_ms(now));
+        buf.put_u32(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs() as u32,
+        );
+        buf.put_u32(enc.sequence);
+        buf.put_u32(enc.cfg.source_id);
+        Self {
+            buf,
+            count: 0,
+            open: None,
+        }
+    }
+
+    fn put_templates(&mut self, source_id: u32, sampling: u32) {
+        // Template flowset (id 0) with both data templates.
+        let start = self.buf.len();
+        self.buf.put_u16(0);
+        self.buf.put_u16(0);
+        for (id, fields) in [(TEMPLATE_IPV4, &IPV4_FIELDS), (TEMPLATE_IPV6, &IPV6_FIELDS)] {
+            self.buf.put_u16(id);
+            self.buf.put_u16(fields.len() as u16);
+            for &(t, l) in fields.iter() {
+                self.buf.put_u16(t);
+                self.buf.put_u16(l);
+            }
+            self.count += 1;
+        }
+        self.close_flowset(start);
+        // Options template flowset (id 1).
+        let start = self.buf.len();
+        self.buf.put_u16(1);
+        self.buf.put_u16(0);
+        self.buf.put_u16(TEMPLATE_OPTIONS);
+        self.buf.put_u16((OPTION_SCOPE.len() * 4) as u16);
+        self.buf.put_u16((OPTION_FIELDS.len() * 4) as u16);
+        for &(t, l) in OPTION_SCOPE.iter().chain(OPTION_FIELDS.iter()) {
+            self.buf.put_u16(t);
+            self.buf.put_u16(l);
+        }
+        self.count += 1;
+        self.close_flowset(start);
+        // Options data: this exporter's sampling.
+        let start = self.buf.len();
+        self.buf.put_u16(TEMPLATE_OPTIONS);
+        self.buf.put_u16(0);
+        self.buf.put_u32(source_id);
+        self.buf.put_u32(sampling.max(1));
+        // 0x02: random 1-in-N sampling (RFC 3954 field 35); 0x01 deterministic when unsampled.
+        self.buf.put_u8(if sampling > 1 { 2 } else { 1 });
+        self.count += 1;
+        debug_assert_eq!(self.buf.len() - start, FLOWSET_HEADER_LEN + OPTIONS_RECORD_LEN);
+        self.close_flowset(start);
+    }
+
+    /// Pads the flowset that starts at `start` to 4 bytes and writes its length.
+    fn close_flowset(&mut self, start: usize) {
+        while (self.buf.len() - start) % 4 != 0 {
+            self.buf.put_u8(0);
+        }
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    fn close_open(&mut self) {
+        if let Some((start, _)) = self.open.take() {
+            self.close_flowset(start);
+        }
+    }
+
+    /// Appends a record if it fits (with the padding its flowset may need).
+    fn try_put_record(&mut self, r: &FlowRecord, enc: &V9Encoder, max: usize) -> bool {
+        let (template, len) = if r.is_ipv4() {
+            (TEMPLATE_IPV4, IPV4_RECORD_LEN)
+        } else {
+            (TEMPLATE_IPV6, IPV6_RECORD_LEN)
+        };
+        let needs_header = self.open.map(|(_, t)| t) != Some(template);
+        let pad_open = if needs_header {
+            self.open
+                .map(|(s, _)| (4 - (self.buf.len() - s) % 4) % 4)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let header = if needs_header { FLOWSET_HEADER_LEN } else { 0 };
+        // Worst case the flowset then needs 3 bytes of padding.
+        if self.buf.len() + pad_open + header + len + 3 > max {
+            return false;
+        }
+        if needs_header {
+            self.close_open();
+            self.open = Some((self.buf.len(), template));
+            self.buf.put_u16(template);
+            self.buf.put_u16(0);
+        }
+        let b = &mut self.buf;
+        b.put_u64(r.bytes);
+        b.put_u64(r.packets);
+        b.put_u32(enc.uptime_ms(r.first));
+        b.put_u32(enc.uptime_ms(r.last));
+        match (r.src_addr, r.dst_addr) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                b.put_slice(&s.octets());
+                b.put_slice(&d.octets());
+            }
+            (s, d) => {
+                b.put_slice(&to_v6(s));
+                b.put_slice(&to_v6(d));
+            }
+        }
+        b.put_u16(r.src_port);
+        b.put_u16(r.dst_port);
+        b.put_u8(r.protocol);
+        b.put_u8(r.tos);
+        b.put_u8(r.tcp_flags);
+        b.put_u8(r.direction.netflow_value());
+        let (input, output) = match r.direction {
+            crate::flow::Direction::Ingress => (r.ifindex, 0),
+            crate::flow::Direction::Egress => (0, r.ifindex),
+        };
+        b.put_u32(input);
+        b.put_u32(output);
+        b.put_u16(r.vlan);
+        self.count += 1;
+        true
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.close_open();
+        let count = self.count;
+        self.buf[2..4].copy_from_slice(&count.to_be_bytes());
+        self.buf.freeze()
+    }
+}
+
+fn to_v6(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Direction;
+    use netflow_parser::variable_versions::field_value::FieldValue;
+    use netflow_parser::variable_versions::v9::lookup::V9Field;
+    use netflow_parser::variable_versions::v9::FlowSetBody;
+    use netflow_parser::{NetflowPacket, NetflowParser};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn boot() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn rec(i: u32, v6: bool) -> FlowRecord {
+        let (src, dst) = if v6 {
+            (
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16)),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1)),
+            )
+        } else {
+            (
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            )
+        };
+        FlowRecord {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: 1024 + i as u16,
+            dst_port: 443,
+            protocol: if i % 2 == 0 { 6 } else { 17 },
+            packets: 10 + i as u64,
+            bytes: 5_000_000_000 + i as u64,
+            first: boot() + Duration::from_millis(1000 + i as u64),
+            last: boot() + Duration::from_millis(9000 + i as u64),
+            direction: if i % 3 == 0 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            tcp_flags: 0x1b,
+            tos: 0x20,
+            vlan: (i % 4000) as u16,
+            vlan_inner: 0,
+            ifindex: 7,
+            sampling: 1,
+        }
+    }
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Decoded {
+        bytes: u64,
+        packets: u64,
+        first: u32,
+        last: u32,
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        tos: u8,
+        flags: u8,
+        dir: u8,
+        input: u32,
+        output: u32,
+        vlan: u16,
+    }
+
+    fn num(v: &FieldValue) -> u64 {
+        use netflow_parser::variable_versions::field_value::{DataNumber, DurationValue};
+        match v {
+            FieldValue::DataNumber(DataNumber::U8(x)) => *x as u64,
+            FieldValue::DataNumber(DataNumber::U16(x)) => *x as u64,
+            FieldValue::DataNumber(DataNumber::U24(x)) => *x as u64,
+            FieldValue::DataNumber(DataNumber::U32(x)) => *x as u64,
+            FieldValue::DataNumber(DataNumber::U64(x)) => *x,
+            FieldValue::Duration(DurationValue::Millis { value, .. }) => *value,
+            FieldValue::ProtocolType(p) => u8::from(*p) as u64,
+            FieldValue::TcpControlBits(b, _) => {
+                let bits = [b.fin, b.syn, b.rst, b.psh, b.ack, b.urg, b.ece, b.cwr];
+                bits.iter()
+                    .enumerate()
+                    .map(|(i, &on)| (on as u64) << i)
+                    .sum()
+            }
+            other => panic!("unexpected value {other:?}"),
+        }
+    }
+
+    fn decode(parser: &mut NetflowParser, dg: &[u8]) -> (Vec<Decoded>, Vec<u32>, usize) {
+        let res = parser.parse_bytes(dg);
+        assert!(res.error.is_none(), "parse error: {:?}", res.error);
+        let mut out = Vec::new();
+        let mut seq = Vec::new();
+        let mut sampling = Vec::new();
+        for p in res.packets {
+            let NetflowPacket::V9(v9) = p else {
+                panic!("not v9")
+            };
+            seq.push(v9.header.sequence_number);
+            for fs in v9.flowsets {
+                match fs.body {
+                    FlowSetBody::Data(d) => {
+                        for r in d.fields {
+                            let mut x = Decoded::default();
+                            for (f, v) in r {
+                                match f {
+                                    V9Field::InBytes => x.bytes = num(&v),
+                                    V9Field::InPkts => x.packets = num(&v),
+                                    V9Field::FirstSwitched => x.first = num(&v) as u32,
+                                    V9Field::LastSwitched => x.last = num(&v) as u32,
+                                    V9Field::Ipv4SrcAddr | V9Field::Ipv6SrcAddr => {
+                                        x.src = Some(IpAddr::try_from(&v).unwrap())
+                                    }
+                                    V9Field::Ipv4DstAddr | V9Field::Ipv6DstAddr => {
+                                        x.dst = Some(IpAddr::try_from(&v).unwrap())
+                                    }
+                                    V9Field::L4SrcPort => x.sport = num(&v) as u16,
+                                    V9Field::L4DstPort => x.dport = num(&v) as u16,
+                                    V9Field::Protocol => x.proto = num(&v) as u8,
+                                    V9Field::SrcTos => x.tos = num(&v) as u8,
+                                    V9Field::TcpFlags => x.flags = num(&v) as u8,
+                                    V9Field::Direction => x.dir = num(&v) as u8,
+                                    V9Field::InputSnmp => x.input = num(&v) as u32,
+                                    V9Field::OutputSnmp => x.output = num(&v) as u32,
+                                    V9Field::SrcVlan => x.vlan = num(&v) as u16,
+                                    other => panic!("unexpected field {other:?}"),
+                                }
+                            }
+                            out.push(x);
+                        }
+                    }
+                    FlowSetBody::OptionsData(o) => {
+                        for f in o.fields {
+                            for (k, v) in f.options_fields {
+                                if k == V9Field::SamplingInterval {
+                                    sampling.push(num(&v));
+                                }
+                            }
+                        }
+                    }
+                    FlowSetBody::NoTemplate(_) => panic!("data before template"),
+                    _ => {}
+                }
+            }
+        }
+        let n = sampling.len();
+        (out, seq, n)
+    }
+
+    fn expected(r: &FlowRecord) -> Decoded {
+        let (input, output) = match r.direction {
+            Direction::Ingress => (r.ifindex, 0),
+            Direction::Egress => (0, r.ifindex),
+        };
+        Decoded {
+            bytes: r.bytes,
+            packets: r.packets,
+            first: r.first.duration_since(boot()).unwrap().as_millis() as u32,
+            last: r.last.duration_since(boot()).unwrap().as_millis() as u32,
+            src: Some(r.src_addr),
+            dst: Some(r.dst_addr),
+            sport: r.src_port,
+            dport: r.dst_port,
+            proto: r.protocol,
+            tos: r.tos,
+            flags: r.tcp_flags,
+            dir: r.direction.netflow_value(),
+            input,
+            output,
+            vlan: r.vlan,
+        }
+    }
+
+    #[test]
+    fn round_trips_ipv4_and_ipv6_records_through_netflow_parser() {
+        let records: Vec<_> = (0..300).map(|i| rec(i, i % 5 == 0)).collect();
+        let mut enc = V9Encoder::new(V9Config::default(), boot());
+        let now = boot() + Duration::from_secs(10);
+        let dgs = enc.encode(&records, now);
+        assert!(dgs.len() > 1, "300 records must need several datagrams");
+        let mut parser = NetflowParser::default();
+        let mut decoded = Vec::new();
+        let mut seqs = Vec::new();
+        for dg in &dgs {
+            assert!(dg.len() <= 1400, "datagram of {} bytes", dg.len());
+            let (d, s, _) = decode(&mut parser, dg);
+            decoded.extend(d);
+            seqs.extend(s);
+        }
+        let want: Vec<_> = records.iter().map(expected).collect();
+        assert_eq!(decoded, want);
+        assert_eq!(seqs, (0..dgs.len() as u32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn header_count_matches_records_and_templates() {
+        let records: Vec<_> = (0..3).map(|i| rec(i, false)).collect();
+        let mut enc = V9Encoder::new(V9Config::default(), boot());
+        let dgs = enc.encode(&records, boot());
+        assert_eq!(dgs.len(), 1);
+        // 2 data templates + 1 options template + 1 options record + 3 data records.
+        assert_eq!(u16::from_be_bytes([dgs[0][2], dgs[0][3]]), 7);
+        let dgs = enc.encode(&records, boot());
+        assert_eq!(u16::from_be_bytes([dgs[0][2], dgs[0][3]]), 3);
+        assert_eq!(u32::from_be_bytes(dgs[0][12..16].try_into().unwrap()), 1);
+    }
+
+    #[test]
+    fn templates_are_resent_every_n_packets_and_every_m_seconds() {
+        let cfg = V9Config {
+            template_refresh_packets: 3,
+            template_refresh_secs: 30,
+            sampling_interval: 100,
+            ..V9Config::default()
+        };
+        let mut enc = V9Encoder::new(cfg, boot());
+        let mut parser = NetflowParser::default();
+        let one = [rec(1, false)];
+        let mut with_templates = Vec::new();
+        for i in 0..7 {
+            let dg = enc.encode(&one, boot() + Duration::from_secs(i));
+            let (_, _, n_opts) = decode(&mut parser, &dg[0]);
+            with_templates.push(n_opts == 1);
+        }
+        assert_eq!(
+            with_templates,
+            [true, false, false, true, false, false, true]
+        );
+        // Time-based: next datagram 30 s after the last templates carries them again.
+        let dg = enc.encode(&one, boot() + Duration::from_secs(36));
+        assert_eq!(decode(&mut parser, &dg[0]).2, 1);
+        let dg = enc.encode(&one, boot() + Duration::from_secs(37));
+        assert_eq!(decode(&mut parser, &dg[0]).2, 0);
+    }
+
+    #[test]
+    fn no_datagram_without_records_unless_templates_are_due() {
+        let mut enc = V9Encoder::new(V9Config::default(), boot());
+        assert_eq!(enc.encode(&[], boot()).len(), 1, "first call announces templates");
+        assert!(enc.encode(&[], boot()).is_empty());
+        assert_eq!(enc.encode(&[], boot() + Duration::from_secs(61)).len(), 1);
+    }
+
+    #[test]
+    fn every_datagram_fits_any_family_mix() {
+        for pattern in 0..4 {
+            let records: Vec<_> = (0..500)
+                .map(|i| rec(i, (i as usize + pattern) % (pattern + 2) == 0))
+                .collect();
+            let mut enc = V9Encoder::new(V9Config::default(), boot());
+            let mut parser = NetflowParser::default();
+            let mut n = 0;
+            for dg in enc.encode(&records, boot()) {
+                assert!(dg.len() <= 1400);
+                assert_eq!(dg.len() % 4, 0);
+                n += decode(&mut parser, &dg).0.len();
+            }
+            assert_eq!(n, 500);
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The flow record every source produces and every sink consumes, and the flow table
+//! that turns cumulative kernel counters into NetFlow-style records.
+
+pub mod table;
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::{Duration, SystemTime};
+
+use detector_common::{DIRECTION_EGRESS, FlowKey};
+
+/// Which way a packet crossed the metered interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// NetFlow v9 DIRECTION (field 61) value.
+    pub fn netflow_value(self) -> u8 {
+        match self {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// One exported flow record: the packets of one flow between two export instants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowRecord {
+    pub src_addr: IpAddr,
+    pub dst_addr: IpAddr,
+    pub src_port: u16,
+    /// For ICMP/ICMPv6: `type << 8 | code`.
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub packets: u64,
+    /// IP bytes (sum of IP total lengths).
+    pub bytes: u64,
+    pub first: SystemTime,
+    pub last: SystemTime,
+    pub direction: Direction,
+    pub tcp_flags: u8,
+    pub tos: u8,
+    /// Outer VLAN id, 0 if untagged.
+    pub vlan: u16,
+    /// Inner VLAN id (QinQ), 0 if none.
+    pub vlan_inner: u16,
+    pub ifindex: u32,
+    /// 1-in-N sampling interval the counts were taken with (1: every packet).
+    pub sampling: u32,
+}
+
+impl FlowRecord {
+    pub fn is_ipv4(&self) -> bool {
+        self.src_addr.is_ipv4() && self.dst_addr.is_ipv4()
+    }
+}
+
+/// Kernel keys carry IPv4 as IPv4-mapped IPv6; give it back as IPv4.
+pub fn key_addr(bytes: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(bytes).to_canonical()
+}
+
+/// Turns a key and a [`table::Delta`] into a record, mapping kernel monotonic time to wall time.
+pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> FlowRecord {
+    let k: &FlowKey = &d.key;
+    FlowRecord {
+        src_addr: key_addr(k.src_addr),
+        dst_addr: key_addr(k.dst_addr),
+        src_port: k.src_port,
+        dst_port: k.dst_port,
+        protocol: k.protocol,
+        packets: d.packets,
+        bytes: d.bytes,
+        first: clock.to_wall(d.first_ns),
+        last: clock.to_wall(d.last_ns),
+        direction: if k.direction == DIRECTION_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        },
+        tcp_flags: d.tcp_flags,
+        tos: d.tos,
+        vlan: k.vlan,
+        vlan_inner: k.vlan_inner,
+        ifindex: k.ifindex,
+        sampling: sampling.max(1),
+    }
+}
+
+/// Maps CLOCK_MONOTONIC nanoseconds (what `bpf_ktime_get_ns` returns) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    /// Wall time at monotonic zero, in nanoseconds since the Unix epoch.
+    epoch_at_mono_zero_ns: i128,
+}
+
+impl WallClock {
+    /// A mapping from a pair of readings taken at the same instant.
+    pub fn from_pair(mono_ns: u64, wall: SystemTime) -> Self {
+        let wall_ns = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Self {
+            epoch_at_mono_zero_ns: wall_ns - mono_ns as i128,
+        }
+    }
+
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        Self::from_pair(monotonic_ns(), SystemTime::now())
+    }
+
+    pub fn to_wall(&self, mono_ns: u64) -> SystemTime {
+        let ns = (self.epoch_at_mono_zero_ns + mono_ns as i128).max(0);
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn ipv4_mapped_keys_come_back_as_ipv4() {
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(key_addr(b), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        let v6: [u8; 16] = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(key_addr(v6), "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn wall_clock_maps_monotonic_offsets() {
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let c = WallClock::from_pair(5_000_000_000, wall);
+        assert_eq!(c.to_wall(5_000_000_000), wall);
+        assert_eq!(c.to_wall(6_500_000_000), wall + Duration::from_millis(1500));
+        assert_eq!(c.to_wall(4_000_000_000), wall - Duration::from_secs(1));
+    }
+}

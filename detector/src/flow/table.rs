@@ -1,0 +1,410 @@
+//! The accounting core: decides, from cumulative per-flow counters and a caller-supplied
+//! `now`, which flows to export, which to keep and which to evict, and computes each
+//! exported record as a delta against what was already exported.
+//!
+//! It never reads a clock or a map itself: the XDP source feeds it the kernel's counters
+//! (summed over CPUs), the overflow path feeds it counters it aggregated from the ring
+//! buffer, and the tests feed it synthetic counters and a fake clock.
+//!
+//! NetFlow semantics:
+//! - a flow idle for the inactive timeout is exported and evicted;
+//! - a TCP flow that saw FIN or RST is exported and evicted at the next scan;
+//! - a flow still active when its active timeout elapses is exported (the packets since
+//!   the previous export) and kept; the kernel keeps counting cumulatively, and the next
+//!   record carries only the difference, so no packet is counted twice or missed.
+
+use std::collections::HashMap;
+
+use detector_common::{FlowKey, FlowStats, OverflowEvent, TCP_FIN, TCP_RST};
+
+/// Timeouts in nanoseconds of the flow clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub active_ns: u64,
+    pub inactive_ns: u64,
+}
+
+impl Timeouts {
+    pub fn from_secs(active: u64, inactive: u64) -> Self {
+        Self {
+            active_ns: active * 1_000_000_000,
+            inactive_ns: inactive * 1_000_000_000,
+        }
+    }
+}
+
+/// The packets of one flow between two exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delta {
+    pub key: FlowKey,
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub tcp_flags: u8,
+    pub tos: u8,
+}
+
+/// What the caller must do with a flow after [`FlowTable::observe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to export yet.
+    Keep,
+    /// Export this record; the flow stays.
+    Export(Delta),
+    /// The flow ended: remove it atomically from wherever it lives and pass its final
+    /// counters to [`FlowTable::evict`].
+    Evict,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    exported_packets: u64,
+    exported_bytes: u64,
+    /// Start of the current export period (flow start, then each active-timeout export).
+    period_start_ns: u64,
+    generation: u64,
+}
+
+/// Export bookkeeping for the flows of one store (the kernel map, or the overflow table).
+#[derive(Debug)]
+pub struct FlowTable {
+    timeouts: Timeouts,
+    tracked: HashMap<FlowKey, Tracked>,
+    generation: u64,
+}
+
+/// Sums per-CPU copies of one flow's counters: counts add, first is the earliest, last the
+/// latest, flags OR, ToS is that of the earliest packet.
+pub fn merge_cpus(values: impl IntoIterator<Item = FlowStats>) -> FlowStats {
+    let mut out = FlowStats::default();
+    for v in values {
+        if v.packets == 0 {
+            continue;
+        }
+        out.packets += v.packets;
+        out.bytes += v.bytes;
+        if out.first_ns == 0 || v.first_ns < out.first_ns {
+            out.first_ns = v.first_ns;
+            out.tos = v.tos;
+        }
+        out.last_ns = out.last_ns.max(v.last_ns);
+        out.tcp_flags |= v.tcp_flags;
+    }
+    out
+}
+
+/// Adds one overflow event (a packet whose flow did not fit in the kernel map) to a
+/// userspace-held counter, exactly as the kernel would have.
+pub fn add_event(stats: &mut FlowStats, ev: &OverflowEvent) {
+    if stats.packets == 0 || ev.ts_ns < stats.first_ns {
+        stats.first_ns = ev.ts_ns;
+        stats.tos = ev.tos;
+    }
+    stats.packets += 1;
+    stats.bytes += ev.bytes as u64;
+    stats.last_ns = stats.last_ns.max(ev.ts_ns);
+    stats.tcp_flags |= ev.tcp_flags;
+}
+
+impl FlowTable {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self {
+            timeouts,
+            tracked: HashMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Flows currently tracked.
+    pub fn len(&self) -> usize {
+        self.tracked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracked.is_empty()
+    }
+
+    /// Starts a pass over every flow of the store.
+    pub fn begin_scan(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Ends a pass: forgets the bookkeeping of flows the pass did not see (removed from
+    /// the store by someone else), so the table cannot grow without bound.
+    pub fn end_scan(&mut self) {
+        let generation = self.generation;
+        self.tracked.retain(|_, t| t.generation == generation);
+    }
+
+    /// Looks at a flow's cumulative counters at `now_ns` and says what to do.
+    pub fn observe(&mut self, key: &FlowKey, stats: &FlowStats, now_ns: u64) -> Action {
+        let generation = self.generation;
+        let t = self.tracked.entry(*key).or_insert(Tracked {
+            exported_packets: 0,
+            exported_bytes: 0,
+            period_start_ns: stats.first_ns,
+            generation,
+        });
+        t.generation = generation;
+        if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            return Action::Evict;
+        }
+        if now_ns.saturating_sub(stats.last_ns) >= self.timeouts.inactive_ns {
+            return Action::Evict;
+        }
+        if now_ns.saturating_sub(t.period_start_ns) >= self.timeouts.active_ns {
+            let delta = delta_since(key, t, stats);
+            t.exported_packets = stats.packets;
+            t.exported_bytes = stats.bytes;
+            t.period_start_ns = now_ns;
+            return match delta {
+                Some(d) => Action::Export(d),
+                None => Action::Keep,
+            };
+        }
+        Action::Keep
+    }
+
+    /// The flow was removed from its store with these final counters: returns what is
+    /// left to export (nothing if every packet was already exported) and forgets it.
+    pub fn evict(&mut self, key: &FlowKey, final_stats: &FlowStats) -> Option<Delta> {
+        match self.tracked.remove(key) {
+            Some(t) => delta_since(key, &t, final_stats),
+            None => delta_since(
+                key,
+                &Tracked {
+                    exported_packets: 0,
+                    exported_bytes: 0,
+                    period_start_ns: final_stats.first_ns,
+                    generation: 0,
+                },
+                final_stats,
+            ),
+        }
+    }
+}
+
+fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
+    let packets = s.packets.checked_sub(t.exported_packets)?;
+    if packets == 0 {
+        return None;
+    }
+    Some(Delta {
+        key: *key,
+        packets,
+        bytes: s.bytes.saturating_sub(t.exported_bytes),
+        first_ns: t.period_start_ns.max(s.first_ns),
+        last_ns: s.last_ns,
+        tcp_flags: s.tcp_flags,
+        tos: s.tos,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            src_port: port,
+            dst_port: 80,
+            protocol: 6,
+            ..FlowKey::default()
+        }
+    }
+
+    /// A fake flow store: cumulative counters advanced by simulated packets.
+    struct Store {
+        table: FlowTable,
+        flows: HashMap<FlowKey, FlowStats>,
+        exported: Vec<Delta>,
+    }
+
+    impl Store {
+        fn new(active: u64, inactive: u64) -> Self {
+            Self {
+                table: FlowTable::new(Timeouts::from_secs(active, inactive)),
+                flows: HashMap::new(),
+                exported: Vec::new(),
+            }
+        }
+
+        fn packet(&mut self, k: FlowKey, bytes: u32, flags: u8, now: u64) {
+            let s = self.flows.entry(k).or_default();
+            add_event(
+                s,
+                &OverflowEvent {
+                    ts_ns: now,
+                    key: k,
+                    bytes,
+                    tcp_flags: flags,
+                    tos: 0,
+                    _pad: [0; 2],
+                },
+            );
+        }
+
+        fn scan(&mut self, now: u64) {
+            self.table.begin_scan();
+            let keys: Vec<_> = self.flows.keys().copied().collect();
+            for k in keys {
+                let s = self.flows[&k];
+                match self.table.observe(&k, &s, now) {
+                    Action::Keep => {}
+                    Action::Export(d) => self.exported.push(d),
+                    Action::Evict => {
+                        let fin = self.flows.remove(&k).unwrap();
+                        self.exported.extend(self.table.evict(&k, &fin));
+                    }
+                }
+            }
+            self.table.end_scan();
+        }
+
+        fn totals(&self, k: FlowKey) -> (u64, u64) {
+            self.exported
+                .iter()
+                .filter(|d| d.key == k)
+                .fold((0, 0), |(p, b), d| (p + d.packets, b + d.bytes))
+        }
+    }
+
+    #[test]
+    fn idle_flow_is_exported_once_after_inactive_timeout() {
+        let mut st = Store::new(60, 15);
+        let k = key(1000);
+        for i in 0..5 {
+            st.packet(k, 100, 0x10, S + i * S / 10);
+        }
+        st.scan(10 * S);
+        assert!(st.exported.is_empty(), "exported before the inactive timeout");
+        st.scan(S + 4 * S / 10 + 15 * S);
+        assert_eq!(st.exported.len(), 1);
+        let d = st.exported[0];
+        assert_eq!((d.packets, d.bytes), (5, 500));
+        assert_eq!(d.first_ns, S);
+        assert_eq!(d.last_ns, S + 4 * S / 10);
+        assert!(st.flows.is_empty() && st.table.is_empty());
+    }
+
+    #[test]
+    fn long_flow_exports_deltas_at_each_active_timeout_without_double_counting() {
+        let mut st = Store::new(60, 15);
+        let k = key(2000);
+        let mut sent = (0u64, 0u64);
+        // One packet a second for 200 s, scanning every second.
+        for sec in 1..=200u64 {
+            st.packet(k, 60 + sec as u32, 0x10, sec * S);
+            sent.0 += 1;
+            sent.1 += 60 + sec;
+            st.scan(sec * S + S / 2);
+        }
+        // Active timeout at 61, 121, 181 s after the first packet: three partial records.
+        assert_eq!(st.exported.len(), 3);
+        assert_eq!(st.exported[0].first_ns, S);
+        assert_eq!(st.exported[1].first_ns, st.exported[0].last_ns + S / 2);
+        st.scan(200 * S + 15 * S);
+        assert_eq!(st.exported.len(), 4);
+        assert_eq!(st.totals(k), sent);
+        for w in st.exported.windows(2) {
+            assert!(w[0].last_ns < w[1].first_ns, "records overlap: {w:?}");
+        }
+    }
+
+    #[test]
+    fn fin_or_rst_ends_the_flow_at_the_next_scan() {
+        let mut st = Store::new(60, 15);
+        let (a, b) = (key(1), key(2));
+        st.packet(a, 60, 0x02, S);
+        st.packet(a, 52, 0x11, 2 * S);
+        st.packet(b, 60, 0x02, S);
+        st.packet(b, 40, 0x04, 2 * S);
+        st.packet(key(3), 60, 0x02, S);
+        st.scan(3 * S);
+        assert_eq!(st.totals(a), (2, 112));
+        assert_eq!(st.totals(b), (2, 100));
+        assert_eq!(st.totals(key(3)), (0, 0));
+        // A late ACK after FIN starts a new flow record.
+        st.packet(a, 52, 0x10, 3 * S);
+        st.scan(20 * S);
+        assert_eq!(st.totals(a), (3, 164));
+        assert_eq!(st.totals(key(3)), (1, 60));
+    }
+
+    #[test]
+    fn silent_period_after_active_export_emits_no_empty_record() {
+        let mut st = Store::new(10, 30);
+        let k = key(7);
+        st.packet(k, 100, 0, S);
+        st.packet(k, 100, 0, 5 * S);
+        st.scan(11 * S);
+        assert_eq!(st.exported.len(), 1);
+        st.scan(22 * S);
+        assert_eq!(st.exported.len(), 1, "a record with zero packets was exported");
+        st.scan(36 * S);
+        assert_eq!(st.exported.len(), 1);
+        assert_eq!(st.totals(k), (2, 200));
+        assert!(st.flows.is_empty());
+    }
+
+    #[test]
+    fn bookkeeping_of_vanished_flows_is_forgotten() {
+        let mut t = FlowTable::new(Timeouts::from_secs(60, 15));
+        let s = FlowStats {
+            packets: 1,
+            bytes: 1,
+            first_ns: S,
+            last_ns: S,
+            ..Default::default()
+        };
+        t.begin_scan();
+        assert_eq!(t.observe(&key(1), &s, 2 * S), Action::Keep);
+        t.end_scan();
+        assert_eq!(t.len(), 1);
+        t.begin_scan();
+        t.end_scan();
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn evicting_an_unseen_flow_exports_all_of_it() {
+        let mut t = FlowTable::new(Timeouts::from_secs(60, 15));
+        let s = FlowStats {
+            packets: 3,
+            bytes: 300,
+            first_ns: S,
+            last_ns: 2 * S,
+            ..Default::default()
+        };
+        let d = t.evict(&key(9), &s).unwrap();
+        assert_eq!((d.packets, d.bytes, d.first_ns, d.last_ns), (3, 300, S, 2 * S));
+    }
+
+    #[test]
+    fn per_cpu_copies_merge() {
+        let a = FlowStats {
+            packets: 2,
+            bytes: 200,
+            first_ns: 5,
+            last_ns: 9,
+            tcp_flags: 0x02,
+            tos: 4,
+            _pad: [0; 6],
+        };
+        let b = FlowStats {
+            packets: 1,
+            bytes: 50,
+            first_ns: 3,
+            last_ns: 7,
+            tcp_flags: 0x10,
+            tos: 8,
+            _pad: [0; 6],
+        };
+        let m = merge_cpus([a, FlowStats::default(), b]);
+        assert_eq!((m.packets, m.bytes, m.first_ns, m.last_ns), (3, 250, 3, 9));
+        assert_eq!((m.tcp_flags, m.tos), (0x12, 8));
+    }
+}

@@ -1,0 +1,3 @@
+//! Where flows come from.
+
+pub mod xdp;

@@ -1,0 +1,399 @@
+//! The local flow meter: loads the eBPF object, attaches XDP (ingress) and TC (egress) to
+//! the interface, and drains the kernel flow map and the overflow ring buffer through the
+//! pure [`FlowTable`] core.
+
+mod sys;
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+
+use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use detector_common::{
+    COUNTERS_MAP, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent, SAMPLING_GLOBAL,
+    counter,
+};
+use log::{info, warn};
+
+use crate::flow::table::{Action, Delta, FlowTable, Timeouts, add_event, merge_cpus};
+
+/// The compiled eBPF object, built by `build.rs` from `detector-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
+
+/// Name of the XDP program in the object.
+pub const XDP_PROGRAM: &str = "flow_ingress";
+/// Name of the TC egress program in the object.
+pub const TC_PROGRAM: &str = "flow_egress";
+
+/// At most this many flows are held in userspace for the overflow path; beyond it,
+/// overflow packets are counted in `overflow_table_full` and logged.
+pub const OVERFLOW_TABLE_CAP: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("interface '{0}' does not exist (list interfaces with `ip link`)")]
+    NoSuchInterface(String),
+    #[error(
+        "loading eBPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or root): run as root, or grant them with `setcap cap_bpf,cap_net_admin,cap_perfmon+ep` on the binary ({0})"
+    )]
+    Permission(String),
+    #[error(
+        "native (driver) XDP is not supported on '{iface}': {source}; use --xdp-mode generic (or auto, which falls back to generic)"
+    )]
+    NativeUnsupported {
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program '{name}': {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("the eBPF object has no map or program named '{0}'")]
+    Missing(&'static str),
+    #[error("reading possible CPUs: {0}")]
+    Cpus(String),
+}
+
+/// How to attach XDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// Load-time settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub map_size: u32,
+    pub sampling: u32,
+}
+
+/// Loads the object with the map sized and the sampling rate set. Programs are not loaded.
+pub fn load_object(opts: LoadOptions) -> Result<Ebpf, XdpError> {
+    let sampling = opts.sampling;
+    EbpfLoader::new()
+        .map_max_entries(FLOWS_MAP, opts.map_size)
+        .override_global(SAMPLING_GLOBAL, &sampling, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| match &e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                XdpError::Permission(e.to_string())
+            }
+            _ => XdpError::Load(e),
+        })
+}
+
+fn program_error(name: &'static str, e: aya::programs::ProgramError) -> XdpError {
+    let text = format!("{e:?}");
+    if text.contains("PermissionDenied") || text.contains("Operation not permitted") {
+        XdpError::Permission(e.to_string())
+    } else {
+        XdpError::Program { name, source: e }
+    }
+}
+
+/// Interface index of `iface`, or a clear error.
+pub fn ifindex(iface: &str) -> Result<u32, XdpError> {
+    let c = std::ffi::CString::new(iface).map_err(|_| XdpError::NoSuchInterface(iface.into()))?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(XdpError::NoSuchInterface(iface.into()))
+    } else {
+        Ok(idx)
+    }
+}
+
+/// Loads and attaches both programs; returns the XDP mode actually used.
+pub fn attach(bpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> Result<XdpMode, XdpError> {
+    ifindex(iface)?;
+    let xdp: &mut Xdp = bpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(XdpError::Missing(XDP_PROGRAM))?
+        .try_into()
+        .map_err(|e| program_error(XDP_PROGRAM, e))?;
+    xdp.load().map_err(|e| program_error(XDP_PROGRAM, e))?;
+    let used = match mode {
+        XdpModeArg::Generic => {
+            xdp.attach(iface, XdpMode::Skb)
+                .map_err(|e| program_error(XDP_PROGRAM, e))?;
+            XdpMode::Skb
+        }
+        XdpModeArg::Native => {
+            xdp.attach(iface, XdpMode::Driver)
+                .map_err(|source| XdpError::NativeUnsupported {
+                    iface: iface.into(),
+                    source,
+                })?;
+            XdpMode::Driver
+        }
+        XdpModeArg::Auto => match xdp.attach(iface, XdpMode::Driver) {
+            Ok(_) => XdpMode::Driver,
+            Err(e) => {
+                warn!(
+                    "native XDP is not available on {iface} ({e}); falling back to generic (skb) mode, which is slower"
+                );
+                xdp.attach(iface, XdpMode::Skb)
+                    .map_err(|e| program_error(XDP_PROGRAM, e))?;
+                XdpMode::Skb
+            }
+        },
+    };
+    let tc: &mut SchedClassifier = bpf
+        .program_mut(TC_PROGRAM)
+        .ok_or(XdpError::Missing(TC_PROGRAM))?
+        .try_into()
+        .map_err(|e| program_error(TC_PROGRAM, e))?;
+    tc.load().map_err(|e| program_error(TC_PROGRAM, e))?;
+    // tcx on kernels >= 6.6; older kernels attach through netlink, which needs clsact.
+    if let Err(first) = tc.attach(iface, TcAttachType::Egress) {
+        if aya::programs::tc::qdisc_add_clsact(iface).is_err() {
+            return Err(program_error(TC_PROGRAM, first));
+        }
+        tc.attach(iface, TcAttachType::Egress)
+            .map_err(|e| program_error(TC_PROGRAM, e))?;
+    }
+    Ok(used)
+}
+
+/// Detaches both programs (dropping their links).
+pub fn detach(bpf: &mut Ebpf) {
+    if let Some(p) = bpf.program_mut(XDP_PROGRAM)
+        && let Ok(x) = <&mut Xdp>::try_from(p)
+        && let Err(e) = x.unload()
+    {
+        warn!("detaching {XDP_PROGRAM}: {e}");
+    }
+    if let Some(p) = bpf.program_mut(TC_PROGRAM)
+        && let Ok(t) = <&mut SchedClassifier>::try_from(p)
+        && let Err(e) = t.unload()
+    {
+        warn!("detaching {TC_PROGRAM}: {e}");
+    }
+}
+
+/// Sums of the kernel counters over CPUs, per direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// `[direction][counter]`.
+    pub values: [[u64; counter::COUNT as usize]; 2],
+}
+
+impl KernelCounters {
+    pub fn get(&self, direction: u8, c: u32) -> u64 {
+        self.values[direction as usize][c as usize]
+    }
+
+    pub fn total(&self, c: u32) -> u64 {
+        self.values[0][c as usize] + self.values[1][c as usize]
+    }
+
+    /// Sum of parse failures by reason over both directions.
+    pub fn parse_failures(&self) -> u64 {
+        (counter::FIRST_ERR..counter::COUNT)
+            .map(|c| self.total(c))
+            .sum()
+    }
+
+    /// `name=value` pairs of the non-zero counters, for a log line.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (d, dir) in ["in", "out"].iter().enumerate() {
+            for (c, name) in counter::NAMES.iter().enumerate() {
+                let v = self.values[d][c];
+                if v != 0 {
+                    parts.push(format!("{dir}.{name}={v}"));
+                }
+            }
+        }
+        parts.join(" ")
+    }
+}
+
+/// Counters of the userspace side of the meter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrainCounters {
+    /// Overflow events read from the ring buffer.
+    pub overflow_events: u64,
+    /// Overflow events dropped because the userspace overflow table was full.
+    pub overflow_table_full: u64,
+    /// Lookup-and-delete calls that failed.
+    pub delete_errors: u64,
+}
+
+/// The attached meter's maps and the export bookkeeping for them.
+pub struct XdpSource {
+    flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    counters: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    kernel_table: FlowTable,
+    overflow: HashMap<FlowKey, FlowStats>,
+    overflow_table: FlowTable,
+    ncpus: usize,
+    pub drain: DrainCounters,
+}
+
+impl XdpSource {
+    /// Takes the maps out of a loaded object.
+    pub fn new(bpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self, XdpError> {
+        let flows = bpf.take_map(FLOWS_MAP).ok_or(XdpError::Missing(FLOWS_MAP))?;
+        let counters = bpf
+            .take_map(COUNTERS_MAP)
+            .ok_or(XdpError::Missing(COUNTERS_MAP))?;
+        let ring = bpf
+            .take_map(OVERFLOW_MAP)
+            .ok_or(XdpError::Missing(OVERFLOW_MAP))?;
+        Ok(Self {
+            flows: PerCpuHashMap::try_from(flows)?,
+            counters: PerCpuArray::try_from(counters)?,
+            ring: Some(RingBuf::try_from(ring)?),
+            kernel_table: FlowTable::new(timeouts),
+            overflow: HashMap::new(),
+            overflow_table: FlowTable::new(timeouts),
+            ncpus: aya::util::nr_cpus().map_err(|(p, e)| XdpError::Cpus(format!("{p}: {e}")))?,
+            drain: DrainCounters::default(),
+        })
+    }
+
+    /// The ring buffer, for the caller to wait on its readiness (taken once).
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Reads every pending overflow event into the userspace overflow table.
+    pub fn drain_ring(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<OverflowEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote exactly one OverflowEvent; read unaligned.
+            let ev: OverflowEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr() as *const OverflowEvent) };
+            self.add_overflow(&ev);
+        }
+    }
+
+    fn add_overflow(&mut self, ev: &OverflowEvent) {
+        self.drain.overflow_events += 1;
+        if self.overflow.len() >= OVERFLOW_TABLE_CAP && !self.overflow.contains_key(&ev.key) {
+            self.drain.overflow_table_full += 1;
+            if self.drain.overflow_table_full.is_power_of_two() {
+                warn!(
+                    "userspace overflow table full ({OVERFLOW_TABLE_CAP} flows): {} packets not accounted; raise --map-size",
+                    self.drain.overflow_table_full
+                );
+            }
+            return;
+        }
+        add_event(self.overflow.entry(ev.key).or_default(), ev);
+    }
+
+    /// One pass over both stores at `now_ns` (kernel monotonic clock).
+    pub fn scan(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
+        self.kernel_table.begin_scan();
+        let mut evict = Vec::new();
+        for item in self.flows.iter() {
+            let (key, values) = item?;
+            let stats = merge_cpus(values.iter().copied());
+            match self.kernel_table.observe(&key, &stats, now_ns) {
+                Action::Keep => {}
+                Action::Export(d) => out.push(d),
+                Action::Evict => evict.push(key),
+            }
+        }
+        for key in evict {
+            self.evict_kernel(&key, out);
+        }
+        self.kernel_table.end_scan();
+
+        self.overflow_table.begin_scan();
+        let mut evict = Vec::new();
+        for (key, stats) in &self.overflow {
+            match self.overflow_table.observe(key, stats, now_ns) {
+                Action::Keep => {}
+                Action::Export(d) => out.push(d),
+                Action::Evict => evict.push(*key),
+            }
+        }
+        for key in evict {
+            if let Some(stats) = self.overflow.remove(&key) {
+                out.extend(self.overflow_table.evict(&key, &stats));
+            }
+        }
+        self.overflow_table.end_scan();
+        Ok(())
+    }
+
+    fn evict_kernel(&mut self, key: &FlowKey, out: &mut Vec<Delta>) {
+        let fd = self.flows.map().fd().as_fd();
+        match sys::lookup_and_delete_percpu::<FlowKey, FlowStats>(fd, key, self.ncpus) {
+            Ok(Some(values)) => {
+                let stats = merge_cpus(values);
+                out.extend(self.kernel_table.evict(key, &stats));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.drain.delete_errors += 1;
+                warn!("removing a flow from the kernel map failed: {e}");
+            }
+        }
+    }
+
+    /// Removes and exports every flow (shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {
+        let keys: Vec<FlowKey> = self.flows.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            self.evict_kernel(&key, out);
+        }
+        for (key, stats) in std::mem::take(&mut self.overflow) {
+            out.extend(self.overflow_table.evict(&key, &stats));
+        }
+        Ok(())
+    }
+
+    /// Flows currently in the kernel map and in the overflow table.
+    pub fn flow_counts(&self) -> (usize, usize) {
+        (self.kernel_table.len(), self.overflow.len())
+    }
+
+    /// Reads the kernel counters, summed over CPUs.
+    pub fn counters(&self) -> Result<KernelCounters, XdpError> {
+        let mut out = KernelCounters::default();
+        for d in 0..2u32 {
+            for c in 0..counter::COUNT {
+                let v = self.counters.get(&(d * counter::COUNT + c), 0)?;
+                out.values[d as usize][c as usize] = v.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Logs what the meter attached with.
+pub fn log_attached(iface: &str, mode: XdpMode, map_size: u32, sampling: u32) {
+    info!(
+        "metering {iface}: XDP ingress ({} mode) + TC egress, flow map {map_size} entries, sampling {}",
+        match mode {
+            XdpMode::Driver => "native",
+            XdpMode::Skb => "generic",
+            _ => "other",
+        },
+        if sampling > 1 {
+            format!("1 in {sampling}")
+        } else {
+            "off".to_string()
+        }
+    );
+}
