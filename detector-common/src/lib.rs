@@ -216,7 +216,10 @@ mod tests {
     #[test]
     fn counter_names_cover_every_counter() {
         assert_eq!(counter::NAMES.len(), counter::COUNT as usize);
-        assert_eq!(counter::NAMES[counter::ERR_L4_TRUNCATED as usize], "err_l4_truncated");
+        assert_eq!(
+            counter::NAMES[counter::ERR_L4_TRUNCATED as usize],
+            "err_l4_truncated"
+        );
         assert_eq!(COUNTERS_LEN, 2 * counter::COUNT);
     }
 }

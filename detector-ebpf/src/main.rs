@@ -341,7 +341,7 @@ fn add_to_flow(key: &FlowKey, pkt: &Packet, packets: u64, bytes: u64, now: u64) 
         tos: pkt.tos,
         _pad: [0; 6],
     };
-    match FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
+    match FLOWS.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU created the key between our lookup and insert: add to our copy.
         Err(e) if e == -EEXIST => update(key, pkt, packets, bytes, now),
@@ -404,7 +404,14 @@ pub fn flow_ingress(ctx: XdpContext) -> u32 {
         end: ctx.data_end(),
     };
     let len = (f.end - f.data) as u64;
-    meter(&f, ctx.ingress_ifindex() as u32, DIRECTION_INGRESS, len, 0, 1);
+    meter(
+        &f,
+        ctx.ingress_ifindex() as u32,
+        DIRECTION_INGRESS,
+        len,
+        0,
+        1,
+    );
     xdp_action::XDP_PASS
 }
 
@@ -439,7 +446,7 @@ pub fn flow_egress(ctx: TcContext) -> i32 {
         0
     };
     meter(&f, ifindex, DIRECTION_EGRESS, len as u64, tci, segs);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Benchmark reference: returns PASS and does nothing else.
@@ -460,9 +467,21 @@ pub fn bench_parse(ctx: XdpContext) -> u32 {
     let ok = parse(&f, &mut key, &mut pkt, 0).is_ok();
     // Keep the parse from being optimised away: fold the tuple into a volatile sink.
     let mut sink = 0u32;
-    let folded = (key.src_port as u32) ^ (key.dst_port as u32) ^ (key.protocol as u32)
-        ^ u32::from_ne_bytes([key.src_addr[12], key.src_addr[13], key.src_addr[14], key.src_addr[15]])
-        ^ u32::from_ne_bytes([key.dst_addr[12], key.dst_addr[13], key.dst_addr[14], key.dst_addr[15]])
+    let folded = (key.src_port as u32)
+        ^ (key.dst_port as u32)
+        ^ (key.protocol as u32)
+        ^ u32::from_ne_bytes([
+            key.src_addr[12],
+            key.src_addr[13],
+            key.src_addr[14],
+            key.src_addr[15],
+        ])
+        ^ u32::from_ne_bytes([
+            key.dst_addr[12],
+            key.dst_addr[13],
+            key.dst_addr[14],
+            key.dst_addr[15],
+        ])
         ^ pkt.ip_len
         ^ ok as u32;
     // SAFETY: writing a local.

@@ -1,1 +1,3 @@
-pub fn xdp(_a: crate::cli::BenchArgs) -> anyhow::Result<()> { Ok(()) }
+pub fn xdp(_a: crate::cli::BenchArgs) -> anyhow::Result<()> {
+    Ok(())
+}

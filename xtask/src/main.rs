@@ -1,1 +1,278 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | run | test | bench`.
+//!
+//! `setup` installs what is missing (idempotent, says what it does); `run` and `test`
+//! call it first, so a fresh Debian machine needs only `cargo xtask run -- ...` or
+//! `cargo xtask test`.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Set-up, run, test and benchmark the detector")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites: LLVM 22 (apt), rust-src, bpf-linker, test peers.
+    Setup,
+    /// Build (release) and run the agent: `cargo xtask run -- --iface IFACE --export HOST:PORT`.
+    Run {
+        /// Arguments for `detector run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the whole test suite: unit tests, then the privileged tests (BPF, XDP,
+    /// network namespaces) as root.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Benchmarks that print figures and ratios against references measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns per packet under BPF_PROG_TEST_RUN: PASS-only, parse-only, and the flow meter.
+    Xdp {
+        /// Runs per frame.
+        #[arg(long, default_value_t = 200_000)]
+        repeat: u32,
+    },
+}
+
+/// Debian packages: LLVM for bpf-linker, and the real peers the tests compare against.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "nfdump",
+    "tshark",
+    "ethtool",
+    "iproute2",
+    "iputils-ping",
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup(),
+        Task::Run { args } => run(args),
+        Task::Test { filter } => test(filter),
+        Task::Bench {
+            which: Bench::Xdp { repeat },
+        } => bench_xdp(repeat),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn cargo_home_bin() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// PATH with cargo's bin (bpf-linker) and LLVM 22's bin in front.
+fn tool_path() -> OsString {
+    let mut parts = vec![cargo_home_bin(), PathBuf::from("/usr/lib/llvm-22/bin")];
+    if let Some(p) = env::var_os("PATH") {
+        parts.extend(env::split_paths(&p));
+    }
+    env::join_paths(parts).expect("valid PATH")
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs a command as root: directly when we are root, else through sudo.
+fn privileged(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+fn missing_apt_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn rust_src_installed() -> bool {
+    let Ok(out) = Command::new("rustc").args(["--print", "sysroot"]).output() else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+}
+
+fn bpf_linker_installed() -> bool {
+    cargo_home_bin().join("bpf-linker").exists()
+        || Command::new("bpf-linker").arg("--version").output().is_ok()
+}
+
+fn setup_needed() -> bool {
+    !missing_apt_packages().is_empty() || !rust_src_installed() || !bpf_linker_installed()
+}
+
+fn setup() -> Result<()> {
+    let missing = missing_apt_packages();
+    if missing.is_empty() {
+        say("apt packages: all present");
+    } else {
+        say(&format!("installing apt packages: {}", missing.join(" ")));
+        status(privileged("apt-get").args(["update", "-qq"]))?;
+        status(
+            privileged("env")
+                .arg("DEBIAN_FRONTEND=noninteractive")
+                .args(["apt-get", "install", "-y", "-qq"])
+                .args(&missing),
+        )?;
+    }
+    if rust_src_installed() {
+        say("rust-src: present");
+    } else {
+        say("installing rust-src (the eBPF crate builds core from source)");
+        status(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    if bpf_linker_installed() {
+        say("bpf-linker: present");
+    } else {
+        say("installing bpf-linker against LLVM 22 (about a minute)");
+        status(Command::new("cargo").env("PATH", tool_path()).args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+    }
+    say("setup complete");
+    Ok(())
+}
+
+fn ensure_setup() -> Result<()> {
+    if setup_needed() {
+        say("prerequisites missing; running setup first");
+        setup()?;
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root()).env("PATH", tool_path());
+    c
+}
+
+fn build_release() -> Result<PathBuf> {
+    say("building the agent (release)");
+    status(cargo().args(["build", "--release", "--package", "detector"]))?;
+    Ok(workspace_root().join("target/release/detector"))
+}
+
+fn run(args: Vec<OsString>) -> Result<()> {
+    ensure_setup()?;
+    let bin = build_release()?;
+    if !is_root() {
+        say("the agent attaches XDP/TC programs, which needs root: running it through sudo");
+    }
+    let mut cmd = privileged(bin.to_str().context("non-UTF-8 path")?);
+    cmd.arg("run").args(args);
+    status(&mut cmd)
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    ensure_setup()?;
+    say("unit and unprivileged tests");
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--exclude", "detector-ebpf"]);
+    if let Some(f) = &filter {
+        c.arg("--").arg(f);
+    }
+    status(&mut c)?;
+    if !is_root() {
+        bail!(
+            "the privileged tests (BPF_PROG_TEST_RUN, XDP, network namespaces) need root: run `sudo -E cargo xtask test`"
+        );
+    }
+    say("privileged tests: BPF_PROG_TEST_RUN on the real object, network namespaces");
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--package",
+        "tests",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ]);
+    if let Some(f) = &filter {
+        c.arg(f);
+    }
+    status(&mut c)
+}
+
+fn bench_xdp(repeat: u32) -> Result<()> {
+    ensure_setup()?;
+    let bin = build_release()?;
+    let mut cmd = privileged(bin.to_str().context("non-UTF-8 path")?);
+    cmd.args(["bench-xdp", "--repeat", &repeat.to_string()]);
+    status(&mut cmd)
+}

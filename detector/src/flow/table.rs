@@ -280,7 +280,10 @@ mod tests {
             st.packet(k, 100, 0x10, S + i * S / 10);
         }
         st.scan(10 * S);
-        assert!(st.exported.is_empty(), "exported before the inactive timeout");
+        assert!(
+            st.exported.is_empty(),
+            "exported before the inactive timeout"
+        );
         st.scan(S + 4 * S / 10 + 15 * S);
         assert_eq!(st.exported.len(), 1);
         let d = st.exported[0];
@@ -343,7 +346,11 @@ mod tests {
         st.scan(11 * S);
         assert_eq!(st.exported.len(), 1);
         st.scan(22 * S);
-        assert_eq!(st.exported.len(), 1, "a record with zero packets was exported");
+        assert_eq!(
+            st.exported.len(),
+            1,
+            "a record with zero packets was exported"
+        );
         st.scan(36 * S);
         assert_eq!(st.exported.len(), 1);
         assert_eq!(st.totals(k), (2, 200));
@@ -380,7 +387,10 @@ mod tests {
             ..Default::default()
         };
         let d = t.evict(&key(9), &s).unwrap();
-        assert_eq!((d.packets, d.bytes, d.first_ns, d.last_ns), (3, 300, S, 2 * S));
+        assert_eq!(
+            (d.packets, d.bytes, d.first_ns, d.last_ns),
+            (3, 300, S, 2 * S)
+        );
     }
 
     #[test]

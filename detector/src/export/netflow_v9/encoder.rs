@@ -176,8 +176,7 @@ impl V9Encoder {
             if with_templates {
                 dg.put_templates(self.cfg.source_id, self.cfg.sampling_interval);
             }
-            while i < records.len() && dg.try_put_record(&records[i], self, self.cfg.max_payload)
-            {
+            while i < records.len() && dg.try_put_record(&records[i], self, self.cfg.max_payload) {
                 i += 1;
             }
             out.push(dg.finish());
@@ -261,13 +260,16 @@ impl Datagram {
         // 0x02: random 1-in-N sampling (RFC 3954 field 35); 0x01 deterministic when unsampled.
         self.buf.put_u8(if sampling > 1 { 2 } else { 1 });
         self.count += 1;
-        debug_assert_eq!(self.buf.len() - start, FLOWSET_HEADER_LEN + OPTIONS_RECORD_LEN);
+        debug_assert_eq!(
+            self.buf.len() - start,
+            FLOWSET_HEADER_LEN + OPTIONS_RECORD_LEN
+        );
         self.close_flowset(start);
     }
 
     /// Pads the flowset that starts at `start` to 4 bytes and writes its length.
     fn close_flowset(&mut self, start: usize) {
-        while (self.buf.len() - start) % 4 != 0 {
+        while !(self.buf.len() - start).is_multiple_of(4) {
             self.buf.put_u8(0);
         }
         let len = (self.buf.len() - start) as u16;
@@ -358,8 +360,8 @@ mod tests {
     use super::*;
     use crate::flow::Direction;
     use netflow_parser::variable_versions::field_value::FieldValue;
-    use netflow_parser::variable_versions::v9::lookup::V9Field;
     use netflow_parser::variable_versions::v9::FlowSetBody;
+    use netflow_parser::variable_versions::v9::lookup::V9Field;
     use netflow_parser::{NetflowPacket, NetflowParser};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -384,12 +386,12 @@ mod tests {
             dst_addr: dst,
             src_port: 1024 + i as u16,
             dst_port: 443,
-            protocol: if i % 2 == 0 { 6 } else { 17 },
+            protocol: if i.is_multiple_of(2) { 6 } else { 17 },
             packets: 10 + i as u64,
             bytes: 5_000_000_000 + i as u64,
             first: boot() + Duration::from_millis(1000 + i as u64),
             last: boot() + Duration::from_millis(9000 + i as u64),
-            direction: if i % 3 == 0 {
+            direction: if i.is_multiple_of(3) {
                 Direction::Egress
             } else {
                 Direction::Ingress
@@ -593,7 +595,11 @@ mod tests {
     #[test]
     fn no_datagram_without_records_unless_templates_are_due() {
         let mut enc = V9Encoder::new(V9Config::default(), boot());
-        assert_eq!(enc.encode(&[], boot()).len(), 1, "first call announces templates");
+        assert_eq!(
+            enc.encode(&[], boot()).len(),
+            1,
+            "first call announces templates"
+        );
         assert!(enc.encode(&[], boot()).is_empty());
         assert_eq!(enc.encode(&[], boot() + Duration::from_secs(61)).len(), 1);
     }
@@ -602,7 +608,7 @@ mod tests {
     fn every_datagram_fits_any_family_mix() {
         for pattern in 0..4 {
             let records: Vec<_> = (0..500)
-                .map(|i| rec(i, (i as usize + pattern) % (pattern + 2) == 0))
+                .map(|i| rec(i, (i as usize + pattern).is_multiple_of(pattern + 2)))
                 .collect();
             let mut enc = V9Encoder::new(V9Config::default(), boot());
             let mut parser = NetflowParser::default();

@@ -248,7 +248,9 @@ pub struct XdpSource {
 impl XdpSource {
     /// Takes the maps out of a loaded object.
     pub fn new(bpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self, XdpError> {
-        let flows = bpf.take_map(FLOWS_MAP).ok_or(XdpError::Missing(FLOWS_MAP))?;
+        let flows = bpf
+            .take_map(FLOWS_MAP)
+            .ok_or(XdpError::Missing(FLOWS_MAP))?;
         let counters = bpf
             .take_map(COUNTERS_MAP)
             .ok_or(XdpError::Missing(COUNTERS_MAP))?;
