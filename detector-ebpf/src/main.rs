@@ -46,7 +46,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, xdp_action},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_get_buff_len},
     macros::{classifier, map, xdp},
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
@@ -397,13 +397,16 @@ fn meter(f: &Frame, ifindex: u32, direction: u8, frame_len: u64, vlan_tci: u16, 
     }
 }
 
-#[xdp]
+/// Multi-buffer aware (`xdp.frags`): jumbo frames on drivers that split them work, and
+/// the headers the parser reads are always in the first buffer.
+#[xdp(frags)]
 pub fn flow_ingress(ctx: XdpContext) -> u32 {
     let f = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
     };
-    let len = (f.end - f.data) as u64;
+    // SAFETY: helper on our own context; counts the fragments of a multi-buffer frame too.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
     meter(
         &f,
         ctx.ingress_ifindex() as u32,

@@ -1,0 +1,1 @@
+//! Network namespaces for the end-to-end tests.
