@@ -254,6 +254,8 @@ fn test(filter: Option<String>) -> Result<()> {
         );
     }
     say("privileged tests: BPF_PROG_TEST_RUN on the real object, network namespaces");
+    // The end-to-end tests start the agent binary itself.
+    status(cargo().args(["build", "--package", "detector", "--bin", "detector"]))?;
     let mut c = cargo();
     c.args([
         "test",

@@ -62,6 +62,11 @@ impl FlowRecord {
     pub fn is_ipv4(&self) -> bool {
         self.src_addr.is_ipv4() && self.dst_addr.is_ipv4()
     }
+
+    /// ICMP or ICMPv6: `dst_port` holds `type << 8 | code`.
+    pub fn is_icmp(&self) -> bool {
+        self.protocol == 1 || self.protocol == 58
+    }
 }
 
 /// Kernel keys carry IPv4 as IPv4-mapped IPv6; give it back as IPv4.

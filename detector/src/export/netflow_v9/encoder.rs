@@ -8,6 +8,7 @@
 //!   seconds, whichever comes first, as RFC 3954 section 9 asks of exporters over UDP.
 //! - The header sequence number counts export packets of this source id (RFC 3954 5.1).
 //! - Every datagram's UDP payload stays under `max_payload` bytes (default 1400).
+//! - ICMP and ICMPv6 type/code go in ICMP_TYPE (32) as well as in the destination port.
 //! - FIRST/LAST_SWITCHED are milliseconds of sysUptime, measured from the exporter start.
 
 use std::net::IpAddr;
@@ -40,6 +41,7 @@ const LAST_SWITCHED: u16 = 21;
 const FIRST_SWITCHED: u16 = 22;
 const IPV6_SRC_ADDR: u16 = 27;
 const IPV6_DST_ADDR: u16 = 28;
+const ICMP_TYPE: u16 = 32;
 const SAMPLING_INTERVAL: u16 = 34;
 const SAMPLING_ALGORITHM: u16 = 35;
 const SRC_VLAN: u16 = 58;
@@ -48,7 +50,7 @@ const DIRECTION: u16 = 61;
 const SCOPE_SYSTEM: u16 = 1;
 
 /// (field type, length) of the data templates; the address fields are swapped per family.
-const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 15] {
+const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 16] {
     [
         (IN_BYTES, 8),
         (IN_PKTS, 8),
@@ -65,11 +67,12 @@ const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 15] {
         (INPUT_SNMP, 4),
         (OUTPUT_SNMP, 4),
         (SRC_VLAN, 2),
+        (ICMP_TYPE, 2),
     ]
 }
 
-const IPV4_FIELDS: [(u16, u16); 15] = data_fields(IPV4_SRC_ADDR, IPV4_DST_ADDR, 4);
-const IPV6_FIELDS: [(u16, u16); 15] = data_fields(IPV6_SRC_ADDR, IPV6_DST_ADDR, 16);
+const IPV4_FIELDS: [(u16, u16); 16] = data_fields(IPV4_SRC_ADDR, IPV4_DST_ADDR, 4);
+const IPV6_FIELDS: [(u16, u16); 16] = data_fields(IPV6_SRC_ADDR, IPV6_DST_ADDR, 16);
 const OPTION_SCOPE: [(u16, u16); 1] = [(SCOPE_SYSTEM, 4)];
 const OPTION_FIELDS: [(u16, u16); 2] = [(SAMPLING_INTERVAL, 4), (SAMPLING_ALGORITHM, 1)];
 
@@ -336,6 +339,9 @@ impl Datagram {
         b.put_u32(input);
         b.put_u32(output);
         b.put_u16(r.vlan);
+        // ICMP type and code (type * 256 + code), which collectors read from this field
+        // rather than from the destination port.
+        b.put_u16(if r.is_icmp() { r.dst_port } else { 0 });
         self.count += 1;
         true
     }
@@ -386,7 +392,7 @@ mod tests {
             dst_addr: dst,
             src_port: 1024 + i as u16,
             dst_port: 443,
-            protocol: if i.is_multiple_of(2) { 6 } else { 17 },
+            protocol: [6, 17, if v6 { 58 } else { 1 }][i as usize % 3],
             packets: 10 + i as u64,
             bytes: 5_000_000_000 + i as u64,
             first: boot() + Duration::from_millis(1000 + i as u64),
@@ -422,6 +428,7 @@ mod tests {
         input: u32,
         output: u32,
         vlan: u16,
+        icmp: u16,
     }
 
     fn num(v: &FieldValue) -> u64 {
@@ -482,6 +489,7 @@ mod tests {
                                     V9Field::InputSnmp => x.input = num(&v) as u32,
                                     V9Field::OutputSnmp => x.output = num(&v) as u32,
                                     V9Field::SrcVlan => x.vlan = num(&v) as u16,
+                                    V9Field::IcmpType => x.icmp = num(&v) as u16,
                                     other => panic!("unexpected field {other:?}"),
                                 }
                             }
@@ -527,6 +535,7 @@ mod tests {
             input,
             output,
             vlan: r.vlan,
+            icmp: if r.is_icmp() { r.dst_port } else { 0 },
         }
     }
 

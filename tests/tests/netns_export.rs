@@ -1,0 +1,623 @@
+//! End to end in network namespaces: the agent meters one end of a veth in native XDP
+//! mode (plus TC egress) while known traffic crosses it both ways, and exports NetFlow v9
+//! to a real nfcapd. The truth is independent of the agent: a packet capture of the same
+//! interface (dumpcap, decoded by tshark) and the senders' own counts. Every flow of the
+//! test traffic must be in `nfdump`'s reading of the export with exact packets and bytes
+//! per direction, and tshark must decode the export datagrams without a malformed-packet
+//! or warning-level expert item.
+//!
+//! Privileged: run by `cargo xtask test` as root.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tests::netns::{Guarded, Netns, sh, veth, wait_for_text};
+
+const A4: &str = "10.77.0.1";
+const B4: &str = "10.77.0.2";
+const A6: &str = "fd77::1";
+const B6: &str = "fd77::2";
+
+/// (protocol, src, src port, dst, dst port, egress?) -> (packets, bytes).
+type FlowId = (u8, IpAddr, u16, IpAddr, u16, bool);
+type Totals = BTreeMap<FlowId, (u64, u64)>;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("detector-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ours(a: IpAddr) -> bool {
+    [A4, B4, A6, B6]
+        .iter()
+        .any(|x| x.parse::<IpAddr>().unwrap() == a)
+}
+
+fn a_side(a: IpAddr) -> bool {
+    a == A4.parse::<IpAddr>().unwrap() || a == A6.parse::<IpAddr>().unwrap()
+}
+
+/// Per-flow totals of the test traffic in a capture, read with tshark. Neighbour
+/// discovery (ICMPv6 133-137) is left out: the kernel sends it on its own schedule,
+/// possibly outside the agent's lifetime.
+fn capture_totals(pcap: &Path) -> Totals {
+    let out = sh(
+        "tshark",
+        &[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-E",
+            "separator=;",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
+            "-e",
+            "ip.proto",
+            "-e",
+            "ipv6.nxt",
+            "-e",
+            "tcp.srcport",
+            "-e",
+            "tcp.dstport",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "icmp.type",
+            "-e",
+            "icmp.code",
+            "-e",
+            "icmpv6.type",
+            "-e",
+            "icmpv6.code",
+            "-e",
+            "ip.len",
+            "-e",
+            "ipv6.plen",
+        ],
+    );
+    let mut t = Totals::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // The first value of each field is the outer header's.
+        let f: Vec<&str> = line
+            .split(';')
+            .map(|x| x.split(',').next().unwrap_or(""))
+            .collect();
+        let n = |i: usize| f[i].parse::<u64>().ok();
+        let (src, dst, proto, bytes) = if !f[0].is_empty() {
+            (f[0], f[1], n(4).unwrap() as u8, n(14).unwrap())
+        } else if !f[2].is_empty() {
+            (f[2], f[3], n(5).unwrap() as u8, n(15).unwrap() + 40)
+        } else {
+            continue;
+        };
+        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        if !ours(src) || !ours(dst) {
+            continue;
+        }
+        let (sp, dp) = match proto {
+            6 => (n(6).unwrap() as u16, n(7).unwrap() as u16),
+            17 => (n(8).unwrap() as u16, n(9).unwrap() as u16),
+            1 => (0, (n(10).unwrap() << 8 | n(11).unwrap()) as u16),
+            58 => {
+                let ty = n(12).unwrap();
+                if (133..=137).contains(&ty) {
+                    continue;
+                }
+                (0, (ty << 8 | n(13).unwrap()) as u16)
+            }
+            _ => (0, 0),
+        };
+        let e = t.entry((proto, src, sp, dst, dp, a_side(src))).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+    t
+}
+
+/// Per-flow totals of what nfcapd stored, read with `nfdump -o json`, summing the
+/// several records a long flow is exported as.
+fn nfdump_totals(dir: &Path) -> (Totals, u64, u64) {
+    let out = sh("nfdump", &["-R", dir.to_str().unwrap(), "-o", "json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let records: Vec<serde_json::Value> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&text).expect("nfdump json")
+    };
+    let mut t = Totals::new();
+    let (mut all_p, mut all_b) = (0, 0);
+    for r in &records {
+        let addr = |k4: &str, k6: &str| -> IpAddr {
+            r.get(k4)
+                .or_else(|| r.get(k6))
+                .and_then(|v| v.as_str())
+                .expect("address")
+                .parse()
+                .unwrap()
+        };
+        let (src, dst) = (
+            addr("src4_addr", "src6_addr"),
+            addr("dst4_addr", "dst6_addr"),
+        );
+        let u = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let proto = u("proto") as u8;
+        let (sp, dp) = if proto == 1 || proto == 58 {
+            (0, (u("icmp_type") << 8 | u("icmp_code")) as u16)
+        } else {
+            (u("src_port") as u16, u("dst_port") as u16)
+        };
+        let (p, b) = (u("in_packets"), u("in_bytes"));
+        all_p += p;
+        all_b += b;
+        if !ours(src) || !ours(dst) || (proto == 58 && (133 << 8..138 << 8).contains(&dp)) {
+            continue;
+        }
+        let egress = u("direction") == 1;
+        let e = t.entry((proto, src, sp, dst, dp, egress)).or_default();
+        e.0 += p;
+        e.1 += b;
+    }
+    (t, all_p, all_b)
+}
+
+fn tcp_transfer(
+    server_ns: &Netns,
+    client_ns: &Netns,
+    addr: SocketAddr,
+    up: usize,
+    down: usize,
+    chunks: usize,
+    pause: Duration,
+) {
+    let listener = server_ns.run(move || TcpListener::bind(addr).expect("bind"));
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf.len(), up);
+        s.write_all(&vec![7u8; down]).unwrap();
+    });
+    client_ns.run(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        let chunk = up / chunks;
+        for i in 0..chunks {
+            let n = if i + 1 == chunks {
+                up - chunk * i
+            } else {
+                chunk
+            };
+            c.write_all(&vec![1u8; n]).unwrap();
+            thread::sleep(pause);
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), down);
+    });
+    server.join().unwrap();
+}
+
+/// Sends `count` datagrams of `size` bytes from `from` (in `ns`) to `to`; returns the flow
+/// key and the totals on the wire (IP length = payload + 8 + IP header).
+fn udp_burst(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    count: u64,
+    size: usize,
+) -> (FlowId, (u64, u64)) {
+    ns.run(move || {
+        let s = UdpSocket::bind(from).unwrap();
+        let payload = vec![0x42u8; size];
+        for i in 0..count {
+            s.send_to(&payload, to).unwrap();
+            if i % 50 == 49 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    let ip_hdr = if to.is_ipv4() { 20 } else { 40 };
+    (
+        (
+            17,
+            from.ip(),
+            from.port(),
+            to.ip(),
+            to.port(),
+            a_side(from.ip()),
+        ),
+        (count, count * (size + 8 + ip_hdr) as u64),
+    )
+}
+
+/// A UDP sink in `ns` so the bursts do not draw ICMP port-unreachable errors.
+fn udp_sink(ns: &Netns, at: SocketAddr) {
+    let s = ns.run(move || UdpSocket::bind(at).unwrap());
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while s.recv(&mut buf).is_ok() {}
+    });
+}
+
+struct Lab {
+    a: Netns,
+    b: Netns,
+    dir: PathBuf,
+}
+
+fn lab(name: &str) -> Lab {
+    let a = Netns::new(&format!("{name}-a"));
+    let b = Netns::new(&format!("{name}-b"));
+    veth(
+        &a,
+        "dta0",
+        (&format!("{A4}/24"), &format!("{A6}/64")),
+        &b,
+        "dtb0",
+        (&format!("{B4}/24"), &format!("{B6}/64")),
+    );
+    Lab {
+        a,
+        b,
+        dir: scratch(name),
+    }
+}
+
+fn start_capture(ns: &Netns, iface: &str, filter: Option<&str>, out: &Path) -> Guarded {
+    let log = out.with_extension("log");
+    let mut c = ns.command("dumpcap");
+    c.args(["-q", "-i", iface, "-w", out.to_str().unwrap()]);
+    if let Some(f) = filter {
+        c.args(["-f", f]);
+    }
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("dumpcap (package tshark/wireshark-common)");
+    let g = Guarded::new("dumpcap", child);
+    wait_for_text(&log, "Capturing on", Duration::from_secs(10));
+    g
+}
+
+fn start_agent(ns: &Netns, args: &[&str], log: &Path) -> Guarded {
+    let child = ns
+        .command(tests::detector_bin().to_str().unwrap())
+        .arg("run")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start the agent");
+    let g = Guarded::new("detector", child);
+    wait_for_text(log, "metering dta0", Duration::from_secs(30));
+    g
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn every_packet_crossing_the_interface_is_exported_exactly_to_nfcapd() {
+    let lab = lab("dte2e");
+    let (a, b, dir) = (&lab.a, &lab.b, &lab.dir);
+    let nfdir = dir.join("nfcapd");
+    std::fs::create_dir_all(&nfdir).unwrap();
+    let port = "9995";
+    let nfcapd = a
+        .command("nfcapd")
+        .args(["-w", nfdir.to_str().unwrap(), "-p", port, "-b", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nfcapd (package nfdump)");
+    let mut nfcapd = Guarded::new("nfcapd", nfcapd);
+    let mut truth_cap = start_capture(a, "dta0", None, &dir.join("truth.pcapng"));
+    let mut export_cap = start_capture(
+        a,
+        "lo",
+        Some(&format!("udp port {port}")),
+        &dir.join("export.pcapng"),
+    );
+    let log = dir.join("agent.log");
+    let json = dir.join("flows.json");
+    let mut agent = start_agent(
+        a,
+        &[
+            "--iface",
+            "dta0",
+            "--xdp-mode",
+            "native",
+            "--export",
+            &format!("127.0.0.1:{port}"),
+            "--flows-json",
+            json.to_str().unwrap(),
+            "--active-timeout",
+            "3",
+            "--inactive-timeout",
+            "2",
+            "--stats-interval",
+            "0",
+        ],
+        &log,
+    );
+
+    // Known traffic, both directions.
+    let mut sent = Totals::new();
+    udp_sink(a, format!("{A4}:6001").parse().unwrap());
+    udp_sink(b, format!("{B4}:6002").parse().unwrap());
+    udp_sink(a, format!("[{A6}]:6003").parse().unwrap());
+    for (ns, from, to, n, size) in [
+        (b, format!("{B4}:7001"), format!("{A4}:6001"), 500, 1000),
+        (a, format!("{A4}:7002"), format!("{B4}:6002"), 300, 200),
+        (b, format!("[{B6}]:7003"), format!("[{A6}]:6003"), 200, 1200),
+    ] {
+        let (k, v) = udp_burst(ns, from.parse().unwrap(), to.parse().unwrap(), n, size);
+        sent.insert(k, v);
+    }
+    tcp_transfer(
+        a,
+        b,
+        format!("{A4}:5001").parse().unwrap(),
+        300_000,
+        50_000,
+        1,
+        Duration::ZERO,
+    );
+    tcp_transfer(
+        a,
+        b,
+        format!("[{A6}]:5002").parse().unwrap(),
+        123_457,
+        999,
+        1,
+        Duration::ZERO,
+    );
+    // A slow flow that outlives the active timeout: exported as several delta records.
+    tcp_transfer(
+        b,
+        a,
+        format!("{B4}:5003").parse().unwrap(),
+        1200,
+        10,
+        12,
+        Duration::from_millis(500),
+    );
+    b.exec_ok("ping", &["-c", "5", "-i", "0.2", A4]);
+    b.exec_ok("ping", &["-6", "-c", "4", "-i", "0.2", A6]);
+    thread::sleep(Duration::from_millis(500));
+
+    let st = agent.stop(Signal::SIGINT, Duration::from_secs(20));
+    assert!(
+        st.success(),
+        "agent exit status {st}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    thread::sleep(Duration::from_millis(500));
+    truth_cap.stop(Signal::SIGINT, Duration::from_secs(10));
+    export_cap.stop(Signal::SIGINT, Duration::from_secs(10));
+    nfcapd.stop(Signal::SIGTERM, Duration::from_secs(10));
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!agent_log.contains("ringbuf_dropped"), "{agent_log}");
+
+    let truth = capture_totals(&dir.join("truth.pcapng"));
+    let (exported, all_p, all_b) = nfdump_totals(&nfdir);
+    // The capture is the reference; the senders' counts confirm it for UDP.
+    for (k, v) in &sent {
+        assert_eq!(truth.get(k), Some(v), "capture vs sender for {k:?}");
+    }
+    let icmp_echo = truth.keys().filter(|k| k.0 == 1 || k.0 == 58).count();
+    assert_eq!(
+        icmp_echo, 4,
+        "echo request/reply flows for v4 and v6: {truth:?}"
+    );
+    assert!(
+        truth.len() >= 13,
+        "test traffic missing from the capture: {truth:?}"
+    );
+    let mut diffs = Vec::new();
+    for (k, v) in &truth {
+        if exported.get(k) != Some(v) {
+            diffs.push(format!(
+                "{k:?}: capture {v:?}, nfdump {:?}",
+                exported.get(k)
+            ));
+        }
+    }
+    for (k, v) in &exported {
+        if !truth.contains_key(k) {
+            diffs.push(format!("{k:?}: nfdump {v:?}, not in the capture"));
+        }
+    }
+    assert!(diffs.is_empty(), "mismatches:\n{}", diffs.join("\n"));
+    // The long flow was exported as more than one record (active timeout).
+    let json_text = std::fs::read_to_string(&json).unwrap();
+    let slow = json_text
+        .lines()
+        .filter(|l| l.contains("\"dst_port\":5003") && l.contains("\"direction\":\"egress\""))
+        .count();
+    assert!(
+        slow >= 2,
+        "the 6-second flow was not split by the 3 s active timeout"
+    );
+
+    // tshark decodes the same datagrams: no malformed packet, no warning or error, and the
+    // same totals as nfdump.
+    let export = dir.join("export.pcapng");
+    let bad = sh(
+        "tshark",
+        &[
+            "-r",
+            export.to_str().unwrap(),
+            "-d",
+            &format!("udp.port=={port},cflow"),
+            "-Y",
+            "_ws.malformed || _ws.expert.severity >= 0x00600000",
+        ],
+    );
+    let bad = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        bad.trim().is_empty(),
+        "tshark flags export datagrams:\n{bad}"
+    );
+    let fields = sh(
+        "tshark",
+        &[
+            "-r",
+            export.to_str().unwrap(),
+            "-d",
+            &format!("udp.port=={port},cflow"),
+            "-T",
+            "fields",
+            "-e",
+            "cflow.packets",
+            "-e",
+            "cflow.octets",
+        ],
+    );
+    let (mut tp, mut tb) = (0u64, 0u64);
+    for line in String::from_utf8_lossy(&fields.stdout).lines() {
+        let mut cols = line.split('\t');
+        let sum = |c: Option<&str>| -> u64 {
+            c.unwrap_or("")
+                .split(',')
+                .filter_map(|x| x.parse::<u64>().ok())
+                .sum()
+        };
+        tp += sum(cols.next());
+        tb += sum(cols.next());
+    }
+    assert_eq!(
+        (tp, tb),
+        (all_p, all_b),
+        "tshark and nfdump disagree on the export"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn a_full_map_loses_nothing_through_the_overflow_path() {
+    let lab = lab("dtovf");
+    let (a, b, dir) = (&lab.a, &lab.b, &lab.dir);
+    let log = dir.join("agent.log");
+    let json = dir.join("flows.json");
+    let mut agent = start_agent(
+        a,
+        &[
+            "--iface",
+            "dta0",
+            "--xdp-mode",
+            "native",
+            "--map-size",
+            "1024",
+            "--flows-json",
+            json.to_str().unwrap(),
+            "--inactive-timeout",
+            "2",
+            "--stats-interval",
+            "0",
+        ],
+        &log,
+    );
+    let flows = 20_000u16;
+    let size = 16usize;
+    b.run(move || {
+        let s = UdpSocket::bind(format!("{B4}:4000")).unwrap();
+        for i in 0..flows {
+            s.send_to(&[0x55u8; 16], format!("{A4}:{}", 20_000 + i))
+                .unwrap();
+            if i % 200 == 199 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    let st = agent.stop(Signal::SIGINT, Duration::from_secs(30));
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "agent exit status {st}: {agent_log}");
+
+    let mut packets = 0u64;
+    let mut bytes = 0u64;
+    let mut distinct = HashMap::new();
+    for line in std::fs::read_to_string(&json).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let dport = v["dst_port"].as_u64().unwrap();
+        if v["protocol"] == 17
+            && v["direction"] == "ingress"
+            && v["src_addr"] == B4
+            && (20_000..20_000 + flows as u64).contains(&dport)
+        {
+            packets += v["packets"].as_u64().unwrap();
+            bytes += v["bytes"].as_u64().unwrap();
+            *distinct.entry(dport).or_insert(0u64) += v["packets"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(distinct.len(), flows as usize);
+    assert!(distinct.values().all(|&p| p == 1));
+    assert_eq!(packets, flows as u64);
+    assert_eq!(bytes, flows as u64 * (20 + 8 + size as u64));
+    // The overflow path was taken, and nothing fell off it.
+    let count = |name: &str| -> u64 {
+        agent_log
+            .rsplit(&format!("in.{name}="))
+            .next()
+            .filter(|_| agent_log.contains(&format!("in.{name}=")))
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("insert_failed") >= (flows as u64 - 1024),
+        "{agent_log}"
+    );
+    assert_eq!(
+        count("insert_failed"),
+        count("overflow_packets"),
+        "{agent_log}"
+    );
+    assert_eq!(count("ringbuf_dropped"), 0, "{agent_log}");
+    assert!(
+        agent_log.contains("flow map full"),
+        "no log line for the overflow: {agent_log}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn clear_errors_for_a_missing_interface_and_an_unresolvable_collector() {
+    let run = |args: &[&str]| {
+        let out = Command::new(tests::detector_bin())
+            .arg("run")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&["--iface", "no-such-if0"]);
+    assert!(e.contains("interface 'no-such-if0' does not exist"), "{e}");
+    let e = run(&["--iface", "lo", "--export", "no-such-host.invalid:2055"]);
+    assert!(
+        e.contains("cannot resolve collector 'no-such-host.invalid:2055'"),
+        "{e}"
+    );
+    let e = run(&["--iface", "lo", "--export", "127.0.0.1"]);
+    assert!(e.contains("HOST:PORT"), "{e}");
+}
