@@ -66,9 +66,10 @@ pub struct FlowStats {
     pub packets: u64,
     /// Sum of IP total lengths (IPv4 total length, IPv6 payload length + 40), as NetFlow counts.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first packet on this CPU, 0 if none.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the first packet on
+    /// this CPU, 0 if none.
     pub first_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet on this CPU.
+    /// `bpf_ktime_get_coarse_ns()` of the last packet on this CPU.
     pub last_ns: u64,
     /// OR of the TCP flags seen.
     pub tcp_flags: u8,
@@ -91,8 +92,8 @@ pub struct OverflowEvent {
     pub _pad: [u8; 2],
 }
 
-/// Counter indices in the per-CPU `COUNTERS` array. The array holds `COUNTER_COUNT`
-/// counters per direction: index = `direction * COUNTER_COUNT + counter`.
+/// Counter indices in a [`CounterBlock`]. The per-CPU `COUNTERS` array holds one block per
+/// direction (index = direction), so a packet costs one map lookup for all its counters.
 pub mod counter {
     /// Frames the program saw.
     pub const FRAMES: u32 = 0;
@@ -156,8 +157,11 @@ pub mod counter {
     pub const FIRST_ERR: u32 = ERR_ETH_TRUNCATED;
 }
 
-/// Total entries of the `COUNTERS` array (both directions).
-pub const COUNTERS_LEN: u32 = 2 * counter::COUNT;
+/// One direction's counters, indexed by the constants of [`counter`].
+pub type CounterBlock = [u64; counter::COUNT as usize];
+
+/// Entries of the `COUNTERS` array: one [`CounterBlock`] per direction.
+pub const COUNTERS_LEN: u32 = 2;
 
 #[cfg(feature = "user")]
 mod user {
@@ -220,6 +224,10 @@ mod tests {
             counter::NAMES[counter::ERR_L4_TRUNCATED as usize],
             "err_l4_truncated"
         );
-        assert_eq!(COUNTERS_LEN, 2 * counter::COUNT);
+        assert_eq!(COUNTERS_LEN, 2);
+        assert_eq!(
+            core::mem::size_of::<CounterBlock>(),
+            8 * counter::COUNT as usize
+        );
     }
 }

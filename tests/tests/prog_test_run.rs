@@ -11,7 +11,8 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use detector::flow::table::merge_cpus;
 use detector::sources::xdp::{LoadOptions, TC_PROGRAM, XDP_PROGRAM, load_object};
 use detector_common::{
-    COUNTERS_MAP, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS_MAP, FlowKey, FlowStats, counter,
+    COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS_MAP, FlowKey, FlowStats,
+    counter,
 };
 use tests::frames::*;
 
@@ -88,13 +89,14 @@ impl Meter {
 
     /// Counter values per direction.
     fn counters(&self) -> [[u64; counter::COUNT as usize]; 2] {
-        let a: PerCpuArray<_, u64> =
+        let a: PerCpuArray<_, CounterBlock> =
             PerCpuArray::try_from(self.bpf.map(COUNTERS_MAP).unwrap()).unwrap();
         let mut out = [[0u64; counter::COUNT as usize]; 2];
         for d in 0..2u32 {
-            for c in 0..counter::COUNT {
-                out[d as usize][c as usize] =
-                    a.get(&(d * counter::COUNT + c), 0).unwrap().iter().sum();
+            for block in a.get(&d, 0).unwrap().iter() {
+                for (sum, v) in out[d as usize].iter_mut().zip(block) {
+                    *sum += v;
+                }
             }
         }
         out

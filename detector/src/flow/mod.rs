@@ -101,7 +101,7 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
     }
 }
 
-/// Maps CLOCK_MONOTONIC nanoseconds (what `bpf_ktime_get_ns` returns) to wall-clock time.
+/// Maps CLOCK_MONOTONIC nanoseconds (the clock of the kernel timestamps) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct WallClock {
     /// Wall time at monotonic zero, in nanoseconds since the Unix epoch.
@@ -131,7 +131,7 @@ impl WallClock {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel timestamps.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -11,8 +11,8 @@ use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
-    COUNTERS_MAP, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent, SAMPLING_GLOBAL,
-    counter,
+    COUNTERS_MAP, CounterBlock, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent,
+    SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
 
@@ -236,7 +236,7 @@ pub struct DrainCounters {
 /// The attached meter's maps and the export bookkeeping for them.
 pub struct XdpSource {
     flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, CounterBlock>,
     ring: Option<RingBuf<MapData>>,
     kernel_table: FlowTable,
     overflow: HashMap<FlowKey, FlowStats>,
@@ -374,9 +374,10 @@ impl XdpSource {
     pub fn counters(&self) -> Result<KernelCounters, XdpError> {
         let mut out = KernelCounters::default();
         for d in 0..2u32 {
-            for c in 0..counter::COUNT {
-                let v = self.counters.get(&(d * counter::COUNT + c), 0)?;
-                out.values[d as usize][c as usize] = v.iter().sum();
+            for block in self.counters.get(&d, 0)?.iter() {
+                for (sum, v) in out.values[d as usize].iter_mut().zip(block) {
+                    *sum += v;
+                }
             }
         }
         Ok(out)
