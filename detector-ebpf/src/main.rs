@@ -211,7 +211,8 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
     // SAFETY: each read below stays inside the length its `at` checked.
     let mut ethertype = unsafe { eth.be16(12) };
     let mut off = ETH_HLEN;
-    let mut tags = if offloaded_vlan != 0 { 1 } else { 0 };
+    // With an offloaded tag (skb metadata), the first in-frame tag is the inner one.
+    let mut outer_free = offloaded_vlan == 0;
     // Up to two tags in the frame.
     for _ in 0..2 {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD && ethertype != ETH_P_QINQ {
@@ -219,12 +220,12 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
         }
         let tag = f.at(off, 4).ok_or(counter::ERR_VLAN_TRUNCATED)?;
         let tci = unsafe { tag.be16(0) } & 0x0fff;
-        if tags == 0 {
+        if outer_free {
             p.vlan = tci;
+            outer_free = false;
         } else {
             p.vlan_inner = tci;
         }
-        tags += 1;
         ethertype = unsafe { tag.be16(2) };
         off += 4;
     }
