@@ -131,28 +131,59 @@ fn load(bpf: &mut aya::Ebpf, name: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// Weighted mean ns per run of `name` over the mix.
-fn measure(bpf: &aya::Ebpf, name: &str, mix: &[MixFrame], repeat: u32) -> Result<(f64, Vec<f64>)> {
+/// Mean ns of one run of `name` over `frame` (the kernel reports the mean of `repeat`).
+fn run_once(bpf: &aya::Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<f64> {
     let p: &Xdp = bpf.program(name).context("program")?.try_into()?;
-    let mut per_frame = Vec::new();
-    let (mut sum, mut weights) = (0f64, 0f64);
-    for f in mix {
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&f.frame);
-        opts.repeat = repeat;
-        let r = p
-            .test_run(opts)
-            .with_context(|| format!("test run of {name}"))?;
-        if r.return_value != 2 {
-            bail!("{name} returned {} instead of XDP_PASS", r.return_value);
-        }
-        // The kernel reports the mean time of one run.
-        let ns = r.duration.as_nanos() as f64;
-        per_frame.push(ns);
-        sum += ns * f.weight as f64;
-        weights += f.weight as f64;
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = repeat;
+    let r = p
+        .test_run(opts)
+        .with_context(|| format!("test run of {name}"))?;
+    if r.return_value != 2 {
+        bail!("{name} returned {} instead of XDP_PASS", r.return_value);
     }
-    Ok((sum / weights, per_frame))
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Per program, per frame: the median of `trials` measurements, the programs interleaved
+/// trial by trial so that background noise falls on all three alike.
+fn measure_all(
+    bpf: &aya::Ebpf,
+    programs: &[&str],
+    mix: &[MixFrame],
+    repeat: u32,
+    trials: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let mut samples = vec![vec![Vec::new(); mix.len()]; programs.len()];
+    for _ in 0..trials {
+        for (pi, name) in programs.iter().enumerate() {
+            for (fi, f) in mix.iter().enumerate() {
+                samples[pi][fi].push(run_once(bpf, name, &f.frame, repeat)?);
+            }
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|per_frame| {
+            per_frame
+                .into_iter()
+                .map(|mut v| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn weighted(mix: &[MixFrame], ns: &[f64]) -> f64 {
+    let total: u32 = mix.iter().map(|f| f.weight).sum();
+    mix.iter()
+        .zip(ns)
+        .map(|(f, n)| n * f.weight as f64)
+        .sum::<f64>()
+        / total as f64
 }
 
 pub fn xdp(args: BenchArgs) -> Result<()> {
@@ -195,14 +226,25 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     }
     let mix = mix();
     println!(
-        "XDP bench: BPF_PROG_TEST_RUN, {} runs per frame, {} frame kinds (weighted), flow map warmed with {} flows",
+        "XDP bench: BPF_PROG_TEST_RUN, {} runs per frame, median of {trials} interleaved trials, {} frame kinds (weighted), flow map warmed with {} flows",
         args.repeat,
         mix.len(),
         args.warm_flows
     );
-    let (a, a_f) = measure(&bpf, "bench_pass", &mix, args.repeat)?;
-    let (b, b_f) = measure(&bpf, "bench_parse", &mix, args.repeat)?;
-    let (c, c_f) = measure(&bpf, XDP_PROGRAM, &mix, args.repeat)?;
+    let trials = 7;
+    let m = measure_all(
+        &bpf,
+        &["bench_pass", "bench_parse", XDP_PROGRAM],
+        &mix,
+        args.repeat,
+        trials,
+    )?;
+    let (a_f, b_f, c_f) = (&m[0], &m[1], &m[2]);
+    let (a, b, c) = (
+        weighted(&mix, a_f),
+        weighted(&mix, b_f),
+        weighted(&mix, c_f),
+    );
     println!(
         "{:<26} {:>9} {:>9} {:>9}",
         "frame", "(a) pass", "(b) parse", "(c) meter"
