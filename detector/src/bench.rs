@@ -225,13 +225,13 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
         }
     }
     let mix = mix();
+    let trials = 7;
     println!(
         "XDP bench: BPF_PROG_TEST_RUN, {} runs per frame, median of {trials} interleaved trials, {} frame kinds (weighted), flow map warmed with {} flows",
         args.repeat,
         mix.len(),
         args.warm_flows
     );
-    let trials = 7;
     let m = measure_all(
         &bpf,
         &["bench_pass", "bench_parse", XDP_PROGRAM],
