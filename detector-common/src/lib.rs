@@ -12,6 +12,9 @@ pub const FLOWS_MAP: &str = "FLOWS";
 pub const OVERFLOW_MAP: &str = "OVERFLOW";
 /// Per-CPU counters map.
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Memory-mappable one-entry array holding the current CLOCK_MONOTONIC time in ns,
+/// written by userspace (see the eBPF crate's design notes); 0 means "use the kernel clock".
+pub const CLOCK_MAP: &str = "CLOCK";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 

@@ -34,9 +34,14 @@
 //! meters do; the `fragments` counter counts them.
 //!
 //! Bytes are IP bytes (IPv4 total length, IPv6 payload length + 40), as NetFlow counts.
-//! Packet times come from `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE): one clock
-//! tick of resolution (1 to 4 ms depending on CONFIG_HZ), for a third of the per-packet
-//! cost of the precise clock.
+//!
+//! # Clock
+//!
+//! Packet times are read from `CLOCK`, a one-entry memory-mapped array into which the
+//! agent writes CLOCK_MONOTONIC every millisecond: one memory load per packet instead of a
+//! helper call (a clock helper costs more than the whole hash-map update budget). When
+//! nobody writes it (0), the program falls back to `bpf_ktime_get_coarse_ns`. `replay`
+//! writes the capture's own timestamps there, so flows age on the capture's clock.
 //! On egress, a GSO super-packet is counted as the `gso_segs` packets it becomes on the
 //! wire, with the headers of every segment.
 //!
@@ -46,10 +51,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_OK, xdp_action},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     macros::{classifier, map, xdp},
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use detector_common::{
@@ -67,6 +72,9 @@ static FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
 
 #[map]
 static OVERFLOW: RingBuf = RingBuf::with_byte_size(OVERFLOW_RING_BYTES, 0);
+
+#[map]
+static CLOCK: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -375,7 +383,7 @@ fn count(c: &mut CounterBlock, idx: u32, n: u64) {
 /// Adds one packet (or `segs` GSO segments) to its flow, or to the overflow ring.
 #[inline(always)]
 fn account(c: &mut CounterBlock, key: &FlowKey, pkt: &Packet, segs: u32) {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     let packets = segs as u64;
     let bytes = pkt.ip_len as u64 + (segs as u64 - 1) * pkt.hdr_len as u64;
     if pkt.fragment != 0 {
@@ -402,6 +410,16 @@ fn account(c: &mut CounterBlock, key: &FlowKey, pkt: &Packet, segs: u32) {
             count(c, counter::OVERFLOW_BYTES, bytes);
         }
         None => count(c, counter::RINGBUF_DROPPED, packets),
+    }
+}
+
+/// CLOCK_MONOTONIC ns: the agent's clock if it runs, else the kernel's coarse clock.
+#[inline(always)]
+fn now_ns() -> u64 {
+    match CLOCK.get(0) {
+        Some(&t) if t != 0 => t,
+        // SAFETY: helper without arguments.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
     }
 }
 

@@ -142,6 +142,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     })?;
     let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
     let mut source = XdpSource::new(&mut bpf, timeouts)?;
+    let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
+        .context("starting the packet clock")?;
     let mode = xdp::attach(&mut bpf, &args.iface, args.xdp_mode)?;
     xdp::log_attached(&args.iface, mode, args.map_size, args.sampling);
     for s in &pipeline.sinks {
@@ -188,6 +190,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // Detach first so no packet is counted after the final read, then drain everything.
     xdp::detach(&mut bpf);
+    drop(ticker);
     source.drain_ring(ring.get_mut());
     source.flush(&mut deltas)?;
     pipeline.emit(&deltas);

@@ -224,6 +224,12 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
             flows.insert(k, PerCpuValues::try_from(vec![value; ncpus])?, 0)?;
         }
     }
+    // The packet clock runs, as under the agent.
+    let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
+        aya::maps::Array::try_from(bpf.take_map(detector_common::CLOCK_MAP).context("clock map")?)?,
+    )?);
+    let _ticker =
+        crate::sources::xdp::clock::Ticker::start(clock, std::time::Duration::from_millis(1))?;
     let mix = mix();
     let trials = 7;
     println!(

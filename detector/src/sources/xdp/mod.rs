@@ -2,16 +2,17 @@
 //! the interface, and drains the kernel flow map and the overflow ring buffer through the
 //! pure [`FlowTable`] core.
 
+pub mod clock;
 mod sys;
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 
-use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
-    COUNTERS_MAP, CounterBlock, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent,
+    CLOCK_MAP, COUNTERS_MAP, CounterBlock, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent,
     SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
@@ -58,6 +59,8 @@ pub enum XdpError {
     Missing(&'static str),
     #[error("reading possible CPUs: {0}")]
     Cpus(String),
+    #[error("mapping the packet clock: {0}")]
+    Clock(std::io::Error),
 }
 
 /// How to attach XDP.
@@ -242,6 +245,7 @@ pub struct XdpSource {
     overflow: HashMap<FlowKey, FlowStats>,
     overflow_table: FlowTable,
     ncpus: usize,
+    clock: std::sync::Arc<clock::ClockMap>,
     pub drain: DrainCounters,
 }
 
@@ -257,6 +261,8 @@ impl XdpSource {
         let ring = bpf
             .take_map(OVERFLOW_MAP)
             .ok_or(XdpError::Missing(OVERFLOW_MAP))?;
+        let clock_map = bpf.take_map(CLOCK_MAP).ok_or(XdpError::Missing(CLOCK_MAP))?;
+        let clock = clock::ClockMap::new(Array::try_from(clock_map)?).map_err(XdpError::Clock)?;
         Ok(Self {
             flows: PerCpuHashMap::try_from(flows)?,
             counters: PerCpuArray::try_from(counters)?,
@@ -265,8 +271,14 @@ impl XdpSource {
             overflow: HashMap::new(),
             overflow_table: FlowTable::new(timeouts),
             ncpus: aya::util::nr_cpus().map_err(|(p, e)| XdpError::Cpus(format!("{p}: {e}")))?,
+            clock: std::sync::Arc::new(clock),
             drain: DrainCounters::default(),
         })
+    }
+
+    /// The packet clock shared with the programs (see [`clock`]).
+    pub fn clock(&self) -> std::sync::Arc<clock::ClockMap> {
+        self.clock.clone()
     }
 
     /// The ring buffer, for the caller to wait on its readiness (taken once).
