@@ -6,8 +6,10 @@
 //! `aya::Pod` so userspace can read them from maps.
 #![no_std]
 
-/// Flow map name in the eBPF object.
-pub const FLOWS_MAP: &str = "FLOWS";
+/// Flow map of IPv4 packets (compact [`FlowKey4`] keys) in the eBPF object.
+pub const FLOWS4_MAP: &str = "FLOWS4";
+/// Flow map of IPv6 packets ([`FlowKey`] keys) in the eBPF object.
+pub const FLOWS6_MAP: &str = "FLOWS6";
 /// Ring buffer carrying packets whose flow could not be inserted (map full).
 pub const OVERFLOW_MAP: &str = "OVERFLOW";
 /// Per-CPU counters map.
@@ -18,7 +20,7 @@ pub const CLOCK_MAP: &str = "CLOCK";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 
-/// Default number of flows the kernel map holds (`--map-size`).
+/// Default number of flows each kernel flow map (IPv4, IPv6) holds (`--map-size`).
 pub const DEFAULT_MAP_SIZE: u32 = 262_144;
 /// Ring buffer size for the overflow path, in bytes (a power of two, multiple of the page size).
 pub const OVERFLOW_RING_BYTES: u32 = 1 << 22;
@@ -58,6 +60,77 @@ pub struct FlowKey {
     /// `DIRECTION_INGRESS` or `DIRECTION_EGRESS`.
     pub direction: u8,
     pub _pad: [u8; 2],
+}
+
+/// The key of the IPv4 flow map: the same identity as [`FlowKey`] in 24 bytes instead of
+/// 48, because the kernel hashes and compares the whole key on every packet and most
+/// traffic is IPv4. Addresses are the 4 bytes as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ifindex: u32,
+    pub vlan: u16,
+    pub vlan_inner: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey4 {
+    /// The full key (IPv4-mapped addresses).
+    pub fn widen(&self) -> FlowKey {
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12..].copy_from_slice(&self.src_addr);
+        dst[12..].copy_from_slice(&self.dst_addr);
+        FlowKey {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            ifindex: self.ifindex,
+            vlan: self.vlan,
+            vlan_inner: self.vlan_inner,
+            protocol: self.protocol,
+            direction: self.direction,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl FlowKey {
+    /// The compact key, when both addresses are IPv4-mapped.
+    pub fn narrow(&self) -> Option<FlowKey4> {
+        let mapped =
+            |a: &[u8; 16]| a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff;
+        if !mapped(&self.src_addr) || !mapped(&self.dst_addr) {
+            return None;
+        }
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        src.copy_from_slice(&self.src_addr[12..]);
+        dst.copy_from_slice(&self.dst_addr[12..]);
+        Some(FlowKey4 {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            ifindex: self.ifindex,
+            vlan: self.vlan,
+            vlan_inner: self.vlan_inner,
+            protocol: self.protocol,
+            direction: self.direction,
+            _pad: [0; 2],
+        })
+    }
 }
 
 /// Per-CPU counters for one flow. Userspace sums the CPUs' copies.
@@ -171,6 +244,7 @@ mod user {
     // SAFETY: all three are repr(C), contain only integers and explicit padding fields,
     // so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::OverflowEvent {}
 }
@@ -194,6 +268,44 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, protocol), 44);
         assert_eq!(offset_of!(FlowKey, direction), 45);
         assert_eq!(offset_of!(FlowKey, _pad), 46);
+    }
+
+    #[test]
+    fn flow_key4_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey4>(), 24);
+        assert_eq!(align_of::<FlowKey4>(), 4);
+        assert_eq!(offset_of!(FlowKey4, src_addr), 0);
+        assert_eq!(offset_of!(FlowKey4, dst_addr), 4);
+        assert_eq!(offset_of!(FlowKey4, src_port), 8);
+        assert_eq!(offset_of!(FlowKey4, dst_port), 10);
+        assert_eq!(offset_of!(FlowKey4, ifindex), 12);
+        assert_eq!(offset_of!(FlowKey4, vlan), 16);
+        assert_eq!(offset_of!(FlowKey4, vlan_inner), 18);
+        assert_eq!(offset_of!(FlowKey4, protocol), 20);
+        assert_eq!(offset_of!(FlowKey4, direction), 21);
+        assert_eq!(offset_of!(FlowKey4, _pad), 22);
+    }
+
+    #[test]
+    fn compact_keys_round_trip_and_only_for_ipv4() {
+        let k4 = FlowKey4 {
+            src_addr: [10, 0, 0, 1],
+            dst_addr: [198, 18, 3, 4],
+            src_port: 1,
+            dst_port: 2,
+            ifindex: 3,
+            vlan: 4,
+            vlan_inner: 5,
+            protocol: 6,
+            direction: 1,
+            _pad: [0; 2],
+        };
+        let k = k4.widen();
+        assert_eq!(&k.src_addr[10..], &[0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(k.narrow(), Some(k4));
+        let mut v6 = k;
+        v6.dst_addr[0] = 0x20;
+        assert_eq!(v6.narrow(), None);
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //!
 //! # Map design
 //!
-//! - `FLOWS`: a `BPF_MAP_TYPE_PERCPU_HASH` keyed by [`FlowKey`] (addresses, ports, protocol,
-//!   VLANs, direction, ifindex), valued by [`FlowStats`] (packets, bytes, first/last seen,
-//!   OR of TCP flags, ToS of the first packet). Per-CPU so that every CPU adds to its own
-//!   copy without atomics and without losing a count; userspace sums the copies. Sized at
-//!   load time (`--map-size`, default 262,144 keys). Never LRU: the kernel never evicts a
-//!   flow behind our back, so no packet is lost to eviction.
+//! - `FLOWS4` and `FLOWS6`: `BPF_MAP_TYPE_PERCPU_HASH` maps keyed by the flow identity
+//!   (addresses, ports, protocol, VLANs, direction, ifindex) -- [`FlowKey4`] (24 bytes) for
+//!   IPv4 and [`FlowKey`] (48 bytes) for IPv6, because the kernel hashes and compares the
+//!   whole key on every packet -- valued by [`FlowStats`] (packets, bytes, first/last
+//!   seen, OR of TCP flags, ToS of the first packet). Per-CPU so that every CPU adds to
+//!   its own copy without atomics and without losing a count; userspace sums the copies.
+//!   Each sized at load time (`--map-size`, default 262,144 keys). Never LRU: the kernel
+//!   never evicts a flow behind our back, so no packet is lost to eviction.
 //! - Eviction is done by userspace only. It reads the map every second, exports deltas of
 //!   long flows at each active timeout (it remembers what it already exported, the kernel
 //!   keeps cumulative counts), and removes idle or FIN/RST-ended flows with
@@ -59,7 +61,7 @@ use aya_ebpf::{
 };
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, FlowKey,
-    FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter,
+    FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter,
 };
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
@@ -67,7 +69,11 @@ use detector_common::{
 static SAMPLING: u32 = 0;
 
 #[map]
-static FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
+static FLOWS4: PerCpuHashMap<FlowKey4, FlowStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
+
+#[map]
+static FLOWS6: PerCpuHashMap<FlowKey, FlowStats> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
 
 #[map]
@@ -139,7 +145,7 @@ impl Hdr {
     /// `i + 2` must not exceed the length checked by [`Frame::at`].
     #[inline(always)]
     unsafe fn be16(self, i: usize) -> u16 {
-        u16::from_be(unsafe { core::ptr::read_unaligned((self.0 + i) as *const u16) })
+        u16::from_be(unsafe { packet_load((self.0 + i) as *const u16) })
     }
 
     /// Four bytes as they are in the packet (no byte swap), for addresses.
@@ -148,7 +154,31 @@ impl Hdr {
     /// `i + 4` must not exceed the length checked by [`Frame::at`].
     #[inline(always)]
     unsafe fn word(self, i: usize) -> u32 {
-        unsafe { core::ptr::read_unaligned((self.0 + i) as *const u32) }
+        unsafe { packet_load((self.0 + i) as *const u32) }
+    }
+}
+
+/// One BPF load instruction from packet memory.
+///
+/// Header fields often sit at offsets that are not multiples of their size (the IPv4
+/// addresses of an untagged frame start at byte 26). The kernel allows unaligned packet
+/// loads on the architectures with efficient unaligned access (x86-64, arm64), and the
+/// verifier checks bounds, not alignment, for packet pointers. Rust's `read_unaligned`
+/// would make LLVM split each load into byte loads, so this reads through the pointer
+/// with a volatile load, which LLVM emits as a single `ldx` of the field's width and does
+/// not merge, split or reorder.
+///
+/// # Safety
+/// `p` points into the bounds-checked packet.
+#[inline(always)]
+unsafe fn packet_load<T: Copy>(p: *const T) -> T {
+    // The packet is not typed memory; the load width is what matters here.
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "BPF packet loads may be unaligned; see the function's documentation"
+    )]
+    unsafe {
+        core::ptr::read_volatile(p)
     }
 }
 
@@ -167,6 +197,8 @@ struct Packet {
     tcp_flags: u8,
     tos: u8,
     fragment: u8,
+    /// 1 for IPv4 (keyed in `FLOWS4`), 0 for IPv6.
+    v4: u8,
     /// IP total length (IPv6: payload length + 40).
     ip_len: u32,
     /// Length of the IP header plus L4 header, for GSO accounting.
@@ -179,6 +211,23 @@ struct Packet {
 const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Packet {
+    /// The compact key of an IPv4 packet.
+    #[inline(always)]
+    fn key4(&self, ifindex: u32, direction: u8) -> FlowKey4 {
+        FlowKey4 {
+            src_addr: self.src[3].to_ne_bytes(),
+            dst_addr: self.dst[3].to_ne_bytes(),
+            src_port: self.sport,
+            dst_port: self.dport,
+            ifindex,
+            vlan: self.vlan,
+            vlan_inner: self.vlan_inner,
+            protocol: self.proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+
     #[inline(always)]
     fn key(&self, ifindex: u32, direction: u8) -> FlowKey {
         FlowKey {
@@ -211,6 +260,7 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
         tcp_flags: 0,
         tos: 0,
         fragment: 0,
+        v4: 0,
         ip_len: 0,
         hdr_len: 0,
         l3_off: 0,
@@ -283,6 +333,7 @@ fn parse_ipv4(f: &Frame, off: usize, p: &mut Packet) -> Result<usize, u32> {
     p.ip_len = total as u32;
     p.fragment = (frag & 0x1fff != 0) as u8;
     p.proto = proto;
+    p.v4 = 1;
     p.src = [0, 0, V4_MAPPED_WORD2, src];
     p.dst = [0, 0, V4_MAPPED_WORD2, dst];
     Ok(off + ihl)
@@ -382,14 +433,33 @@ fn count(c: &mut CounterBlock, idx: u32, n: u64) {
 
 /// Adds one packet (or `segs` GSO segments) to its flow, or to the overflow ring.
 #[inline(always)]
-fn account(c: &mut CounterBlock, key: &FlowKey, pkt: &Packet, segs: u32) {
+fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs: u32) {
     let now = now_ns();
     let packets = segs as u64;
     let bytes = pkt.ip_len as u64 + (segs as u64 - 1) * pkt.hdr_len as u64;
     if pkt.fragment != 0 {
         count(c, counter::FRAGMENTS, packets);
     }
-    if add_to_flow(key, pkt, packets, bytes, now) {
+    let added = if pkt.v4 != 0 {
+        add_to_flow(
+            &FLOWS4,
+            &pkt.key4(ifindex, direction),
+            pkt,
+            packets,
+            bytes,
+            now,
+        )
+    } else {
+        add_to_flow(
+            &FLOWS6,
+            &pkt.key(ifindex, direction),
+            pkt,
+            packets,
+            bytes,
+            now,
+        )
+    };
+    if added {
         count(c, counter::FLOW_PACKETS, packets);
         count(c, counter::FLOW_BYTES, bytes);
         return;
@@ -399,7 +469,7 @@ fn account(c: &mut CounterBlock, key: &FlowKey, pkt: &Packet, segs: u32) {
         Some(mut entry) => {
             entry.write(OverflowEvent {
                 ts_ns: now,
-                key: *key,
+                key: pkt.key(ifindex, direction),
                 bytes: bytes as u32,
                 tcp_flags: pkt.tcp_flags,
                 tos: pkt.tos,
@@ -424,8 +494,15 @@ fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn add_to_flow(key: &FlowKey, pkt: &Packet, packets: u64, bytes: u64, now: u64) -> bool {
-    if update(key, pkt, packets, bytes, now) {
+fn add_to_flow<K>(
+    map: &PerCpuHashMap<K, FlowStats>,
+    key: &K,
+    pkt: &Packet,
+    packets: u64,
+    bytes: u64,
+    now: u64,
+) -> bool {
+    if update(map, key, pkt, packets, bytes, now) {
         return true;
     }
     let fresh = FlowStats {
@@ -437,17 +514,24 @@ fn add_to_flow(key: &FlowKey, pkt: &Packet, packets: u64, bytes: u64, now: u64) 
         tos: pkt.tos,
         _pad: [0; 6],
     };
-    match FLOWS.insert(key, fresh, BPF_NOEXIST as u64) {
+    match map.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU created the key between our lookup and insert: add to our copy.
-        Err(e) if e == -EEXIST => update(key, pkt, packets, bytes, now),
+        Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
         Err(_) => false,
     }
 }
 
 #[inline(always)]
-fn update(key: &FlowKey, pkt: &Packet, packets: u64, bytes: u64, now: u64) -> bool {
-    let Some(v) = FLOWS.get_ptr_mut(key) else {
+fn update<K>(
+    map: &PerCpuHashMap<K, FlowStats>,
+    key: &K,
+    pkt: &Packet,
+    packets: u64,
+    bytes: u64,
+    now: u64,
+) -> bool {
+    let Some(v) = map.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: this CPU's copy of the value; only this CPU writes it.
@@ -516,8 +600,9 @@ fn meter(f: &Frame, ifindex: u32, direction: u8, len: FrameLen, vlan_tci: u16, s
             count(c, counter::FRAME_BYTES, len.resolve(linear, needed));
             account(
                 c,
-                &pkt.key(ifindex, direction),
                 &pkt,
+                ifindex,
+                direction,
                 if segs == 0 { 1 } else { segs },
             );
         }

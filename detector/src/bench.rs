@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 use aya::maps::{PerCpuHashMap, PerCpuValues};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use detector_common::{FLOWS_MAP, FlowKey, FlowStats};
+use detector_common::{FLOWS4_MAP, FlowKey4, FlowStats};
 
 use crate::cli::BenchArgs;
 use crate::sources::xdp::{LoadOptions, XDP_PROGRAM, load_object};
@@ -201,8 +201,8 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     // Warm the map with distinct flows, as on a busy uplink.
     {
         let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow::anyhow!("{p}: {e}"))?;
-        let mut flows: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(bpf.map_mut(FLOWS_MAP).context("flow map")?)?;
+        let mut flows: PerCpuHashMap<_, FlowKey4, FlowStats> =
+            PerCpuHashMap::try_from(bpf.map_mut(FLOWS4_MAP).context("flow map")?)?;
         let value = FlowStats {
             packets: 1,
             bytes: 100,
@@ -211,22 +211,23 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
             ..FlowStats::default()
         };
         for i in 0..args.warm_flows {
-            let mut k = FlowKey {
+            let k = FlowKey4 {
+                src_addr: (0x0a40_0000u32 + (i >> 8)).to_be_bytes(),
+                dst_addr: [198, 18, 1, 1],
                 src_port: (i & 0xffff) as u16,
                 dst_port: 443,
                 protocol: 6,
-                ..FlowKey::default()
+                ..FlowKey4::default()
             };
-            k.src_addr[10] = 0xff;
-            k.src_addr[11] = 0xff;
-            k.src_addr[12..16].copy_from_slice(&(0x0a40_0000 + (i >> 8)).to_be_bytes());
-            k.dst_addr[12..16].copy_from_slice(&[198, 18, 1, 1]);
             flows.insert(k, PerCpuValues::try_from(vec![value; ncpus])?, 0)?;
         }
     }
     // The packet clock runs, as under the agent.
     let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
-        aya::maps::Array::try_from(bpf.take_map(detector_common::CLOCK_MAP).context("clock map")?)?,
+        aya::maps::Array::try_from(
+            bpf.take_map(detector_common::CLOCK_MAP)
+                .context("clock map")?,
+        )?,
     )?);
     let _ticker =
         crate::sources::xdp::clock::Ticker::start(clock, std::time::Duration::from_millis(1))?;

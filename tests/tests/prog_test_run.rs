@@ -11,8 +11,8 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use detector::flow::table::merge_cpus;
 use detector::sources::xdp::{LoadOptions, TC_PROGRAM, XDP_PROGRAM, load_object};
 use detector_common::{
-    COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS_MAP, FlowKey, FlowStats,
-    counter,
+    COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS4_MAP, FLOWS6_MAP,
+    FlowKey, FlowKey4, FlowStats, counter,
 };
 use tests::frames::*;
 
@@ -67,20 +67,36 @@ impl Meter {
         r.return_value
     }
 
+    /// Every flow of both maps, IPv4 keys widened to the full key.
     fn flows(&self) -> HashMap<FlowKey, FlowStats> {
-        let m: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map(FLOWS_MAP).unwrap()).unwrap();
-        m.iter()
+        let m4: PerCpuHashMap<_, FlowKey4, FlowStats> =
+            PerCpuHashMap::try_from(self.bpf.map(FLOWS4_MAP).unwrap()).unwrap();
+        let m6: PerCpuHashMap<_, FlowKey, FlowStats> =
+            PerCpuHashMap::try_from(self.bpf.map(FLOWS6_MAP).unwrap()).unwrap();
+        let mut out: HashMap<FlowKey, FlowStats> = m4
+            .iter()
             .map(|r| {
                 let (k, v) = r.unwrap();
-                (k, merge_cpus(v.iter().copied()))
+                (k.widen(), merge_cpus(v.iter().copied()))
             })
-            .collect()
+            .collect();
+        for r in m6.iter() {
+            let (k, v) = r.unwrap();
+            assert!(k.narrow().is_none(), "an IPv4 flow in the IPv6 map: {k:?}");
+            out.insert(k, merge_cpus(v.iter().copied()));
+        }
+        out
     }
 
     fn clear(&mut self) {
+        let mut m: PerCpuHashMap<_, FlowKey4, FlowStats> =
+            PerCpuHashMap::try_from(self.bpf.map_mut(FLOWS4_MAP).unwrap()).unwrap();
+        let keys: Vec<_> = m.keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            m.remove(&k).unwrap();
+        }
         let mut m: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map_mut(FLOWS_MAP).unwrap()).unwrap();
+            PerCpuHashMap::try_from(self.bpf.map_mut(FLOWS6_MAP).unwrap()).unwrap();
         let keys: Vec<_> = m.keys().map(|k| k.unwrap()).collect();
         for k in keys {
             m.remove(&k).unwrap();

@@ -12,8 +12,8 @@ use aya::maps::{Array, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
-    CLOCK_MAP, COUNTERS_MAP, CounterBlock, FLOWS_MAP, FlowKey, FlowStats, OVERFLOW_MAP, OverflowEvent,
-    SAMPLING_GLOBAL, counter,
+    CLOCK_MAP, COUNTERS_MAP, CounterBlock, FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats,
+    OVERFLOW_MAP, OverflowEvent, SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
 
@@ -85,7 +85,8 @@ pub struct LoadOptions {
 pub fn load_object(opts: LoadOptions) -> Result<Ebpf, XdpError> {
     let sampling = opts.sampling;
     EbpfLoader::new()
-        .map_max_entries(FLOWS_MAP, opts.map_size)
+        .map_max_entries(FLOWS4_MAP, opts.map_size)
+        .map_max_entries(FLOWS6_MAP, opts.map_size)
         .override_global(SAMPLING_GLOBAL, &sampling, true)
         .load(EBPF_OBJECT)
         .map_err(|e| match &e {
@@ -236,12 +237,97 @@ pub struct DrainCounters {
     pub delete_errors: u64,
 }
 
+/// A kernel flow map key: the compact IPv4 key or the full key.
+pub trait MapKey: aya::Pod + Eq + std::hash::Hash {
+    fn widen(&self) -> FlowKey;
+}
+
+impl MapKey for FlowKey {
+    fn widen(&self) -> FlowKey {
+        *self
+    }
+}
+
+impl MapKey for FlowKey4 {
+    fn widen(&self) -> FlowKey {
+        FlowKey4::widen(self)
+    }
+}
+
+/// One kernel flow map and its export bookkeeping.
+struct KernelFlows<K: MapKey> {
+    map: PerCpuHashMap<MapData, K, FlowStats>,
+    table: FlowTable,
+}
+
+impl<K: MapKey> KernelFlows<K> {
+    fn new(map: aya::maps::Map, timeouts: Timeouts) -> Result<Self, XdpError> {
+        Ok(Self {
+            map: PerCpuHashMap::try_from(map)?,
+            table: FlowTable::new(timeouts),
+        })
+    }
+
+    fn scan(
+        &mut self,
+        now_ns: u64,
+        ncpus: usize,
+        drain: &mut DrainCounters,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), XdpError> {
+        self.table.begin_scan();
+        let mut evict = Vec::new();
+        for item in self.map.iter() {
+            let (key, values) = item?;
+            let stats = merge_cpus(values.iter().copied());
+            match self.table.observe(&key.widen(), &stats, now_ns) {
+                Action::Keep => {}
+                Action::Export(d) => out.push(d),
+                Action::Evict => evict.push(key),
+            }
+        }
+        for key in evict {
+            self.evict(&key, ncpus, drain, out);
+        }
+        self.table.end_scan();
+        Ok(())
+    }
+
+    fn evict(&mut self, key: &K, ncpus: usize, drain: &mut DrainCounters, out: &mut Vec<Delta>) {
+        let fd = self.map.map().fd().as_fd();
+        match sys::lookup_and_delete_percpu::<K, FlowStats>(fd, key, ncpus) {
+            Ok(Some(values)) => {
+                let stats = merge_cpus(values);
+                out.extend(self.table.evict(&key.widen(), &stats));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                drain.delete_errors += 1;
+                warn!("removing a flow from the kernel map failed: {e}");
+            }
+        }
+    }
+
+    fn flush(
+        &mut self,
+        ncpus: usize,
+        drain: &mut DrainCounters,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), XdpError> {
+        let keys: Vec<K> = self.map.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            self.evict(&key, ncpus, drain, out);
+        }
+        Ok(())
+    }
+}
+
 /// The attached meter's maps and the export bookkeeping for them.
 pub struct XdpSource {
-    flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    flows4: KernelFlows<FlowKey4>,
+    flows6: KernelFlows<FlowKey>,
     counters: PerCpuArray<MapData, CounterBlock>,
     ring: Option<RingBuf<MapData>>,
-    kernel_table: FlowTable,
     overflow: HashMap<FlowKey, FlowStats>,
     overflow_table: FlowTable,
     ncpus: usize,
@@ -252,22 +338,18 @@ pub struct XdpSource {
 impl XdpSource {
     /// Takes the maps out of a loaded object.
     pub fn new(bpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self, XdpError> {
-        let flows = bpf
-            .take_map(FLOWS_MAP)
-            .ok_or(XdpError::Missing(FLOWS_MAP))?;
-        let counters = bpf
-            .take_map(COUNTERS_MAP)
-            .ok_or(XdpError::Missing(COUNTERS_MAP))?;
-        let ring = bpf
-            .take_map(OVERFLOW_MAP)
-            .ok_or(XdpError::Missing(OVERFLOW_MAP))?;
-        let clock_map = bpf.take_map(CLOCK_MAP).ok_or(XdpError::Missing(CLOCK_MAP))?;
-        let clock = clock::ClockMap::new(Array::try_from(clock_map)?).map_err(XdpError::Clock)?;
+        let mut take = |name: &'static str| bpf.take_map(name).ok_or(XdpError::Missing(name));
+        let flows4 = KernelFlows::new(take(FLOWS4_MAP)?, timeouts)?;
+        let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts)?;
+        let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
+        let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
+        let clock =
+            clock::ClockMap::new(Array::try_from(take(CLOCK_MAP)?)?).map_err(XdpError::Clock)?;
         Ok(Self {
-            flows: PerCpuHashMap::try_from(flows)?,
-            counters: PerCpuArray::try_from(counters)?,
-            ring: Some(RingBuf::try_from(ring)?),
-            kernel_table: FlowTable::new(timeouts),
+            flows4,
+            flows6,
+            counters,
+            ring: Some(ring),
             overflow: HashMap::new(),
             overflow_table: FlowTable::new(timeouts),
             ncpus: aya::util::nr_cpus().map_err(|(p, e)| XdpError::Cpus(format!("{p}: {e}")))?,
@@ -314,24 +396,10 @@ impl XdpSource {
         add_event(self.overflow.entry(ev.key).or_default(), ev);
     }
 
-    /// One pass over both stores at `now_ns` (kernel monotonic clock).
+    /// One pass over every store at `now_ns` (kernel monotonic clock).
     pub fn scan(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        self.kernel_table.begin_scan();
-        let mut evict = Vec::new();
-        for item in self.flows.iter() {
-            let (key, values) = item?;
-            let stats = merge_cpus(values.iter().copied());
-            match self.kernel_table.observe(&key, &stats, now_ns) {
-                Action::Keep => {}
-                Action::Export(d) => out.push(d),
-                Action::Evict => evict.push(key),
-            }
-        }
-        for key in evict {
-            self.evict_kernel(&key, out);
-        }
-        self.kernel_table.end_scan();
-
+        self.flows4.scan(now_ns, self.ncpus, &mut self.drain, out)?;
+        self.flows6.scan(now_ns, self.ncpus, &mut self.drain, out)?;
         self.overflow_table.begin_scan();
         let mut evict = Vec::new();
         for (key, stats) in &self.overflow {
@@ -350,36 +418,22 @@ impl XdpSource {
         Ok(())
     }
 
-    fn evict_kernel(&mut self, key: &FlowKey, out: &mut Vec<Delta>) {
-        let fd = self.flows.map().fd().as_fd();
-        match sys::lookup_and_delete_percpu::<FlowKey, FlowStats>(fd, key, self.ncpus) {
-            Ok(Some(values)) => {
-                let stats = merge_cpus(values);
-                out.extend(self.kernel_table.evict(key, &stats));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                self.drain.delete_errors += 1;
-                warn!("removing a flow from the kernel map failed: {e}");
-            }
-        }
-    }
-
     /// Removes and exports every flow (shutdown).
     pub fn flush(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        let keys: Vec<FlowKey> = self.flows.keys().collect::<Result<_, _>>()?;
-        for key in keys {
-            self.evict_kernel(&key, out);
-        }
+        self.flows4.flush(self.ncpus, &mut self.drain, out)?;
+        self.flows6.flush(self.ncpus, &mut self.drain, out)?;
         for (key, stats) in std::mem::take(&mut self.overflow) {
             out.extend(self.overflow_table.evict(&key, &stats));
         }
         Ok(())
     }
 
-    /// Flows currently in the kernel map and in the overflow table.
+    /// Flows currently tracked from the kernel maps and in the overflow table.
     pub fn flow_counts(&self) -> (usize, usize) {
-        (self.kernel_table.len(), self.overflow.len())
+        (
+            self.flows4.table.len() + self.flows6.table.len(),
+            self.overflow.len(),
+        )
     }
 
     /// Reads the kernel counters, summed over CPUs.
