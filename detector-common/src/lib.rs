@@ -62,9 +62,10 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// The key of the IPv4 flow map: the same identity as [`FlowKey`] in 24 bytes instead of
+/// The key of the IPv4 flow map: the same identity as [`FlowKey`] in 20 bytes instead of
 /// 48, because the kernel hashes and compares the whole key on every packet and most
-/// traffic is IPv4. Addresses are the 4 bytes as in the packet.
+/// traffic is IPv4. Addresses are the 4 bytes as in the packet. There is no interface
+/// index: one loaded object meters one interface, and the agent supplies it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey4 {
@@ -72,7 +73,6 @@ pub struct FlowKey4 {
     pub dst_addr: [u8; 4],
     pub src_port: u16,
     pub dst_port: u16,
-    pub ifindex: u32,
     pub vlan: u16,
     pub vlan_inner: u16,
     pub protocol: u8,
@@ -81,8 +81,8 @@ pub struct FlowKey4 {
 }
 
 impl FlowKey4 {
-    /// The full key (IPv4-mapped addresses).
-    pub fn widen(&self) -> FlowKey {
+    /// The full key (IPv4-mapped addresses) of a flow metered on `ifindex`.
+    pub fn widen(&self, ifindex: u32) -> FlowKey {
         let mut src = [0u8; 16];
         let mut dst = [0u8; 16];
         src[10] = 0xff;
@@ -96,7 +96,7 @@ impl FlowKey4 {
             dst_addr: dst,
             src_port: self.src_port,
             dst_port: self.dst_port,
-            ifindex: self.ifindex,
+            ifindex,
             vlan: self.vlan,
             vlan_inner: self.vlan_inner,
             protocol: self.protocol,
@@ -107,7 +107,7 @@ impl FlowKey4 {
 }
 
 impl FlowKey {
-    /// The compact key, when both addresses are IPv4-mapped.
+    /// The compact key, when both addresses are IPv4-mapped (the interface index is dropped).
     pub fn narrow(&self) -> Option<FlowKey4> {
         let mapped =
             |a: &[u8; 16]| a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff;
@@ -123,7 +123,6 @@ impl FlowKey {
             dst_addr: dst,
             src_port: self.src_port,
             dst_port: self.dst_port,
-            ifindex: self.ifindex,
             vlan: self.vlan,
             vlan_inner: self.vlan_inner,
             protocol: self.protocol,
@@ -272,18 +271,17 @@ mod tests {
 
     #[test]
     fn flow_key4_layout_has_no_implicit_padding() {
-        assert_eq!(size_of::<FlowKey4>(), 24);
-        assert_eq!(align_of::<FlowKey4>(), 4);
+        assert_eq!(size_of::<FlowKey4>(), 20);
+        assert_eq!(align_of::<FlowKey4>(), 2);
         assert_eq!(offset_of!(FlowKey4, src_addr), 0);
         assert_eq!(offset_of!(FlowKey4, dst_addr), 4);
         assert_eq!(offset_of!(FlowKey4, src_port), 8);
         assert_eq!(offset_of!(FlowKey4, dst_port), 10);
-        assert_eq!(offset_of!(FlowKey4, ifindex), 12);
-        assert_eq!(offset_of!(FlowKey4, vlan), 16);
-        assert_eq!(offset_of!(FlowKey4, vlan_inner), 18);
-        assert_eq!(offset_of!(FlowKey4, protocol), 20);
-        assert_eq!(offset_of!(FlowKey4, direction), 21);
-        assert_eq!(offset_of!(FlowKey4, _pad), 22);
+        assert_eq!(offset_of!(FlowKey4, vlan), 12);
+        assert_eq!(offset_of!(FlowKey4, vlan_inner), 14);
+        assert_eq!(offset_of!(FlowKey4, protocol), 16);
+        assert_eq!(offset_of!(FlowKey4, direction), 17);
+        assert_eq!(offset_of!(FlowKey4, _pad), 18);
     }
 
     #[test]
@@ -293,15 +291,15 @@ mod tests {
             dst_addr: [198, 18, 3, 4],
             src_port: 1,
             dst_port: 2,
-            ifindex: 3,
             vlan: 4,
             vlan_inner: 5,
             protocol: 6,
             direction: 1,
             _pad: [0; 2],
         };
-        let k = k4.widen();
+        let k = k4.widen(3);
         assert_eq!(&k.src_addr[10..], &[0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(k.ifindex, 3);
         assert_eq!(k.narrow(), Some(k4));
         let mut v6 = k;
         v6.dst_addr[0] = 0x20;

@@ -3,9 +3,9 @@
 //! # Map design
 //!
 //! - `FLOWS4` and `FLOWS6`: `BPF_MAP_TYPE_PERCPU_HASH` maps keyed by the flow identity
-//!   (addresses, ports, protocol, VLANs, direction, ifindex) -- [`FlowKey4`] (24 bytes) for
-//!   IPv4 and [`FlowKey`] (48 bytes) for IPv6, because the kernel hashes and compares the
-//!   whole key on every packet -- valued by [`FlowStats`] (packets, bytes, first/last
+//!   (addresses, ports, protocol, VLANs, direction, ifindex) -- [`FlowKey4`] (20 bytes, no
+//!   ifindex: one object meters one interface) for IPv4 and [`FlowKey`] (48 bytes) for
+//!   IPv6, because the kernel hashes and compares the whole key on every packet -- valued by [`FlowStats`] (packets, bytes, first/last
 //!   seen, OR of TCP flags, ToS of the first packet). Per-CPU so that every CPU adds to
 //!   its own copy without atomics and without losing a count; userspace sums the copies.
 //!   Each sized at load time (`--map-size`, default 262,144 keys). Never LRU: the kernel
@@ -213,13 +213,12 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 impl Packet {
     /// The compact key of an IPv4 packet.
     #[inline(always)]
-    fn key4(&self, ifindex: u32, direction: u8) -> FlowKey4 {
+    fn key4(&self, direction: u8) -> FlowKey4 {
         FlowKey4 {
             src_addr: self.src[3].to_ne_bytes(),
             dst_addr: self.dst[3].to_ne_bytes(),
             src_port: self.sport,
             dst_port: self.dport,
-            ifindex,
             vlan: self.vlan,
             vlan_inner: self.vlan_inner,
             protocol: self.proto,
@@ -441,14 +440,7 @@ fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs
         count(c, counter::FRAGMENTS, packets);
     }
     let added = if pkt.v4 != 0 {
-        add_to_flow(
-            &FLOWS4,
-            &pkt.key4(ifindex, direction),
-            pkt,
-            packets,
-            bytes,
-            now,
-        )
+        add_to_flow(&FLOWS4, &pkt.key4(direction), pkt, packets, bytes, now)
     } else {
         add_to_flow(
             &FLOWS6,

@@ -123,7 +123,7 @@ impl LossWatch {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    xdp::ifindex(&args.iface)?;
+    let ifindex = xdp::ifindex(&args.iface)?;
     if let Some(msg) = crate::privileges::check("attaching XDP/TC programs") {
         bail!(msg);
     }
@@ -141,7 +141,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling: args.sampling,
     })?;
     let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
-    let mut source = XdpSource::new(&mut bpf, timeouts)?;
+    let mut source = XdpSource::new(&mut bpf, timeouts, ifindex)?;
     let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
         .context("starting the packet clock")?;
     let mode = xdp::attach(&mut bpf, &args.iface, args.xdp_mode)?;

@@ -239,18 +239,19 @@ pub struct DrainCounters {
 
 /// A kernel flow map key: the compact IPv4 key or the full key.
 pub trait MapKey: aya::Pod + Eq + std::hash::Hash {
-    fn widen(&self) -> FlowKey;
+    /// The full key; `ifindex` is the metered interface, for keys that do not carry it.
+    fn widen(&self, ifindex: u32) -> FlowKey;
 }
 
 impl MapKey for FlowKey {
-    fn widen(&self) -> FlowKey {
+    fn widen(&self, _ifindex: u32) -> FlowKey {
         *self
     }
 }
 
 impl MapKey for FlowKey4 {
-    fn widen(&self) -> FlowKey {
-        FlowKey4::widen(self)
+    fn widen(&self, ifindex: u32) -> FlowKey {
+        FlowKey4::widen(self, ifindex)
     }
 }
 
@@ -258,13 +259,15 @@ impl MapKey for FlowKey4 {
 struct KernelFlows<K: MapKey> {
     map: PerCpuHashMap<MapData, K, FlowStats>,
     table: FlowTable,
+    ifindex: u32,
 }
 
 impl<K: MapKey> KernelFlows<K> {
-    fn new(map: aya::maps::Map, timeouts: Timeouts) -> Result<Self, XdpError> {
+    fn new(map: aya::maps::Map, timeouts: Timeouts, ifindex: u32) -> Result<Self, XdpError> {
         Ok(Self {
             map: PerCpuHashMap::try_from(map)?,
             table: FlowTable::new(timeouts),
+            ifindex,
         })
     }
 
@@ -280,7 +283,7 @@ impl<K: MapKey> KernelFlows<K> {
         for item in self.map.iter() {
             let (key, values) = item?;
             let stats = merge_cpus(values.iter().copied());
-            match self.table.observe(&key.widen(), &stats, now_ns) {
+            match self.table.observe(&key.widen(self.ifindex), &stats, now_ns) {
                 Action::Keep => {}
                 Action::Export(d) => out.push(d),
                 Action::Evict => evict.push(key),
@@ -298,7 +301,7 @@ impl<K: MapKey> KernelFlows<K> {
         match sys::lookup_and_delete_percpu::<K, FlowStats>(fd, key, ncpus) {
             Ok(Some(values)) => {
                 let stats = merge_cpus(values);
-                out.extend(self.table.evict(&key.widen(), &stats));
+                out.extend(self.table.evict(&key.widen(self.ifindex), &stats));
             }
             Ok(None) => {}
             Err(e) => {
@@ -336,11 +339,11 @@ pub struct XdpSource {
 }
 
 impl XdpSource {
-    /// Takes the maps out of a loaded object.
-    pub fn new(bpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self, XdpError> {
+    /// Takes the maps out of a loaded object that meters interface `ifindex`.
+    pub fn new(bpf: &mut Ebpf, timeouts: Timeouts, ifindex: u32) -> Result<Self, XdpError> {
         let mut take = |name: &'static str| bpf.take_map(name).ok_or(XdpError::Missing(name));
-        let flows4 = KernelFlows::new(take(FLOWS4_MAP)?, timeouts)?;
-        let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts)?;
+        let flows4 = KernelFlows::new(take(FLOWS4_MAP)?, timeouts, ifindex)?;
+        let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex)?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
         let clock =
