@@ -621,3 +621,78 @@ fn clear_errors_for_a_missing_interface_and_an_unresolvable_collector() {
     let e = run(&["--iface", "lo", "--export", "127.0.0.1"]);
     assert!(e.contains("HOST:PORT"), "{e}");
 }
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn xdp_mode_errors_and_fallback_are_explained() {
+    // The loopback device has no native XDP: native mode fails with the fix named,
+    // auto mode falls back to generic with a warning and runs.
+    let ns = Netns::new("dtmode");
+    let out = ns
+        .command(tests::detector_bin().to_str().unwrap())
+        .args([
+            "run",
+            "--iface",
+            "lo",
+            "--xdp-mode",
+            "native",
+            "--flows-json",
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("native (driver) XDP is not supported on 'lo'")
+            && e.contains("--xdp-mode generic"),
+        "{e}"
+    );
+    let dir = scratch("dtmode");
+    let log = dir.join("agent.log");
+    let child = ns
+        .command(tests::detector_bin().to_str().unwrap())
+        .args([
+            "run",
+            "--iface",
+            "lo",
+            "--xdp-mode",
+            "auto",
+            "--flows-json",
+            "/dev/null",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut agent = Guarded::new("detector", child);
+    wait_for_text(&log, "metering lo", Duration::from_secs(30));
+    let st = agent.stop(Signal::SIGTERM, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "{text}");
+    assert!(text.contains("falling back to generic"), "{text}");
+    assert!(text.contains("XDP ingress (generic mode)"), "{text}");
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn missing_capabilities_are_named() {
+    // Drop every capability and run as nobody.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(tests::detector_bin())
+        .args(["run", "--iface", "lo"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("CAP_BPF") && e.contains("CAP_NET_ADMIN") && e.contains("setcap"),
+        "{e}"
+    );
+}

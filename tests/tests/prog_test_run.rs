@@ -27,11 +27,12 @@ struct Meter {
 
 impl Meter {
     fn new(map_size: u32) -> Self {
-        let mut bpf = load_object(LoadOptions {
-            map_size,
-            sampling: 1,
-        })
-        .expect("load the eBPF object");
+        Self::with_sampling(map_size, 1)
+    }
+
+    fn with_sampling(map_size: u32, sampling: u32) -> Self {
+        let mut bpf =
+            load_object(LoadOptions { map_size, sampling }).expect("load the eBPF object");
         let x: &mut Xdp = bpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
         x.load().expect("XDP program passes the verifier");
         let t: &mut SchedClassifier = bpf.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
@@ -637,5 +638,26 @@ fn a_full_map_sends_packets_through_the_ring_buffer() {
     assert_eq!(
         c[counter::FLOW_BYTES as usize] + c[counter::OVERFLOW_BYTES as usize],
         sent_bytes
+    );
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn one_in_n_sampling_accounts_about_one_packet_in_n_and_counts_the_rest() {
+    let m = Meter::with_sampling(1024, 4);
+    let c = &cases()[0];
+    let n = 4000u64;
+    for _ in 0..n {
+        assert_eq!(m.run_xdp(&c.frame), XDP_PASS);
+    }
+    let k = m.counters()[DIRECTION_INGRESS as usize];
+    let accounted = m.flows().values().map(|s| s.packets).sum::<u64>();
+    let skipped = k[counter::SAMPLED_OUT as usize];
+    assert_eq!(k[counter::FRAMES as usize], n);
+    assert_eq!(accounted + skipped, n);
+    // Binomial(4000, 1/4): mean 1000, standard deviation 27; 300 is eleven of them.
+    assert!(
+        (700..=1300).contains(&accounted),
+        "accounted {accounted} of {n}"
     );
 }
