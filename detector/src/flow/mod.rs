@@ -3,7 +3,7 @@
 
 pub mod table;
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use detector_common::{DIRECTION_EGRESS, FlowKey};
@@ -32,6 +32,26 @@ impl Direction {
     }
 }
 
+/// Where a record was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The local XDP/TC meter (or `replay` of a capture through it).
+    Local,
+    /// A NetFlow v5/v9 or IPFIX exporter: its address and observation domain (v9 source
+    /// id; 0 for v5).
+    Exporter { addr: SocketAddr, domain: u32 },
+}
+
+impl Origin {
+    /// A short label, as in logs and JSON: `local` or `ADDR/DOMAIN`.
+    pub fn label(&self) -> String {
+        match self {
+            Origin::Local => "local".to_string(),
+            Origin::Exporter { addr, domain } => format!("{}/{domain}", addr.ip()),
+        }
+    }
+}
+
 /// One exported flow record: the packets of one flow between two export instants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowRecord {
@@ -54,13 +74,29 @@ pub struct FlowRecord {
     /// Inner VLAN id (QinQ), 0 if none.
     pub vlan_inner: u16,
     pub ifindex: u32,
-    /// 1-in-N sampling interval the counts were taken with (1: every packet).
+    /// 1-in-N sampling interval the counts were taken with (1: every packet). `packets`
+    /// and `bytes` are the counts as measured; [`FlowRecord::est_packets`] scales them.
     pub sampling: u32,
+    /// Who measured it.
+    pub origin: Origin,
+    /// Another source already reported this flow for an overlapping time: statistics
+    /// must count it once (the record itself is still exported unchanged).
+    pub duplicate: bool,
 }
 
 impl FlowRecord {
     pub fn is_ipv4(&self) -> bool {
         self.src_addr.is_ipv4() && self.dst_addr.is_ipv4()
+    }
+
+    /// Packets scaled by the sampling interval.
+    pub fn est_packets(&self) -> u64 {
+        self.packets.saturating_mul(self.sampling.max(1) as u64)
+    }
+
+    /// Bytes scaled by the sampling interval.
+    pub fn est_bytes(&self) -> u64 {
+        self.bytes.saturating_mul(self.sampling.max(1) as u64)
     }
 
     /// ICMP or ICMPv6: `dst_port` holds `type << 8 | code`.
@@ -98,6 +134,8 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
         vlan_inner: k.vlan_inner,
         ifindex: k.ifindex,
         sampling: sampling.max(1),
+        origin: Origin::Local,
+        duplicate: false,
     }
 }
 

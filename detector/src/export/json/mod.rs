@@ -12,7 +12,9 @@ use serde::Serialize;
 use super::Sink;
 use crate::flow::FlowRecord;
 
-/// The JSON form of a record. The first twelve fields are the documented interface.
+/// The JSON form of a record. The first twelve fields are the documented interface;
+/// `packets` and `bytes` are scaled by the sampling interval, `raw_packets` and
+/// `raw_bytes` are as measured.
 #[derive(Serialize)]
 pub struct JsonFlow {
     pub src_addr: IpAddr,
@@ -31,6 +33,11 @@ pub struct JsonFlow {
     pub tos: u8,
     pub ifindex: u32,
     pub sampling: u32,
+    pub raw_packets: u64,
+    pub raw_bytes: u64,
+    /// `local`, or the exporter as `ADDR/DOMAIN`.
+    pub source: String,
+    pub duplicate: bool,
 }
 
 impl From<&FlowRecord> for JsonFlow {
@@ -41,8 +48,8 @@ impl From<&FlowRecord> for JsonFlow {
             src_port: r.src_port,
             dst_port: r.dst_port,
             protocol: r.protocol,
-            packets: r.packets,
-            bytes: r.bytes,
+            packets: r.est_packets(),
+            bytes: r.est_bytes(),
             first: rfc3339(r.first),
             last: rfc3339(r.last),
             direction: r.direction.as_str(),
@@ -52,6 +59,10 @@ impl From<&FlowRecord> for JsonFlow {
             tos: r.tos,
             ifindex: r.ifindex,
             sampling: r.sampling,
+            raw_packets: r.packets,
+            raw_bytes: r.bytes,
+            source: r.origin.label(),
+            duplicate: r.duplicate,
         }
     }
 }
@@ -141,7 +152,9 @@ mod tests {
             vlan: 5,
             vlan_inner: 0,
             ifindex: 2,
-            sampling: 1,
+            sampling: 10,
+            origin: crate::flow::Origin::Local,
+            duplicate: false,
         };
         let v: serde_json::Value = serde_json::to_value(JsonFlow::from(&r)).unwrap();
         assert_eq!(v["src_addr"], "10.0.0.1");
@@ -149,6 +162,15 @@ mod tests {
         assert_eq!(v["first"], "2025-11-30T01:30:00.123Z");
         assert_eq!(v["last"], "2025-11-30T01:30:01.000Z");
         assert_eq!(v["direction"], "egress");
+        assert_eq!(
+            (v["packets"].as_u64(), v["raw_packets"].as_u64()),
+            (Some(30), Some(3))
+        );
+        assert_eq!(
+            (v["bytes"].as_u64(), v["raw_bytes"].as_u64()),
+            (Some(40), Some(4))
+        );
+        assert_eq!(v["source"], "local");
         for f in [
             "src_port",
             "dst_port",

@@ -103,6 +103,9 @@ pub struct V9Config {
     pub sampling_interval: u32,
     /// Largest UDP payload to emit.
     pub max_payload: usize,
+    /// Export counts scaled by each record's own sampling interval (for relayed records
+    /// whose exporters sampled at various rates; announce `sampling_interval` 1 then).
+    pub scale_counts: bool,
 }
 
 impl Default for V9Config {
@@ -113,6 +116,7 @@ impl Default for V9Config {
             template_refresh_secs: 60,
             sampling_interval: 1,
             max_payload: 1400,
+            scale_counts: false,
         }
     }
 }
@@ -311,9 +315,14 @@ impl Datagram {
             self.buf.put_u16(template);
             self.buf.put_u16(0);
         }
+        let (bytes, packets) = if enc.cfg.scale_counts {
+            (r.est_bytes(), r.est_packets())
+        } else {
+            (r.bytes, r.packets)
+        };
         let b = &mut self.buf;
-        b.put_u64(r.bytes);
-        b.put_u64(r.packets);
+        b.put_u64(bytes);
+        b.put_u64(packets);
         b.put_u32(enc.uptime_ms(r.first));
         b.put_u32(enc.uptime_ms(r.last));
         match (r.src_addr, r.dst_addr) {
@@ -408,6 +417,8 @@ mod tests {
             vlan_inner: 0,
             ifindex: 7,
             sampling: 1,
+            origin: crate::flow::Origin::Local,
+            duplicate: false,
         }
     }
 

@@ -39,8 +39,14 @@ struct Collector {
 }
 
 /// Encodes once per cycle and sends the same datagrams to every collector.
+///
+/// Records of the local meter go out under `--source-id` with the meter's sampling
+/// interval announced and raw counts; records relayed from other exporters go out under
+/// `--source-id + 1` with counts already scaled by their exporters' sampling intervals
+/// (announced interval 1), so a collector scales neither twice.
 pub struct V9Sink {
     encoder: V9Encoder,
+    relay: V9Encoder,
     collectors: Vec<Collector>,
     records: u64,
 }
@@ -68,8 +74,15 @@ impl V9Sink {
                 })
             })
             .collect::<Result<_, ExportError>>()?;
+        let relay_cfg = V9Config {
+            source_id: cfg.source_id.wrapping_add(1),
+            sampling_interval: 1,
+            scale_counts: true,
+            ..cfg.clone()
+        };
         Ok(Self {
             encoder: V9Encoder::new(cfg, boot),
+            relay: V9Encoder::new(relay_cfg, boot),
             collectors,
             records: 0,
         })
@@ -88,7 +101,14 @@ impl Sink for V9Sink {
     }
 
     fn send(&mut self, records: &[FlowRecord], now: SystemTime) {
-        let datagrams = self.encoder.encode(records, now);
+        let (local, relayed): (Vec<FlowRecord>, Vec<FlowRecord>) = records
+            .iter()
+            .cloned()
+            .partition(|r| r.origin == crate::flow::Origin::Local);
+        let mut datagrams = self.encoder.encode(&local, now);
+        if !relayed.is_empty() || self.relay.next_sequence() > 0 {
+            datagrams.extend(self.relay.encode(&relayed, now));
+        }
         self.records += records.len() as u64;
         for c in &mut self.collectors {
             for dg in &datagrams {

@@ -1,0 +1,890 @@
+//! NetFlow v5/v9 and IPFIX datagrams to flow records. Pure: it takes datagrams, their
+//! source address and the time they were received, and returns records and counters;
+//! sockets and captures live around it.
+//!
+//! - Templates are scoped per exporter address and observation domain (v9 source id,
+//!   IPFIX observation domain) by netflow_parser's `AutoScopedParser`; data arriving
+//!   before its template is held (bounded) and decoded when the template arrives.
+//! - Options data carrying a sampling interval (v9/IPFIX fields 34 and 50, IPFIX 305/306
+//!   and 309/310; the v5 header) sets the interval of that exporter's domain: records
+//!   keep their raw counts and the interval, and estimates are the product.
+//! - Memory is bounded: at most `max_exporters` exporters are tracked (later ones are
+//!   dropped and counted), templates per exporter are capped, pending data is capped.
+//! - Every datagram from a source outside `--exporter-allow` is dropped and counted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use netflow_parser::variable_versions::field_value::{DataNumber, DurationValue, FieldValue};
+use netflow_parser::variable_versions::ipfix::FlowSetBody as IpfixBody;
+use netflow_parser::variable_versions::ipfix::lookup::IPFixField;
+use netflow_parser::variable_versions::v9::FlowSetBody as V9Body;
+use netflow_parser::{AutoScopedParser, NetflowPacket, NetflowParser, PendingFlowsConfig};
+
+use crate::flow::{Direction, FlowRecord, Origin};
+
+/// Limits that keep memory bounded whatever the input.
+#[derive(Clone, Debug)]
+pub struct DecodeLimits {
+    /// Exporters (address) tracked at once.
+    pub max_exporters: usize,
+    /// Templates cached per exporter scope.
+    pub max_templates: usize,
+    /// Template ids for which early data is held, per exporter scope.
+    pub max_pending_templates: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_exporters: 1024,
+            max_templates: 512,
+            max_pending_templates: 64,
+        }
+    }
+}
+
+/// Counters of one exporter (by address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExporterStats {
+    pub datagrams: u64,
+    pub bytes: u64,
+    pub records: u64,
+    pub v5: u64,
+    pub v9: u64,
+    pub ipfix: u64,
+    /// Decode errors by kind (`incomplete`, `unsupported_version`, `parse`, ...).
+    pub errors: HashMap<&'static str, u64>,
+    /// Data sets that arrived without their template (held if possible, else lost).
+    pub no_template: u64,
+    /// Times the sequence number jumped forward (export datagrams lost on the way).
+    pub sequence_gaps: u64,
+    /// Units lost according to the sequence numbers: datagrams for v9, records for v5 and
+    /// IPFIX (what their sequence numbers count).
+    pub sequence_lost: u64,
+    /// Records without the fields of a flow (no addresses): counted, not forwarded.
+    pub skipped_records: u64,
+    /// Options data records (exporter metadata such as sampling), not flows.
+    pub options_records: u64,
+    /// Templates and options templates received.
+    pub templates: u64,
+}
+
+impl ExporterStats {
+    pub fn error_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// Data that arrived before its template, per exporter (from the parser's own counters).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingStats {
+    /// Data sets held until their template arrives.
+    pub cached: u64,
+    /// Held data sets decoded once the template came.
+    pub replayed: u64,
+    /// Held data sets dropped (cache full, too large, or expired).
+    pub dropped: u64,
+    /// Held data sets whose late decode failed.
+    pub replay_failed: u64,
+    /// Data sets held right now.
+    pub held: u64,
+}
+
+/// Counters that belong to no tracked exporter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Datagrams from sources outside `--exporter-allow`.
+    pub rejected: u64,
+    /// Datagrams dropped because `max_exporters` exporters are already tracked.
+    pub over_exporter_limit: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SequenceState {
+    /// Sequence number the next message should carry.
+    expected: u32,
+}
+
+/// An allow-list entry: an address prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("'{s}' is not an address or CIDR prefix (e.g. 10.0.0.0/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("'{s}': prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_canonical(),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The decoder of every exporter.
+pub struct Decoder {
+    parser: AutoScopedParser,
+    limits: DecodeLimits,
+    allow: Vec<Cidr>,
+    exporters: HashMap<IpAddr, ExporterStats>,
+    sequences: HashMap<(SocketAddr, u16, u32), SequenceState>,
+    sampling: HashMap<(SocketAddr, u32), u32>,
+    /// IPFIX systemInitTimeMilliseconds per scope, for records timed in sysUpTime.
+    init_time_ms: HashMap<(SocketAddr, u32), u64>,
+    pub global: GlobalStats,
+}
+
+impl Decoder {
+    pub fn new(limits: DecodeLimits, allow: Vec<Cidr>) -> Self {
+        let builder = NetflowParser::builder()
+            .with_cache_size(limits.max_templates)
+            .with_pending_flows(PendingFlowsConfig::new(limits.max_pending_templates));
+        let parser = AutoScopedParser::try_with_builder(builder)
+            .and_then(|p| p.with_max_sources(limits.max_exporters * 4))
+            .expect("static parser configuration is valid");
+        Self {
+            parser,
+            limits,
+            allow,
+            exporters: HashMap::new(),
+            sequences: HashMap::new(),
+            sampling: HashMap::new(),
+            init_time_ms: HashMap::new(),
+            global: GlobalStats::default(),
+        }
+    }
+
+    /// Counters per exporter address.
+    pub fn exporters(&self) -> &HashMap<IpAddr, ExporterStats> {
+        &self.exporters
+    }
+
+    /// Early data (before its template) per exporter address. Reads every scope's parser
+    /// counters: call it for reports, not per datagram.
+    pub fn pending(&self) -> HashMap<IpAddr, PendingStats> {
+        let mut out: HashMap<IpAddr, PendingStats> = HashMap::new();
+        let mut add = |ip: IpAddr, info: netflow_parser::ParserCacheInfo| {
+            let p = out.entry(ip).or_default();
+            for c in [info.v9, info.ipfix] {
+                p.cached += c.metrics.pending_cached;
+                p.replayed += c.metrics.pending_replayed;
+                p.dropped += c.metrics.pending_dropped;
+                p.replay_failed += c.metrics.pending_replay_failed;
+                p.held += c.pending_flow_count as u64;
+            }
+        };
+        for (k, info) in self.parser.v9_info() {
+            add(k.addr.ip(), info);
+        }
+        for (k, info) in self.parser.ipfix_info() {
+            add(k.addr.ip(), info);
+        }
+        out
+    }
+
+    /// Decodes one datagram received from `from` at `received`, appending its flows.
+    pub fn decode(
+        &mut self,
+        from: SocketAddr,
+        data: &[u8],
+        received: SystemTime,
+        out: &mut Vec<FlowRecord>,
+    ) {
+        if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(from.ip())) {
+            self.global.rejected += 1;
+            return;
+        }
+        if !self.exporters.contains_key(&from.ip())
+            && self.exporters.len() >= self.limits.max_exporters
+        {
+            self.global.over_exporter_limit += 1;
+            return;
+        }
+        let stats = self.exporters.entry(from.ip()).or_default();
+        stats.datagrams += 1;
+        stats.bytes += data.len() as u64;
+        let result = self.parser.parse_from_source(from, data);
+        if let Some(e) = &result.error {
+            let kind = error_kind(e);
+            *self
+                .exporters
+                .get_mut(&from.ip())
+                .expect("inserted above")
+                .errors
+                .entry(kind)
+                .or_default() += 1;
+        }
+        // One UDP datagram carries one export message; bytes after it are not another
+        // message (the parser would read them as one) but trailing garbage.
+        let mut packets = result.packets.into_iter();
+        if let Some(first) = packets.next() {
+            self.packet(from, first, received, out);
+        }
+        if packets.next().is_some() {
+            self.count_error(from, "trailing_data");
+        }
+    }
+
+    fn packet(
+        &mut self,
+        from: SocketAddr,
+        packet: NetflowPacket,
+        received: SystemTime,
+        out: &mut Vec<FlowRecord>,
+    ) {
+        match packet {
+            NetflowPacket::V5(v5) => {
+                let h = v5.header;
+                // The header's count is authoritative: bytes after its records are padding.
+                let mut flowsets = v5.flowsets;
+                flowsets.truncate(h.count as usize);
+                let records = flowsets.len() as u32;
+                self.sequence(from, 5, 0, h.flow_sequence, records);
+                let interval = (h.sampling_interval & 0x3fff) as u32;
+                let sampling = interval.max(1);
+                let export_ms = h.unix_secs as u64 * 1000 + h.unix_nsecs as u64 / 1_000_000;
+                let stats = self.exporters.get_mut(&from.ip()).expect("tracked");
+                stats.v5 += 1;
+                for f in flowsets {
+                    let at = |up: u32| uptime_to_wall(export_ms, h.sys_up_time, up);
+                    out.push(FlowRecord {
+                        src_addr: IpAddr::V4(f.src_addr),
+                        dst_addr: IpAddr::V4(f.dst_addr),
+                        src_port: f.src_port,
+                        dst_port: f.dst_port,
+                        protocol: f.protocol_number,
+                        packets: f.d_pkts as u64,
+                        bytes: f.d_octets as u64,
+                        first: at(f.first),
+                        last: at(f.last),
+                        direction: Direction::Ingress,
+                        tcp_flags: f.tcp_flags,
+                        tos: f.tos,
+                        vlan: 0,
+                        vlan_inner: 0,
+                        ifindex: f.input as u32,
+                        sampling,
+                        origin: Origin::Exporter {
+                            addr: from,
+                            domain: 0,
+                        },
+                        duplicate: false,
+                    });
+                    stats.records += 1;
+                }
+            }
+            NetflowPacket::V9(v9) => {
+                let h = v9.header;
+                self.sequence(from, 9, h.source_id, h.sequence_number, 1);
+                self.exporters.get_mut(&from.ip()).expect("tracked").v9 += 1;
+                let ctx = Ctx {
+                    from,
+                    domain: h.source_id,
+                    export_ms: h.unix_secs as u64 * 1000,
+                    sys_up_time: Some(h.sys_up_time),
+                    received,
+                };
+                for fs in v9.flowsets {
+                    let (set_id, set_len) = (fs.header.flowset_id, fs.header.length);
+                    match fs.body {
+                        V9Body::Data(_) if set_id < 256 => {
+                            self.count_error(from, "reserved_set_id");
+                        }
+                        V9Body::Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            self.count_error(from, "undecoded_set");
+                        }
+                        V9Body::Data(d) => {
+                            for r in d.fields {
+                                let fields = r.into_iter().map(|(k, v)| (u16::from(k), v));
+                                self.record(&ctx, fields, out);
+                            }
+                        }
+                        V9Body::OptionsData(o) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .options_records += o.fields.len() as u64;
+                            for r in o.fields {
+                                let fields =
+                                    r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
+                                self.options(&ctx, fields);
+                            }
+                        }
+                        V9Body::Template(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.templates.len() as u64
+                        }
+                        V9Body::OptionsTemplate(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.templates.len() as u64
+                        }
+                        V9Body::NoTemplate(_) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .no_template += 1
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            NetflowPacket::IPFix(ipfix) => {
+                let h = ipfix.header;
+                self.exporters.get_mut(&from.ip()).expect("tracked").ipfix += 1;
+                let ctx = Ctx {
+                    from,
+                    domain: h.observation_domain_id,
+                    export_ms: h.export_time as u64 * 1000,
+                    sys_up_time: None,
+                    received,
+                };
+                let mut data_records = 0u32;
+                for fs in ipfix.flowsets {
+                    let (set_id, set_len) = (fs.header.header_id, fs.header.length);
+                    let reserved = set_id < 256;
+                    match fs.body {
+                        IpfixBody::Data(_) | IpfixBody::V9Data(_) if reserved => {
+                            // Set ids 4-255 are reserved (RFC 7011 3.3.2): ignore them.
+                            self.count_error(from, "reserved_set_id");
+                        }
+                        IpfixBody::Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            self.count_error(from, "undecoded_set");
+                        }
+                        IpfixBody::V9Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            self.count_error(from, "undecoded_set");
+                        }
+                        IpfixBody::Data(d) => {
+                            data_records += d.fields.len() as u32;
+                            for r in d.fields {
+                                let fields = r
+                                    .into_iter()
+                                    .filter_map(|(k, v)| ipfix_id(&k).map(|id| (id, v)));
+                                self.record(&ctx, fields, out);
+                            }
+                        }
+                        IpfixBody::V9Data(d) => {
+                            data_records += d.fields.len() as u32;
+                            for r in d.fields {
+                                let fields = r.into_iter().map(|(k, v)| (u16::from(k), v));
+                                self.record(&ctx, fields, out);
+                            }
+                        }
+                        IpfixBody::OptionsData(o) => {
+                            data_records += o.fields.len() as u32;
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .options_records += o.fields.len() as u64;
+                            for r in o.fields {
+                                let fields = r
+                                    .into_iter()
+                                    .filter_map(|(k, v)| ipfix_id(&k).map(|id| (id, v)));
+                                self.options(&ctx, fields);
+                            }
+                        }
+                        IpfixBody::V9OptionsData(o) => {
+                            data_records += o.fields.len() as u32;
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .options_records += o.fields.len() as u64;
+                            for r in o.fields {
+                                let fields =
+                                    r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
+                                self.options(&ctx, fields);
+                            }
+                        }
+                        IpfixBody::Template(_)
+                        | IpfixBody::V9Template(_)
+                        | IpfixBody::OptionsTemplate(_)
+                        | IpfixBody::V9OptionsTemplate(_) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += 1
+                        }
+                        IpfixBody::Templates(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.len() as u64
+                        }
+                        IpfixBody::V9Templates(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.len() as u64
+                        }
+                        IpfixBody::OptionsTemplates(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.len() as u64
+                        }
+                        IpfixBody::V9OptionsTemplates(t) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .templates += t.len() as u64
+                        }
+                        IpfixBody::NoTemplate(_) => {
+                            self.exporters
+                                .get_mut(&from.ip())
+                                .expect("tracked")
+                                .no_template += 1
+                        }
+                        _ => {}
+                    }
+                }
+                self.sequence(
+                    from,
+                    10,
+                    h.observation_domain_id,
+                    h.sequence_number,
+                    data_records,
+                );
+            }
+            _ => {
+                *self
+                    .exporters
+                    .get_mut(&from.ip())
+                    .expect("tracked")
+                    .errors
+                    .entry("unsupported_version")
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    fn count_error(&mut self, from: SocketAddr, kind: &'static str) {
+        if let Some(s) = self.exporters.get_mut(&from.ip()) {
+            *s.errors.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// Tracks the sequence number of one stream; `units` is what this message adds to it
+    /// (datagrams for v9, records for v5 and IPFIX).
+    fn sequence(&mut self, from: SocketAddr, version: u16, domain: u32, seq: u32, units: u32) {
+        let key = (from, version, domain);
+        if !self.sequences.contains_key(&key)
+            && self.sequences.len() >= self.limits.max_exporters * 16
+        {
+            return;
+        }
+        let next = seq.wrapping_add(units);
+        match self.sequences.get_mut(&key) {
+            None => {
+                self.sequences.insert(key, SequenceState { expected: next });
+            }
+            Some(st) => {
+                let gap = seq.wrapping_sub(st.expected);
+                // A forward jump below 2^31 is loss; anything else is a reordered or
+                // restarted stream, which resynchronises without counting.
+                if gap != 0 && gap < (1 << 31) {
+                    let stats = self.exporters.get_mut(&from.ip()).expect("tracked");
+                    stats.sequence_gaps += 1;
+                    stats.sequence_lost += gap as u64;
+                }
+                st.expected = next;
+            }
+        }
+    }
+
+    fn options(&mut self, ctx: &Ctx, fields: impl Iterator<Item = (u16, FieldValue)>) {
+        let mut interval = None;
+        let (mut pkt_interval, mut pkt_space) = (None, None);
+        let (mut size, mut population) = (None, None);
+        for (id, v) in fields {
+            match id {
+                34 | 50 => interval = num(&v),
+                305 => pkt_interval = num(&v),
+                306 => pkt_space = num(&v),
+                309 => size = num(&v),
+                310 => population = num(&v),
+                160 => {
+                    if let Some(ms) = time_ms(&v) {
+                        self.remember(&ctx.scope(), ms, |d| &mut d.init_time_ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let n = match (interval, pkt_interval, pkt_space, size, population) {
+            (Some(n), ..) => Some(n),
+            (_, Some(i), Some(s), ..) if i > 0 => Some((i + s) / i),
+            (.., Some(sz), Some(pop)) if sz > 0 => Some(pop / sz),
+            _ => None,
+        };
+        if let Some(n) = n {
+            let n = n.clamp(1, u32::MAX as u64) as u32;
+            self.remember(&ctx.scope(), n, |d| &mut d.sampling);
+        }
+    }
+
+    /// Stores a per-scope value unless that would grow the map past its bound.
+    fn remember<V>(
+        &mut self,
+        scope: &(SocketAddr, u32),
+        value: V,
+        map: impl FnOnce(&mut Self) -> &mut HashMap<(SocketAddr, u32), V>,
+    ) {
+        let cap = self.limits.max_exporters * 16;
+        let m = map(self);
+        if m.len() < cap || m.contains_key(scope) {
+            m.insert(*scope, value);
+        }
+    }
+
+    fn record(
+        &mut self,
+        ctx: &Ctx,
+        fields: impl Iterator<Item = (u16, FieldValue)>,
+        out: &mut Vec<FlowRecord>,
+    ) {
+        let mut r = RawRecord::default();
+        for (id, v) in fields {
+            r.set(id, &v);
+        }
+        let scope = ctx.scope();
+        let stats = self.exporters.get_mut(&ctx.from.ip()).expect("tracked");
+        let Some((src, dst)) = r.addresses() else {
+            stats.skipped_records += 1;
+            return;
+        };
+        stats.records += 1;
+        let sampling = r
+            .sampling
+            .or_else(|| self.sampling.get(&scope).copied())
+            .unwrap_or(1)
+            .max(1);
+        let (first, last) = r.times(ctx, self.init_time_ms.get(&scope).copied());
+        let icmp = r.protocol == 1 || r.protocol == 58;
+        let dst_port = if icmp && r.dst_port == 0 {
+            r.icmp.unwrap_or(0)
+        } else {
+            r.dst_port
+        };
+        out.push(FlowRecord {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: r.src_port,
+            dst_port,
+            protocol: r.protocol,
+            packets: r.packets.unwrap_or(0),
+            bytes: r.bytes.unwrap_or(0),
+            first,
+            last,
+            direction: if r.direction == Some(1) {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            tcp_flags: r.tcp_flags,
+            tos: r.tos,
+            vlan: r.vlan,
+            vlan_inner: 0,
+            ifindex: if r.direction == Some(1) {
+                r.output
+            } else {
+                r.input
+            },
+            sampling,
+            origin: Origin::Exporter {
+                addr: ctx.from,
+                domain: ctx.domain,
+            },
+            duplicate: false,
+        });
+    }
+}
+
+/// What a message says about its records' timing.
+struct Ctx {
+    from: SocketAddr,
+    domain: u32,
+    /// Export time of the message, ms since the epoch.
+    export_ms: u64,
+    /// v9 header sysUptime (ms), the base of FIRST/LAST_SWITCHED.
+    sys_up_time: Option<u32>,
+    received: SystemTime,
+}
+
+impl Ctx {
+    fn scope(&self) -> (SocketAddr, u32) {
+        (self.from, self.domain)
+    }
+}
+
+/// The fields of one data record that make a flow.
+#[derive(Default)]
+struct RawRecord {
+    src4: Option<IpAddr>,
+    dst4: Option<IpAddr>,
+    src6: Option<IpAddr>,
+    dst6: Option<IpAddr>,
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+    bytes: Option<u64>,
+    packets: Option<u64>,
+    out_bytes: Option<u64>,
+    out_packets: Option<u64>,
+    tcp_flags: u8,
+    tos: u8,
+    vlan: u16,
+    input: u32,
+    output: u32,
+    direction: Option<u64>,
+    icmp: Option<u16>,
+    sampling: Option<u32>,
+    /// sysUpTime-relative (21/22), absolute (150-155) or export-relative (158/159).
+    first_uptime: Option<u64>,
+    last_uptime: Option<u64>,
+    first_abs_ms: Option<u64>,
+    last_abs_ms: Option<u64>,
+    first_delta_us: Option<u64>,
+    last_delta_us: Option<u64>,
+}
+
+impl RawRecord {
+    /// The flow's addresses. Templates may carry both IPv4 and IPv6 address fields (one
+    /// pair zero, or IPv4 inside an SRv6/IPv6 transport): the IPv4 pair wins when it is
+    /// set, as nfacctd does, else the IPv6 pair.
+    fn addresses(&self) -> Option<(IpAddr, IpAddr)> {
+        let set = |a: Option<IpAddr>| a.filter(|x| !x.is_unspecified());
+        match (
+            set(self.src4),
+            set(self.dst4),
+            set(self.src6),
+            set(self.dst6),
+        ) {
+            (Some(s), Some(d), ..) => Some((s, d)),
+            (.., Some(s), Some(d)) => Some((s, d)),
+            _ => match (self.src4.or(self.src6), self.dst4.or(self.dst6)) {
+                (Some(s), Some(d)) => Some((s, d)),
+                _ => None,
+            },
+        }
+    }
+
+    fn set(&mut self, id: u16, v: &FieldValue) {
+        match id {
+            1 => self.bytes = num(v),
+            2 => self.packets = num(v),
+            23 => self.out_bytes = num(v),
+            24 => self.out_packets = num(v),
+            85 if self.bytes.is_none() => self.bytes = num(v),
+            86 if self.packets.is_none() => self.packets = num(v),
+            4 => self.protocol = num(v).unwrap_or(0) as u8,
+            5 => self.tos = num(v).unwrap_or(0) as u8,
+            6 => self.tcp_flags = num(v).unwrap_or(0) as u8,
+            7 => self.src_port = num(v).unwrap_or(0) as u16,
+            11 => self.dst_port = num(v).unwrap_or(0) as u16,
+            8 => self.src4 = addr(v),
+            12 => self.dst4 = addr(v),
+            27 => self.src6 = addr(v),
+            28 => self.dst6 = addr(v),
+            10 => self.input = num(v).unwrap_or(0) as u32,
+            14 => self.output = num(v).unwrap_or(0) as u32,
+            32 | 139 => self.icmp = num(v).map(|n| n as u16),
+            34 | 50 => self.sampling = num(v).map(|n| n.clamp(1, u32::MAX as u64) as u32),
+            58 | 243 if self.vlan == 0 => self.vlan = num(v).unwrap_or(0) as u16,
+            61 => self.direction = num(v),
+            21 => self.last_uptime = time_ms(v),
+            22 => self.first_uptime = time_ms(v),
+            150 | 152 | 154 | 156 => self.first_abs_ms = time_ms(v),
+            151 | 153 | 155 | 157 => self.last_abs_ms = time_ms(v),
+            158 => self.first_delta_us = num(v),
+            159 => self.last_delta_us = num(v),
+            _ => {}
+        }
+        if self.bytes.is_none() && self.out_bytes.is_some() && id == 23 {
+            self.bytes = self.out_bytes;
+        }
+        if self.packets.is_none() && self.out_packets.is_some() && id == 24 {
+            self.packets = self.out_packets;
+        }
+    }
+
+    /// First and last packet times: from absolute fields, or sysUpTime-relative ones with
+    /// the v9 header (or IPFIX systemInitTimeMilliseconds), or export-relative deltas; the
+    /// export time when the record says nothing.
+    fn times(&self, ctx: &Ctx, init_ms: Option<u64>) -> (SystemTime, SystemTime) {
+        let export = if ctx.export_ms > 0 {
+            ctx.export_ms
+        } else {
+            ms_since_epoch(ctx.received)
+        };
+        let one = |abs: Option<u64>, up: Option<u64>, delta_us: Option<u64>| -> u64 {
+            if let Some(ms) = abs {
+                return ms;
+            }
+            if let Some(up) = up {
+                if let Some(sys) = ctx.sys_up_time {
+                    return export.saturating_sub(sys as u64).saturating_add(up);
+                }
+                if let Some(init) = init_ms {
+                    return init.saturating_add(up);
+                }
+            }
+            if let Some(d) = delta_us {
+                return export.saturating_sub(d / 1000);
+            }
+            export
+        };
+        let first = one(self.first_abs_ms, self.first_uptime, self.first_delta_us);
+        let last = one(self.last_abs_ms, self.last_uptime, self.last_delta_us).max(first);
+        (
+            SystemTime::UNIX_EPOCH + Duration::from_millis(first),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(last),
+        )
+    }
+}
+
+fn uptime_to_wall(export_ms: u64, sys_up_time: u32, at_uptime: u32) -> SystemTime {
+    // sysUptime values wrap after 49.7 days; the record time is before the export.
+    let back = sys_up_time.wrapping_sub(at_uptime) as u64;
+    SystemTime::UNIX_EPOCH + Duration::from_millis(export_ms.saturating_sub(back))
+}
+
+fn ms_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The IANA element id of an IPFIX field (enterprise fields have none here).
+/// netflow_parser maps ids to names only; the reverse table is built once from it.
+fn ipfix_id(f: &IPFixField) -> Option<u16> {
+    use netflow_parser::variable_versions::ipfix::lookup::IANAIPFixField;
+    static IDS: std::sync::OnceLock<HashMap<IANAIPFixField, u16>> = std::sync::OnceLock::new();
+    match f {
+        IPFixField::IANA(IANAIPFixField::Unknown(id)) => Some(*id),
+        IPFixField::IANA(i) => IDS
+            .get_or_init(|| {
+                (0..1024u16)
+                    .map(|id| (IANAIPFixField::from(id), id))
+                    .collect()
+            })
+            .get(i)
+            .copied(),
+        _ => None,
+    }
+}
+
+fn num(v: &FieldValue) -> Option<u64> {
+    match v {
+        FieldValue::DataNumber(d) => match d {
+            DataNumber::U8(x) => Some(*x as u64),
+            DataNumber::U16(x) => Some(*x as u64),
+            DataNumber::U24(x) | DataNumber::U32(x) => Some(*x as u64),
+            DataNumber::U64(x) => Some(*x),
+            DataNumber::U128(x) => Some((*x).min(u64::MAX as u128) as u64),
+            DataNumber::I8(x) => u64::try_from(*x).ok(),
+            DataNumber::I16(x) => u64::try_from(*x).ok(),
+            DataNumber::I24(x) | DataNumber::I32(x) => u64::try_from(*x).ok(),
+            DataNumber::I64(x) => u64::try_from(*x).ok(),
+            DataNumber::I128(x) => u64::try_from(*x).ok(),
+            DataNumber::Vec(b) if !b.is_empty() && b.len() <= 8 => {
+                Some(b.iter().fold(0u64, |a, &x| (a << 8) | x as u64))
+            }
+            DataNumber::Vec(_) => None,
+        },
+        FieldValue::ProtocolType(p) => Some(u8::from(*p) as u64),
+        FieldValue::TcpControlBits(b, _) => {
+            let bits = [b.fin, b.syn, b.rst, b.psh, b.ack, b.urg, b.ece, b.cwr];
+            Some(
+                bits.iter()
+                    .enumerate()
+                    .map(|(i, &on)| (on as u64) << i)
+                    .sum(),
+            )
+        }
+        FieldValue::Duration(_) => time_ms(v),
+        FieldValue::Vec(b) if !b.is_empty() && b.len() <= 8 => {
+            Some(b.iter().fold(0u64, |a, &x| (a << 8) | x as u64))
+        }
+        _ => None,
+    }
+}
+
+/// A time field in milliseconds (since the epoch for absolute fields, of uptime for
+/// sysUpTime fields).
+fn time_ms(v: &FieldValue) -> Option<u64> {
+    const NTP_TO_UNIX: u64 = 2_208_988_800;
+    match v {
+        FieldValue::Duration(DurationValue::Millis { value, .. }) => Some(*value),
+        FieldValue::Duration(DurationValue::Seconds { value, .. }) => Some(value * 1000),
+        FieldValue::Duration(DurationValue::MicrosNtp { seconds, fraction })
+        | FieldValue::Duration(DurationValue::NanosNtp { seconds, fraction }) => Some(
+            (*seconds as u64).saturating_sub(NTP_TO_UNIX) * 1000
+                + (((*fraction as u64) * 1000) >> 32),
+        ),
+        FieldValue::DataNumber(_) => num(v),
+        _ => None,
+    }
+}
+
+fn addr(v: &FieldValue) -> Option<IpAddr> {
+    match v {
+        FieldValue::Ip4Addr(a) => Some(IpAddr::V4(*a)),
+        FieldValue::Ip6Addr(a) => Some(IpAddr::V6(*a)),
+        FieldValue::DataNumber(DataNumber::U32(x)) => Some(IpAddr::V4(Ipv4Addr::from(*x))),
+        _ => None,
+    }
+}
+
+/// A stable name for each kind of decode error.
+fn error_kind(e: &netflow_parser::NetflowError) -> &'static str {
+    use netflow_parser::NetflowError as E;
+    match e {
+        E::Incomplete { .. } => "incomplete",
+        E::UnsupportedVersion { .. } => "unsupported_version",
+        E::FilteredVersion { .. } => "filtered_version",
+        E::ParseError { .. } => "parse",
+        E::Partial { .. } => "partial",
+        E::DecodedOutputLimitExceeded { .. } => "output_limit",
+        _ => "other",
+    }
+}

@@ -1,0 +1,5 @@
+//! NetFlow v5/v9 and IPFIX from switches and routers: a pure decoder and the UDP
+//! listener around it.
+
+pub mod capture;
+pub mod decode;
