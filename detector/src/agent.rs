@@ -1,44 +1,56 @@
 //! The `run` shell: sockets, timers, signals and BPF I/O around the pure core.
+//!
+//! Sources: the local XDP/TC meter (`--iface`) and NetFlow/IPFIX listeners
+//! (`--netflow-listen`). Every record, whatever its source, goes through the same
+//! pipeline: duplicate marking, then every sink.
 
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use aya::Ebpf;
+use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::export::Sink;
 use crate::export::json::JsonSink;
 use crate::export::netflow_v9::{self, V9Config, V9Sink};
+use crate::flow::dedup::Dedup;
 use crate::flow::table::{Delta, Timeouts};
 use crate::flow::{FlowRecord, WallClock, monotonic_ns, record_from_delta};
+use crate::sources::netflow::decode::{DecodeLimits, Decoder};
+use crate::sources::netflow::listener::{Batch, Listener};
 use crate::sources::xdp::{self, KernelCounters, LoadOptions, XdpSource};
 use detector_common::counter;
 
 /// How often the kernel map is scanned.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the duplicate marker remembers a flow after its last record.
+const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+/// Flows the duplicate marker tracks at most.
+const DEDUP_MAX_FLOWS: usize = 2_000_000;
 
 /// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
-fn sinks(args: &RunArgs, boot: SystemTime) -> Result<Vec<Box<dyn Sink + Send>>> {
+pub fn sinks(
+    export: &[String],
+    flows_json: Option<&str>,
+    v9: V9Config,
+    boot: SystemTime,
+) -> Result<Vec<Box<dyn Sink + Send>>> {
     let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
-    if !args.export.is_empty() {
-        let targets = args
-            .export
+    if !export.is_empty() {
+        let targets = export
             .iter()
             .map(|t| netflow_v9::resolve(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let cfg = V9Config {
-            source_id: args.source_id,
-            template_refresh_packets: args.template_refresh_packets,
-            template_refresh_secs: args.template_refresh_secs,
-            sampling_interval: args.sampling,
-            ..V9Config::default()
-        };
-        sinks.push(Box::new(V9Sink::new(&targets, cfg, boot)?));
+        sinks.push(Box::new(V9Sink::new(&targets, v9, boot)?));
     }
-    let json = match (&args.flows_json, args.export.is_empty()) {
-        (Some(p), _) => Some(p.as_str()),
+    let json = match (flows_json, export.is_empty()) {
+        (Some(p), _) => Some(p),
         (None, true) => Some("-"),
         (None, false) => None,
     };
@@ -50,39 +62,47 @@ fn sinks(args: &RunArgs, boot: SystemTime) -> Result<Vec<Box<dyn Sink + Send>>> 
     Ok(sinks)
 }
 
-struct Pipeline {
-    sinks: Vec<Box<dyn Sink + Send>>,
-    sampling: u32,
-    exported_records: u64,
-    exported_packets: u64,
-    exported_bytes: u64,
+/// Dedup, then every sink.
+pub struct Pipeline {
+    pub sinks: Vec<Box<dyn Sink + Send>>,
+    pub dedup: Dedup,
+    pub exported_records: u64,
+    pub exported_packets: u64,
+    pub exported_bytes: u64,
 }
 
 impl Pipeline {
-    fn emit(&mut self, deltas: &[Delta]) {
-        let clock = WallClock::now();
-        let records: Vec<FlowRecord> = deltas
-            .iter()
-            .map(|d| record_from_delta(d, &clock, self.sampling))
-            .collect();
-        for r in &records {
-            self.exported_packets += r.packets;
-            self.exported_bytes += r.bytes;
-        }
-        self.exported_records += records.len() as u64;
-        let now = SystemTime::now();
-        for s in &mut self.sinks {
-            s.send(&records, now);
+    pub fn new(sinks: Vec<Box<dyn Sink + Send>>) -> Self {
+        Self {
+            sinks,
+            dedup: Dedup::new(DEDUP_WINDOW, DEDUP_MAX_FLOWS),
+            exported_records: 0,
+            exported_packets: 0,
+            exported_bytes: 0,
         }
     }
 
-    fn describe(&self) -> String {
+    /// Sends records (possibly none: sinks do periodic work) stamped `now`.
+    pub fn emit(&mut self, records: &mut [FlowRecord], now: SystemTime) {
+        for r in records.iter_mut() {
+            self.dedup.mark(r);
+            self.exported_packets += r.est_packets();
+            self.exported_bytes += r.est_bytes();
+        }
+        self.exported_records += records.len() as u64;
+        for s in &mut self.sinks {
+            s.send(records, now);
+        }
+    }
+
+    pub fn describe(&self) -> String {
         let sinks: Vec<_> = self.sinks.iter().map(|s| s.describe()).collect();
         format!(
-            "exported {} records ({} packets, {} bytes); {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate); {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
+            self.dedup.stats.duplicates,
             sinks.join("; ")
         )
     }
@@ -101,16 +121,14 @@ impl LossWatch {
         let insert_failed = k.total(counter::INSERT_FAILED);
         if insert_failed > self.insert_failed {
             warn!(
-                "flow map full: {} packets took the ring-buffer overflow path so far (raise --map-size)",
-                insert_failed
+                "flow map full: {insert_failed} packets took the ring-buffer overflow path so far (raise --map-size)"
             );
             self.insert_failed = insert_failed;
         }
         let dropped = k.total(counter::RINGBUF_DROPPED);
         if dropped > self.ringbuf_dropped {
             warn!(
-                "overflow ring buffer full: {} packets could not be accounted (raise --map-size)",
-                dropped
+                "overflow ring buffer full: {dropped} packets could not be accounted (raise --map-size)"
             );
             self.ringbuf_dropped = dropped;
         }
@@ -122,93 +140,275 @@ impl LossWatch {
     }
 }
 
+type Ring = AsyncFd<RingBuf<MapData>>;
+
+/// The local meter, when `--iface` is given. Its overflow ring buffer is kept apart (see
+/// [`Meter::start`]) so that waiting on it does not borrow the meter.
+struct Meter {
+    bpf: Ebpf,
+    source: XdpSource,
+    ticker: Option<xdp::clock::Ticker>,
+    losses: LossWatch,
+    sampling: u32,
+}
+
+impl Meter {
+    fn start(args: &RunArgs, iface: &str) -> Result<(Self, Ring)> {
+        let ifindex = xdp::ifindex(iface)?;
+        if let Some(msg) = crate::privileges::check("attaching XDP/TC programs") {
+            bail!(msg);
+        }
+        raise_memlock_limit();
+        let mut bpf = xdp::load_object(LoadOptions {
+            map_size: args.map_size,
+            sampling: args.sampling,
+        })?;
+        let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
+        let mut source = XdpSource::new(&mut bpf, timeouts, ifindex)?;
+        let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
+            .context("starting the packet clock")?;
+        let mode = xdp::attach(&mut bpf, iface, args.xdp_mode)?;
+        xdp::log_attached(iface, mode, args.map_size, args.sampling);
+        let ring = source.take_ring().context("overflow ring buffer")?;
+        // SAFETY: the ring buffer owns its file descriptor and keeps it open while the
+        // AsyncFd owns the ring buffer.
+        let ring =
+            unsafe { AsyncFd::register(ring) }.context("polling the overflow ring buffer")?;
+        let meter = Self {
+            bpf,
+            source,
+            ticker: Some(ticker),
+            losses: LossWatch::default(),
+            sampling: args.sampling,
+        };
+        Ok((meter, ring))
+    }
+
+    fn records(&self, deltas: &[Delta]) -> Vec<FlowRecord> {
+        let clock = WallClock::now();
+        deltas
+            .iter()
+            .map(|d| record_from_delta(d, &clock, self.sampling))
+            .collect()
+    }
+
+    fn tick(&mut self, ring: &mut Ring) -> Result<Vec<FlowRecord>> {
+        let mut deltas = Vec::new();
+        self.source.drain_ring(ring.get_mut());
+        self.source.scan(monotonic_ns(), &mut deltas)?;
+        let k = self.source.counters()?;
+        self.losses.check(&k);
+        Ok(self.records(&deltas))
+    }
+
+    /// Detaches first, so no packet is counted after the final read, then drains all.
+    fn stop(&mut self, ring: &mut Ring) -> Result<Vec<FlowRecord>> {
+        xdp::detach(&mut self.bpf);
+        self.ticker.take();
+        let mut deltas = Vec::new();
+        self.source.drain_ring(ring.get_mut());
+        self.source.flush(&mut deltas)?;
+        let k = self.source.counters()?;
+        self.losses.check(&k);
+        Ok(self.records(&deltas))
+    }
+
+    fn describe(&self) -> Result<String> {
+        let k = self.source.counters()?;
+        let (kernel, overflow) = self.source.flow_counts();
+        Ok(format!(
+            "meter: {kernel} flows in the kernel maps, {overflow} in the overflow table; kernel counters: {}; overflow events read: {}, overflow table full: {}",
+            k.describe(),
+            self.source.drain.overflow_events,
+            self.source.drain.overflow_table_full,
+        ))
+    }
+}
+
+/// Waits for the ring buffer of the meter, or forever without one.
+async fn ring_ready(
+    ring: &mut Option<Ring>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match ring {
+        Some(r) => r.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// NetFlow/IPFIX ingest: the decoder and the listeners' kernel drop counters.
+struct Ingest {
+    decoder: Decoder,
+    listeners: Vec<(std::net::SocketAddr, u64)>,
+}
+
+impl Ingest {
+    fn batch(&mut self, b: Batch, out: &mut Vec<FlowRecord>) {
+        for (from, data) in &b.datagrams {
+            self.decoder.decode(*from, data, b.received, out);
+        }
+        let (addr, drops) = &mut self.listeners[b.listener];
+        if b.kernel_drops > *drops {
+            warn!(
+                "listener {addr}: the kernel dropped {} datagrams so far (receive buffer full; raise --netflow-rcvbuf)",
+                b.kernel_drops
+            );
+            *drops = b.kernel_drops;
+        }
+    }
+
+    fn describe(&self) -> String {
+        let pending = self.decoder.pending();
+        let mut parts: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|(a, d)| format!("listener {a}: kernel drops {d}"))
+            .collect();
+        let mut exporters: Vec<(&IpAddr, _)> = self.decoder.exporters().iter().collect();
+        exporters.sort_by_key(|(ip, _)| **ip);
+        for (ip, s) in exporters {
+            let p = pending.get(ip).cloned().unwrap_or_default();
+            parts.push(format!(
+                "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {}",
+                s.datagrams,
+                s.bytes,
+                s.records,
+                s.v5,
+                s.v9,
+                s.ipfix,
+                s.templates,
+                s.options_records,
+                s.errors,
+                s.no_template,
+                p.held,
+                p.replayed,
+                p.dropped,
+                s.sequence_gaps,
+                s.sequence_lost,
+                s.skipped_records
+            ));
+        }
+        let g = &self.decoder.global;
+        parts.push(format!(
+            "rejected by --exporter-allow {}, over the exporter limit {}",
+            g.rejected, g.over_exporter_limit
+        ));
+        parts.join("; ")
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
-    let ifindex = xdp::ifindex(&args.iface)?;
-    if let Some(msg) = crate::privileges::check("attaching XDP/TC programs") {
-        bail!(msg);
+    if let Some(iface) = &args.iface {
+        xdp::ifindex(iface)?;
     }
     let boot = SystemTime::now();
-    let mut pipeline = Pipeline {
-        sinks: sinks(&args, boot)?,
-        sampling: args.sampling,
-        exported_records: 0,
-        exported_packets: 0,
-        exported_bytes: 0,
+    let v9 = V9Config {
+        source_id: args.source_id,
+        template_refresh_packets: args.template_refresh_packets,
+        template_refresh_secs: args.template_refresh_secs,
+        sampling_interval: args.sampling,
+        ..V9Config::default()
     };
-    raise_memlock_limit();
-    let mut bpf = xdp::load_object(LoadOptions {
-        map_size: args.map_size,
-        sampling: args.sampling,
-    })?;
-    let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
-    let mut source = XdpSource::new(&mut bpf, timeouts, ifindex)?;
-    let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
-        .context("starting the packet clock")?;
-    let mode = xdp::attach(&mut bpf, &args.iface, args.xdp_mode)?;
-    xdp::log_attached(&args.iface, mode, args.map_size, args.sampling);
+    let mut pipeline = Pipeline::new(sinks(&args.export, args.flows_json.as_deref(), v9, boot)?);
+
+    let (tx, mut rx) = mpsc::channel::<Batch>(256);
+    let mut ingest = None;
+    if !args.netflow_listen.is_empty() {
+        let mut listeners = Vec::new();
+        for (i, addr) in args.netflow_listen.iter().enumerate() {
+            let l = Listener::bind(*addr, args.netflow_rcvbuf)?;
+            info!(
+                "receiving NetFlow/IPFIX on {} (receive buffer {} bytes)",
+                l.addr, l.rcvbuf
+            );
+            listeners.push((l.addr, 0));
+            tokio::spawn(l.run(i, tx.clone()));
+        }
+        ingest = Some(Ingest {
+            decoder: Decoder::new(DecodeLimits::default(), args.exporter_allow.clone()),
+            listeners,
+        });
+    }
+    drop(tx);
+
+    let (mut meter, mut ring) = match &args.iface {
+        Some(iface) => {
+            let (m, r) = Meter::start(&args, iface)?;
+            (Some(m), Some(r))
+        }
+        None => (None, None),
+    };
     for s in &pipeline.sinks {
         info!("exporting to {}", s.name());
     }
 
-    let ring = source.take_ring().context("overflow ring buffer")?;
-    // SAFETY: the ring buffer owns its file descriptor and keeps it open while the AsyncFd
-    // owns the ring buffer.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.context("polling the overflow ring buffer")?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stats_every = Duration::from_secs(args.stats_interval);
     let mut last_stats = tokio::time::Instant::now();
-    let mut losses = LossWatch::default();
-    let mut deltas = Vec::new();
+    let mut records = Vec::new();
 
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                source.drain_ring(ring.get_mut());
-                source.scan(monotonic_ns(), &mut deltas)?;
-                pipeline.emit(&deltas);
-                deltas.clear();
-                let k = source.counters()?;
-                losses.check(&k);
+                if let (Some(m), Some(r)) = (meter.as_mut(), ring.as_mut()) {
+                    records.extend(m.tick(r)?);
+                }
+                let now = SystemTime::now();
+                pipeline.emit(&mut records, now);
+                records.clear();
+                pipeline.dedup.expire(now);
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = tokio::time::Instant::now();
-                    log_stats(&source, &k, &pipeline);
+                    log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
                 }
             }
-            guard = ring.readable_mut() => {
+            guard = ring_ready(&mut ring) => {
                 let mut guard = guard.context("waiting on the overflow ring buffer")?;
-                source.drain_ring(guard.get_inner_mut());
+                if let Some(m) = meter.as_mut() {
+                    m.source.drain_ring(guard.get_inner_mut());
+                }
                 guard.clear_ready();
+            }
+            Some(batch) = rx.recv(), if ingest.is_some() => {
+                let ing = ingest.as_mut().expect("checked by the branch condition");
+                ing.batch(batch, &mut records);
+                if !records.is_empty() {
+                    pipeline.emit(&mut records, SystemTime::now());
+                    records.clear();
+                }
             }
             _ = sigint.recv() => { info!("SIGINT: detaching and flushing every flow"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching and flushing every flow"); break; }
         }
     }
 
-    // Detach first so no packet is counted after the final read, then drain everything.
-    xdp::detach(&mut bpf);
-    drop(ticker);
-    source.drain_ring(ring.get_mut());
-    source.flush(&mut deltas)?;
-    pipeline.emit(&deltas);
-    let k = source.counters()?;
-    losses.check(&k);
-    log_stats(&source, &k, &pipeline);
+    // Datagrams already received are decoded, then the meter's flows flushed.
+    while let Ok(batch) = rx.try_recv() {
+        if let Some(ing) = ingest.as_mut() {
+            ing.batch(batch, &mut records);
+        }
+    }
+    if let (Some(m), Some(r)) = (meter.as_mut(), ring.as_mut()) {
+        records.extend(m.stop(r)?);
+    }
+    pipeline.emit(&mut records, SystemTime::now());
+    log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
     Ok(())
 }
 
-fn log_stats(source: &XdpSource, k: &KernelCounters, pipeline: &Pipeline) {
-    let (kernel, overflow) = source.flow_counts();
-    info!(
-        "flows: {kernel} in the kernel map, {overflow} in the overflow table; kernel counters: {}; overflow events read: {}, overflow table full: {}; {}",
-        k.describe(),
-        source.drain.overflow_events,
-        source.drain.overflow_table_full,
-        pipeline.describe()
-    );
+fn log_stats(meter: Option<&Meter>, ingest: Option<&Ingest>, pipeline: &Pipeline) {
+    if let Some(m) = meter {
+        match m.describe() {
+            Ok(s) => info!("{s}"),
+            Err(e) => warn!("reading the meter's counters: {e}"),
+        }
+    }
+    if let Some(i) = ingest {
+        info!("ingest: {}", i.describe());
+    }
+    info!("{}", pipeline.describe());
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; raise it so large maps load.

@@ -2,6 +2,9 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use std::net::SocketAddr;
+
+use crate::sources::netflow::decode::Cidr;
 use crate::sources::xdp::XdpModeArg;
 
 #[derive(Debug, Parser)]
@@ -25,10 +28,29 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("source")
+        .args(["iface", "netflow_listen"])
+        .required(true)
+        .multiple(true)
+))]
 pub struct RunArgs {
-    /// Interface to meter (XDP on ingress, TC on egress).
+    /// Interface to meter (XDP on ingress, TC on egress). Optional with --netflow-listen.
     #[arg(long, value_name = "IFACE")]
-    pub iface: String,
+    pub iface: Option<String>,
+
+    /// Receive NetFlow v5/v9 and IPFIX on ADDR:PORT (repeatable), e.g. 0.0.0.0:2055.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub netflow_listen: Vec<SocketAddr>,
+
+    /// Accept NetFlow only from these sources (repeatable CIDR, e.g. 10.0.0.0/8); others
+    /// are dropped and counted. Default: every source.
+    #[arg(long, value_name = "CIDR")]
+    pub exporter_allow: Vec<Cidr>,
+
+    /// Receive buffer of each NetFlow listener, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::sources::netflow::listener::DEFAULT_RCVBUF)]
+    pub netflow_rcvbuf: usize,
 
     /// XDP attach mode: auto tries native (driver) mode and falls back to generic.
     #[arg(long, value_enum, default_value = "auto")]
@@ -75,6 +97,14 @@ pub struct RunArgs {
     pub stats_interval: u64,
 }
 
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "'{s}' is not ADDR:PORT; give an address and a port, e.g. 0.0.0.0:2055 or [::]:4739"
+        )
+    })
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Runs per frame under BPF_PROG_TEST_RUN.
@@ -101,11 +131,34 @@ mod tests {
         let Command::Run(a) = cli.command else {
             panic!()
         };
+        assert_eq!(a.iface.as_deref(), Some("eth0"));
         assert_eq!((a.active_timeout, a.inactive_timeout), (60, 15));
         assert_eq!(a.map_size, 262_144);
         assert_eq!(a.sampling, 1);
         assert_eq!(a.xdp_mode, XdpModeArg::Auto);
         assert!(a.export.is_empty() && a.flows_json.is_none());
+    }
+
+    #[test]
+    fn a_pure_collector_needs_no_interface() {
+        let cli = Cli::try_parse_from([
+            "detector",
+            "run",
+            "--netflow-listen",
+            "127.0.0.1:2055",
+            "--netflow-listen",
+            "[::1]:4739",
+            "--exporter-allow",
+            "192.0.2.0/24",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.iface.is_none());
+        assert_eq!(a.netflow_listen.len(), 2);
+        assert!(a.exporter_allow[0].contains("192.0.2.7".parse().unwrap()));
+        assert!(!a.exporter_allow[0].contains("192.0.3.7".parse().unwrap()));
     }
 
     #[test]
@@ -118,6 +171,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("auto") && e.contains("generic"), "{e}");
-        assert!(Cli::try_parse_from(["detector", "run"]).is_err());
+        let e = Cli::try_parse_from(["detector", "run"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--iface") && e.contains("--netflow-listen"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["detector", "run", "--netflow-listen", "2055"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0.0.0.0:2055"), "{e}");
+        let e = Cli::try_parse_from([
+            "detector",
+            "run",
+            "--netflow-listen",
+            "0.0.0.0:2055",
+            "--exporter-allow",
+            "10.0.0.0/33",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("prefix length"), "{e}");
     }
 }

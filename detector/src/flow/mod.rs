@@ -1,6 +1,7 @@
 //! The flow record every source produces and every sink consumes, and the flow table
 //! that turns cumulative kernel counters into NetFlow-style records.
 
+pub mod dedup;
 pub mod table;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

@@ -101,12 +101,17 @@ impl Sink for V9Sink {
     }
 
     fn send(&mut self, records: &[FlowRecord], now: SystemTime) {
-        let (local, relayed): (Vec<FlowRecord>, Vec<FlowRecord>) = records
-            .iter()
-            .cloned()
-            .partition(|r| r.origin == crate::flow::Origin::Local);
-        let mut datagrams = self.encoder.encode(&local, now);
-        if !relayed.is_empty() || self.relay.next_sequence() > 0 {
+        let is_local = |r: &FlowRecord| r.origin == crate::flow::Origin::Local;
+        let mut datagrams;
+        if records.iter().all(is_local) {
+            datagrams = self.encoder.encode(records, now);
+            if self.relay.next_sequence() > 0 {
+                datagrams.extend(self.relay.encode(&[], now));
+            }
+        } else {
+            let (local, relayed): (Vec<FlowRecord>, Vec<FlowRecord>) =
+                records.iter().cloned().partition(is_local);
+            datagrams = self.encoder.encode(&local, now);
             datagrams.extend(self.relay.encode(&relayed, now));
         }
         self.records += records.len() as u64;

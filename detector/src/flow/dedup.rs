@@ -1,0 +1,193 @@
+//! Marks records that another source already reported: the same flow (same 5-tuple, same
+//! direction of travel) seen by two exporters, or by an exporter and the local meter, over
+//! overlapping time. The first source to report a flow owns it; records of the same flow
+//! from other sources whose time range overlaps the owner's are marked `duplicate`, so
+//! statistics count the flow once while every raw record is still exported unchanged.
+//!
+//! Pure: times come from the records and from the caller's `now`. Memory is bounded by
+//! `max_flows`; entries are forgotten once idle for `window`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use super::{FlowRecord, Origin};
+
+type Tuple = (IpAddr, IpAddr, u16, u16, u8);
+
+#[derive(Clone, Copy, Debug)]
+struct Owner {
+    origin: Origin,
+    first: SystemTime,
+    last: SystemTime,
+}
+
+/// Counters of the deduplicator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    pub records: u64,
+    pub duplicates: u64,
+    /// Records not checked because the table was full (counted as unique).
+    pub table_full: u64,
+}
+
+pub struct Dedup {
+    window: Duration,
+    /// Slack on overlap tests: exporters' clocks and active timeouts differ.
+    slack: Duration,
+    max_flows: usize,
+    owners: HashMap<Tuple, Owner>,
+    pub stats: DedupStats,
+}
+
+impl Dedup {
+    pub fn new(window: Duration, max_flows: usize) -> Self {
+        Self {
+            window,
+            slack: Duration::from_secs(2),
+            max_flows,
+            owners: HashMap::new(),
+            stats: DedupStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.owners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owners.is_empty()
+    }
+
+    /// Sets `r.duplicate` when another source owns this flow over an overlapping time.
+    pub fn mark(&mut self, r: &mut FlowRecord) {
+        self.stats.records += 1;
+        let key = (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol);
+        let full = self.owners.len() >= self.max_flows;
+        match self.owners.get_mut(&key) {
+            Some(o) if o.origin != r.origin && overlaps(o, r, self.slack) => {
+                r.duplicate = true;
+                self.stats.duplicates += 1;
+                o.last = o.last.max(r.last);
+            }
+            Some(o) if o.origin == r.origin => {
+                o.first = o.first.min(r.first);
+                o.last = o.last.max(r.last);
+            }
+            // Another source, but its period is over: this source takes the flow.
+            Some(o) => {
+                *o = Owner {
+                    origin: r.origin,
+                    first: r.first,
+                    last: r.last,
+                }
+            }
+            None if full => self.stats.table_full += 1,
+            None => {
+                self.owners.insert(
+                    key,
+                    Owner {
+                        origin: r.origin,
+                        first: r.first,
+                        last: r.last,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets flows idle for the window at `now`.
+    pub fn expire(&mut self, now: SystemTime) {
+        let window = self.window;
+        self.owners
+            .retain(|_, o| now.duration_since(o.last).unwrap_or(Duration::ZERO) < window);
+    }
+}
+
+fn overlaps(o: &Owner, r: &FlowRecord, slack: Duration) -> bool {
+    r.first <= o.last + slack && o.first <= r.last + slack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Direction;
+    use std::net::SocketAddr;
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    fn exporter(n: u8) -> Origin {
+        Origin::Exporter {
+            addr: SocketAddr::new(IpAddr::from([192, 0, 2, n]), 2055),
+            domain: 0,
+        }
+    }
+
+    fn rec(origin: Origin, sport: u16, first: u64, last: u64) -> FlowRecord {
+        FlowRecord {
+            src_addr: "10.0.0.1".parse().unwrap(),
+            dst_addr: "198.18.0.1".parse().unwrap(),
+            src_port: sport,
+            dst_port: 6881,
+            protocol: 6,
+            packets: 10,
+            bytes: 1000,
+            first: t(first),
+            last: t(last),
+            direction: Direction::Ingress,
+            tcp_flags: 0,
+            tos: 0,
+            vlan: 0,
+            vlan_inner: 0,
+            ifindex: 1,
+            sampling: 1,
+            origin,
+            duplicate: false,
+        }
+    }
+
+    #[test]
+    fn the_same_flow_from_three_sources_counts_once() {
+        let mut d = Dedup::new(Duration::from_secs(300), 1000);
+        let mut a = rec(exporter(1), 5000, 0, 30);
+        let mut b = rec(exporter(2), 5000, 1, 31);
+        let mut c = rec(Origin::Local, 5000, 0, 29);
+        d.mark(&mut a);
+        d.mark(&mut b);
+        d.mark(&mut c);
+        assert!(!a.duplicate && b.duplicate && c.duplicate);
+        // The owner's next record of the same flow is not a duplicate.
+        let mut a2 = rec(exporter(1), 5000, 31, 60);
+        d.mark(&mut a2);
+        assert!(!a2.duplicate);
+        assert_eq!(d.stats.duplicates, 2);
+    }
+
+    #[test]
+    fn different_flows_and_later_periods_are_not_duplicates() {
+        let mut d = Dedup::new(Duration::from_secs(300), 1000);
+        let mut a = rec(exporter(1), 5000, 0, 10);
+        let mut other_port = rec(exporter(2), 5001, 0, 10);
+        let mut later = rec(exporter(2), 5000, 100, 110);
+        d.mark(&mut a);
+        d.mark(&mut other_port);
+        d.mark(&mut later);
+        assert!(!a.duplicate && !other_port.duplicate && !later.duplicate);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_idle_flows_are_forgotten() {
+        let mut d = Dedup::new(Duration::from_secs(60), 100);
+        for p in 0..500 {
+            d.mark(&mut rec(exporter(1), p, 0, 1));
+        }
+        assert_eq!(d.len(), 100);
+        assert_eq!(d.stats.table_full, 400);
+        d.expire(t(30));
+        assert_eq!(d.len(), 100);
+        d.expire(t(62));
+        assert!(d.is_empty());
+    }
+}
