@@ -20,8 +20,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Meter an interface and export its flows.
+    /// Meter an interface and/or collect NetFlow/IPFIX, and export the flows.
     Run(RunArgs),
+    /// Run a capture file through the real XDP program (or its NetFlow datagrams through
+    /// the decoder, with --netflow), on the capture's own clock.
+    Replay(crate::replay::ReplayArgs),
     /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
     #[command(hide = true)]
     BenchXdp(BenchArgs),

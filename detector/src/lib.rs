@@ -11,4 +11,5 @@ pub mod cli;
 pub mod export;
 pub mod flow;
 pub mod privileges;
+pub mod replay;
 pub mod sources;

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
+        Command::Replay(args) => detector::replay::replay(args),
         Command::BenchXdp(args) => detector::bench::xdp(args),
     };
     match result {

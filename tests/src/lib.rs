@@ -3,6 +3,7 @@
 
 pub mod frames;
 pub mod netns;
+pub mod tshark;
 
 use std::path::PathBuf;
 

@@ -49,84 +49,15 @@ fn a_side(a: IpAddr) -> bool {
 /// discovery (ICMPv6 133-137) is left out: the kernel sends it on its own schedule,
 /// possibly outside the agent's lifetime.
 fn capture_totals(pcap: &Path) -> Totals {
-    let out = sh(
-        "tshark",
-        &[
-            "-r",
-            pcap.to_str().unwrap(),
-            "-T",
-            "fields",
-            "-E",
-            "separator=;",
-            "-e",
-            "ip.src",
-            "-e",
-            "ip.dst",
-            "-e",
-            "ipv6.src",
-            "-e",
-            "ipv6.dst",
-            "-e",
-            "ip.proto",
-            "-e",
-            "ipv6.nxt",
-            "-e",
-            "tcp.srcport",
-            "-e",
-            "tcp.dstport",
-            "-e",
-            "udp.srcport",
-            "-e",
-            "udp.dstport",
-            "-e",
-            "icmp.type",
-            "-e",
-            "icmp.code",
-            "-e",
-            "icmpv6.type",
-            "-e",
-            "icmpv6.code",
-            "-e",
-            "ip.len",
-            "-e",
-            "ipv6.plen",
-        ],
-    );
     let mut t = Totals::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // The first value of each field is the outer header's.
-        let f: Vec<&str> = line
-            .split(';')
-            .map(|x| x.split(',').next().unwrap_or(""))
-            .collect();
-        let n = |i: usize| f[i].parse::<u64>().ok();
-        let (src, dst, proto, bytes) = if !f[0].is_empty() {
-            (f[0], f[1], n(4).unwrap() as u8, n(14).unwrap())
-        } else if !f[2].is_empty() {
-            (f[2], f[3], n(5).unwrap() as u8, n(15).unwrap() + 40)
-        } else {
-            continue;
-        };
-        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-        if !ours(src) || !ours(dst) {
+    for p in tests::tshark::packets(pcap) {
+        let (proto, src, sp, dst, dp) = p.tuple;
+        if !ours(src) || !ours(dst) || (proto == 58 && (133 << 8..138 << 8).contains(&dp)) {
             continue;
         }
-        let (sp, dp) = match proto {
-            6 => (n(6).unwrap() as u16, n(7).unwrap() as u16),
-            17 => (n(8).unwrap() as u16, n(9).unwrap() as u16),
-            1 => (0, (n(10).unwrap() << 8 | n(11).unwrap()) as u16),
-            58 => {
-                let ty = n(12).unwrap();
-                if (133..=137).contains(&ty) {
-                    continue;
-                }
-                (0, (ty << 8 | n(13).unwrap()) as u16)
-            }
-            _ => (0, 0),
-        };
         let e = t.entry((proto, src, sp, dst, dp, a_side(src))).or_default();
         e.0 += 1;
-        e.1 += bytes;
+        e.1 += p.bytes;
     }
     t
 }

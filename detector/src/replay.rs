@@ -1,0 +1,257 @@
+//! `detector replay CAPTURE`: every frame of a capture through the real XDP program with
+//! BPF_PROG_TEST_RUN, the flow maps drained on the capture's own clock; or, with
+//! `--netflow`, the NetFlow/IPFIX datagrams of a capture through the decoder. Same sinks
+//! as `run`.
+//!
+//! The capture clock: before each frame the packet clock map is set to the frame's
+//! timestamp, and the maps are scanned whenever that clock passes a second. Timestamps
+//! that go backwards are held at the latest seen (flows never age backwards); a jump
+//! forward, even by years, simply ages out every flow, as it would live.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use log::info;
+
+use crate::agent::{Pipeline, sinks};
+use crate::export::netflow_v9::V9Config;
+use crate::flow::table::Timeouts;
+use crate::flow::{FlowRecord, WallClock, record_from_delta};
+use crate::sources::capture::Capture;
+use crate::sources::netflow::capture::decode_capture;
+use crate::sources::netflow::decode::{Cidr, DecodeLimits, Decoder};
+use crate::sources::xdp::{self, LoadOptions, XDP_PROGRAM, XdpSource};
+use detector_common::counter;
+
+/// BPF_PROG_TEST_RUN runs XDP programs on the loopback device.
+const TEST_RUN_IFINDEX: u32 = 1;
+/// The kernel refuses XDP test runs shorter than an Ethernet header.
+const MIN_FRAME: usize = 14;
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A pcap or pcapng file (Ethernet, Linux cooked v1/v2, raw IP, BSD loopback).
+    #[arg(value_name = "CAPTURE")]
+    pub capture: PathBuf,
+
+    /// Decode the NetFlow/IPFIX datagrams inside the capture instead of metering it.
+    #[arg(long)]
+    pub netflow: bool,
+
+    /// With --netflow: only UDP to this port (default: any UDP that looks like NetFlow).
+    #[arg(long, value_name = "PORT", requires = "netflow")]
+    pub port: Option<u16>,
+
+    /// With --netflow: accept only these exporters (repeatable CIDR).
+    #[arg(long, value_name = "CIDR", requires = "netflow")]
+    pub exporter_allow: Vec<Cidr>,
+
+    /// NetFlow v9 collector HOST:PORT (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub export: Vec<String>,
+
+    /// Write one JSON object per record to PATH (`-` for stdout).
+    #[arg(long, value_name = "PATH")]
+    pub flows_json: Option<String>,
+
+    /// Active timeout on the capture's clock.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub active_timeout: u64,
+
+    /// Inactive timeout on the capture's clock.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub inactive_timeout: u64,
+
+    /// Flows each kernel map holds.
+    #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
+    pub map_size: u32,
+
+    /// NetFlow v9 source ID of the export.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub source_id: u32,
+}
+
+pub fn replay(args: ReplayArgs) -> Result<()> {
+    let boot = SystemTime::now();
+    let v9 = V9Config {
+        source_id: args.source_id,
+        ..V9Config::default()
+    };
+    let mut pipeline = Pipeline::new(sinks(&args.export, args.flows_json.as_deref(), v9, boot)?);
+    if args.netflow {
+        replay_netflow(&args, &mut pipeline)
+    } else {
+        replay_frames(&args, &mut pipeline)
+    }
+}
+
+fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
+    let mut decoder = Decoder::new(DecodeLimits::default(), args.exporter_allow.clone());
+    let stats = decode_capture(&args.capture, args.port, &mut decoder, |mut records| {
+        let now = records.last().map(|r| r.last).unwrap_or(SystemTime::now());
+        pipeline.emit(&mut records, now);
+    })?;
+    pipeline.emit(&mut [], SystemTime::now());
+    eprintln!(
+        "replay --netflow {}: {} frames, {} NetFlow/IPFIX datagrams, {} other UDP skipped",
+        args.capture.display(),
+        stats.frames,
+        stats.datagrams,
+        stats.skipped
+    );
+    let pending = decoder.pending();
+    let mut exporters: Vec<_> = decoder.exporters().iter().collect();
+    exporters.sort_by_key(|(ip, _)| **ip);
+    for (ip, s) in exporters {
+        let p = pending.get(ip).cloned().unwrap_or_default();
+        eprintln!(
+            "  exporter {ip}: {} datagrams, {} records (v5 {} v9 {} ipfix {}), {} templates, {} options records, errors {:?}, {} without template (held {}, decoded late {}), {} sequence gaps ({} lost)",
+            s.datagrams,
+            s.records,
+            s.v5,
+            s.v9,
+            s.ipfix,
+            s.templates,
+            s.options_records,
+            s.errors,
+            p.cached + s.no_template,
+            p.held,
+            p.replayed,
+            s.sequence_gaps,
+            s.sequence_lost
+        );
+    }
+    eprintln!("{}", pipeline.describe());
+    Ok(())
+}
+
+/// Counters of a frame replay.
+#[derive(Debug, Default)]
+pub struct ReplaySummary {
+    pub frames: u64,
+    pub too_short: u64,
+    pub unsupported_link: u64,
+    pub backwards: u64,
+}
+
+fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
+    if let Some(msg) =
+        crate::privileges::check("replay (it runs the XDP program with BPF_PROG_TEST_RUN)")
+    {
+        bail!(msg);
+    }
+    let mut cap = Capture::open(&args.capture)?;
+    let mut bpf = xdp::load_object(LoadOptions {
+        map_size: args.map_size,
+        sampling: 1,
+    })?;
+    let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
+    let mut source = XdpSource::new(&mut bpf, timeouts, TEST_RUN_IFINDEX)?;
+    let mut ring = source.take_ring().context("overflow ring buffer")?;
+    let clock = source.clock();
+    {
+        let prog: &mut Xdp = bpf
+            .program_mut(XDP_PROGRAM)
+            .context("XDP program")?
+            .try_into()?;
+        prog.load().context("loading the XDP program")?;
+    }
+    let prog: &Xdp = bpf
+        .program(XDP_PROGRAM)
+        .context("XDP program")?
+        .try_into()?;
+
+    // Kernel timestamps here are the capture's, in ns since the epoch: wall = kernel.
+    let wall = WallClock::from_pair(0, SystemTime::UNIX_EPOCH);
+    let started = Instant::now();
+    let bar = ProgressBar::with_draw_target(Some(cap.file_len), ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
+            .expect("static template"),
+    );
+    let mut shown = false;
+    let mut summary = ReplaySummary::default();
+    let mut now_ns = 0u64;
+    let mut next_scan_ns = 0u64;
+    let mut deltas = Vec::new();
+    let mut read_bytes = 0u64;
+    let emit = |deltas: &mut Vec<_>, pipeline: &mut Pipeline, now_ns: u64| {
+        let mut records: Vec<FlowRecord> = deltas
+            .drain(..)
+            .map(|d| record_from_delta(&d, &wall, 1))
+            .collect();
+        pipeline.emit(&mut records, wall.to_wall(now_ns));
+    };
+
+    while let Some(frame) = cap.next_frame() {
+        let frame = frame?;
+        summary.frames += 1;
+        read_bytes += frame.data.len() as u64 + 16;
+        if !shown && started.elapsed() > Duration::from_secs(1) {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        if summary.frames % 1024 == 0 {
+            bar.set_position(read_bytes.min(cap.file_len));
+        }
+        let ts = frame.ts.as_nanos().min(u64::MAX as u128) as u64;
+        if ts < now_ns {
+            summary.backwards += 1;
+        } else {
+            now_ns = ts;
+        }
+        if now_ns >= next_scan_ns {
+            if next_scan_ns != 0 {
+                source.drain_ring(&mut ring);
+                source.scan(now_ns, &mut deltas)?;
+                emit(&mut deltas, pipeline, now_ns);
+            }
+            next_scan_ns = now_ns + 1_000_000_000;
+        }
+        if frame.data.len() < MIN_FRAME {
+            summary.too_short += 1;
+            continue;
+        }
+        clock.set(now_ns.max(1));
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame.data);
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        debug_assert_eq!(r.return_value, 2, "the meter passes every frame");
+    }
+    summary.unsupported_link = cap.stats.unsupported_link;
+    source.drain_ring(&mut ring);
+    source.flush(&mut deltas)?;
+    emit(&mut deltas, pipeline, now_ns);
+    clock.set(0);
+    bar.finish_and_clear();
+
+    let k = source.counters()?;
+    let failures: Vec<String> = (counter::FIRST_ERR..counter::COUNT)
+        .filter_map(|c| {
+            let v = k.total(c);
+            (v > 0).then(|| format!("{}={v}", counter::NAMES[c as usize]))
+        })
+        .collect();
+    eprintln!(
+        "replay {}: {} frames ({} too short, {} of unsupported link type, {} with timestamps going backwards), {} packets in {} flow records, non-IP {}, parse failures: {}",
+        args.capture.display(),
+        summary.frames,
+        summary.too_short,
+        summary.unsupported_link,
+        summary.backwards,
+        k.total(counter::FLOW_PACKETS) + k.total(counter::OVERFLOW_PACKETS),
+        pipeline.exported_records,
+        k.total(counter::NOT_IP),
+        if failures.is_empty() {
+            "none".to_string()
+        } else {
+            failures.join(" ")
+        }
+    );
+    info!("{}", pipeline.describe());
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `detector replay` on the labelled captures of `../shared/testdata/pcap`: every frame
+//! goes through the real XDP program (BPF_PROG_TEST_RUN), and per flow the packets and
+//! bytes of the exported records equal tshark's own dissection of the same file.
+//!
+//! Flow timeouts only split a flow into several records; summed per 5-tuple they must
+//! match exactly. Frames that are not IP (ARP, LLDP, ...) are in neither. Privileged:
+//! run by `cargo xtask test` as root; skips with a message when `../shared` is absent.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+
+use tests::tshark::{self, Tuple};
+
+fn replay(pcap: &Path, json: &Path) -> String {
+    let out = Command::new(tests::detector_bin())
+        .arg("replay")
+        .arg(pcap)
+        .arg("--flows-json")
+        .arg(json)
+        .output()
+        .expect("run detector replay");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "replay {} failed: {stderr}",
+        pcap.display()
+    );
+    stderr
+}
+
+fn exported(json: &Path) -> (BTreeMap<Tuple, (u64, u64)>, usize) {
+    let text = std::fs::read_to_string(json).unwrap();
+    let mut m = BTreeMap::new();
+    let mut n = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ip = |k: &str| v[k].as_str().unwrap().parse::<IpAddr>().unwrap();
+        let u = |k: &str| v[k].as_u64().unwrap();
+        let key = (
+            u("protocol") as u8,
+            ip("src_addr"),
+            u("src_port") as u16,
+            ip("dst_addr"),
+            u("dst_port") as u16,
+        );
+        let e = m.entry(key).or_insert((0, 0));
+        e.0 += u("packets");
+        e.1 += u("bytes");
+        n += 1;
+    }
+    (m, n)
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn replayed_captures_match_tshark_flow_by_flow() {
+    let Some(data) = tests::shared_testdata() else {
+        eprintln!("skipped: ../shared/testdata is absent");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("detector-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut checked = 0;
+    let mut report = Vec::new();
+    for sub in ["pcap/p2p", "pcap/benign"] {
+        let mut files: Vec<_> = std::fs::read_dir(data.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let n = p.to_string_lossy();
+                n.ends_with(".pcap") || n.ends_with(".pcapng")
+            })
+            .collect();
+        files.sort();
+        for pcap in files {
+            let json = dir.join("flows.json");
+            let summary = replay(&pcap, &json);
+            let (ours, records) = exported(&json);
+            let truth = tshark::totals(&tshark::packets(&pcap));
+            let mut diffs = Vec::new();
+            for (k, v) in &truth {
+                if ours.get(k) != Some(v) {
+                    diffs.push(format!("  {k:?}: tshark {v:?}, ours {:?}", ours.get(k)));
+                }
+            }
+            for (k, v) in &ours {
+                if !truth.contains_key(k) {
+                    diffs.push(format!("  {k:?}: ours {v:?}, not in tshark"));
+                }
+            }
+            let name = pcap.file_name().unwrap().to_string_lossy().to_string();
+            eprintln!(
+                "{name}: {} flows in tshark, {} in our export ({records} records); {}",
+                truth.len(),
+                ours.len(),
+                summary.lines().next().unwrap_or("")
+            );
+            if !diffs.is_empty() {
+                diffs.truncate(10);
+                report.push(format!("{name}:\n{}", diffs.join("\n")));
+            }
+            checked += 1;
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(checked >= 20, "only {checked} captures");
+    assert!(report.is_empty(), "{}", report.join("\n"));
+}
