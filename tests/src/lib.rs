@@ -17,8 +17,10 @@ pub fn workspace_root() -> PathBuf {
 
 /// `../shared/testdata` beside the workspace, if present.
 pub fn shared_testdata() -> Option<PathBuf> {
-    let p = workspace_root().join("../shared/testdata");
-    p.is_dir().then_some(p)
+    // Canonical: some peers (softflowd 1.1) misbehave on paths with `..`.
+    std::fs::canonicalize(workspace_root().join("../shared/testdata"))
+        .ok()
+        .filter(|p| p.is_dir())
 }
 
 /// The agent binary built by cargo for these tests.

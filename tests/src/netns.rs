@@ -154,6 +154,24 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// Waits for the process to exit by itself (SIGKILL after `timeout`).
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within {timeout:?}", self.what);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
