@@ -61,6 +61,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iproute2",
     "iputils-ping",
+    "softflowd",
 ];
 
 fn main() -> ExitCode {

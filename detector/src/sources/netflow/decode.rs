@@ -196,6 +196,23 @@ impl Decoder {
         &self.exporters
     }
 
+    /// Entries held in each of the decoder's tables, to check that memory stays bounded:
+    /// (exporters, sequence streams, sampling scopes, init-time scopes, parser scopes).
+    pub fn table_sizes(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.exporters.len(),
+            self.sequences.len(),
+            self.sampling.len(),
+            self.init_time_ms.len(),
+            self.parser.source_count(),
+        )
+    }
+
+    /// The limits this decoder was built with.
+    pub fn limits(&self) -> &DecodeLimits {
+        &self.limits
+    }
+
     /// Early data (before its template) per exporter address. Reads every scope's parser
     /// counters: call it for reports, not per datagram.
     pub fn pending(&self) -> HashMap<IpAddr, PendingStats> {

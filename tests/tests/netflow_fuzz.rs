@@ -1,0 +1,198 @@
+//! Mutated real datagrams through the decoder: no panic, and every table stays within its
+//! bound however many sources send garbage. Seeds: every NetFlow/IPFIX datagram of
+//! `../shared/testdata/netflow` when present, plus datagrams of our own v9 encoder.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use detector::export::netflow_v9::{V9Config, V9Encoder};
+use detector::flow::{Direction, FlowRecord, Origin};
+use detector::sources::capture::Capture;
+use detector::sources::netflow::capture::udp_in_frame;
+use detector::sources::netflow::decode::{DecodeLimits, Decoder};
+use proptest::prelude::*;
+
+fn seeds() -> &'static Vec<Vec<u8>> {
+    static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    SEEDS.get_or_init(|| {
+        let mut v = own_datagrams();
+        if let Some(d) = tests::shared_testdata() {
+            for e in std::fs::read_dir(d.join("netflow")).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "pcap") {
+                    v.extend(datagrams(&p));
+                }
+            }
+        } else {
+            eprintln!("../shared/testdata is absent: fuzzing from our own datagrams only");
+        }
+        v
+    })
+}
+
+fn datagrams(p: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(mut cap) = Capture::open(p) else {
+        return out;
+    };
+    while let Some(Ok(f)) = cap.next_frame() {
+        if let Some(dg) = udp_in_frame(&f.data) {
+            out.push(dg.payload.to_vec());
+        }
+    }
+    out
+}
+
+fn own_datagrams() -> Vec<Vec<u8>> {
+    let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let records: Vec<FlowRecord> = (0..40u32)
+        .map(|i| FlowRecord {
+            src_addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+            dst_addr: if i % 2 == 0 {
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))
+            } else {
+                "2001:db8::1".parse().unwrap()
+            },
+            src_port: i as u16,
+            dst_port: 443,
+            protocol: 6,
+            packets: i as u64,
+            bytes: 100 * i as u64,
+            first: boot,
+            last: boot,
+            direction: Direction::Ingress,
+            tcp_flags: 0,
+            tos: 0,
+            vlan: 0,
+            vlan_inner: 0,
+            ifindex: 1,
+            sampling: 1,
+            origin: Origin::Local,
+            duplicate: false,
+        })
+        .collect();
+    let mut enc = V9Encoder::new(V9Config::default(), boot);
+    enc.encode(&records, boot)
+        .into_iter()
+        .map(|b| b.to_vec())
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Flip(usize, u8),
+    Truncate(usize),
+    Insert(usize, Vec<u8>),
+    SetU16(usize, u16),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(i, v)| Mutation::Insert(i, v)),
+        // Lengths, counts, ids: the 16-bit fields parsers trust.
+        (
+            any::<usize>(),
+            prop_oneof![Just(0u16), Just(1), Just(0xffff), any::<u16>()]
+        )
+            .prop_map(|(i, v)| Mutation::SetU16(i, v)),
+    ]
+}
+
+fn apply(mut d: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
+    for m in muts {
+        let n = d.len().max(1);
+        match m {
+            Mutation::Flip(i, b) => {
+                if !d.is_empty() {
+                    d[i % n] ^= b;
+                }
+            }
+            Mutation::Truncate(i) => d.truncate(i % n),
+            Mutation::Insert(i, v) => {
+                let at = i % (d.len() + 1);
+                d.splice(at..at, v.iter().copied());
+            }
+            Mutation::SetU16(i, v) => {
+                if d.len() >= 2 {
+                    let at = i % (d.len() - 1);
+                    d[at..at + 2].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+        }
+    }
+    d
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_datagrams_never_panic(
+        seed in any::<prop::sample::Index>(),
+        muts in proptest::collection::vec(mutation(), 0..6),
+        source in 0u8..8,
+    ) {
+        let seeds = seeds();
+        let d = apply(seeds[seed.index(seeds.len())].clone(), &muts);
+        let mut dec = Decoder::new(DecodeLimits::default(), vec![]);
+        let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, source)), 2055);
+        let mut out = Vec::new();
+        // The template-carrying original first, then the mutant, then the original again.
+        dec.decode(from, &seeds[seed.index(seeds.len())], SystemTime::now(), &mut out);
+        dec.decode(from, &d, SystemTime::now(), &mut out);
+        dec.decode(from, &seeds[seed.index(seeds.len())], SystemTime::now(), &mut out);
+    }
+}
+
+#[test]
+fn a_flood_of_garbage_from_many_sources_stays_bounded() {
+    let seeds = seeds();
+    let limits = DecodeLimits {
+        max_exporters: 64,
+        ..DecodeLimits::default()
+    };
+    let mut dec = Decoder::new(limits.clone(), vec![]);
+    let mut out = Vec::new();
+    let mut rng = tests::frames::Rng(42);
+    for i in 0..50_000u32 {
+        let seed = &seeds[(rng.next_u64() as usize) % seeds.len()];
+        let mut d = seed.clone();
+        for _ in 0..3 {
+            let n = d.len().max(1);
+            let at = (rng.next_u64() as usize) % n;
+            if !d.is_empty() {
+                d[at] ^= rng.next_u64() as u8;
+            }
+        }
+        // Thousands of sources, ports and observation domains.
+        let from = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i % 5000))),
+            1024 + (i % 97) as u16,
+        );
+        dec.decode(from, &d, SystemTime::now(), &mut out);
+        out.clear();
+    }
+    let (exporters, sequences, sampling, init, parsers) = dec.table_sizes();
+    assert!(exporters <= limits.max_exporters, "{exporters} exporters");
+    assert!(
+        sequences <= limits.max_exporters * 16,
+        "{sequences} sequence streams"
+    );
+    assert!(sampling <= limits.max_exporters * 16 && init <= limits.max_exporters * 16);
+    assert!(
+        parsers <= limits.max_exporters * 4 * 3,
+        "{parsers} parser scopes"
+    );
+    assert!(
+        dec.global.over_exporter_limit > 0,
+        "the exporter limit was never reached"
+    );
+}
