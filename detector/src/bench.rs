@@ -291,3 +291,198 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `detector bench-ingest`: the same real NetFlow v9 and IPFIX datagrams (the pmacct
+/// captures of the shared test data) sent over loopback at a fixed rate to this agent's
+/// listener and to nfcapd, in the same run. For each, the highest rate with no loss --
+/// every datagram decoded (application counters) and no kernel receive drop -- found by
+/// doubling then bisecting; printed in flows per second with the ratio.
+pub fn ingest(args: crate::cli::IngestBenchArgs) -> Result<()> {
+    use std::process::{Command, Stdio};
+
+    let data = args
+        .testdata
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("../shared/testdata/netflow"));
+    let mut set: Vec<(Vec<u8>, u64)> = Vec::new();
+    for name in [
+        "pmacct-test-automation__101-NFv9-CISCO-cust_primitives__traffic-00.pcap",
+        "pmacct-test-automation__401-IPFIXv10-BMP-IPv6-CISCO-MPLS-multiple-sources__traffic-00.pcap",
+    ] {
+        let path = data.join(name);
+        let mut dec = crate::sources::netflow::decode::Decoder::new(Default::default(), vec![]);
+        let mut cap = crate::sources::capture::Capture::open(&path)
+            .with_context(|| format!("{} (pass --testdata DIR)", path.display()))?;
+        while let Some(f) = cap.next_frame() {
+            let f = f?;
+            if let Some(dg) = crate::sources::netflow::capture::udp_in_frame(&f.data)
+                && crate::sources::netflow::capture::looks_like_netflow(dg.payload)
+            {
+                let mut out = Vec::new();
+                dec.decode(dg.from, dg.payload, std::time::SystemTime::now(), &mut out);
+                set.push((dg.payload.to_vec(), out.len() as u64));
+            }
+        }
+    }
+    let flows_per_cycle: u64 = set.iter().map(|(_, n)| n).sum();
+    println!(
+        "ingest bench: {} datagrams ({} flows) of real NetFlow v9 and IPFIX per cycle, {} s per trial",
+        set.len(),
+        flows_per_cycle,
+        args.seconds
+    );
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("detector-bench-ingest-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+
+    // One trial: start the receiver, send `rate` datagrams/s for the trial length, stop
+    // it, and return (datagrams sent, flows sent, flows it received, loss-free).
+    let trial = |who: &str, rate: u64| -> Result<(u64, u64, bool, u64)> {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = tmp.join(format!("{who}.log"));
+        let nfdir = tmp.join("nfcapd");
+        let _ = std::fs::remove_dir_all(&nfdir);
+        std::fs::create_dir_all(&nfdir)?;
+        let mut child = match who {
+            "detector" => Command::new(&exe)
+                .args(["run", "--netflow-listen", &format!("127.0.0.1:{port}")])
+                .args(["--flows-json", "/dev/null", "--stats-interval", "0"])
+                .stderr(std::fs::File::create(&log)?)
+                .stdout(Stdio::null())
+                .spawn()?,
+            _ => Command::new("nfcapd")
+                .arg("-w")
+                .arg(&nfdir)
+                .args(["-p", &port.to_string(), "-b", "127.0.0.1", "-B", "16777216"])
+                .stderr(std::fs::File::create(&log)?)
+                .stdout(Stdio::null())
+                .spawn()
+                .context("nfcapd (package nfdump; cargo xtask setup installs it)")?,
+        };
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let sent = send_at(&set, port, rate, args.seconds)?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let drops = udp_drops(port);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait()?;
+        let (flows_sent, achieved) = (sent.1, sent.2);
+        let (flows_got, ok) = if who == "detector" {
+            let text = std::fs::read_to_string(&log)?;
+            let got = text
+                .rsplit("exported ")
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            (
+                got,
+                got == flows_sent && drops == 0 && text.contains("kernel drops 0"),
+            )
+        } else {
+            let out = Command::new("nfdump")
+                .arg("-R")
+                .arg(&nfdir)
+                .arg("-I")
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let got = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Flows: "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            (got, got == flows_sent && drops == 0)
+        };
+        Ok((flows_sent, flows_got, ok, achieved))
+    };
+
+    let mut results = Vec::new();
+    for who in ["detector", "nfcapd"] {
+        let (mut good, mut bad) = (0u64, None::<u64>);
+        let mut rate = args.start_rate;
+        let mut sender_limited = false;
+        for _ in 0..args.trials {
+            let (sent, got, ok, achieved) = trial(who, rate)?;
+            println!(
+                "  {who:<8} asked {rate:>8} datagrams/s, sent {achieved:>8}/s: {got}/{sent} flows{}",
+                if ok { "" } else { "  LOSS" }
+            );
+            if achieved < rate * 9 / 10 {
+                // The sender cannot go faster: what was sent is the figure.
+                if ok {
+                    good = good.max(achieved);
+                    sender_limited = true;
+                    break;
+                }
+                bad = Some(bad.map_or(achieved, |b| b.min(achieved)));
+            } else if ok {
+                good = good.max(rate);
+            } else {
+                bad = Some(bad.map_or(rate, |b| b.min(rate)));
+            }
+            rate = match bad {
+                None => rate * 2,
+                Some(b) if b - good <= good / 16 + 1 => break,
+                Some(b) => (good + b) / 2,
+            };
+        }
+        let fps = good * flows_per_cycle / set.len() as u64;
+        println!(
+            "{who}: highest loss-free rate {good} datagrams/s = {fps} flows/s{}",
+            if sender_limited {
+                " (the sender's limit: the receiver kept up with everything)"
+            } else {
+                ""
+            }
+        );
+        results.push(fps);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!(
+        "ratio detector / nfcapd: {:.2} (target >= 2)",
+        results[0] as f64 / results[1].max(1) as f64
+    );
+    Ok(())
+}
+
+/// Sends the set round-robin to 127.0.0.1:`port` at `rate` datagrams/s for `secs`;
+/// returns (datagrams, flows) sent and the rate achieved (the sender's own limit shows
+/// as an achieved rate below the one asked).
+fn send_at(set: &[(Vec<u8>, u64)], port: u16, rate: u64, secs: u64) -> Result<(u64, u64, u64)> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(("127.0.0.1", port))?;
+    let start = std::time::Instant::now();
+    let total = rate * secs;
+    let (mut n, mut flows) = (0u64, 0u64);
+    while n < total {
+        // Pace in slices of 1 ms.
+        let due = (start.elapsed().as_micros() as u64 * rate / 1_000_000).min(total);
+        while n < due {
+            let (d, f) = &set[(n as usize) % set.len()];
+            sock.send(d)?;
+            flows += f;
+            n += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let achieved = (n as f64 / start.elapsed().as_secs_f64()) as u64;
+    Ok((n, flows, achieved))
+}
+
+/// Kernel receive drops of the UDP socket bound to `port` on 127.0.0.1 (/proc/net/udp).
+fn udp_drops(port: u16) -> u64 {
+    let hex = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .find(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&hex))
+        })
+        .and_then(|l| l.split_whitespace().last().and_then(|d| d.parse().ok()))
+        .unwrap_or(0)
+}

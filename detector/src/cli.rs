@@ -28,6 +28,9 @@ pub enum Command {
     /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
     #[command(hide = true)]
     BenchXdp(BenchArgs),
+    /// Measure NetFlow ingest against nfcapd on the same datagrams.
+    #[command(hide = true)]
+    BenchIngest(IngestBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +109,22 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
             "'{s}' is not ADDR:PORT; give an address and a port, e.g. 0.0.0.0:2055 or [::]:4739"
         )
     })
+}
+
+#[derive(Debug, Args)]
+pub struct IngestBenchArgs {
+    /// Directory of the NetFlow test captures (default ../shared/testdata/netflow).
+    #[arg(long)]
+    pub testdata: Option<std::path::PathBuf>,
+    /// Seconds per trial.
+    #[arg(long, default_value_t = 2)]
+    pub seconds: u64,
+    /// First rate tried, datagrams per second.
+    #[arg(long, default_value_t = 20_000)]
+    pub start_rate: u64,
+    /// Trials per receiver at most.
+    #[arg(long, default_value_t = 10)]
+    pub trials: u32,
 }
 
 #[derive(Debug, Args)]

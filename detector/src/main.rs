@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
         Command::Replay(args) => detector::replay::replay(args),
         Command::BenchXdp(args) => detector::bench::xdp(args),
+        Command::BenchIngest(args) => detector::bench::ingest(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -626,4 +626,28 @@ fn missing_capabilities_are_named() {
         e.contains("CAP_BPF") && e.contains("CAP_NET_ADMIN") && e.contains("setcap"),
         "{e}"
     );
+    // replay runs the program with BPF_PROG_TEST_RUN: the same capabilities, named.
+    let pcap = std::env::temp_dir().join(format!("detector-empty-{}.pcap", std::process::id()));
+    let mut header = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+    header.extend_from_slice(&[0; 8]);
+    header.extend_from_slice(&65535u32.to_le_bytes());
+    header.extend_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&pcap, header).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(tests::detector_bin())
+        .arg("replay")
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&pcap).ok();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("replay") && e.contains("CAP_BPF"), "{e}");
 }

@@ -50,6 +50,8 @@ enum Bench {
         #[arg(long, default_value_t = 200_000)]
         repeat: u32,
     },
+    /// Highest loss-free NetFlow ingest rate of the agent and of nfcapd, same datagrams.
+    Ingest,
 }
 
 /// Debian packages: LLVM for bpf-linker, and the real peers the tests compare against.
@@ -73,6 +75,9 @@ fn main() -> ExitCode {
         Task::Bench {
             which: Bench::Xdp { repeat },
         } => bench_xdp(repeat),
+        Task::Bench {
+            which: Bench::Ingest,
+        } => bench_ingest(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -242,6 +247,8 @@ fn run(args: Vec<OsString>) -> Result<()> {
 
 fn test(filter: Option<String>) -> Result<()> {
     ensure_setup()?;
+    // Some tests start the agent binary itself.
+    status(cargo().args(["build", "--package", "detector", "--bin", "detector"]))?;
     say("unit and unprivileged tests");
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "detector-ebpf"]);
@@ -254,9 +261,7 @@ fn test(filter: Option<String>) -> Result<()> {
             "the privileged tests (BPF_PROG_TEST_RUN, XDP, network namespaces) need root: run `sudo -E cargo xtask test`"
         );
     }
-    say("privileged tests: BPF_PROG_TEST_RUN on the real object, network namespaces");
-    // The end-to-end tests start the agent binary itself.
-    status(cargo().args(["build", "--package", "detector", "--bin", "detector"]))?;
+    say("privileged tests: BPF_PROG_TEST_RUN, XDP and TC in network namespaces, live peers");
     let mut c = cargo();
     c.args([
         "test",
@@ -278,4 +283,16 @@ fn bench_xdp(repeat: u32) -> Result<()> {
     let mut cmd = privileged(bin.to_str().context("non-UTF-8 path")?);
     cmd.args(["bench-xdp", "--repeat", &repeat.to_string()]);
     status(&mut cmd)
+}
+
+fn bench_ingest() -> Result<()> {
+    ensure_setup()?;
+    let bin = build_release()?;
+    let testdata = workspace_root().join("../shared/testdata/netflow");
+    status(
+        Command::new(bin)
+            .arg("bench-ingest")
+            .arg("--testdata")
+            .arg(testdata),
+    )
 }
