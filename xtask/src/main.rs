@@ -262,11 +262,13 @@ fn test(filter: Option<String>) -> Result<()> {
         );
     }
     say("privileged tests: BPF_PROG_TEST_RUN, XDP and TC in network namespaces, live peers");
+    // The same package set as above, so nothing is rebuilt with other features.
     let mut c = cargo();
     c.args([
         "test",
-        "--package",
-        "tests",
+        "--workspace",
+        "--exclude",
+        "detector-ebpf",
         "--",
         "--ignored",
         "--test-threads=1",
