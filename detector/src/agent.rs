@@ -62,20 +62,24 @@ pub fn sinks(
     Ok(sinks)
 }
 
-/// Dedup, then every sink.
+/// Dedup, detection, then every sink.
 pub struct Pipeline {
     pub sinks: Vec<Box<dyn Sink + Send>>,
     pub dedup: Dedup,
+    pub engine: crate::detect::Engine,
+    pub alarms: crate::export::alarms::AlarmSink,
     pub exported_records: u64,
     pub exported_packets: u64,
     pub exported_bytes: u64,
 }
 
 impl Pipeline {
-    pub fn new(sinks: Vec<Box<dyn Sink + Send>>) -> Self {
+    pub fn new(sinks: Vec<Box<dyn Sink + Send>>, alarms: crate::export::alarms::AlarmSink) -> Self {
         Self {
             sinks,
             dedup: Dedup::new(DEDUP_WINDOW, DEDUP_MAX_FLOWS),
+            engine: crate::detect::Engine::new(crate::detect::DetectConfig::default()),
+            alarms,
             exported_records: 0,
             exported_packets: 0,
             exported_bytes: 0,
@@ -86,6 +90,7 @@ impl Pipeline {
     pub fn emit(&mut self, records: &mut [FlowRecord], now: SystemTime) {
         for r in records.iter_mut() {
             self.dedup.mark(r);
+            self.engine.observe(r);
             self.exported_packets += r.est_packets();
             self.exported_bytes += r.est_bytes();
         }
@@ -95,14 +100,23 @@ impl Pipeline {
         }
     }
 
+    /// Runs the detection when its interval has passed at `now` (or always with `force`)
+    /// and sends the alarm events.
+    pub fn detect(&mut self, now: SystemTime, force: bool) {
+        let events = self.engine.tick(now, force);
+        self.alarms.send(&events);
+    }
+
     pub fn describe(&self) -> String {
         let sinks: Vec<_> = self.sinks.iter().map(|s| s.describe()).collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate); {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, {} alarm events; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
             self.dedup.stats.duplicates,
+            self.engine.hosts(),
+            self.alarms.written,
             sinks.join("; ")
         )
     }
@@ -308,7 +322,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling_interval: args.sampling,
         ..V9Config::default()
     };
-    let mut pipeline = Pipeline::new(sinks(&args.export, args.flows_json.as_deref(), v9, boot)?);
+    let alarms = crate::export::alarms::AlarmSink::open(args.alarms_json.as_deref())
+        .with_context(|| format!("opening --alarms-json {:?}", args.alarms_json))?;
+    let mut pipeline = Pipeline::new(
+        sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+        alarms,
+    );
 
     let (tx, mut rx) = mpsc::channel::<Batch>(256);
     let mut ingest = None;
@@ -359,6 +378,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 pipeline.emit(&mut records, now);
                 records.clear();
                 pipeline.dedup.expire(now);
+                pipeline.detect(now, false);
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = tokio::time::Instant::now();
                     log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
@@ -394,6 +414,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         records.extend(m.stop(r)?);
     }
     pipeline.emit(&mut records, SystemTime::now());
+    pipeline.detect(SystemTime::now(), true);
     log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
     Ok(())
 }

@@ -90,6 +90,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub flows_json: Option<String>,
 
+    /// Write one JSON object per alarm event to PATH (`-` for stdout); alarms are always
+    /// logged as readable lines too.
+    #[arg(long, value_name = "PATH")]
+    pub alarms_json: Option<String>,
+
     /// Resend NetFlow v9 templates every N datagrams.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub template_refresh_packets: u32,

@@ -58,6 +58,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "PATH")]
     pub flows_json: Option<String>,
 
+    /// Write one JSON object per alarm event to PATH (`-` for stdout).
+    #[arg(long, value_name = "PATH")]
+    pub alarms_json: Option<String>,
+
     /// Active timeout on the capture's clock.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub active_timeout: u64,
@@ -81,7 +85,12 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         source_id: args.source_id,
         ..V9Config::default()
     };
-    let mut pipeline = Pipeline::new(sinks(&args.export, args.flows_json.as_deref(), v9, boot)?);
+    let alarms = crate::export::alarms::AlarmSink::open(args.alarms_json.as_deref())
+        .with_context(|| format!("opening --alarms-json {:?}", args.alarms_json))?;
+    let mut pipeline = Pipeline::new(
+        sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+        alarms,
+    );
     if args.netflow {
         replay_netflow(&args, &mut pipeline)
     } else {
@@ -91,11 +100,16 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 
 fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
     let mut decoder = Decoder::new(DecodeLimits::default(), args.exporter_allow.clone());
+    let mut latest = SystemTime::UNIX_EPOCH;
     let stats = decode_capture(&args.capture, args.port, &mut decoder, |mut records| {
-        let now = records.last().map(|r| r.last).unwrap_or(SystemTime::now());
-        pipeline.emit(&mut records, now);
+        for r in &records {
+            latest = latest.max(r.last);
+        }
+        pipeline.emit(&mut records, latest);
+        pipeline.detect(latest, false);
     })?;
-    pipeline.emit(&mut [], SystemTime::now());
+    pipeline.emit(&mut [], latest);
+    pipeline.detect(latest, true);
     eprintln!(
         "replay --netflow {}: {} frames, {} NetFlow/IPFIX datagrams, {} other UDP skipped",
         args.capture.display(),
@@ -125,6 +139,7 @@ fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
             s.sequence_lost
         );
     }
+    report_suspects(pipeline);
     eprintln!("{}", pipeline.describe());
     Ok(())
 }
@@ -184,7 +199,9 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
             .drain(..)
             .map(|d| record_from_delta(&d, &wall, 1))
             .collect();
-        pipeline.emit(&mut records, wall.to_wall(now_ns));
+        let now = wall.to_wall(now_ns);
+        pipeline.emit(&mut records, now);
+        pipeline.detect(now, false);
     };
 
     while let Some(frame) = cap.next_frame() {
@@ -226,6 +243,7 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
     source.drain_ring(&mut ring);
     source.flush(&mut deltas)?;
     emit(&mut deltas, pipeline, now_ns);
+    pipeline.detect(wall.to_wall(now_ns), true);
     clock.set(0);
     bar.finish_and_clear();
 
@@ -252,6 +270,20 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
             failures.join(" ")
         }
     );
+    report_suspects(pipeline);
     info!("{}", pipeline.describe());
     Ok(())
+}
+
+/// The hosts with the highest detection scores at the end of a replay.
+fn report_suspects(pipeline: &Pipeline) {
+    let t = &pipeline.engine.thresholds().score;
+    for (ip, score, guard) in pipeline.engine.last_scores().into_iter().take(5) {
+        eprintln!(
+            "  detection: host {ip} score {score:.1} (alarm threshold {t:.1}){}",
+            guard
+                .map(|g| format!(", vetoed as {g}"))
+                .unwrap_or_default()
+        );
+    }
 }

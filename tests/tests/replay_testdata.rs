@@ -108,3 +108,138 @@ fn replayed_captures_match_tshark_flow_by_flow() {
     assert!(checked >= 20, "only {checked} captures");
     assert!(report.is_empty(), "{}", report.join("\n"));
 }
+
+/// What the detector must decide on each labelled capture, and why.
+const VERDICTS: &[(&str, Option<&str>, &str)] = &[
+    // (capture, host that must alarm, why)
+    (
+        "p2p/nDPI__gnutella.pcap",
+        Some("10.0.2.15"),
+        "a Gnutella client with ~500 peers over 10 minutes",
+    ),
+    (
+        "p2p/nDPI__bittorrent.pcap",
+        None,
+        "15 s of peer-wire traffic with about 20 peers, TCP only, no listening port seen: below every threshold; too little behaviour to convict",
+    ),
+    (
+        "p2p/nDPI__bittorrent_utp.pcap",
+        None,
+        "one uTP transfer with a single peer",
+    ),
+    (
+        "p2p/nDPI__bt-http.pcapng",
+        None,
+        "one HTTP tracker announce",
+    ),
+    (
+        "p2p/nDPI__bt_search.pcap",
+        None,
+        "one LSD multicast, no external peer",
+    ),
+    (
+        "p2p/zeek__bittorrent-tracker.pcap",
+        None,
+        "one tracker announce",
+    ),
+    (
+        "p2p/suricata-verify__bittorrent-dht__input.pcap",
+        None,
+        "crafted DHT messages between two public hosts",
+    ),
+    (
+        "p2p/nDPI__edonkey.pcap",
+        None,
+        "the client side of a single flow",
+    ),
+];
+
+fn alarms(pcap: &Path, dir: &Path) -> (Vec<serde_json::Value>, String) {
+    let json = dir.join("alarms.json");
+    let out = Command::new(tests::detector_bin())
+        .arg("replay")
+        .arg(pcap)
+        .args(["--flows-json", "/dev/null", "--alarms-json"])
+        .arg(&json)
+        .output()
+        .expect("run detector replay");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let events = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (events, stderr)
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn labelled_captures_get_the_expected_verdicts() {
+    let Some(data) = tests::shared_testdata() else {
+        eprintln!("skipped: ../shared/testdata is absent");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("detector-verdicts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (capture, host, why) in VERDICTS {
+        let (events, stderr) = alarms(&data.join("pcap").join(capture), &dir);
+        let raised: Vec<&str> = events
+            .iter()
+            .filter(|e| e["state"] == "raised")
+            .map(|e| e["host"].as_str().unwrap())
+            .collect();
+        match host {
+            Some(h) => {
+                assert_eq!(raised, vec![*h], "{capture} ({why}): {stderr}");
+                let e = events.iter().find(|e| e["state"] == "raised").unwrap();
+                for f in [
+                    "id",
+                    "state",
+                    "host",
+                    "kind",
+                    "score",
+                    "first_seen",
+                    "last_seen",
+                    "window_secs",
+                    "peers",
+                    "flows",
+                    "bytes_in",
+                    "bytes_out",
+                    "top_peer_share",
+                    "evidence",
+                    "exporters",
+                ] {
+                    assert!(e.get(f).is_some(), "{capture}: alarm without {f}");
+                }
+                assert!(e["peers"].as_u64().unwrap() >= 100, "{capture}: {e}");
+                assert!(stderr.contains(&format!(
+                    "alarm {} raised p2p: host {h}",
+                    e["id"].as_str().unwrap()
+                )));
+            }
+            None => assert!(raised.is_empty(), "{capture} ({why}) alarmed: {stderr}"),
+        }
+        eprintln!(
+            "{capture}: {} ({why})",
+            if raised.is_empty() {
+                "no alarm"
+            } else {
+                "alarm"
+            }
+        );
+    }
+    // Benign captures: not one alarm.
+    let mut benign: Vec<_> = std::fs::read_dir(data.join("pcap/benign"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".txt"))
+        .collect();
+    benign.sort();
+    assert!(benign.len() >= 14);
+    for pcap in benign {
+        let (events, stderr) = alarms(&pcap, &dir);
+        assert!(events.is_empty(), "{} alarmed: {stderr}", pcap.display());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,5 +1,6 @@
 //! Sinks: where flow records go.
 
+pub mod alarms;
 pub mod json;
 pub mod netflow_v9;
 

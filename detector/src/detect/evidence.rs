@@ -1,0 +1,274 @@
+//! The evidence rules: each turns a host profile into a number, compares it with its
+//! threshold, and says whether it fired and with what weight. The score is the sum of
+//! the weights of the rules that fired; look-alike guards can veto.
+//!
+//! The behaviour hunted (a BitTorrent or other P2P client): many external peers, none
+//! dominating and none among the top talkers, each throttled to a small rate, remote
+//! ports spread over the whole range, the same peers reached over TCP and UDP
+//! (Karagiannis et al., IMC 2004), one stable local port that many peers connect to with
+//! as many distinct remote ports as remote addresses (the {IP, port} test), a UDP
+//! fan-out of small datagrams (DHT), and connection attempts that never complete.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::profile::HostProfile;
+
+/// Thresholds and weights of the rules; defaults in [`Thresholds::default`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
+    pub peers: f64,
+    pub flows: f64,
+    pub top_peer_share: f64,
+    pub peer_bytes_per_min: f64,
+    pub remote_ports: f64,
+    pub high_port_share: f64,
+    pub tcp_udp_peers: f64,
+    pub ip_port_ratio: f64,
+    pub listen_peers: f64,
+    pub udp_small_peers: f64,
+    pub udp_small_size: f64,
+    pub failed_share: f64,
+    /// Score at or above which a host is suspect.
+    pub score: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            peers: 25.0,
+            flows: 60.0,
+            top_peer_share: 0.35,
+            peer_bytes_per_min: 2e6,
+            remote_ports: 20.0,
+            high_port_share: 0.7,
+            tcp_udp_peers: 3.0,
+            ip_port_ratio: 1.3,
+            listen_peers: 8.0,
+            udp_small_peers: 15.0,
+            udp_small_size: 300.0,
+            failed_share: 0.2,
+            score: 7.0,
+        }
+    }
+}
+
+/// One rule's verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evidence {
+    pub rule: &'static str,
+    pub value: f64,
+    pub threshold: f64,
+    pub fired: bool,
+    pub weight: f64,
+}
+
+/// Everything the rules measured on a host, for the alarm.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Measures {
+    pub peers: u64,
+    pub flows: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub top_peer_share: f64,
+}
+
+/// The verdict on one host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub score: f64,
+    pub evidence: Vec<Evidence>,
+    pub measures: Measures,
+    /// A look-alike guard that vetoed the alarm, if any.
+    pub guard: Option<&'static str>,
+}
+
+fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) -> Evidence {
+    Evidence {
+        rule,
+        value,
+        threshold,
+        fired,
+        weight,
+    }
+}
+
+/// Evaluates every rule on `p`. `top_senders` are the external addresses that sent the
+/// most bytes to the internal network over the window; `window_min` is the window length.
+pub fn evaluate(
+    p: &mut HostProfile,
+    t: &Thresholds,
+    top_senders: &HashSet<IpAddr>,
+    window_min: f64,
+) -> Verdict {
+    let peers = p.peer_count();
+    let mut m = Measures {
+        peers,
+        ..Measures::default()
+    };
+    let mut per_peer_rate = Vec::with_capacity(p.peers.len());
+    let mut top = 0u64;
+    let mut remote_ports: HashSet<u16> = HashSet::new();
+    let mut tcp_udp = 0u64;
+    let (mut attempts, mut failed) = (0u64, 0u64);
+    let mut udp_small = 0u64;
+    // Per local port: remote addresses and (address, remote port) pairs.
+    type Endpoints = (HashSet<IpAddr>, HashSet<(IpAddr, u16)>);
+    let mut by_local: HashMap<u16, Endpoints> = HashMap::new();
+    let mut in_top = false;
+    for (ip, s) in &p.peers {
+        m.flows += s.flows;
+        m.bytes_in += s.bytes_in;
+        m.bytes_out += s.bytes_out;
+        let total = s.bytes_in + s.bytes_out;
+        top = top.max(total);
+        per_peer_rate.push(total as f64 / window_min.max(1.0));
+        for &(l, r) in &s.ports {
+            remote_ports.insert(r);
+            let e = by_local.entry(l).or_default();
+            e.0.insert(*ip);
+            e.1.insert((*ip, r));
+        }
+        if s.tcp && s.udp {
+            tcp_udp += 1;
+        }
+        attempts += s.tcp_attempts;
+        failed += s.tcp_failed;
+        if s.udp_packets > 0 && (s.udp_bytes as f64 / s.udp_packets as f64) < t.udp_small_size {
+            udp_small += 1;
+        }
+        in_top |= top_senders.contains(ip);
+    }
+    let total = m.bytes_in + m.bytes_out;
+    m.top_peer_share = if total > 0 {
+        top as f64 / total as f64
+    } else {
+        1.0
+    };
+    per_peer_rate.sort_by(f64::total_cmp);
+    let median_rate = per_peer_rate
+        .get(per_peer_rate.len() / 2)
+        .copied()
+        .unwrap_or(0.0);
+    let high_share = if remote_ports.is_empty() {
+        0.0
+    } else {
+        remote_ports.iter().filter(|&&p| p > 1024).count() as f64 / remote_ports.len() as f64
+    };
+    // The listening endpoint: the local port with the most distinct peers.
+    let (listen_port, listen_ips, listen_pairs) = by_local
+        .iter()
+        .map(|(l, (ips, pairs))| (*l, ips.len(), pairs.len()))
+        .max_by_key(|&(l, ips, _)| (ips, l))
+        .unwrap_or((0, 0, 0));
+    let ip_port_ratio = if listen_ips > 0 {
+        listen_pairs as f64 / listen_ips as f64
+    } else {
+        0.0
+    };
+    let failed_share = if attempts > 0 {
+        failed as f64 / attempts as f64
+    } else {
+        0.0
+    };
+    let many = peers as f64 >= t.peers;
+    let evidence = vec![
+        ev("external_peers", peers as f64, t.peers, many, 2.0),
+        ev(
+            "flows",
+            m.flows as f64,
+            t.flows,
+            m.flows as f64 >= t.flows,
+            1.0,
+        ),
+        ev(
+            "top_peer_share",
+            m.top_peer_share,
+            t.top_peer_share,
+            many && m.top_peer_share <= t.top_peer_share,
+            1.0,
+        ),
+        ev(
+            "peer_in_top10_senders",
+            in_top as u8 as f64,
+            0.0,
+            many && !in_top,
+            0.5,
+        ),
+        ev(
+            "median_peer_bytes_per_min",
+            median_rate,
+            t.peer_bytes_per_min,
+            many && median_rate <= t.peer_bytes_per_min,
+            1.0,
+        ),
+        ev(
+            "remote_ports",
+            remote_ports.len() as f64,
+            t.remote_ports,
+            remote_ports.len() as f64 >= t.remote_ports && high_share >= t.high_port_share,
+            2.0,
+        ),
+        ev(
+            "tcp_and_udp_peers",
+            tcp_udp as f64,
+            t.tcp_udp_peers,
+            tcp_udp as f64 >= t.tcp_udp_peers,
+            2.0,
+        ),
+        ev(
+            "ip_port_ratio",
+            ip_port_ratio,
+            t.ip_port_ratio,
+            listen_ips as f64 >= t.listen_peers
+                && listen_port > 1024
+                && ip_port_ratio <= t.ip_port_ratio,
+            2.0,
+        ),
+        ev(
+            "stable_local_port_peers",
+            listen_ips as f64,
+            t.listen_peers,
+            listen_ips as f64 >= t.listen_peers && listen_port > 1024,
+            1.0,
+        ),
+        ev(
+            "udp_small_datagram_peers",
+            udp_small as f64,
+            t.udp_small_peers,
+            udp_small as f64 >= t.udp_small_peers,
+            2.0,
+        ),
+        ev(
+            "failed_connection_share",
+            failed_share,
+            t.failed_share,
+            attempts >= 20 && failed_share >= t.failed_share,
+            1.0,
+        ),
+    ];
+    let score = evidence
+        .iter()
+        .filter(|e| e.fired)
+        .map(|e| e.weight)
+        .fold(0.0, |a, w| a + w);
+    // Look-alikes: a scanner (connections that fail on many ports of few hosts, little
+    // data back), and a server answering many clients on a well-known port (more
+    // connections per client than one: ports exceed addresses).
+    let guard = if attempts >= 20 && failed_share >= 0.8 && m.bytes_in < 1_000_000 {
+        Some("port_scan")
+    } else if listen_port != 0 && listen_port <= 1024 && listen_ips as f64 >= t.listen_peers {
+        Some("server_on_well_known_port")
+    } else {
+        None
+    };
+    Verdict {
+        score,
+        evidence,
+        measures: m,
+        guard,
+    }
+}

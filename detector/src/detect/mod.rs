@@ -1,0 +1,407 @@
+//! P2P behaviour detection: host profiles over a sliding window, fed by the pipeline's
+//! deduplicated flow records, evaluated every `eval_interval` with the evidence rules,
+//! and turned into alarms with a lifecycle (`raised`, `updated`, `cleared`).
+//!
+//! Pure: records carry their times, and `evaluate` takes `now` (the wall clock under
+//! `run`, the capture's clock under `replay`).
+
+pub mod evidence;
+pub mod profile;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::flow::FlowRecord;
+use crate::sources::netflow::decode::Cidr;
+use evidence::{Evidence, Thresholds, Verdict};
+use profile::HostProfile;
+
+/// Detection settings.
+#[derive(Clone, Debug)]
+pub struct DetectConfig {
+    /// Internal networks; everything else is external.
+    pub internal: Vec<Cidr>,
+    /// Hosts or networks that never alarm.
+    pub allow_hosts: Vec<Cidr>,
+    /// Ports (either side) whose flows are ignored.
+    pub allow_ports: Vec<u16>,
+    pub window: Duration,
+    pub eval_interval: Duration,
+    /// Consecutive evaluations over the threshold before an alarm is raised.
+    pub consecutive: u32,
+    /// Minimum time between two `updated` events of one alarm.
+    pub update_interval: Duration,
+    /// Time under the threshold before an alarm is cleared.
+    pub clear_after: Duration,
+    pub thresholds: Thresholds,
+    /// Hosts tracked at most (beyond: records counted and dropped).
+    pub max_hosts: usize,
+    /// Peers held in full per host (beyond: counted in a sketch).
+    pub max_peers: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        let c = |s: &str| s.parse().expect("static CIDR");
+        Self {
+            internal: vec![
+                c("10.0.0.0/8"),
+                c("172.16.0.0/12"),
+                c("192.168.0.0/16"),
+                c("100.64.0.0/10"),
+                c("fc00::/7"),
+            ],
+            allow_hosts: Vec::new(),
+            allow_ports: Vec::new(),
+            window: Duration::from_secs(300),
+            eval_interval: Duration::from_secs(10),
+            consecutive: 3,
+            update_interval: Duration::from_secs(60),
+            clear_after: Duration::from_secs(120),
+            thresholds: Thresholds::default(),
+            max_hosts: 100_000,
+            max_peers: 4096,
+        }
+    }
+}
+
+impl DetectConfig {
+    fn internal(&self, ip: IpAddr) -> bool {
+        self.internal.iter().any(|c| c.contains(ip))
+    }
+
+    fn usable(ip: IpAddr) -> bool {
+        !(ip.is_multicast() || ip.is_unspecified() || ip.is_loopback() || is_broadcast(ip))
+    }
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast() || v4.octets()[3] == 255)
+}
+
+/// Alarm lifecycle states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlarmState {
+    Raised,
+    Updated,
+    Cleared,
+}
+
+/// One alarm event, as written to `--alarms-json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AlarmEvent {
+    pub id: String,
+    pub state: AlarmState,
+    pub host: IpAddr,
+    pub kind: &'static str,
+    pub score: f64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub window_secs: u64,
+    pub peers: u64,
+    pub flows: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub top_peer_share: f64,
+    pub evidence: Vec<Evidence>,
+    pub exporters: Vec<String>,
+}
+
+impl AlarmEvent {
+    /// The same event as one readable log line.
+    pub fn log_line(&self) -> String {
+        let fired: Vec<String> = self
+            .evidence
+            .iter()
+            .filter(|e| e.fired)
+            .map(|e| format!("{}={:.2} (>= {:.2})", e.rule, e.value, e.threshold))
+            .collect();
+        format!(
+            "alarm {} {} {}: host {} score {:.1}, {} peers, {} flows, {} bytes in, {} bytes out, top peer {:.0}%; {}; seen by {}",
+            self.id,
+            match self.state {
+                AlarmState::Raised => "raised",
+                AlarmState::Updated => "updated",
+                AlarmState::Cleared => "cleared",
+            },
+            self.kind,
+            self.host,
+            self.score,
+            self.peers,
+            self.flows,
+            self.bytes_in,
+            self.bytes_out,
+            self.top_peer_share * 100.0,
+            fired.join(", "),
+            self.exporters.join(", ")
+        )
+    }
+}
+
+#[derive(Debug)]
+struct HostState {
+    profile: HostProfile,
+    over: u32,
+    alarm: Option<Alarm>,
+    /// The last evaluation's score and guard, for reports.
+    last: (f64, Option<&'static str>),
+}
+
+#[derive(Debug)]
+struct Alarm {
+    id: String,
+    first_seen: SystemTime,
+    last_over: SystemTime,
+    last_event: SystemTime,
+    last_score: f64,
+    last_peers: u64,
+}
+
+/// Counters of the engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub records: u64,
+    pub duplicates_skipped: u64,
+    pub not_internal_external: u64,
+    pub hosts_over_limit: u64,
+    pub evaluations: u64,
+}
+
+/// The detection engine.
+pub struct Engine {
+    cfg: DetectConfig,
+    hosts: HashMap<IpAddr, HostState>,
+    next_eval: Option<SystemTime>,
+    pub stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(cfg: DetectConfig) -> Self {
+        Self {
+            cfg,
+            hosts: HashMap::new(),
+            next_eval: None,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn thresholds(&self) -> &Thresholds {
+        &self.cfg.thresholds
+    }
+
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Each tracked host's last score and the guard that vetoed it, highest first.
+    pub fn last_scores(&self) -> Vec<(IpAddr, f64, Option<&'static str>)> {
+        let mut v: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|(ip, h)| (*ip, h.last.0, h.last.1))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    /// Feeds one record. A duplicate (another source's copy was counted) only adds its
+    /// source to the host's list of reporters.
+    pub fn observe(&mut self, r: &FlowRecord) {
+        self.stats.records += 1;
+        if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)
+        {
+            return;
+        }
+        let (si, di) = (self.cfg.internal(r.src_addr), self.cfg.internal(r.dst_addr));
+        let (host, host_is_src, peer) = match (si, di) {
+            (true, false) => (r.src_addr, true, r.dst_addr),
+            (false, true) => (r.dst_addr, false, r.src_addr),
+            _ => {
+                self.stats.not_internal_external += 1;
+                return;
+            }
+        };
+        if !DetectConfig::usable(peer) || !DetectConfig::usable(host) {
+            return;
+        }
+        if self.cfg.allow_hosts.iter().any(|c| c.contains(host)) {
+            return;
+        }
+        if r.duplicate {
+            self.stats.duplicates_skipped += 1;
+            if let Some(h) = self.hosts.get_mut(&host) {
+                h.profile.note_source(r);
+            }
+            return;
+        }
+        if !self.hosts.contains_key(&host) && self.hosts.len() >= self.cfg.max_hosts {
+            self.stats.hosts_over_limit += 1;
+            return;
+        }
+        let max_peers = self.cfg.max_peers;
+        self.hosts
+            .entry(host)
+            .or_insert_with(|| HostState {
+                profile: HostProfile::new(max_peers),
+                over: 0,
+                alarm: None,
+                last: (0.0, None),
+            })
+            .profile
+            .add(r, host_is_src);
+    }
+
+    /// Evaluates when `eval_interval` has passed since the last evaluation (or always
+    /// with `force`); returns the alarm events.
+    pub fn tick(&mut self, now: SystemTime, force: bool) -> Vec<AlarmEvent> {
+        match self.next_eval {
+            Some(t) if now < t && !force => return Vec::new(),
+            _ => {}
+        }
+        self.next_eval = Some(now + self.cfg.eval_interval);
+        self.evaluate(now)
+    }
+
+    fn evaluate(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
+        self.stats.evaluations += 1;
+        let window = self.cfg.window;
+        for h in self.hosts.values_mut() {
+            h.profile.expire(now, window);
+        }
+        // The top 10 external senders into the network over the window.
+        let mut senders: HashMap<IpAddr, u64> = HashMap::new();
+        for h in self.hosts.values() {
+            for (ip, p) in &h.profile.peers {
+                *senders.entry(*ip).or_default() += p.bytes_in;
+            }
+        }
+        let mut by_bytes: Vec<(IpAddr, u64)> = senders.into_iter().collect();
+        by_bytes.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
+        let top10: HashSet<IpAddr> = by_bytes.iter().take(10).map(|(ip, _)| *ip).collect();
+        let window_min = window.as_secs_f64() / 60.0;
+        let mut events = Vec::new();
+        let cfg = &self.cfg;
+        for (host, h) in self.hosts.iter_mut() {
+            let v = evidence::evaluate(&mut h.profile, &cfg.thresholds, &top10, window_min);
+            let suspect = v.guard.is_none() && v.score >= cfg.thresholds.score;
+            h.last = (v.score, v.guard);
+            if suspect {
+                h.over += 1;
+            } else {
+                h.over = 0;
+            }
+            match &mut h.alarm {
+                None if suspect && h.over >= cfg.consecutive => {
+                    let alarm = Alarm {
+                        id: alarm_id(*host, now),
+                        first_seen: now,
+                        last_over: now,
+                        last_event: now,
+                        last_score: v.score,
+                        last_peers: v.measures.peers,
+                    };
+                    events.push(event(
+                        &alarm,
+                        AlarmState::Raised,
+                        *host,
+                        &v,
+                        &h.profile,
+                        now,
+                        cfg,
+                    ));
+                    h.alarm = Some(alarm);
+                }
+                Some(a) if suspect => {
+                    a.last_over = now;
+                    let changed = (v.score - a.last_score).abs() >= 1.0
+                        || v.measures.peers.abs_diff(a.last_peers) * 5 >= a.last_peers.max(1);
+                    let due =
+                        now.duration_since(a.last_event).unwrap_or_default() >= cfg.update_interval;
+                    if changed && due {
+                        a.last_event = now;
+                        a.last_score = v.score;
+                        a.last_peers = v.measures.peers;
+                        events.push(event(
+                            a,
+                            AlarmState::Updated,
+                            *host,
+                            &v,
+                            &h.profile,
+                            now,
+                            cfg,
+                        ));
+                    }
+                }
+                Some(a)
+                    if now.duration_since(a.last_over).unwrap_or_default() >= cfg.clear_after =>
+                {
+                    events.push(event(
+                        a,
+                        AlarmState::Cleared,
+                        *host,
+                        &v,
+                        &h.profile,
+                        now,
+                        cfg,
+                    ));
+                    h.alarm = None;
+                }
+                _ => {}
+            }
+        }
+        // Hosts with nothing left in the window and no alarm are forgotten.
+        self.hosts
+            .retain(|_, h| !h.profile.peers.is_empty() || h.alarm.is_some());
+        events.sort_by_key(|e| e.host);
+        events
+    }
+
+    /// Ends every open alarm's evaluation (end of a replay): evaluates once more at `now`.
+    pub fn finish(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
+        self.evaluate(now)
+    }
+}
+
+fn alarm_id(host: IpAddr, at: SystemTime) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    host.hash(&mut h);
+    at.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn event(
+    a: &Alarm,
+    state: AlarmState,
+    host: IpAddr,
+    v: &Verdict,
+    p: &HostProfile,
+    now: SystemTime,
+    cfg: &DetectConfig,
+) -> AlarmEvent {
+    let rfc = crate::export::json::rfc3339;
+    AlarmEvent {
+        id: a.id.clone(),
+        state,
+        host,
+        kind: "p2p",
+        score: v.score,
+        first_seen: rfc(a.first_seen),
+        last_seen: rfc(now.min(p.last_seen.max(a.first_seen))),
+        window_secs: cfg.window.as_secs(),
+        peers: v.measures.peers,
+        flows: v.measures.flows,
+        bytes_in: v.measures.bytes_in,
+        bytes_out: v.measures.bytes_out,
+        top_peer_share: v.measures.top_peer_share,
+        evidence: v.evidence.clone(),
+        exporters: p.sources.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,349 @@
+//! Synthetic flow streams with a fake clock: a torrent client alarms; each look-alike
+//! (web server, DNS resolver, CDN-heavy browser, video stream, video call, port scan,
+//! NAT gateway) does not; the same torrent reported by three sources is one alarm.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::flow::{Direction, FlowRecord, Origin};
+
+fn t(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+}
+
+fn ext(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i)) // 198.18.0.0/15
+}
+
+#[allow(clippy::too_many_arguments, reason = "a test record builder")]
+fn rec(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    proto: u8,
+    packets: u64,
+    bytes: u64,
+    flags: u8,
+    at: u64,
+) -> FlowRecord {
+    FlowRecord {
+        src_addr: src,
+        dst_addr: dst,
+        src_port: sport,
+        dst_port: dport,
+        protocol: proto,
+        packets,
+        bytes,
+        first: t(at),
+        last: t(at + 5),
+        direction: Direction::Ingress,
+        tcp_flags: flags,
+        tos: 0,
+        vlan: 0,
+        vlan_inner: 0,
+        ifindex: 1,
+        sampling: 1,
+        origin: Origin::Local,
+        duplicate: false,
+    }
+}
+
+/// A client with default BitTorrent settings: ~80 peers, throttled, high ports, its
+/// listening port 51413 on TCP and UDP, DHT queries, some dead peers.
+fn torrent(host: IpAddr, at: u64) -> Vec<FlowRecord> {
+    let mut v = Vec::new();
+    for i in 0..80u32 {
+        let peer = ext(i);
+        let rport = 10_000 + (i as u16 * 577) % 50_000;
+        if i % 2 == 0 {
+            // The peer connected to our listening port.
+            v.push(rec(peer, rport, host, 51413, 6, 40, 50_000, 0x18, at));
+            v.push(rec(host, 51413, peer, rport, 6, 30, 2_000, 0x18, at));
+        } else {
+            v.push(rec(
+                host,
+                40_000 + i as u16,
+                peer,
+                rport,
+                6,
+                30,
+                2_000,
+                0x1a,
+                at,
+            ));
+            v.push(rec(
+                peer,
+                rport,
+                host,
+                40_000 + i as u16,
+                6,
+                40,
+                50_000,
+                0x18,
+                at,
+            ));
+        }
+        if i % 3 == 0 {
+            // uTP and DHT on the same listening port.
+            v.push(rec(host, 51413, peer, rport, 17, 2, 180, 0, at));
+            v.push(rec(peer, rport, host, 51413, 17, 2, 200, 0, at));
+        }
+        if i % 7 == 0 {
+            v.push(rec(
+                host,
+                45_000 + i as u16,
+                ext(1000 + i),
+                6881,
+                6,
+                2,
+                120,
+                0x02,
+                at,
+            ));
+        }
+    }
+    v
+}
+
+fn run(
+    engine: &mut Engine,
+    seconds: u64,
+    mut feed: impl FnMut(u64) -> Vec<FlowRecord>,
+) -> Vec<AlarmEvent> {
+    let mut events = Vec::new();
+    for s in (0..seconds).step_by(10) {
+        for r in feed(s) {
+            engine.observe(&r);
+        }
+        events.extend(engine.tick(t(s + 6), false));
+    }
+    events
+}
+
+fn raised(events: &[AlarmEvent]) -> Vec<IpAddr> {
+    events
+        .iter()
+        .filter(|e| e.state == AlarmState::Raised)
+        .map(|e| e.host)
+        .collect()
+}
+
+#[test]
+fn a_torrent_client_raises_one_alarm_with_its_evidence() {
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    let mut e = Engine::new(DetectConfig::default());
+    let events = run(&mut e, 60, |s| torrent(host, s));
+    assert_eq!(raised(&events), vec![host]);
+    let a = &events[0];
+    assert_eq!(a.kind, "p2p");
+    assert!(a.peers >= 80, "{a:?}");
+    assert!(a.score >= 7.0);
+    let fired: Vec<_> = a
+        .evidence
+        .iter()
+        .filter(|x| x.fired)
+        .map(|x| x.rule)
+        .collect();
+    for rule in [
+        "external_peers",
+        "remote_ports",
+        "tcp_and_udp_peers",
+        "ip_port_ratio",
+        "stable_local_port_peers",
+    ] {
+        assert!(fired.contains(&rule), "{rule} did not fire: {fired:?}");
+    }
+    assert!(a.log_line().contains("raised p2p: host 10.0.0.5"));
+    // Raised after 3 consecutive evaluations, not before.
+    assert_eq!(e.stats.evaluations, 6);
+}
+
+#[test]
+fn the_alarm_clears_after_the_quiet_period() {
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    let mut e = Engine::new(DetectConfig::default());
+    let mut events = run(&mut e, 60, |s| torrent(host, s));
+    for s in (60..600).step_by(10) {
+        events.extend(e.tick(t(s), false));
+    }
+    let states: Vec<_> = events.iter().map(|x| x.state).collect();
+    assert_eq!(states.first(), Some(&AlarmState::Raised));
+    assert_eq!(states.last(), Some(&AlarmState::Cleared));
+    assert_eq!(
+        states.iter().filter(|s| **s == AlarmState::Raised).count(),
+        1
+    );
+    let ids: std::collections::HashSet<_> = events.iter().map(|x| x.id.clone()).collect();
+    assert_eq!(ids.len(), 1, "one id per episode");
+}
+
+#[test]
+fn the_same_torrent_from_three_sources_is_one_alarm_listing_them() {
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    let mut e = Engine::new(DetectConfig::default());
+    let mut dedup = crate::flow::dedup::Dedup::new(Duration::from_secs(600), 100_000);
+    let origins = [
+        Origin::Local,
+        Origin::Exporter {
+            addr: SocketAddr::new("192.0.2.1".parse().unwrap(), 2055),
+            domain: 0,
+        },
+        Origin::Exporter {
+            addr: SocketAddr::new("192.0.2.2".parse().unwrap(), 2055),
+            domain: 7,
+        },
+    ];
+    let events = run(&mut e, 60, |s| {
+        let mut all = Vec::new();
+        for o in origins {
+            for mut r in torrent(host, s) {
+                r.origin = o;
+                dedup.mark(&mut r);
+                all.push(r);
+            }
+        }
+        all
+    });
+    assert_eq!(raised(&events), vec![host]);
+    let mut ex = events[0].exporters.clone();
+    ex.sort();
+    assert_eq!(ex, vec!["192.0.2.1/0", "192.0.2.2/7", "local"]);
+    // Counted once: the same figures as from one source alone.
+    let mut single = Engine::new(DetectConfig::default());
+    let one = run(&mut single, 60, |s| torrent(host, s));
+    assert_eq!(
+        (events[0].bytes_in, events[0].flows, events[0].peers),
+        (one[0].bytes_in, one[0].flows, one[0].peers)
+    );
+}
+
+#[test]
+fn look_alikes_stay_silent() {
+    type Feed = Box<dyn FnMut(u64) -> Vec<FlowRecord>>;
+    let cases: Vec<(&str, Feed)> = vec![
+        (
+            "web server answering hundreds of clients on 443",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.10".parse().unwrap();
+                (0..300u32)
+                    .flat_map(|i| {
+                        (0..3u16).flat_map(move |c| {
+                            let p = 30_000 + (i as u16 % 1000) * 3 + c;
+                            [
+                                rec(ext(i), p, host, 443, 6, 10, 1_500, 0x1a, s),
+                                rec(host, 443, ext(i), p, 6, 20, 60_000, 0x1a, s),
+                            ]
+                        })
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "DNS resolver querying many upstreams",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.53".parse().unwrap();
+                (0..60u32)
+                    .flat_map(|i| {
+                        let p = 20_000 + i as u16 * 7 + s as u16;
+                        [
+                            rec(host, p, ext(i), 53, 17, 1, 70, 0, s),
+                            rec(ext(i), 53, host, p, 17, 1, 200, 0, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "CDN-heavy browser",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.20".parse().unwrap();
+                (0..70u32)
+                    .flat_map(|i| {
+                        let p = 50_000 + (i as u16 + s as u16 * 70) % 10_000;
+                        let port = if i % 5 == 0 { 80 } else { 443 };
+                        let proto = if i % 4 == 0 { 17 } else { 6 };
+                        [
+                            rec(host, p, ext(i), port, proto, 20, 2_000, 0x1a, s),
+                            rec(ext(i), port, host, p, proto, 60, 80_000, 0x1a, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "long video stream from one server",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.21".parse().unwrap();
+                vec![
+                    rec(ext(1), 443, host, 51000, 6, 5000, 7_000_000, 0x18, s),
+                    rec(host, 51000, ext(1), 443, 6, 2000, 100_000, 0x18, s),
+                    rec(host, 51001, ext(2), 53, 17, 1, 60, 0, s),
+                ]
+            }),
+        ),
+        (
+            "video call over STUN/TURN",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.22".parse().unwrap();
+                (0..4u32)
+                    .flat_map(|i| {
+                        [
+                            rec(host, 50_000, ext(i), 3478, 17, 500, 400_000, 0, s),
+                            rec(ext(i), 3478, host, 50_000, 17, 500, 400_000, 0, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "port scan of one host",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.66".parse().unwrap();
+                (0..200u16)
+                    .map(|p| {
+                        rec(
+                            host,
+                            40_000,
+                            ext(9),
+                            1 + p + s as u16 * 200,
+                            6,
+                            1,
+                            44,
+                            0x02,
+                            s,
+                        )
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "NAT gateway with many clients browsing",
+            Box::new(|s| {
+                let host: IpAddr = "100.64.0.1".parse().unwrap();
+                (0..150u32)
+                    .flat_map(|i| {
+                        let p = 1025 + (i as u16 * 97 + s as u16 * 13) % 60_000;
+                        [
+                            rec(host, p, ext(i), 443, 6, 20, 3_000, 0x1a, s),
+                            rec(ext(i), 443, host, p, 6, 40, 120_000, 0x1a, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+    ];
+    for (name, feed) in cases {
+        let mut e = Engine::new(DetectConfig::default());
+        let events = run(&mut e, 120, feed);
+        assert!(
+            raised(&events).is_empty(),
+            "{name} alarmed: {:?}",
+            events.first().map(|x| x.log_line())
+        );
+        let scores = e.last_scores();
+        assert_eq!(scores.len(), 1, "{name}: the host was not profiled");
+        eprintln!("{name}: score {:.1}, guard {:?}", scores[0].1, scores[0].2);
+    }
+}
