@@ -62,6 +62,59 @@ pub fn sinks(
     Ok(sinks)
 }
 
+/// The detection settings and alarm sinks from `--config` and the flags (which win).
+pub fn detection(
+    a: &crate::cli::DetectArgs,
+) -> Result<(
+    crate::detect::DetectConfig,
+    crate::export::alarms::AlarmSink,
+)> {
+    use crate::config::FileConfig;
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut cfg = file.detect_config();
+    if !a.internal.is_empty() {
+        cfg.internal = a.internal.clone();
+    }
+    let json = a
+        .alarms_json
+        .clone()
+        .or_else(|| file.sinks.alarms_json.clone());
+    let mut alarms = crate::export::alarms::AlarmSink::open(json.as_deref())
+        .with_context(|| format!("opening the alarms file {json:?}"))?;
+    let syslog = a
+        .syslog
+        .clone()
+        .or_else(|| file.sinks.syslog.as_ref().map(|s| s.address.clone()));
+    if let Some(addr) = syslog {
+        let addr = crate::export::syslog::parse_address(&addr).map_err(anyhow::Error::msg)?;
+        alarms.syslog = Some(crate::export::syslog::SyslogSink::new(addr));
+    }
+    let webhook = match (&a.webhook, &file.sinks.webhook) {
+        (Some(url), w) => Some(crate::config::WebhookSink {
+            url: url.clone(),
+            timeout_secs: w.as_ref().map(|w| w.timeout_secs).unwrap_or(5),
+            retries: w.as_ref().map(|w| w.retries).unwrap_or(3),
+            queue: w.as_ref().map(|w| w.queue).unwrap_or(1000),
+        }),
+        (None, w) => w.clone(),
+    };
+    if let Some(w) = webhook {
+        if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+            bail!("--webhook '{}' is not an http:// or https:// URL", w.url);
+        }
+        alarms.webhook = Some(crate::export::webhook::WebhookSink::new(
+            w.url,
+            Duration::from_secs(w.timeout_secs),
+            w.retries,
+            w.queue,
+        ));
+    }
+    Ok((cfg, alarms))
+}
+
 /// Dedup, detection, then every sink.
 pub struct Pipeline {
     pub sinks: Vec<Box<dyn Sink + Send>>,
@@ -74,11 +127,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(sinks: Vec<Box<dyn Sink + Send>>, alarms: crate::export::alarms::AlarmSink) -> Self {
+    pub fn new(
+        sinks: Vec<Box<dyn Sink + Send>>,
+        detect: crate::detect::DetectConfig,
+        alarms: crate::export::alarms::AlarmSink,
+    ) -> Self {
         Self {
             sinks,
             dedup: Dedup::new(DEDUP_WINDOW, DEDUP_MAX_FLOWS),
-            engine: crate::detect::Engine::new(crate::detect::DetectConfig::default()),
+            engine: crate::detect::Engine::new(detect),
             alarms,
             exported_records: 0,
             exported_packets: 0,
@@ -110,13 +167,13 @@ impl Pipeline {
     pub fn describe(&self) -> String {
         let sinks: Vec<_> = self.sinks.iter().map(|s| s.describe()).collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, {} alarm events; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, {}; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
             self.dedup.stats.duplicates,
             self.engine.hosts(),
-            self.alarms.written,
+            self.alarms.describe(),
             sinks.join("; ")
         )
     }
@@ -322,10 +379,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling_interval: args.sampling,
         ..V9Config::default()
     };
-    let alarms = crate::export::alarms::AlarmSink::open(args.alarms_json.as_deref())
-        .with_context(|| format!("opening --alarms-json {:?}", args.alarms_json))?;
+    let (detect, alarms) = detection(&args.detect)?;
     let mut pipeline = Pipeline::new(
         sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+        detect,
         alarms,
     );
 

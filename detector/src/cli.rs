@@ -25,6 +25,11 @@ pub enum Command {
     /// Run a capture file through the real XDP program (or its NetFlow datagrams through
     /// the decoder, with --netflow), on the capture's own clock.
     Replay(crate::replay::ReplayArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
     /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
     #[command(hide = true)]
     BenchXdp(BenchArgs),
@@ -90,10 +95,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub flows_json: Option<String>,
 
-    /// Write one JSON object per alarm event to PATH (`-` for stdout); alarms are always
-    /// logged as readable lines too.
-    #[arg(long, value_name = "PATH")]
-    pub alarms_json: Option<String>,
+    #[command(flatten)]
+    pub detect: DetectArgs,
 
     /// Resend NetFlow v9 templates every N datagrams.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
@@ -106,6 +109,31 @@ pub struct RunArgs {
     /// Log the meter's counters every SECS seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub stats_interval: u64,
+}
+
+/// Detection and alarm settings shared by `run` and `replay`; flags override the file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DetectArgs {
+    /// Configuration file (TOML): networks, allow-lists, window, thresholds, sinks.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Write one JSON object per alarm event to PATH (`-` for stdout); alarms are always
+    /// logged as readable lines too.
+    #[arg(long, value_name = "PATH")]
+    pub alarms_json: Option<String>,
+
+    /// Internal network (repeatable CIDR); replaces the configured list.
+    #[arg(long, value_name = "CIDR")]
+    pub internal: Vec<Cidr>,
+
+    /// Send alarm events to syslog (RFC 5424): udp://HOST:PORT, tcp://HOST:PORT, unix:///dev/log.
+    #[arg(long, value_name = "ADDR")]
+    pub syslog: Option<String>,
+
+    /// POST every alarm event as JSON to this http:// URL.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {

@@ -15,6 +15,9 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
         Command::Replay(args) => detector::replay::replay(args),
+        Command::CheckConfig { file } => detector::config::FileConfig::load(&file)
+            .map(|c| print!("{}", c.to_toml()))
+            .map_err(anyhow::Error::from),
         Command::BenchXdp(args) => detector::bench::xdp(args),
         Command::BenchIngest(args) => detector::bench::ingest(args),
     };

@@ -58,9 +58,8 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "PATH")]
     pub flows_json: Option<String>,
 
-    /// Write one JSON object per alarm event to PATH (`-` for stdout).
-    #[arg(long, value_name = "PATH")]
-    pub alarms_json: Option<String>,
+    #[command(flatten)]
+    pub detect: crate::cli::DetectArgs,
 
     /// Active timeout on the capture's clock.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -85,10 +84,10 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         source_id: args.source_id,
         ..V9Config::default()
     };
-    let alarms = crate::export::alarms::AlarmSink::open(args.alarms_json.as_deref())
-        .with_context(|| format!("opening --alarms-json {:?}", args.alarms_json))?;
+    let (detect, alarms) = crate::agent::detection(&args.detect)?;
     let mut pipeline = Pipeline::new(
         sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+        detect,
         alarms,
     );
     if args.netflow {

@@ -64,6 +64,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "softflowd",
+    "rsyslog",
 ];
 
 fn main() -> ExitCode {

@@ -11,8 +11,12 @@ use crate::detect::AlarmEvent;
 pub struct AlarmSink {
     target: String,
     out: Option<Box<dyn Write + Send>>,
+    pub syslog: Option<super::syslog::SyslogSink>,
+    pub webhook: Option<super::webhook::WebhookSink>,
     pub written: u64,
     pub errors: u64,
+    /// Events handed to the sinks.
+    pub events: u64,
 }
 
 impl AlarmSink {
@@ -26,13 +30,23 @@ impl AlarmSink {
         Ok(Self {
             target: path.unwrap_or("log").to_string(),
             out,
+            syslog: None,
+            webhook: None,
             written: 0,
             errors: 0,
+            events: 0,
         })
     }
 
     pub fn send(&mut self, events: &[AlarmEvent]) {
+        if let Some(w) = &self.webhook {
+            w.send(events);
+        }
         for e in events {
+            self.events += 1;
+            if let Some(s) = self.syslog.as_mut() {
+                s.send(e);
+            }
             warn!("{}", e.log_line());
             if let Some(out) = self.out.as_mut() {
                 let r = serde_json::to_writer(&mut *out, e)
@@ -48,5 +62,28 @@ impl AlarmSink {
                 }
             }
         }
+    }
+
+    /// One line of the alarm sinks' counters.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!(
+            "{} alarm events ({} written to {}, {} write errors)",
+            self.events, self.written, self.target, self.errors
+        )];
+        if let Some(s) = &self.syslog {
+            parts.push(format!("syslog sent {} failed {}", s.sent, s.failures));
+        }
+        if let Some(w) = &self.webhook {
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = w.stats();
+            parts.push(format!(
+                "webhook delivered {} failed attempts {} dropped {} queued {}",
+                st.delivered.load(Relaxed),
+                st.failures.load(Relaxed),
+                st.dropped.load(Relaxed),
+                w.queued()
+            ));
+        }
+        parts.join(", ")
     }
 }

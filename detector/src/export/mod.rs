@@ -3,6 +3,8 @@
 pub mod alarms;
 pub mod json;
 pub mod netflow_v9;
+pub mod syslog;
+pub mod webhook;
 
 use std::time::SystemTime;
 

@@ -1,0 +1,324 @@
+//! The configuration file (`--config FILE`, TOML): networks, allow-lists, detection
+//! window and thresholds, alarm sinks. Flags override it. `detector check-config FILE`
+//! validates a file and prints the effective configuration; every error names the key
+//! and the fix.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::DetectConfig;
+use crate::detect::evidence::Thresholds;
+use crate::sources::netflow::decode::Cidr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Value {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The file, as written. Every section and key is optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub networks: Networks,
+    pub allow: Allow,
+    pub detection: Detection,
+    pub thresholds: Thresholds,
+    pub sinks: Sinks,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Networks {
+    /// Internal networks (CIDR); everything else is external.
+    pub internal: Vec<String>,
+}
+
+impl Default for Networks {
+    fn default() -> Self {
+        Self {
+            internal: DetectConfig::default()
+                .internal
+                .iter()
+                .map(|c| format!("{}/{}", c.addr, c.len))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Allow {
+    /// Hosts or networks (CIDR) that never alarm.
+    pub hosts: Vec<String>,
+    /// Ports whose flows are ignored.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Detection {
+    pub window_secs: u64,
+    pub eval_interval_secs: u64,
+    pub consecutive: u32,
+    pub update_interval_secs: u64,
+    pub clear_after_secs: u64,
+}
+
+impl Default for Detection {
+    fn default() -> Self {
+        let d = DetectConfig::default();
+        Self {
+            window_secs: d.window.as_secs(),
+            eval_interval_secs: d.eval_interval.as_secs(),
+            consecutive: d.consecutive,
+            update_interval_secs: d.update_interval.as_secs(),
+            clear_after_secs: d.clear_after.as_secs(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sinks {
+    /// One JSON object per alarm event to this path (`-` for stdout).
+    pub alarms_json: Option<String>,
+    pub syslog: Option<SyslogSink>,
+    pub webhook: Option<WebhookSink>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSink {
+    /// `udp://HOST:PORT`, `tcp://HOST:PORT` or `unix:///dev/log`.
+    pub address: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSink {
+    /// `http://HOST[:PORT]/PATH`: each alarm event is POSTed as JSON.
+    pub url: String,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Events held while the endpoint is unreachable; beyond, the oldest are dropped
+    /// and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_timeout() -> u64 {
+    5
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_queue() -> usize {
+    1000
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let cfg: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: p.clone(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate(&p)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError::Value {
+            path: path.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        self.cidrs(&self.networks.internal, "networks.internal", path)?;
+        self.cidrs(&self.allow.hosts, "allow.hosts", path)?;
+        let d = &self.detection;
+        if d.eval_interval_secs == 0 {
+            return Err(err(
+                "detection.eval_interval_secs",
+                "must be at least 1 (seconds between evaluations)".into(),
+            ));
+        }
+        if d.window_secs < d.eval_interval_secs {
+            return Err(err(
+                "detection.window_secs",
+                format!(
+                    "{} is shorter than detection.eval_interval_secs ({}): make the window longer",
+                    d.window_secs, d.eval_interval_secs
+                ),
+            ));
+        }
+        if d.consecutive == 0 {
+            return Err(err(
+                "detection.consecutive",
+                "must be at least 1 evaluation".into(),
+            ));
+        }
+        if self.thresholds.score <= 0.0 {
+            return Err(err(
+                "thresholds.score",
+                "must be above 0 or every host would alarm".into(),
+            ));
+        }
+        if let Some(s) = &self.sinks.syslog {
+            crate::export::syslog::parse_address(&s.address)
+                .map_err(|m| err("sinks.syslog.address", m))?;
+        }
+        if let Some(w) = &self.sinks.webhook
+            && !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+        {
+            return Err(err(
+                "sinks.webhook.url",
+                format!("'{}' is not an http:// or https:// URL", w.url),
+            ));
+        }
+        Ok(())
+    }
+
+    fn cidrs(&self, list: &[String], key: &str, path: &str) -> Result<Vec<Cidr>, ConfigError> {
+        list.iter()
+            .map(|s| {
+                s.parse::<Cidr>().map_err(|m| ConfigError::Value {
+                    path: path.to_string(),
+                    key: key.to_string(),
+                    message: m,
+                })
+            })
+            .collect()
+    }
+
+    /// The detection settings this file describes.
+    pub fn detect_config(&self) -> DetectConfig {
+        let parse = |v: &[String]| v.iter().filter_map(|s| s.parse().ok()).collect::<Vec<_>>();
+        let d = &self.detection;
+        DetectConfig {
+            internal: parse(&self.networks.internal),
+            allow_hosts: parse(&self.allow.hosts),
+            allow_ports: self.allow.ports.clone(),
+            window: Duration::from_secs(d.window_secs),
+            eval_interval: Duration::from_secs(d.eval_interval_secs),
+            consecutive: d.consecutive,
+            update_interval: Duration::from_secs(d.update_interval_secs),
+            clear_after: Duration::from_secs(d.clear_after_secs),
+            thresholds: self.thresholds.clone(),
+            ..DetectConfig::default()
+        }
+    }
+
+    /// The effective configuration, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("serialisable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<FileConfig, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("detector-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{}.toml", text.len()));
+        std::fs::write(&p, text).unwrap();
+        FileConfig::load(&p)
+    }
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c, FileConfig::default());
+        let d = c.detect_config();
+        assert_eq!(d.window, Duration::from_secs(300));
+        assert_eq!(d.internal.len(), 5);
+    }
+
+    #[test]
+    fn every_section_is_read_and_printed_back() {
+        let c = load(
+            r#"
+[networks]
+internal = ["10.0.0.0/8"]
+[allow]
+hosts = ["10.0.0.10", "10.1.0.0/16"]
+ports = [3478]
+[detection]
+window_secs = 600
+consecutive = 2
+[thresholds]
+peers = 40.0
+score = 8.0
+[sinks]
+alarms_json = "/tmp/alarms.json"
+syslog = { address = "udp://127.0.0.1:514" }
+webhook = { url = "http://127.0.0.1:8080/alarms" }
+"#,
+        )
+        .unwrap();
+        let d = c.detect_config();
+        assert_eq!(d.window, Duration::from_secs(600));
+        assert_eq!(d.consecutive, 2);
+        assert_eq!(d.thresholds.peers, 40.0);
+        assert_eq!(d.allow_ports, vec![3478]);
+        assert!(d.allow_hosts[1].contains("10.1.2.3".parse().unwrap()));
+        let back: FileConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.sinks.webhook.as_ref().unwrap().retries, 3);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let e = load("[detection]\nwindow = 5\n").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field `window`") && e.contains("window_secs"),
+            "{e}"
+        );
+        let e = load("[networks]\ninternal = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("networks.internal") && e.contains("prefix length"),
+            "{e}"
+        );
+        let e = load("[detection]\nwindow_secs = 5\neval_interval_secs = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("detection.window_secs") && e.contains("longer"),
+            "{e}"
+        );
+        let e = load("[sinks]\nsyslog = { address = \"127.0.0.1:514\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sinks.syslog.address") && e.contains("udp://"),
+            "{e}"
+        );
+        let e = load("[thresholds]\npeers = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peers"), "{e}");
+    }
+}

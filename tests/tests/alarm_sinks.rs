@@ -1,0 +1,220 @@
+//! Alarm sinks against real receivers: a local HTTP receiver gets every webhook event,
+//! including the ones sent while it was down, and a queue that overflows drops the oldest
+//! and counts them; a real rsyslog (Debian) receives the RFC 5424 message over UDP and
+//! TCP (privileged: rsyslogd is run as root by `cargo xtask test`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, TcpListener};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use detector::detect::evidence::Evidence;
+use detector::detect::{AlarmEvent, AlarmState};
+use detector::export::syslog::{SyslogAddr, SyslogSink};
+use detector::export::webhook::WebhookSink;
+
+fn event(n: u32) -> AlarmEvent {
+    AlarmEvent {
+        id: format!("{n:016x}"),
+        state: AlarmState::Raised,
+        host: IpAddr::from([10, 0, 0, n as u8]),
+        kind: "p2p",
+        score: 9.5,
+        first_seen: "2026-11-30T01:00:00.000Z".into(),
+        last_seen: "2026-11-30T01:05:00.000Z".into(),
+        window_secs: 300,
+        peers: 120,
+        flows: 800,
+        bytes_in: 5_000_000,
+        bytes_out: 200_000,
+        top_peer_share: 0.05,
+        evidence: vec![Evidence {
+            rule: "external_peers",
+            value: 120.0,
+            threshold: 25.0,
+            fired: true,
+            weight: 2.0,
+        }],
+        exporters: vec!["local".into()],
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP receiver: answers 200 to every POST and keeps the bodies.
+fn receiver(listener: TcpListener, bodies: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            if r.read_exact(&mut body).is_ok() {
+                bodies
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into());
+            }
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+}
+
+#[test]
+fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
+    // A port nobody listens on yet.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/alarms");
+    let sink = WebhookSink::new(url.clone(), Duration::from_secs(2), 1, 100);
+    let start = Instant::now();
+    sink.send(&[event(1), event(2), event(3)]);
+    // Never blocks the caller.
+    assert!(start.elapsed() < Duration::from_millis(100));
+    wait_until(
+        "failed attempts while the endpoint is down",
+        Duration::from_secs(10),
+        || sink.stats().failures.load(Relaxed) >= 2,
+    );
+    assert_eq!(sink.stats().delivered.load(Relaxed), 0);
+    assert_eq!(sink.queued(), 3);
+    // The endpoint comes up: everything queued is delivered, in order.
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    receiver(
+        TcpListener::bind(("127.0.0.1", port)).unwrap(),
+        bodies.clone(),
+    );
+    wait_until(
+        "delivery after the endpoint came back",
+        Duration::from_secs(30),
+        || sink.stats().delivered.load(Relaxed) == 3,
+    );
+    let got = bodies.lock().unwrap().clone();
+    let ids: Vec<String> = got
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, vec![event(1).id, event(2).id, event(3).id]);
+
+    // A bounded queue: with the endpoint unreachable, the oldest events are dropped.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let small = WebhookSink::new(
+        format!("http://127.0.0.1:{dead}/"),
+        Duration::from_secs(1),
+        0,
+        2,
+    );
+    small.send(&(0..5).map(event).collect::<Vec<_>>());
+    assert_eq!(small.queued(), 2);
+    assert_eq!(small.stats().dropped.load(Relaxed), 3);
+}
+
+fn rsyslog(
+    dir: &std::path::Path,
+    proto: &str,
+    port: u16,
+) -> (tests::netns::Guarded, std::path::PathBuf) {
+    let out = dir.join(format!("{proto}.log"));
+    let conf = dir.join(format!("{proto}.conf"));
+    let module = if proto == "udp" { "imudp" } else { "imtcp" };
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{dir}\")\nmodule(load=\"{module}\")\ninput(type=\"{module}\" port=\"{port}\" address=\"127.0.0.1\")\n*.* action(type=\"omfile\" file=\"{out}\" template=\"RSYSLOG_SyslogProtocol23Format\")\n",
+            dir = dir.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("rsyslogd")
+        .arg("-n")
+        .arg("-f")
+        .arg(&conf)
+        .arg("-i")
+        .arg(dir.join(format!("{proto}.pid")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rsyslogd (package rsyslog; cargo xtask setup installs it)");
+    (tests::netns::Guarded::new("rsyslogd", child), out)
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn rsyslog_receives_the_alarm_over_udp_and_tcp() {
+    let dir = std::env::temp_dir().join(format!("detector-rsyslog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for proto in ["udp", "tcp"] {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (mut rs, out) = rsyslog(&dir, proto, port);
+        std::thread::sleep(Duration::from_millis(800));
+        let addr = format!("127.0.0.1:{port}");
+        let mut sink = SyslogSink::new(if proto == "udp" {
+            SyslogAddr::Udp(addr)
+        } else {
+            SyslogAddr::Tcp(addr)
+        });
+        let e = event(7);
+        // rsyslog may still be starting: send until it shows up.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            sink.send(&e);
+            std::thread::sleep(Duration::from_millis(300));
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.contains(&e.id) {
+                assert!(
+                    text.contains("p2p@32473"),
+                    "{proto}: structured data missing: {text}"
+                );
+                assert!(text.contains("host 10.0.0.7"), "{proto}: {text}");
+                assert!(
+                    text.contains("detector"),
+                    "{proto}: app name missing: {text}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{proto}: rsyslog did not receive the alarm"
+            );
+        }
+        rs.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
