@@ -36,6 +36,9 @@ pub enum Command {
     /// Measure NetFlow ingest against nfcapd on the same datagrams.
     #[command(hide = true)]
     BenchIngest(IngestBenchArgs),
+    /// Measure the detection engine's throughput and memory.
+    #[command(hide = true)]
+    BenchEngine(EngineBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +145,16 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
             "'{s}' is not ADDR:PORT; give an address and a port, e.g. 0.0.0.0:2055 or [::]:4739"
         )
     })
+}
+
+#[derive(Debug, Args)]
+pub struct EngineBenchArgs {
+    /// Internal hosts.
+    #[arg(long, default_value_t = 100_000)]
+    pub hosts: u64,
+    /// Records per window.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub records: u64,
 }
 
 #[derive(Debug, Args)]

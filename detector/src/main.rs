@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from),
         Command::BenchXdp(args) => detector::bench::xdp(args),
         Command::BenchIngest(args) => detector::bench::ingest(args),
+        Command::BenchEngine(args) => detector::bench::engine(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,6 +52,8 @@ enum Bench {
     },
     /// Highest loss-free NetFlow ingest rate of the agent and of nfcapd, same datagrams.
     Ingest,
+    /// Records per second through dedup, profiles and scoring; memory per host.
+    Engine,
 }
 
 /// Debian packages: LLVM for bpf-linker, and the real peers the tests compare against.
@@ -79,6 +81,12 @@ fn main() -> ExitCode {
         Task::Bench {
             which: Bench::Ingest,
         } => bench_ingest(),
+        Task::Bench {
+            which: Bench::Engine,
+        } => {
+            let bin = build_release()?;
+            status(Command::new(bin).arg("bench-engine"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
