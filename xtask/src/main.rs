@@ -83,10 +83,7 @@ fn main() -> ExitCode {
         } => bench_ingest(),
         Task::Bench {
             which: Bench::Engine,
-        } => {
-            let bin = build_release()?;
-            status(Command::new(bin).arg("bench-engine"))
-        }
+        } => bench_engine(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -306,4 +303,9 @@ fn bench_ingest() -> Result<()> {
             .arg("--testdata")
             .arg(testdata),
     )
+}
+
+fn bench_engine() -> Result<()> {
+    let bin = build_release()?;
+    status(Command::new(bin).arg("bench-engine"))
 }
