@@ -4,7 +4,6 @@
 //! (`--netflow-listen`). Every record, whatever its source, goes through the same
 //! pipeline: duplicate marking, then every sink.
 
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -328,36 +327,12 @@ impl Ingest {
     }
 
     fn describe(&self) -> String {
-        let pending = self.decoder.pending();
         let mut parts: Vec<String> = self
             .listeners
             .iter()
             .map(|(a, d)| format!("listener {a}: kernel drops {d}"))
             .collect();
-        let mut exporters: Vec<(&IpAddr, _)> = self.decoder.exporters().iter().collect();
-        exporters.sort_by_key(|(ip, _)| **ip);
-        for (ip, s) in exporters {
-            let p = pending.get(ip).cloned().unwrap_or_default();
-            parts.push(format!(
-                "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {}",
-                s.datagrams,
-                s.bytes,
-                s.records,
-                s.v5,
-                s.v9,
-                s.ipfix,
-                s.templates,
-                s.options_records,
-                s.errors,
-                s.no_template,
-                p.held,
-                p.replayed,
-                p.dropped,
-                s.sequence_gaps,
-                s.sequence_lost,
-                s.skipped_records
-            ));
-        }
+        parts.extend(self.decoder.describe_exporters());
         let g = &self.decoder.global;
         parts.push(format!(
             "rejected by --exporter-allow {}, over the exporter limit {}",

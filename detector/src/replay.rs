@@ -116,27 +116,8 @@ fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
         stats.datagrams,
         stats.skipped
     );
-    let pending = decoder.pending();
-    let mut exporters: Vec<_> = decoder.exporters().iter().collect();
-    exporters.sort_by_key(|(ip, _)| **ip);
-    for (ip, s) in exporters {
-        let p = pending.get(ip).cloned().unwrap_or_default();
-        eprintln!(
-            "  exporter {ip}: {} datagrams, {} records (v5 {} v9 {} ipfix {}), {} templates, {} options records, errors {:?}, {} without template (held {}, decoded late {}), {} sequence gaps ({} lost)",
-            s.datagrams,
-            s.records,
-            s.v5,
-            s.v9,
-            s.ipfix,
-            s.templates,
-            s.options_records,
-            s.errors,
-            p.cached + s.no_template,
-            p.held,
-            p.replayed,
-            s.sequence_gaps,
-            s.sequence_lost
-        );
+    for line in decoder.describe_exporters() {
+        eprintln!("  {line}");
     }
     report_suspects(pipeline);
     eprintln!("{}", pipeline.describe());

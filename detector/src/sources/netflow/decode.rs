@@ -297,7 +297,7 @@ impl Decoder {
                 let interval = (h.sampling_interval & 0x3fff) as u32;
                 let sampling = interval.max(1);
                 let export_ms = h.unix_secs as u64 * 1000 + h.unix_nsecs as u64 / 1_000_000;
-                let stats = self.exporters.get_mut(&from.ip()).expect("tracked");
+                let stats = self.stats(from);
                 stats.v5 += 1;
                 for f in flowsets {
                     let at = |up: u32| uptime_to_wall(export_ms, h.sys_up_time, up);
@@ -330,7 +330,7 @@ impl Decoder {
             NetflowPacket::V9(v9) => {
                 let h = v9.header;
                 self.sequence(from, 9, h.source_id, h.sequence_number, 1);
-                self.exporters.get_mut(&from.ip()).expect("tracked").v9 += 1;
+                self.stats(from).v9 += 1;
                 let ctx = Ctx {
                     from,
                     domain: h.source_id,
@@ -354,10 +354,7 @@ impl Decoder {
                             }
                         }
                         V9Body::OptionsData(o) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .options_records += o.fields.len() as u64;
+                            self.stats(from).options_records += o.fields.len() as u64;
                             for r in o.fields {
                                 let fields =
                                     r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
@@ -365,30 +362,19 @@ impl Decoder {
                             }
                         }
                         V9Body::Template(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.templates.len() as u64
+                            self.stats(from).templates += t.templates.len() as u64
                         }
                         V9Body::OptionsTemplate(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.templates.len() as u64
+                            self.stats(from).templates += t.templates.len() as u64
                         }
-                        V9Body::NoTemplate(_) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .no_template += 1
-                        }
+                        V9Body::NoTemplate(_) => self.stats(from).no_template += 1,
                         _ => {}
                     }
                 }
             }
             NetflowPacket::IPFix(ipfix) => {
                 let h = ipfix.header;
-                self.exporters.get_mut(&from.ip()).expect("tracked").ipfix += 1;
+                self.stats(from).ipfix += 1;
                 let ctx = Ctx {
                     from,
                     domain: h.observation_domain_id,
@@ -429,10 +415,7 @@ impl Decoder {
                         }
                         IpfixBody::OptionsData(o) => {
                             data_records += o.fields.len() as u32;
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .options_records += o.fields.len() as u64;
+                            self.stats(from).options_records += o.fields.len() as u64;
                             for r in o.fields {
                                 let fields = r
                                     .into_iter()
@@ -442,10 +425,7 @@ impl Decoder {
                         }
                         IpfixBody::V9OptionsData(o) => {
                             data_records += o.fields.len() as u32;
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .options_records += o.fields.len() as u64;
+                            self.stats(from).options_records += o.fields.len() as u64;
                             for r in o.fields {
                                 let fields =
                                     r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
@@ -455,42 +435,16 @@ impl Decoder {
                         IpfixBody::Template(_)
                         | IpfixBody::V9Template(_)
                         | IpfixBody::OptionsTemplate(_)
-                        | IpfixBody::V9OptionsTemplate(_) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += 1
-                        }
-                        IpfixBody::Templates(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.len() as u64
-                        }
-                        IpfixBody::V9Templates(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.len() as u64
-                        }
+                        | IpfixBody::V9OptionsTemplate(_) => self.stats(from).templates += 1,
+                        IpfixBody::Templates(t) => self.stats(from).templates += t.len() as u64,
+                        IpfixBody::V9Templates(t) => self.stats(from).templates += t.len() as u64,
                         IpfixBody::OptionsTemplates(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.len() as u64
+                            self.stats(from).templates += t.len() as u64
                         }
                         IpfixBody::V9OptionsTemplates(t) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .templates += t.len() as u64
+                            self.stats(from).templates += t.len() as u64
                         }
-                        IpfixBody::NoTemplate(_) => {
-                            self.exporters
-                                .get_mut(&from.ip())
-                                .expect("tracked")
-                                .no_template += 1
-                        }
+                        IpfixBody::NoTemplate(_) => self.stats(from).no_template += 1,
                         _ => {}
                     }
                 }
@@ -512,6 +466,44 @@ impl Decoder {
                     .or_default() += 1;
             }
         }
+    }
+
+    /// The counters of a tracked exporter (every datagram's source is tracked before its
+    /// packets are handled).
+    fn stats(&mut self, from: SocketAddr) -> &mut ExporterStats {
+        self.exporters.get_mut(&from.ip()).expect("tracked")
+    }
+
+    /// One line per exporter: its counters and its early-data counters.
+    pub fn describe_exporters(&self) -> Vec<String> {
+        let pending = self.pending();
+        let mut exporters: Vec<_> = self.exporters.iter().collect();
+        exporters.sort_by_key(|(ip, _)| **ip);
+        exporters
+            .into_iter()
+            .map(|(ip, s)| {
+                let p = pending.get(ip).cloned().unwrap_or_default();
+                format!(
+                    "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {}",
+                    s.datagrams,
+                    s.bytes,
+                    s.records,
+                    s.v5,
+                    s.v9,
+                    s.ipfix,
+                    s.templates,
+                    s.options_records,
+                    s.errors,
+                    s.no_template + p.cached,
+                    p.held,
+                    p.replayed,
+                    p.dropped,
+                    s.sequence_gaps,
+                    s.sequence_lost,
+                    s.skipped_records
+                )
+            })
+            .collect()
     }
 
     fn count_error(&mut self, from: SocketAddr, kind: &'static str) {
