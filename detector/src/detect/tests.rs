@@ -347,3 +347,267 @@ fn look_alikes_stay_silent() {
         eprintln!("{name}: score {:.1}, guard {:?}", scores[0].1, scores[0].2);
     }
 }
+
+/// Evaluates one host profile built from `records` (all at t(0)) and returns the rules
+/// that fired and the score.
+fn verdict(records: &[FlowRecord]) -> (Vec<&'static str>, f64) {
+    let host_of = |r: &FlowRecord| -> (IpAddr, bool) {
+        let internal = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 10);
+        if internal(r.src_addr) {
+            (r.src_addr, true)
+        } else {
+            (r.dst_addr, false)
+        }
+    };
+    let mut p = profile::HostProfile::new(4096);
+    for r in records {
+        let (_, is_src) = host_of(r);
+        p.add(r, is_src);
+    }
+    let v = evidence::evaluate(
+        &mut p,
+        &evidence::Thresholds::default(),
+        &std::collections::HashSet::new(),
+        5.0,
+    );
+    let fired = v
+        .evidence
+        .iter()
+        .filter(|e| e.fired)
+        .map(|e| e.rule)
+        .collect();
+    (fired, v.score)
+}
+
+fn host() -> IpAddr {
+    "10.0.0.9".parse().unwrap()
+}
+
+#[test]
+fn rule_external_peers_counts_distinct_external_peers() {
+    let below: Vec<_> = (0..24)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 1, 100, 0x10, 0))
+        .collect();
+    let at: Vec<_> = (0..25)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 1, 100, 0x10, 0))
+        .collect();
+    assert!(!verdict(&below).0.contains(&"external_peers"));
+    assert!(verdict(&at).0.contains(&"external_peers"));
+}
+
+#[test]
+fn rule_flows_counts_flows() {
+    let few: Vec<_> = (0..59)
+        .map(|i| rec(ext(1), 443, host(), 50_000 + i, 6, 1, 100, 0x10, 0))
+        .collect();
+    let many: Vec<_> = (0..60)
+        .map(|i| rec(ext(1), 443, host(), 50_000 + i, 6, 1, 100, 0x10, 0))
+        .collect();
+    assert!(!verdict(&few).0.contains(&"flows"));
+    assert!(verdict(&many).0.contains(&"flows"));
+}
+
+#[test]
+fn rule_top_peer_share_needs_no_dominant_peer() {
+    let even: Vec<_> = (0..30)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 10, 10_000, 0x10, 0))
+        .collect();
+    let mut dominated = even.clone();
+    dominated.push(rec(
+        ext(99),
+        443,
+        host(),
+        50_001,
+        6,
+        1000,
+        10_000_000,
+        0x10,
+        0,
+    ));
+    assert!(verdict(&even).0.contains(&"top_peer_share"));
+    assert!(!verdict(&dominated).0.contains(&"top_peer_share"));
+}
+
+#[test]
+fn rule_median_peer_rate_needs_throttled_peers() {
+    let slow: Vec<_> = (0..30)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 10, 1_000_000, 0x10, 0))
+        .collect();
+    let fast: Vec<_> = (0..30)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 10, 20_000_000, 0x10, 0))
+        .collect();
+    assert!(verdict(&slow).0.contains(&"median_peer_bytes_per_min"));
+    assert!(!verdict(&fast).0.contains(&"median_peer_bytes_per_min"));
+}
+
+#[test]
+fn rule_remote_ports_needs_many_high_ports() {
+    let spread: Vec<_> = (0..20)
+        .map(|i| {
+            rec(
+                ext(i),
+                20_000 + i as u16,
+                host(),
+                50_000,
+                6,
+                1,
+                100,
+                0x10,
+                0,
+            )
+        })
+        .collect();
+    let web: Vec<_> = (0..20)
+        .map(|i| {
+            rec(
+                ext(i),
+                443 - (i as u16 % 2) * 363,
+                host(),
+                50_000,
+                6,
+                1,
+                100,
+                0x10,
+                0,
+            )
+        })
+        .collect();
+    assert!(verdict(&spread).0.contains(&"remote_ports"));
+    assert!(!verdict(&web).0.contains(&"remote_ports"));
+}
+
+#[test]
+fn rule_tcp_and_udp_peers_counts_peers_reached_both_ways() {
+    let both: Vec<_> = (0..3)
+        .flat_map(|i| {
+            [
+                rec(ext(i), 30_000, host(), 51413, 6, 1, 100, 0x10, 0),
+                rec(ext(i), 30_000, host(), 51413, 17, 1, 100, 0, 0),
+            ]
+        })
+        .collect();
+    let tcp_only: Vec<_> = (0..3)
+        .map(|i| rec(ext(i), 30_000, host(), 51413, 6, 1, 100, 0x10, 0))
+        .collect();
+    assert!(verdict(&both).0.contains(&"tcp_and_udp_peers"));
+    assert!(!verdict(&tcp_only).0.contains(&"tcp_and_udp_peers"));
+}
+
+#[test]
+fn rule_ip_port_ratio_tells_a_p2p_listener_from_a_server() {
+    // One connection per peer to a high listening port: ratio 1.
+    let p2p: Vec<_> = (0..10)
+        .map(|i| rec(ext(i), 30_000 + i as u16, host(), 51413, 6, 1, 100, 0x10, 0))
+        .collect();
+    // Four connections per client to the same high port: ratio 4.
+    let app_server: Vec<_> = (0..10)
+        .flat_map(|i| {
+            (0..4u16).map(move |c| rec(ext(i), 30_000 + c, host(), 8080, 6, 1, 100, 0x10, 0))
+        })
+        .collect();
+    let (f, _) = verdict(&p2p);
+    assert!(f.contains(&"ip_port_ratio") && f.contains(&"stable_local_port_peers"));
+    let (f, _) = verdict(&app_server);
+    assert!(!f.contains(&"ip_port_ratio") && f.contains(&"stable_local_port_peers"));
+}
+
+#[test]
+fn rule_udp_small_datagrams_ignores_service_ports() {
+    let dht: Vec<_> = (0..15)
+        .map(|i| rec(host(), 51413, ext(i), 6881, 17, 2, 200, 0, 0))
+        .collect();
+    let dns: Vec<_> = (0..15)
+        .map(|i| rec(host(), 51413, ext(i), 53, 17, 2, 200, 0, 0))
+        .collect();
+    let big: Vec<_> = (0..15)
+        .map(|i| rec(host(), 51413, ext(i), 6881, 17, 2, 2_400, 0, 0))
+        .collect();
+    assert!(verdict(&dht).0.contains(&"udp_small_datagram_peers"));
+    assert!(!verdict(&dns).0.contains(&"udp_small_datagram_peers"));
+    assert!(!verdict(&big).0.contains(&"udp_small_datagram_peers"));
+}
+
+#[test]
+fn rule_failed_connections_counts_outbound_syns_without_ack() {
+    let mut flows: Vec<_> = (0..16)
+        .map(|i| rec(host(), 40_000 + i, ext(i as u32), 6881, 6, 5, 500, 0x1a, 0))
+        .collect();
+    let ok = verdict(&flows).0;
+    flows.extend((0..4).map(|i| {
+        rec(
+            host(),
+            41_000 + i,
+            ext(100 + i as u32),
+            6881,
+            6,
+            1,
+            60,
+            0x02,
+            0,
+        )
+    }));
+    assert!(!ok.contains(&"failed_connection_share"));
+    assert!(verdict(&flows).0.contains(&"failed_connection_share"));
+}
+
+#[test]
+fn the_score_is_the_sum_of_the_fired_weights() {
+    let recs = torrent(host(), 0);
+    let mut p = profile::HostProfile::new(4096);
+    for r in &recs {
+        let is_src = r.src_addr == host();
+        p.add(r, is_src);
+    }
+    let v = evidence::evaluate(
+        &mut p,
+        &evidence::Thresholds::default(),
+        &std::collections::HashSet::new(),
+        5.0,
+    );
+    let sum: f64 = v
+        .evidence
+        .iter()
+        .filter(|e| e.fired)
+        .map(|e| e.weight)
+        .sum();
+    assert_eq!(v.score, sum);
+    assert!(v.score >= 7.0 && v.guard.is_none());
+    // Raising the threshold of a fired rule unfires it and lowers the score by its weight.
+    let t = evidence::Thresholds {
+        tcp_udp_peers: 1000.0,
+        ..Default::default()
+    };
+    let v2 = evidence::evaluate(&mut p, &t, &std::collections::HashSet::new(), 5.0);
+    assert_eq!(v.score - v2.score, 2.0);
+}
+
+#[test]
+fn peers_beyond_the_cap_are_counted_in_the_sketch() {
+    let mut p = profile::HostProfile::new(100);
+    for i in 0..1000u32 {
+        p.add(&rec(ext(i), 443, host(), 50_000, 6, 1, 100, 0x10, 0), false);
+    }
+    assert_eq!(p.peers.len(), 100, "held in full up to the cap");
+    let n = p.peer_count();
+    assert!((950..=1050).contains(&n), "sketch estimate {n}");
+}
+
+#[test]
+fn rule_top10_senders_fires_when_no_peer_is_among_them() {
+    let recs: Vec<_> = (0..30)
+        .map(|i| rec(ext(i), 443, host(), 50_000, 6, 10, 10_000, 0x10, 0))
+        .collect();
+    let mut p = profile::HostProfile::new(4096);
+    for r in &recs {
+        p.add(r, false);
+    }
+    let t = evidence::Thresholds::default();
+    let fired = |top: &std::collections::HashSet<IpAddr>, p: &mut profile::HostProfile| {
+        evidence::evaluate(p, &t, top, 5.0)
+            .evidence
+            .iter()
+            .any(|e| e.rule == "peer_in_top10_senders" && e.fired)
+    };
+    assert!(fired(&std::collections::HashSet::new(), &mut p));
+    assert!(!fired(&[ext(3)].into_iter().collect(), &mut p));
+}
