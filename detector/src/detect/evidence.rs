@@ -9,7 +9,7 @@
 //! as many distinct remote ports as remote addresses (the {IP, port} test), a UDP
 //! fan-out of small datagrams (DHT), and connection attempts that never complete.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -111,13 +111,12 @@ pub fn evaluate(
     };
     let mut per_peer_rate = Vec::with_capacity(p.peers.len());
     let mut top = 0u64;
-    let mut remote_ports: HashSet<u16> = HashSet::new();
+    let mut remote_ports: Vec<u16> = Vec::with_capacity(p.peers.len() * 2);
     let mut tcp_udp = 0u64;
     let (mut attempts, mut failed) = (0u64, 0u64);
     let mut udp_small = 0u64;
-    // Per local port: remote addresses and (address, remote port) pairs.
-    type Endpoints = (HashSet<IpAddr>, HashSet<(IpAddr, u16)>);
-    let mut by_local: HashMap<u16, Endpoints> = HashMap::new();
+    // (local port, remote address, remote port) of every peer's connections.
+    let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
     for (ip, s) in &p.peers {
         m.flows += s.flows;
@@ -127,10 +126,8 @@ pub fn evaluate(
         top = top.max(total);
         per_peer_rate.push(total as f64 / window_min.max(1.0));
         for &(l, r) in &s.ports {
-            remote_ports.insert(r);
-            let e = by_local.entry(l).or_default();
-            e.0.insert(*ip);
-            e.1.insert((*ip, r));
+            remote_ports.push(r);
+            endpoints.push((l, *ip, r));
         }
         if s.tcp && s.udp {
             tcp_udp += 1;
@@ -153,17 +150,35 @@ pub fn evaluate(
         .get(per_peer_rate.len() / 2)
         .copied()
         .unwrap_or(0.0);
+    remote_ports.sort_unstable();
+    remote_ports.dedup();
     let high_share = if remote_ports.is_empty() {
         0.0
     } else {
         remote_ports.iter().filter(|&&p| p > 1024).count() as f64 / remote_ports.len() as f64
     };
-    // The listening endpoint: the local port with the most distinct peers.
-    let (listen_port, listen_ips, listen_pairs) = by_local
-        .iter()
-        .map(|(l, (ips, pairs))| (*l, ips.len(), pairs.len()))
-        .max_by_key(|&(l, ips, _)| (ips, l))
-        .unwrap_or((0, 0, 0));
+    // The listening endpoint: the local port with the most distinct peers, with its
+    // distinct remote addresses and (address, port) pairs (one sorted pass).
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    let (mut listen_port, mut listen_ips, mut listen_pairs) = (0u16, 0usize, 0usize);
+    let mut i = 0;
+    while i < endpoints.len() {
+        let l = endpoints[i].0;
+        let (mut ips, mut pairs) = (0usize, 0usize);
+        let mut last_ip = None;
+        while i < endpoints.len() && endpoints[i].0 == l {
+            pairs += 1;
+            if last_ip != Some(endpoints[i].1) {
+                ips += 1;
+                last_ip = Some(endpoints[i].1);
+            }
+            i += 1;
+        }
+        if (ips, l) > (listen_ips, listen_port) {
+            (listen_port, listen_ips, listen_pairs) = (l, ips, pairs);
+        }
+    }
     let ip_port_ratio = if listen_ips > 0 {
         listen_pairs as f64 / listen_ips as f64
     } else {

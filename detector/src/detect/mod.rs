@@ -175,7 +175,7 @@ pub struct EngineStats {
 /// The detection engine.
 pub struct Engine {
     cfg: DetectConfig,
-    hosts: HashMap<IpAddr, HostState>,
+    hosts: rustc_hash::FxHashMap<IpAddr, HostState>,
     next_eval: Option<SystemTime>,
     pub stats: EngineStats,
 }
@@ -184,7 +184,7 @@ impl Engine {
     pub fn new(cfg: DetectConfig) -> Self {
         Self {
             cfg,
-            hosts: HashMap::new(),
+            hosts: rustc_hash::FxHashMap::default(),
             next_eval: None,
             stats: EngineStats::default(),
         }
@@ -286,7 +286,27 @@ impl Engine {
         let window_min = window.as_secs_f64() / 60.0;
         let mut events = Vec::new();
         let cfg = &self.cfg;
+        // With fewer peers than the smallest peer-count threshold, only `flows`,
+        // `remote_ports`, `tcp_and_udp_peers` and `failed_connection_share` can fire
+        // (weights 1 + 2 + 2 + 1): when that cannot reach the score, such hosts are
+        // skipped without the full evaluation.
+        let min_peers = if cfg.thresholds.score > 6.0 {
+            cfg.thresholds
+                .listen_peers
+                .min(cfg.thresholds.udp_small_peers)
+                .min(cfg.thresholds.peers) as usize
+        } else {
+            0
+        };
         for (host, h) in self.hosts.iter_mut() {
+            if h.alarm.is_none()
+                && h.profile.peers.len() < min_peers
+                && h.profile.peer_count() < min_peers as u64
+            {
+                h.over = 0;
+                h.last = (0.0, None);
+                continue;
+            }
             let v = evidence::evaluate(&mut h.profile, &cfg.thresholds, &top10, window_min);
             let suspect = v.guard.is_none() && v.score >= cfg.thresholds.score;
             h.last = (v.score, v.guard);
@@ -399,7 +419,7 @@ fn event(
         bytes_out: v.measures.bytes_out,
         top_peer_share: v.measures.top_peer_share,
         evidence: v.evidence.clone(),
-        exporters: p.sources.clone(),
+        exporters: p.sources.iter().map(|o| o.label()).collect(),
     }
 }
 

@@ -2,11 +2,11 @@
 //! bytes each way, flows, transports, ports. Bounded: at most `max_peers` peers are held
 //! in full; beyond that, peers are only counted (a HyperLogLog sketch of the addresses).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
+use rustc_hash::FxHashMap;
 
 use crate::flow::FlowRecord;
 
@@ -43,19 +43,19 @@ pub struct PeerStat {
 /// The sliding-window profile of one internal host.
 #[derive(Debug)]
 pub struct HostProfile {
-    pub peers: HashMap<IpAddr, PeerStat>,
+    pub peers: FxHashMap<IpAddr, PeerStat>,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
     max_peers: usize,
-    /// Sources (exporters, `local`) whose records fed this profile.
-    pub sources: Vec<String>,
+    /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
+    pub sources: Vec<crate::flow::Origin>,
     pub last_seen: SystemTime,
 }
 
 impl HostProfile {
     pub fn new(max_peers: usize) -> Self {
         Self {
-            peers: HashMap::new(),
+            peers: FxHashMap::default(),
             overflow: None,
             max_peers,
             sources: Vec::new(),
@@ -134,9 +134,8 @@ impl HostProfile {
 
     /// Remembers who reported a record of this host (at most 16 sources).
     pub fn note_source(&mut self, r: &FlowRecord) {
-        let label = r.origin.label();
-        if self.sources.len() < 16 && !self.sources.contains(&label) {
-            self.sources.push(label);
+        if self.sources.len() < 16 && !self.sources.contains(&r.origin) {
+            self.sources.push(r.origin);
         }
     }
 
@@ -144,6 +143,10 @@ impl HostProfile {
     pub fn expire(&mut self, now: SystemTime, window: Duration) {
         self.peers
             .retain(|_, p| now.duration_since(p.last_seen).unwrap_or(Duration::ZERO) < window);
+        // Give memory back once most of the window has rolled out.
+        if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
+            self.peers.shrink_to_fit();
+        }
         if self.peers.len() < self.max_peers / 2 {
             self.overflow = None;
         }

@@ -7,8 +7,9 @@
 //! Pure: times come from the records and from the caller's `now`. Memory is bounded by
 //! `max_flows`; entries are forgotten once idle for `window`.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, SystemTime};
 
 use super::{FlowRecord, Origin};
@@ -36,7 +37,7 @@ pub struct Dedup {
     /// Slack on overlap tests: exporters' clocks and active timeouts differ.
     slack: Duration,
     max_flows: usize,
-    owners: HashMap<Tuple, Owner>,
+    owners: FxHashMap<Tuple, Owner>,
     pub stats: DedupStats,
 }
 
@@ -46,7 +47,7 @@ impl Dedup {
             window,
             slack: Duration::from_secs(2),
             max_flows,
-            owners: HashMap::new(),
+            owners: FxHashMap::default(),
             stats: DedupStats::default(),
         }
     }
@@ -101,6 +102,9 @@ impl Dedup {
         let window = self.window;
         self.owners
             .retain(|_, o| now.duration_since(o.last).unwrap_or(Duration::ZERO) < window);
+        if self.owners.capacity() > 1024 && self.owners.len() < self.owners.capacity() / 4 {
+            self.owners.shrink_to_fit();
+        }
     }
 }
 
