@@ -8,7 +8,7 @@
 pub mod evidence;
 pub mod profile;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -176,6 +176,8 @@ pub struct EngineStats {
 pub struct Engine {
     cfg: DetectConfig,
     hosts: rustc_hash::FxHashMap<IpAddr, HostState>,
+    /// Bytes each external address sent into the network, and when it last did.
+    senders: rustc_hash::FxHashMap<IpAddr, (u64, SystemTime)>,
     next_eval: Option<SystemTime>,
     pub stats: EngineStats,
 }
@@ -185,6 +187,7 @@ impl Engine {
         Self {
             cfg,
             hosts: rustc_hash::FxHashMap::default(),
+            senders: rustc_hash::FxHashMap::default(),
             next_eval: None,
             stats: EngineStats::default(),
         }
@@ -243,6 +246,14 @@ impl Engine {
             self.stats.hosts_over_limit += 1;
             return;
         }
+        // Bounded like the hosts: a new sender is tracked only while there is room.
+        if !host_is_src
+            && (self.senders.len() < self.cfg.max_hosts * 4 || self.senders.contains_key(&peer))
+        {
+            let e = self.senders.entry(peer).or_insert((0, r.last));
+            e.0 += r.est_bytes();
+            e.1 = e.1.max(r.last);
+        }
         let max_peers = self.cfg.max_peers;
         self.hosts
             .entry(host)
@@ -273,15 +284,16 @@ impl Engine {
         for h in self.hosts.values_mut() {
             h.profile.expire(now, window);
         }
-        // The top 10 external senders into the network over the window.
-        let mut senders: HashMap<IpAddr, u64> = HashMap::new();
-        for h in self.hosts.values() {
-            for (ip, p) in &h.profile.peers {
-                *senders.entry(*ip).or_default() += p.bytes_in;
-            }
+        // The top 10 external senders into the network over the window (senders idle
+        // for the window are forgotten; the others' bytes count since they started).
+        self.senders
+            .retain(|_, (_, last)| now.duration_since(*last).unwrap_or_default() < window);
+        let mut by_bytes: Vec<(IpAddr, u64)> =
+            self.senders.iter().map(|(ip, (b, _))| (*ip, *b)).collect();
+        if by_bytes.len() > 10 {
+            by_bytes.select_nth_unstable_by_key(9, |&(_, b)| std::cmp::Reverse(b));
+            by_bytes.truncate(10);
         }
-        let mut by_bytes: Vec<(IpAddr, u64)> = senders.into_iter().collect();
-        by_bytes.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
         let top10: HashSet<IpAddr> = by_bytes.iter().take(10).map(|(ip, _)| *ip).collect();
         let window_min = window.as_secs_f64() / 60.0;
         let mut events = Vec::new();
