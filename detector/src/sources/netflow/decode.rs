@@ -807,7 +807,8 @@ fn ms_since_epoch(t: SystemTime) -> u64 {
 /// netflow_parser maps ids to names only; the reverse table is built once from it.
 fn ipfix_id(f: &IPFixField) -> Option<u16> {
     use netflow_parser::variable_versions::ipfix::lookup::IANAIPFixField;
-    static IDS: std::sync::OnceLock<HashMap<IANAIPFixField, u16>> = std::sync::OnceLock::new();
+    static IDS: std::sync::OnceLock<rustc_hash::FxHashMap<IANAIPFixField, u16>> =
+        std::sync::OnceLock::new();
     match f {
         IPFixField::IANA(IANAIPFixField::Unknown(id)) => Some(*id),
         IPFixField::IANA(i) => IDS
