@@ -201,6 +201,11 @@ impl Engine {
         self.hosts.len()
     }
 
+    /// Peer entries held over all profiles (the engine's memory is proportional to it).
+    pub fn peer_entries(&self) -> usize {
+        self.hosts.values().map(|h| h.profile.peers.len()).sum()
+    }
+
     /// Each tracked host's last score and the guard that vetoed it, highest first.
     pub fn last_scores(&self) -> Vec<(IpAddr, f64, Option<&'static str>)> {
         let mut v: Vec<_> = self
