@@ -492,8 +492,8 @@ fn udp_drops(port: u16) -> u64 {
 /// second window to show memory stays bounded as windows roll; memory per tracked host.
 pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
     use crate::detect::{DetectConfig, Engine};
+    use crate::flow::FlowRecord;
     use crate::flow::dedup::Dedup;
-    use crate::flow::{Direction, FlowRecord, Origin};
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::{Duration, Instant, SystemTime};
 
@@ -551,25 +551,20 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
                         1024 + ((r >> 40) % 60_000) as u16,
                         443 + ((r >> 56) % 3) as u16,
                     );
+                    let (src, sport, dst, dport) = if inbound {
+                        (peer, dp, host, sp)
+                    } else {
+                        (host, sp, peer, dp)
+                    };
+                    let proto = if r & 6 == 0 { 17 } else { 6 };
                     FlowRecord {
-                        src_addr: if inbound { peer } else { host },
-                        dst_addr: if inbound { host } else { peer },
-                        src_port: if inbound { dp } else { sp },
-                        dst_port: if inbound { sp } else { dp },
-                        protocol: if r & 6 == 0 { 17 } else { 6 },
                         packets: 1 + (r >> 33) % 100,
                         bytes: 60 + (r >> 27) % 100_000,
                         first: t,
                         last: t + Duration::from_millis(500),
-                        direction: Direction::Ingress,
                         tcp_flags: 0x1a,
-                        tos: 0,
-                        vlan: 0,
-                        vlan_inner: 0,
                         ifindex: 1,
-                        sampling: 1,
-                        origin: Origin::Local,
-                        duplicate: false,
+                        ..FlowRecord::new(src, sport, dst, dport, proto)
                     }
                 })
                 .collect();

@@ -134,28 +134,13 @@ impl Guarded {
         signal: nix::sys::signal::Signal,
         timeout: Duration,
     ) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("already stopped");
+        let child = self.child.as_ref().expect("already stopped");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, signal);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "{} did not exit within {timeout:?} of {signal:?}",
-                    self.what
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.wait(timeout)
     }
-}
 
-impl Guarded {
-    /// Waits for the process to exit by itself (SIGKILL after `timeout`).
+    /// Waits for the process to exit (SIGKILL and a panic after `timeout`).
     pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("already stopped");
         let deadline = Instant::now() + timeout;

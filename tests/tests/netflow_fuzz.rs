@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use detector::export::netflow_v9::{V9Config, V9Encoder};
-use detector::flow::{Direction, FlowRecord, Origin};
+use detector::flow::FlowRecord;
 use detector::sources::capture::Capture;
 use detector::sources::netflow::capture::udp_in_frame;
 use detector::sources::netflow::decode::{DecodeLimits, Decoder};
@@ -48,29 +48,26 @@ fn datagrams(p: &Path) -> Vec<Vec<u8>> {
 fn own_datagrams() -> Vec<Vec<u8>> {
     let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let records: Vec<FlowRecord> = (0..40u32)
-        .map(|i| FlowRecord {
-            src_addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
-            dst_addr: if i % 2 == 0 {
+        .map(|i| {
+            let dst = if i % 2 == 0 {
                 IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))
             } else {
                 "2001:db8::1".parse().unwrap()
-            },
-            src_port: i as u16,
-            dst_port: 443,
-            protocol: 6,
-            packets: i as u64,
-            bytes: 100 * i as u64,
-            first: boot,
-            last: boot,
-            direction: Direction::Ingress,
-            tcp_flags: 0,
-            tos: 0,
-            vlan: 0,
-            vlan_inner: 0,
-            ifindex: 1,
-            sampling: 1,
-            origin: Origin::Local,
-            duplicate: false,
+            };
+            FlowRecord {
+                packets: i as u64,
+                bytes: 100 * i as u64,
+                first: boot,
+                last: boot,
+                ifindex: 1,
+                ..FlowRecord::new(
+                    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                    i as u16,
+                    dst,
+                    443,
+                    6,
+                )
+            }
         })
         .collect();
     let mut enc = V9Encoder::new(V9Config::default(), boot);

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use super::*;
-use crate::flow::{Direction, FlowRecord, Origin};
+use crate::flow::{FlowRecord, Origin};
 
 fn t(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
@@ -29,24 +29,13 @@ fn rec(
     at: u64,
 ) -> FlowRecord {
     FlowRecord {
-        src_addr: src,
-        dst_addr: dst,
-        src_port: sport,
-        dst_port: dport,
-        protocol: proto,
         packets,
         bytes,
         first: t(at),
         last: t(at + 5),
-        direction: Direction::Ingress,
         tcp_flags: flags,
-        tos: 0,
-        vlan: 0,
-        vlan_inner: 0,
         ifindex: 1,
-        sampling: 1,
-        origin: Origin::Local,
-        duplicate: false,
+        ..FlowRecord::new(src, sport, dst, dport, proto)
     }
 }
 

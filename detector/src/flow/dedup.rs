@@ -115,7 +115,6 @@ fn overlaps(o: &Owner, r: &FlowRecord, slack: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::Direction;
     use std::net::SocketAddr;
 
     fn t(s: u64) -> SystemTime {
@@ -131,24 +130,19 @@ mod tests {
 
     fn rec(origin: Origin, sport: u16, first: u64, last: u64) -> FlowRecord {
         FlowRecord {
-            src_addr: "10.0.0.1".parse().unwrap(),
-            dst_addr: "198.18.0.1".parse().unwrap(),
-            src_port: sport,
-            dst_port: 6881,
-            protocol: 6,
             packets: 10,
             bytes: 1000,
             first: t(first),
             last: t(last),
-            direction: Direction::Ingress,
-            tcp_flags: 0,
-            tos: 0,
-            vlan: 0,
-            vlan_inner: 0,
             ifindex: 1,
-            sampling: 1,
             origin,
-            duplicate: false,
+            ..FlowRecord::new(
+                "10.0.0.1".parse().unwrap(),
+                sport,
+                "198.18.0.1".parse().unwrap(),
+                6881,
+                6,
+            )
         }
     }
 

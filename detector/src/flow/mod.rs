@@ -86,6 +86,31 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// A record of flow `src:src_port -> dst:dst_port` (protocol `protocol`) with no
+    /// packets yet: ingress, unsampled, from the local meter; callers set the rest.
+    pub fn new(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, protocol: u8) -> Self {
+        Self {
+            src_addr: src,
+            dst_addr: dst,
+            src_port,
+            dst_port,
+            protocol,
+            packets: 0,
+            bytes: 0,
+            first: SystemTime::UNIX_EPOCH,
+            last: SystemTime::UNIX_EPOCH,
+            direction: Direction::Ingress,
+            tcp_flags: 0,
+            tos: 0,
+            vlan: 0,
+            vlan_inner: 0,
+            ifindex: 0,
+            sampling: 1,
+            origin: Origin::Local,
+            duplicate: false,
+        }
+    }
+
     pub fn is_ipv4(&self) -> bool {
         self.src_addr.is_ipv4() && self.dst_addr.is_ipv4()
     }

@@ -137,24 +137,21 @@ mod tests {
     #[test]
     fn json_has_the_documented_fields_and_rfc3339_times() {
         let r = FlowRecord {
-            src_addr: "10.0.0.1".parse().unwrap(),
-            dst_addr: "2001:db8::1".parse().unwrap(),
-            src_port: 1,
-            dst_port: 2,
-            protocol: 17,
             packets: 3,
             bytes: 4,
             first: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_466_200_123),
             last: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_466_201_000),
             direction: Direction::Egress,
-            tcp_flags: 0,
-            tos: 0,
             vlan: 5,
-            vlan_inner: 0,
             ifindex: 2,
             sampling: 10,
-            origin: crate::flow::Origin::Local,
-            duplicate: false,
+            ..FlowRecord::new(
+                "10.0.0.1".parse().unwrap(),
+                1,
+                "2001:db8::1".parse().unwrap(),
+                2,
+                17,
+            )
         };
         let v: serde_json::Value = serde_json::to_value(JsonFlow::from(&r)).unwrap();
         assert_eq!(v["src_addr"], "10.0.0.1");

@@ -396,12 +396,8 @@ mod tests {
                 IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
             )
         };
+        let proto = [6, 17, if v6 { 58 } else { 1 }][i as usize % 3];
         FlowRecord {
-            src_addr: src,
-            dst_addr: dst,
-            src_port: 1024 + i as u16,
-            dst_port: 443,
-            protocol: [6, 17, if v6 { 58 } else { 1 }][i as usize % 3],
             packets: 10 + i as u64,
             bytes: 5_000_000_000 + i as u64,
             first: boot() + Duration::from_millis(1000 + i as u64),
@@ -414,11 +410,8 @@ mod tests {
             tcp_flags: 0x1b,
             tos: 0x20,
             vlan: (i % 4000) as u16,
-            vlan_inner: 0,
             ifindex: 7,
-            sampling: 1,
-            origin: crate::flow::Origin::Local,
-            duplicate: false,
+            ..FlowRecord::new(src, 1024 + i as u16, dst, 443, proto)
         }
     }
 
