@@ -2,6 +2,7 @@
 //! and network-namespace plumbing for the end-to-end tests.
 
 pub mod frames;
+pub mod lab;
 pub mod netns;
 pub mod tshark;
 

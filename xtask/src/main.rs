@@ -35,6 +35,13 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// The lab: a real BitTorrent swarm and real benign servers and clients in network
+    /// namespaces, the agent on the uplink, and a labelled scorecard.
+    Lab {
+        /// Arguments for the lab: --duration SECS, --peers N, --seed N, --scorecard PATH.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Benchmarks that print figures and ratios against references measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -67,6 +74,16 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "softflowd",
     "rsyslog",
+    // The lab (`cargo xtask lab`, and its short run in `cargo xtask test`).
+    "opentracker",
+    "python3-libtorrent",
+    "mktorrent",
+    "aria2",
+    "nginx",
+    "dnsmasq-base",
+    "nmap",
+    "curl",
+    "openssl",
 ];
 
 fn main() -> ExitCode {
@@ -75,6 +92,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
+        Task::Lab { args } => lab(args),
         Task::Bench {
             which: Bench::Xdp { repeat },
         } => bench_xdp(repeat),
@@ -283,6 +301,31 @@ fn test(filter: Option<String>) -> Result<()> {
         c.arg(f);
     }
     status(&mut c)
+}
+
+fn lab(args: Vec<OsString>) -> Result<()> {
+    ensure_setup()?;
+    say("building the agent and the lab (release)");
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "detector",
+        "--bin",
+        "detector",
+        "--package",
+        "tests",
+        "--bin",
+        "lab",
+    ]))?;
+    let root = workspace_root();
+    if !is_root() {
+        say("the lab creates network namespaces and attaches XDP: running it through sudo");
+    }
+    let lab = root.join("target/release/lab");
+    let mut cmd = privileged(lab.to_str().context("non-UTF-8 path")?);
+    cmd.args(args);
+    status(&mut cmd)
 }
 
 fn bench_xdp(repeat: u32) -> Result<()> {

@@ -1,0 +1,964 @@
+//! The lab: a real BitTorrent swarm and real benign servers and clients in network
+//! namespaces, the agent on the gateway's uplink, softflowd as a second exporter on the
+//! LAN side, and a scorecard of what the agent alarmed on against what each host was.
+//!
+//! `cargo xtask lab` runs it (see the binary `lab`); `cargo xtask test` runs a short one.
+//! Every process it starts runs in a namespace it created; on exit, on Ctrl-C and on
+//! failure, the processes are killed and the namespaces removed.
+
+pub mod plan;
+pub mod procs;
+pub mod score;
+pub mod topology;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+
+use plan::{Plan, Rng};
+use procs::{Proc, wait_for};
+use score::{AlarmSeen, Scorecard};
+use topology::{GW, INET, LAN_BRIDGE, Topology, UPLINK};
+
+/// Internal hosts: name, last octet of the LAN address, label.
+pub const HOSTS: &[(&str, u8, Label)] = &[
+    ("leech", 10, Label::P2p),
+    ("seed", 11, Label::P2p),
+    ("aria", 12, Label::P2p),
+    ("web", 20, Label::Benign),
+    ("browser", 21, Label::Benign),
+    ("resolver", 22, Label::Benign),
+    ("video", 23, Label::Benign),
+    ("scanner", 24, Label::Benign),
+    ("quic", 25, Label::Benign),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Label {
+    P2p,
+    Benign,
+}
+
+impl Label {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::P2p => "p2p",
+            Label::Benign => "benign",
+        }
+    }
+}
+
+/// What each host runs, for the scorecard.
+pub fn describe(host: &str) -> &'static str {
+    match host {
+        "leech" => "libtorrent download, TCP + uTP, encryption forced",
+        "seed" => "libtorrent seeding on fixed port 51413",
+        "aria" => "aria2c download, encryption required",
+        "web" => "nginx, HTTP + HTTPS, hundreds of external clients",
+        "browser" => "HTTPS pages and assets from 60 sites",
+        "resolver" => "dnsmasq resolver, 20 upstream servers",
+        "video" => "one long rate-limited HTTPS stream",
+        "scanner" => "nmap SYN scan of an external /24",
+        "quic" => "UDP 443 to 5 servers",
+        _ => "",
+    }
+}
+
+pub struct LabConfig {
+    pub duration: Duration,
+    pub peers: usize,
+    pub seed: u64,
+    /// Working directory (wiped at the start): logs, torrents, data, exports.
+    pub dir: PathBuf,
+    /// The agent binary.
+    pub detector: PathBuf,
+    /// Directory holding torrent.py and benign.py.
+    pub scripts: PathBuf,
+    /// Seconds the agent takes to flush at the end, at most.
+    pub verbose: bool,
+}
+
+/// Set by SIGINT/SIGTERM: the run stops and cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: i32) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGINT/SIGTERM handlers that make [`run`] stop early and clean up.
+pub fn catch_interrupts() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            let _ = sigaction(sig, &act);
+        }
+    }
+}
+
+fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: stopping the lab and removing its namespaces");
+    }
+    Ok(())
+}
+
+const TOOLS: &[(&str, &str)] = &[
+    ("opentracker", "opentracker"),
+    ("mktorrent", "mktorrent"),
+    ("aria2c", "aria2"),
+    ("nginx", "nginx-light"),
+    ("dnsmasq", "dnsmasq"),
+    ("nmap", "nmap"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+    ("softflowd", "softflowd"),
+    ("nfcapd", "nfdump"),
+    ("nfdump", "nfdump"),
+    ("ethtool", "ethtool"),
+];
+
+/// Names what is missing and how to get it.
+pub fn check_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    for (tool, package) in TOOLS {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(tool).exists());
+        if !found {
+            missing.push(*package);
+        }
+    }
+    let lt = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import libtorrent"])
+        .output();
+    if !matches!(lt, Ok(o) if o.status.success()) {
+        missing.push("python3-libtorrent");
+    }
+    if !missing.is_empty() {
+        missing.dedup();
+        bail!(
+            "the lab needs {}: run `cargo xtask setup` (or apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn write_lines<T: std::fmt::Display>(
+    path: &Path,
+    items: impl IntoIterator<Item = T>,
+) -> Result<()> {
+    let mut s = String::new();
+    for i in items {
+        writeln!(s, "{i}").expect("string");
+    }
+    fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A file of `mib` MiB of seeded pseudo-random bytes (incompressible, reproducible).
+fn make_payload(path: &Path, mib: u64, rng: &mut Rng) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(fs::File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Makes a torrent of `data` announcing to `tracker`; returns its info-hash (hex).
+fn make_torrent(data: &Path, torrent: &Path, tracker: &str) -> Result<String> {
+    let _ = fs::remove_file(torrent);
+    topology::run(
+        "mktorrent",
+        &[
+            "-a",
+            tracker,
+            "-l",
+            "18",
+            "-o",
+            torrent.to_str().context("path")?,
+            data.to_str().context("path")?,
+        ],
+    )?;
+    let out = topology::run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import sys, libtorrent as lt; print(lt.torrent_info(sys.argv[1]).info_hash())",
+            torrent.to_str().context("path")?,
+        ],
+    )?;
+    Ok(out.trim().to_string())
+}
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+/// nginx serving `root` on 80 and 443 (self-signed), on `addrs` (all addresses if empty:
+/// the swarm's peers on ports 80 and 443 share the internet namespace).
+fn nginx_conf(dir: &Path, name: &str, root: &Path, addrs: &[Ipv4Addr]) -> Result<PathBuf> {
+    let conf = dir.join(format!("nginx-{name}.conf"));
+    let tmp = dir.join(format!("nginx-{name}"));
+    fs::create_dir_all(&tmp)?;
+    let d = dir.display();
+    let t = tmp.display();
+    let r = root.display();
+    let listen: String = if addrs.is_empty() {
+        "    listen 80;\n    listen 443 ssl;\n".into()
+    } else {
+        addrs
+            .iter()
+            .map(|a| format!("    listen {a}:80;\n    listen {a}:443 ssl;\n"))
+            .collect()
+    };
+    fs::write(
+        &conf,
+        format!(
+            "user root;\nworker_processes 1;\npid {t}/nginx.pid;\nerror_log {t}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {t}/body;\n  proxy_temp_path {t}/proxy;\n\
+               fastcgi_temp_path {t}/fcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n\
+               keepalive_requests 100;\n  sendfile on;\n\
+               server {{\n{listen}\
+                 ssl_certificate {d}/lab.crt;\n    ssl_certificate_key {d}/lab.key;\n    root {r};\n  }}\n}}\n"
+        ),
+    )?;
+    Ok(conf)
+}
+
+/// The static content of the lab's web servers: pages, assets, and a long "video".
+fn web_content(root: &Path, rng: &mut Rng) -> Result<()> {
+    fs::create_dir_all(root.join("a"))?;
+    for (name, kib) in [
+        ("index.html", 24u64),
+        ("a/1", 60),
+        ("a/2", 180),
+        ("a/3", 6),
+        ("big", 1500),
+    ] {
+        let mut v = vec![0u8; (kib * 1024) as usize];
+        for c in v.chunks_mut(8) {
+            let b = rng.next_u64().to_le_bytes();
+            c.copy_from_slice(&b[..c.len()]);
+        }
+        fs::write(root.join(name), v)?;
+    }
+    // Sparse: read as zeros, costs no disk.
+    let f = fs::File::create(root.join("video.bin"))?;
+    f.set_len(8 << 30)?;
+    Ok(())
+}
+
+/// The first moment each P2P host moved payload (UNIX seconds), from the clients' own
+/// event logs; aria2c's from the size of the file it writes.
+fn first_payload(events: &Path) -> Option<f64> {
+    let text = fs::read_to_string(events).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "first_payload")
+        .and_then(|v| v["t"].as_f64())
+}
+
+/// Reads new alarm lines from the agent's `--alarms-json` file, stamping their arrival.
+struct AlarmTail {
+    path: PathBuf,
+    pos: u64,
+    seen: Vec<AlarmSeen>,
+}
+
+impl AlarmTail {
+    fn poll(&mut self) {
+        let Ok(mut f) = fs::File::open(&self.path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.pos)).is_err() {
+            return;
+        }
+        let mut r = BufReader::new(f);
+        let mut line = String::new();
+        while let Ok(n) = r.read_line(&mut line) {
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            self.pos += n as u64;
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                self.seen.push(AlarmSeen {
+                    at: unix_now(),
+                    event: v,
+                });
+            }
+            line.clear();
+        }
+    }
+}
+
+fn say(cfg: &LabConfig, msg: &str) {
+    let _ = cfg.verbose;
+    eprintln!("lab: {msg}");
+}
+
+/// Runs the lab and returns its scorecard. Everything is torn down before it returns.
+pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
+    check_tools()?;
+    let dir = &cfg.dir;
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir)?;
+    let dir = fs::canonicalize(dir)?;
+    let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
+    let plan = Plan::new(cfg.seed, cfg.peers, &names);
+    let mut rng = Rng::new(cfg.seed.wrapping_add(1));
+
+    // Content: two torrents (A from the swarm, B from the internal seeder), web pages.
+    // A is sized so a download lasts longer than the run at the swarm's throttled rate.
+    let upload_rate: u64 = 24 * 1024;
+    let a_mib = (cfg.duration.as_secs() * 2).clamp(64, 1024);
+    say(
+        cfg,
+        &format!("making torrents ({a_mib} MiB and 48 MiB) and web content"),
+    );
+    let data_a = dir.join("swarm-data");
+    let data_b = dir.join("seed-data");
+    fs::create_dir_all(&data_a)?;
+    fs::create_dir_all(&data_b)?;
+    make_payload(&data_a.join("lab-a.bin"), a_mib, &mut rng)?;
+    make_payload(&data_b.join("lab-b.bin"), 48, &mut rng)?;
+    let announce = format!("http://{}:6969/announce", plan.tracker);
+    let torrent_a = dir.join("a.torrent");
+    let torrent_b = dir.join("b.torrent");
+    let hash_a = make_torrent(&data_a.join("lab-a.bin"), &torrent_a, &announce)?;
+    let hash_b = make_torrent(&data_b.join("lab-b.bin"), &torrent_b, &announce)?;
+    write_lines(&dir.join("whitelist"), [&hash_a, &hash_b])?;
+    fs::write(
+        dir.join("opentracker.conf"),
+        format!(
+            "listen.tcp_udp {}:6969\naccess.whitelist {}\n",
+            plan.tracker,
+            dir.join("whitelist").display()
+        ),
+    )?;
+    let www = dir.join("www");
+    web_content(&www, &mut rng)?;
+    topology::run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lab",
+            "-keyout",
+            dir.join("lab.key").to_str().context("path")?,
+            "-out",
+            dir.join("lab.crt").to_str().context("path")?,
+        ],
+    )?;
+    write_lines(
+        &dir.join("peers.txt"),
+        plan.peers.iter().map(|(a, p)| format!("{a} {p}")),
+    )?;
+    write_lines(&dir.join("webclients.txt"), &plan.web_clients)?;
+    write_lines(&dir.join("sites.txt"), &plan.sites)?;
+    write_lines(&dir.join("quic.txt"), &plan.quic)?;
+
+    say(
+        cfg,
+        &format!(
+            "building namespaces: {} internal hosts, {} external addresses",
+            HOSTS.len(),
+            plan.external_addrs().len()
+        ),
+    );
+    let host_spec: Vec<(&'static str, u8)> = HOSTS.iter().map(|h| (h.0, h.1)).collect();
+    let topo = Topology::build(&host_spec, &plan.external_addrs())?;
+    let mut procs: Vec<Proc> = Vec::new();
+    let log = |n: &str| dir.join(format!("{n}.log"));
+    let py = "/usr/bin/python3";
+    let torrent_py = s(cfg.scripts.join("torrent.py").display());
+    let benign_py = s(cfg.scripts.join("benign.py").display());
+    let seed = s(cfg.seed);
+
+    // The internet side: tracker, swarm, web sites, DNS servers, UDP 443 servers.
+    procs.push(Proc::start(
+        INET,
+        "opentracker",
+        "opentracker",
+        &[s("-f"), s(dir.join("opentracker.conf").display())],
+        &log("opentracker"),
+    )?);
+    let leechers = (cfg.peers / 5).max(1);
+    let leech_dir = dir.join("swarm-leech");
+    let mut swarm = Proc::start(
+        INET,
+        "swarm",
+        py,
+        &[
+            torrent_py.clone(),
+            s("swarm"),
+            s("--addrs"),
+            s(dir.join("peers.txt").display()),
+            s("--seed-torrent"),
+            s(torrent_a.display()),
+            s("--seed-data"),
+            s(data_a.display()),
+            s("--leech-torrent"),
+            s(torrent_b.display()),
+            s("--leech-dir"),
+            s(leech_dir.display()),
+            s("--leechers"),
+            s(leechers),
+            s("--upload-rate"),
+            s(upload_rate),
+        ],
+        &log("swarm"),
+    )?;
+    say(
+        cfg,
+        &format!(
+            "starting {} BitTorrent peers ({} also download from the internal seeder)",
+            cfg.peers, leechers
+        ),
+    );
+    wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
+    procs.push(swarm);
+    let nginx_inet = nginx_conf(
+        &dir,
+        "inet",
+        &www,
+        &[&plan.sites[..], &[plan.video]].concat(),
+    )?;
+    procs.push(Proc::start(
+        INET,
+        "nginx-internet",
+        "nginx",
+        &[s("-c"), s(nginx_inet.display()), s("-g"), s("daemon off;")],
+        &log("nginx-internet"),
+    )?);
+    procs.push(Proc::start(
+        INET,
+        "dns-upstreams",
+        "dnsmasq",
+        &[
+            s("-k"),
+            s("--conf-file=/dev/null"),
+            s("--no-resolv"),
+            s("--no-hosts"),
+            s("--user=root"),
+            s(format!("--pid-file={}/dnsmasq-inet.pid", dir.display())),
+            s("--address=/#/198.19.255.1"),
+            s("--log-facility=-"),
+        ],
+        &log("dns-upstreams"),
+    )?);
+    procs.push(Proc::start(
+        INET,
+        "udp443-servers",
+        py,
+        &[
+            benign_py.clone(),
+            s("udp-server"),
+            s("--addrs"),
+            s(dir.join("quic.txt").display()),
+            s("--port"),
+            s("443"),
+        ],
+        &log("udp443-servers"),
+    )?);
+
+    // The gateway: nfcapd (the upstream analyzer), the agent, softflowd on the LAN side.
+    let nfdir = dir.join("nfcapd");
+    fs::create_dir_all(&nfdir)?;
+    let mut nfcapd = Proc::start(
+        GW,
+        "nfcapd",
+        "nfcapd",
+        &[
+            s("-w"),
+            s(nfdir.display()),
+            s("-p"),
+            s("9996"),
+            s("-b"),
+            s("127.0.0.1"),
+        ],
+        &log("nfcapd"),
+    )?;
+    let alarms = dir.join("alarms.jsonl");
+    let flows = dir.join("flows.jsonl");
+    let mut agent = Proc::start(
+        GW,
+        "agent",
+        cfg.detector.to_str().context("path")?,
+        &[
+            s("run"),
+            s("--iface"),
+            s(UPLINK),
+            s("--xdp-mode"),
+            s("native"),
+            s("--export"),
+            s("127.0.0.1:9996"),
+            s("--netflow-listen"),
+            s("127.0.0.1:9995"),
+            s("--alarms-json"),
+            s(alarms.display()),
+            s("--flows-json"),
+            s(flows.display()),
+            s("--stats-interval"),
+            s("10"),
+        ],
+        &log("agent"),
+    )?;
+    wait_for(
+        &mut agent,
+        &format!("metering {UPLINK}"),
+        Duration::from_secs(30),
+    )?;
+    let _ = fs::remove_file("/var/run/softflowd.pid");
+    let _ = fs::remove_file("/var/run/softflowd.ctl");
+    let mut softflowd = Proc::start(
+        GW,
+        "softflowd",
+        "softflowd",
+        &[
+            s("-d"),
+            s("-i"),
+            s(LAN_BRIDGE),
+            s("-n"),
+            s("127.0.0.1:9995"),
+            s("-v"),
+            s("9"),
+            s("-t"),
+            s("maxlife=60"),
+            s("-t"),
+            s("general=15"),
+        ],
+        &log("softflowd"),
+    )?;
+    let counters_start = topology::uplink_counters()?;
+
+    // The internal hosts, each starting at its planned offset.
+    let t0 = Instant::now();
+    let started_at = unix_now();
+    let h = |n: &str| topo.host(n).clone();
+    let dht_nodes = plan.peers[..8]
+        .iter()
+        .map(|(a, p)| format!("{a}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let resolver_servers: Vec<String> = plan
+        .dns_upstreams
+        .iter()
+        .map(|a| format!("--server={a}"))
+        .collect();
+    let scan = format!(
+        "while :; do nmap -sS -Pn -n -T4 --max-rate 150 --top-ports 200 {} >/dev/null; done",
+        plan.scan_target
+    );
+    let mut pending: Vec<(&'static str, Box<dyn Fn() -> Result<Vec<Proc>>>)> = Vec::new();
+    {
+        let leech = h("leech");
+        let (tp, d, ta, lp, dn) = (
+            torrent_py.clone(),
+            dir.clone(),
+            torrent_a.clone(),
+            plan.leech_port,
+            dht_nodes.clone(),
+        );
+        pending.push((
+            "leech",
+            Box::new(move || {
+                let save = d.join("leech-data");
+                fs::create_dir_all(&save)?;
+                Ok(vec![Proc::start(
+                    &leech.ns,
+                    "leech",
+                    py,
+                    &[
+                        tp.clone(),
+                        s("client"),
+                        s("--addr"),
+                        s(leech.addr),
+                        s("--port"),
+                        s(lp),
+                        s("--torrent"),
+                        s(ta.display()),
+                        s("--save"),
+                        s(save.display()),
+                        s("--encryption"),
+                        s("forced"),
+                        s("--utp"),
+                        s("--dht"),
+                        dn.clone(),
+                        s("--events"),
+                        s(d.join("leech.events").display()),
+                    ],
+                    &d.join("leech.log"),
+                )?])
+            }),
+        ));
+        let seedh = h("seed");
+        let (tp, d, tb, db, dn) = (
+            torrent_py.clone(),
+            dir.clone(),
+            torrent_b.clone(),
+            data_b.clone(),
+            dht_nodes.clone(),
+        );
+        pending.push((
+            "seed",
+            Box::new(move || {
+                Ok(vec![Proc::start(
+                    &seedh.ns,
+                    "seed",
+                    py,
+                    &[
+                        tp.clone(),
+                        s("client"),
+                        s("--addr"),
+                        s(seedh.addr),
+                        s("--port"),
+                        s("51413"),
+                        s("--torrent"),
+                        s(tb.display()),
+                        s("--save"),
+                        s(db.display()),
+                        s("--seed"),
+                        s("--upload-rate"),
+                        s(1_000_000),
+                        s("--dht"),
+                        dn.clone(),
+                        s("--events"),
+                        s(d.join("seed.events").display()),
+                    ],
+                    &d.join("seed.log"),
+                )?])
+            }),
+        ));
+        let aria = h("aria");
+        let (d, ta, entry) = (
+            dir.clone(),
+            torrent_a.clone(),
+            format!("{}:{}", plan.peers[0].0, plan.peers[0].1),
+        );
+        pending.push((
+            "aria",
+            Box::new(move || {
+                let save = d.join("aria-data");
+                fs::create_dir_all(&save)?;
+                Ok(vec![Proc::start(
+                    &aria.ns,
+                    "aria",
+                    "aria2c",
+                    &[
+                        s(format!("--dir={}", save.display())),
+                        s("--bt-require-crypto=true"),
+                        s("--file-allocation=none"),
+                        s("--seed-ratio=0.0"),
+                        s("--listen-port=6881-6889"),
+                        s("--enable-dht=true"),
+                        s("--dht-listen-port=6881-6889"),
+                        s(format!("--dht-entry-point={entry}")),
+                        s(format!("--dht-file-path={}/aria-dht.dat", d.display())),
+                        s("--disable-ipv6=true"),
+                        s("--summary-interval=10"),
+                        s("--console-log-level=warn"),
+                        s("--check-certificate=false"),
+                        s(ta.display()),
+                    ],
+                    &d.join("aria.log"),
+                )?])
+            }),
+        ));
+        let web = h("web");
+        let (d, bp, www2, wc) = (dir.clone(), benign_py.clone(), www.clone(), seed.clone());
+        pending.push((
+            "web",
+            Box::new(move || {
+                let conf = nginx_conf(&d, "web", &www2, &[])?;
+                Ok(vec![
+                    Proc::start(
+                        &web.ns,
+                        "web",
+                        "nginx",
+                        &[s("-c"), s(conf.display()), s("-g"), s("daemon off;")],
+                        &d.join("web.log"),
+                    )?,
+                    Proc::start(
+                        INET,
+                        "web-clients",
+                        py,
+                        &[
+                            bp.clone(),
+                            s("--seed"),
+                            wc.clone(),
+                            s("webclients"),
+                            s("--addrs"),
+                            s(d.join("webclients.txt").display()),
+                            s("--server"),
+                            s(web.addr),
+                            s("--rate"),
+                            s("15"),
+                        ],
+                        &d.join("web-clients.log"),
+                    )?,
+                ])
+            }),
+        ));
+        let browser = h("browser");
+        let (d, bp, sd) = (dir.clone(), benign_py.clone(), seed.clone());
+        pending.push((
+            "browser",
+            Box::new(move || {
+                Ok(vec![Proc::start(
+                    &browser.ns,
+                    "browser",
+                    py,
+                    &[
+                        bp.clone(),
+                        s("--seed"),
+                        sd.clone(),
+                        s("browser"),
+                        s("--hosts"),
+                        s(d.join("sites.txt").display()),
+                    ],
+                    &d.join("browser.log"),
+                )?])
+            }),
+        ));
+        let resolver = h("resolver");
+        let (d, bp, sd, servers) = (
+            dir.clone(),
+            benign_py.clone(),
+            seed.clone(),
+            resolver_servers.clone(),
+        );
+        pending.push((
+            "resolver",
+            Box::new(move || {
+                let mut args = vec![
+                    s("-k"),
+                    s("--conf-file=/dev/null"),
+                    s("--no-resolv"),
+                    s("--no-hosts"),
+                    s("--user=root"),
+                    s(format!("--pid-file={}/dnsmasq-resolver.pid", d.display())),
+                    s("--all-servers"),
+                    s("--cache-size=0"),
+                    s("--listen-address=127.0.0.1"),
+                    s("--bind-interfaces"),
+                    s("--log-facility=-"),
+                ];
+                args.extend(servers.iter().cloned());
+                Ok(vec![
+                    Proc::start(
+                        &resolver.ns,
+                        "resolver",
+                        "dnsmasq",
+                        &args,
+                        &d.join("resolver.log"),
+                    )?,
+                    Proc::start(
+                        &resolver.ns,
+                        "resolver-load",
+                        py,
+                        &[
+                            bp.clone(),
+                            s("--seed"),
+                            sd.clone(),
+                            s("dnsload"),
+                            s("--rate"),
+                            s("10"),
+                        ],
+                        &d.join("resolver-load.log"),
+                    )?,
+                ])
+            }),
+        ));
+        let video = h("video");
+        let (d, server) = (dir.clone(), plan.video);
+        pending.push((
+            "video",
+            Box::new(move || {
+                Ok(vec![Proc::start(
+                    &video.ns,
+                    "video",
+                    "curl",
+                    &[
+                        s("-sk"),
+                        s("--limit-rate"),
+                        s("400k"),
+                        s("-o"),
+                        s("/dev/null"),
+                        s(format!("https://{server}/video.bin")),
+                    ],
+                    &d.join("video.log"),
+                )?])
+            }),
+        ));
+        let scanner = h("scanner");
+        let (d, scan) = (dir.clone(), scan.clone());
+        pending.push((
+            "scanner",
+            Box::new(move || {
+                Ok(vec![Proc::start(
+                    &scanner.ns,
+                    "scanner",
+                    "sh",
+                    &[s("-c"), scan.clone()],
+                    &d.join("scanner.log"),
+                )?])
+            }),
+        ));
+        let quic = h("quic");
+        let (d, bp, sd) = (dir.clone(), benign_py.clone(), seed.clone());
+        pending.push((
+            "quic",
+            Box::new(move || {
+                Ok(vec![Proc::start(
+                    &quic.ns,
+                    "quic",
+                    py,
+                    &[
+                        bp.clone(),
+                        s("--seed"),
+                        sd.clone(),
+                        s("udp-client"),
+                        s("--servers"),
+                        s(d.join("quic.txt").display()),
+                    ],
+                    &d.join("quic.log"),
+                )?])
+            }),
+        ));
+    }
+    say(
+        cfg,
+        &format!(
+            "running for {} s (the agent's alarms land in {})",
+            cfg.duration.as_secs(),
+            alarms.display()
+        ),
+    );
+    let mut tail = AlarmTail {
+        path: alarms.clone(),
+        pos: 0,
+        seen: Vec::new(),
+    };
+    let mut aria_first: Option<f64> = None;
+    let mut last_note = Instant::now();
+    while t0.elapsed() < cfg.duration {
+        interrupted()?;
+        let elapsed = t0.elapsed().as_secs();
+        let mut i = 0;
+        while i < pending.len() {
+            if plan.offset(pending[i].0) <= elapsed {
+                let (_, start) = pending.remove(i);
+                procs.extend(start()?);
+            } else {
+                i += 1;
+            }
+        }
+        for p in procs.iter_mut() {
+            p.check()?;
+        }
+        agent.check()?;
+        softflowd.check()?;
+        nfcapd.check()?;
+        if aria_first.is_none()
+            && fs::metadata(dir.join("aria-data/lab-a.bin"))
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+        {
+            aria_first = Some(unix_now());
+        }
+        tail.poll();
+        if last_note.elapsed() >= Duration::from_secs(30) {
+            last_note = Instant::now();
+            say(
+                cfg,
+                &format!("{elapsed} s: {} alarm events so far", tail.seen.len()),
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+
+    // Stop the traffic, let the uplink go quiet, read its counters, then stop the meter
+    // (which flushes every flow) and the collector.
+    say(cfg, "stopping traffic");
+    for p in procs.iter_mut().rev() {
+        p.stop(Signal::SIGTERM, Duration::from_secs(10));
+    }
+    let mut counters_end = topology::uplink_counters()?;
+    let quiet = Instant::now();
+    loop {
+        thread::sleep(Duration::from_secs(2));
+        let now = topology::uplink_counters()?;
+        if now == counters_end || quiet.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        counters_end = now;
+    }
+    tail.poll();
+    softflowd.stop(Signal::SIGTERM, Duration::from_secs(10));
+    thread::sleep(Duration::from_secs(1));
+    let agent_clean = agent.stop(Signal::SIGTERM, Duration::from_secs(60));
+    tail.poll();
+    thread::sleep(Duration::from_secs(1));
+    nfcapd.stop(Signal::SIGTERM, Duration::from_secs(20));
+    let uplink: [u64; 4] = std::array::from_fn(|i| counters_end[i] - counters_start[i]);
+
+    let first: Vec<(&'static str, Option<f64>)> = vec![
+        ("leech", first_payload(&dir.join("leech.events"))),
+        ("seed", first_payload(&dir.join("seed.events"))),
+        ("aria", aria_first),
+    ];
+    let card = score::build(score::Inputs {
+        cfg,
+        started_at,
+        hosts: &topo.hosts,
+        first_p2p: &first,
+        alarms: &tail.seen,
+        uplink,
+        flows_json: &flows,
+        nfcapd_dir: &nfdir,
+        agent_clean,
+        agent_log: &dir.join("agent.log"),
+    })?;
+    drop(procs);
+    drop(topo);
+    Ok(card)
+}

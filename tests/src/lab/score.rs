@@ -1,0 +1,397 @@
+//! The lab's scorecard: per internal host, its label and what the agent said of it;
+//! precision, recall and time to detect; and the agent's export checked against the
+//! uplink's interface counters and against nfdump reading the same export.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::topology::Host;
+use super::{HOSTS, LabConfig, Label, describe};
+
+/// An alarm event as the agent wrote it, and when the lab read it (UNIX seconds).
+pub struct AlarmSeen {
+    pub at: f64,
+    pub event: Value,
+}
+
+pub struct Inputs<'a> {
+    pub cfg: &'a LabConfig,
+    pub started_at: f64,
+    pub hosts: &'a [Host],
+    /// First payload byte of each P2P host (UNIX seconds), if it moved any.
+    pub first_p2p: &'a [(&'static str, Option<f64>)],
+    pub alarms: &'a [AlarmSeen],
+    /// Uplink interface counter deltas: packets and bytes in, then out.
+    pub uplink: [u64; 4],
+    pub flows_json: &'a Path,
+    pub nfcapd_dir: &'a Path,
+    pub agent_clean: bool,
+    pub agent_log: &'a Path,
+}
+
+/// The P2P alarm kind (other kinds, such as a port scan, are not P2P verdicts).
+const P2P_KIND: &str = "p2p";
+/// An alarm must come within this many seconds of the host's first P2P byte.
+pub const DETECT_WITHIN_SECS: f64 = 60.0;
+
+pub struct Scorecard {
+    pub json: Value,
+    pub pass: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    packets: u64,
+    bytes: u64,
+}
+
+/// Packets and bytes by direction (ingress, egress) of the agent's own records.
+fn exported_totals(flows_json: &Path) -> Result<[Totals; 2]> {
+    let text = std::fs::read_to_string(flows_json)
+        .with_context(|| format!("reading {}", flows_json.display()))?;
+    let mut t = [Totals::default(); 2];
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).context("flow record")?;
+        if v["source"] != "local" {
+            continue;
+        }
+        let i = usize::from(v["direction"] == "egress");
+        t[i].packets += v["raw_packets"].as_u64().unwrap_or(0);
+        t[i].bytes += v["raw_bytes"].as_u64().unwrap_or(0);
+    }
+    Ok(t)
+}
+
+/// What nfcapd stored, read back by nfdump, by exporter then direction.
+fn nfdump_totals(dir: &Path) -> Result<BTreeMap<String, [Totals; 2]>> {
+    let out = super::topology::run(
+        "nfdump",
+        &["-R", dir.to_str().context("path")?, "-o", "json"],
+    )?;
+    let records: Vec<Value> = if out.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&out).context("nfdump -o json")?
+    };
+    let mut by: BTreeMap<String, [Totals; 2]> = BTreeMap::new();
+    for r in &records {
+        let exporter = r["export_sysid"].to_string();
+        let i = usize::from(r["direction"].as_u64() == Some(1));
+        let e = by.entry(exporter).or_default();
+        e[i].packets += r["in_packets"].as_u64().unwrap_or(0);
+        e[i].bytes += r["in_bytes"].as_u64().unwrap_or(0);
+    }
+    Ok(by)
+}
+
+pub fn build(inp: Inputs) -> Result<Scorecard> {
+    let mut hosts_json = Vec::new();
+    let mut table = String::new();
+    writeln!(
+        table,
+        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6}  evidence / note",
+        "host", "address", "label", "alarmed", "detect_s", "score", "srcs"
+    )?;
+    let (mut tp, mut fp, mut p2p_hosts) = (0u32, 0u32, 0u32);
+    let mut detect_times = Vec::new();
+    let mut within = true;
+    let mut one_each = true;
+    for (name, _, label) in HOSTS {
+        let host = inp.hosts.iter().find(|h| h.name == *name).context("host")?;
+        let addr = host.addr.to_string();
+        let mine: Vec<&AlarmSeen> = inp
+            .alarms
+            .iter()
+            .filter(|a| a.event["host"] == addr.as_str())
+            .collect();
+        let p2p: Vec<&AlarmSeen> = mine
+            .iter()
+            .copied()
+            .filter(|a| a.event["kind"] == P2P_KIND)
+            .collect();
+        let ids: BTreeSet<String> = p2p
+            .iter()
+            .map(|a| a.event["id"].as_str().unwrap_or("").to_string())
+            .collect();
+        let other_kinds: BTreeSet<String> = mine
+            .iter()
+            .filter(|a| a.event["kind"] != P2P_KIND)
+            .map(|a| a.event["kind"].as_str().unwrap_or("").to_string())
+            .collect();
+        let raised = p2p.iter().find(|a| a.event["state"] == "raised");
+        let first_p2p = inp
+            .first_p2p
+            .iter()
+            .find(|(h, _)| h == name)
+            .and_then(|(_, t)| *t);
+        let detect = match (raised, first_p2p) {
+            (Some(r), Some(f)) => Some(r.at - f),
+            _ => None,
+        };
+        let alarmed = raised.is_some();
+        // The latest event of the episode carries the fullest evidence.
+        let last = p2p.last();
+        let evidence: Vec<String> = last
+            .map(|a| {
+                a.event["evidence"]
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter(|e| e["fired"] == true)
+                            .map(|e| {
+                                format!(
+                                    "{}={}",
+                                    e["rule"].as_str().unwrap_or(""),
+                                    short(e["value"].as_f64().unwrap_or(0.0))
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let exporters: Vec<String> = last
+            .and_then(|a| a.event["exporters"].as_array())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match label {
+            Label::P2p => {
+                p2p_hosts += 1;
+                if alarmed {
+                    tp += 1;
+                }
+                match detect {
+                    Some(d) if d <= DETECT_WITHIN_SECS => detect_times.push(d),
+                    Some(d) => {
+                        detect_times.push(d);
+                        within = false;
+                    }
+                    None => within = false,
+                }
+                if ids.len() != 1 {
+                    one_each = false;
+                }
+            }
+            Label::Benign => {
+                if alarmed {
+                    fp += 1;
+                }
+            }
+        }
+        let score = last.and_then(|a| a.event["score"].as_f64());
+        let note = if !other_kinds.is_empty() {
+            format!(
+                "other alarm kinds: {}",
+                other_kinds.iter().cloned().collect::<Vec<_>>().join(",")
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            table,
+            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6}  {}{}",
+            name,
+            addr,
+            label.as_str(),
+            if alarmed {
+                format!("yes({})", ids.len())
+            } else {
+                "no".into()
+            },
+            detect.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
+            score.map(|s| format!("{s:.1}")).unwrap_or("-".into()),
+            exporters.len(),
+            evidence.join(" "),
+            note
+        )?;
+        hosts_json.push(json!({
+            "host": name,
+            "addr": addr,
+            "label": label.as_str(),
+            "runs": describe(name),
+            "alarmed": alarmed,
+            "alarm_ids": ids,
+            "first_p2p_byte": first_p2p,
+            "raised_at": raised.map(|r| r.at),
+            "seconds_to_detect": detect,
+            "score": score,
+            "evidence": evidence,
+            "exporters": exporters,
+            "other_alarm_kinds": other_kinds,
+            "events": p2p.len() + mine.len() - p2p.len(),
+        }));
+    }
+    let precision = if tp + fp == 0 {
+        0.0
+    } else {
+        f64::from(tp) / f64::from(tp + fp)
+    };
+    let recall = if p2p_hosts == 0 {
+        0.0
+    } else {
+        f64::from(tp) / f64::from(p2p_hosts)
+    };
+    let max_detect = detect_times.iter().copied().fold(f64::NAN, f64::max);
+    let mean_detect = if detect_times.is_empty() {
+        f64::NAN
+    } else {
+        detect_times.iter().sum::<f64>() / detect_times.len() as f64
+    };
+
+    // The export against the interface and against nfdump.
+    let exported = exported_totals(inp.flows_json)?;
+    let nf = nfdump_totals(inp.nfcapd_dir)?;
+    // The local meter's exporter is the one whose totals are the largest per packet
+    // count on the uplink: nfcapd numbers exporters itself, so find ours by content.
+    let nf_local = nf
+        .values()
+        .copied()
+        .find(|t| t[0].packets == exported[0].packets && t[1].packets == exported[1].packets)
+        .unwrap_or_default();
+    let [rx_p, rx_b, tx_p, tx_b] = inp.uplink;
+    let dirs = [
+        ("ingress", rx_p, rx_b, 0usize),
+        ("egress", tx_p, tx_b, 1usize),
+    ];
+    let mut export_ok = inp.agent_clean;
+    let mut export_json = serde_json::Map::new();
+    writeln!(
+        table,
+        "\n{:<8} {:>12} {:>14} {:>12} {:>14} {:>12} {:>14}",
+        "uplink",
+        "iface pkts",
+        "iface IP bytes",
+        "export pkts",
+        "export bytes",
+        "nfdump pkts",
+        "nfdump bytes"
+    )?;
+    for (d, p, b, i) in dirs {
+        let l3 = b.saturating_sub(super::topology::L2_HEADER_IN_COUNTERS[i] * p);
+        let ok = exported[i].packets == p
+            && exported[i].bytes == l3
+            && nf_local[i].packets == p
+            && nf_local[i].bytes == l3;
+        export_ok &= ok;
+        writeln!(
+            table,
+            "{:<8} {:>12} {:>14} {:>12} {:>14} {:>12} {:>14}",
+            d,
+            p,
+            l3,
+            exported[i].packets,
+            exported[i].bytes,
+            nf_local[i].packets,
+            nf_local[i].bytes
+        )?;
+        export_json.insert(
+            d.into(),
+            json!({
+                "interface_packets": p,
+                "interface_bytes": b,
+                "interface_ip_bytes": l3,
+                "exported_packets": exported[i].packets,
+                "exported_bytes": exported[i].bytes,
+                "nfdump_packets": nf_local[i].packets,
+                "nfdump_bytes": nf_local[i].bytes,
+                "equal": ok,
+            }),
+        );
+    }
+    let zero_benign = fp == 0;
+    let pass = within && zero_benign && one_each && export_ok;
+    writeln!(
+        table,
+        "\nprecision {precision:.2}  recall {recall:.2}  time to detect: mean {mean_detect:.1} s, max {max_detect:.1} s"
+    )?;
+    writeln!(
+        table,
+        "targets: every P2P host within {DETECT_WITHIN_SECS:.0} s: {}; no benign host alarmed: {}; one alarm per P2P host: {}; export equals interface and nfdump: {}",
+        yes(within),
+        yes(zero_benign),
+        yes(one_each),
+        yes(export_ok)
+    )?;
+    if !inp.agent_clean {
+        writeln!(
+            table,
+            "the agent did not exit cleanly on SIGTERM; see {}",
+            inp.agent_log.display()
+        )?;
+    }
+    let json = json!({
+        "date": chrono_like(inp.started_at),
+        "commit": commit(),
+        "duration_secs": inp.cfg.duration.as_secs(),
+        "peers": inp.cfg.peers,
+        "seed": inp.cfg.seed,
+        "hosts": hosts_json,
+        "precision": precision,
+        "recall": recall,
+        "seconds_to_detect_mean": finite(mean_detect),
+        "seconds_to_detect_max": finite(max_detect),
+        "export": export_json,
+        "targets": {
+            "p2p_within_60s": within,
+            "zero_benign_alarmed": zero_benign,
+            "one_alarm_per_p2p_host": one_each,
+            "export_equals_interface": export_ok,
+        },
+        "pass": pass,
+        "table": table,
+    });
+    Ok(Scorecard { json, pass })
+}
+
+impl Scorecard {
+    pub fn table(&self) -> &str {
+        self.json["table"].as_str().unwrap_or("")
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "met" } else { "NOT MET" }
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
+}
+
+fn short(x: f64) -> String {
+    if x.fract() == 0.0 || x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// UTC date and time of a UNIX timestamp, as `date -u` would print it (RFC 3339).
+fn chrono_like(t: f64) -> String {
+    super::topology::run(
+        "date",
+        &["-u", "-d", &format!("@{}", t as u64), "+%Y-%m-%dT%H:%M:%SZ"],
+    )
+    .map(|s| s.trim().to_string())
+    .unwrap_or_default()
+}
+
+/// The commit the lab ran from (with `+dirty` if the tree has changes).
+fn commit() -> String {
+    let root = crate::workspace_root();
+    let root = root.to_str().unwrap_or(".");
+    let head = super::topology::run("git", &["-C", root, "rev-parse", "--short", "HEAD"])
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let dirty = super::topology::run("git", &["-C", root, "status", "--porcelain"])
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false);
+    if dirty { format!("{head}+dirty") } else { head }
+}
