@@ -59,7 +59,7 @@ impl Default for DetectConfig {
             allow_ports: Vec::new(),
             window: Duration::from_secs(300),
             eval_interval: Duration::from_secs(10),
-            consecutive: 3,
+            consecutive: 2,
             update_interval: Duration::from_secs(60),
             clear_after: Duration::from_secs(120),
             thresholds: Thresholds::default(),
@@ -279,7 +279,12 @@ impl Engine {
             Some(t) if now < t && !force => return Vec::new(),
             _ => {}
         }
-        self.next_eval = Some(now + self.cfg.eval_interval);
+        // On a fixed grid (the caller's clock ticks coarsely): no drift between evaluations.
+        let interval = self.cfg.eval_interval;
+        self.next_eval = Some(match self.next_eval {
+            Some(t) if !force && now < t + interval => t + interval,
+            _ => now + interval,
+        });
         self.evaluate(now)
     }
 
@@ -329,6 +334,14 @@ impl Engine {
             h.last = (v.score, v.guard);
             if suspect {
                 h.over += 1;
+                if h.over == 1 && h.alarm.is_none() && cfg.consecutive > 1 {
+                    log::info!(
+                        "host {host} over the threshold (score {:.1} >= {:.1}): an alarm follows if it stays over for {} evaluations",
+                        v.score,
+                        cfg.thresholds.score,
+                        cfg.consecutive
+                    );
+                }
             } else {
                 h.over = 0;
             }

@@ -145,8 +145,48 @@ fn a_torrent_client_raises_one_alarm_with_its_evidence() {
         assert!(fired.contains(&rule), "{rule} did not fire: {fired:?}");
     }
     assert!(a.log_line().contains("raised p2p: host 10.0.0.5"));
-    // Raised after 3 consecutive evaluations, not before.
-    assert_eq!(e.stats.evaluations, 6);
+}
+
+#[test]
+fn an_alarm_is_raised_after_the_configured_number_of_consecutive_evaluations() {
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    // The evaluation (0-based) at which the alarm is raised with `n` consecutive.
+    let raised_at = |n: u32| -> usize {
+        let cfg = DetectConfig {
+            consecutive: n,
+            ..DetectConfig::default()
+        };
+        let mut e = Engine::new(cfg);
+        for (i, s) in (0..300).step_by(10).enumerate() {
+            for r in torrent(host, s) {
+                e.observe(&r);
+            }
+            if e.tick(t(s + 6), false)
+                .iter()
+                .any(|x| x.state == AlarmState::Raised)
+            {
+                return i;
+            }
+        }
+        panic!("no alarm with consecutive = {n}");
+    };
+    let first_over = raised_at(1);
+    assert_eq!(raised_at(2), first_over + 1);
+    assert_eq!(raised_at(4), first_over + 3);
+}
+
+#[test]
+fn evaluations_keep_their_interval_when_the_caller_ticks_late() {
+    let mut e = Engine::new(DetectConfig::default());
+    // A caller that ticks every 1.1 s: the evaluations stay 10 s apart, not 11.
+    for i in 0..1000u64 {
+        e.tick(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_000_000 + i * 1100),
+            false,
+        );
+    }
+    // 1,100 s of ticks at a 10 s grid.
+    assert_eq!(e.stats.evaluations, 110);
 }
 
 #[test]
