@@ -86,6 +86,9 @@ pub struct LabConfig {
     pub verbose: bool,
 }
 
+/// Starts what one internal host runs (and its external counterpart, if any).
+type Starter = Box<dyn Fn() -> Result<Vec<Proc>>>;
+
 /// Set by SIGINT/SIGTERM: the run stops and cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -588,7 +591,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         "while :; do nmap -sS -Pn -n -T4 --max-rate 150 --top-ports 200 {} >/dev/null; done",
         plan.scan_target
     );
-    let mut pending: Vec<(&'static str, Box<dyn Fn() -> Result<Vec<Proc>>>)> = Vec::new();
+    let mut pending: Vec<(&'static str, Starter)> = Vec::new();
     {
         let leech = h("leech");
         let (tp, d, ta, lp, dn) = (

@@ -81,8 +81,10 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// On failure or Ctrl-C: asked to stop first (so a server reaps its workers), then
+    /// killed.
     fn drop(&mut self) {
-        self.stop(Signal::SIGKILL, Duration::from_secs(5));
+        self.stop(Signal::SIGTERM, Duration::from_secs(3));
     }
 }
 
