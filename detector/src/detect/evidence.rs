@@ -96,6 +96,88 @@ fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) 
     }
 }
 
+/// The score and guard of [`evaluate`], from the profile's aggregates instead of a walk
+/// over its peers: the same rules, the same thresholds, the same result (a property test
+/// holds the two equal). The thresholds that depend on each peer (small datagrams, the
+/// throttled rate) are those the profile was built with.
+pub fn score(
+    p: &mut HostProfile,
+    t: &Thresholds,
+    top_senders: &HashSet<IpAddr>,
+) -> (f64, Option<&'static str>) {
+    let peers = p.peer_count();
+    let held = p.peers.len() as u64;
+    let many = peers as f64 >= t.peers;
+    let a = &p.agg;
+    let (flows, bytes_in) = (a.flows, a.bytes_in);
+    let total = a.bytes_in + a.bytes_out;
+    let (attempts, failed) = (a.tcp_attempts, a.tcp_failed);
+    let failed_share = if attempts > 0 {
+        failed as f64 / attempts as f64
+    } else {
+        0.0
+    };
+    let distinct_remote = a.remote_ports.len();
+    let high_share = if distinct_remote == 0 {
+        0.0
+    } else {
+        a.high_ports as f64 / distinct_remote as f64
+    };
+    let (tcp_udp, udp_small, throttled) = (a.tcp_udp, a.udp_small, a.throttled);
+    let mut score = 0.0;
+    let mut fire = |fired: bool, weight: f64| {
+        if fired {
+            score += weight;
+        }
+    };
+    fire(many, 2.0);
+    fire(flows as f64 >= t.flows, 1.0);
+    if many {
+        // top_peer_share <= threshold; an upper bound of the top that passes settles it.
+        let share = |top: u64| {
+            if total > 0 {
+                top as f64 / total as f64
+            } else {
+                1.0
+            }
+        };
+        let top_ok = share(p.agg.top) <= t.top_peer_share
+            || (!p.agg.top_exact && share(p.top_exact()) <= t.top_peer_share);
+        fire(top_ok, 1.0);
+        let in_top = top_senders.iter().any(|ip| p.peers.contains_key(ip));
+        fire(!in_top, 0.5);
+        // The median of the held peers' rates is at or below the threshold when more
+        // than half of them are.
+        fire(held > 0 && throttled > held / 2 || held == 0, 1.0);
+    }
+    fire(
+        distinct_remote as f64 >= t.remote_ports && high_share >= t.high_port_share,
+        2.0,
+    );
+    fire(tcp_udp as f64 >= t.tcp_udp_peers, 2.0);
+    // The listening endpoint matters only with enough peers on it.
+    let (mut listen_ips, mut listen_port) = p.agg.listen;
+    if listen_ips as f64 >= t.listen_peers {
+        (listen_ips, listen_port) = p.agg.listen_exact();
+    }
+    let busy_listener = listen_ips as f64 >= t.listen_peers;
+    if busy_listener && listen_port > 1024 {
+        let pairs = p.agg.local_ports.get(&listen_port).map_or(0, |l| l.1);
+        fire(pairs as f64 / listen_ips as f64 <= t.ip_port_ratio, 2.0);
+        fire(true, 1.0);
+    }
+    fire(udp_small as f64 >= t.udp_small_peers, 2.0);
+    fire(attempts >= 20 && failed_share >= t.failed_share, 1.0);
+    let guard = if attempts >= 20 && failed_share >= 0.8 && bytes_in < 1_000_000 {
+        Some("port_scan")
+    } else if listen_port != 0 && busy_listener && listen_port <= 1024 {
+        Some("server_on_well_known_port")
+    } else {
+        None
+    };
+    (score, guard)
+}
+
 /// Evaluates every rule on `p`. `top_senders` are the external addresses that sent the
 /// most bytes to the internal network over the window; `window_min` is the window length.
 pub fn evaluate(

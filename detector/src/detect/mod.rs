@@ -260,10 +260,15 @@ impl Engine {
             e.1 = e.1.max(r.last);
         }
         let max_peers = self.cfg.max_peers;
+        let limits = profile::Limits {
+            udp_small_size: self.cfg.thresholds.udp_small_size,
+            peer_bytes_per_min: self.cfg.thresholds.peer_bytes_per_min,
+            window_min: self.cfg.window.as_secs_f64() / 60.0,
+        };
         self.hosts
             .entry(host)
             .or_insert_with(|| HostState {
-                profile: HostProfile::new(max_peers),
+                profile: HostProfile::with_limits(max_peers, limits),
                 over: 0,
                 alarm: None,
                 last: (0.0, None),
@@ -329,15 +334,18 @@ impl Engine {
                 h.last = (0.0, None);
                 continue;
             }
-            let v = evidence::evaluate(&mut h.profile, &cfg.thresholds, &top10, window_min);
-            let suspect = v.guard.is_none() && v.score >= cfg.thresholds.score;
-            h.last = (v.score, v.guard);
+            // Scored from the aggregates; the full walk only for an event's evidence.
+            let (score, guard) = evidence::score(&mut h.profile, &cfg.thresholds, &top10);
+            let suspect = guard.is_none() && score >= cfg.thresholds.score;
+            h.last = (score, guard);
+            let full =
+                |p: &mut HostProfile| evidence::evaluate(p, &cfg.thresholds, &top10, window_min);
             if suspect {
                 h.over += 1;
                 if h.over == 1 && h.alarm.is_none() && cfg.consecutive > 1 {
                     log::info!(
                         "host {host} over the threshold (score {:.1} >= {:.1}): an alarm follows if it stays over for {} evaluations",
-                        v.score,
+                        score,
                         cfg.thresholds.score,
                         cfg.consecutive
                     );
@@ -347,6 +355,7 @@ impl Engine {
             }
             match &mut h.alarm {
                 None if suspect && h.over >= cfg.consecutive => {
+                    let v = full(&mut h.profile);
                     let alarm = Alarm {
                         id: alarm_id(*host, now),
                         first_seen: now,
@@ -368,11 +377,13 @@ impl Engine {
                 }
                 Some(a) if suspect => {
                     a.last_over = now;
-                    let changed = (v.score - a.last_score).abs() >= 1.0
-                        || v.measures.peers.abs_diff(a.last_peers) * 5 >= a.last_peers.max(1);
+                    let peers = h.profile.peer_count();
+                    let changed = (score - a.last_score).abs() >= 1.0
+                        || peers.abs_diff(a.last_peers) * 5 >= a.last_peers.max(1);
                     let due =
                         now.duration_since(a.last_event).unwrap_or_default() >= cfg.update_interval;
                     if changed && due {
+                        let v = full(&mut h.profile);
                         a.last_event = now;
                         a.last_score = v.score;
                         a.last_peers = v.measures.peers;
@@ -390,6 +401,7 @@ impl Engine {
                 Some(a)
                     if now.duration_since(a.last_over).unwrap_or_default() >= cfg.clear_after =>
                 {
+                    let v = full(&mut h.profile);
                     events.push(event(
                         a,
                         AlarmState::Cleared,

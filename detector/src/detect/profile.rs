@@ -1,6 +1,11 @@
 //! What one internal host did over the sliding window: its external peers and, per peer,
 //! bytes each way, flows, transports, ports. Bounded: at most `max_peers` peers are held
 //! in full; beyond that, peers are only counted (a HyperLogLog sketch of the addresses).
+//!
+//! Besides the peers, a profile keeps [`Aggregates`]: the sums over its held peers that the
+//! rules need, updated as peers are added, grow and expire, so that a host is scored
+//! without walking its peers ([`super::evidence::score`]); the full walk
+//! ([`super::evidence::evaluate`]) is only made for the evidence of an alarm event.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -17,6 +22,163 @@ pub const SERVICE_UDP_PORTS: &[u16] = &[
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
+
+/// The per-peer thresholds the aggregates count against (from the rules' thresholds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// A peer's UDP exchange is "small datagrams" below this mean size.
+    pub udp_small_size: f64,
+    /// A peer is throttled at or below this many bytes per minute over the window...
+    pub peer_bytes_per_min: f64,
+    /// ...of this many minutes.
+    pub window_min: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let t = super::evidence::Thresholds::default();
+        Self {
+            udp_small_size: t.udp_small_size,
+            peer_bytes_per_min: t.peer_bytes_per_min,
+            window_min: 5.0,
+        }
+    }
+}
+
+/// Sums over the held peers, kept current by [`HostProfile::add`] and
+/// [`HostProfile::expire`].
+#[derive(Clone, Debug, Default)]
+pub struct Aggregates {
+    pub flows: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Peers reached over both TCP and UDP.
+    pub tcp_udp: u64,
+    pub tcp_attempts: u64,
+    pub tcp_failed: u64,
+    /// Peers whose non-service UDP datagrams are small on average.
+    pub udp_small: u64,
+    /// Peers at or below the throttled rate.
+    pub throttled: u64,
+    /// (local, remote) port pairs by remote port; `high_ports` counts keys above 1024.
+    pub remote_ports: FxHashMap<u16, u32>,
+    pub high_ports: u64,
+    /// Per local port: peers with a pair on it, and pairs on it.
+    pub local_ports: FxHashMap<u16, (u32, u32)>,
+    /// The largest per-peer byte total: exact, or an upper bound after its peer expired.
+    pub top: u64,
+    pub top_exact: bool,
+    /// The busiest local port as (peers, port): exact, or an upper bound after expiry.
+    pub listen: (u32, u16),
+    pub listen_exact: bool,
+}
+
+/// One peer's share of the sums.
+#[derive(Clone, Copy, Default)]
+struct Contribution {
+    flows: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    tcp_udp: u64,
+    tcp_attempts: u64,
+    tcp_failed: u64,
+    udp_small: u64,
+    throttled: u64,
+}
+
+impl PeerStat {
+    fn contribution(&self, lim: &Limits) -> Contribution {
+        let total = self.bytes_in + self.bytes_out;
+        Contribution {
+            flows: self.flows,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            tcp_udp: u64::from(self.tcp && self.udp),
+            tcp_attempts: self.tcp_attempts,
+            tcp_failed: self.tcp_failed,
+            // The same expressions as the full evaluation, so both agree exactly.
+            udp_small: u64::from(
+                self.udp_packets > 0
+                    && (self.udp_bytes as f64 / self.udp_packets as f64) < lim.udp_small_size,
+            ),
+            throttled: u64::from(total as f64 / lim.window_min.max(1.0) <= lim.peer_bytes_per_min),
+        }
+    }
+}
+
+impl Aggregates {
+    fn apply(&mut self, c: &Contribution, add: bool) {
+        let f = |acc: &mut u64, v: u64| {
+            if add {
+                *acc += v;
+            } else {
+                *acc -= v;
+            }
+        };
+        f(&mut self.flows, c.flows);
+        f(&mut self.bytes_in, c.bytes_in);
+        f(&mut self.bytes_out, c.bytes_out);
+        f(&mut self.tcp_udp, c.tcp_udp);
+        f(&mut self.tcp_attempts, c.tcp_attempts);
+        f(&mut self.tcp_failed, c.tcp_failed);
+        f(&mut self.udp_small, c.udp_small);
+        f(&mut self.throttled, c.throttled);
+    }
+
+    fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
+        let r = self.remote_ports.entry(remote).or_insert(0);
+        if *r == 0 && remote > 1024 {
+            self.high_ports += 1;
+        }
+        *r += 1;
+        let l = self.local_ports.entry(local).or_insert((0, 0));
+        l.1 += 1;
+        if new_local_for_peer {
+            l.0 += 1;
+            if (l.0, local) > self.listen {
+                self.listen = (l.0, local);
+            }
+        }
+    }
+
+    fn remove_pair(&mut self, local: u16, remote: u16, last_local_for_peer: bool) {
+        if let Some(r) = self.remote_ports.get_mut(&remote) {
+            *r -= 1;
+            if *r == 0 {
+                self.remote_ports.remove(&remote);
+                if remote > 1024 {
+                    self.high_ports -= 1;
+                }
+            }
+        }
+        if let Some(l) = self.local_ports.get_mut(&local) {
+            l.1 -= 1;
+            if last_local_for_peer {
+                l.0 -= 1;
+                if local == self.listen.1 {
+                    self.listen_exact = false;
+                }
+            }
+            if l.0 == 0 {
+                self.local_ports.remove(&local);
+            }
+        }
+    }
+
+    /// The busiest local port (peers, port), exact: rescans the local ports if needed.
+    pub fn listen_exact(&mut self) -> (u32, u16) {
+        if !self.listen_exact {
+            self.listen = self
+                .local_ports
+                .iter()
+                .map(|(port, (ips, _))| (*ips, *port))
+                .max()
+                .unwrap_or((0, 0));
+            self.listen_exact = true;
+        }
+        self.listen
+    }
+}
 
 /// One external peer of an internal host.
 #[derive(Clone, Debug)]
@@ -50,17 +212,33 @@ pub struct HostProfile {
     /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
     pub sources: Vec<crate::flow::Origin>,
     pub last_seen: SystemTime,
+    pub agg: Aggregates,
+    limits: Limits,
 }
 
 impl HostProfile {
     pub fn new(max_peers: usize) -> Self {
+        Self::with_limits(max_peers, Limits::default())
+    }
+
+    pub fn with_limits(max_peers: usize, limits: Limits) -> Self {
         Self {
             peers: FxHashMap::default(),
             overflow: None,
             max_peers,
             sources: Vec::new(),
             last_seen: SystemTime::UNIX_EPOCH,
+            agg: Aggregates {
+                top_exact: true,
+                listen_exact: true,
+                ..Aggregates::default()
+            },
+            limits,
         }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Adds a record in which `host` (internal) talks with `peer` (external).
@@ -73,7 +251,8 @@ impl HostProfile {
         };
         self.last_seen = self.last_seen.max(r.last);
         self.note_source(r);
-        if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
+        let fresh = !self.peers.contains_key(&peer);
+        if fresh && self.peers.len() >= self.max_peers {
             let hll = self.overflow.get_or_insert_with(|| {
                 Box::new(
                     HyperLogLogPlus::new(14, std::hash::RandomState::new())
@@ -97,6 +276,11 @@ impl HostProfile {
             udp_packets: 0,
             udp_bytes: 0,
         });
+        let before = if fresh {
+            Contribution::default()
+        } else {
+            p.contribution(&self.limits)
+        };
         p.first_seen = p.first_seen.min(r.first);
         p.last_seen = p.last_seen.max(r.last);
         let bytes = r.est_bytes();
@@ -128,8 +312,14 @@ impl HostProfile {
             _ => {}
         }
         if p.ports.len() < PORTS_PER_PEER && !p.ports.contains(&(local_port, remote_port)) {
+            let new_local = !p.ports.iter().any(|&(l, _)| l == local_port);
             p.ports.push((local_port, remote_port));
+            self.agg.add_pair(local_port, remote_port, new_local);
         }
+        let after = p.contribution(&self.limits);
+        self.agg.apply(&before, false);
+        self.agg.apply(&after, true);
+        self.agg.top = self.agg.top.max(p.bytes_in + p.bytes_out);
     }
 
     /// Remembers who reported a record of this host (at most 16 sources).
@@ -139,10 +329,27 @@ impl HostProfile {
         }
     }
 
-    /// Forgets peers silent for `window` at `now`.
+    /// Forgets peers silent for `window` at `now`, taking them out of the aggregates.
     pub fn expire(&mut self, now: SystemTime, window: Duration) {
-        self.peers
-            .retain(|_, p| now.duration_since(p.last_seen).unwrap_or(Duration::ZERO) < window);
+        let (agg, limits) = (&mut self.agg, &self.limits);
+        self.peers.retain(|_, p| {
+            let keep = now.duration_since(p.last_seen).unwrap_or(Duration::ZERO) < window;
+            if !keep {
+                agg.apply(&p.contribution(limits), false);
+                for (i, &(l, r)) in p.ports.iter().enumerate() {
+                    let last_local = !p.ports[i + 1..].iter().any(|&(l2, _)| l2 == l);
+                    agg.remove_pair(l, r, last_local);
+                }
+                if p.bytes_in + p.bytes_out >= agg.top {
+                    agg.top_exact = false;
+                }
+            }
+            keep
+        });
+        if self.peers.is_empty() {
+            self.agg.top = 0;
+            self.agg.top_exact = true;
+        }
         // Give memory back once most of the window has rolled out.
         if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
             self.peers.shrink_to_fit();
@@ -150,6 +357,20 @@ impl HostProfile {
         if self.peers.len() < self.max_peers / 2 {
             self.overflow = None;
         }
+    }
+
+    /// The largest per-peer byte total, exact: walks the peers if the largest expired.
+    pub fn top_exact(&mut self) -> u64 {
+        if !self.agg.top_exact {
+            self.agg.top = self
+                .peers
+                .values()
+                .map(|p| p.bytes_in + p.bytes_out)
+                .max()
+                .unwrap_or(0);
+            self.agg.top_exact = true;
+        }
+        self.agg.top
     }
 
     /// Distinct peers, held and counted.

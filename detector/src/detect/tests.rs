@@ -640,3 +640,72 @@ fn rule_top10_senders_fires_when_no_peer_is_among_them() {
     assert!(fired(&std::collections::HashSet::new(), &mut p));
     assert!(!fired(&[ext(3)].into_iter().collect(), &mut p));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// The score from the aggregates equals the full walk's, record after record and
+    /// expiry after expiry: peers near every threshold, ports on both sides of 1024, TCP
+    /// and UDP, failed attempts, peers beyond the cap, top senders among the peers.
+    #[test]
+    fn the_score_from_aggregates_equals_the_full_evaluation(
+        seed in proptest::prelude::any::<u64>(),
+        peers in 1u32..60,
+        cap in 10usize..80,
+        records in 1usize..400,
+    ) {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
+        let th = evidence::Thresholds {
+            peers: 10.0,
+            flows: 40.0,
+            remote_ports: 8.0,
+            tcp_udp_peers: 2.0,
+            listen_peers: 4.0,
+            udp_small_peers: 3.0,
+            peer_bytes_per_min: 3000.0,
+            ..evidence::Thresholds::default()
+        };
+        let lim = profile::Limits {
+            udp_small_size: th.udp_small_size,
+            peer_bytes_per_min: th.peer_bytes_per_min,
+            window_min: 1.0,
+        };
+        let window = Duration::from_secs(60);
+        let mut p = profile::HostProfile::with_limits(cap, lim);
+        let mut top = std::collections::HashSet::new();
+        let mut at = 0u64;
+        for i in 0..records {
+            let r = next();
+            let peer = ext((r % u64::from(peers)) as u32);
+            if r % 97 == 0 {
+                top.insert(peer);
+            }
+            let local = [51413u16, 80, 443, 6881, (r >> 8) as u16 | 1025][(r >> 4) as usize % 5];
+            let remote = [80u16, 443, 53, 123, (r >> 24) as u16][(r >> 12) as usize % 5];
+            let proto = if r & 0x100 == 0 { 6 } else { 17 };
+            let flags = [0x02u8, 0x12, 0x10, 0x1a, 0x01][(r >> 40) as usize % 5];
+            let bytes = [40u64, 200, 1500, 5000, 100_000][(r >> 44) as usize % 5];
+            let outbound = r & 0x200 == 0;
+            let rec = if outbound {
+                rec(host, local, peer, remote, proto, 1 + (r >> 50) % 4, bytes, flags, at)
+            } else {
+                rec(peer, remote, host, local, proto, 1 + (r >> 50) % 4, bytes, flags, at)
+            };
+            p.add(&rec, outbound);
+            at += (r >> 56) % 4;
+            if i % 7 == 0 {
+                p.expire(t(at), window);
+            }
+            let fast = evidence::score(&mut p, &th, &top);
+            let v = evidence::evaluate(&mut p, &th, &top, 1.0);
+            proptest::prop_assert_eq!(fast, (v.score, v.guard), "after record {}", i);
+        }
+    }
+}
