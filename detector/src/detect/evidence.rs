@@ -201,21 +201,21 @@ pub fn evaluate(
     let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
     for (ip, s) in &p.peers {
-        m.flows += s.flows;
+        m.flows += u64::from(s.flows);
         m.bytes_in += s.bytes_in;
         m.bytes_out += s.bytes_out;
         let total = s.bytes_in + s.bytes_out;
         top = top.max(total);
         per_peer_rate.push(total as f64 / window_min.max(1.0));
-        for &(l, r) in &s.ports {
+        for &(l, r) in s.ports() {
             remote_ports.push(r);
             endpoints.push((l, *ip, r));
         }
         if s.tcp && s.udp {
             tcp_udp += 1;
         }
-        attempts += s.tcp_attempts;
-        failed += s.tcp_failed;
+        attempts += u64::from(s.tcp_attempts);
+        failed += u64::from(s.tcp_failed);
         if s.udp_packets > 0 && (s.udp_bytes as f64 / s.udp_packets as f64) < t.udp_small_size {
             udp_small += 1;
         }

@@ -178,18 +178,34 @@ pub struct Engine {
     hosts: rustc_hash::FxHashMap<IpAddr, HostState>,
     /// Bytes each external address sent into the network, and when it last did.
     senders: rustc_hash::FxHashMap<IpAddr, (u64, SystemTime)>,
+    limits: profile::Limits,
     next_eval: Option<SystemTime>,
     pub stats: EngineStats,
 }
 
 impl Engine {
     pub fn new(cfg: DetectConfig) -> Self {
+        let limits = profile::Limits {
+            udp_small_size: cfg.thresholds.udp_small_size,
+            peer_bytes_per_min: cfg.thresholds.peer_bytes_per_min,
+            window_min: cfg.window.as_secs_f64() / 60.0,
+        };
         Self {
+            limits,
             cfg,
             hosts: rustc_hash::FxHashMap::default(),
             senders: rustc_hash::FxHashMap::default(),
             next_eval: None,
             stats: EngineStats::default(),
+        }
+    }
+
+    /// Forgets the peers silent for the window at `now` (each profile skips the walk when
+    /// its oldest peer is still inside the window).
+    fn expire(&mut self, now: SystemTime) {
+        let window = self.cfg.window;
+        for h in self.hosts.values_mut() {
+            h.profile.expire(now, window);
         }
     }
 
@@ -247,10 +263,21 @@ impl Engine {
             }
             return;
         }
-        if !self.hosts.contains_key(&host) && self.hosts.len() >= self.cfg.max_hosts {
-            self.stats.hosts_over_limit += 1;
-            return;
-        }
+        let n_hosts = self.hosts.len();
+        let (max_peers, limits) = (self.cfg.max_peers, self.limits);
+        let h = match self.hosts.entry(host) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if n_hosts >= self.cfg.max_hosts => {
+                self.stats.hosts_over_limit += 1;
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(HostState {
+                profile: HostProfile::with_limits(max_peers, limits),
+                over: 0,
+                alarm: None,
+                last: (0.0, None),
+            }),
+        };
         // Bounded like the hosts: a new sender is tracked only while there is room.
         if !host_is_src
             && (self.senders.len() < self.cfg.max_hosts * 4 || self.senders.contains_key(&peer))
@@ -259,22 +286,7 @@ impl Engine {
             e.0 += r.est_bytes();
             e.1 = e.1.max(r.last);
         }
-        let max_peers = self.cfg.max_peers;
-        let limits = profile::Limits {
-            udp_small_size: self.cfg.thresholds.udp_small_size,
-            peer_bytes_per_min: self.cfg.thresholds.peer_bytes_per_min,
-            window_min: self.cfg.window.as_secs_f64() / 60.0,
-        };
-        self.hosts
-            .entry(host)
-            .or_insert_with(|| HostState {
-                profile: HostProfile::with_limits(max_peers, limits),
-                over: 0,
-                alarm: None,
-                last: (0.0, None),
-            })
-            .profile
-            .add(r, host_is_src);
+        h.profile.add(r, host_is_src);
     }
 
     /// Evaluates when `eval_interval` has passed since the last evaluation (or always
@@ -296,9 +308,7 @@ impl Engine {
     fn evaluate(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
         self.stats.evaluations += 1;
         let window = self.cfg.window;
-        for h in self.hosts.values_mut() {
-            h.profile.expire(now, window);
-        }
+        self.expire(now);
         // The top 10 external senders into the network over the window (senders idle
         // for the window are forgotten; the others' bytes count since they started).
         self.senders

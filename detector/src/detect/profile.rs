@@ -15,11 +15,6 @@ use rustc_hash::FxHashMap;
 
 use crate::flow::FlowRecord;
 
-/// Ports whose many small UDP exchanges are services, not a DHT.
-pub const SERVICE_UDP_PORTS: &[u16] = &[
-    53, 67, 68, 123, 137, 138, 443, 853, 1900, 3478, 5353, 5355, 19302,
-];
-
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
 
@@ -90,12 +85,12 @@ impl PeerStat {
     fn contribution(&self, lim: &Limits) -> Contribution {
         let total = self.bytes_in + self.bytes_out;
         Contribution {
-            flows: self.flows,
+            flows: u64::from(self.flows),
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             tcp_udp: u64::from(self.tcp && self.udp),
-            tcp_attempts: self.tcp_attempts,
-            tcp_failed: self.tcp_failed,
+            tcp_attempts: u64::from(self.tcp_attempts),
+            tcp_failed: u64::from(self.tcp_failed),
             // The same expressions as the full evaluation, so both agree exactly.
             udp_small: u64::from(
                 self.udp_packets > 0
@@ -180,26 +175,77 @@ impl Aggregates {
     }
 }
 
-/// One external peer of an internal host.
+/// One external peer of an internal host: 88 bytes, no allocation of its own.
 #[derive(Clone, Debug)]
 pub struct PeerStat {
-    pub first_seen: SystemTime,
-    pub last_seen: SystemTime,
+    /// When it was last seen: milliseconds since the UNIX epoch.
+    pub last_ms: u64,
     /// Bytes the peer sent to the host.
     pub bytes_in: u64,
     /// Bytes the host sent to the peer.
     pub bytes_out: u64,
-    pub flows: u64,
-    pub tcp: bool,
-    pub udp: bool,
-    /// (local port, remote port) pairs seen, a few.
-    pub ports: Vec<(u16, u16)>,
-    /// Outbound TCP flows that carried SYN but never an ACK: attempts that never completed.
-    pub tcp_attempts: u64,
-    pub tcp_failed: u64,
     /// UDP packets and bytes to/from non-service ports.
     pub udp_packets: u64,
     pub udp_bytes: u64,
+    pub flows: u32,
+    /// Outbound TCP flows that carried SYN but never an ACK: attempts that never completed.
+    pub tcp_attempts: u32,
+    pub tcp_failed: u32,
+    pub tcp: bool,
+    pub udp: bool,
+    nports: u8,
+    ports: [(u16, u16); PORTS_PER_PEER],
+}
+
+impl PeerStat {
+    fn new(last_ms: u64) -> Self {
+        Self {
+            last_ms,
+            bytes_in: 0,
+            bytes_out: 0,
+            udp_packets: 0,
+            udp_bytes: 0,
+            flows: 0,
+            tcp_attempts: 0,
+            tcp_failed: 0,
+            tcp: false,
+            udp: false,
+            nports: 0,
+            ports: [(0, 0); PORTS_PER_PEER],
+        }
+    }
+
+    /// (local port, remote port) pairs seen, the first few.
+    pub fn ports(&self) -> &[(u16, u16)] {
+        &self.ports[..usize::from(self.nports)]
+    }
+}
+
+/// Milliseconds since the UNIX epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// UDP ports whose many small exchanges are services, not a DHT.
+fn service_udp_port(port: u16) -> bool {
+    matches!(
+        port,
+        53 | 67 | 68 | 123 | 137 | 138 | 443 | 853 | 1900 | 3478 | 5353 | 5355 | 19302
+    )
+}
+
+/// Takes an expiring peer out of the aggregates.
+fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
+    agg.apply(&p.contribution(limits), false);
+    let ports = p.ports();
+    for (i, &(l, r)) in ports.iter().enumerate() {
+        let last_local = !ports[i + 1..].iter().any(|&(l2, _)| l2 == l);
+        agg.remove_pair(l, r, last_local);
+    }
+    if p.bytes_in + p.bytes_out >= agg.top {
+        agg.top_exact = false;
+    }
 }
 
 /// The sliding-window profile of one internal host.
@@ -212,6 +258,9 @@ pub struct HostProfile {
     /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
     pub sources: Vec<crate::flow::Origin>,
     pub last_seen: SystemTime,
+    /// No held peer was last seen before this (ms since the epoch): a lower bound, exact
+    /// after each walk.
+    oldest_ms: u64,
     pub agg: Aggregates,
     limits: Limits,
 }
@@ -228,6 +277,7 @@ impl HostProfile {
             max_peers,
             sources: Vec::new(),
             last_seen: SystemTime::UNIX_EPOCH,
+            oldest_ms: u64::MAX,
             agg: Aggregates {
                 top_exact: true,
                 listen_exact: true,
@@ -251,69 +301,62 @@ impl HostProfile {
         };
         self.last_seen = self.last_seen.max(r.last);
         self.note_source(r);
-        let fresh = !self.peers.contains_key(&peer);
-        if fresh && self.peers.len() >= self.max_peers {
-            let hll = self.overflow.get_or_insert_with(|| {
-                Box::new(
-                    HyperLogLogPlus::new(14, std::hash::RandomState::new())
-                        .expect("precision 14 is valid"),
-                )
-            });
-            hll.insert(&peer);
-            return;
-        }
-        let p = self.peers.entry(peer).or_insert_with(|| PeerStat {
-            first_seen: r.first,
-            last_seen: r.last,
-            bytes_in: 0,
-            bytes_out: 0,
-            flows: 0,
-            tcp: false,
-            udp: false,
-            ports: Vec::new(),
-            tcp_attempts: 0,
-            tcp_failed: 0,
-            udp_packets: 0,
-            udp_bytes: 0,
-        });
+        let last_ms = unix_ms(r.last);
+        let held = self.peers.len();
+        let (p, fresh) = match self.peers.entry(peer) {
+            std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
+            std::collections::hash_map::Entry::Vacant(_) if held >= self.max_peers => {
+                let hll = self.overflow.get_or_insert_with(|| {
+                    Box::new(
+                        HyperLogLogPlus::new(14, std::hash::RandomState::new())
+                            .expect("precision 14 is valid"),
+                    )
+                });
+                hll.insert(&peer);
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                (v.insert(PeerStat::new(last_ms)), true)
+            }
+        };
         let before = if fresh {
             Contribution::default()
         } else {
             p.contribution(&self.limits)
         };
-        p.first_seen = p.first_seen.min(r.first);
-        p.last_seen = p.last_seen.max(r.last);
+        p.last_ms = p.last_ms.max(last_ms);
+        self.oldest_ms = self.oldest_ms.min(last_ms);
         let bytes = r.est_bytes();
         if host_is_src {
             p.bytes_out += bytes;
         } else {
             p.bytes_in += bytes;
         }
-        p.flows += 1;
+        p.flows = p.flows.saturating_add(1);
         match r.protocol {
             6 => {
                 p.tcp = true;
                 if host_is_src && r.tcp_flags & 0x02 != 0 {
-                    p.tcp_attempts += 1;
+                    p.tcp_attempts = p.tcp_attempts.saturating_add(1);
                     if r.tcp_flags & 0x10 == 0 {
-                        p.tcp_failed += 1;
+                        p.tcp_failed = p.tcp_failed.saturating_add(1);
                     }
                 }
             }
             17 => {
                 p.udp = true;
-                if !SERVICE_UDP_PORTS.contains(&remote_port)
-                    && !SERVICE_UDP_PORTS.contains(&local_port)
-                {
+                if !service_udp_port(remote_port) && !service_udp_port(local_port) {
                     p.udp_packets += r.est_packets();
                     p.udp_bytes += bytes;
                 }
             }
             _ => {}
         }
-        if p.ports.len() < PORTS_PER_PEER && !p.ports.contains(&(local_port, remote_port)) {
-            let new_local = !p.ports.iter().any(|&(l, _)| l == local_port);
-            p.ports.push((local_port, remote_port));
+        let n = usize::from(p.nports);
+        if n < PORTS_PER_PEER && !p.ports[..n].contains(&(local_port, remote_port)) {
+            let new_local = !p.ports[..n].iter().any(|&(l, _)| l == local_port);
+            p.ports[n] = (local_port, remote_port);
+            p.nports += 1;
             self.agg.add_pair(local_port, remote_port, new_local);
         }
         let after = p.contribution(&self.limits);
@@ -324,28 +367,38 @@ impl HostProfile {
 
     /// Remembers who reported a record of this host (at most 16 sources).
     pub fn note_source(&mut self, r: &FlowRecord) {
+        if self.sources.first() == Some(&r.origin) {
+            return;
+        }
         if self.sources.len() < 16 && !self.sources.contains(&r.origin) {
             self.sources.push(r.origin);
         }
     }
 
     /// Forgets peers silent for `window` at `now`, taking them out of the aggregates.
+    /// Walks the peers only when the oldest may have left the window.
     pub fn expire(&mut self, now: SystemTime, window: Duration) {
+        let (now_ms, window_ms) = (unix_ms(now), window.as_millis() as u64);
+        if now_ms.saturating_sub(self.oldest_ms) < window_ms {
+            return;
+        }
         let (agg, limits) = (&mut self.agg, &self.limits);
+        let mut oldest = u64::MAX;
         self.peers.retain(|_, p| {
-            let keep = now.duration_since(p.last_seen).unwrap_or(Duration::ZERO) < window;
-            if !keep {
-                agg.apply(&p.contribution(limits), false);
-                for (i, &(l, r)) in p.ports.iter().enumerate() {
-                    let last_local = !p.ports[i + 1..].iter().any(|&(l2, _)| l2 == l);
-                    agg.remove_pair(l, r, last_local);
-                }
-                if p.bytes_in + p.bytes_out >= agg.top {
-                    agg.top_exact = false;
-                }
+            let keep = now_ms.saturating_sub(p.last_ms) < window_ms;
+            if keep {
+                oldest = oldest.min(p.last_ms);
+            } else {
+                remove_from(agg, limits, p);
             }
             keep
         });
+        self.oldest_ms = oldest;
+        self.after_expiry();
+    }
+
+    /// Memory back after peers expired.
+    fn after_expiry(&mut self) {
         if self.peers.is_empty() {
             self.agg.top = 0;
             self.agg.top_exact = true;

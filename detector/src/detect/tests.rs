@@ -709,3 +709,64 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// The engine's expiry (which skips hosts whose oldest peer is still in the window)
+    /// forgets exactly the peers a walk over every peer forgets, evaluation after
+    /// evaluation, with records out of order and late.
+    #[test]
+    fn skipping_expiry_equals_a_walk_over_every_peer(
+        seed in proptest::prelude::any::<u64>(),
+        peers in 1u32..200,
+        records in 1usize..600,
+    ) {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
+        let cfg = DetectConfig {
+            window: Duration::from_secs(60),
+            eval_interval: Duration::from_secs(10),
+            ..DetectConfig::default()
+        };
+        let window = cfg.window;
+        let mut e = Engine::new(cfg);
+        let mut reference = profile::HostProfile::with_limits(4096, e.limits);
+        let mut now_ms = 1_800_000_000_000u64;
+        for i in 0..records {
+            let r = next();
+            let peer = ext((r % u64::from(peers)) as u32);
+            // Records end up to 30 s before now (late, out of order).
+            let last = now_ms - (r >> 20) % 30_000;
+            let mut rec = rec(peer, 6881, host, 51413, 6, 1, 100, 0x10, 0);
+            rec.last = SystemTime::UNIX_EPOCH + Duration::from_millis(last);
+            rec.first = rec.last;
+            e.observe(&rec);
+            reference.add(&rec, false);
+            now_ms += (r >> 40) % 700;
+            if i % 5 == 0 {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
+                e.tick(now, true);
+                // The reference walks every peer: no skipping.
+                reference.peers.retain(|_, p| {
+                    profile::unix_ms(now).saturating_sub(p.last_ms) < window.as_millis() as u64
+                });
+                let mut held: Vec<IpAddr> = e
+                    .hosts
+                    .get(&host)
+                    .map(|h| h.profile.peers.keys().copied().collect())
+                    .unwrap_or_default();
+                let mut want: Vec<IpAddr> = reference.peers.keys().copied().collect();
+                held.sort();
+                want.sort();
+                proptest::prop_assert_eq!(held, want, "after record {}", i);
+            }
+        }
+    }
+}

@@ -38,6 +38,8 @@ pub struct Dedup {
     slack: Duration,
     max_flows: usize,
     owners: FxHashMap<Tuple, Owner>,
+    /// Expiry walks the table at most every tenth of the window.
+    next_expire: Option<SystemTime>,
     pub stats: DedupStats,
 }
 
@@ -48,6 +50,7 @@ impl Dedup {
             slack: Duration::from_secs(2),
             max_flows,
             owners: FxHashMap::default(),
+            next_expire: None,
             stats: DedupStats::default(),
         }
     }
@@ -97,9 +100,16 @@ impl Dedup {
         }
     }
 
-    /// Forgets flows idle for the window at `now`.
+    /// Forgets flows idle for the window at `now`. The walk is made at most every tenth
+    /// of the window (the caller may call this every second): a flow idle for longer
+    /// than the window can no longer overlap a new record, so keeping it a little longer
+    /// changes no verdict.
     pub fn expire(&mut self, now: SystemTime) {
         let window = self.window;
+        if self.next_expire.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_expire = Some(now + window / 10);
         self.owners
             .retain(|_, o| now.duration_since(o.last).unwrap_or(Duration::ZERO) < window);
         if self.owners.capacity() > 1024 && self.owners.len() < self.owners.capacity() / 4 {
