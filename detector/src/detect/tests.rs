@@ -770,3 +770,25 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_late_record_expires_on_time_behind_newer_ones() {
+    let mut p = profile::HostProfile::new(4096);
+    let (a, b) = (ext(1), ext(2));
+    let at = |peer: IpAddr, secs: u64| {
+        let mut r = rec(peer, 6881, host(), 51413, 6, 1, 100, 0x10, 0);
+        r.first = t(secs);
+        r.last = t(secs);
+        r
+    };
+    p.add(&at(a, 100), false);
+    // Reported late: last seen before the peer already filed.
+    p.add(&at(b, 50), false);
+    p.expire(t(111), Duration::from_secs(60));
+    assert!(p.peers.contains_key(&a));
+    assert!(!p.peers.contains_key(&b), "the late peer outlived the window");
+    p.expire(t(159), Duration::from_secs(60));
+    assert!(p.peers.contains_key(&a), "a peer expired before the end of its window");
+    p.expire(t(160), Duration::from_secs(60));
+    assert!(p.peers.is_empty());
+}
