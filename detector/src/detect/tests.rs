@@ -786,9 +786,15 @@ fn a_late_record_expires_on_time_behind_newer_ones() {
     p.add(&at(b, 50), false);
     p.expire(t(111), Duration::from_secs(60));
     assert!(p.peers.contains_key(&a));
-    assert!(!p.peers.contains_key(&b), "the late peer outlived the window");
+    assert!(
+        !p.peers.contains_key(&b),
+        "the late peer outlived the window"
+    );
     p.expire(t(159), Duration::from_secs(60));
-    assert!(p.peers.contains_key(&a), "a peer expired before the end of its window");
+    assert!(
+        p.peers.contains_key(&a),
+        "a peer expired before the end of its window"
+    );
     p.expire(t(160), Duration::from_secs(60));
     assert!(p.peers.is_empty());
 }

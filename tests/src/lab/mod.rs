@@ -86,8 +86,160 @@ pub struct LabConfig {
     pub verbose: bool,
 }
 
-/// Starts what one internal host runs (and its external counterpart, if any).
-type Starter = Box<dyn Fn() -> Result<Vec<Proc>>>;
+/// Each peer's upload limit (bytes/s): throttled, as clients are, so that no peer stands
+/// out among the network's top senders.
+const UPLOAD_RATE: u64 = 24 * 1024;
+
+/// Command-line arguments from anything printable.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { vec![$($a.to_string()),*] };
+}
+
+/// One process the lab starts: in which namespace, under which name (its log is
+/// `NAME.log` in the lab's directory), the program and its arguments.
+struct Launch {
+    ns: String,
+    name: String,
+    program: String,
+    args: Vec<String>,
+}
+
+/// Builds [`Launch`]es with the lab's directory, scripts and seed.
+struct Launcher {
+    dir: PathBuf,
+    scripts: PathBuf,
+    seed: u64,
+}
+
+const PYTHON: &str = "/usr/bin/python3";
+
+impl Launcher {
+    fn tool(&self, ns: &str, name: &str, program: &str, args: Vec<String>) -> Launch {
+        Launch {
+            ns: ns.to_string(),
+            name: name.to_string(),
+            program: program.to_string(),
+            args,
+        }
+    }
+
+    /// torrent.py (libtorrent) under Debian's python, the one with the module.
+    fn torrent(&self, ns: &str, name: &str, args: Vec<String>) -> Launch {
+        let mut all = args![self.scripts.join("torrent.py").display()];
+        all.extend(args);
+        self.tool(ns, name, PYTHON, all)
+    }
+
+    /// benign.py MODE ARGS, seeded.
+    fn benign(&self, ns: &str, name: &str, args: Vec<String>) -> Launch {
+        let mut all = args![
+            self.scripts.join("benign.py").display(),
+            "--seed",
+            self.seed
+        ];
+        all.extend(args);
+        self.tool(ns, name, PYTHON, all)
+    }
+
+    fn start(&self, l: &Launch) -> Result<Proc> {
+        Proc::start(
+            &l.ns,
+            &l.name,
+            &l.program,
+            &l.args,
+            &self.dir.join(format!("{}.log", l.name)),
+        )
+    }
+}
+
+/// What each internal host runs (with the external clients of the web server), by host.
+fn host_launches(
+    l: &Launcher,
+    topo: &Topology,
+    plan: &Plan,
+    torrent_a: &Path,
+    torrent_b: &Path,
+    data_b: &Path,
+    www: &Path,
+) -> Result<Vec<(&'static str, Launch)>> {
+    let dir = &l.dir;
+    let h = |n: &str| topo.host(n);
+    let dht = plan.peers[..8]
+        .iter()
+        .map(|(a, p)| format!("{a}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (leech_data, aria_data) = (dir.join("leech-data"), dir.join("aria-data"));
+    fs::create_dir_all(&leech_data)?;
+    fs::create_dir_all(&aria_data)?;
+    let web_conf = nginx_conf(dir, "web", www, &[])?;
+    let (first_peer, first_port) = plan.peers[0];
+    let mut resolver = args![
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--user=root",
+        format!("--pid-file={}/dnsmasq-resolver.pid", dir.display()),
+        "--all-servers",
+        "--cache-size=0",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--log-facility=-",
+    ];
+    resolver.extend(plan.dns_upstreams.iter().map(|a| format!("--server={a}")));
+    Ok(vec![
+        ("leech", l.torrent(&h("leech").ns, "leech", args![
+            "client", "--addr", h("leech").addr, "--port", plan.leech_port,
+            "--torrent", torrent_a.display(), "--save", leech_data.display(),
+            "--encryption", "forced", "--utp", "--dht", dht,
+            "--events", dir.join("leech.events").display(),
+        ])),
+        ("seed", l.torrent(&h("seed").ns, "seed", args![
+            "client", "--addr", h("seed").addr, "--port", 51413,
+            "--torrent", torrent_b.display(), "--save", data_b.display(), "--seed",
+            "--upload-rate", 1_000_000, "--dht", dht,
+            "--events", dir.join("seed.events").display(),
+        ])),
+        ("aria", l.tool(&h("aria").ns, "aria", "aria2c", args![
+            format!("--dir={}", aria_data.display()),
+            "--bt-require-crypto=true", "--file-allocation=none", "--seed-ratio=0.0",
+            "--listen-port=6881-6889", "--enable-dht=true", "--dht-listen-port=6881-6889",
+            format!("--dht-entry-point={first_peer}:{first_port}"),
+            format!("--dht-file-path={}/aria-dht.dat", dir.display()),
+            "--disable-ipv6=true", "--summary-interval=10", "--console-log-level=warn",
+            torrent_a.display(),
+        ])),
+        ("web", l.tool(&h("web").ns, "web", "nginx", args![
+            "-c", web_conf.display(), "-g", "daemon off;"
+        ])),
+        ("web", l.benign(INET, "web-clients", args![
+            "webclients", "--addrs", dir.join("webclients.txt").display(),
+            "--server", h("web").addr, "--rate", 15,
+        ])),
+        ("browser", l.benign(&h("browser").ns, "browser", args![
+            "browser", "--hosts", dir.join("sites.txt").display()
+        ])),
+        ("resolver", l.tool(&h("resolver").ns, "resolver", "dnsmasq", resolver)),
+        ("resolver", l.benign(&h("resolver").ns, "resolver-load", args![
+            "dnsload", "--rate", 10
+        ])),
+        ("video", l.tool(&h("video").ns, "video", "curl", args![
+            "-sk", "--limit-rate", "400k", "-o", "/dev/null",
+            format!("https://{}/video.bin", plan.video),
+        ])),
+        ("scanner", l.tool(&h("scanner").ns, "scanner", "sh", args![
+            "-c",
+            format!(
+                "while :; do nmap -sS -Pn -n -T4 --max-rate 150 --top-ports 200 {} >/dev/null; done",
+                plan.scan_target
+            ),
+        ])),
+        ("quic", l.benign(&h("quic").ns, "quic", args![
+            "udp-client", "--servers", dir.join("quic.txt").display()
+        ])),
+    ])
+}
 
 /// Set by SIGINT/SIGTERM: the run stops and cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -221,10 +373,6 @@ fn make_torrent(data: &Path, torrent: &Path, tracker: &str) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
-fn s(x: impl ToString) -> String {
-    x.to_string()
-}
-
 /// nginx serving `root` on 80 and 443 (self-signed), on `addrs` (all addresses if empty:
 /// the swarm's peers on ports 80 and 443 share the internet namespace).
 fn nginx_conf(dir: &Path, name: &str, root: &Path, addrs: &[Ipv4Addr]) -> Result<PathBuf> {
@@ -344,7 +492,6 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     // Content: two torrents (A from the swarm, B from the internal seeder), web pages.
     // A is sized so a download lasts longer than the run: a client fetches about 3 MB/s
     // from 200 peers throttled to 24 KiB/s (measured: 600 MiB in 275 s).
-    let upload_rate: u64 = 24 * 1024;
     let a_mib = (cfg.duration.as_secs() * 3).clamp(64, 4096);
     say(
         cfg,
@@ -410,465 +557,152 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     );
     let host_spec: Vec<(&'static str, u8)> = HOSTS.iter().map(|h| (h.0, h.1)).collect();
     let topo = Topology::build(&host_spec, &plan.external_addrs())?;
-    let mut procs: Vec<Proc> = Vec::new();
-    let log = |n: &str| dir.join(format!("{n}.log"));
-    let py = "/usr/bin/python3";
-    let torrent_py = s(cfg.scripts.join("torrent.py").display());
-    let benign_py = s(cfg.scripts.join("benign.py").display());
-    let seed = s(cfg.seed);
+    let l = Launcher {
+        dir: dir.clone(),
+        scripts: cfg.scripts.clone(),
+        seed: cfg.seed,
+    };
 
     // The internet side: tracker, swarm, web sites, DNS servers, UDP 443 servers.
-    procs.push(Proc::start(
+    let leechers = (cfg.peers / 5).max(1);
+    let mut procs: Vec<Proc> = Vec::new();
+    procs.push(l.start(&l.tool(
         INET,
         "opentracker",
         "opentracker",
-        &[s("-f"), s(dir.join("opentracker.conf").display())],
-        &log("opentracker"),
-    )?);
-    let leechers = (cfg.peers / 5).max(1);
-    let leech_dir = dir.join("swarm-leech");
-    let mut swarm = Proc::start(
+        args!["-f", dir.join("opentracker.conf").display()],
+    ))?);
+    let mut swarm = l.start(&l.torrent(
         INET,
         "swarm",
-        py,
-        &[
-            torrent_py.clone(),
-            s("swarm"),
-            s("--addrs"),
-            s(dir.join("peers.txt").display()),
-            s("--seed-torrent"),
-            s(torrent_a.display()),
-            s("--seed-data"),
-            s(data_a.display()),
-            s("--leech-torrent"),
-            s(torrent_b.display()),
-            s("--leech-dir"),
-            s(leech_dir.display()),
-            s("--leechers"),
-            s(leechers),
-            s("--upload-rate"),
-            s(upload_rate),
+        args![
+            "swarm",
+            "--addrs",
+            dir.join("peers.txt").display(),
+            "--seed-torrent",
+            torrent_a.display(),
+            "--seed-data",
+            data_a.display(),
+            "--leech-torrent",
+            torrent_b.display(),
+            "--leech-dir",
+            dir.join("swarm-leech").display(),
+            "--leechers",
+            leechers,
+            "--upload-rate",
+            UPLOAD_RATE,
         ],
-        &log("swarm"),
-    )?;
+    ))?;
     say(
         cfg,
         &format!(
-            "starting {} BitTorrent peers ({} also download from the internal seeder)",
-            cfg.peers, leechers
+            "starting {} BitTorrent peers ({leechers} also download from the internal seeder)",
+            cfg.peers
         ),
     );
     wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
     procs.push(swarm);
-    let nginx_inet = nginx_conf(
-        &dir,
-        "inet",
-        &www,
-        &[&plan.sites[..], &[plan.video]].concat(),
-    )?;
-    procs.push(Proc::start(
+    let sites: Vec<Ipv4Addr> = [&plan.sites[..], &[plan.video]].concat();
+    let nginx_inet = nginx_conf(&dir, "inet", &www, &sites)?;
+    procs.push(l.start(&l.tool(
         INET,
         "nginx-internet",
         "nginx",
-        &[s("-c"), s(nginx_inet.display()), s("-g"), s("daemon off;")],
-        &log("nginx-internet"),
-    )?);
-    procs.push(Proc::start(
+        args!["-c", nginx_inet.display(), "-g", "daemon off;"],
+    ))?);
+    procs.push(l.start(&l.tool(
         INET,
         "dns-upstreams",
         "dnsmasq",
-        &[
-            s("-k"),
-            s("--conf-file=/dev/null"),
-            s("--no-resolv"),
-            s("--no-hosts"),
-            s("--user=root"),
-            s(format!("--pid-file={}/dnsmasq-inet.pid", dir.display())),
-            s("--address=/#/198.19.255.1"),
-            s("--log-facility=-"),
+        args![
+            "-k",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            format!("--pid-file={}/dnsmasq-inet.pid", dir.display()),
+            "--address=/#/198.19.255.1",
+            "--log-facility=-",
         ],
-        &log("dns-upstreams"),
-    )?);
-    procs.push(Proc::start(
+    ))?);
+    procs.push(l.start(&l.benign(
         INET,
         "udp443-servers",
-        py,
-        &[
-            benign_py.clone(),
-            s("udp-server"),
-            s("--addrs"),
-            s(dir.join("quic.txt").display()),
-            s("--port"),
-            s("443"),
+        args![
+            "udp-server",
+            "--addrs",
+            dir.join("quic.txt").display(),
+            "--port",
+            443
         ],
-        &log("udp443-servers"),
-    )?);
+    ))?);
 
     // The gateway: nfcapd (the upstream analyzer), the agent, softflowd on the LAN side.
     let nfdir = dir.join("nfcapd");
     fs::create_dir_all(&nfdir)?;
-    let mut nfcapd = Proc::start(
+    let mut nfcapd = l.start(&l.tool(
         GW,
         "nfcapd",
         "nfcapd",
-        &[
-            s("-w"),
-            s(nfdir.display()),
-            s("-p"),
-            s("9996"),
-            s("-b"),
-            s("127.0.0.1"),
-        ],
-        &log("nfcapd"),
-    )?;
+        args!["-w", nfdir.display(), "-p", 9996, "-b", "127.0.0.1"],
+    ))?;
     let alarms = dir.join("alarms.jsonl");
     let flows = dir.join("flows.jsonl");
-    let mut agent = Proc::start(
+    let mut agent = l.start(&l.tool(
         GW,
         "agent",
-        cfg.detector.to_str().context("path")?,
-        &[
-            s("run"),
-            s("--iface"),
-            s(UPLINK),
-            s("--xdp-mode"),
-            s("native"),
-            s("--export"),
-            s("127.0.0.1:9996"),
-            s("--netflow-listen"),
-            s("127.0.0.1:9995"),
-            s("--alarms-json"),
-            s(alarms.display()),
-            s("--flows-json"),
-            s(flows.display()),
-            s("--stats-interval"),
-            s("10"),
+        &cfg.detector.display().to_string(),
+        args![
+            "run",
+            "--iface",
+            UPLINK,
+            "--xdp-mode",
+            "native",
+            "--export",
+            "127.0.0.1:9996",
+            "--netflow-listen",
+            "127.0.0.1:9995",
+            "--alarms-json",
+            alarms.display(),
+            "--flows-json",
+            flows.display(),
+            "--stats-interval",
+            10,
         ],
-        &log("agent"),
-    )?;
+    ))?;
     wait_for(
         &mut agent,
         &format!("metering {UPLINK}"),
         Duration::from_secs(30),
     )?;
+    // softflowd 1.1 keeps its pid and control files under /var/run (see the softflowd
+    // test): a killed run may have left them.
     let _ = fs::remove_file("/var/run/softflowd.pid");
     let _ = fs::remove_file("/var/run/softflowd.ctl");
-    let mut softflowd = Proc::start(
+    let mut softflowd = l.start(&l.tool(
         GW,
         "softflowd",
         "softflowd",
-        &[
-            s("-d"),
-            s("-i"),
-            s(LAN_BRIDGE),
-            s("-n"),
-            s("127.0.0.1:9995"),
-            s("-v"),
-            s("9"),
-            s("-t"),
-            s("maxlife=60"),
-            s("-t"),
-            s("general=15"),
+        args![
+            "-d",
+            "-i",
+            LAN_BRIDGE,
+            "-n",
+            "127.0.0.1:9995",
+            "-v",
+            9,
+            "-t",
+            "maxlife=60",
+            "-t",
+            "general=15",
         ],
-        &log("softflowd"),
-    )?;
+    ))?;
     let counters_start = topology::uplink_counters()?;
 
-    // The internal hosts, each starting at its planned offset.
+    // The internal hosts, each started at its planned offset.
+    let mut pending = host_launches(&l, &topo, &plan, &torrent_a, &torrent_b, &data_b, &www)?;
     let t0 = Instant::now();
     let started_at = unix_now();
-    let h = |n: &str| topo.host(n).clone();
-    let dht_nodes = plan.peers[..8]
-        .iter()
-        .map(|(a, p)| format!("{a}:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let resolver_servers: Vec<String> = plan
-        .dns_upstreams
-        .iter()
-        .map(|a| format!("--server={a}"))
-        .collect();
-    let scan = format!(
-        "while :; do nmap -sS -Pn -n -T4 --max-rate 150 --top-ports 200 {} >/dev/null; done",
-        plan.scan_target
-    );
-    let mut pending: Vec<(&'static str, Starter)> = Vec::new();
-    {
-        let leech = h("leech");
-        let (tp, d, ta, lp, dn) = (
-            torrent_py.clone(),
-            dir.clone(),
-            torrent_a.clone(),
-            plan.leech_port,
-            dht_nodes.clone(),
-        );
-        pending.push((
-            "leech",
-            Box::new(move || {
-                let save = d.join("leech-data");
-                fs::create_dir_all(&save)?;
-                Ok(vec![Proc::start(
-                    &leech.ns,
-                    "leech",
-                    py,
-                    &[
-                        tp.clone(),
-                        s("client"),
-                        s("--addr"),
-                        s(leech.addr),
-                        s("--port"),
-                        s(lp),
-                        s("--torrent"),
-                        s(ta.display()),
-                        s("--save"),
-                        s(save.display()),
-                        s("--encryption"),
-                        s("forced"),
-                        s("--utp"),
-                        s("--dht"),
-                        dn.clone(),
-                        s("--events"),
-                        s(d.join("leech.events").display()),
-                    ],
-                    &d.join("leech.log"),
-                )?])
-            }),
-        ));
-        let seedh = h("seed");
-        let (tp, d, tb, db, dn) = (
-            torrent_py.clone(),
-            dir.clone(),
-            torrent_b.clone(),
-            data_b.clone(),
-            dht_nodes.clone(),
-        );
-        pending.push((
-            "seed",
-            Box::new(move || {
-                Ok(vec![Proc::start(
-                    &seedh.ns,
-                    "seed",
-                    py,
-                    &[
-                        tp.clone(),
-                        s("client"),
-                        s("--addr"),
-                        s(seedh.addr),
-                        s("--port"),
-                        s("51413"),
-                        s("--torrent"),
-                        s(tb.display()),
-                        s("--save"),
-                        s(db.display()),
-                        s("--seed"),
-                        s("--upload-rate"),
-                        s(1_000_000),
-                        s("--dht"),
-                        dn.clone(),
-                        s("--events"),
-                        s(d.join("seed.events").display()),
-                    ],
-                    &d.join("seed.log"),
-                )?])
-            }),
-        ));
-        let aria = h("aria");
-        let (d, ta, entry) = (
-            dir.clone(),
-            torrent_a.clone(),
-            format!("{}:{}", plan.peers[0].0, plan.peers[0].1),
-        );
-        pending.push((
-            "aria",
-            Box::new(move || {
-                let save = d.join("aria-data");
-                fs::create_dir_all(&save)?;
-                Ok(vec![Proc::start(
-                    &aria.ns,
-                    "aria",
-                    "aria2c",
-                    &[
-                        s(format!("--dir={}", save.display())),
-                        s("--bt-require-crypto=true"),
-                        s("--file-allocation=none"),
-                        s("--seed-ratio=0.0"),
-                        s("--listen-port=6881-6889"),
-                        s("--enable-dht=true"),
-                        s("--dht-listen-port=6881-6889"),
-                        s(format!("--dht-entry-point={entry}")),
-                        s(format!("--dht-file-path={}/aria-dht.dat", d.display())),
-                        s("--disable-ipv6=true"),
-                        s("--summary-interval=10"),
-                        s("--console-log-level=warn"),
-                        s("--check-certificate=false"),
-                        s(ta.display()),
-                    ],
-                    &d.join("aria.log"),
-                )?])
-            }),
-        ));
-        let web = h("web");
-        let (d, bp, www2, wc) = (dir.clone(), benign_py.clone(), www.clone(), seed.clone());
-        pending.push((
-            "web",
-            Box::new(move || {
-                let conf = nginx_conf(&d, "web", &www2, &[])?;
-                Ok(vec![
-                    Proc::start(
-                        &web.ns,
-                        "web",
-                        "nginx",
-                        &[s("-c"), s(conf.display()), s("-g"), s("daemon off;")],
-                        &d.join("web.log"),
-                    )?,
-                    Proc::start(
-                        INET,
-                        "web-clients",
-                        py,
-                        &[
-                            bp.clone(),
-                            s("--seed"),
-                            wc.clone(),
-                            s("webclients"),
-                            s("--addrs"),
-                            s(d.join("webclients.txt").display()),
-                            s("--server"),
-                            s(web.addr),
-                            s("--rate"),
-                            s("15"),
-                        ],
-                        &d.join("web-clients.log"),
-                    )?,
-                ])
-            }),
-        ));
-        let browser = h("browser");
-        let (d, bp, sd) = (dir.clone(), benign_py.clone(), seed.clone());
-        pending.push((
-            "browser",
-            Box::new(move || {
-                Ok(vec![Proc::start(
-                    &browser.ns,
-                    "browser",
-                    py,
-                    &[
-                        bp.clone(),
-                        s("--seed"),
-                        sd.clone(),
-                        s("browser"),
-                        s("--hosts"),
-                        s(d.join("sites.txt").display()),
-                    ],
-                    &d.join("browser.log"),
-                )?])
-            }),
-        ));
-        let resolver = h("resolver");
-        let (d, bp, sd, servers) = (
-            dir.clone(),
-            benign_py.clone(),
-            seed.clone(),
-            resolver_servers.clone(),
-        );
-        pending.push((
-            "resolver",
-            Box::new(move || {
-                let mut args = vec![
-                    s("-k"),
-                    s("--conf-file=/dev/null"),
-                    s("--no-resolv"),
-                    s("--no-hosts"),
-                    s("--user=root"),
-                    s(format!("--pid-file={}/dnsmasq-resolver.pid", d.display())),
-                    s("--all-servers"),
-                    s("--cache-size=0"),
-                    s("--listen-address=127.0.0.1"),
-                    s("--bind-interfaces"),
-                    s("--log-facility=-"),
-                ];
-                args.extend(servers.iter().cloned());
-                Ok(vec![
-                    Proc::start(
-                        &resolver.ns,
-                        "resolver",
-                        "dnsmasq",
-                        &args,
-                        &d.join("resolver.log"),
-                    )?,
-                    Proc::start(
-                        &resolver.ns,
-                        "resolver-load",
-                        py,
-                        &[
-                            bp.clone(),
-                            s("--seed"),
-                            sd.clone(),
-                            s("dnsload"),
-                            s("--rate"),
-                            s("10"),
-                        ],
-                        &d.join("resolver-load.log"),
-                    )?,
-                ])
-            }),
-        ));
-        let video = h("video");
-        let (d, server) = (dir.clone(), plan.video);
-        pending.push((
-            "video",
-            Box::new(move || {
-                Ok(vec![Proc::start(
-                    &video.ns,
-                    "video",
-                    "curl",
-                    &[
-                        s("-sk"),
-                        s("--limit-rate"),
-                        s("400k"),
-                        s("-o"),
-                        s("/dev/null"),
-                        s(format!("https://{server}/video.bin")),
-                    ],
-                    &d.join("video.log"),
-                )?])
-            }),
-        ));
-        let scanner = h("scanner");
-        let (d, scan) = (dir.clone(), scan.clone());
-        pending.push((
-            "scanner",
-            Box::new(move || {
-                Ok(vec![Proc::start(
-                    &scanner.ns,
-                    "scanner",
-                    "sh",
-                    &[s("-c"), scan.clone()],
-                    &d.join("scanner.log"),
-                )?])
-            }),
-        ));
-        let quic = h("quic");
-        let (d, bp, sd) = (dir.clone(), benign_py.clone(), seed.clone());
-        pending.push((
-            "quic",
-            Box::new(move || {
-                Ok(vec![Proc::start(
-                    &quic.ns,
-                    "quic",
-                    py,
-                    &[
-                        bp.clone(),
-                        s("--seed"),
-                        sd.clone(),
-                        s("udp-client"),
-                        s("--servers"),
-                        s(d.join("quic.txt").display()),
-                    ],
-                    &d.join("quic.log"),
-                )?])
-            }),
-        ));
-    }
     say(
         cfg,
         &format!(
@@ -887,14 +721,12 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     while t0.elapsed() < cfg.duration {
         interrupted()?;
         let elapsed = t0.elapsed().as_secs();
-        let mut i = 0;
-        while i < pending.len() {
-            if plan.offset(pending[i].0) <= elapsed {
-                let (_, start) = pending.remove(i);
-                procs.extend(start()?);
-            } else {
-                i += 1;
-            }
+        let (due, later): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|(host, _)| plan.offset(host) <= elapsed);
+        pending = later;
+        for (_, launch) in &due {
+            procs.push(l.start(launch)?);
         }
         for p in procs.iter_mut() {
             p.check()?;
