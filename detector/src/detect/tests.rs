@@ -641,6 +641,17 @@ fn rule_top10_senders_fires_when_no_peer_is_among_them() {
     assert!(!fired(&[ext(3)].into_iter().collect(), &mut p));
 }
 
+/// A small deterministic generator for the property tests' streams.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
 
@@ -654,13 +665,7 @@ proptest::proptest! {
         cap in 10usize..80,
         records in 1usize..400,
     ) {
-        let mut x = seed | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(seed);
         let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
         let th = evidence::Thresholds {
             peers: 10.0,
@@ -722,13 +727,7 @@ proptest::proptest! {
         peers in 1u32..200,
         records in 1usize..600,
     ) {
-        let mut x = seed | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(seed);
         let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
         let cfg = DetectConfig {
             window: Duration::from_secs(60),
