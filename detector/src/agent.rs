@@ -165,13 +165,27 @@ impl Pipeline {
 
     pub fn describe(&self) -> String {
         let sinks: Vec<_> = self.sinks.iter().map(|s| s.describe()).collect();
+        // The hosts closest to an alarm (or in one), so an admin sees the margins.
+        let highest: Vec<String> = self
+            .engine
+            .last_scores()
+            .into_iter()
+            .take(10)
+            .filter(|(_, score, _)| *score > 0.0)
+            .map(|(ip, score, guard)| match guard {
+                Some(g) => format!("{ip} {score:.1} (vetoed as {g})"),
+                None => format!("{ip} {score:.1}"),
+            })
+            .collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, {}; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, highest scores (threshold {:.1}): [{}], {}; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
             self.dedup.stats.duplicates,
             self.engine.hosts(),
+            self.engine.thresholds().score,
+            highest.join(", "),
             self.alarms.describe(),
             sinks.join("; ")
         )

@@ -88,13 +88,48 @@ fn nfdump_totals(dir: &Path) -> Result<BTreeMap<String, [Totals; 2]>> {
     Ok(by)
 }
 
+/// The highest score the agent logged for each host over the run (its statistics line
+/// lists the ten highest at every interval), with the guards that vetoed it.
+fn max_scores(agent_log: &Path) -> BTreeMap<String, (f64, BTreeSet<String>)> {
+    let text = std::fs::read_to_string(agent_log).unwrap_or_default();
+    let mut out: BTreeMap<String, (f64, BTreeSet<String>)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.split("highest scores (threshold ").nth(1) else {
+            continue;
+        };
+        let Some(list) = rest.split_once("): [").and_then(|(_, l)| l.split_once(']')) else {
+            continue;
+        };
+        for item in list.0.split(", ").filter(|i| !i.is_empty()) {
+            let mut words = item.splitn(3, ' ');
+            let (Some(ip), Some(score)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(score) = score.parse::<f64>() else {
+                continue;
+            };
+            let e = out.entry(ip.to_string()).or_insert((0.0, BTreeSet::new()));
+            e.0 = e.0.max(score);
+            if let Some(g) = words
+                .next()
+                .and_then(|g| g.strip_prefix("(vetoed as "))
+                .and_then(|g| g.strip_suffix(')'))
+            {
+                e.1.insert(g.to_string());
+            }
+        }
+    }
+    out
+}
+
 pub fn build(inp: Inputs) -> Result<Scorecard> {
+    let peaks = max_scores(inp.agent_log);
     let mut hosts_json = Vec::new();
     let mut table = String::new();
     writeln!(
         table,
-        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6}  evidence / note",
-        "host", "address", "label", "alarmed", "detect_s", "score", "srcs"
+        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6} {:>5}  evidence / note",
+        "host", "address", "label", "alarmed", "detect_s", "score", "peak", "srcs"
     )?;
     let (mut tp, mut fp, mut p2p_hosts) = (0u32, 0u32, 0u32);
     let mut detect_times = Vec::new();
@@ -187,17 +222,24 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             }
         }
         let score = last.and_then(|a| a.event["score"].as_f64());
-        let note = if !other_kinds.is_empty() {
-            format!(
+        let (peak, vetoes) = peaks.get(&addr).cloned().unwrap_or_default();
+        let mut notes = Vec::new();
+        if !other_kinds.is_empty() {
+            notes.push(format!(
                 "other alarm kinds: {}",
                 other_kinds.iter().cloned().collect::<Vec<_>>().join(",")
-            )
-        } else {
-            String::new()
-        };
+            ));
+        }
+        if !vetoes.is_empty() {
+            notes.push(format!(
+                "vetoed as {}",
+                vetoes.iter().cloned().collect::<Vec<_>>().join(",")
+            ));
+        }
+        let note = notes.join("; ");
         writeln!(
             table,
-            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6}  {}{}",
+            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6} {:>5}  {}{}",
             name,
             addr,
             label.as_str(),
@@ -208,6 +250,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             },
             detect.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
             score.map(|s| format!("{s:.1}")).unwrap_or("-".into()),
+            format!("{peak:.1}"),
             exporters.len(),
             evidence.join(" "),
             note
@@ -223,6 +266,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "raised_at": raised.map(|r| r.at),
             "seconds_to_detect": detect,
             "score": score,
+            "peak_score": peak,
+            "vetoed_as": vetoes,
             "evidence": evidence,
             "exporters": exporters,
             "other_alarm_kinds": other_kinds,
