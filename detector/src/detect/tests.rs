@@ -689,7 +689,7 @@ proptest::proptest! {
         for i in 0..records {
             let r = next();
             let peer = ext((r % u64::from(peers)) as u32);
-            if r % 97 == 0 {
+            if r.is_multiple_of(97) {
                 top.insert(peer);
             }
             let local = [51413u16, 80, 443, 6881, (r >> 8) as u16 | 1025][(r >> 4) as usize % 5];
