@@ -440,3 +440,30 @@ fn commit() -> String {
         .unwrap_or(false);
     if dirty { format!("{head}+dirty") } else { head }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_scores_are_read_from_the_agents_statistics_lines() {
+        let dir = std::env::temp_dir().join(format!("lab-score-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("agent.log");
+        // The format of detector::agent's statistics line.
+        std::fs::write(
+            &log,
+            "[t INFO  detector::agent] exported 5 records; detection: 3 hosts profiled, highest scores (threshold 7.0): [10.10.0.20 7.0 (vetoed as server_on_well_known_port), 10.10.0.11 3.0], 0 alarm events\n\
+             [t INFO  detector::agent] exported 9 records; detection: 3 hosts profiled, highest scores (threshold 7.0): [10.10.0.11 12.5, 10.10.0.20 6.5], 1 alarm events\n\
+             [t INFO  detector::agent] exported 9 records; detection: 0 hosts profiled, highest scores (threshold 7.0): [], 1 alarm events\n",
+        )
+        .unwrap();
+        let peaks = max_scores(&log);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(peaks.len(), 2);
+        assert_eq!(peaks["10.10.0.11"].0, 12.5);
+        assert!(peaks["10.10.0.11"].1.is_empty());
+        assert_eq!(peaks["10.10.0.20"].0, 7.0);
+        assert!(peaks["10.10.0.20"].1.contains("server_on_well_known_port"));
+    }
+}
