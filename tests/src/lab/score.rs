@@ -122,6 +122,33 @@ fn max_scores(agent_log: &Path) -> BTreeMap<String, (f64, BTreeSet<String>)> {
     out
 }
 
+/// The SysIDs nfcapd gave to exporters with source id 0 (the agent's own records), from
+/// `nfdump -E` on each file: lines like `SysID: 1, IP: 127.0.0.1, version: 9, ID:  0, ...`.
+fn local_sysids(dir: &Path) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.starts_with("nfcapd.") || name.contains("current") {
+            continue;
+        }
+        let text = super::topology::run("nfdump", &["-E", path.to_str().context("path")?])?;
+        for line in text.lines().filter(|l| l.starts_with("SysID:")) {
+            let field = |key: &str| {
+                line.split(", ")
+                    .find_map(|f| f.trim().strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+            };
+            if let (Some(sysid), Some("0")) = (field("SysID:"), field("ID:").as_deref()) {
+                out.insert(sysid);
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub fn build(inp: Inputs) -> Result<Scorecard> {
     let peaks = max_scores(inp.agent_log);
     let mut hosts_json = Vec::new();
@@ -163,8 +190,17 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             .iter()
             .find(|(h, _)| h == name)
             .and_then(|(_, t)| *t);
-        let detect = match (raised, first_p2p) {
-            (Some(r), Some(f)) => Some(r.at - f),
+        // When the agent raised it: the `raised` event's first_seen is the evaluation's
+        // time (the moment the lab read the line is the fallback).
+        let raised_at = raised.map(|r| {
+            r.event["first_seen"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(r.at, |d| d.as_secs_f64())
+        });
+        let detect = match (raised_at, first_p2p) {
+            (Some(r), Some(f)) => Some(r - f),
             _ => None,
         };
         let alarmed = raised.is_some();
@@ -263,7 +299,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "alarmed": alarmed,
             "alarm_ids": ids,
             "first_p2p_byte": first_p2p,
-            "raised_at": raised.map(|r| r.at),
+            "raised_at": raised_at,
             "seconds_to_detect": detect,
             "score": score,
             "peak_score": peak,
@@ -294,13 +330,19 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     // The export against the interface and against nfdump.
     let exported = exported_totals(inp.flows_json)?;
     let nf = nfdump_totals(inp.nfcapd_dir)?;
-    // The local meter's exporter is the one whose totals are the largest per packet
-    // count on the uplink: nfcapd numbers exporters itself, so find ours by content.
-    let nf_local = nf
-        .values()
-        .copied()
-        .find(|t| t[0].packets == exported[0].packets && t[1].packets == exported[1].packets)
-        .unwrap_or_default();
+    // The local meter exports under source id 0 (records relayed from softflowd go out
+    // under source id 1); nfcapd numbers exporters itself (SysID), and `nfdump -E` says
+    // which SysID had which source id.
+    let local = local_sysids(inp.nfcapd_dir)?;
+    let mut nf_local = [Totals::default(); 2];
+    for (sysid, t) in &nf {
+        if local.contains(sysid) {
+            for i in 0..2 {
+                nf_local[i].packets += t[i].packets;
+                nf_local[i].bytes += t[i].bytes;
+            }
+        }
+    }
     let [rx_p, rx_b, tx_p, tx_b] = inp.uplink;
     let dirs = [
         ("ingress", rx_p, rx_b, 0usize),
