@@ -22,7 +22,6 @@ fn lab_scorecard_meets_its_targets() {
         dir: dir.clone(),
         detector: tests::detector_bin(),
         scripts: tests::workspace_root().join("tests/lab"),
-        verbose: true,
     };
     let card = lab::run(&cfg).unwrap_or_else(|e| panic!("the lab failed: {e:#}"));
     println!("{}", card.table());

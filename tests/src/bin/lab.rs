@@ -58,7 +58,6 @@ fn main() -> ExitCode {
         dir: args.dir,
         detector,
         scripts: tests::workspace_root().join("tests/lab"),
-        verbose: true,
     };
     match lab::run(&cfg) {
         Ok(card) => {

@@ -82,8 +82,6 @@ pub struct LabConfig {
     pub detector: PathBuf,
     /// Directory holding torrent.py and benign.py.
     pub scripts: PathBuf,
-    /// Seconds the agent takes to flush at the end, at most.
-    pub verbose: bool,
 }
 
 /// Each peer's upload limit (bytes/s): throttled, as clients are, so that no peer stands
@@ -471,32 +469,35 @@ impl AlarmTail {
     }
 }
 
-fn say(cfg: &LabConfig, msg: &str) {
-    let _ = cfg.verbose;
+/// Progress, on stderr (the scorecard goes to stdout).
+fn say(msg: &str) {
     eprintln!("lab: {msg}");
 }
 
-/// Runs the lab and returns its scorecard. Everything is torn down before it returns.
-pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
-    check_tools()?;
-    let dir = &cfg.dir;
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir)?;
-    let dir = fs::canonicalize(dir)?;
-    let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
-    let plan = Plan::new(cfg.seed, cfg.peers, &names);
+/// What the lab serves, made fresh (and reproducibly) for each run.
+struct Content {
+    /// Torrent A: seeded by the swarm, downloaded by the internal P2P hosts.
+    torrent_a: PathBuf,
+    /// Torrent B: seeded by the internal seeder, downloaded by part of the swarm.
+    torrent_b: PathBuf,
+    data_a: PathBuf,
+    data_b: PathBuf,
+    /// The web servers' pages and assets.
+    www: PathBuf,
+}
+
+/// Makes the torrents, the tracker's configuration, the web content, a TLS certificate
+/// and the address lists the scripts read.
+fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     let mut rng = Rng::new(cfg.seed.wrapping_add(1));
 
     // Content: two torrents (A from the swarm, B from the internal seeder), web pages.
     // A is sized so a download lasts longer than the run: a client fetches about 3 MB/s
     // from 200 peers throttled to 24 KiB/s (measured: 600 MiB in 275 s).
     let a_mib = (cfg.duration.as_secs() * 3).clamp(64, 4096);
-    say(
-        cfg,
-        &format!("making torrents ({a_mib} MiB and 48 MiB) and web content"),
-    );
+    say(&format!(
+        "making torrents ({a_mib} MiB and 48 MiB) and web content"
+    ));
     let data_a = dir.join("swarm-data");
     let data_b = dir.join("seed-data");
     fs::create_dir_all(&data_a)?;
@@ -547,14 +548,39 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     write_lines(&dir.join("sites.txt"), &plan.sites)?;
     write_lines(&dir.join("quic.txt"), &plan.quic)?;
 
-    say(
-        cfg,
-        &format!(
-            "building namespaces: {} internal hosts, {} external addresses",
-            HOSTS.len(),
-            plan.external_addrs().len()
-        ),
-    );
+    Ok(Content {
+        torrent_a,
+        torrent_b,
+        data_a,
+        data_b,
+        www,
+    })
+}
+
+/// Runs the lab and returns its scorecard. Everything is torn down before it returns.
+pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
+    check_tools()?;
+    let dir = &cfg.dir;
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir)?;
+    let dir = fs::canonicalize(dir)?;
+    let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
+    let plan = Plan::new(cfg.seed, cfg.peers, &names);
+    let Content {
+        torrent_a,
+        torrent_b,
+        data_a,
+        data_b,
+        www,
+    } = prepare(cfg, &dir, &plan)?;
+
+    say(&format!(
+        "building namespaces: {} internal hosts, {} external addresses",
+        HOSTS.len(),
+        plan.external_addrs().len()
+    ));
     let host_spec: Vec<(&'static str, u8)> = HOSTS.iter().map(|h| (h.0, h.1)).collect();
     let topo = Topology::build(&host_spec, &plan.external_addrs())?;
     let l = Launcher {
@@ -593,13 +619,10 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             UPLOAD_RATE,
         ],
     ))?;
-    say(
-        cfg,
-        &format!(
-            "starting {} BitTorrent peers ({leechers} also download from the internal seeder)",
-            cfg.peers
-        ),
-    );
+    say(&format!(
+        "starting {} BitTorrent peers ({leechers} also download from the internal seeder)",
+        cfg.peers
+    ));
     wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
     procs.push(swarm);
     let sites: Vec<Ipv4Addr> = [&plan.sites[..], &[plan.video]].concat();
@@ -703,14 +726,11 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     let mut pending = host_launches(&l, &topo, &plan, &torrent_a, &torrent_b, &data_b, &www)?;
     let t0 = Instant::now();
     let started_at = unix_now();
-    say(
-        cfg,
-        &format!(
-            "running for {} s (the agent's alarms land in {})",
-            cfg.duration.as_secs(),
-            alarms.display()
-        ),
-    );
+    say(&format!(
+        "running for {} s (the agent's alarms land in {})",
+        cfg.duration.as_secs(),
+        alarms.display()
+    ));
     let mut tail = AlarmTail {
         path: alarms.clone(),
         pos: 0,
@@ -744,17 +764,17 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         tail.poll();
         if last_note.elapsed() >= Duration::from_secs(30) {
             last_note = Instant::now();
-            say(
-                cfg,
-                &format!("{elapsed} s: {} alarm events so far", tail.seen.len()),
-            );
+            say(&format!(
+                "{elapsed} s: {} alarm events so far",
+                tail.seen.len()
+            ));
         }
         thread::sleep(Duration::from_millis(250));
     }
 
     // Stop the traffic, let the uplink go quiet, read its counters, then stop the meter
     // (which flushes every flow) and the collector.
-    say(cfg, "stopping traffic");
+    say("stopping traffic");
     for p in procs.iter_mut().rev() {
         p.stop(Signal::SIGTERM, Duration::from_secs(10));
     }
