@@ -471,7 +471,7 @@ fn event(
         bytes_out: v.measures.bytes_out,
         top_peer_share: v.measures.top_peer_share,
         evidence: v.evidence.clone(),
-        exporters: p.sources.iter().map(|o| o.label()).collect(),
+        exporters: p.sources().map(|o| o.label()).collect(),
     }
 }
 

@@ -256,7 +256,9 @@ pub struct HostProfile {
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
     max_peers: usize,
     /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
-    pub sources: Vec<crate::flow::Origin>,
+    /// The first source inline (most hosts have one), the others beside it.
+    first_source: Option<crate::flow::Origin>,
+    more_sources: Vec<crate::flow::Origin>,
     pub last_seen: SystemTime,
     /// No held peer was last seen before this (ms since the epoch): a lower bound, exact
     /// after each walk.
@@ -275,7 +277,8 @@ impl HostProfile {
             peers: FxHashMap::default(),
             overflow: None,
             max_peers,
-            sources: Vec::new(),
+            first_source: None,
+            more_sources: Vec::new(),
             last_seen: SystemTime::UNIX_EPOCH,
             oldest_ms: u64::MAX,
             agg: Aggregates {
@@ -367,12 +370,20 @@ impl HostProfile {
 
     /// Remembers who reported a record of this host (at most 16 sources).
     pub fn note_source(&mut self, r: &FlowRecord) {
-        if self.sources.first() == Some(&r.origin) {
-            return;
+        match &self.first_source {
+            Some(o) if *o == r.origin => {}
+            None => self.first_source = Some(r.origin),
+            Some(_) => {
+                if self.more_sources.len() < 15 && !self.more_sources.contains(&r.origin) {
+                    self.more_sources.push(r.origin);
+                }
+            }
         }
-        if self.sources.len() < 16 && !self.sources.contains(&r.origin) {
-            self.sources.push(r.origin);
-        }
+    }
+
+    /// Who reported this host's records, first first.
+    pub fn sources(&self) -> impl Iterator<Item = &crate::flow::Origin> {
+        self.first_source.iter().chain(&self.more_sources)
     }
 
     /// Forgets peers silent for `window` at `now`, taking them out of the aggregates.
