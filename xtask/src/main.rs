@@ -130,6 +130,19 @@ fn is_root() -> bool {
 
 unsafe extern "C" {
     fn geteuid() -> u32;
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
+/// Ignores Ctrl-C (SIGINT) in this process while a child that handles it runs: the
+/// terminal sends it to the whole foreground group, and the child (the lab) needs the
+/// time to stop what it started and remove its namespaces before the prompt comes back.
+fn ignore_interrupts() {
+    const SIGINT: i32 = 2;
+    const SIG_IGN: usize = 1;
+    // SAFETY: installs the "ignore" disposition; no handler code runs.
+    unsafe {
+        signal(SIGINT, SIG_IGN);
+    }
 }
 
 fn cargo_home_bin() -> PathBuf {
@@ -325,6 +338,8 @@ fn lab(args: Vec<OsString>) -> Result<()> {
     let lab = root.join("target/release/lab");
     let mut cmd = privileged(lab.to_str().context("non-UTF-8 path")?);
     cmd.args(args);
+    // The lab installs its own handler, which replaces the inherited "ignore".
+    ignore_interrupts();
     status(&mut cmd)
 }
 
