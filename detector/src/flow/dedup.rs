@@ -10,6 +10,7 @@
 use std::net::IpAddr;
 
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 use std::time::{Duration, SystemTime};
 
 use super::{FlowRecord, Origin};
@@ -68,34 +69,33 @@ impl Dedup {
         self.stats.records += 1;
         let key = (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol);
         let full = self.owners.len() >= self.max_flows;
-        match self.owners.get_mut(&key) {
-            Some(o) if o.origin != r.origin && overlaps(o, r, self.slack) => {
-                r.duplicate = true;
-                self.stats.duplicates += 1;
-                o.last = o.last.max(r.last);
-            }
-            Some(o) if o.origin == r.origin => {
-                o.first = o.first.min(r.first);
-                o.last = o.last.max(r.last);
-            }
-            // Another source, but its period is over: this source takes the flow.
-            Some(o) => {
-                *o = Owner {
-                    origin: r.origin,
-                    first: r.first,
-                    last: r.last,
-                }
-            }
-            None if full => self.stats.table_full += 1,
-            None => {
-                self.owners.insert(
-                    key,
-                    Owner {
+        let slack = self.slack;
+        match self.owners.entry(key) {
+            Entry::Occupied(mut e) => {
+                let o = e.get_mut();
+                if o.origin != r.origin && overlaps(o, r, slack) {
+                    r.duplicate = true;
+                    self.stats.duplicates += 1;
+                    o.last = o.last.max(r.last);
+                } else if o.origin == r.origin {
+                    o.first = o.first.min(r.first);
+                    o.last = o.last.max(r.last);
+                } else {
+                    // Another source, but its period is over: this source takes the flow.
+                    *o = Owner {
                         origin: r.origin,
                         first: r.first,
                         last: r.last,
-                    },
-                );
+                    };
+                }
+            }
+            Entry::Vacant(_) if full => self.stats.table_full += 1,
+            Entry::Vacant(e) => {
+                e.insert(Owner {
+                    origin: r.origin,
+                    first: r.first,
+                    last: r.last,
+                });
             }
         }
     }
