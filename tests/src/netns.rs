@@ -186,3 +186,28 @@ pub fn wait_for_text(path: &std::path::Path, needle: &str, timeout: Duration) {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Starts the agent as a pure NetFlow/IPFIX collector on `127.0.0.1:port` writing its
+/// records to `json` (log to `log`), and waits until it listens.
+pub fn start_collector(port: u16, json: &std::path::Path, log: &std::path::Path) -> Guarded {
+    let child = Command::new(crate::detector_bin())
+        .args(["run", "--netflow-listen", &format!("127.0.0.1:{port}")])
+        .arg("--flows-json")
+        .arg(json)
+        .args(["--stats-interval", "0"])
+        .stderr(File::create(log).expect("agent log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let agent = Guarded::new("detector", child);
+    wait_for_text(log, "receiving NetFlow/IPFIX", Duration::from_secs(20));
+    agent
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind a UDP port")
+        .port()
+}

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use detector::sources::capture::Capture;
 use detector::sources::netflow::capture::udp_in_frame;
 use nix::sys::signal::Signal;
-use tests::netns::{Guarded, wait_for_text};
+use tests::netns::{free_udp_port, start_collector};
 
 #[test]
 fn two_exporters_reporting_the_same_flows_count_once() {
@@ -34,25 +33,11 @@ fn two_exporters_reporting_the_same_flows_count_once() {
             datagrams.push(dg.payload.to_vec());
         }
     }
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_udp_port();
     let dir = std::env::temp_dir().join(format!("detector-dedup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, log) = (dir.join("flows.json"), dir.join("agent.log"));
-    let child = Command::new(&bin)
-        .args(["run", "--netflow-listen", &format!("127.0.0.1:{port}")])
-        .arg("--flows-json")
-        .arg(&json)
-        .args(["--stats-interval", "0"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = Guarded::new("detector", child);
-    wait_for_text(&log, "receiving NetFlow/IPFIX", Duration::from_secs(20));
+    let mut agent = start_collector(port, &json, &log);
     // Two exporters (two source sockets) send the same export stream.
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let b = UdpSocket::bind("127.0.0.1:0").unwrap();

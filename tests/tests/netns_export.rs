@@ -604,19 +604,25 @@ fn xdp_mode_errors_and_fallback_are_explained() {
     assert!(text.contains("XDP ingress (generic mode)"), "{text}");
 }
 
+/// The agent, run as nobody with every capability dropped.
+fn as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(tests::detector_bin());
+    c
+}
+
 #[test]
 #[ignore = "privileged: run by `cargo xtask test` as root"]
 fn missing_capabilities_are_named() {
     // Drop every capability and run as nobody.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(tests::detector_bin())
+    let out = as_nobody()
         .args(["run", "--iface", "lo"])
         .output()
         .expect("setpriv (util-linux)");
@@ -633,19 +639,7 @@ fn missing_capabilities_are_named() {
     header.extend_from_slice(&65535u32.to_le_bytes());
     header.extend_from_slice(&1u32.to_le_bytes());
     std::fs::write(&pcap, header).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(tests::detector_bin())
-        .arg("replay")
-        .arg(&pcap)
-        .output()
-        .unwrap();
+    let out = as_nobody().arg("replay").arg(&pcap).output().unwrap();
     std::fs::remove_file(&pcap).ok();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -8,12 +8,11 @@
 //! Skips with a message when `../shared` is absent.
 
 use std::collections::BTreeMap;
-use std::net::UdpSocket;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tests::netns::{Guarded, wait_for_text};
+use tests::netns::{Guarded, free_udp_port, start_collector};
 
 /// softflowd's own report: records exported, and (packets, octets) per protocol number.
 struct Report {
@@ -55,14 +54,6 @@ fn parse_report(text: &str) -> Report {
     Report { records, per_proto }
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 #[ignore = "privileged: run by `cargo xtask test` as root"]
 fn softflowd_exports_decode_to_what_softflowd_sent() {
@@ -81,17 +72,7 @@ fn softflowd_exports_decode_to_what_softflowd_sent() {
         let port = free_udp_port();
         let json = dir.join(format!("v{version}.json"));
         let log = dir.join(format!("v{version}.log"));
-        let child = Command::new(tests::detector_bin())
-            .args(["run", "--netflow-listen", &format!("127.0.0.1:{port}")])
-            .arg("--flows-json")
-            .arg(&json)
-            .args(["--stats-interval", "0"])
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the agent");
-        let mut agent = Guarded::new("detector", child);
-        wait_for_text(&log, "receiving NetFlow/IPFIX", Duration::from_secs(20));
+        let mut agent = start_collector(port, &json, &log);
         // softflowd exports every flow and prints its report at the end of the capture.
         let sf_log = dir.join(format!("softflowd-v{version}.log"));
         let out = std::fs::File::create(&sf_log).unwrap();
