@@ -667,7 +667,18 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         GW,
         "nfcapd",
         "nfcapd",
-        args!["-w", nfdir.display(), "-p", 9996, "-b", "127.0.0.1"],
+        // The agent flushes every flow at once when it stops: a socket buffer as large
+        // as the host allows (net.core.rmem_max) so that burst is not dropped.
+        args![
+            "-w",
+            nfdir.display(),
+            "-p",
+            9996,
+            "-b",
+            "127.0.0.1",
+            "-B",
+            4 << 20
+        ],
     ))?;
     let alarms = dir.join("alarms.jsonl");
     let flows = dir.join("flows.jsonl");
@@ -796,6 +807,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     thread::sleep(Duration::from_secs(1));
     nfcapd.stop(Signal::SIGTERM, Duration::from_secs(20));
     let uplink: [u64; 4] = std::array::from_fn(|i| counters_end[i] - counters_start[i]);
+    let udp_rcvbuf_errors = topology::udp_rcvbuf_errors(GW);
 
     let first: Vec<(&'static str, Option<f64>)> = vec![
         ("leech", first_payload(&dir.join("leech.events"))),
@@ -813,6 +825,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         nfcapd_dir: &nfdir,
         agent_clean,
         agent_log: &dir.join("agent.log"),
+        udp_rcvbuf_errors,
     })?;
     drop(procs);
     drop(topo);

@@ -31,6 +31,8 @@ pub struct Inputs<'a> {
     pub nfcapd_dir: &'a Path,
     pub agent_clean: bool,
     pub agent_log: &'a Path,
+    /// UDP datagrams the gateway's kernel dropped (nfcapd's and the agent's listeners).
+    pub udp_rcvbuf_errors: Option<u64>,
 }
 
 /// The P2P alarm kind (other kinds, such as a port scan, are not P2P verdicts).
@@ -407,6 +409,12 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         yes(one_each),
         yes(export_ok)
     )?;
+    if let Some(n) = inp.udp_rcvbuf_errors.filter(|n| *n > 0) {
+        writeln!(
+            table,
+            "the gateway's kernel dropped {n} UDP datagrams for want of socket buffer (export to nfcapd, or softflowd to the agent)"
+        )?;
+    }
     if !inp.agent_clean {
         writeln!(
             table,
@@ -426,6 +434,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "seconds_to_detect_mean": finite(mean_detect),
         "seconds_to_detect_max": finite(max_detect),
         "export": export_json,
+        "gateway_udp_rcvbuf_errors": inp.udp_rcvbuf_errors,
         "targets": {
             "p2p_within_60s": within,
             "zero_benign_alarmed": zero_benign,

@@ -254,3 +254,13 @@ pub fn uplink_counters() -> Result<[u64; 4]> {
 /// through NAPI and counts each frame after `eth_type_trans` has pulled the Ethernet
 /// header; what it sends is counted with the header.
 pub const L2_HEADER_IN_COUNTERS: [u64; 2] = [0, 14];
+
+/// UDP datagrams the kernel dropped for want of socket buffer in namespace `ns` (the
+/// `RcvbufErrors` of /proc/net/snmp), if readable.
+pub fn udp_rcvbuf_errors(ns: &str) -> Option<u64> {
+    let snmp = ns_run(ns, "cat", &["/proc/net/snmp"]).ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
