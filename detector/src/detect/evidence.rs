@@ -200,7 +200,7 @@ pub fn evaluate(
     // (local port, remote address, remote port) of every peer's connections.
     let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
-    for (ip, s) in &p.peers {
+    for (ip, s) in p.peers.iter() {
         m.flows += u64::from(s.flows);
         m.bytes_in += s.bytes_in;
         m.bytes_out += s.bytes_out;

@@ -5,6 +5,7 @@
 //! Pure: records carry their times, and `evaluate` takes `now` (the wall clock under
 //! `run`, the capture's clock under `replay`).
 
+pub mod dense;
 pub mod evidence;
 pub mod profile;
 

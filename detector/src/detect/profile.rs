@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
-use rustc_hash::FxHashMap;
+use super::dense::DenseMap;
 
 use crate::flow::FlowRecord;
 
@@ -56,10 +56,10 @@ pub struct Aggregates {
     /// Peers at or below the throttled rate.
     pub throttled: u64,
     /// (local, remote) port pairs by remote port; `high_ports` counts keys above 1024.
-    pub remote_ports: FxHashMap<u16, u32>,
+    pub remote_ports: DenseMap<u16, u32>,
     pub high_ports: u64,
     /// Per local port: peers with a pair on it, and pairs on it.
-    pub local_ports: FxHashMap<u16, (u32, u32)>,
+    pub local_ports: DenseMap<u16, (u32, u32)>,
     /// The largest per-peer byte total: exact, or an upper bound after its peer expired.
     pub top: u64,
     pub top_exact: bool,
@@ -121,12 +121,12 @@ impl Aggregates {
     }
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
-        let r = self.remote_ports.entry(remote).or_insert(0);
+        let (r, _) = self.remote_ports.get_or_insert_with(remote, || 0);
         if *r == 0 && remote > 1024 {
             self.high_ports += 1;
         }
         *r += 1;
-        let l = self.local_ports.entry(local).or_insert((0, 0));
+        let (l, _) = self.local_ports.get_or_insert_with(local, || (0, 0));
         l.1 += 1;
         if new_local_for_peer {
             l.0 += 1;
@@ -251,7 +251,7 @@ fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
 /// The sliding-window profile of one internal host.
 #[derive(Debug)]
 pub struct HostProfile {
-    pub peers: FxHashMap<IpAddr, PeerStat>,
+    pub peers: DenseMap<IpAddr, PeerStat>,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
     max_peers: usize,
@@ -274,7 +274,7 @@ impl HostProfile {
 
     pub fn with_limits(max_peers: usize, limits: Limits) -> Self {
         Self {
-            peers: FxHashMap::default(),
+            peers: DenseMap::default(),
             overflow: None,
             max_peers,
             first_source: None,
@@ -306,9 +306,9 @@ impl HostProfile {
         self.note_source(r);
         let last_ms = unix_ms(r.last);
         let held = self.peers.len();
-        let (p, fresh) = match self.peers.entry(peer) {
-            std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
-            std::collections::hash_map::Entry::Vacant(_) if held >= self.max_peers => {
+        let (p, fresh) = match self.peers.position(&peer) {
+            Some(pos) => (self.peers.at_mut(pos), false),
+            None if held >= self.max_peers => {
                 let hll = self.overflow.get_or_insert_with(|| {
                     Box::new(
                         HyperLogLogPlus::new(14, std::hash::RandomState::new())
@@ -318,8 +318,9 @@ impl HostProfile {
                 hll.insert(&peer);
                 return;
             }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                (v.insert(PeerStat::new(last_ms)), true)
+            None => {
+                let pos = self.peers.insert_new(peer, PeerStat::new(last_ms));
+                (self.peers.at_mut(pos), true)
             }
         };
         let before = if fresh {
@@ -415,9 +416,7 @@ impl HostProfile {
             self.agg.top_exact = true;
         }
         // Give memory back once most of the window has rolled out.
-        if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
-            self.peers.shrink_to_fit();
-        }
+        self.peers.shrink();
         if self.peers.len() < self.max_peers / 2 {
             self.overflow = None;
         }

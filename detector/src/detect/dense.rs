@@ -1,0 +1,344 @@
+//! A hash map for the per-host tables (peers, port counts): entries in one dense vector,
+//! found through a compact open-addressing index of 8-byte slots (hash, position).
+//!
+//! Why not `hashbrown` or `indexmap`: the engine holds millions of peer entries spread
+//! over 100k hosts, so every record costs a few cache misses, and the only way to go
+//! faster is to ask for the memory early. This map can say where a key's index slot is
+//! before it is looked up ([`DenseMap::prefetch`]), which the engine does a few records
+//! ahead. It also never leaves tombstones: removing swaps the last entry into the hole
+//! and shifts the index back (linear probing), so churn — peers leaving the window while
+//! others arrive — never triggers the in-place rehashes that a tombstoning table needs.
+//!
+//! The index is at most half full; growing it moves 8-byte slots only (the hash is kept
+//! in the slot), never the entries.
+
+use std::hash::{BuildHasher, Hash};
+
+use rustc_hash::FxBuildHasher;
+
+/// A slot: 0 is empty; otherwise the key's 32-bit hash above, its position + 1 below.
+type Slot = u64;
+
+#[derive(Clone, Debug)]
+pub struct DenseMap<K, V> {
+    entries: Vec<(K, V)>,
+    index: Vec<Slot>,
+}
+
+impl<K, V> Default for DenseMap<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            index: Vec::new(),
+        }
+    }
+}
+
+#[inline]
+fn hash_of<K: Hash>(k: &K) -> u32 {
+    let h = FxBuildHasher.hash_one(k);
+    // Fx leaves the low bits weak for small integer keys: fold the high half in.
+    (h ^ (h >> 32)) as u32
+}
+
+#[inline]
+fn slot(hash: u32, pos: usize) -> Slot {
+    (u64::from(hash) << 32) | (pos as u64 + 1)
+}
+
+#[inline]
+fn slot_pos(s: Slot) -> usize {
+    (s & 0xffff_ffff) as usize - 1
+}
+
+#[inline]
+fn slot_hash(s: Slot) -> u32 {
+    (s >> 32) as u32
+}
+
+impl<K: Hash + Eq, V> DenseMap<K, V> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries held without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+
+    /// Asks the CPU to fetch the index slot where `k` would be found.
+    #[inline]
+    pub fn prefetch(&self, k: &K) {
+        if self.index.is_empty() {
+            return;
+        }
+        let i = hash_of(k) as usize & (self.index.len() - 1);
+        prefetch_read(self.index.as_ptr().wrapping_add(i));
+    }
+
+    /// The index slot of `k` (Ok) or the empty slot where it would go (Err).
+    #[inline]
+    fn find_slot(&self, k: &K, h: u32) -> Result<usize, usize> {
+        let mask = self.index.len() - 1;
+        let mut i = h as usize & mask;
+        loop {
+            let s = self.index[i];
+            if s == 0 {
+                return Err(i);
+            }
+            if slot_hash(s) == h && self.entries[slot_pos(s)].0 == *k {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Position of `k` in the dense entries.
+    #[inline]
+    pub fn position(&self, k: &K) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        self.find_slot(k, hash_of(k))
+            .ok()
+            .map(|i| slot_pos(self.index[i]))
+    }
+
+    pub fn contains_key(&self, k: &K) -> bool {
+        self.position(k).is_some()
+    }
+
+    pub fn get(&self, k: &K) -> Option<&V> {
+        self.position(k).map(|p| &self.entries[p].1)
+    }
+
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.position(k).map(|p| &mut self.entries[p].1)
+    }
+
+    /// The entry at a position from [`Self::position`] or [`Self::insert_new`].
+    pub fn at_mut(&mut self, pos: usize) -> &mut V {
+        &mut self.entries[pos].1
+    }
+
+    /// The value for `k`, inserted with `make` if absent; `true` when inserted.
+    #[inline]
+    pub fn get_or_insert_with(&mut self, k: K, make: impl FnOnce() -> V) -> (&mut V, bool) {
+        match self.position(&k) {
+            Some(p) => (&mut self.entries[p].1, false),
+            None => {
+                let p = self.insert_new(k, make());
+                (&mut self.entries[p].1, true)
+            }
+        }
+    }
+
+    /// Inserts a key known to be absent; returns its position.
+    pub fn insert_new(&mut self, k: K, v: V) -> usize {
+        if (self.entries.len() + 1) * 2 > self.index.len() {
+            self.grow_index();
+        }
+        let h = hash_of(&k);
+        let i = match self.find_slot(&k, h) {
+            Err(i) => i,
+            Ok(_) => panic!("insert_new: key already present"),
+        };
+        let pos = self.entries.len();
+        self.entries.push((k, v));
+        self.index[i] = slot(h, pos);
+        pos
+    }
+
+    fn grow_index(&mut self) {
+        let cap = (self.index.len() * 2).max(8);
+        let old = std::mem::replace(&mut self.index, vec![0; cap]);
+        let mask = cap - 1;
+        for s in old.into_iter().filter(|&s| s != 0) {
+            let mut i = slot_hash(s) as usize & mask;
+            while self.index[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            self.index[i] = s;
+        }
+    }
+
+    /// Removes `k`; returns its value.
+    pub fn remove(&mut self, k: &K) -> Option<V> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let i = self.find_slot(k, hash_of(k)).ok()?;
+        Some(self.remove_at_slot(i))
+    }
+
+    fn remove_at_slot(&mut self, i: usize) -> V {
+        let pos = slot_pos(self.index[i]);
+        self.clear_slot(i);
+        let last = self.entries.len() - 1;
+        if pos != last {
+            // The last entry moves into the hole: its slot points to it there.
+            let h = hash_of(&self.entries[last].0);
+            let j = self
+                .find_slot(&self.entries[last].0, h)
+                .expect("every entry has a slot");
+            self.index[j] = slot(h, pos);
+        }
+        self.entries.swap_remove(pos).1
+    }
+
+    /// Empties slot `i` and shifts back the slots after it that probed past it.
+    fn clear_slot(&mut self, mut i: usize) {
+        let mask = self.index.len() - 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let s = self.index[j];
+            if s == 0 {
+                break;
+            }
+            let home = slot_hash(s) as usize & mask;
+            // `s` may fill the hole at `i` unless its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.index[i] = s;
+                i = j;
+            }
+        }
+        self.index[i] = 0;
+    }
+
+    /// Keeps the entries for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        let mut pos = 0;
+        while pos < self.entries.len() {
+            let (k, v) = &mut self.entries[pos];
+            if keep(k, v) {
+                pos += 1;
+            } else {
+                let h = hash_of(&self.entries[pos].0);
+                let i = self
+                    .find_slot(&self.entries[pos].0, h)
+                    .expect("every entry has a slot");
+                // The last entry moves to `pos`, which is examined next.
+                self.remove_at_slot(i);
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    /// Gives memory back when at most a quarter of it is used.
+    pub fn shrink(&mut self) {
+        if self.entries.capacity() > 16 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+            let want = ((self.entries.len() + 1) * 2).next_power_of_two().max(8);
+            if want < self.index.len() {
+                let old = std::mem::replace(&mut self.index, Vec::new());
+                self.index = vec![0; want];
+                let mask = want - 1;
+                for s in old.into_iter().filter(|&s| s != 0) {
+                    let mut i = slot_hash(s) as usize & mask;
+                    while self.index[i] != 0 {
+                        i = (i + 1) & mask;
+                    }
+                    self.index[i] = s;
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+fn prefetch_read<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(p.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Asks the CPU to fetch the memory at `r` (a value about to be updated).
+#[inline]
+pub fn prefetch<T>(r: &T) {
+    prefetch_read(r as *const T);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u16, u32),
+        Remove(u16),
+        Retain(u16),
+        Shrink,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Small keys: many collisions, removals of present keys, long probe runs.
+        prop_oneof![
+            4 => (0u16..200, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            3 => (0u16..200).prop_map(Op::Remove),
+            1 => (1u16..5).prop_map(Op::Retain),
+            1 => Just(Op::Shrink),
+        ]
+    }
+
+    proptest! {
+        /// The map holds exactly what a std HashMap holds under any sequence of inserts,
+        /// removals, retains and shrinks, and every key is found through the index.
+        #[test]
+        fn behaves_like_a_hash_map(ops in proptest::collection::vec(op(), 1..600)) {
+            let mut m: DenseMap<u16, u32> = DenseMap::default();
+            let mut r: HashMap<u16, u32> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Insert(k, v) => {
+                        let (slot, fresh) = m.get_or_insert_with(k, || v);
+                        prop_assert_eq!(fresh, !r.contains_key(&k));
+                        *slot = v;
+                        r.insert(k, v);
+                    }
+                    Op::Remove(k) => prop_assert_eq!(m.remove(&k), r.remove(&k)),
+                    Op::Retain(d) => {
+                        m.retain(|k, _| k % d != 0);
+                        r.retain(|k, _| k % d != 0);
+                    }
+                    Op::Shrink => m.shrink(),
+                }
+                prop_assert_eq!(m.len(), r.len());
+                for (k, v) in &r {
+                    prop_assert_eq!(m.get(k), Some(v));
+                }
+                let occupied = m.index.iter().filter(|&&s| s != 0).count();
+                prop_assert_eq!(occupied, r.len());
+            }
+            for k in 0u16..200 {
+                prop_assert_eq!(m.contains_key(&k), r.contains_key(&k));
+            }
+        }
+    }
+}
