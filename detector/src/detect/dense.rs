@@ -11,6 +11,11 @@
 //!
 //! The index is at most half full; growing it moves 8-byte slots only (the hash is kept
 //! in the slot), never the entries.
+//!
+//! Each entry may carry a stamp (`S`, e.g. when it was last seen) in a vector of its own
+//! beside the entries, so that finding the entries to expire reads the stamps only, not
+//! every entry ([`DenseMap::retain_by_stamp`]). Without stamps, `S` is `()` and costs
+//! nothing.
 
 use std::hash::{BuildHasher, Hash};
 
@@ -20,15 +25,18 @@ use rustc_hash::FxBuildHasher;
 type Slot = u64;
 
 #[derive(Clone, Debug)]
-pub struct DenseMap<K, V> {
+pub struct DenseMap<K, V, S = ()> {
     entries: Vec<(K, V)>,
+    /// One stamp per entry, at the same position.
+    stamps: Vec<S>,
     index: Vec<Slot>,
 }
 
-impl<K, V> Default for DenseMap<K, V> {
+impl<K, V, S> Default for DenseMap<K, V, S> {
     fn default() -> Self {
         Self {
             entries: Vec::new(),
+            stamps: Vec::new(),
             index: Vec::new(),
         }
     }
@@ -56,7 +64,7 @@ fn slot_hash(s: Slot) -> u32 {
     (s >> 32) as u32
 }
 
-impl<K: Hash + Eq, V> DenseMap<K, V> {
+impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -125,9 +133,25 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
         &mut self.entries[pos].1
     }
 
+    /// The stamp of the entry at `pos`.
+    pub fn stamp_mut(&mut self, pos: usize) -> &mut S {
+        &mut self.stamps[pos]
+    }
+
+    /// Entries with their stamps.
+    pub fn iter_stamped(&self) -> impl Iterator<Item = (&K, &V, &S)> {
+        self.entries
+            .iter()
+            .zip(&self.stamps)
+            .map(|((k, v), s)| (k, v, s))
+    }
+
     /// The value for `k`, inserted with `make` if absent; `true` when inserted.
     #[inline]
-    pub fn get_or_insert_with(&mut self, k: K, make: impl FnOnce() -> V) -> (&mut V, bool) {
+    pub fn get_or_insert_with(&mut self, k: K, make: impl FnOnce() -> V) -> (&mut V, bool)
+    where
+        S: Default,
+    {
         match self.position(&k) {
             Some(p) => (&mut self.entries[p].1, false),
             None => {
@@ -138,7 +162,15 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// Inserts a key known to be absent; returns its position.
-    pub fn insert_new(&mut self, k: K, v: V) -> usize {
+    pub fn insert_new(&mut self, k: K, v: V) -> usize
+    where
+        S: Default,
+    {
+        self.insert_stamped(k, v, S::default())
+    }
+
+    /// Inserts a key known to be absent, with its stamp; returns its position.
+    pub fn insert_stamped(&mut self, k: K, v: V, stamp: S) -> usize {
         if (self.entries.len() + 1) * 2 > self.index.len() {
             self.grow_index();
         }
@@ -149,6 +181,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
         };
         let pos = self.entries.len();
         self.entries.push((k, v));
+        self.stamps.push(stamp);
         self.index[i] = slot(h, pos);
         pos
     }
@@ -172,10 +205,10 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
             return None;
         }
         let i = self.find_slot(k, hash_of(k)).ok()?;
-        Some(self.remove_at_slot(i))
+        Some(self.remove_at_slot(i).1)
     }
 
-    fn remove_at_slot(&mut self, i: usize) -> V {
+    fn remove_at_slot(&mut self, i: usize) -> (K, V) {
         let pos = slot_pos(self.index[i]);
         self.clear_slot(i);
         let last = self.entries.len() - 1;
@@ -187,7 +220,8 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
                 .expect("every entry has a slot");
             self.index[j] = slot(h, pos);
         }
-        self.entries.swap_remove(pos).1
+        self.stamps.swap_remove(pos);
+        self.entries.swap_remove(pos)
     }
 
     /// Empties slot `i` and shifts back the slots after it that probed past it.
@@ -233,6 +267,29 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
         }
     }
 
+    /// Removes the entries whose stamp fails `keep`, handing each to `removed`. Reads
+    /// only the stamps of the entries it keeps.
+    pub fn retain_by_stamp(
+        &mut self,
+        mut keep: impl FnMut(&S) -> bool,
+        mut removed: impl FnMut(K, V),
+    ) {
+        let mut pos = 0;
+        while pos < self.stamps.len() {
+            if keep(&self.stamps[pos]) {
+                pos += 1;
+                continue;
+            }
+            let h = hash_of(&self.entries[pos].0);
+            let i = self
+                .find_slot(&self.entries[pos].0, h)
+                .expect("every entry has a slot");
+            // The last entry moves to `pos`, which is examined next.
+            let (k, v) = self.remove_at_slot(i);
+            removed(k, v);
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
@@ -249,6 +306,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     pub fn shrink(&mut self) {
         if self.entries.capacity() > 16 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
+            self.stamps.shrink_to(self.entries.len() * 2);
             let want = ((self.entries.len() + 1) * 2).next_power_of_two().max(8);
             if want < self.index.len() {
                 let old = std::mem::replace(&mut self.index, Vec::new());
@@ -294,6 +352,8 @@ mod tests {
         Insert(u16, u32),
         Remove(u16),
         Retain(u16),
+        /// Removes the entries stamped below this.
+        Expire(u32),
         Shrink,
     }
 
@@ -303,6 +363,7 @@ mod tests {
             4 => (0u16..200, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
             3 => (0u16..200).prop_map(Op::Remove),
             1 => (1u16..5).prop_map(Op::Retain),
+            1 => any::<u32>().prop_map(Op::Expire),
             1 => Just(Op::Shrink),
         ]
     }
@@ -312,20 +373,38 @@ mod tests {
         /// removals, retains and shrinks, and every key is found through the index.
         #[test]
         fn behaves_like_a_hash_map(ops in proptest::collection::vec(op(), 1..600)) {
-            let mut m: DenseMap<u16, u32> = DenseMap::default();
+            // The stamp of each entry is its value: it must follow the entry around.
+            let mut m: DenseMap<u16, u32, u32> = DenseMap::default();
             let mut r: HashMap<u16, u32> = HashMap::new();
             for o in ops {
                 match o {
                     Op::Insert(k, v) => {
-                        let (slot, fresh) = m.get_or_insert_with(k, || v);
-                        prop_assert_eq!(fresh, !r.contains_key(&k));
-                        *slot = v;
+                        prop_assert_eq!(m.position(&k).is_some(), r.contains_key(&k));
+                        match m.position(&k) {
+                            Some(p) => {
+                                *m.at_mut(p) = v;
+                                *m.stamp_mut(p) = v;
+                            }
+                            None => {
+                                m.insert_stamped(k, v, v);
+                            }
+                        }
                         r.insert(k, v);
                     }
                     Op::Remove(k) => prop_assert_eq!(m.remove(&k), r.remove(&k)),
                     Op::Retain(d) => {
                         m.retain(|k, _| k % d != 0);
                         r.retain(|k, _| k % d != 0);
+                    }
+                    Op::Expire(below) => {
+                        let mut gone = Vec::new();
+                        m.retain_by_stamp(|s| *s >= below, |k, v| gone.push((k, v)));
+                        let mut want: Vec<(u16, u32)> =
+                            r.iter().filter(|(_, v)| **v < below).map(|(k, v)| (*k, *v)).collect();
+                        r.retain(|_, v| *v >= below);
+                        gone.sort_unstable();
+                        want.sort_unstable();
+                        prop_assert_eq!(gone, want);
                     }
                     Op::Shrink => m.shrink(),
                 }
@@ -335,6 +414,9 @@ mod tests {
                 }
                 let occupied = m.index.iter().filter(|&&s| s != 0).count();
                 prop_assert_eq!(occupied, r.len());
+                for (_, v, s) in m.iter_stamped() {
+                    prop_assert_eq!(v, s);
+                }
             }
             for k in 0u16..200 {
                 prop_assert_eq!(m.contains_key(&k), r.contains_key(&k));

@@ -178,8 +178,6 @@ impl Aggregates {
 /// One external peer of an internal host: 88 bytes, no allocation of its own.
 #[derive(Clone, Debug)]
 pub struct PeerStat {
-    /// When it was last seen: milliseconds since the UNIX epoch.
-    pub last_ms: u64,
     /// Bytes the peer sent to the host.
     pub bytes_in: u64,
     /// Bytes the host sent to the peer.
@@ -198,9 +196,8 @@ pub struct PeerStat {
 }
 
 impl PeerStat {
-    fn new(last_ms: u64) -> Self {
+    fn new() -> Self {
         Self {
-            last_ms,
             bytes_in: 0,
             bytes_out: 0,
             udp_packets: 0,
@@ -251,7 +248,8 @@ fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
 /// The sliding-window profile of one internal host.
 #[derive(Debug)]
 pub struct HostProfile {
-    pub peers: DenseMap<IpAddr, PeerStat>,
+    /// The peers, stamped with when each was last seen (ms since the UNIX epoch).
+    pub peers: DenseMap<IpAddr, PeerStat, u64>,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
     max_peers: usize,
@@ -306,8 +304,8 @@ impl HostProfile {
         self.note_source(r);
         let last_ms = unix_ms(r.last);
         let held = self.peers.len();
-        let (p, fresh) = match self.peers.position(&peer) {
-            Some(pos) => (self.peers.at_mut(pos), false),
+        let (pos, fresh) = match self.peers.position(&peer) {
+            Some(pos) => (pos, false),
             None if held >= self.max_peers => {
                 let hll = self.overflow.get_or_insert_with(|| {
                     Box::new(
@@ -318,17 +316,19 @@ impl HostProfile {
                 hll.insert(&peer);
                 return;
             }
-            None => {
-                let pos = self.peers.insert_new(peer, PeerStat::new(last_ms));
-                (self.peers.at_mut(pos), true)
-            }
+            None => (
+                self.peers.insert_stamped(peer, PeerStat::new(), last_ms),
+                true,
+            ),
         };
+        let seen = self.peers.stamp_mut(pos);
+        *seen = (*seen).max(last_ms);
+        let p = self.peers.at_mut(pos);
         let before = if fresh {
             Contribution::default()
         } else {
             p.contribution(&self.limits)
         };
-        p.last_ms = p.last_ms.max(last_ms);
         self.oldest_ms = self.oldest_ms.min(last_ms);
         let bytes = r.est_bytes();
         if host_is_src {
@@ -396,15 +396,16 @@ impl HostProfile {
         }
         let (agg, limits) = (&mut self.agg, &self.limits);
         let mut oldest = u64::MAX;
-        self.peers.retain(|_, p| {
-            let keep = now_ms.saturating_sub(p.last_ms) < window_ms;
-            if keep {
-                oldest = oldest.min(p.last_ms);
-            } else {
-                remove_from(agg, limits, p);
-            }
-            keep
-        });
+        self.peers.retain_by_stamp(
+            |&last_ms| {
+                let keep = now_ms.saturating_sub(last_ms) < window_ms;
+                if keep {
+                    oldest = oldest.min(last_ms);
+                }
+                keep
+            },
+            |_, p| remove_from(agg, limits, &p),
+        );
         self.oldest_ms = oldest;
         self.after_expiry();
     }

@@ -753,9 +753,13 @@ proptest::proptest! {
                 let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
                 e.tick(now, true);
                 // The reference walks every peer: no skipping.
-                reference.peers.retain(|_, p| {
-                    profile::unix_ms(now).saturating_sub(p.last_ms) < window.as_millis() as u64
-                });
+                reference.peers.retain_by_stamp(
+                    |last_ms| {
+                        profile::unix_ms(now).saturating_sub(*last_ms)
+                            < window.as_millis() as u64
+                    },
+                    |_, _| {},
+                );
                 let mut held: Vec<IpAddr> = e
                     .hosts
                     .get(&host)
