@@ -146,10 +146,10 @@ impl Pipeline {
     pub fn emit(&mut self, records: &mut [FlowRecord], now: SystemTime) {
         for r in records.iter_mut() {
             self.dedup.mark(r);
-            self.engine.observe(r);
             self.exported_packets += r.est_packets();
             self.exported_bytes += r.est_bytes();
         }
+        self.engine.observe_batch(records);
         self.exported_records += records.len() as u64;
         for s in &mut self.sinks {
             s.send(records, now);

@@ -88,6 +88,13 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         prefetch_read(self.index.as_ptr().wrapping_add(i));
     }
 
+    /// Asks the CPU to fetch where the next entry would be appended.
+    #[inline]
+    pub fn prefetch_end(&self) {
+        prefetch_read(self.entries.as_ptr().wrapping_add(self.entries.len()));
+        prefetch_read(self.stamps.as_ptr().wrapping_add(self.stamps.len()));
+    }
+
     /// The index slot of `k` (Ok) or the empty slot where it would go (Err).
     #[inline]
     fn find_slot(&self, k: &K, h: u32) -> Result<usize, usize> {
@@ -287,6 +294,38 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
             // The last entry moves to `pos`, which is examined next.
             let (k, v) = self.remove_at_slot(i);
             removed(k, v);
+        }
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+    }
+
+    /// Asks the CPU to fetch the entry of `k` (its index slot should already be in the
+    /// cache, from [`Self::prefetch`]): the entries whose slot hash matches, without
+    /// comparing keys.
+    #[inline]
+    pub fn prefetch_entry(&self, k: &K) {
+        if self.index.is_empty() {
+            return;
+        }
+        let h = hash_of(k);
+        let mask = self.index.len() - 1;
+        let mut i = h as usize & mask;
+        loop {
+            let s = self.index[i];
+            if s == 0 {
+                return;
+            }
+            if slot_hash(s) == h {
+                let e = self.entries.as_ptr().wrapping_add(slot_pos(s));
+                let lines = std::mem::size_of::<(K, V)>().div_ceil(64);
+                for l in 0..lines {
+                    prefetch_read(e.cast::<u8>().wrapping_add(l * 64));
+                }
+                return;
+            }
+            i = (i + 1) & mask;
         }
     }
 

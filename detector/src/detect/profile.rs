@@ -292,6 +292,21 @@ impl HostProfile {
         &self.limits
     }
 
+    /// Starts fetching what [`Self::add`] will touch for this peer and port pair.
+    pub fn prefetch(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
+        self.peers.prefetch(peer);
+        self.peers.prefetch_end();
+        self.agg.remote_ports.prefetch(&remote_port);
+        self.agg.local_ports.prefetch(&local_port);
+    }
+
+    /// Starts fetching the entries [`Self::add`] will update (after [`Self::prefetch`]).
+    pub fn prefetch_entries(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
+        self.peers.prefetch_entry(peer);
+        self.agg.remote_ports.prefetch_entry(&remote_port);
+        self.agg.local_ports.prefetch_entry(&local_port);
+    }
+
     /// Adds a record in which `host` (internal) talks with `peer` (external).
     pub fn add(&mut self, r: &FlowRecord, host_is_src: bool) {
         let peer = if host_is_src { r.dst_addr } else { r.src_addr };
