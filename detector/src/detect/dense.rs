@@ -206,6 +206,61 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         }
     }
 
+    /// The stamps, by position.
+    pub fn stamps(&self) -> &[S] {
+        &self.stamps
+    }
+
+    /// The entry at `pos`.
+    pub fn at(&self, pos: usize) -> (&K, &V) {
+        let (k, v) = &self.entries[pos];
+        (k, v)
+    }
+
+    /// The entry at `pos`, its value mutable.
+    pub fn pair_mut(&mut self, pos: usize) -> (&K, &mut V) {
+        let (k, v) = &mut self.entries[pos];
+        (&*k, v)
+    }
+
+    /// Removes the entry at `pos`; the last entry takes its place.
+    pub fn remove_at(&mut self, pos: usize) -> (K, V) {
+        let h = hash_of(&self.entries[pos].0);
+        let i = self
+            .find_slot(&self.entries[pos].0, h)
+            .expect("every entry has a slot");
+        self.remove_at_slot(i)
+    }
+
+    /// Asks the CPU to fetch the entry at `pos` (when it exists).
+    #[inline]
+    pub fn prefetch_at(&self, pos: usize) {
+        if pos < self.entries.len() {
+            let e = self.entries.as_ptr().wrapping_add(pos);
+            for l in 0..std::mem::size_of::<(K, V)>().div_ceil(64) {
+                prefetch_read(e.cast::<u8>().wrapping_add(l * 64));
+            }
+        }
+    }
+
+    /// Asks the CPU to fetch the index slot of the entry at `pos` (the entry itself
+    /// should be in the cache).
+    #[inline]
+    pub fn prefetch_slot_at(&self, pos: usize) {
+        if pos < self.entries.len() {
+            self.prefetch(&self.entries[pos].0);
+        }
+    }
+
+    /// Asks the CPU to fetch the first stamps.
+    #[inline]
+    pub fn prefetch_stamps(&self) {
+        let n = (self.stamps.len() * std::mem::size_of::<S>()).div_ceil(64).min(16);
+        for l in 0..n {
+            prefetch_read(self.stamps.as_ptr().cast::<u8>().wrapping_add(l * 64));
+        }
+    }
+
     /// Removes `k`; returns its value.
     pub fn remove(&mut self, k: &K) -> Option<V> {
         if self.entries.is_empty() {
@@ -318,11 +373,7 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
                 return;
             }
             if slot_hash(s) == h {
-                let e = self.entries.as_ptr().wrapping_add(slot_pos(s));
-                let lines = std::mem::size_of::<(K, V)>().div_ceil(64);
-                for l in 0..lines {
-                    prefetch_read(e.cast::<u8>().wrapping_add(l * 64));
-                }
+                self.prefetch_at(slot_pos(s));
                 return;
             }
             i = (i + 1) & mask;

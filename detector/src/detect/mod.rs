@@ -212,11 +212,52 @@ impl Engine {
     }
 
     /// Forgets the peers silent for the window at `now` (each profile skips the walk when
-    /// its oldest peer is still inside the window).
+    /// its oldest peer is still inside the window). In two passes, so that the memory of
+    /// each removal can be asked for ahead: first which peers leave, host by host, from
+    /// the stamps alone; then the removals, fetching each peer, the entry that takes its
+    /// place and their index and port slots a few removals ahead.
     fn expire(&mut self, now: SystemTime) {
-        let window = self.cfg.window;
-        for (_, h) in self.hosts.iter_mut() {
-            h.profile.expire(now, window);
+        const D: usize = 3;
+        let (now_ms, window_ms) = (profile::unix_ms(now), self.cfg.window.as_millis() as u64);
+        let mut positions = Vec::new();
+        // (host, peer position, position of the entry that moves into it)
+        let mut work: Vec<(u32, u32, u32)> = Vec::new();
+        let mut oldest: Vec<(u32, u64)> = Vec::new();
+        for hi in 0..self.hosts.len() {
+            if hi + 2 < self.hosts.len() {
+                self.hosts.at(hi + 2).1.profile.prefetch_stamps();
+            }
+            let p = &self.hosts.at(hi).1.profile;
+            positions.clear();
+            if let Some(o) = p.expiring(now_ms, window_ms, &mut positions) {
+                let len = p.peers.len();
+                for (k, &pos) in positions.iter().enumerate() {
+                    work.push((hi as u32, pos, (len - 1 - k) as u32));
+                }
+                oldest.push((hi as u32, o));
+            }
+        }
+        for j in 0..work.len() {
+            if let Some(&(h, pos, tail)) = work.get(j + 3 * D) {
+                let p = &self.hosts.at(h as usize).1.profile;
+                p.prefetch_expiring(pos as usize, tail as usize);
+            }
+            if let Some(&(h, pos, tail)) = work.get(j + 2 * D) {
+                let p = &self.hosts.at(h as usize).1.profile;
+                p.prefetch_expiring_slots(pos as usize, tail as usize);
+            }
+            if let Some(&(h, pos, _)) = work.get(j + D) {
+                let p = &self.hosts.at(h as usize).1.profile;
+                p.prefetch_expiring_ports(pos as usize);
+            }
+            let (h, pos, _) = work[j];
+            self.hosts
+                .at_mut(h as usize)
+                .profile
+                .remove_expired(pos as usize);
+        }
+        for (h, o) in oldest {
+            self.hosts.at_mut(h as usize).profile.expired(o);
         }
     }
 
@@ -403,7 +444,14 @@ impl Engine {
         } else {
             0
         };
-        for (host, h) in self.hosts.iter_mut() {
+        let top10_list: Vec<IpAddr> = top10.iter().copied().collect();
+        for i in 0..self.hosts.len() {
+            // Scoring looks the top senders up among the host's peers: ask for those index
+            // slots two hosts ahead.
+            if i + 2 < self.hosts.len() {
+                self.hosts.at(i + 2).1.profile.prefetch_peers(&top10_list);
+            }
+            let (host, h) = self.hosts.pair_mut(i);
             if h.alarm.is_none()
                 && h.profile.peers.len() < min_peers
                 && h.profile.peer_count() < min_peers as u64

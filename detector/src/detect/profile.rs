@@ -406,23 +406,87 @@ impl HostProfile {
     /// Walks the peers only when the oldest may have left the window.
     pub fn expire(&mut self, now: SystemTime, window: Duration) {
         let (now_ms, window_ms) = (unix_ms(now), window.as_millis() as u64);
-        if now_ms.saturating_sub(self.oldest_ms) < window_ms {
-            return;
+        let mut leaving = Vec::new();
+        if let Some(oldest) = self.expiring(now_ms, window_ms, &mut leaving) {
+            for pos in leaving {
+                self.remove_expired(pos as usize);
+            }
+            self.expired(oldest);
         }
-        let (agg, limits) = (&mut self.agg, &self.limits);
+    }
+
+    /// The first step of [`Self::expire`], which the engine runs over all hosts before
+    /// it removes anything: appends the positions of the peers silent for the window,
+    /// highest first (so removing them in that order moves none of the others), and
+    /// returns the oldest stamp of those that stay. None when no peer can be leaving.
+    pub fn expiring(&self, now_ms: u64, window_ms: u64, out: &mut Vec<u32>) -> Option<u64> {
+        if now_ms.saturating_sub(self.oldest_ms) < window_ms {
+            return None;
+        }
         let mut oldest = u64::MAX;
-        self.peers.retain_by_stamp(
-            |&last_ms| {
-                let keep = now_ms.saturating_sub(last_ms) < window_ms;
-                if keep {
-                    oldest = oldest.min(last_ms);
-                }
-                keep
-            },
-            |_, p| remove_from(agg, limits, &p),
-        );
+        let first = out.len();
+        for (pos, &last_ms) in self.peers.stamps().iter().enumerate() {
+            if now_ms.saturating_sub(last_ms) < window_ms {
+                oldest = oldest.min(last_ms);
+            } else {
+                out.push(pos as u32);
+            }
+        }
+        out[first..].reverse();
+        Some(oldest)
+    }
+
+    /// Removes the peer at `pos` (from [`Self::expiring`]) and its share of the sums.
+    pub fn remove_expired(&mut self, pos: usize) {
+        let (_, p) = self.peers.remove_at(pos);
+        remove_from(&mut self.agg, &self.limits, &p);
+    }
+
+    /// The last step of an expiry: `oldest` is from [`Self::expiring`].
+    pub fn expired(&mut self, oldest: u64) {
         self.oldest_ms = oldest;
         self.after_expiry();
+    }
+
+    /// Starts fetching what removing the peer at `pos` touches: the peer, and `tail`,
+    /// the entry that will move into its place.
+    pub fn prefetch_expiring(&self, pos: usize, tail: usize) {
+        self.peers.prefetch_at(pos);
+        self.peers.prefetch_at(tail);
+    }
+
+    /// Then the index slots of both and of the peer's ports.
+    pub fn prefetch_expiring_slots(&self, pos: usize, tail: usize) {
+        self.peers.prefetch_slot_at(pos);
+        self.peers.prefetch_slot_at(tail);
+        if pos < self.peers.len() {
+            for &(l, r) in self.peers.at(pos).1.ports() {
+                self.agg.remote_ports.prefetch(&r);
+                self.agg.local_ports.prefetch(&l);
+            }
+        }
+    }
+
+    /// Then the entries of the peer's ports.
+    pub fn prefetch_expiring_ports(&self, pos: usize) {
+        if pos < self.peers.len() {
+            for &(l, r) in self.peers.at(pos).1.ports() {
+                self.agg.remote_ports.prefetch_entry(&r);
+                self.agg.local_ports.prefetch_entry(&l);
+            }
+        }
+    }
+
+    /// Starts fetching the index slots where these peers would be.
+    pub fn prefetch_peers(&self, peers: &[IpAddr]) {
+        for p in peers {
+            self.peers.prefetch(p);
+        }
+    }
+
+    /// Starts fetching the first stamps, which [`Self::expiring`] reads.
+    pub fn prefetch_stamps(&self) {
+        self.peers.prefetch_stamps();
     }
 
     /// Memory back after peers expired.
