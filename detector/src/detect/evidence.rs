@@ -117,7 +117,7 @@ pub fn score(
     } else {
         0.0
     };
-    let distinct_remote = a.remote_ports.len();
+    let distinct_remote = a.distinct_remote;
     let high_share = if distinct_remote == 0 {
         0.0
     } else {

@@ -55,11 +55,16 @@ pub struct Aggregates {
     pub udp_small: u64,
     /// Peers at or below the throttled rate.
     pub throttled: u64,
-    /// (local, remote) port pairs by remote port; `high_ports` counts keys above 1024.
+    /// (local, remote) port pairs by remote port. A port whose count falls to 0 stays
+    /// until [`Aggregates::purge`] (removing costs more than it saves while peers come
+    /// and go): `distinct_remote` counts those above 0, `high_ports` those above 1024.
     pub remote_ports: DenseMap<u16, u32>,
+    pub distinct_remote: u64,
     pub high_ports: u64,
-    /// Per local port: peers with a pair on it, and pairs on it.
+    /// Per local port: peers with a pair on it, and pairs on it (kept at (0, 0) until
+    /// purged, like the remote ports); `live_local` counts those with peers.
     pub local_ports: DenseMap<u16, (u32, u32)>,
+    pub live_local: u64,
     /// The largest per-peer byte total: exact, or an upper bound after its peer expired.
     pub top: u64,
     pub top_exact: bool,
@@ -122,13 +127,19 @@ impl Aggregates {
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
         let (r, _) = self.remote_ports.get_or_insert_with(remote, || 0);
-        if *r == 0 && remote > 1024 {
-            self.high_ports += 1;
+        if *r == 0 {
+            self.distinct_remote += 1;
+            if remote > 1024 {
+                self.high_ports += 1;
+            }
         }
         *r += 1;
         let (l, _) = self.local_ports.get_or_insert_with(local, || (0, 0));
         l.1 += 1;
         if new_local_for_peer {
+            if l.0 == 0 {
+                self.live_local += 1;
+            }
             l.0 += 1;
             if (l.0, local) > self.listen {
                 self.listen = (l.0, local);
@@ -140,7 +151,7 @@ impl Aggregates {
         if let Some(r) = self.remote_ports.get_mut(&remote) {
             *r -= 1;
             if *r == 0 {
-                self.remote_ports.remove(&remote);
+                self.distinct_remote -= 1;
                 if remote > 1024 {
                     self.high_ports -= 1;
                 }
@@ -150,13 +161,25 @@ impl Aggregates {
             l.1 -= 1;
             if last_local_for_peer {
                 l.0 -= 1;
+                if l.0 == 0 {
+                    self.live_local -= 1;
+                }
                 if local == self.listen.1 {
                     self.listen_exact = false;
                 }
             }
-            if l.0 == 0 {
-                self.local_ports.remove(&local);
-            }
+        }
+    }
+
+    /// Drops the ports counted down to 0 once they are as many as the others.
+    fn purge(&mut self) {
+        if self.remote_ports.len() as u64 > 2 * self.distinct_remote + 8 {
+            self.remote_ports.retain(|_, n| *n > 0);
+            self.remote_ports.shrink();
+        }
+        if self.local_ports.len() as u64 > 2 * self.live_local + 8 {
+            self.local_ports.retain(|_, l| l.0 > 0);
+            self.local_ports.shrink();
         }
     }
 
@@ -166,6 +189,7 @@ impl Aggregates {
             self.listen = self
                 .local_ports
                 .iter()
+                .filter(|(_, (ips, _))| *ips > 0)
                 .map(|(port, (ips, _))| (*ips, *port))
                 .max()
                 .unwrap_or((0, 0));
@@ -491,6 +515,7 @@ impl HostProfile {
 
     /// Memory back after peers expired.
     fn after_expiry(&mut self) {
+        self.agg.purge();
         if self.peers.is_empty() {
             self.agg.top = 0;
             self.agg.top_exact = true;
