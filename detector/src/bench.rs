@@ -591,7 +591,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
         let rss = rss_bytes().saturating_sub(rss0);
         let hosts = engine.hosts().max(1) as u64;
         println!(
-            "window {}: {:.2} M records/s through dedup and profiles ({:.1} s, of which dedup {:.1} s), evaluations {:.1} s in all ({:.2} M records/s with them); {} hosts tracked holding {} peer entries, resident memory {} MiB = {} bytes per host",
+            "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all ({:.2} M records/s with them); {} hosts tracked holding {} peer entries, resident memory {} MiB = {} bytes per host",
             w + 1,
             args.records as f64 / busy.as_secs_f64() / 1e6,
             busy.as_secs_f64(),

@@ -311,21 +311,35 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         self.index[i] = 0;
     }
 
-    /// Keeps the entries for which `keep` is true.
+    /// Keeps the entries for which `keep` is true, in their order, in one pass: the kept
+    /// entries move up over the others, then the index is rebuilt.
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        let mut pos = 0;
-        while pos < self.entries.len() {
+        let n = self.entries.len();
+        let mut kept = 0;
+        for pos in 0..n {
             let (k, v) = &mut self.entries[pos];
             if keep(k, v) {
-                pos += 1;
-            } else {
-                let h = hash_of(&self.entries[pos].0);
-                let i = self
-                    .find_slot(&self.entries[pos].0, h)
-                    .expect("every entry has a slot");
-                // The last entry moves to `pos`, which is examined next.
-                self.remove_at_slot(i);
+                if kept != pos {
+                    self.entries.swap(kept, pos);
+                    self.stamps.swap(kept, pos);
+                }
+                kept += 1;
             }
+        }
+        if kept == n {
+            return;
+        }
+        self.entries.truncate(kept);
+        self.stamps.truncate(kept);
+        self.index.iter_mut().for_each(|s| *s = 0);
+        let mask = self.index.len() - 1;
+        for (pos, (k, _)) in self.entries.iter().enumerate() {
+            let h = hash_of(k);
+            let mut i = h as usize & mask;
+            while self.index[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            self.index[i] = slot(h, pos);
         }
     }
 

@@ -180,6 +180,7 @@ struct Sides {
     peer: IpAddr,
     local: u16,
     remote: u16,
+    host_is_src: bool,
 }
 
 /// The detection engine.
@@ -188,7 +189,7 @@ pub struct Engine {
     /// A dense map, so that a host's state can be fetched ahead of its records.
     hosts: dense::DenseMap<IpAddr, HostState>,
     /// Bytes each external address sent into the network, and when it last did.
-    senders: rustc_hash::FxHashMap<IpAddr, (u64, SystemTime)>,
+    senders: dense::DenseMap<IpAddr, (u64, SystemTime)>,
     limits: profile::Limits,
     next_eval: Option<SystemTime>,
     pub stats: EngineStats,
@@ -205,7 +206,7 @@ impl Engine {
             limits,
             cfg,
             hosts: dense::DenseMap::default(),
-            senders: rustc_hash::FxHashMap::default(),
+            senders: dense::DenseMap::default(),
             next_eval: None,
             stats: EngineStats::default(),
         }
@@ -305,6 +306,14 @@ impl Engine {
                 if let Some(h) = self.hosts.get(&k.host) {
                     h.profile.prefetch(&k.peer, k.local, k.remote);
                 }
+                if !k.host_is_src {
+                    self.senders.prefetch(&k.peer);
+                }
+            }
+            if let Some(k) = at(i + D) {
+                if !k.host_is_src {
+                    self.senders.prefetch_entry(&k.peer);
+                }
             }
             if let Some(k) = at(i + D) {
                 if let Some(h) = self.hosts.get(&k.host) {
@@ -327,12 +336,14 @@ impl Engine {
                 peer: r.dst_addr,
                 local: r.src_port,
                 remote: r.dst_port,
+                host_is_src: true,
             }),
             (false, true) => Some(Sides {
                 host: r.dst_addr,
                 peer: r.src_addr,
                 local: r.dst_port,
                 remote: r.src_port,
+                host_is_src: false,
             }),
             _ => None,
         }
@@ -388,12 +399,19 @@ impl Engine {
         };
         let h = self.hosts.at_mut(pos);
         // Bounded like the hosts: a new sender is tracked only while there is room.
-        if !host_is_src
-            && (self.senders.len() < self.cfg.max_hosts * 4 || self.senders.contains_key(&peer))
-        {
-            let e = self.senders.entry(peer).or_insert((0, r.last));
-            e.0 += r.est_bytes();
-            e.1 = e.1.max(r.last);
+        if !host_is_src {
+            let e = match self.senders.position(&peer) {
+                Some(pos) => Some(self.senders.at_mut(pos)),
+                None if self.senders.len() < self.cfg.max_hosts * 4 => {
+                    let pos = self.senders.insert_new(peer, (0, r.last));
+                    Some(self.senders.at_mut(pos))
+                }
+                None => None,
+            };
+            if let Some(e) = e {
+                e.0 += r.est_bytes();
+                e.1 = e.1.max(r.last);
+            }
         }
         h.profile.add(r, host_is_src);
     }

@@ -322,6 +322,9 @@ impl HostProfile {
         self.peers.prefetch_end();
         self.agg.remote_ports.prefetch(&remote_port);
         self.agg.local_ports.prefetch(&local_port);
+        // A new port is appended: ephemeral local ports are new on most outbound flows.
+        self.agg.remote_ports.prefetch_end();
+        self.agg.local_ports.prefetch_end();
     }
 
     /// Starts fetching the entries [`Self::add`] will update (after [`Self::prefetch`]).
