@@ -144,8 +144,8 @@ impl Pipeline {
 
     /// Sends records (possibly none: sinks do periodic work) stamped `now`.
     pub fn emit(&mut self, records: &mut [FlowRecord], now: SystemTime) {
-        for r in records.iter_mut() {
-            self.dedup.mark(r);
+        self.dedup.mark_batch(records);
+        for r in records.iter() {
             self.exported_packets += r.est_packets();
             self.exported_bytes += r.est_bytes();
         }

@@ -569,9 +569,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
                 })
                 .collect();
             let t0 = Instant::now();
-            for r in batch.iter_mut() {
-                dedup.mark(r);
-            }
+            dedup.mark_batch(&mut batch);
             marking += t0.elapsed();
             engine.observe_batch(&batch);
             busy += t0.elapsed();

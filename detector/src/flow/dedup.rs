@@ -9,9 +9,9 @@
 
 use std::net::IpAddr;
 
-use rustc_hash::FxHashMap;
-use std::collections::hash_map::Entry;
 use std::time::{Duration, SystemTime};
+
+use crate::detect::dense::DenseMap;
 
 use super::{FlowRecord, Origin};
 
@@ -38,7 +38,8 @@ pub struct Dedup {
     /// Slack on overlap tests: exporters' clocks and active timeouts differ.
     slack: Duration,
     max_flows: usize,
-    owners: FxHashMap<Tuple, Owner>,
+    /// A dense map: its slots can be fetched ahead ([`Dedup::mark_batch`]).
+    owners: DenseMap<Tuple, Owner>,
     /// Expiry walks the table at most every tenth of the window.
     next_expire: Option<SystemTime>,
     pub stats: DedupStats,
@@ -50,7 +51,7 @@ impl Dedup {
             window,
             slack: Duration::from_secs(2),
             max_flows,
-            owners: FxHashMap::default(),
+            owners: DenseMap::default(),
             next_expire: None,
             stats: DedupStats::default(),
         }
@@ -64,15 +65,30 @@ impl Dedup {
         self.owners.is_empty()
     }
 
+    /// [`Self::mark`] for each record, asking for each one's table slot and entry a few
+    /// records ahead (with millions of flows, the table is not in the cache).
+    pub fn mark_batch(&mut self, records: &mut [FlowRecord]) {
+        const D: usize = 4;
+        for i in 0..records.len() {
+            if let Some(r) = records.get(i + 2 * D) {
+                self.owners.prefetch(&key_of(r));
+            }
+            if let Some(r) = records.get(i + D) {
+                self.owners.prefetch_entry(&key_of(r));
+            }
+            self.mark(&mut records[i]);
+        }
+    }
+
     /// Sets `r.duplicate` when another source owns this flow over an overlapping time.
     pub fn mark(&mut self, r: &mut FlowRecord) {
         self.stats.records += 1;
-        let key = (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol);
+        let key = key_of(r);
         let full = self.owners.len() >= self.max_flows;
         let slack = self.slack;
-        match self.owners.entry(key) {
-            Entry::Occupied(mut e) => {
-                let o = e.get_mut();
+        match self.owners.position(&key) {
+            Some(pos) => {
+                let o = self.owners.at_mut(pos);
                 if o.origin != r.origin && overlaps(o, r, slack) {
                     r.duplicate = true;
                     self.stats.duplicates += 1;
@@ -89,13 +105,16 @@ impl Dedup {
                     };
                 }
             }
-            Entry::Vacant(_) if full => self.stats.table_full += 1,
-            Entry::Vacant(e) => {
-                e.insert(Owner {
-                    origin: r.origin,
-                    first: r.first,
-                    last: r.last,
-                });
+            None if full => self.stats.table_full += 1,
+            None => {
+                self.owners.insert_new(
+                    key,
+                    Owner {
+                        origin: r.origin,
+                        first: r.first,
+                        last: r.last,
+                    },
+                );
             }
         }
     }
@@ -112,10 +131,12 @@ impl Dedup {
         self.next_expire = Some(now + window / 10);
         self.owners
             .retain(|_, o| now.duration_since(o.last).unwrap_or(Duration::ZERO) < window);
-        if self.owners.capacity() > 1024 && self.owners.len() < self.owners.capacity() / 4 {
-            self.owners.shrink_to_fit();
-        }
+        self.owners.shrink();
     }
+}
+
+fn key_of(r: &FlowRecord) -> Tuple {
+    (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol)
 }
 
 fn overlaps(o: &Owner, r: &FlowRecord, slack: Duration) -> bool {
