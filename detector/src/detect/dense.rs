@@ -236,11 +236,21 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
     #[inline]
     pub fn prefetch_at(&self, pos: usize) {
         if pos < self.entries.len() {
-            let e = self.entries.as_ptr().wrapping_add(pos);
-            for l in 0..std::mem::size_of::<(K, V)>().div_ceil(64) {
-                prefetch_read(e.cast::<u8>().wrapping_add(l * 64));
+            // Every line the entry spans (it need not start on a line).
+            let start = self.entries.as_ptr().wrapping_add(pos) as usize;
+            let end = start + std::mem::size_of::<(K, V)>();
+            let mut line = start & !63;
+            while line < end {
+                prefetch_read(line as *const u8);
+                line += 64;
             }
         }
+    }
+
+    /// Asks the CPU to fetch the stamp of the entry at `pos`.
+    #[inline]
+    pub fn prefetch_stamp_at(&self, pos: usize) {
+        prefetch_read(self.stamps.as_ptr().wrapping_add(pos));
     }
 
     /// Asks the CPU to fetch the index slot of the entry at `pos` (the entry itself

@@ -225,6 +225,9 @@ impl Engine {
         let mut work: Vec<(u32, u32, u32)> = Vec::new();
         let mut oldest: Vec<(u32, u64)> = Vec::new();
         for hi in 0..self.hosts.len() {
+            if hi + 4 < self.hosts.len() {
+                self.hosts.prefetch_at(hi + 4);
+            }
             if hi + 2 < self.hosts.len() {
                 self.hosts.at(hi + 2).1.profile.prefetch_stamps();
             }
@@ -239,6 +242,9 @@ impl Engine {
             }
         }
         for j in 0..work.len() {
+            if let Some(&(h, _, _)) = work.get(j + 4 * D) {
+                self.hosts.prefetch_at(h as usize);
+            }
             if let Some(&(h, pos, tail)) = work.get(j + 3 * D) {
                 let p = &self.hosts.at(h as usize).1.profile;
                 p.prefetch_expiring(pos as usize, tail as usize);
@@ -294,7 +300,13 @@ impl Engine {
     pub fn observe_batch(&mut self, records: &[FlowRecord]) {
         const D: usize = 4;
         let keys: Vec<Option<Sides>> = records.iter().map(|r| self.sides(r)).collect();
-        let at = |i: usize| keys.get(i).copied().flatten();
+        // Duplicates only note their source: nothing to fetch for them.
+        let at = |i: usize| {
+            keys.get(i)
+                .copied()
+                .flatten()
+                .filter(|_| !records[i].duplicate)
+        };
         for (i, r) in records.iter().enumerate() {
             if let Some(k) = at(i + 4 * D) {
                 self.hosts.prefetch(&k.host);
@@ -320,16 +332,12 @@ impl Engine {
                     h.profile.prefetch_entries(&k.peer, k.local, k.remote);
                 }
             }
-            self.observe(r);
+            self.observe_sides(r, keys[i]);
         }
     }
 
-    /// Which side of `r` is the internal host, for the lookahead (None when the engine
-    /// will not profile it).
+    /// Which side of `r` is the internal host (None unless exactly one is).
     fn sides(&self, r: &FlowRecord) -> Option<Sides> {
-        if r.duplicate {
-            return None;
-        }
         match (self.cfg.internal(r.src_addr), self.cfg.internal(r.dst_addr)) {
             (true, false) => Some(Sides {
                 host: r.src_addr,
@@ -352,19 +360,25 @@ impl Engine {
     /// Feeds one record. A duplicate (another source's copy was counted) only adds its
     /// source to the host's list of reporters.
     pub fn observe(&mut self, r: &FlowRecord) {
+        self.observe_sides(r, self.sides(r));
+    }
+
+    /// [`Self::observe`] with the sides already found.
+    fn observe_sides(&mut self, r: &FlowRecord, sides: Option<Sides>) {
         self.stats.records += 1;
         if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)
         {
             return;
         }
-        let (si, di) = (self.cfg.internal(r.src_addr), self.cfg.internal(r.dst_addr));
-        let (host, host_is_src, peer) = match (si, di) {
-            (true, false) => (r.src_addr, true, r.dst_addr),
-            (false, true) => (r.dst_addr, false, r.src_addr),
-            _ => {
-                self.stats.not_internal_external += 1;
-                return;
-            }
+        let Some(Sides {
+            host,
+            peer,
+            host_is_src,
+            ..
+        }) = sides
+        else {
+            self.stats.not_internal_external += 1;
+            return;
         };
         if !DetectConfig::usable(peer) || !DetectConfig::usable(host) {
             return;

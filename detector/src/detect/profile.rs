@@ -480,6 +480,8 @@ impl HostProfile {
     pub fn prefetch_expiring(&self, pos: usize, tail: usize) {
         self.peers.prefetch_at(pos);
         self.peers.prefetch_at(tail);
+        self.peers.prefetch_stamp_at(pos);
+        self.peers.prefetch_stamp_at(tail);
     }
 
     /// Then the index slots of both and of the peer's ports.
