@@ -117,7 +117,7 @@ pub fn score(
     } else {
         0.0
     };
-    let distinct_remote = a.distinct_remote;
+    let distinct_remote = a.remote_ports.len() as u64;
     let high_share = if distinct_remote == 0 {
         0.0
     } else {
@@ -162,7 +162,7 @@ pub fn score(
     }
     let busy_listener = listen_ips as f64 >= t.listen_peers;
     if busy_listener && listen_port > 1024 {
-        let pairs = p.agg.local_ports.get(&listen_port).map_or(0, |l| l.1);
+        let pairs = p.agg.local_ports.get(listen_port).map_or(0, |l| l.1);
         fire(pairs as f64 / listen_ips as f64 <= t.ip_port_ratio, 2.0);
         fire(true, 1.0);
     }

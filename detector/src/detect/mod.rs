@@ -7,6 +7,7 @@
 
 pub mod dense;
 pub mod evidence;
+pub mod ports;
 pub mod profile;
 
 use std::collections::HashSet;
@@ -253,10 +254,6 @@ impl Engine {
                 let p = &self.hosts.at(h as usize).1.profile;
                 p.prefetch_expiring_slots(pos as usize, tail as usize);
             }
-            if let Some(&(h, pos, _)) = work.get(j + D) {
-                let p = &self.hosts.at(h as usize).1.profile;
-                p.prefetch_expiring_ports(pos as usize);
-            }
             let (h, pos, _) = work[j];
             self.hosts
                 .at_mut(h as usize)
@@ -329,7 +326,7 @@ impl Engine {
             }
             if let Some(k) = at(i + D) {
                 if let Some(h) = self.hosts.get(&k.host) {
-                    h.profile.prefetch_entries(&k.peer, k.local, k.remote);
+                    h.profile.prefetch_entries(&k.peer);
                 }
             }
             self.observe_sides(r, keys[i]);

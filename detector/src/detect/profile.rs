@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 use super::dense::DenseMap;
+use super::ports::PortTable;
 
 use crate::flow::FlowRecord;
 
@@ -55,16 +56,12 @@ pub struct Aggregates {
     pub udp_small: u64,
     /// Peers at or below the throttled rate.
     pub throttled: u64,
-    /// (local, remote) port pairs by remote port. A port whose count falls to 0 stays
-    /// until [`Aggregates::purge`] (removing costs more than it saves while peers come
-    /// and go): `distinct_remote` counts those above 0, `high_ports` those above 1024.
-    pub remote_ports: DenseMap<u16, u32>,
-    pub distinct_remote: u64,
+    /// (local, remote) port pairs by remote port (the second count unused);
+    /// `high_ports` counts the ports above 1024.
+    pub remote_ports: PortTable,
     pub high_ports: u64,
-    /// Per local port: peers with a pair on it, and pairs on it (kept at (0, 0) until
-    /// purged, like the remote ports); `live_local` counts those with peers.
-    pub local_ports: DenseMap<u16, (u32, u32)>,
-    pub live_local: u64,
+    /// Per local port: peers with a pair on it, and pairs on it.
+    pub local_ports: PortTable,
     /// The largest per-peer byte total: exact, or an upper bound after its peer expired.
     pub top: u64,
     pub top_exact: bool,
@@ -126,60 +123,36 @@ impl Aggregates {
     }
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
-        let (r, _) = self.remote_ports.get_or_insert_with(remote, || 0);
-        if *r == 0 {
-            self.distinct_remote += 1;
-            if remote > 1024 {
-                self.high_ports += 1;
-            }
+        let (pairs, _) = self.remote_ports.update(remote, |n, _| *n += 1);
+        if pairs == 1 && remote > 1024 {
+            self.high_ports += 1;
         }
-        *r += 1;
-        let (l, _) = self.local_ports.get_or_insert_with(local, || (0, 0));
-        l.1 += 1;
-        if new_local_for_peer {
-            if l.0 == 0 {
-                self.live_local += 1;
+        let (peers, _) = self.local_ports.update(local, |peers, pairs| {
+            *pairs += 1;
+            if new_local_for_peer {
+                *peers += 1;
             }
-            l.0 += 1;
-            if (l.0, local) > self.listen {
-                self.listen = (l.0, local);
-            }
+        });
+        if new_local_for_peer && (peers, local) > self.listen {
+            self.listen = (peers, local);
         }
     }
 
     fn remove_pair(&mut self, local: u16, remote: u16, last_local_for_peer: bool) {
-        if let Some(r) = self.remote_ports.get_mut(&remote) {
-            *r -= 1;
-            if *r == 0 {
-                self.distinct_remote -= 1;
-                if remote > 1024 {
-                    self.high_ports -= 1;
-                }
-            }
+        let (pairs, _) = self
+            .remote_ports
+            .update(remote, |n, _| *n = n.saturating_sub(1));
+        if pairs == 0 && remote > 1024 {
+            self.high_ports -= 1;
         }
-        if let Some(l) = self.local_ports.get_mut(&local) {
-            l.1 -= 1;
+        self.local_ports.update(local, |peers, pairs| {
+            *pairs = pairs.saturating_sub(1);
             if last_local_for_peer {
-                l.0 -= 1;
-                if l.0 == 0 {
-                    self.live_local -= 1;
-                }
-                if local == self.listen.1 {
-                    self.listen_exact = false;
-                }
+                *peers = peers.saturating_sub(1);
             }
-        }
-    }
-
-    /// Drops the ports counted down to 0 once they are as many as the others.
-    fn purge(&mut self) {
-        if self.remote_ports.len() as u64 > 2 * self.distinct_remote + 8 {
-            self.remote_ports.retain(|_, n| *n > 0);
-            self.remote_ports.shrink();
-        }
-        if self.local_ports.len() as u64 > 2 * self.live_local + 8 {
-            self.local_ports.retain(|_, l| l.0 > 0);
-            self.local_ports.shrink();
+        });
+        if last_local_for_peer && local == self.listen.1 {
+            self.listen_exact = false;
         }
     }
 
@@ -189,8 +162,7 @@ impl Aggregates {
             self.listen = self
                 .local_ports
                 .iter()
-                .filter(|(_, (ips, _))| *ips > 0)
-                .map(|(port, (ips, _))| (*ips, *port))
+                .map(|(port, ips, _)| (ips, port))
                 .max()
                 .unwrap_or((0, 0));
             self.listen_exact = true;
@@ -320,18 +292,13 @@ impl HostProfile {
     pub fn prefetch(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
         self.peers.prefetch(peer);
         self.peers.prefetch_end();
-        self.agg.remote_ports.prefetch(&remote_port);
-        self.agg.local_ports.prefetch(&local_port);
-        // A new port is appended: ephemeral local ports are new on most outbound flows.
-        self.agg.remote_ports.prefetch_end();
-        self.agg.local_ports.prefetch_end();
+        self.agg.remote_ports.prefetch(remote_port);
+        self.agg.local_ports.prefetch(local_port);
     }
 
     /// Starts fetching the entries [`Self::add`] will update (after [`Self::prefetch`]).
-    pub fn prefetch_entries(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
+    pub fn prefetch_entries(&self, peer: &IpAddr) {
         self.peers.prefetch_entry(peer);
-        self.agg.remote_ports.prefetch_entry(&remote_port);
-        self.agg.local_ports.prefetch_entry(&local_port);
     }
 
     /// Adds a record in which `host` (internal) talks with `peer` (external).
@@ -490,18 +457,8 @@ impl HostProfile {
         self.peers.prefetch_slot_at(tail);
         if pos < self.peers.len() {
             for &(l, r) in self.peers.at(pos).1.ports() {
-                self.agg.remote_ports.prefetch(&r);
-                self.agg.local_ports.prefetch(&l);
-            }
-        }
-    }
-
-    /// Then the entries of the peer's ports.
-    pub fn prefetch_expiring_ports(&self, pos: usize) {
-        if pos < self.peers.len() {
-            for &(l, r) in self.peers.at(pos).1.ports() {
-                self.agg.remote_ports.prefetch_entry(&r);
-                self.agg.local_ports.prefetch_entry(&l);
+                self.agg.remote_ports.prefetch(r);
+                self.agg.local_ports.prefetch(l);
             }
         }
     }
@@ -520,7 +477,8 @@ impl HostProfile {
 
     /// Memory back after peers expired.
     fn after_expiry(&mut self) {
-        self.agg.purge();
+        self.agg.remote_ports.shrink();
+        self.agg.local_ports.shrink();
         if self.peers.is_empty() {
             self.agg.top = 0;
             self.agg.top_exact = true;
