@@ -219,49 +219,54 @@ impl Engine {
     /// the stamps alone; then the removals, fetching each peer, the entry that takes its
     /// place and their index and port slots a few removals ahead.
     fn expire(&mut self, now: SystemTime) {
+        // Hosts go in chunks, so that a chunk's stamps and states are still in the cache
+        // when its removals run.
+        const CHUNK: usize = 256;
         const D: usize = 3;
         let (now_ms, window_ms) = (profile::unix_ms(now), self.cfg.window.as_millis() as u64);
         let mut positions = Vec::new();
         // (host, peer position, position of the entry that moves into it)
         let mut work: Vec<(u32, u32, u32)> = Vec::new();
         let mut oldest: Vec<(u32, u64)> = Vec::new();
-        for hi in 0..self.hosts.len() {
-            if hi + 4 < self.hosts.len() {
-                self.hosts.prefetch_at(hi + 4);
-            }
-            if hi + 2 < self.hosts.len() {
-                self.hosts.at(hi + 2).1.profile.prefetch_stamps();
-            }
-            let p = &self.hosts.at(hi).1.profile;
-            positions.clear();
-            if let Some(o) = p.expiring(now_ms, window_ms, &mut positions) {
-                let len = p.peers.len();
-                for (k, &pos) in positions.iter().enumerate() {
-                    work.push((hi as u32, pos, (len - 1 - k) as u32));
+        let n = self.hosts.len();
+        for chunk in (0..n).step_by(CHUNK) {
+            work.clear();
+            oldest.clear();
+            for hi in chunk..(chunk + CHUNK).min(n) {
+                if hi + 4 < n {
+                    self.hosts.prefetch_at(hi + 4);
                 }
-                oldest.push((hi as u32, o));
+                if hi + 2 < n {
+                    self.hosts.at(hi + 2).1.profile.prefetch_stamps();
+                }
+                let p = &self.hosts.at(hi).1.profile;
+                positions.clear();
+                if let Some(o) = p.expiring(now_ms, window_ms, &mut positions) {
+                    let len = p.peers.len();
+                    for (k, &pos) in positions.iter().enumerate() {
+                        work.push((hi as u32, pos, (len - 1 - k) as u32));
+                    }
+                    oldest.push((hi as u32, o));
+                }
             }
-        }
-        for j in 0..work.len() {
-            if let Some(&(h, _, _)) = work.get(j + 4 * D) {
-                self.hosts.prefetch_at(h as usize);
+            for j in 0..work.len() {
+                if let Some(&(h, pos, tail)) = work.get(j + 2 * D) {
+                    let p = &self.hosts.at(h as usize).1.profile;
+                    p.prefetch_expiring(pos as usize, tail as usize);
+                }
+                if let Some(&(h, pos, tail)) = work.get(j + D) {
+                    let p = &self.hosts.at(h as usize).1.profile;
+                    p.prefetch_expiring_slots(pos as usize, tail as usize);
+                }
+                let (h, pos, _) = work[j];
+                self.hosts
+                    .at_mut(h as usize)
+                    .profile
+                    .remove_expired(pos as usize);
             }
-            if let Some(&(h, pos, tail)) = work.get(j + 3 * D) {
-                let p = &self.hosts.at(h as usize).1.profile;
-                p.prefetch_expiring(pos as usize, tail as usize);
+            for &(h, o) in &oldest {
+                self.hosts.at_mut(h as usize).profile.expired(o);
             }
-            if let Some(&(h, pos, tail)) = work.get(j + 2 * D) {
-                let p = &self.hosts.at(h as usize).1.profile;
-                p.prefetch_expiring_slots(pos as usize, tail as usize);
-            }
-            let (h, pos, _) = work[j];
-            self.hosts
-                .at_mut(h as usize)
-                .profile
-                .remove_expired(pos as usize);
-        }
-        for (h, o) in oldest {
-            self.hosts.at_mut(h as usize).profile.expired(o);
         }
     }
 
