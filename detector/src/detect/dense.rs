@@ -265,7 +265,9 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
     /// Asks the CPU to fetch the first stamps.
     #[inline]
     pub fn prefetch_stamps(&self) {
-        let n = (self.stamps.len() * std::mem::size_of::<S>()).div_ceil(64).min(16);
+        let n = (self.stamps.len() * std::mem::size_of::<S>())
+            .div_ceil(64)
+            .min(16);
         for l in 0..n {
             prefetch_read(self.stamps.as_ptr().cast::<u8>().wrapping_add(l * 64));
         }
@@ -423,7 +425,7 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
             self.stamps.shrink_to(self.entries.len() * 2);
             let want = ((self.entries.len() + 1) * 2).next_power_of_two().max(8);
             if want < self.index.len() {
-                let old = std::mem::replace(&mut self.index, Vec::new());
+                let old = std::mem::take(&mut self.index);
                 self.index = vec![0; want];
                 let mask = want - 1;
                 for s in old.into_iter().filter(|&s| s != 0) {

@@ -328,8 +328,6 @@ impl Engine {
                 if !k.host_is_src {
                     self.senders.prefetch_entry(&k.peer);
                 }
-            }
-            if let Some(k) = at(i + D) {
                 if let Some(h) = self.hosts.get(&k.host) {
                     h.profile.prefetch_entries(&k.peer);
                 }

@@ -10,9 +10,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 use super::dense::DenseMap;
 use super::ports::PortTable;
+use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 
 use crate::flow::FlowRecord;
 
