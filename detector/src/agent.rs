@@ -123,6 +123,9 @@ pub struct Pipeline {
     pub exported_records: u64,
     pub exported_packets: u64,
     pub exported_bytes: u64,
+    /// What the bounded tables turned away, as last logged: records not checked for
+    /// duplicates (flow table full), records of hosts beyond the profiled limit.
+    limits_logged: (u64, u64),
 }
 
 impl Pipeline {
@@ -139,6 +142,7 @@ impl Pipeline {
             exported_records: 0,
             exported_packets: 0,
             exported_bytes: 0,
+            limits_logged: (0, 0),
         }
     }
 
@@ -161,6 +165,26 @@ impl Pipeline {
     pub fn detect(&mut self, now: SystemTime, force: bool) {
         let events = self.engine.tick(now, force);
         self.alarms.send(&events);
+        self.log_limits();
+    }
+
+    /// Names each increase of what the bounded tables turned away.
+    fn log_limits(&mut self) {
+        let full = self.dedup.stats.table_full;
+        if full > self.limits_logged.0 {
+            warn!(
+                "{full} records so far not checked for duplicates: the duplicate table holds {DEDUP_MAX_FLOWS} flows of the last {} s (a flow reported by two sources among them counts twice)",
+                DEDUP_WINDOW.as_secs()
+            );
+        }
+        let over = self.engine.stats.hosts_over_limit;
+        if over > self.limits_logged.1 {
+            warn!(
+                "{over} records so far of internal hosts beyond the {} profiled were not profiled",
+                self.engine.max_hosts()
+            );
+        }
+        self.limits_logged = (full, over);
     }
 
     pub fn describe(&self) -> String {
@@ -178,12 +202,14 @@ impl Pipeline {
             })
             .collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate); detection: {} hosts profiled, highest scores (threshold {:.1}): [{}], {}; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} not checked: duplicate table full); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
             self.dedup.stats.duplicates,
+            self.dedup.stats.table_full,
             self.engine.hosts(),
+            self.engine.stats.hosts_over_limit,
             self.engine.thresholds().score,
             highest.join(", "),
             self.alarms.describe(),

@@ -278,6 +278,11 @@ impl Engine {
         self.hosts.len()
     }
 
+    /// The most internal hosts profiled at once.
+    pub fn max_hosts(&self) -> usize {
+        self.cfg.max_hosts
+    }
+
     /// Peer entries held over all profiles (the engine's memory is proportional to it).
     pub fn peer_entries(&self) -> usize {
         self.hosts.iter().map(|(_, h)| h.profile.peers.len()).sum()
