@@ -530,7 +530,8 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
         eval.as_secs()
     );
     let chunk = 200_000u64;
-    for w in 0..2u64 {
+    let (mut first, mut steady, mut entries) = (0.0, f64::MAX, Vec::new());
+    for w in 0..args.windows {
         let (mut busy, mut evals, mut marking) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut dedup_expiry = Duration::ZERO;
         let mut done = 0u64;
@@ -591,6 +592,13 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
         }
         let rss = rss_bytes().saturating_sub(rss0);
         let hosts = engine.hosts().max(1) as u64;
+        let rate = args.records as f64 / (busy + evals).as_secs_f64() / 1e6;
+        if w == 0 {
+            first = rate;
+        } else {
+            steady = steady.min(rate);
+        }
+        entries.push(engine.peer_entries());
         println!(
             "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all, of which dedup expiry {:.2} s ({:.2} M records/s with them); {} hosts tracked holding {} peer entries, resident memory {} MiB = {} bytes per host",
             w + 1,
@@ -599,15 +607,30 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
             marking.as_secs_f64(),
             evals.as_secs_f64(),
             dedup_expiry.as_secs_f64(),
-            args.records as f64 / (busy + evals).as_secs_f64() / 1e6,
+            rate,
             engine.hosts(),
             engine.peer_entries(),
             rss >> 20,
             rss / hosts
         );
     }
+    let (lo, hi) = (
+        entries.iter().min().copied().unwrap_or(0),
+        entries.iter().max().copied().unwrap_or(0),
+    );
     println!(
-        "target: >= 1 M records/s per core; memory bounded as the window fills (peer entries of window 2 ~ window 1; resident memory also keeps what the allocator does not give back)"
+        "steady state (windows 2 to {}): at least {steady:.2} M records/s with evaluations; first window (the engine takes its memory from the kernel): {first:.2}; peer entries held per window {lo} to {hi}",
+        args.windows
+    );
+    println!(
+        "target: >= 1 M records/s per core: {}; memory bounded as the window fills: peer entries flat across windows (resident memory also keeps what the allocator has not given back)",
+        if steady >= 1.0 && first >= 1.0 {
+            "met in every window"
+        } else if steady >= 1.0 {
+            "met in the steady state, not in the first window"
+        } else {
+            "not met"
+        }
     );
     Ok(())
 }

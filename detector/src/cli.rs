@@ -155,6 +155,10 @@ pub struct EngineBenchArgs {
     /// Records per window.
     #[arg(long, default_value_t = 10_000_000)]
     pub records: u64,
+    /// Windows: the first fills the engine (its memory comes from the kernel), the
+    /// others are the steady state, where every peer of the window before expires.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
+    pub windows: u64,
 }
 
 #[derive(Debug, Args)]
