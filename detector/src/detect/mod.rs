@@ -314,6 +314,10 @@ impl Engine {
                 .flatten()
                 .filter(|_| !records[i].duplicate)
         };
+        // The host's position, once looked up for the lookahead (hosts are only appended
+        // while records come in, so a position found stays right; one not found yet is
+        // looked up again).
+        let mut found: Vec<Option<usize>> = vec![None; records.len()];
         for (i, r) in records.iter().enumerate() {
             if let Some(k) = at(i + 4 * D) {
                 self.hosts.prefetch(&k.host);
@@ -322,8 +326,13 @@ impl Engine {
                 self.hosts.prefetch_entry(&k.host);
             }
             if let Some(k) = at(i + 2 * D) {
-                if let Some(h) = self.hosts.get(&k.host) {
-                    h.profile.prefetch(&k.peer, k.local, k.remote);
+                found[i + 2 * D] = self.hosts.position(&k.host);
+                if let Some(pos) = found[i + 2 * D] {
+                    self.hosts
+                        .at(pos)
+                        .1
+                        .profile
+                        .prefetch(&k.peer, k.local, k.remote);
                 }
                 if !k.host_is_src {
                     self.senders.prefetch(&k.peer);
@@ -333,11 +342,11 @@ impl Engine {
                 if !k.host_is_src {
                     self.senders.prefetch_entry(&k.peer);
                 }
-                if let Some(h) = self.hosts.get(&k.host) {
-                    h.profile.prefetch_entries(&k.peer);
+                if let Some(pos) = found[i + D] {
+                    self.hosts.at(pos).1.profile.prefetch_entries(&k.peer);
                 }
             }
-            self.observe_sides(r, keys[i]);
+            self.observe_found(r, keys[i], found[i]);
         }
     }
 
@@ -370,6 +379,11 @@ impl Engine {
 
     /// [`Self::observe`] with the sides already found.
     fn observe_sides(&mut self, r: &FlowRecord, sides: Option<Sides>) {
+        self.observe_found(r, sides, None);
+    }
+
+    /// ... and maybe the host's position too.
+    fn observe_found(&mut self, r: &FlowRecord, sides: Option<Sides>, found: Option<usize>) {
         self.stats.records += 1;
         if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)
         {
@@ -400,7 +414,7 @@ impl Engine {
         }
         let n_hosts = self.hosts.len();
         let (max_peers, limits) = (self.cfg.max_peers, self.limits);
-        let pos = match self.hosts.position(&host) {
+        let pos = match found.or_else(|| self.hosts.position(&host)) {
             Some(pos) => pos,
             None if n_hosts >= self.cfg.max_hosts => {
                 self.stats.hosts_over_limit += 1;
