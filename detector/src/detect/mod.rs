@@ -174,6 +174,30 @@ pub struct EngineStats {
     pub evaluations: u64,
 }
 
+/// Hosts are expired and scored in chunks of this many, so that a chunk's states are
+/// still in the cache from one step to the next.
+const CHUNK: usize = 256;
+
+/// What scoring a chunk of hosts needs from the evaluation.
+struct Scoring<'a> {
+    now: SystemTime,
+    top10: &'a HashSet<IpAddr>,
+    top10_list: &'a [IpAddr],
+    min_peers: usize,
+    window_min: f64,
+}
+
+/// Buffers of the expiry, kept from chunk to chunk.
+#[derive(Default)]
+struct ExpiryScratch {
+    /// Positions of one host's leaving peers.
+    positions: Vec<u32>,
+    /// (host, peer position, position of the entry that moves into it)
+    work: Vec<(u32, u32, u32)>,
+    /// (host, oldest stamp staying)
+    oldest: Vec<(u32, u64)>,
+}
+
 /// A record's internal host and external peer, with their ports.
 #[derive(Clone, Copy)]
 struct Sides {
@@ -213,60 +237,61 @@ impl Engine {
         }
     }
 
-    /// Forgets the peers silent for the window at `now` (each profile skips the walk when
-    /// its oldest peer is still inside the window). In two passes, so that the memory of
-    /// each removal can be asked for ahead: first which peers leave, host by host, from
-    /// the stamps alone; then the removals, fetching each peer, the entry that takes its
-    /// place and their index and port slots a few removals ahead.
-    fn expire(&mut self, now: SystemTime) {
-        // Hosts go in chunks, so that a chunk's stamps and states are still in the cache
-        // when its removals run.
-        const CHUNK: usize = 256;
+    /// Forgets the peers of the hosts in `range` silent for the window at `now_ms` (a
+    /// host is skipped when its oldest peer is still inside the window). In two passes,
+    /// so that the memory of each removal can be asked for ahead: first which peers leave,
+    /// from the stamps alone; then the removals, fetching each peer and the entry that
+    /// takes its place, then their index and port slots, a few removals ahead.
+    fn expire_chunk(
+        &mut self,
+        range: std::ops::Range<usize>,
+        now_ms: u64,
+        window_ms: u64,
+        scratch: &mut ExpiryScratch,
+    ) {
         const D: usize = 3;
-        let (now_ms, window_ms) = (profile::unix_ms(now), self.cfg.window.as_millis() as u64);
-        let mut positions = Vec::new();
-        // (host, peer position, position of the entry that moves into it)
-        let mut work: Vec<(u32, u32, u32)> = Vec::new();
-        let mut oldest: Vec<(u32, u64)> = Vec::new();
-        let n = self.hosts.len();
-        for chunk in (0..n).step_by(CHUNK) {
-            work.clear();
-            oldest.clear();
-            for hi in chunk..(chunk + CHUNK).min(n) {
-                if hi + 4 < n {
-                    self.hosts.prefetch_at(hi + 4);
-                }
-                if hi + 2 < n {
-                    self.hosts.at(hi + 2).1.profile.prefetch_stamps();
-                }
-                let p = &self.hosts.at(hi).1.profile;
-                positions.clear();
-                if let Some(o) = p.expiring(now_ms, window_ms, &mut positions) {
-                    let len = p.peers.len();
-                    for (k, &pos) in positions.iter().enumerate() {
-                        work.push((hi as u32, pos, (len - 1 - k) as u32));
-                    }
-                    oldest.push((hi as u32, o));
-                }
+        let ExpiryScratch {
+            positions,
+            work,
+            oldest,
+        } = scratch;
+        work.clear();
+        oldest.clear();
+        let end = range.end;
+        for hi in range {
+            if hi + 4 < end {
+                self.hosts.prefetch_at(hi + 4);
             }
-            for j in 0..work.len() {
-                if let Some(&(h, pos, tail)) = work.get(j + 2 * D) {
-                    let p = &self.hosts.at(h as usize).1.profile;
-                    p.prefetch_expiring(pos as usize, tail as usize);
-                }
-                if let Some(&(h, pos, tail)) = work.get(j + D) {
-                    let p = &self.hosts.at(h as usize).1.profile;
-                    p.prefetch_expiring_slots(pos as usize, tail as usize);
-                }
-                let (h, pos, _) = work[j];
-                self.hosts
-                    .at_mut(h as usize)
-                    .profile
-                    .remove_expired(pos as usize);
+            if hi + 2 < end {
+                self.hosts.at(hi + 2).1.profile.prefetch_stamps();
             }
-            for &(h, o) in &oldest {
-                self.hosts.at_mut(h as usize).profile.expired(o);
+            let p = &self.hosts.at(hi).1.profile;
+            positions.clear();
+            if let Some(o) = p.expiring(now_ms, window_ms, positions) {
+                let len = p.peers.len();
+                for (k, &pos) in positions.iter().enumerate() {
+                    work.push((hi as u32, pos, (len - 1 - k) as u32));
+                }
+                oldest.push((hi as u32, o));
             }
+        }
+        for j in 0..work.len() {
+            if let Some(&(h, pos, tail)) = work.get(j + 2 * D) {
+                let p = &self.hosts.at(h as usize).1.profile;
+                p.prefetch_expiring(pos as usize, tail as usize);
+            }
+            if let Some(&(h, pos, tail)) = work.get(j + D) {
+                let p = &self.hosts.at(h as usize).1.profile;
+                p.prefetch_expiring_slots(pos as usize, tail as usize);
+            }
+            let (h, pos, _) = work[j];
+            self.hosts
+                .at_mut(h as usize)
+                .profile
+                .remove_expired(pos as usize);
+        }
+        for &(h, o) in oldest.iter() {
+            self.hosts.at_mut(h as usize).profile.expired(o);
         }
     }
 
@@ -468,7 +493,6 @@ impl Engine {
     fn evaluate(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
         self.stats.evaluations += 1;
         let window = self.cfg.window;
-        self.expire(now);
         // The top 10 external senders into the network over the window (senders idle
         // for the window are forgotten; the others' bytes count since they started).
         self.senders
@@ -496,27 +520,61 @@ impl Engine {
             0
         };
         let top10_list: Vec<IpAddr> = top10.iter().copied().collect();
-        for i in 0..self.hosts.len() {
+        let (now_ms, window_ms) = (profile::unix_ms(now), window.as_millis() as u64);
+        let scoring = Scoring {
+            now,
+            top10: &top10,
+            top10_list: &top10_list,
+            min_peers,
+            window_min,
+        };
+        let mut scratch = ExpiryScratch::default();
+        // Host by host in chunks: a chunk's peers expire, then its hosts are scored while
+        // their states are still in the cache.
+        let n = self.hosts.len();
+        for chunk in (0..n).step_by(CHUNK) {
+            let range = chunk..(chunk + CHUNK).min(n);
+            self.expire_chunk(range.clone(), now_ms, window_ms, &mut scratch);
+            self.score_chunk(range, &scoring, &mut events);
+        }
+        // Hosts with nothing left in the window and no alarm are forgotten.
+        self.hosts
+            .retain(|_, h| !h.profile.peers.is_empty() || h.alarm.is_some());
+        events.sort_by_key(|e| e.host);
+        events
+    }
+
+    /// Scores the hosts of `range` (after their expiry) and runs their alarms' lifecycle.
+    fn score_chunk(
+        &mut self,
+        range: std::ops::Range<usize>,
+        sc: &Scoring,
+        events: &mut Vec<AlarmEvent>,
+    ) {
+        let cfg = &self.cfg;
+        let end = range.end;
+        for i in range {
             // Scoring looks the top senders up among the host's peers: ask for those index
             // slots two hosts ahead.
-            if i + 2 < self.hosts.len() {
-                self.hosts.at(i + 2).1.profile.prefetch_peers(&top10_list);
+            if i + 2 < end {
+                self.hosts.at(i + 2).1.profile.prefetch_peers(sc.top10_list);
             }
             let (host, h) = self.hosts.pair_mut(i);
             if h.alarm.is_none()
-                && h.profile.peers.len() < min_peers
-                && h.profile.peer_count() < min_peers as u64
+                && h.profile.peers.len() < sc.min_peers
+                && h.profile.peer_count() < sc.min_peers as u64
             {
                 h.over = 0;
                 h.last = (0.0, None);
                 continue;
             }
             // Scored from the aggregates; the full walk only for an event's evidence.
-            let (score, guard) = evidence::score(&mut h.profile, &cfg.thresholds, &top10);
+            let (score, guard) = evidence::score(&mut h.profile, &cfg.thresholds, sc.top10);
             let suspect = guard.is_none() && score >= cfg.thresholds.score;
             h.last = (score, guard);
-            let full =
-                |p: &mut HostProfile| evidence::evaluate(p, &cfg.thresholds, &top10, window_min);
+            let full = |p: &mut HostProfile| {
+                evidence::evaluate(p, &cfg.thresholds, sc.top10, sc.window_min)
+            };
             if suspect {
                 h.over += 1;
                 if h.over == 1 && h.alarm.is_none() && cfg.consecutive > 1 {
@@ -534,10 +592,10 @@ impl Engine {
                 None if suspect && h.over >= cfg.consecutive => {
                     let v = full(&mut h.profile);
                     let alarm = Alarm {
-                        id: alarm_id(*host, now),
-                        first_seen: now,
-                        last_over: now,
-                        last_event: now,
+                        id: alarm_id(*host, sc.now),
+                        first_seen: sc.now,
+                        last_over: sc.now,
+                        last_event: sc.now,
                         last_score: v.score,
                         last_peers: v.measures.peers,
                     };
@@ -547,21 +605,21 @@ impl Engine {
                         *host,
                         &v,
                         &h.profile,
-                        now,
+                        sc.now,
                         cfg,
                     ));
                     h.alarm = Some(alarm);
                 }
                 Some(a) if suspect => {
-                    a.last_over = now;
+                    a.last_over = sc.now;
                     let peers = h.profile.peer_count();
                     let changed = (score - a.last_score).abs() >= 1.0
                         || peers.abs_diff(a.last_peers) * 5 >= a.last_peers.max(1);
-                    let due =
-                        now.duration_since(a.last_event).unwrap_or_default() >= cfg.update_interval;
+                    let due = sc.now.duration_since(a.last_event).unwrap_or_default()
+                        >= cfg.update_interval;
                     if changed && due {
                         let v = full(&mut h.profile);
-                        a.last_event = now;
+                        a.last_event = sc.now;
                         a.last_score = v.score;
                         a.last_peers = v.measures.peers;
                         events.push(event(
@@ -570,13 +628,14 @@ impl Engine {
                             *host,
                             &v,
                             &h.profile,
-                            now,
+                            sc.now,
                             cfg,
                         ));
                     }
                 }
                 Some(a)
-                    if now.duration_since(a.last_over).unwrap_or_default() >= cfg.clear_after =>
+                    if sc.now.duration_since(a.last_over).unwrap_or_default()
+                        >= cfg.clear_after =>
                 {
                     let v = full(&mut h.profile);
                     events.push(event(
@@ -585,7 +644,7 @@ impl Engine {
                         *host,
                         &v,
                         &h.profile,
-                        now,
+                        sc.now,
                         cfg,
                     ));
                     h.alarm = None;
@@ -593,11 +652,6 @@ impl Engine {
                 _ => {}
             }
         }
-        // Hosts with nothing left in the window and no alarm are forgotten.
-        self.hosts
-            .retain(|_, h| !h.profile.peers.is_empty() || h.alarm.is_some());
-        events.sort_by_key(|e| e.host);
-        events
     }
 
     /// Ends every open alarm's evaluation (end of a replay): evaluates once more at `now`.
