@@ -600,7 +600,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
         }
         entries.push(engine.peer_entries());
         println!(
-            "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all, of which dedup expiry {:.2} s ({:.2} M records/s with them); {} hosts tracked holding {} peer entries, resident memory {} MiB = {} bytes per host",
+            "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all, of which dedup expiry {:.2} s ({:.2} M records/s with them); {} hosts tracked holding {} peer entries in tables of {} MiB (duplicate table {} MiB), {} bytes per host; resident memory {} MiB = {} bytes per host",
             w + 1,
             args.records as f64 / busy.as_secs_f64() / 1e6,
             busy.as_secs_f64(),
@@ -610,6 +610,9 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
             rate,
             engine.hosts(),
             engine.peer_entries(),
+            engine.heap_bytes() >> 20,
+            dedup.heap_bytes() >> 20,
+            engine.heap_bytes() as u64 / hosts,
             rss >> 20,
             rss / hosts
         );

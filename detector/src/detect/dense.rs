@@ -78,6 +78,13 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         self.entries.capacity()
     }
 
+    /// Bytes the map holds on the heap (entries, stamps and index, by capacity).
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(K, V)>()
+            + self.stamps.capacity() * std::mem::size_of::<S>()
+            + self.index.capacity() * std::mem::size_of::<Slot>()
+    }
+
     /// Asks the CPU to fetch the index slot where `k` would be found.
     #[inline]
     pub fn prefetch(&self, k: &K) {

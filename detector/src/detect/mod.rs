@@ -308,6 +308,18 @@ impl Engine {
         self.cfg.max_hosts
     }
 
+    /// Bytes the engine's tables hold on the heap: the hosts' states and profiles, the
+    /// top senders.
+    pub fn heap_bytes(&self) -> usize {
+        self.hosts.heap_bytes()
+            + self
+                .hosts
+                .iter()
+                .map(|(_, h)| h.profile.heap_bytes())
+                .sum::<usize>()
+            + self.senders.heap_bytes()
+    }
+
     /// Peer entries held over all profiles (the engine's memory is proportional to it).
     pub fn peer_entries(&self) -> usize {
         self.hosts.iter().map(|(_, h)| h.profile.peers.len()).sum()

@@ -56,6 +56,11 @@ impl PortTable {
         self.len == 0
     }
 
+    /// Bytes the table holds on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+    }
+
     /// The slot of `port` (Ok) or the empty slot where it would go (Err).
     #[inline]
     fn find(&self, port: u16) -> Result<usize, usize> {

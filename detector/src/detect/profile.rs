@@ -171,7 +171,8 @@ impl Aggregates {
     }
 }
 
-/// One external peer of an internal host: 88 bytes, no allocation of its own.
+/// One external peer of an internal host: 80 bytes, no allocation of its own (when it
+/// was last seen is kept beside it, see [`HostProfile::peers`]).
 #[derive(Clone, Debug)]
 pub struct PeerStat {
     /// Bytes the peer sent to the host.
@@ -190,6 +191,9 @@ pub struct PeerStat {
     nports: u8,
     ports: [(u16, u16); PORTS_PER_PEER],
 }
+
+// The size the documentation above states.
+const _: () = assert!(std::mem::size_of::<PeerStat>() == 80);
 
 impl PeerStat {
     fn new() -> Self {
@@ -502,6 +506,16 @@ impl HostProfile {
             self.agg.top_exact = true;
         }
         self.agg.top
+    }
+
+    /// Bytes this profile holds on the heap (its tables; the HyperLogLog sketch of peers
+    /// beyond the cap, when there is one, counts as its 16 KiB of registers).
+    pub fn heap_bytes(&self) -> usize {
+        self.peers.heap_bytes()
+            + self.agg.remote_ports.heap_bytes()
+            + self.agg.local_ports.heap_bytes()
+            + self.more_sources.capacity() * std::mem::size_of::<crate::flow::Origin>()
+            + self.overflow.as_ref().map_or(0, |_| 16 << 10)
     }
 
     /// Distinct peers, held and counted.

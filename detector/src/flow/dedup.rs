@@ -65,6 +65,11 @@ impl Dedup {
         self.owners.is_empty()
     }
 
+    /// Bytes the table holds on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.owners.heap_bytes()
+    }
+
     /// [`Self::mark`] for each record, asking for each one's table slot and entry a few
     /// records ahead (with millions of flows, the table is not in the cache).
     pub fn mark_batch(&mut self, records: &mut [FlowRecord]) {
