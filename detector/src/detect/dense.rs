@@ -201,7 +201,11 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
     }
 
     fn grow_index(&mut self) {
-        let cap = (self.index.len() * 2).max(8);
+        self.resize_index((self.index.len() * 2).max(8));
+    }
+
+    /// Moves the slots into an index of `cap` slots (a power of two), by their hashes.
+    fn resize_index(&mut self, cap: usize) {
         let old = std::mem::replace(&mut self.index, vec![0; cap]);
         let mask = cap - 1;
         for s in old.into_iter().filter(|&s| s != 0) {
@@ -305,29 +309,9 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         self.entries.swap_remove(pos)
     }
 
-    /// Empties slot `i` and shifts back the slots after it that probed past it.
-    fn clear_slot(&mut self, mut i: usize) {
-        let mask = self.index.len() - 1;
-        let mut j = i;
-        loop {
-            j = (j + 1) & mask;
-            let s = self.index[j];
-            if s == 0 {
-                break;
-            }
-            let home = slot_hash(s) as usize & mask;
-            // `s` may fill the hole at `i` unless its home lies cyclically in (i, j].
-            let stays = if i <= j {
-                i < home && home <= j
-            } else {
-                i < home || home <= j
-            };
-            if !stays {
-                self.index[i] = s;
-                i = j;
-            }
-        }
-        self.index[i] = 0;
+    /// Empties slot `i` of the index.
+    fn clear_slot(&mut self, i: usize) {
+        clear_linear(&mut self.index, i, |s, mask| slot_hash(s) as usize & mask);
     }
 
     /// Keeps the entries for which `keep` is true, in their order, in one pass: the kept
@@ -432,19 +416,37 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
             self.stamps.shrink_to(self.entries.len() * 2);
             let want = ((self.entries.len() + 1) * 2).next_power_of_two().max(8);
             if want < self.index.len() {
-                let old = std::mem::take(&mut self.index);
-                self.index = vec![0; want];
-                let mask = want - 1;
-                for s in old.into_iter().filter(|&s| s != 0) {
-                    let mut i = slot_hash(s) as usize & mask;
-                    while self.index[i] != 0 {
-                        i = (i + 1) & mask;
-                    }
-                    self.index[i] = s;
-                }
+                self.resize_index(want);
             }
         }
     }
+}
+
+/// Empties slot `i` of a linear-probing table of nonzero 8-byte slots (0 is empty) and
+/// shifts back the slots after it that probed past it, so that no tombstone is needed.
+/// `home(slot, mask)` is where a slot's key hashes to.
+pub(super) fn clear_linear(slots: &mut [u64], mut i: usize, home: impl Fn(u64, usize) -> usize) {
+    let mask = slots.len() - 1;
+    let mut j = i;
+    loop {
+        j = (j + 1) & mask;
+        let s = slots[j];
+        if s == 0 {
+            break;
+        }
+        let h = home(s, mask);
+        // `s` may fill the hole at `i` unless its home lies cyclically in (i, j].
+        let stays = if i <= j {
+            i < h && h <= j
+        } else {
+            i < h || h <= j
+        };
+        if !stays {
+            slots[i] = s;
+            i = j;
+        }
+    }
+    slots[i] = 0;
 }
 
 #[inline]

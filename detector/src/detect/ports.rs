@@ -114,28 +114,9 @@ impl PortTable {
         (a, b)
     }
 
-    /// Empties slot `i` and shifts back the slots after it that probed past it.
-    fn clear(&mut self, mut i: usize) {
-        let mask = self.slots.len() - 1;
-        let mut j = i;
-        loop {
-            j = (j + 1) & mask;
-            let s = self.slots[j];
-            if s == 0 {
-                break;
-            }
-            let h = home(port_of(s), mask);
-            let stays = if i <= j {
-                i < h && h <= j
-            } else {
-                i < h || h <= j
-            };
-            if !stays {
-                self.slots[i] = s;
-                i = j;
-            }
-        }
-        self.slots[i] = 0;
+    /// Empties slot `i`.
+    fn clear(&mut self, i: usize) {
+        super::dense::clear_linear(&mut self.slots, i, |s, mask| home(port_of(s), mask));
     }
 
     fn grow(&mut self) {
