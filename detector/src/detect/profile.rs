@@ -218,6 +218,18 @@ impl PeerStat {
     }
 }
 
+/// A peer's stamp: when it was last seen, in whole seconds since the UNIX epoch rounded
+/// up, so that a peer leaves the window up to a second late, never early. Four bytes
+/// instead of eight: expiry reads every stamp of a host that has a peer leaving.
+pub fn stamp_of(last_ms: u64) -> u32 {
+    last_ms.div_ceil(1000).min(u64::from(u32::MAX)) as u32
+}
+
+/// A stamp back in milliseconds since the UNIX epoch.
+pub fn stamp_ms(stamp: u32) -> u64 {
+    u64::from(stamp) * 1000
+}
+
 /// Milliseconds since the UNIX epoch (0 before it).
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -248,8 +260,9 @@ fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
 /// The sliding-window profile of one internal host.
 #[derive(Debug)]
 pub struct HostProfile {
-    /// The peers, stamped with when each was last seen (ms since the UNIX epoch).
-    pub peers: DenseMap<IpAddr, PeerStat, u64>,
+    /// The peers, stamped with when each was last seen: whole seconds since the UNIX
+    /// epoch, rounded up (see [`stamp_of`]).
+    pub peers: DenseMap<IpAddr, PeerStat, u32>,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
     max_peers: usize,
@@ -315,7 +328,7 @@ impl HostProfile {
         };
         self.last_seen = self.last_seen.max(r.last);
         self.note_source(r);
-        let last_ms = unix_ms(r.last);
+        let stamp = stamp_of(unix_ms(r.last));
         let held = self.peers.len();
         let (pos, fresh) = match self.peers.position(&peer) {
             Some(pos) => (pos, false),
@@ -330,19 +343,19 @@ impl HostProfile {
                 return;
             }
             None => (
-                self.peers.insert_stamped(peer, PeerStat::new(), last_ms),
+                self.peers.insert_stamped(peer, PeerStat::new(), stamp),
                 true,
             ),
         };
         let seen = self.peers.stamp_mut(pos);
-        *seen = (*seen).max(last_ms);
+        *seen = (*seen).max(stamp);
         let p = self.peers.at_mut(pos);
         let before = if fresh {
             Contribution::default()
         } else {
             p.contribution(&self.limits)
         };
-        self.oldest_ms = self.oldest_ms.min(last_ms);
+        self.oldest_ms = self.oldest_ms.min(stamp_ms(stamp));
         let bytes = r.est_bytes();
         if host_is_src {
             p.bytes_out += bytes;
@@ -423,7 +436,8 @@ impl HostProfile {
         }
         let mut oldest = u64::MAX;
         let first = out.len();
-        for (pos, &last_ms) in self.peers.stamps().iter().enumerate() {
+        for (pos, &stamp) in self.peers.stamps().iter().enumerate() {
+            let last_ms = stamp_ms(stamp);
             if now_ms.saturating_sub(last_ms) < window_ms {
                 oldest = oldest.min(last_ms);
             } else {

@@ -808,7 +808,7 @@ proptest::proptest! {
                 // The reference walks every peer: no skipping.
                 reference.peers.retain_by_stamp(
                     |last_ms| {
-                        profile::unix_ms(now).saturating_sub(*last_ms)
+                        profile::unix_ms(now).saturating_sub(profile::stamp_ms(*last_ms))
                             < window.as_millis() as u64
                     },
                     |_, _| {},
