@@ -409,15 +409,19 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         self.entries.iter().map(|(_, v)| v)
     }
 
-    /// Gives memory back when at most a quarter of it is used.
+    /// Gives memory back when at most half of it is used: the entries keep half again
+    /// their number as room, the index the size an insert would give it. (Keeping a
+    /// doubled capacity until a quarter is used let capacities creep up: a table whose
+    /// count wanders around a power of two passes it now and then and kept the double.)
     pub fn shrink(&mut self) {
-        if self.entries.capacity() > 16 && self.entries.len() < self.entries.capacity() / 4 {
-            self.entries.shrink_to(self.entries.len() * 2);
-            self.stamps.shrink_to(self.entries.len() * 2);
-            let want = ((self.entries.len() + 1) * 2).next_power_of_two().max(8);
-            if want < self.index.len() {
-                self.resize_index(want);
-            }
+        let len = self.entries.len();
+        if self.entries.capacity() > 16 && len < self.entries.capacity() / 2 {
+            self.entries.shrink_to(len + len / 2);
+            self.stamps.shrink_to(len + len / 2);
+        }
+        let want = ((len + 1) * 2).next_power_of_two().max(8);
+        if want * 2 <= self.index.len() {
+            self.resize_index(want);
         }
     }
 }

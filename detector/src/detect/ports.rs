@@ -136,10 +136,11 @@ impl PortTable {
         }
     }
 
-    /// Gives memory back when at most an eighth of the slots are used.
+    /// Gives memory back when the table is twice the size an insert would give it.
     pub fn shrink(&mut self) {
-        if self.slots.len() > 16 && self.len * 8 < self.slots.len() {
-            self.rehash(((self.len + 1) * 2).next_power_of_two().max(8));
+        let want = ((self.len + 1) * 2).next_power_of_two().max(8);
+        if want * 2 <= self.slots.len() {
+            self.rehash(want);
         }
     }
 
