@@ -29,9 +29,9 @@ use detector_common::counter;
 /// How often the kernel map is scanned.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the duplicate marker remembers a flow after its last record.
-const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
 /// Flows the duplicate marker tracks at most.
-const DEDUP_MAX_FLOWS: usize = 2_000_000;
+pub const DEDUP_MAX_FLOWS: usize = 2_000_000;
 
 /// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
 pub fn sinks(

@@ -522,7 +522,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
     let window = cfg.window;
     let eval = cfg.eval_interval;
     let mut engine = Engine::new(cfg);
-    let mut dedup = Dedup::new(Duration::from_secs(600), 2_000_000);
+    let mut dedup = Dedup::new(crate::agent::DEDUP_WINDOW, args.dedup_flows);
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let rss0 = rss_bytes();
     println!(
@@ -604,7 +604,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
         }
         entries.push(engine.peer_entries());
         println!(
-            "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all, of which dedup expiry {:.2} s, {} alarm events ({:.2} M records/s with them); {} hosts tracked holding {} peer entries in tables of {} MiB (duplicate table {} MiB), {} bytes per host; resident memory {} MiB = {} bytes per host",
+            "window {}: {:.2} M records/s through dedup and profiles ({:.2} s, of which dedup {:.2} s), evaluations {:.2} s in all, of which dedup expiry {:.2} s, {} alarm events ({:.2} M records/s with them); {} hosts tracked holding {} peer entries in tables of {} MiB (duplicate table {} MiB), {} bytes per host; resident memory {} MiB = {} bytes per host; duplicate table full for {} of the {} records so far (not checked, as the agent counts and logs)",
             w + 1,
             args.records as f64 / busy.as_secs_f64() / 1e6,
             busy.as_secs_f64(),
@@ -619,7 +619,9 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
             dedup.heap_bytes() >> 20,
             engine.heap_bytes() as u64 / hosts,
             rss >> 20,
-            rss / hosts
+            rss / hosts,
+            dedup.stats.table_full,
+            dedup.stats.records
         );
     }
     let (lo, hi) = (
