@@ -31,7 +31,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the duplicate marker remembers a flow after its last record.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
 /// Flows the duplicate marker tracks at most.
-pub const DEDUP_MAX_FLOWS: usize = 2_000_000;
+pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
 
 /// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
 pub fn sinks(
@@ -123,8 +123,8 @@ pub struct Pipeline {
     pub exported_records: u64,
     pub exported_packets: u64,
     pub exported_bytes: u64,
-    /// What the bounded tables turned away, as last logged: records not checked for
-    /// duplicates (flow table full), records of hosts beyond the profiled limit.
+    /// What the bounded tables turned away, as last logged: flows the duplicate table
+    /// forgot early, records of hosts beyond the profiled limit.
     limits_logged: (u64, u64),
 }
 
@@ -170,11 +170,12 @@ impl Pipeline {
 
     /// Names each increase of what the bounded tables turned away.
     fn log_limits(&mut self) {
-        let full = self.dedup.stats.table_full;
+        let full = self.dedup.stats.evicted_early;
         if full > self.limits_logged.0 {
             warn!(
-                "{full} records so far not checked for duplicates: the duplicate table holds {DEDUP_MAX_FLOWS} flows of the last {} s (a flow reported by two sources among them counts twice)",
-                DEDUP_WINDOW.as_secs()
+                "{full} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
+                DEDUP_WINDOW.as_secs(),
+                self.dedup.capacity()
             );
         }
         let over = self.engine.stats.hosts_over_limit;
@@ -202,12 +203,12 @@ impl Pipeline {
             })
             .collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} not checked: duplicate table full); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows forgotten early: duplicate table full); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,
             self.dedup.stats.duplicates,
-            self.dedup.stats.table_full,
+            self.dedup.stats.evicted_early,
             self.engine.hosts(),
             self.engine.stats.hosts_over_limit,
             self.engine.thresholds().score,

@@ -159,7 +159,7 @@ pub struct EngineBenchArgs {
     /// others are the steady state, where every peer of the window before expires.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
     pub windows: u64,
-    /// Flows the duplicate table holds (the agent's: 2,000,000).
+    /// Flows the duplicate table holds (the agent's: 4,000,000).
     #[arg(long, default_value_t = crate::agent::DEDUP_MAX_FLOWS)]
     pub dedup_flows: usize,
 }

@@ -4,154 +4,228 @@
 //! from other sources whose time range overlaps the owner's are marked `duplicate`, so
 //! statistics count the flow once while every raw record is still exported unchanged.
 //!
-//! Pure: times come from the records and from the caller's `now`. Memory is bounded by
-//! `max_flows`; entries are forgotten once idle for `window`.
+//! Pure: times come from the records and from the caller's `now`.
+//!
+//! The table is a cache of fixed size: `max_flows` slots of 16 bytes in buckets of four,
+//! one cache line each. A slot holds a 48-bit tag of the flow's key (from a hash keyed at
+//! random for each process, so no one can aim collisions at it), the owner (an index into
+//! the sources seen) and the owner's first and last second. Every record is checked: a
+//! flow not found takes an empty slot of its bucket, or the slot idle the longest; when
+//! that one was still inside its window, it is counted in `evicted_early` (a later copy of
+//! that flow from another source would then count twice). Two different flows share a
+//! tag in a bucket with a probability of about 2^-42 a record.
 
-use std::net::IpAddr;
-
+use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, SystemTime};
 
-use crate::detect::dense::DenseMap;
+use rustc_hash::FxHashMap;
 
 use super::{FlowRecord, Origin};
 
-type Tuple = (IpAddr, IpAddr, u16, u16, u8);
+const WAYS: usize = 4;
 
-#[derive(Clone, Copy, Debug)]
-struct Owner {
-    origin: Origin,
-    first: SystemTime,
-    last: SystemTime,
+/// One flow: tag << 16 | owner (0 is empty), first second (rounded down), last second
+/// (rounded up).
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    tag_owner: u64,
+    first: u32,
+    last: u32,
 }
+
+/// Four slots: one cache line.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Bucket([Slot; WAYS]);
 
 /// Counters of the deduplicator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DedupStats {
     pub records: u64,
     pub duplicates: u64,
-    /// Records not checked because the table was full (counted as unique).
-    pub table_full: u64,
+    /// Flows forgotten to make room while still inside their window.
+    pub evicted_early: u64,
+    /// Records whose source could not get an owner index (more than 65,535 sources):
+    /// counted as unique.
+    pub too_many_sources: u64,
 }
 
 pub struct Dedup {
-    window: Duration,
+    window_s: u32,
     /// Slack on overlap tests: exporters' clocks and active timeouts differ.
-    slack: Duration,
-    max_flows: usize,
-    /// A dense map: its slots can be fetched ahead ([`Dedup::mark_batch`]).
-    owners: DenseMap<Tuple, Owner>,
+    slack_s: u32,
+    buckets: Vec<Bucket>,
+    hasher: RandomState,
+    /// Sources by owner index (index 0 unused: 0 marks an empty slot).
+    owners: Vec<Origin>,
+    owner_ids: FxHashMap<Origin, u16>,
+    /// Occupied slots.
+    len: usize,
     /// Expiry walks the table at most every tenth of the window.
     next_expire: Option<SystemTime>,
     pub stats: DedupStats,
 }
 
+fn secs_down(t: SystemTime) -> u32 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32)
+}
+
+fn secs_up(t: SystemTime) -> u32 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| {
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).min(u64::from(u32::MAX)) as u32
+    })
+}
+
 impl Dedup {
+    /// A table of `max_flows` slots (rounded up to whole buckets, a power of two of them).
     pub fn new(window: Duration, max_flows: usize) -> Self {
+        let buckets = max_flows.div_ceil(WAYS).next_power_of_two().max(1);
         Self {
-            window,
-            slack: Duration::from_secs(2),
-            max_flows,
-            owners: DenseMap::default(),
+            window_s: window.as_secs().min(u64::from(u32::MAX)) as u32,
+            slack_s: 2,
+            buckets: vec![Bucket::default(); buckets],
+            hasher: RandomState::new(),
+            owners: vec![Origin::Local],
+            owner_ids: FxHashMap::default(),
+            len: 0,
             next_expire: None,
             stats: DedupStats::default(),
         }
     }
 
+    /// Flows held.
     pub fn len(&self) -> usize {
-        self.owners.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.owners.is_empty()
+        self.len == 0
+    }
+
+    /// Flows the table can hold.
+    pub fn capacity(&self) -> usize {
+        self.buckets.len() * WAYS
     }
 
     /// Bytes the table holds on the heap.
     pub fn heap_bytes(&self) -> usize {
-        self.owners.heap_bytes()
+        self.buckets.len() * std::mem::size_of::<Bucket>()
     }
 
-    /// [`Self::mark`] for each record, asking for each one's table slot and entry a few
-    /// records ahead (with millions of flows, the table is not in the cache).
+    fn hash(&self, r: &FlowRecord) -> u64 {
+        self.hasher
+            .hash_one((r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol))
+    }
+
+    /// [`Self::mark`] for each record, asking for each one's bucket a few records ahead
+    /// (with millions of flows, the table is not in the cache).
     pub fn mark_batch(&mut self, records: &mut [FlowRecord]) {
         const D: usize = 4;
+        let hashes: Vec<u64> = records.iter().map(|r| self.hash(r)).collect();
+        let mask = self.buckets.len() - 1;
         for i in 0..records.len() {
-            if let Some(r) = records.get(i + 2 * D) {
-                self.owners.prefetch(&key_of(r));
+            if let Some(&h) = hashes.get(i + D) {
+                crate::detect::dense::prefetch(&self.buckets[h as usize & mask]);
             }
-            if let Some(r) = records.get(i + D) {
-                self.owners.prefetch_entry(&key_of(r));
-            }
-            self.mark(&mut records[i]);
+            self.mark_hashed(&mut records[i], hashes[i]);
         }
     }
 
     /// Sets `r.duplicate` when another source owns this flow over an overlapping time.
     pub fn mark(&mut self, r: &mut FlowRecord) {
-        self.stats.records += 1;
-        let key = key_of(r);
-        let full = self.owners.len() >= self.max_flows;
-        let slack = self.slack;
-        match self.owners.position(&key) {
-            Some(pos) => {
-                let o = self.owners.at_mut(pos);
-                if o.origin != r.origin && overlaps(o, r, slack) {
-                    r.duplicate = true;
-                    self.stats.duplicates += 1;
-                    o.last = o.last.max(r.last);
-                } else if o.origin == r.origin {
-                    o.first = o.first.min(r.first);
-                    o.last = o.last.max(r.last);
-                } else {
-                    // Another source, but its period is over: this source takes the flow.
-                    *o = Owner {
-                        origin: r.origin,
-                        first: r.first,
-                        last: r.last,
-                    };
-                }
-            }
-            None if full => self.stats.table_full += 1,
-            None => {
-                self.owners.insert_new(
-                    key,
-                    Owner {
-                        origin: r.origin,
-                        first: r.first,
-                        last: r.last,
-                    },
-                );
-            }
-        }
+        let h = self.hash(r);
+        self.mark_hashed(r, h);
     }
 
-    /// Forgets flows idle for the window at `now`. The walk is made at most every tenth
-    /// of the window (the caller may call this every second): a flow idle for longer
-    /// than the window can no longer overlap a new record, so keeping it a little longer
-    /// changes no verdict.
+    fn owner_id(&mut self, origin: Origin) -> Option<u16> {
+        if let Some(&id) = self.owner_ids.get(&origin) {
+            return Some(id);
+        }
+        let id = u16::try_from(self.owners.len()).ok()?;
+        self.owners.push(origin);
+        self.owner_ids.insert(origin, id);
+        Some(id)
+    }
+
+    fn mark_hashed(&mut self, r: &mut FlowRecord, h: u64) {
+        self.stats.records += 1;
+        let Some(owner) = self.owner_id(r.origin) else {
+            self.stats.too_many_sources += 1;
+            return;
+        };
+        // The low bits chose the bucket; the tag is from the high 48 (never 0).
+        let tag = (h >> 16).max(1);
+        let (first, last) = (secs_down(r.first), secs_up(r.last));
+        let (window, slack) = (self.window_s, self.slack_s);
+        let mask = self.buckets.len() - 1;
+        let bucket = &mut self.buckets[h as usize & mask].0;
+        if let Some(slot) = bucket.iter_mut().find(|s| s.tag_owner >> 16 == tag) {
+            let held = (slot.tag_owner & 0xffff) as u16;
+            let overlap = first <= slot.last.saturating_add(slack)
+                && slot.first <= last.saturating_add(slack);
+            if held != owner && overlap {
+                r.duplicate = true;
+                self.stats.duplicates += 1;
+                slot.last = slot.last.max(last);
+            } else if held == owner {
+                slot.first = slot.first.min(first);
+                slot.last = slot.last.max(last);
+            } else {
+                // Another source, but its period is over: this source takes the flow.
+                *slot = Slot {
+                    tag_owner: tag << 16 | u64::from(owner),
+                    first,
+                    last,
+                };
+            }
+            return;
+        }
+        // A new flow: an empty slot, or the one idle the longest.
+        let victim = bucket
+            .iter_mut()
+            .min_by_key(|s| (s.tag_owner != 0, s.last))
+            .expect("a bucket has slots");
+        if victim.tag_owner == 0 {
+            self.len += 1;
+        } else if victim.last.saturating_add(window) > last {
+            self.stats.evicted_early += 1;
+        }
+        *victim = Slot {
+            tag_owner: tag << 16 | u64::from(owner),
+            first,
+            last,
+        };
+    }
+
+    /// Empties the slots of flows idle for the window at `now`, so that `len` counts the
+    /// flows still remembered. The walk is made at most every tenth of the window (the
+    /// caller may call this every second): an idle flow can no longer overlap a new
+    /// record, and a new flow takes its slot anyway.
     pub fn expire(&mut self, now: SystemTime) {
-        let window = self.window;
         if self.next_expire.is_some_and(|t| now < t) {
             return;
         }
-        self.next_expire = Some(now + window / 10);
-        self.owners
-            .retain(|_, o| now.duration_since(o.last).unwrap_or(Duration::ZERO) < window);
-        self.owners.shrink();
+        self.next_expire = Some(now + Duration::from_secs(u64::from(self.window_s)) / 10);
+        let now_s = secs_down(now);
+        let window = self.window_s;
+        let mut emptied = 0;
+        for b in &mut self.buckets {
+            for s in &mut b.0 {
+                if s.tag_owner != 0 && s.last.saturating_add(window) <= now_s {
+                    *s = Slot::default();
+                    emptied += 1;
+                }
+            }
+        }
+        self.len -= emptied;
     }
-}
-
-fn key_of(r: &FlowRecord) -> Tuple {
-    (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol)
-}
-
-fn overlaps(o: &Owner, r: &FlowRecord, slack: Duration) -> bool {
-    r.first <= o.last + slack && o.first <= r.last + slack
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, SocketAddr};
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
@@ -214,14 +288,66 @@ mod tests {
     #[test]
     fn memory_is_bounded_and_idle_flows_are_forgotten() {
         let mut d = Dedup::new(Duration::from_secs(60), 100);
+        assert_eq!(d.capacity(), 128, "100 flows round up to 32 buckets of 4");
         for p in 0..500 {
             d.mark(&mut rec(exporter(1), p, 0, 1));
         }
-        assert_eq!(d.len(), 100);
-        assert_eq!(d.stats.table_full, 400);
+        assert_eq!(d.len(), 128, "every slot taken, none more");
+        assert_eq!(d.heap_bytes(), 128 * 16);
+        // Every flow was still inside its window when it lost its slot.
+        assert_eq!(d.stats.evicted_early, 500 - 128);
         d.expire(t(30));
-        assert_eq!(d.len(), 100);
+        assert_eq!(d.len(), 128);
         d.expire(t(62));
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn every_copy_is_found_among_many_flows_and_no_other() {
+        // 10,000 flows from one exporter, then the same from a second and 10,000 others:
+        // with ample room (a bucket of four overflows with a chance of about 1e-8 here),
+        // exactly the 10,000 copies are duplicates.
+        let mut d = Dedup::new(Duration::from_secs(600), 1_000_000);
+        for p in 0..10_000u16 {
+            d.mark(&mut rec(exporter(1), p, 0, 30));
+        }
+        let mut dups = 0;
+        for p in 0..20_000u16 {
+            let mut r = rec(exporter(2), p, 1, 31);
+            d.mark(&mut r);
+            dups += u32::from(r.duplicate);
+            assert_eq!(r.duplicate, p < 10_000, "port {p}");
+        }
+        assert_eq!(dups, 10_000);
+        assert_eq!(d.stats.duplicates, 10_000);
+        assert_eq!(d.stats.evicted_early, 0);
+    }
+
+    #[test]
+    fn batches_mark_as_single_records_do() {
+        let (mut one, mut batch) = (
+            Dedup::new(Duration::from_secs(600), 1000),
+            Dedup::new(Duration::from_secs(600), 1000),
+        );
+        // One process, one hash key: both tables see the same buckets.
+        batch.hasher = one.hasher.clone();
+        let mut recs: Vec<FlowRecord> = (0..3000u16)
+            .map(|i| {
+                rec(
+                    exporter((i % 3) as u8 + 1),
+                    i % 700,
+                    u64::from(i % 50),
+                    u64::from(i % 50) + 5,
+                )
+            })
+            .collect();
+        let mut singles = recs.clone();
+        for r in &mut singles {
+            one.mark(r);
+        }
+        batch.mark_batch(&mut recs);
+        let flags = |v: &[FlowRecord]| v.iter().map(|r| r.duplicate).collect::<Vec<_>>();
+        assert_eq!(flags(&singles), flags(&recs));
+        assert_eq!(one.stats, batch.stats);
     }
 }
