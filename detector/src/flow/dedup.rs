@@ -54,7 +54,7 @@ pub struct Dedup {
     window_s: u32,
     /// Slack on overlap tests: exporters' clocks and active timeouts differ.
     slack_s: u32,
-    buckets: Vec<Bucket>,
+    buckets: Box<[Bucket]>,
     hasher: RandomState,
     /// Sources by owner index (index 0 unused: 0 marks an empty slot).
     owners: Vec<Origin>,
@@ -64,6 +64,14 @@ pub struct Dedup {
     /// Expiry walks the table at most every tenth of the window.
     next_expire: Option<SystemTime>,
     pub stats: DedupStats,
+}
+
+/// `n` empty buckets, from memory the kernel hands out zeroed: the table's pages become
+/// resident only as flows land in them, instead of all at once.
+fn zeroed_buckets(n: usize) -> Box<[Bucket]> {
+    // SAFETY: a bucket is integers only, and all-zero integers are valid (and an empty
+    // bucket).
+    unsafe { Box::<[Bucket]>::new_zeroed_slice(n).assume_init() }
 }
 
 fn secs_down(t: SystemTime) -> u32 {
@@ -84,7 +92,7 @@ impl Dedup {
         Self {
             window_s: window.as_secs().min(u64::from(u32::MAX)) as u32,
             slack_s: 2,
-            buckets: vec![Bucket::default(); buckets],
+            buckets: zeroed_buckets(buckets),
             hasher: RandomState::new(),
             owners: vec![Origin::Local],
             owner_ids: FxHashMap::default(),
