@@ -170,10 +170,10 @@ impl Pipeline {
 
     /// Names each increase of what the bounded tables turned away.
     fn log_limits(&mut self) {
-        let full = self.dedup.stats.evicted_early;
-        if full > self.limits_logged.0 {
+        let early = self.dedup.stats.evicted_early;
+        if early > self.limits_logged.0 {
             warn!(
-                "{full} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
+                "{early} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
                 DEDUP_WINDOW.as_secs(),
                 self.dedup.capacity()
             );
@@ -185,7 +185,7 @@ impl Pipeline {
                 self.engine.max_hosts()
             );
         }
-        self.limits_logged = (full, over);
+        self.limits_logged = (early, over);
     }
 
     pub fn describe(&self) -> String {
@@ -203,7 +203,7 @@ impl Pipeline {
             })
             .collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows forgotten early: duplicate table full); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows the full duplicate table forgot early); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
             self.exported_records,
             self.exported_packets,
             self.exported_bytes,

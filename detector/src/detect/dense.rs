@@ -1,5 +1,6 @@
-//! A hash map for the per-host tables (peers, port counts): entries in one dense vector,
-//! found through a compact open-addressing index of 8-byte slots (hash, position).
+//! A hash map for the detection engine's tables (the hosts, each host's peers, the top
+//! senders): entries in one dense vector, found through a compact open-addressing index
+//! of 8-byte slots (hash, position).
 //!
 //! Why not `hashbrown` or `indexmap`: the engine holds millions of peer entries spread
 //! over 100k hosts, so every record costs a few cache misses, and the only way to go
@@ -14,8 +15,8 @@
 //!
 //! Each entry may carry a stamp (`S`, e.g. when it was last seen) in a vector of its own
 //! beside the entries, so that finding the entries to expire reads the stamps only, not
-//! every entry ([`DenseMap::retain_by_stamp`]). Without stamps, `S` is `()` and costs
-//! nothing.
+//! every entry ([`DenseMap::stamps`], then [`DenseMap::remove_at`]). Without stamps, `S`
+//! is `()` and costs nothing.
 
 use std::hash::{BuildHasher, Hash};
 
@@ -71,11 +72,6 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
-    }
-
-    /// Entries held without reallocating.
-    pub fn capacity(&self) -> usize {
-        self.entries.capacity()
     }
 
     /// Bytes the map holds on the heap (entries, stamps and index, by capacity).
@@ -158,21 +154,6 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
             .iter()
             .zip(&self.stamps)
             .map(|((k, v), s)| (k, v, s))
-    }
-
-    /// The value for `k`, inserted with `make` if absent; `true` when inserted.
-    #[inline]
-    pub fn get_or_insert_with(&mut self, k: K, make: impl FnOnce() -> V) -> (&mut V, bool)
-    where
-        S: Default,
-    {
-        match self.position(&k) {
-            Some(p) => (&mut self.entries[p].1, false),
-            None => {
-                let p = self.insert_new(k, make());
-                (&mut self.entries[p].1, true)
-            }
-        }
     }
 
     /// Inserts a key known to be absent; returns its position.
@@ -346,8 +327,9 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
         }
     }
 
-    /// Removes the entries whose stamp fails `keep`, handing each to `removed`. Reads
-    /// only the stamps of the entries it keeps.
+    /// Removes the entries whose stamp fails `keep`, handing each to `removed`: the
+    /// plain walk the tests hold the engine's expiry against.
+    #[cfg(test)]
     pub fn retain_by_stamp(
         &mut self,
         mut keep: impl FnMut(&S) -> bool,
@@ -367,10 +349,6 @@ impl<K: Hash + Eq, V, S> DenseMap<K, V, S> {
             let (k, v) = self.remove_at_slot(i);
             removed(k, v);
         }
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
-        self.entries.iter_mut().map(|(k, v)| (&*k, v))
     }
 
     /// Asks the CPU to fetch the entry of `k` (its index slot should already be in the

@@ -411,15 +411,10 @@ impl Engine {
     /// Feeds one record. A duplicate (another source's copy was counted) only adds its
     /// source to the host's list of reporters.
     pub fn observe(&mut self, r: &FlowRecord) {
-        self.observe_sides(r, self.sides(r));
+        self.observe_found(r, self.sides(r), None);
     }
 
-    /// [`Self::observe`] with the sides already found.
-    fn observe_sides(&mut self, r: &FlowRecord, sides: Option<Sides>) {
-        self.observe_found(r, sides, None);
-    }
-
-    /// ... and maybe the host's position too.
+    /// [`Self::observe`] with the sides already found, and maybe the host's position.
     fn observe_found(&mut self, r: &FlowRecord, sides: Option<Sides>, found: Option<usize>) {
         self.stats.records += 1;
         if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)

@@ -56,9 +56,10 @@ pub struct Dedup {
     slack_s: u32,
     buckets: Box<[Bucket]>,
     hasher: RandomState,
-    /// Sources by owner index (index 0 unused: 0 marks an empty slot).
-    owners: Vec<Origin>,
+    /// Owner index of each source seen, from 1 (0 marks an empty slot).
     owner_ids: FxHashMap<Origin, u16>,
+    /// The last source looked up: the records of a batch come from one source.
+    last_owner: Option<(Origin, u16)>,
     /// Occupied slots.
     len: usize,
     /// Expiry walks the table at most every tenth of the window.
@@ -94,7 +95,7 @@ impl Dedup {
             slack_s: 2,
             buckets: zeroed_buckets(buckets),
             hasher: RandomState::new(),
-            owners: vec![Origin::Local],
+            last_owner: None,
             owner_ids: FxHashMap::default(),
             len: 0,
             next_expire: None,
@@ -147,12 +148,19 @@ impl Dedup {
     }
 
     fn owner_id(&mut self, origin: Origin) -> Option<u16> {
-        if let Some(&id) = self.owner_ids.get(&origin) {
-            return Some(id);
+        match self.last_owner {
+            Some((o, id)) if o == origin => return Some(id),
+            _ => {}
         }
-        let id = u16::try_from(self.owners.len()).ok()?;
-        self.owners.push(origin);
-        self.owner_ids.insert(origin, id);
+        let id = match self.owner_ids.get(&origin) {
+            Some(&id) => id,
+            None => {
+                let id = u16::try_from(self.owner_ids.len() + 1).ok()?;
+                self.owner_ids.insert(origin, id);
+                id
+            }
+        };
+        self.last_owner = Some((origin, id));
         Some(id)
     }
 
