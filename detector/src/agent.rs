@@ -275,7 +275,14 @@ impl Meter {
             sampling: args.sampling,
         })?;
         let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
-        let mut source = XdpSource::new(&mut bpf, timeouts, ifindex)?;
+        let mut source = XdpSource::with_mode(&mut bpf, timeouts, ifindex, args.drain.mode())?;
+        info!(
+            "the flow maps are read {}",
+            match source.drain_mode() {
+                xdp::DrainMode::Batch => "in batches (BPF_MAP_LOOKUP_BATCH)",
+                xdp::DrainMode::PerKey => "key by key",
+            }
+        );
         let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
             .context("starting the packet clock")?;
         let mode = xdp::attach(&mut bpf, iface, args.xdp_mode)?;
@@ -321,6 +328,10 @@ impl Meter {
         self.source.flush(&mut deltas)?;
         let k = self.source.counters()?;
         self.losses.check(&k);
+        match xdp::final_check(&k, &self.source.drain) {
+            Ok(n) => info!("every packet the kernel counted was exported ({n} packets)"),
+            Err(e) => warn!("{e}"),
+        }
         Ok(self.records(&deltas))
     }
 

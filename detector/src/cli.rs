@@ -41,6 +41,26 @@ pub enum Command {
     BenchEngine(EngineBenchArgs),
 }
 
+/// `--drain`: how the kernel flow maps are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrainArg {
+    Auto,
+    Batch,
+    PerKey,
+}
+
+impl DrainArg {
+    /// The forced mode, or None to probe the kernel.
+    pub fn mode(self) -> Option<crate::sources::xdp::DrainMode> {
+        use crate::sources::xdp::DrainMode;
+        match self {
+            DrainArg::Auto => None,
+            DrainArg::Batch => Some(DrainMode::Batch),
+            DrainArg::PerKey => Some(DrainMode::PerKey),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 #[command(group(
     clap::ArgGroup::new("source")
@@ -112,6 +132,16 @@ pub struct RunArgs {
     /// Log the meter's counters every SECS seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub stats_interval: u64,
+
+    /// How the kernel flow maps are read: batch syscalls (thousands of flows per call,
+    /// Linux 5.6+), key by key, or auto (batch where the kernel has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub drain: DrainArg,
+
+    /// Worker threads for duplicate marking and detection (records are sharded over them
+    /// by internal host). Default: one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: Option<u32>,
 }
 
 /// Detection and alarm settings shared by `run` and `replay`; flags override the file.

