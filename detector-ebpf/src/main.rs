@@ -51,12 +51,18 @@
 //! be parsed is counted by reason and passed untouched.
 #![no_std]
 #![no_main]
+// Atomic read-modify-write: the BPF target has no compare-and-swap, so core's atomic
+// types lack fetch_add; the intrinsics compile to BPF_ATOMIC instructions.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "atomic intrinsics, see above")]
+
+use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_OK, xdp_action},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     macros::{classifier, map, xdp},
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use detector_common::{
@@ -69,12 +75,10 @@ use detector_common::{
 static SAMPLING: u32 = 0;
 
 #[map]
-static FLOWS4: PerCpuHashMap<FlowKey4, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
+static FLOWS4: HashMap<FlowKey4, FlowStats> = HashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
 
 #[map]
-static FLOWS6: PerCpuHashMap<FlowKey, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
+static FLOWS6: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(DEFAULT_MAP_SIZE, 0);
 
 #[map]
 static OVERFLOW: RingBuf = RingBuf::with_byte_size(OVERFLOW_RING_BYTES, 0);
@@ -487,7 +491,7 @@ fn now_ns() -> u64 {
 
 #[inline(always)]
 fn add_to_flow<K>(
-    map: &PerCpuHashMap<K, FlowStats>,
+    map: &HashMap<K, FlowStats>,
     key: &K,
     pkt: &Packet,
     packets: u64,
@@ -508,15 +512,19 @@ fn add_to_flow<K>(
     };
     match map.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
-        // Another CPU created the key between our lookup and insert: add to our copy.
+        // Another CPU created the key between our lookup and insert: add to it.
         Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
         Err(_) => false,
     }
 }
 
+/// Adds to a flow's shared entry: counts with atomic adds (exact whichever CPUs the
+/// flow's packets arrive on), the TCP flags with an atomic OR only when a new flag shows
+/// up. `last_ns` is a plain store: two CPUs racing leave one of two nearly equal times.
+/// `first_ns` and `tos` were set by the insert.
 #[inline(always)]
 fn update<K>(
-    map: &PerCpuHashMap<K, FlowStats>,
+    map: &HashMap<K, FlowStats>,
     key: &K,
     pkt: &Packet,
     packets: u64,
@@ -526,16 +534,20 @@ fn update<K>(
     let Some(v) = map.get_ptr_mut(key) else {
         return false;
     };
-    // SAFETY: this CPU's copy of the value; only this CPU writes it.
-    let v = unsafe { &mut *v };
-    if v.first_ns == 0 {
-        v.first_ns = now;
-        v.tos = pkt.tos;
+    // SAFETY: a pointer to the entry's value, valid for this program run (RCU); the
+    // counters are only changed through atomic operations, as every CPU shares them.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).packets, packets);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).bytes, bytes);
+        (*v).last_ns = now;
+        if (*v).tcp_flags & pkt.tcp_flags != pkt.tcp_flags {
+            // tcp_flags is the low byte of the 8-aligned word at offset 32 (little endian).
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+                (&raw mut (*v).tcp_flags).cast::<u64>(),
+                pkt.tcp_flags as u64,
+            );
+        }
     }
-    v.packets += packets;
-    v.bytes += bytes;
-    v.last_ns = now;
-    v.tcp_flags |= pkt.tcp_flags;
     true
 }
 

@@ -5,7 +5,7 @@
 //! Prints the figures and the ratios; the target is (c) <= 1.5 x (b).
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{PerCpuHashMap, PerCpuValues};
+use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use detector_common::{FLOWS4_MAP, FlowKey4, FlowStats};
 
@@ -212,9 +212,8 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     }
     // Warm the map with distinct flows, as on a busy uplink.
     {
-        let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow::anyhow!("{p}: {e}"))?;
-        let mut flows: PerCpuHashMap<_, FlowKey4, FlowStats> =
-            PerCpuHashMap::try_from(bpf.map_mut(FLOWS4_MAP).context("flow map")?)?;
+        let mut flows: BpfHashMap<_, FlowKey4, FlowStats> =
+            BpfHashMap::try_from(bpf.map_mut(FLOWS4_MAP).context("flow map")?)?;
         let value = FlowStats {
             packets: 1,
             bytes: 100,
@@ -231,7 +230,7 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
                 protocol: 6,
                 ..FlowKey4::default()
             };
-            flows.insert(k, PerCpuValues::try_from(vec![value; ncpus])?, 0)?;
+            flows.insert(k, value, 0)?;
         }
     }
     // The packet clock runs, as under the agent.

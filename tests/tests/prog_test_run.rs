@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
-use aya::maps::{PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use detector::flow::table::merge_cpus;
 use detector::sources::xdp::{LoadOptions, TC_PROGRAM, XDP_PROGRAM, load_object};
 use detector_common::{
     COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS4_MAP, FLOWS6_MAP,
@@ -73,34 +72,34 @@ impl Meter {
     /// Every flow of both maps, IPv4 keys widened to the full key with the interface of
     /// BPF_PROG_TEST_RUN (the loopback device).
     fn flows(&self) -> HashMap<FlowKey, FlowStats> {
-        let m4: PerCpuHashMap<_, FlowKey4, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map(FLOWS4_MAP).unwrap()).unwrap();
-        let m6: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map(FLOWS6_MAP).unwrap()).unwrap();
+        let m4: BpfHashMap<_, FlowKey4, FlowStats> =
+            BpfHashMap::try_from(self.bpf.map(FLOWS4_MAP).unwrap()).unwrap();
+        let m6: BpfHashMap<_, FlowKey, FlowStats> =
+            BpfHashMap::try_from(self.bpf.map(FLOWS6_MAP).unwrap()).unwrap();
         let mut out: HashMap<FlowKey, FlowStats> = m4
             .iter()
             .map(|r| {
                 let (k, v) = r.unwrap();
-                (k.widen(LOOPBACK_IFINDEX), merge_cpus(v.iter().copied()))
+                (k.widen(LOOPBACK_IFINDEX), v)
             })
             .collect();
         for r in m6.iter() {
             let (k, v) = r.unwrap();
             assert!(k.narrow().is_none(), "an IPv4 flow in the IPv6 map: {k:?}");
-            out.insert(k, merge_cpus(v.iter().copied()));
+            out.insert(k, v);
         }
         out
     }
 
     fn clear(&mut self) {
-        let mut m: PerCpuHashMap<_, FlowKey4, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map_mut(FLOWS4_MAP).unwrap()).unwrap();
+        let mut m: BpfHashMap<_, FlowKey4, FlowStats> =
+            BpfHashMap::try_from(self.bpf.map_mut(FLOWS4_MAP).unwrap()).unwrap();
         let keys: Vec<_> = m.keys().map(|k| k.unwrap()).collect();
         for k in keys {
             m.remove(&k).unwrap();
         }
-        let mut m: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.bpf.map_mut(FLOWS6_MAP).unwrap()).unwrap();
+        let mut m: BpfHashMap<_, FlowKey, FlowStats> =
+            BpfHashMap::try_from(self.bpf.map_mut(FLOWS6_MAP).unwrap()).unwrap();
         let keys: Vec<_> = m.keys().map(|k| k.unwrap()).collect();
         for k in keys {
             m.remove(&k).unwrap();

@@ -62,24 +62,50 @@ pub enum Action {
     Evict,
 }
 
+/// Bookkeeping of a flow that was exported at an active timeout, or that ended (FIN/RST)
+/// and waits to be found quiet. Other flows need none: a flow never exported has
+/// exported nothing, and its period starts with its first packet.
 #[derive(Clone, Copy, Debug)]
 struct Tracked {
     exported_packets: u64,
     exported_bytes: u64,
     /// Start of the current export period (flow start, then each active-timeout export).
     period_start_ns: u64,
-    /// Packets at the previous scan: unchanged means the flow was quiet in between.
+    /// Packets at the previous look (ended flows): unchanged means quiet in between.
     seen_packets: u64,
-    generation: u64,
+    /// When this entry was last used; entries of flows gone from the store without an
+    /// eviction are forgotten once stale.
+    touched_ns: u64,
+}
+
+impl Tracked {
+    fn fresh(first_ns: u64, now_ns: u64) -> Self {
+        Self {
+            exported_packets: 0,
+            exported_bytes: 0,
+            period_start_ns: first_ns,
+            seen_packets: 0,
+            touched_ns: now_ns,
+        }
+    }
 }
 
 /// Export bookkeeping for the flows of one store (the kernel map, or the overflow table).
+///
+/// Cheap per flow and pass: a flow is looked up in the table only when it ends, when it
+/// crosses an active-timeout boundary (`first + k x active`), or while a FIN/RST-ended
+/// flow waits to be quiet. A long flow is therefore looked up once per active timeout,
+/// not once per pass: with a million concurrent flows read every second, per-flow hash
+/// lookups were most of the agent's time.
 #[derive(Debug)]
 pub struct FlowTable {
     timeouts: Timeouts,
-    /// Fx-hashed: one lookup per flow per scan, a million flows a second on an uplink.
     tracked: FxHashMap<FlowKey, Tracked>,
-    generation: u64,
+    /// Start of the current and of the previous pass.
+    pass_start_ns: Option<u64>,
+    /// How far back the previous look at a flow may be (the time between the last two
+    /// pass starts, with a margin); before the second pass, "forever".
+    lookback_ns: u64,
 }
 
 /// Sums per-CPU copies of one flow's counters: counts add, first is the earliest, last the
@@ -120,11 +146,12 @@ impl FlowTable {
         Self {
             timeouts,
             tracked: FxHashMap::default(),
-            generation: 0,
+            pass_start_ns: None,
+            lookback_ns: u64::MAX,
         }
     }
 
-    /// Flows currently tracked.
+    /// Flows with bookkeeping (exported at an active timeout, or ended and not yet quiet).
     pub fn len(&self) -> usize {
         self.tracked.len()
     }
@@ -133,67 +160,85 @@ impl FlowTable {
         self.tracked.is_empty()
     }
 
-    /// Starts a pass over every flow of the store.
-    pub fn begin_scan(&mut self) {
-        self.generation += 1;
+    /// Starts a pass over every flow of the store at `now_ns` (the pass may be spread
+    /// over several reads; each flow is looked at once per pass).
+    pub fn begin_pass(&mut self, now_ns: u64) {
+        if let Some(prev) = self.pass_start_ns {
+            // Half again the last interval, plus a second: a pass that runs a little
+            // later than the one before still sees every boundary. A boundary seen twice
+            // is exported once (the bookkeeping says the period was exported).
+            let interval = now_ns.saturating_sub(prev);
+            self.lookback_ns = interval + interval / 2 + 1_000_000_000;
+        }
+        self.pass_start_ns = Some(now_ns);
     }
 
-    /// Ends a pass: forgets the bookkeeping of flows the pass did not see (removed from
-    /// the store by someone else), so the table cannot grow without bound.
-    pub fn end_scan(&mut self) {
-        let generation = self.generation;
-        self.tracked.retain(|_, t| t.generation == generation);
+    /// Ends a pass: forgets the bookkeeping of flows not used for longer than a live
+    /// flow can go without (removed from the store by someone else), so the table
+    /// cannot grow without bound.
+    pub fn end_pass(&mut self, now_ns: u64) {
+        let stale = self
+            .timeouts
+            .active_ns
+            .saturating_add(self.timeouts.inactive_ns)
+            .saturating_add(self.lookback_ns.saturating_mul(2));
+        self.tracked
+            .retain(|_, t| now_ns.saturating_sub(t.touched_ns) <= stale);
     }
 
     /// Looks at a flow's cumulative counters at `now_ns` and says what to do.
     pub fn observe(&mut self, key: &FlowKey, stats: &FlowStats, now_ns: u64) -> Action {
-        let generation = self.generation;
-        let t = self.tracked.entry(*key).or_insert(Tracked {
-            exported_packets: 0,
-            exported_bytes: 0,
-            period_start_ns: stats.first_ns,
-            seen_packets: 0,
-            generation,
-        });
-        t.generation = generation;
-        let quiet = t.seen_packets == stats.packets;
-        t.seen_packets = stats.packets;
-        if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 && quiet {
-            return Action::Evict;
+        if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let t = self
+                .tracked
+                .entry(*key)
+                .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
+            let quiet = t.seen_packets == stats.packets;
+            t.seen_packets = stats.packets;
+            t.touched_ns = now_ns;
+            if quiet {
+                return Action::Evict;
+            }
         }
         if now_ns.saturating_sub(stats.last_ns) >= self.timeouts.inactive_ns {
             return Action::Evict;
         }
-        if now_ns.saturating_sub(t.period_start_ns) >= self.timeouts.active_ns {
-            let delta = delta_since(key, t, stats);
-            t.exported_packets = stats.packets;
-            t.exported_bytes = stats.bytes;
-            t.period_start_ns = now_ns;
-            return match delta {
-                Some(d) => Action::Export(d),
-                None => Action::Keep,
-            };
+        // Active timeout: export periods start at first + k x active. Only a flow that
+        // crossed a boundary since the previous look needs its bookkeeping.
+        let active = self.timeouts.active_ns.max(1);
+        let age = now_ns.saturating_sub(stats.first_ns);
+        let period = age / active;
+        if period == 0 || age.saturating_sub(self.lookback_ns) / active == period {
+            return Action::Keep;
         }
-        Action::Keep
+        let boundary = stats.first_ns + period * active;
+        let t = self
+            .tracked
+            .entry(*key)
+            .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
+        t.touched_ns = now_ns;
+        if t.period_start_ns >= boundary {
+            // Already exported in this period.
+            return Action::Keep;
+        }
+        let delta = delta_since(key, t, stats);
+        t.exported_packets = stats.packets;
+        t.exported_bytes = stats.bytes;
+        t.period_start_ns = now_ns;
+        match delta {
+            Some(d) => Action::Export(d),
+            None => Action::Keep,
+        }
     }
 
     /// The flow was removed from its store with these final counters: returns what is
     /// left to export (nothing if every packet was already exported) and forgets it.
     pub fn evict(&mut self, key: &FlowKey, final_stats: &FlowStats) -> Option<Delta> {
-        match self.tracked.remove(key) {
-            Some(t) => delta_since(key, &t, final_stats),
-            None => delta_since(
-                key,
-                &Tracked {
-                    exported_packets: 0,
-                    exported_bytes: 0,
-                    period_start_ns: final_stats.first_ns,
-                    seen_packets: 0,
-                    generation: 0,
-                },
-                final_stats,
-            ),
-        }
+        let t = self
+            .tracked
+            .remove(key)
+            .unwrap_or_else(|| Tracked::fresh(final_stats.first_ns, 0));
+        delta_since(key, &t, final_stats)
     }
 }
 
@@ -261,7 +306,7 @@ mod tests {
         }
 
         fn scan(&mut self, now: u64) {
-            self.table.begin_scan();
+            self.table.begin_pass(now);
             let keys: Vec<_> = self.flows.keys().copied().collect();
             for k in keys {
                 let s = self.flows[&k];
@@ -274,7 +319,7 @@ mod tests {
                     }
                 }
             }
-            self.table.end_scan();
+            self.table.end_pass(now);
         }
 
         fn totals(&self, k: FlowKey) -> (u64, u64) {
@@ -401,16 +446,38 @@ mod tests {
             packets: 1,
             bytes: 1,
             first_ns: S,
-            last_ns: S,
+            last_ns: 70 * S,
+            tcp_flags: 0x10,
             ..Default::default()
         };
-        t.begin_scan();
-        assert_eq!(t.observe(&key(1), &s, 2 * S), Action::Keep);
-        t.end_scan();
+        t.begin_pass(70 * S);
+        // Exported at its first active timeout: it has bookkeeping from now on.
+        assert!(matches!(t.observe(&key(1), &s, 70 * S), Action::Export(_)));
+        t.end_pass(70 * S);
         assert_eq!(t.len(), 1);
-        t.begin_scan();
-        t.end_scan();
+        // The flow vanishes from the store; its bookkeeping goes once stale.
+        for sec in 71..200 {
+            t.begin_pass(sec * S);
+            t.end_pass(sec * S);
+        }
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn a_long_flow_is_looked_up_only_around_its_active_timeouts() {
+        let mut st = Store::new(60, 15);
+        let k = key(12);
+        for sec in 1..=300u64 {
+            st.packet(k, 100, 0x10, sec * S);
+            st.scan(sec * S + S / 2);
+            // Bookkeeping only once exported, and the delta records follow the period
+            // boundaries first + k x 60 s exactly once each.
+            assert_eq!(st.table.len(), usize::from(sec >= 61));
+        }
+        assert_eq!(st.exported.len(), 4);
+        for (i, d) in st.exported.iter().enumerate() {
+            assert_eq!(d.last_ns, (61 + 60 * i as u64) * S);
+        }
     }
 
     #[test]

@@ -73,9 +73,9 @@ impl Topology {
         // A queue on the sending veth: when the receiver's ring is full, the kernel
         // (6.x veth) stops the queue instead of dropping, and a full queue makes sendmmsg
         // fail, so the generator counts only what really left.
-        ip(&[
+        sh(Command::new("tc").args([
             "-n", NS_TX, "qdisc", "replace", "dev", DEV_TX, "root", "pfifo", "limit", "10000",
-        ])?;
+        ]))?;
         Ok(topo)
     }
 }
@@ -305,6 +305,7 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
          agent on native XDP exporting to nfcapd; CPU over a {window} s window =="
     );
     let mut rows = Vec::new();
+    let mut failed = 0;
     for &n in &args.flows {
         for &w in &args.workers {
             match measure(bin, n, w, window, tmp) {
@@ -312,7 +313,10 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
                     print_row_detail(&r);
                     rows.push(r);
                 }
-                Err(e) => println!("  N={n} workers={w}: FAILED: {e:#}"),
+                Err(e) => {
+                    println!("  N={n} workers={w}: FAILED: {e:#}");
+                    failed += 1;
+                }
             }
         }
     }
@@ -356,6 +360,9 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
                 thousands(r.sent.packets)
             );
         }
+    }
+    if failed > 0 {
+        bail!("{failed} meter run(s) failed (see above)");
     }
     Ok(())
 }

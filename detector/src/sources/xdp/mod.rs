@@ -8,7 +8,7 @@ mod sys;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 
-use aya::maps::{Array, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
@@ -262,6 +262,15 @@ impl MapKey for FlowKey4 {
 
 /// Entries read per batch syscall (grown when one hash bucket holds more).
 const BATCH_ENTRIES: usize = 4096;
+/// Flows read per one-second tick before a pass over the map is spread over several
+/// ticks (at most [`sweep_ticks_max`] of them).
+const SWEEP_PER_TICK: usize = 250_000;
+
+/// The most ticks (seconds) one pass over a map may take: a quarter of the shorter
+/// timeout, so a flow is exported at most that much late (15 s inactive: 3 s).
+fn sweep_ticks_max(t: &Timeouts) -> usize {
+    ((t.inactive_ns.min(t.active_ns) / 4) / 1_000_000_000).max(1) as usize
+}
 
 /// How a kernel flow map is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,12 +283,19 @@ pub enum DrainMode {
 
 /// One kernel flow map and its export bookkeeping.
 struct KernelFlows<K: MapKey> {
-    map: PerCpuHashMap<MapData, K, FlowStats>,
+    map: BpfHashMap<MapData, K, FlowStats>,
     table: FlowTable,
     ifindex: u32,
     /// Batch buffers, or None for the per-key path.
     reader: Option<sys::BatchReader<K>>,
     evict: Vec<K>,
+    /// Where the current pass goes on (a bucket index); None when a pass starts.
+    cursor: Option<u32>,
+    in_pass: bool,
+    /// Flows looked at in the current pass, and in the last complete one (the map's fill).
+    pass_seen: usize,
+    last_pass_len: usize,
+    max_ticks: usize,
 }
 
 impl<K: MapKey + Default> KernelFlows<K> {
@@ -288,29 +304,53 @@ impl<K: MapKey + Default> KernelFlows<K> {
         timeouts: Timeouts,
         ifindex: u32,
         mode: DrainMode,
-        ncpus: usize,
     ) -> Result<Self, XdpError> {
         Ok(Self {
-            map: PerCpuHashMap::try_from(map)?,
+            map: BpfHashMap::try_from(map)?,
             table: FlowTable::new(timeouts),
             ifindex,
             reader: (mode == DrainMode::Batch)
-                .then(|| sys::BatchReader::new(BATCH_ENTRIES, size_of::<FlowStats>(), ncpus)),
+                .then(|| sys::BatchReader::new(BATCH_ENTRIES, size_of::<FlowStats>(), 1)),
             evict: Vec::new(),
+            cursor: None,
+            in_pass: false,
+            pass_seen: 0,
+            last_pass_len: 0,
+            max_ticks: sweep_ticks_max(&timeouts),
         })
     }
 
-    /// Reads every flow's counters (in batches, or key by key), exports what the
-    /// timeouts say, then removes the ended flows one by one with lookup-and-delete, whose
-    /// final counters are taken atomically.
+    /// Flows to read this tick: all of them up to [`SWEEP_PER_TICK`]; beyond, the pass is
+    /// spread over up to `max_ticks` ticks.
+    fn quota(&self) -> usize {
+        let ticks = self
+            .last_pass_len
+            .div_ceil(SWEEP_PER_TICK)
+            .clamp(1, self.max_ticks);
+        if ticks == 1 {
+            usize::MAX
+        } else {
+            self.last_pass_len.div_ceil(ticks).max(BATCH_ENTRIES)
+        }
+    }
+
+    /// Reads flows' counters (in batches, or key by key), exports what the timeouts say,
+    /// then removes the ended flows one by one with lookup-and-delete, whose final
+    /// counters are taken atomically. In batches, a pass over a large map is spread over
+    /// a few ticks (see [`Self::quota`]): each flow is still looked at once per pass.
     fn scan(
         &mut self,
         now_ns: u64,
-        ncpus: usize,
         drain: &mut DrainCounters,
         out: &mut Vec<Delta>,
     ) -> Result<(), XdpError> {
-        self.table.begin_scan();
+        if !self.in_pass {
+            self.table.begin_pass(now_ns);
+            self.in_pass = true;
+            self.pass_seen = 0;
+            self.cursor = None;
+        }
+        let quota = self.quota();
         let mut evict = std::mem::take(&mut self.evict);
         evict.clear();
         let (table, ifindex) = (&mut self.table, self.ifindex);
@@ -320,34 +360,46 @@ impl<K: MapKey + Default> KernelFlows<K> {
                 Action::Export(d) => out.push(d),
                 Action::Evict => evict.push(*key),
             };
-        match &mut self.reader {
-            Some(reader) => reader
-                .for_each::<FlowStats>(
-                    self.map.map().fd().as_fd(),
-                    sys::BatchOp::Lookup,
-                    |key, cpus| observe(key, merge_cpus(cpus)),
-                )
-                .map_err(XdpError::Batch)?,
+        let finished = match &mut self.reader {
+            Some(reader) => {
+                let (n, next) = reader
+                    .read::<FlowStats>(
+                        self.map.map().fd().as_fd(),
+                        sys::BatchOp::Lookup,
+                        self.cursor,
+                        quota,
+                        &mut |key, value| observe(key, merge_cpus(value)),
+                    )
+                    .map_err(XdpError::Batch)?;
+                self.pass_seen += n;
+                self.cursor = next;
+                next.is_none()
+            }
             None => {
                 for item in self.map.iter() {
-                    let (key, values) = item?;
-                    observe(&key, merge_cpus(values.iter().copied()));
+                    let (key, value) = item?;
+                    observe(&key, value);
+                    self.pass_seen += 1;
                 }
+                true
             }
-        }
+        };
         for key in &evict {
-            self.evict(key, ncpus, drain, out);
+            self.evict(key, drain, out);
         }
         self.evict = evict;
-        self.table.end_scan();
+        if finished {
+            self.table.end_pass(now_ns);
+            self.last_pass_len = self.pass_seen;
+            self.in_pass = false;
+        }
         Ok(())
     }
 
-    fn evict(&mut self, key: &K, ncpus: usize, drain: &mut DrainCounters, out: &mut Vec<Delta>) {
+    fn evict(&mut self, key: &K, drain: &mut DrainCounters, out: &mut Vec<Delta>) {
         let fd = self.map.map().fd().as_fd();
-        match sys::lookup_and_delete_percpu::<K, FlowStats>(fd, key, ncpus) {
-            Ok(Some(values)) => {
-                let stats = merge_cpus(values);
+        match sys::lookup_and_delete::<K, FlowStats>(fd, key) {
+            Ok(Some(stats)) => {
                 out.extend(self.table.evict(&key.widen(self.ifindex), &stats));
             }
             Ok(None) => {}
@@ -360,26 +412,21 @@ impl<K: MapKey + Default> KernelFlows<K> {
 
     /// Removes and exports every flow (the programs are detached first, so nothing
     /// arrives while the map empties).
-    fn flush(
-        &mut self,
-        ncpus: usize,
-        drain: &mut DrainCounters,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), XdpError> {
+    fn flush(&mut self, drain: &mut DrainCounters, out: &mut Vec<Delta>) -> Result<(), XdpError> {
         if let Some(reader) = &mut self.reader {
             let (table, ifindex) = (&mut self.table, self.ifindex);
             reader
                 .for_each::<FlowStats>(
                     self.map.map().fd().as_fd(),
                     sys::BatchOp::LookupAndDelete,
-                    |key, cpus| out.extend(table.evict(&key.widen(ifindex), &merge_cpus(cpus))),
+                    |key, value| out.extend(table.evict(&key.widen(ifindex), &merge_cpus(value))),
                 )
                 .map_err(XdpError::Batch)?;
         }
         // The per-key path, and whatever a batch left behind.
         let keys: Vec<K> = self.map.keys().collect::<Result<_, _>>()?;
         for key in keys {
-            self.evict(&key, ncpus, drain, out);
+            self.evict(&key, drain, out);
         }
         Ok(())
     }
@@ -393,7 +440,6 @@ pub struct XdpSource {
     ring: Option<RingBuf<MapData>>,
     overflow: HashMap<FlowKey, FlowStats>,
     overflow_table: FlowTable,
-    ncpus: usize,
     mode: DrainMode,
     clock: std::sync::Arc<clock::ClockMap>,
     pub drain: DrainCounters,
@@ -413,12 +459,11 @@ impl XdpSource {
         ifindex: u32,
         mode: Option<DrainMode>,
     ) -> Result<Self, XdpError> {
-        let ncpus = aya::util::nr_cpus().map_err(|(p, e)| XdpError::Cpus(format!("{p}: {e}")))?;
         let mut take = |name: &'static str| bpf.take_map(name).ok_or(XdpError::Missing(name));
         let map4 = take(FLOWS4_MAP)?;
         let mode = mode.unwrap_or_else(|| {
             let probe = match &map4 {
-                aya::maps::Map::PerCpuHashMap(m) => sys::batch_supported(m.fd().as_fd()),
+                aya::maps::Map::HashMap(m) => sys::batch_supported(m.fd().as_fd()),
                 _ => false,
             };
             if probe {
@@ -430,8 +475,8 @@ impl XdpSource {
                 DrainMode::PerKey
             }
         });
-        let flows4 = KernelFlows::new(map4, timeouts, ifindex, mode, ncpus)?;
-        let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex, mode, ncpus)?;
+        let flows4 = KernelFlows::new(map4, timeouts, ifindex, mode)?;
+        let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex, mode)?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
         let clock =
@@ -443,7 +488,6 @@ impl XdpSource {
             ring: Some(ring),
             overflow: HashMap::new(),
             overflow_table: FlowTable::new(timeouts),
-            ncpus,
             mode,
             clock: std::sync::Arc::new(clock),
             drain: DrainCounters::default(),
@@ -458,12 +502,11 @@ impl XdpSource {
     /// Entries read per batch syscall (tests: 1 makes every bucket of two or more flows
     /// take the kernel's "buffer too small" answer and the buffer grow).
     pub fn set_batch_entries(&mut self, entries: usize) {
-        let ncpus = self.ncpus;
         if let Some(r) = &mut self.flows4.reader {
-            *r = sys::BatchReader::new(entries, size_of::<FlowStats>(), ncpus);
+            *r = sys::BatchReader::new(entries, size_of::<FlowStats>(), 1);
         }
         if let Some(r) = &mut self.flows6.reader {
-            *r = sys::BatchReader::new(entries, size_of::<FlowStats>(), ncpus);
+            *r = sys::BatchReader::new(entries, size_of::<FlowStats>(), 1);
         }
     }
 
@@ -514,9 +557,9 @@ impl XdpSource {
     }
 
     fn scan_all(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        self.flows4.scan(now_ns, self.ncpus, &mut self.drain, out)?;
-        self.flows6.scan(now_ns, self.ncpus, &mut self.drain, out)?;
-        self.overflow_table.begin_scan();
+        self.flows4.scan(now_ns, &mut self.drain, out)?;
+        self.flows6.scan(now_ns, &mut self.drain, out)?;
+        self.overflow_table.begin_pass(now_ns);
         let mut evict = Vec::new();
         for (key, stats) in &self.overflow {
             match self.overflow_table.observe(key, stats, now_ns) {
@@ -530,7 +573,7 @@ impl XdpSource {
                 out.extend(self.overflow_table.evict(&key, &stats));
             }
         }
-        self.overflow_table.end_scan();
+        self.overflow_table.end_pass(now_ns);
         Ok(())
     }
 
@@ -543,8 +586,8 @@ impl XdpSource {
     }
 
     fn flush_all(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        self.flows4.flush(self.ncpus, &mut self.drain, out)?;
-        self.flows6.flush(self.ncpus, &mut self.drain, out)?;
+        self.flows4.flush(&mut self.drain, out)?;
+        self.flows6.flush(&mut self.drain, out)?;
         for (key, stats) in std::mem::take(&mut self.overflow) {
             out.extend(self.overflow_table.evict(&key, &stats));
         }
@@ -552,9 +595,12 @@ impl XdpSource {
     }
 
     /// Flows currently tracked from the kernel maps and in the overflow table.
+    /// Flows in the kernel maps (as of the last complete pass over them) and in the
+    /// overflow table.
     pub fn flow_counts(&self) -> (usize, usize) {
         (
-            self.flows4.table.len() + self.flows6.table.len(),
+            self.flows4.last_pass_len.max(self.flows4.pass_seen)
+                + self.flows6.last_pass_len.max(self.flows6.pass_seen),
             self.overflow.len(),
         )
     }

@@ -20,23 +20,20 @@ struct MapElemAttr {
     flags: u64,
 }
 
-/// Looks up and deletes `key`; returns each possible CPU's value, or `None` if absent.
-pub fn lookup_and_delete_percpu<K: Copy, V: Copy + Default>(
+/// Looks up and deletes `key` of a (shared, not per-CPU) hash map; returns its value, or
+/// `None` if absent.
+pub fn lookup_and_delete<K: Copy, V: Copy + Default>(
     fd: BorrowedFd<'_>,
     key: &K,
-    ncpus: usize,
-) -> io::Result<Option<Vec<V>>> {
-    // The kernel copies each CPU's value rounded up to 8 bytes.
-    let stride = size_of::<V>().div_ceil(8) * 8;
-    let mut buf = vec![0u8; stride * ncpus];
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
     let mut attr = MapElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         key: key as *const K as u64,
-        value: buf.as_mut_ptr() as u64,
+        value: &mut value as *mut V as u64,
         ..Default::default()
     };
-    // SAFETY: attr points at a valid key and a buffer of ncpus * stride bytes, the size the
-    // kernel writes for a per-CPU map of this value size.
+    // SAFETY: attr points at a valid key and a value of the map's value size.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -53,13 +50,7 @@ pub fn lookup_and_delete_percpu<K: Copy, V: Copy + Default>(
             Err(e)
         };
     }
-    let values = (0..ncpus)
-        .map(|i| {
-            // SAFETY: in bounds; V is plain old data written by the kernel.
-            unsafe { std::ptr::read_unaligned(buf.as_ptr().add(i * stride) as *const V) }
-        })
-        .collect();
-    Ok(Some(values))
+    Ok(Some(value))
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -133,24 +124,40 @@ impl<K: Copy + Default> BatchReader<K> {
         op: BatchOp,
         mut each: impl FnMut(&K, &mut dyn Iterator<Item = V>),
     ) -> io::Result<()> {
+        self.read(fd, op, None, usize::MAX, &mut each).map(|_| ())
+    }
+
+    /// Reads from the bucket `start` (None: the first) until at least `quota` entries
+    /// were read or the map ends, calling `each` on every entry. Returns how many were
+    /// read and where the next read starts (None: the map ended).
+    pub fn read<V: Copy>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        op: BatchOp,
+        start: Option<u32>,
+        quota: usize,
+        each: &mut dyn FnMut(&K, &mut dyn Iterator<Item = V>),
+    ) -> io::Result<(usize, Option<u32>)> {
         let cmd = match op {
             BatchOp::Lookup => BPF_MAP_LOOKUP_BATCH,
             BatchOp::LookupAndDelete => BPF_MAP_LOOKUP_AND_DELETE_BATCH,
         };
-        let mut token_in: u32 = 0;
+        let mut token_in: Option<u32> = start;
         let mut token_out: u32 = 0;
-        let mut first = true;
-        loop {
+        let mut read = 0usize;
+        // Raised to the whole buffer when a bucket holds more than the quota's rest.
+        let mut at_least = 1;
+        while read < quota {
+            let want = (quota - read).max(at_least).min(self.capacity());
             let mut attr = BatchAttr {
-                in_batch: if first {
-                    0
-                } else {
-                    &token_in as *const u32 as u64
+                in_batch: match &token_in {
+                    Some(t) => t as *const u32 as u64,
+                    None => 0,
                 },
                 out_batch: &mut token_out as *mut u32 as u64,
                 keys: self.keys.as_mut_ptr() as u64,
                 values: self.values.as_mut_ptr() as u64,
-                count: self.capacity() as u32,
+                count: want as u32,
                 map_fd: fd.as_raw_fd() as u32,
                 ..Default::default()
             };
@@ -169,9 +176,15 @@ impl<K: Copy + Default> BatchReader<K> {
             match err.as_ref().and_then(|e| e.raw_os_error()) {
                 None | Some(libc::ENOENT) => {}
                 Some(libc::ENOSPC) if attr.count == 0 => {
-                    // One bucket holds more entries than the buffer: grow and retry.
-                    let bigger = self.capacity() * 2;
-                    self.resize(bigger);
+                    // One bucket holds more entries than asked for: ask for the whole
+                    // buffer, and grow it when that was not enough either.
+                    if want < self.capacity() {
+                        at_least = self.capacity();
+                    } else {
+                        let bigger = self.capacity() * 2;
+                        self.resize(bigger);
+                        at_least = bigger;
+                    }
                     continue;
                 }
                 Some(_) => return Err(err.expect("checked")),
@@ -188,13 +201,14 @@ impl<K: Copy + Default> BatchReader<K> {
                 });
                 each(&self.keys[i], &mut cpus);
             }
+            read += attr.count as usize;
             if err.is_some() {
-                // ENOENT: that was the last batch.
-                return Ok(());
+                // ENOENT: that was the last bucket.
+                return Ok((read, None));
             }
-            token_in = token_out;
-            first = false;
+            token_in = Some(token_out);
         }
+        Ok((read, token_in))
     }
 }
 
