@@ -20,8 +20,12 @@ pub const CLOCK_MAP: &str = "CLOCK";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 
-/// Default number of flows each kernel flow map (IPv4, IPv6) holds (`--map-size`).
+/// Flows each kernel flow map (IPv4, IPv6) holds in the compiled object and under
+/// `replay`; `run` sizes them for an uplink (see [`UPLINK_MAP_SIZE`]).
 pub const DEFAULT_MAP_SIZE: u32 = 262_144;
+/// `run`'s default flows per kernel map (`--map-size`): a campus uplink holds 0.5 to 2
+/// million concurrent flows, most of them IPv4.
+pub const UPLINK_MAP_SIZE: u32 = 1 << 20;
 /// Ring buffer size for the overflow path, in bytes (a power of two, multiple of the page size).
 pub const OVERFLOW_RING_BYTES: u32 = 1 << 22;
 

@@ -2,19 +2,30 @@
 //!
 //! # Map design
 //!
-//! - `FLOWS4` and `FLOWS6`: `BPF_MAP_TYPE_PERCPU_HASH` maps keyed by the flow identity
+//! - `FLOWS4` and `FLOWS6`: `BPF_MAP_TYPE_HASH` maps keyed by the flow identity
 //!   (addresses, ports, protocol, VLANs, direction, ifindex) -- [`FlowKey4`] (20 bytes, no
 //!   ifindex: one object meters one interface) for IPv4 and [`FlowKey`] (48 bytes) for
-//!   IPv6, because the kernel hashes and compares the whole key on every packet -- valued by [`FlowStats`] (packets, bytes, first/last
-//!   seen, OR of TCP flags, ToS of the first packet). Per-CPU so that every CPU adds to
-//!   its own copy without atomics and without losing a count; userspace sums the copies.
-//!   Each sized at load time (`--map-size`, default 262,144 keys). Never LRU: the kernel
+//!   IPv6, because the kernel hashes and compares the whole key on every packet -- valued
+//!   by [`FlowStats`] (packets, bytes, first/last seen, OR of TCP flags, ToS of the first
+//!   packet). One entry per flow shared by all CPUs: packets and bytes are added with
+//!   atomic adds and new TCP flags with an atomic OR, so counts stay exact whichever CPUs
+//!   a flow's packets land on. Per-CPU maps would cost entries x possible CPUs x 40
+//!   bytes (2.6 GB for a million flows on a 64-CPU host) and make every read of a flow
+//!   touch one cache line per CPU; the atomics cost about 3 ns a packet here. Each map is
+//!   sized at load time (`--map-size`, default 1,048,576 keys). Never LRU: the kernel
 //!   never evicts a flow behind our back, so no packet is lost to eviction.
-//! - Eviction is done by userspace only. It reads the map every second, exports deltas of
-//!   long flows at each active timeout (it remembers what it already exported, the kernel
-//!   keeps cumulative counts), and removes idle or FIN/RST-ended flows with
-//!   `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which returns the final counts atomically: a packet
-//!   arriving after the delete creates a new entry, so nothing falls between the two.
+//! - Eviction is done by userspace only. It reads the maps with `BPF_MAP_LOOKUP_BATCH`
+//!   (thousands of entries a syscall; key by key on kernels without it) once a second,
+//!   spreading a pass over a large map over a few seconds; it exports deltas of long
+//!   flows at each active timeout (it remembers what it already exported, the kernel
+//!   keeps cumulative counts), and removes idle flows, and ended (FIN/RST) flows once a
+//!   pass finds them quiet, with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which returns the final
+//!   counts: a packet arriving after the delete creates a new entry, so nothing falls
+//!   between the two. (A packet being counted on another CPU at the very instant of the
+//!   delete could still write into the removed entry; removing only quiet flows makes
+//!   that all but impossible, and the agent compares counted and exported packets at
+//!   exit.) At exit, with the programs detached, `BPF_MAP_LOOKUP_AND_DELETE_BATCH` empties
+//!   the maps.
 //! - Overflow path: when inserting a new flow fails (map full), the packet's contribution
 //!   (key, IP length, flags, ToS, time) goes into the `OVERFLOW` ring buffer; userspace
 //!   aggregates those into flows of its own and exports them like the others. When the

@@ -270,8 +270,9 @@ impl Meter {
             bail!(msg);
         }
         raise_memlock_limit();
+        let map_size = args.map_size.unwrap_or_else(xdp::default_map_size);
         let mut bpf = xdp::load_object(LoadOptions {
-            map_size: args.map_size,
+            map_size,
             sampling: args.sampling,
         })?;
         let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
@@ -286,7 +287,14 @@ impl Meter {
         let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
             .context("starting the packet clock")?;
         let mode = xdp::attach(&mut bpf, iface, args.xdp_mode)?;
-        xdp::log_attached(iface, mode, args.map_size, args.sampling);
+        xdp::log_attached(iface, mode, map_size, args.sampling);
+        let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{}", b >> 20));
+        let (m4, m6) = source.map_kernel_bytes();
+        info!(
+            "flow maps: {map_size} IPv4 flows ({} MiB of kernel memory) and {map_size} IPv6 flows ({} MiB), whatever the number of CPUs",
+            mib(m4),
+            mib(m6)
+        );
         let ring = source.take_ring().context("overflow ring buffer")?;
         // SAFETY: the ring buffer owns its file descriptor and keeps it open while the
         // AsyncFd owns the ring buffer.

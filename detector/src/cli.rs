@@ -102,9 +102,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub inactive_timeout: u64,
 
-    /// Flows the kernel map holds; packets of flows that do not fit take the ring-buffer path.
-    #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
-    pub map_size: u32,
+    /// Flows each kernel map (IPv4, IPv6) holds; packets of flows that do not fit take the
+    /// ring-buffer path. Default: 1,048,576, or less when a quarter of the available
+    /// memory cannot hold both maps (the size chosen and its kernel memory are logged).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
+    pub map_size: Option<u32>,
 
     /// Account 1 packet in N (random sampling); exported as the sampling interval.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -238,7 +240,7 @@ mod tests {
         };
         assert_eq!(a.iface.as_deref(), Some("eth0"));
         assert_eq!((a.active_timeout, a.inactive_timeout), (60, 15));
-        assert_eq!(a.map_size, 262_144);
+        assert_eq!(a.map_size, None);
         assert_eq!(a.sampling, 1);
         assert_eq!(a.xdp_mode, XdpModeArg::Auto);
         assert!(a.export.is_empty() && a.flows_json.is_none());

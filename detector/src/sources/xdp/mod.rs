@@ -639,6 +639,60 @@ pub fn final_check(k: &KernelCounters, drain: &DrainCounters) -> Result<u64, Str
     }
 }
 
+/// Kernel bytes one flow entry takes in a preallocated hash map: the element header
+/// (hash-list node, hash, padding: 48 bytes on 64-bit kernels), the key and the value
+/// rounded to 8 bytes, and its share of the bucket array (16 bytes a bucket, one bucket
+/// per entry).
+pub fn entry_bytes(key_size: usize) -> u64 {
+    (48 + key_size.div_ceil(8) * 8 + size_of::<FlowStats>().div_ceil(8) * 8 + 16) as u64
+}
+
+/// `run`'s map size when `--map-size` is not given: [`UPLINK_MAP_SIZE`] flows per map,
+/// halved until both maps fit in a quarter of the memory available now.
+pub fn default_map_size() -> u32 {
+    let per_flow = entry_bytes(size_of::<FlowKey4>()) + entry_bytes(size_of::<FlowKey>());
+    let available = mem_available_bytes().unwrap_or(u64::MAX);
+    let mut size = detector_common::UPLINK_MAP_SIZE;
+    while size > detector_common::DEFAULT_MAP_SIZE / 4 && size as u64 * per_flow > available / 4 {
+        size /= 2;
+    }
+    if size < detector_common::UPLINK_MAP_SIZE {
+        warn!(
+            "only {} MiB of memory available: the flow maps hold {size} flows each instead of {} (set --map-size to choose)",
+            available >> 20,
+            detector_common::UPLINK_MAP_SIZE
+        );
+    }
+    size
+}
+
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The kernel memory a loaded map is charged for (`memlock` of its fdinfo), in bytes.
+pub fn map_kernel_bytes(map: &MapData) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl XdpSource {
+    /// Kernel memory of the IPv4 and IPv6 flow maps, in bytes.
+    pub fn map_kernel_bytes(&self) -> (Option<u64>, Option<u64>) {
+        (
+            map_kernel_bytes(self.flows4.map.map()),
+            map_kernel_bytes(self.flows6.map.map()),
+        )
+    }
+}
+
 /// Logs what the meter attached with.
 pub fn log_attached(iface: &str, mode: XdpMode, map_size: u32, sampling: u32) {
     info!(
