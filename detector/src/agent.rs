@@ -1,9 +1,13 @@
 //! The `run` shell: sockets, timers, signals and BPF I/O around the pure core.
 //!
-//! Sources: the local XDP/TC meter (`--iface`) and NetFlow/IPFIX listeners
-//! (`--netflow-listen`). Every record, whatever its source, goes through the same
-//! pipeline: duplicate marking, then every sink.
+//! Sources: the local XDP/TC meter (`--iface`), drained every second on this thread,
+//! and NetFlow/IPFIX listeners (`--netflow-listen`), decoded on threads of their own.
+//! Both hand their records to the [`Pipeline`] (duplicate marking and detection on the
+//! shard workers, then the sinks); the evaluations run on a thread of their own too, so
+//! the drain never waits behind scoring.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -12,212 +16,19 @@ use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
-use crate::export::Sink;
-use crate::export::json::JsonSink;
-use crate::export::netflow_v9::{self, V9Config, V9Sink};
-use crate::flow::dedup::Dedup;
+use crate::export::netflow_v9::V9Config;
 use crate::flow::table::{Delta, Timeouts};
 use crate::flow::{FlowRecord, WallClock, monotonic_ns, record_from_delta};
+use crate::pipeline::{Pipeline, PipelineConfig, WhenBehind, build};
 use crate::sources::netflow::decode::{DecodeLimits, Decoder};
-use crate::sources::netflow::listener::{Batch, Listener};
+use crate::sources::netflow::listener::Listener;
 use crate::sources::xdp::{self, KernelCounters, LoadOptions, XdpSource};
 use detector_common::counter;
 
 /// How often the kernel map is scanned.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
-/// How long the duplicate marker remembers a flow after its last record.
-pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
-/// Flows the duplicate marker tracks at most.
-pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
-
-/// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
-pub fn sinks(
-    export: &[String],
-    flows_json: Option<&str>,
-    v9: V9Config,
-    boot: SystemTime,
-) -> Result<Vec<Box<dyn Sink + Send>>> {
-    let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
-    if !export.is_empty() {
-        let targets = export
-            .iter()
-            .map(|t| netflow_v9::resolve(t))
-            .collect::<Result<Vec<_>, _>>()?;
-        sinks.push(Box::new(V9Sink::new(&targets, v9, boot)?));
-    }
-    let json = match (flows_json, export.is_empty()) {
-        (Some(p), _) => Some(p),
-        (None, true) => Some("-"),
-        (None, false) => None,
-    };
-    if let Some(path) = json {
-        sinks.push(Box::new(
-            JsonSink::open(path).with_context(|| format!("opening --flows-json {path}"))?,
-        ));
-    }
-    Ok(sinks)
-}
-
-/// The detection settings and alarm sinks from `--config` and the flags (which win).
-pub fn detection(
-    a: &crate::cli::DetectArgs,
-) -> Result<(
-    crate::detect::DetectConfig,
-    crate::export::alarms::AlarmSink,
-)> {
-    use crate::config::FileConfig;
-    let file = match &a.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    let mut cfg = file.detect_config();
-    if !a.internal.is_empty() {
-        cfg.internal = a.internal.clone();
-    }
-    let json = a
-        .alarms_json
-        .clone()
-        .or_else(|| file.sinks.alarms_json.clone());
-    let mut alarms = crate::export::alarms::AlarmSink::open(json.as_deref())
-        .with_context(|| format!("opening the alarms file {json:?}"))?;
-    let syslog = a
-        .syslog
-        .clone()
-        .or_else(|| file.sinks.syslog.as_ref().map(|s| s.address.clone()));
-    if let Some(addr) = syslog {
-        let addr = crate::export::syslog::parse_address(&addr).map_err(anyhow::Error::msg)?;
-        alarms.syslog = Some(crate::export::syslog::SyslogSink::new(addr));
-    }
-    let webhook = match (&a.webhook, &file.sinks.webhook) {
-        (Some(url), w) => Some(crate::config::WebhookSink {
-            url: url.clone(),
-            timeout_secs: w.as_ref().map(|w| w.timeout_secs).unwrap_or(5),
-            retries: w.as_ref().map(|w| w.retries).unwrap_or(3),
-            queue: w.as_ref().map(|w| w.queue).unwrap_or(1000),
-        }),
-        (None, w) => w.clone(),
-    };
-    if let Some(w) = webhook {
-        if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-            bail!("--webhook '{}' is not an http:// or https:// URL", w.url);
-        }
-        alarms.webhook = Some(crate::export::webhook::WebhookSink::new(
-            w.url,
-            Duration::from_secs(w.timeout_secs),
-            w.retries,
-            w.queue,
-        ));
-    }
-    Ok((cfg, alarms))
-}
-
-/// Dedup, detection, then every sink.
-pub struct Pipeline {
-    pub sinks: Vec<Box<dyn Sink + Send>>,
-    pub dedup: Dedup,
-    pub engine: crate::detect::Engine,
-    pub alarms: crate::export::alarms::AlarmSink,
-    pub exported_records: u64,
-    pub exported_packets: u64,
-    pub exported_bytes: u64,
-    /// What the bounded tables turned away, as last logged: flows the duplicate table
-    /// forgot early, records of hosts beyond the profiled limit.
-    limits_logged: (u64, u64),
-}
-
-impl Pipeline {
-    pub fn new(
-        sinks: Vec<Box<dyn Sink + Send>>,
-        detect: crate::detect::DetectConfig,
-        alarms: crate::export::alarms::AlarmSink,
-    ) -> Self {
-        Self {
-            sinks,
-            dedup: Dedup::new(DEDUP_WINDOW, DEDUP_MAX_FLOWS),
-            engine: crate::detect::Engine::new(detect),
-            alarms,
-            exported_records: 0,
-            exported_packets: 0,
-            exported_bytes: 0,
-            limits_logged: (0, 0),
-        }
-    }
-
-    /// Sends records (possibly none: sinks do periodic work) stamped `now`.
-    pub fn emit(&mut self, records: &mut [FlowRecord], now: SystemTime) {
-        self.dedup.mark_batch(records);
-        for r in records.iter() {
-            self.exported_packets += r.est_packets();
-            self.exported_bytes += r.est_bytes();
-        }
-        self.engine.observe_batch(records);
-        self.exported_records += records.len() as u64;
-        for s in &mut self.sinks {
-            s.send(records, now);
-        }
-    }
-
-    /// Runs the detection when its interval has passed at `now` (or always with `force`)
-    /// and sends the alarm events.
-    pub fn detect(&mut self, now: SystemTime, force: bool) {
-        let events = self.engine.tick(now, force);
-        self.alarms.send(&events);
-        self.log_limits();
-    }
-
-    /// Names each increase of what the bounded tables turned away.
-    fn log_limits(&mut self) {
-        let early = self.dedup.stats.evicted_early;
-        if early > self.limits_logged.0 {
-            warn!(
-                "{early} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
-                DEDUP_WINDOW.as_secs(),
-                self.dedup.capacity()
-            );
-        }
-        let over = self.engine.stats.hosts_over_limit;
-        if over > self.limits_logged.1 {
-            warn!(
-                "{over} records so far of internal hosts beyond the {} profiled were not profiled",
-                self.engine.max_hosts()
-            );
-        }
-        self.limits_logged = (early, over);
-    }
-
-    pub fn describe(&self) -> String {
-        let sinks: Vec<_> = self.sinks.iter().map(|s| s.describe()).collect();
-        // The hosts closest to an alarm (or in one), so an admin sees the margins.
-        let highest: Vec<String> = self
-            .engine
-            .last_scores()
-            .into_iter()
-            .take(10)
-            .filter(|(_, score, _)| *score > 0.0)
-            .map(|(ip, score, guard)| match guard {
-                Some(g) => format!("{ip} {score:.1} (vetoed as {g})"),
-                None => format!("{ip} {score:.1}"),
-            })
-            .collect();
-        format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows the full duplicate table forgot early); detection: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
-            self.exported_records,
-            self.exported_packets,
-            self.exported_bytes,
-            self.dedup.stats.duplicates,
-            self.dedup.stats.evicted_early,
-            self.engine.hosts(),
-            self.engine.stats.hosts_over_limit,
-            self.engine.thresholds().score,
-            highest.join(", "),
-            self.alarms.describe(),
-            sinks.join("; ")
-        )
-    }
-}
 
 /// Remembers the loss counters so that each increase is logged once.
 #[derive(Default)]
@@ -365,24 +176,24 @@ async fn ring_ready(
     }
 }
 
-/// NetFlow/IPFIX ingest: the decoder and the listeners' kernel drop counters.
+/// NetFlow/IPFIX ingest: the listeners, and their kernel drop counts as last logged.
 struct Ingest {
-    decoder: Decoder,
-    listeners: Vec<(std::net::SocketAddr, u64)>,
+    listeners: Vec<Listener>,
+    drops_logged: Vec<u64>,
 }
 
 impl Ingest {
-    fn batch(&mut self, b: Batch, out: &mut Vec<FlowRecord>) {
-        for (from, data) in &b.datagrams {
-            self.decoder.decode(*from, data, b.received, out);
-        }
-        let (addr, drops) = &mut self.listeners[b.listener];
-        if b.kernel_drops > *drops {
-            warn!(
-                "listener {addr}: the kernel dropped {} datagrams so far (receive buffer full; raise --netflow-rcvbuf)",
-                b.kernel_drops
-            );
-            *drops = b.kernel_drops;
+    /// Logs each increase of a listener's kernel drops.
+    fn check(&mut self) {
+        for (l, logged) in self.listeners.iter().zip(&mut self.drops_logged) {
+            let drops = l.kernel_drops();
+            if drops > *logged {
+                warn!(
+                    "listener {}: the kernel dropped {drops} datagrams so far (receive buffer full; raise --netflow-rcvbuf, or more --workers)",
+                    l.addr
+                );
+                *logged = drops;
+            }
         }
     }
 
@@ -390,16 +201,59 @@ impl Ingest {
         let mut parts: Vec<String> = self
             .listeners
             .iter()
-            .map(|(a, d)| format!("listener {a}: kernel drops {d}"))
+            .map(|l| format!("listener {}: kernel drops {}", l.addr, l.kernel_drops()))
             .collect();
-        parts.extend(self.decoder.describe_exporters());
-        let g = &self.decoder.global;
+        let (mut rejected, mut over) = (0, 0);
+        for d in self.listeners.iter().flat_map(|l| &l.decoders) {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            parts.extend(d.describe_exporters());
+            rejected += d.global.rejected;
+            over += d.global.over_exporter_limit;
+        }
         parts.push(format!(
-            "rejected by --exporter-allow {}, over the exporter limit {}",
-            g.rejected, g.over_exporter_limit
+            "rejected by --exporter-allow {rejected}, over the exporter limit {over}"
         ));
         parts.join("; ")
     }
+
+    /// Stops reading (after the sockets are empty) and waits for the decoder threads.
+    fn stop(&mut self, stop: &AtomicBool) {
+        stop.store(true, Ordering::Relaxed);
+        for l in &mut self.listeners {
+            l.join();
+        }
+    }
+}
+
+/// Runs the pipeline's periodic work (duplicate expiry, evaluations, alarm events, its
+/// statistics line) every second on a thread of its own, until told to stop; then
+/// hands the pipeline back.
+fn start_evaluator(
+    mut pipeline: Pipeline,
+    stats_every: Duration,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Pipeline>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("evaluator".into())
+        .spawn(move || {
+            let mut last_stats = std::time::Instant::now();
+            loop {
+                match rx.recv_timeout(DRAIN_INTERVAL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return pipeline,
+                }
+                pipeline.tick(SystemTime::now(), false);
+                if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
+                    last_stats = std::time::Instant::now();
+                    info!("{}", pipeline.describe());
+                }
+            }
+        })
+        .expect("spawn the evaluator thread");
+    (tx, handle)
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -414,32 +268,38 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling_interval: args.sampling,
         ..V9Config::default()
     };
-    let (detect, alarms) = detection(&args.detect)?;
-    let mut pipeline = Pipeline::new(
-        sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
-        detect,
-        alarms,
-    );
+    let (detect, alarms) = build::detection(&args.detect)?;
+    let sinks = build::sinks(&args.export, args.flows_json.as_deref(), v9, boot)?;
+    let cfg = PipelineConfig::new(args.workers.map(|w| w as usize), WhenBehind::Shed);
+    let pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
+    let input = pipeline.input();
 
-    let (tx, mut rx) = mpsc::channel::<Batch>(256);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut ingest = None;
     if !args.netflow_listen.is_empty() {
         let mut listeners = Vec::new();
-        for (i, addr) in args.netflow_listen.iter().enumerate() {
-            let l = Listener::bind(*addr, args.netflow_rcvbuf)?;
+        for addr in &args.netflow_listen {
+            let allow = args.exporter_allow.clone();
+            let l = Listener::start(
+                *addr,
+                args.netflow_rcvbuf,
+                cfg.workers,
+                || Decoder::new(DecodeLimits::default(), allow.clone()),
+                &input,
+                &stop,
+            )?;
             info!(
-                "receiving NetFlow/IPFIX on {} (receive buffer {} bytes)",
-                l.addr, l.rcvbuf
+                "receiving NetFlow/IPFIX on {} ({} decoder threads, receive buffer {} bytes each)",
+                l.addr, cfg.workers, l.rcvbuf
             );
-            listeners.push((l.addr, 0));
-            tokio::spawn(l.run(i, tx.clone()));
+            listeners.push(l);
         }
+        let n = listeners.len();
         ingest = Some(Ingest {
-            decoder: Decoder::new(DecodeLimits::default(), args.exporter_allow.clone()),
             listeners,
+            drops_logged: vec![0; n],
         });
     }
-    drop(tx);
 
     let (mut meter, mut ring) = match &args.iface {
         Some(iface) => {
@@ -448,32 +308,36 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => (None, None),
     };
-    for s in &pipeline.sinks {
-        info!("exporting to {}", s.name());
+    for s in pipeline.sink_names() {
+        info!("exporting to {s}");
     }
+    info!(
+        "duplicate marking and detection on {} worker threads",
+        pipeline.workers()
+    );
+    let stats_every = Duration::from_secs(args.stats_interval);
+    let (stop_evaluator, evaluator) = start_evaluator(pipeline, stats_every);
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stats_every = Duration::from_secs(args.stats_interval);
     let mut last_stats = tokio::time::Instant::now();
-    let mut records = Vec::new();
 
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let (Some(m), Some(r)) = (meter.as_mut(), ring.as_mut()) {
-                    records.extend(m.tick(r)?);
+                let records = match (meter.as_mut(), ring.as_mut()) {
+                    (Some(m), Some(r)) => m.tick(r)?,
+                    _ => Vec::new(),
+                };
+                input.emit(records, SystemTime::now());
+                if let Some(i) = ingest.as_mut() {
+                    i.check();
                 }
-                let now = SystemTime::now();
-                pipeline.emit(&mut records, now);
-                records.clear();
-                pipeline.dedup.expire(now);
-                pipeline.detect(now, false);
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = tokio::time::Instant::now();
-                    log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
+                    log_stats(meter.as_ref(), ingest.as_ref());
                 }
             }
             guard = ring_ready(&mut ring) => {
@@ -483,35 +347,32 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 guard.clear_ready();
             }
-            Some(batch) = rx.recv(), if ingest.is_some() => {
-                let ing = ingest.as_mut().expect("checked by the branch condition");
-                ing.batch(batch, &mut records);
-                if !records.is_empty() {
-                    pipeline.emit(&mut records, SystemTime::now());
-                    records.clear();
-                }
-            }
             _ = sigint.recv() => { info!("SIGINT: detaching and flushing every flow"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching and flushing every flow"); break; }
         }
     }
 
-    // Datagrams already received are decoded, then the meter's flows flushed.
-    while let Ok(batch) = rx.try_recv() {
-        if let Some(ing) = ingest.as_mut() {
-            ing.batch(batch, &mut records);
-        }
+    // Datagrams already received are decoded, then the meter's flows flushed, then the
+    // pipeline finishes what it was handed.
+    if let Some(i) = ingest.as_mut() {
+        i.stop(&stop);
+        i.check();
     }
     if let (Some(m), Some(r)) = (meter.as_mut(), ring.as_mut()) {
-        records.extend(m.stop(r)?);
+        input.emit(m.stop(r)?, SystemTime::now());
     }
-    pipeline.emit(&mut records, SystemTime::now());
-    pipeline.detect(SystemTime::now(), true);
-    log_stats(meter.as_ref(), ingest.as_ref(), &pipeline);
+    drop(input);
+    let _ = stop_evaluator.send(());
+    let pipeline = evaluator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the evaluator thread panicked"))?;
+    log_stats(meter.as_ref(), ingest.as_ref());
+    let done = pipeline.finish(SystemTime::now());
+    info!("{}", done.describe);
     Ok(())
 }
 
-fn log_stats(meter: Option<&Meter>, ingest: Option<&Ingest>, pipeline: &Pipeline) {
+fn log_stats(meter: Option<&Meter>, ingest: Option<&Ingest>) {
     if let Some(m) = meter {
         match m.describe() {
             Ok(s) => info!("{s}"),
@@ -521,7 +382,6 @@ fn log_stats(meter: Option<&Meter>, ingest: Option<&Ingest>, pipeline: &Pipeline
     if let Some(i) = ingest {
         info!("ingest: {}", i.describe());
     }
-    info!("{}", pipeline.describe());
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; raise it so large maps load.

@@ -521,7 +521,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
     let window = cfg.window;
     let eval = cfg.eval_interval;
     let mut engine = Engine::new(cfg);
-    let mut dedup = Dedup::new(crate::agent::DEDUP_WINDOW, args.dedup_flows);
+    let mut dedup = Dedup::new(crate::pipeline::DEDUP_WINDOW, args.dedup_flows);
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let rss0 = rss_bytes();
     println!(

@@ -192,7 +192,7 @@ pub struct EngineBenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
     pub windows: u64,
     /// Flows the duplicate table holds (the agent's: 4,000,000).
-    #[arg(long, default_value_t = crate::agent::DEDUP_MAX_FLOWS)]
+    #[arg(long, default_value_t = crate::pipeline::DEDUP_MAX_FLOWS)]
     pub dedup_flows: usize,
 }
 

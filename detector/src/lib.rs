@@ -12,6 +12,7 @@ pub mod config;
 pub mod detect;
 pub mod export;
 pub mod flow;
+pub mod pipeline;
 pub mod privileges;
 pub mod replay;
 pub mod sources;

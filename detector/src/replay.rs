@@ -17,10 +17,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use log::info;
 
-use crate::agent::{Pipeline, sinks};
 use crate::export::netflow_v9::V9Config;
 use crate::flow::table::Timeouts;
 use crate::flow::{FlowRecord, WallClock, record_from_delta};
+use crate::pipeline::{Pipeline, PipelineConfig, WhenBehind, build};
 use crate::sources::capture::Capture;
 use crate::sources::netflow::capture::decode_capture;
 use crate::sources::netflow::decode::{Cidr, DecodeLimits, Decoder};
@@ -76,6 +76,11 @@ pub struct ReplayArgs {
     /// NetFlow v9 source ID of the export.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub source_id: u32,
+
+    /// Worker threads for duplicate marking and detection (1 keeps the records in the
+    /// capture's order in the output).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
 }
 
 pub fn replay(args: ReplayArgs) -> Result<()> {
@@ -84,31 +89,33 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         source_id: args.source_id,
         ..V9Config::default()
     };
-    let (detect, alarms) = crate::agent::detection(&args.detect)?;
-    let mut pipeline = Pipeline::new(
-        sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+    let (detect, alarms) = build::detection(&args.detect)?;
+    let cfg = PipelineConfig::new(Some(args.workers as usize), WhenBehind::Wait);
+    let pipeline = Pipeline::new(
+        &cfg,
+        build::sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
         detect,
         alarms,
     );
     if args.netflow {
-        replay_netflow(&args, &mut pipeline)
+        replay_netflow(&args, pipeline)
     } else {
-        replay_frames(&args, &mut pipeline)
+        replay_frames(&args, pipeline)
     }
 }
 
-fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
+fn replay_netflow(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
     let mut decoder = Decoder::new(DecodeLimits::default(), args.exporter_allow.clone());
     let mut latest = SystemTime::UNIX_EPOCH;
-    let stats = decode_capture(&args.capture, args.port, &mut decoder, |mut records| {
+    let stats = decode_capture(&args.capture, args.port, &mut decoder, |records| {
         for r in &records {
             latest = latest.max(r.last);
         }
-        pipeline.emit(&mut records, latest);
-        pipeline.detect(latest, false);
+        pipeline.emit(records, latest);
+        pipeline.tick(latest, false);
     })?;
-    pipeline.emit(&mut [], latest);
-    pipeline.detect(latest, true);
+    pipeline.emit(Vec::new(), latest);
+    let done = pipeline.finish(latest);
     eprintln!(
         "replay --netflow {}: {} frames, {} NetFlow/IPFIX datagrams, {} other UDP skipped",
         args.capture.display(),
@@ -119,8 +126,8 @@ fn replay_netflow(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
     for line in decoder.describe_exporters() {
         eprintln!("  {line}");
     }
-    report_suspects(pipeline);
-    eprintln!("{}", pipeline.describe());
+    report_suspects(&done);
+    eprintln!("{}", done.describe);
     Ok(())
 }
 
@@ -133,7 +140,7 @@ pub struct ReplaySummary {
     pub backwards: u64,
 }
 
-fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
+fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
     if let Some(msg) =
         crate::privileges::check("replay (it runs the XDP program with BPF_PROG_TEST_RUN)")
     {
@@ -175,13 +182,13 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
     let mut deltas = Vec::new();
     let mut read_bytes = 0u64;
     let emit = |deltas: &mut Vec<_>, pipeline: &mut Pipeline, now_ns: u64| {
-        let mut records: Vec<FlowRecord> = deltas
+        let records: Vec<FlowRecord> = deltas
             .drain(..)
             .map(|d| record_from_delta(&d, &wall, 1))
             .collect();
         let now = wall.to_wall(now_ns);
-        pipeline.emit(&mut records, now);
-        pipeline.detect(now, false);
+        pipeline.emit(records, now);
+        pipeline.tick(now, false);
     };
 
     while let Some(frame) = cap.next_frame() {
@@ -205,7 +212,7 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
             if next_scan_ns != 0 {
                 source.drain_ring(&mut ring);
                 source.scan(now_ns, &mut deltas)?;
-                emit(&mut deltas, pipeline, now_ns);
+                emit(&mut deltas, &mut pipeline, now_ns);
             }
             next_scan_ns = now_ns + 1_000_000_000;
         }
@@ -222,8 +229,8 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
     summary.unsupported_link = cap.stats.unsupported_link;
     source.drain_ring(&mut ring);
     source.flush(&mut deltas)?;
-    emit(&mut deltas, pipeline, now_ns);
-    pipeline.detect(wall.to_wall(now_ns), true);
+    emit(&mut deltas, &mut pipeline, now_ns);
+    let done = pipeline.finish(wall.to_wall(now_ns));
     clock.set(0);
     bar.finish_and_clear();
 
@@ -242,7 +249,7 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
         summary.unsupported_link,
         summary.backwards,
         k.total(counter::FLOW_PACKETS) + k.total(counter::OVERFLOW_PACKETS),
-        pipeline.exported_records,
+        done.records,
         k.total(counter::NOT_IP),
         if failures.is_empty() {
             "none".to_string()
@@ -250,15 +257,15 @@ fn replay_frames(args: &ReplayArgs, pipeline: &mut Pipeline) -> Result<()> {
             failures.join(" ")
         }
     );
-    report_suspects(pipeline);
-    info!("{}", pipeline.describe());
+    report_suspects(&done);
+    info!("{}", done.describe);
     Ok(())
 }
 
 /// The hosts with the highest detection scores at the end of a replay.
-fn report_suspects(pipeline: &Pipeline) {
-    let t = &pipeline.engine.thresholds().score;
-    for (ip, score, guard) in pipeline.engine.last_scores().into_iter().take(5) {
+fn report_suspects(done: &crate::pipeline::Finished) {
+    let t = done.score_threshold;
+    for (ip, score, guard) in done.top_scores.iter().take(5) {
         eprintln!(
             "  detection: host {ip} score {score:.1} (alarm threshold {t:.1}){}",
             guard

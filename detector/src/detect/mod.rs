@@ -72,7 +72,8 @@ impl Default for DetectConfig {
 }
 
 impl DetectConfig {
-    fn internal(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in an internal network.
+    pub fn is_internal(&self, ip: IpAddr) -> bool {
         self.internal.iter().any(|c| c.contains(ip))
     }
 
@@ -83,6 +84,52 @@ impl DetectConfig {
 
 fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast() || v4.octets()[3] == 255)
+}
+
+/// The network's top 10 external senders over the window, merged over the shards of
+/// an engine split by internal host (each shard sees a sender's bytes into its own
+/// hosts), and the senders idle for the whole window, which every shard forgets.
+#[derive(Clone, Debug, Default)]
+pub struct TopSenders {
+    pub top10: HashSet<IpAddr>,
+    pub idle: HashSet<IpAddr>,
+}
+
+impl TopSenders {
+    /// Sums each sender's bytes over the shards' snapshots (its last time is the latest
+    /// of them): exactly what one engine fed every record would hold.
+    pub fn from_shards(
+        shards: impl IntoIterator<Item = Vec<(IpAddr, u64, SystemTime)>>,
+        now: SystemTime,
+        window: Duration,
+    ) -> Self {
+        let mut merged: std::collections::HashMap<IpAddr, (u64, SystemTime)> =
+            std::collections::HashMap::new();
+        for snapshot in shards {
+            for (ip, bytes, last) in snapshot {
+                let e = merged.entry(ip).or_insert((0, last));
+                e.0 += bytes;
+                e.1 = e.1.max(last);
+            }
+        }
+        let mut idle = HashSet::new();
+        let mut by_bytes: Vec<(IpAddr, u64)> = Vec::with_capacity(merged.len());
+        for (ip, (bytes, last)) in merged {
+            if now.duration_since(last).unwrap_or_default() < window {
+                by_bytes.push((ip, bytes));
+            } else {
+                idle.insert(ip);
+            }
+        }
+        if by_bytes.len() > 10 {
+            by_bytes.select_nth_unstable_by_key(9, |&(_, b)| std::cmp::Reverse(b));
+            by_bytes.truncate(10);
+        }
+        Self {
+            top10: by_bytes.into_iter().map(|(ip, _)| ip).collect(),
+            idle,
+        }
+    }
 }
 
 /// Alarm lifecycle states.
@@ -216,8 +263,40 @@ pub struct Engine {
     /// Bytes each external address sent into the network, and when it last did.
     senders: dense::DenseMap<IpAddr, (u64, SystemTime)>,
     limits: profile::Limits,
-    next_eval: Option<SystemTime>,
+    schedule: EvalSchedule,
     pub stats: EngineStats,
+}
+
+/// When evaluations are due: every `interval` on a fixed grid from the first (the
+/// caller's clock ticks coarsely; the grid keeps evaluations from drifting).
+#[derive(Clone, Debug)]
+pub struct EvalSchedule {
+    next: Option<SystemTime>,
+    interval: Duration,
+}
+
+impl EvalSchedule {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            next: None,
+            interval,
+        }
+    }
+
+    /// Whether an evaluation is due at `now` (always with `force`); if so, the next one
+    /// is scheduled.
+    pub fn due(&mut self, now: SystemTime, force: bool) -> bool {
+        match self.next {
+            Some(t) if now < t && !force => return false,
+            _ => {}
+        }
+        let interval = self.interval;
+        self.next = Some(match self.next {
+            Some(t) if !force && now < t + interval => t + interval,
+            _ => now + interval,
+        });
+        true
+    }
 }
 
 impl Engine {
@@ -229,10 +308,10 @@ impl Engine {
         };
         Self {
             limits,
+            schedule: EvalSchedule::new(cfg.eval_interval),
             cfg,
             hosts: dense::DenseMap::default(),
             senders: dense::DenseMap::default(),
-            next_eval: None,
             stats: EngineStats::default(),
         }
     }
@@ -389,7 +468,10 @@ impl Engine {
 
     /// Which side of `r` is the internal host (None unless exactly one is).
     fn sides(&self, r: &FlowRecord) -> Option<Sides> {
-        match (self.cfg.internal(r.src_addr), self.cfg.internal(r.dst_addr)) {
+        match (
+            self.cfg.is_internal(r.src_addr),
+            self.cfg.is_internal(r.dst_addr),
+        ) {
             (true, false) => Some(Sides {
                 host: r.src_addr,
                 peer: r.dst_addr,
@@ -484,33 +566,35 @@ impl Engine {
     /// Evaluates when `eval_interval` has passed since the last evaluation (or always
     /// with `force`); returns the alarm events.
     pub fn tick(&mut self, now: SystemTime, force: bool) -> Vec<AlarmEvent> {
-        match self.next_eval {
-            Some(t) if now < t && !force => return Vec::new(),
-            _ => {}
+        if !self.schedule.due(now, force) {
+            return Vec::new();
         }
-        // On a fixed grid (the caller's clock ticks coarsely): no drift between evaluations.
-        let interval = self.cfg.eval_interval;
-        self.next_eval = Some(match self.next_eval {
-            Some(t) if !force && now < t + interval => t + interval,
-            _ => now + interval,
-        });
         self.evaluate(now)
     }
 
     fn evaluate(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
+        let top = TopSenders::from_shards([self.senders_snapshot()], now, self.cfg.window);
+        self.evaluate_with(now, &top)
+    }
+
+    /// Phase one of an evaluation split over shards: every external sender this engine
+    /// has seen, with its bytes into the network and when it last sent.
+    pub fn senders_snapshot(&self) -> Vec<(IpAddr, u64, SystemTime)> {
+        self.senders
+            .iter()
+            .map(|(ip, (b, last))| (*ip, *b, *last))
+            .collect()
+    }
+
+    /// Phase two: forgets the senders idle for the window over all shards, then expires
+    /// and scores every host with the network's top 10 senders.
+    pub fn evaluate_with(&mut self, now: SystemTime, top: &TopSenders) -> Vec<AlarmEvent> {
         self.stats.evaluations += 1;
         let window = self.cfg.window;
-        // The top 10 external senders into the network over the window (senders idle
-        // for the window are forgotten; the others' bytes count since they started).
-        self.senders
-            .retain(|_, (_, last)| now.duration_since(*last).unwrap_or_default() < window);
-        let mut by_bytes: Vec<(IpAddr, u64)> =
-            self.senders.iter().map(|(ip, (b, _))| (*ip, *b)).collect();
-        if by_bytes.len() > 10 {
-            by_bytes.select_nth_unstable_by_key(9, |&(_, b)| std::cmp::Reverse(b));
-            by_bytes.truncate(10);
+        if !top.idle.is_empty() {
+            self.senders.retain(|ip, _| !top.idle.contains(ip));
         }
-        let top10: HashSet<IpAddr> = by_bytes.iter().take(10).map(|(ip, _)| *ip).collect();
+        let top10 = &top.top10;
         let window_min = window.as_secs_f64() / 60.0;
         let mut events = Vec::new();
         let cfg = &self.cfg;
@@ -530,7 +614,7 @@ impl Engine {
         let (now_ms, window_ms) = (profile::unix_ms(now), window.as_millis() as u64);
         let scoring = Scoring {
             now,
-            top10: &top10,
+            top10,
             top10_list: &top10_list,
             min_peers,
             window_min,

@@ -1,0 +1,91 @@
+//! Builds the pipeline's parts from the command line and the configuration file:
+//! the record sinks, the detection settings and the alarm sinks.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+
+use crate::export::Sink;
+use crate::export::json::JsonSink;
+use crate::export::netflow_v9::{self, V9Config, V9Sink};
+
+/// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
+pub fn sinks(
+    export: &[String],
+    flows_json: Option<&str>,
+    v9: V9Config,
+    boot: SystemTime,
+) -> Result<Vec<Box<dyn Sink + Send>>> {
+    let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+    if !export.is_empty() {
+        let targets = export
+            .iter()
+            .map(|t| netflow_v9::resolve(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        sinks.push(Box::new(V9Sink::new(&targets, v9, boot)?));
+    }
+    let json = match (flows_json, export.is_empty()) {
+        (Some(p), _) => Some(p),
+        (None, true) => Some("-"),
+        (None, false) => None,
+    };
+    if let Some(path) = json {
+        sinks.push(Box::new(
+            JsonSink::open(path).with_context(|| format!("opening --flows-json {path}"))?,
+        ));
+    }
+    Ok(sinks)
+}
+
+/// The detection settings and alarm sinks from `--config` and the flags (which win).
+pub fn detection(
+    a: &crate::cli::DetectArgs,
+) -> Result<(
+    crate::detect::DetectConfig,
+    crate::export::alarms::AlarmSink,
+)> {
+    use crate::config::FileConfig;
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut cfg = file.detect_config();
+    if !a.internal.is_empty() {
+        cfg.internal = a.internal.clone();
+    }
+    let json = a
+        .alarms_json
+        .clone()
+        .or_else(|| file.sinks.alarms_json.clone());
+    let mut alarms = crate::export::alarms::AlarmSink::open(json.as_deref())
+        .with_context(|| format!("opening the alarms file {json:?}"))?;
+    let syslog = a
+        .syslog
+        .clone()
+        .or_else(|| file.sinks.syslog.as_ref().map(|s| s.address.clone()));
+    if let Some(addr) = syslog {
+        let addr = crate::export::syslog::parse_address(&addr).map_err(anyhow::Error::msg)?;
+        alarms.syslog = Some(crate::export::syslog::SyslogSink::new(addr));
+    }
+    let webhook = match (&a.webhook, &file.sinks.webhook) {
+        (Some(url), w) => Some(crate::config::WebhookSink {
+            url: url.clone(),
+            timeout_secs: w.as_ref().map(|w| w.timeout_secs).unwrap_or(5),
+            retries: w.as_ref().map(|w| w.retries).unwrap_or(3),
+            queue: w.as_ref().map(|w| w.queue).unwrap_or(1000),
+        }),
+        (None, w) => w.clone(),
+    };
+    if let Some(w) = webhook {
+        if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+            bail!("--webhook '{}' is not an http:// or https:// URL", w.url);
+        }
+        alarms.webhook = Some(crate::export::webhook::WebhookSink::new(
+            w.url,
+            Duration::from_secs(w.timeout_secs),
+            w.retries,
+            w.queue,
+        ));
+    }
+    Ok((cfg, alarms))
+}

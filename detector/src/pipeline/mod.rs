@@ -1,0 +1,540 @@
+//! The pipeline every record goes through, under `run` and `replay` alike:
+//!
+//! ```text
+//! sources (meter drain, NetFlow decoder threads, replay)
+//!     │  Input::emit: partition by internal host
+//!     ▼
+//! shard workers 1..N (duplicate marking + detection engine, one thread each)
+//!     │  records, marked
+//!     ▼
+//! sink thread (NetFlow v9 export, JSON lines)
+//! ```
+//!
+//! A host's records always reach the same shard (a flow and its copies from other
+//! sources involve the same internal host), so duplicate marks and profiles are exactly
+//! those one engine fed every record would build. Evaluations run in two phases over all
+//! shards, so that the network-wide "top 10 senders" rule sees every shard's bytes (see
+//! [`crate::detect::TopSenders`]). A property test holds a sharded pipeline equal to one
+//! shard: same records, same alarm events.
+//!
+//! Channels are bounded. Under `run`, a source never waits behind scoring: when a shard's
+//! queue is full, its records go straight to the sinks (exported, but neither checked for
+//! duplicates nor profiled), and that is counted and logged. `replay` waits instead.
+
+pub mod build;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::warn;
+
+use crate::detect::{AlarmEvent, DetectConfig, Engine, EngineStats, EvalSchedule, TopSenders};
+use crate::export::Sink;
+use crate::export::alarms::AlarmSink;
+use crate::flow::FlowRecord;
+use crate::flow::dedup::{Dedup, DedupStats};
+
+/// How long the duplicate marker remembers a flow after its last record.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+/// Flows the duplicate marker tracks at most (over all shards).
+pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
+/// Batches a shard's queue holds before it counts as behind.
+const SHARD_QUEUE: usize = 256;
+/// Batches the sink thread's queue holds (shards wait when it is full).
+const SINK_QUEUE: usize = 1024;
+
+/// What a source does when a shard's queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenBehind {
+    /// Send the records straight to the sinks, unmarked and unprofiled, and count them
+    /// (`run`: the meter's drain and the NetFlow listeners never wait behind scoring).
+    Shed,
+    /// Wait for room (`replay`, tests: nothing may be skipped).
+    Wait,
+}
+
+/// Pipeline settings.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Shard worker threads (at least 1).
+    pub workers: usize,
+    pub when_behind: WhenBehind,
+    /// Flows the duplicate marker tracks, over all shards.
+    pub dedup_flows: usize,
+}
+
+impl PipelineConfig {
+    /// `workers` shards (None: one per CPU).
+    pub fn new(workers: Option<usize>, when_behind: WhenBehind) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            workers: workers.unwrap_or(cpus).max(1),
+            when_behind,
+            dedup_flows: DEDUP_MAX_FLOWS,
+        }
+    }
+}
+
+/// Counters of the sources' side, shared by every [`Input`].
+#[derive(Default)]
+struct InputCounters {
+    records: AtomicU64,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    /// Records sent straight to the sinks because their shard was behind.
+    shed: AtomicU64,
+}
+
+enum ToShard {
+    Records(Vec<FlowRecord>, SystemTime),
+    Expire(SystemTime),
+    Senders(SyncSender<Vec<(IpAddr, u64, SystemTime)>>),
+    Evaluate {
+        now: SystemTime,
+        top: Arc<TopSenders>,
+        reply: SyncSender<ShardReport>,
+    },
+}
+
+enum ToSinks {
+    Records(Vec<FlowRecord>, SystemTime),
+    Describe(SyncSender<Vec<String>>),
+}
+
+/// What a shard tells after an evaluation.
+#[derive(Default)]
+struct ShardReport {
+    events: Vec<AlarmEvent>,
+    /// Its ten highest scores.
+    scores: Vec<(IpAddr, f64, Option<&'static str>)>,
+    dedup: DedupStats,
+    dedup_capacity: usize,
+    engine: EngineStats,
+    hosts: usize,
+    max_hosts: usize,
+}
+
+/// Where sources hand their records over: cheap to clone, one per source thread.
+#[derive(Clone)]
+pub struct Input {
+    shards: Arc<[SyncSender<ToShard>]>,
+    sinks: SyncSender<ToSinks>,
+    route: Arc<DetectConfig>,
+    counters: Arc<InputCounters>,
+    when_behind: WhenBehind,
+    /// When shedding was last logged (ms since the pipeline started), to log at most
+    /// once every few seconds.
+    shed_logged: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Input {
+    /// Hands records over (possibly none: the sinks still get `now`, for their periodic
+    /// work such as a template refresh).
+    pub fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
+        let c = &self.counters;
+        c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        let (p, b) = records
+            .iter()
+            .fold((0, 0), |(p, b), r| (p + r.est_packets(), b + r.est_bytes()));
+        c.packets.fetch_add(p, Ordering::Relaxed);
+        c.bytes.fetch_add(b, Ordering::Relaxed);
+        if records.is_empty() {
+            let _ = self.sinks.send(ToSinks::Records(records, now));
+            return;
+        }
+        let n = self.shards.len();
+        if n == 1 {
+            self.to_shard(0, records, now);
+            return;
+        }
+        let mut parts: Vec<Vec<FlowRecord>> = (0..n).map(|_| Vec::new()).collect();
+        for r in records {
+            parts[shard_of(&self.route, &r, n)].push(r);
+        }
+        for (i, part) in parts.into_iter().enumerate() {
+            if !part.is_empty() {
+                self.to_shard(i, part, now);
+            }
+        }
+    }
+
+    fn to_shard(&self, i: usize, records: Vec<FlowRecord>, now: SystemTime) {
+        let msg = ToShard::Records(records, now);
+        let msg = match self.when_behind {
+            WhenBehind::Wait => {
+                let _ = self.shards[i].send(msg);
+                return;
+            }
+            WhenBehind::Shed => match self.shards[i].try_send(msg) {
+                Ok(()) => return,
+                Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => m,
+            },
+        };
+        let ToShard::Records(records, now) = msg else {
+            unreachable!("a records message came back")
+        };
+        let shed = self
+            .counters
+            .shed
+            .fetch_add(records.len() as u64, Ordering::Relaxed)
+            + records.len() as u64;
+        let ms = self.started.elapsed().as_millis() as u64;
+        let last = self.shed_logged.load(Ordering::Relaxed);
+        if (last == 0 || ms >= last + 10_000)
+            && self
+                .shed_logged
+                .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                "detection is behind: {shed} records so far went straight to the export without duplicate marking or profiling (shard {i}'s queue was full; more --workers, or fewer records)"
+            );
+        }
+        let _ = self.sinks.send(ToSinks::Records(records, now));
+    }
+}
+
+/// Which of `n` shards a record belongs to: its internal host's, or for a record with
+/// no single internal side, the lower of its two addresses' (copies of one flow agree).
+fn shard_of(cfg: &DetectConfig, r: &FlowRecord, n: usize) -> usize {
+    use std::hash::BuildHasher;
+    let host = match (cfg.is_internal(r.src_addr), cfg.is_internal(r.dst_addr)) {
+        (true, false) => r.src_addr,
+        (false, true) => r.dst_addr,
+        _ => r.src_addr.min(r.dst_addr),
+    };
+    // The high bits of an Fx hash mix best.
+    ((rustc_hash::FxBuildHasher.hash_one(host) >> 32) as usize) % n
+}
+
+/// One shard: a duplicate marker and an engine for the hosts routed to it.
+fn shard_worker(
+    mut dedup: Dedup,
+    mut engine: Engine,
+    rx: Receiver<ToShard>,
+    sinks: SyncSender<ToSinks>,
+) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            ToShard::Records(mut records, now) => {
+                dedup.mark_batch(&mut records);
+                engine.observe_batch(&records);
+                if sinks.send(ToSinks::Records(records, now)).is_err() {
+                    return;
+                }
+            }
+            ToShard::Expire(now) => dedup.expire(now),
+            ToShard::Senders(reply) => {
+                let _ = reply.send(engine.senders_snapshot());
+            }
+            ToShard::Evaluate { now, top, reply } => {
+                let events = engine.evaluate_with(now, &top);
+                let mut scores = engine.last_scores();
+                scores.truncate(10);
+                let _ = reply.send(ShardReport {
+                    events,
+                    scores,
+                    dedup: dedup.stats.clone(),
+                    dedup_capacity: dedup.capacity(),
+                    engine: engine.stats.clone(),
+                    hosts: engine.hosts(),
+                    max_hosts: engine.max_hosts(),
+                });
+            }
+        }
+    }
+}
+
+/// The sink thread: every record, in the order its shard sent it.
+fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            ToSinks::Records(records, now) => {
+                for s in &mut sinks {
+                    s.send(&records, now);
+                }
+            }
+            ToSinks::Describe(reply) => {
+                let _ = reply.send(sinks.iter().map(|s| s.describe()).collect());
+            }
+        }
+    }
+}
+
+/// The pipeline's owner: starts the threads, runs the evaluations over the shards,
+/// sends the alarm events, and stops everything in order.
+pub struct Pipeline {
+    input: Input,
+    shard_threads: Vec<JoinHandle<()>>,
+    sink_thread: Option<JoinHandle<()>>,
+    sink_names: Vec<String>,
+    alarms: AlarmSink,
+    schedule: EvalSchedule,
+    window: Duration,
+    score_threshold: f64,
+    /// The shards' reports of the last evaluation (their counters, their top scores).
+    reports: Vec<ShardReport>,
+    /// What the bounded tables turned away, as last logged: flows the duplicate table
+    /// forgot early, records of hosts beyond the profiled limit.
+    limits_logged: (u64, u64),
+}
+
+impl Pipeline {
+    pub fn new(
+        cfg: &PipelineConfig,
+        sinks: Vec<Box<dyn Sink + Send>>,
+        detect: DetectConfig,
+        alarms: AlarmSink,
+    ) -> Self {
+        let n = cfg.workers.max(1);
+        let sink_names = sinks.iter().map(|s| s.name()).collect();
+        let (sink_tx, sink_rx) = sync_channel(SINK_QUEUE);
+        let sink_thread = std::thread::Builder::new()
+            .name("sinks".into())
+            .spawn(move || sink_worker(sinks, sink_rx))
+            .expect("spawn the sink thread");
+        // Each shard holds its share of the bounded tables.
+        let mut shard_cfg = detect.clone();
+        shard_cfg.max_hosts = detect.max_hosts.div_ceil(n);
+        let mut senders = Vec::with_capacity(n);
+        let mut shard_threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = sync_channel(SHARD_QUEUE);
+            let dedup = Dedup::new(DEDUP_WINDOW, cfg.dedup_flows.div_ceil(n));
+            let engine = Engine::new(shard_cfg.clone());
+            let sinks = sink_tx.clone();
+            shard_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shard-{i}"))
+                    .spawn(move || shard_worker(dedup, engine, rx, sinks))
+                    .expect("spawn a shard thread"),
+            );
+            senders.push(tx);
+        }
+        Self {
+            input: Input {
+                shards: senders.into(),
+                sinks: sink_tx,
+                route: Arc::new(detect.clone()),
+                counters: Arc::default(),
+                when_behind: cfg.when_behind,
+                shed_logged: Arc::default(),
+                started: Instant::now(),
+            },
+            shard_threads,
+            sink_thread: Some(sink_thread),
+            sink_names,
+            alarms,
+            schedule: EvalSchedule::new(detect.eval_interval),
+            window: detect.window,
+            score_threshold: detect.thresholds.score,
+            reports: Vec::new(),
+            limits_logged: (0, 0),
+        }
+    }
+
+    /// A handle for a source thread.
+    pub fn input(&self) -> Input {
+        self.input.clone()
+    }
+
+    /// Names of the sinks, for the start-up log.
+    pub fn sink_names(&self) -> &[String] {
+        &self.sink_names
+    }
+
+    pub fn workers(&self) -> usize {
+        self.shard_threads.len()
+    }
+
+    /// Hands records over (see [`Input::emit`]).
+    pub fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
+        self.input.emit(records, now);
+    }
+
+    /// Periodic work at `now`: the duplicate markers forget old flows, and when the
+    /// evaluation interval has passed (or always with `force`), every shard is evaluated
+    /// and the alarm events are sent. Records handed over before this call are all
+    /// counted in the evaluation (each shard's queue is in order).
+    /// Returns the events it sent.
+    pub fn tick(&mut self, now: SystemTime, force: bool) -> Vec<AlarmEvent> {
+        for s in self.input.shards.iter() {
+            let _ = s.send(ToShard::Expire(now));
+        }
+        if !self.schedule.due(now, force) {
+            return Vec::new();
+        }
+        let events = self.evaluate(now);
+        self.alarms.send(&events);
+        self.log_limits();
+        events
+    }
+
+    /// Both phases of an evaluation over every shard; the events sorted by host, as one
+    /// engine gives them.
+    fn evaluate(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
+        let mut replies = Vec::new();
+        for s in self.input.shards.iter() {
+            let (tx, rx) = sync_channel(1);
+            let _ = s.send(ToShard::Senders(tx));
+            replies.push(rx);
+        }
+        let snapshots = replies.iter().filter_map(|rx| rx.recv().ok());
+        let top = Arc::new(TopSenders::from_shards(snapshots, now, self.window));
+        let mut replies = Vec::new();
+        for s in self.input.shards.iter() {
+            let (tx, rx) = sync_channel(1);
+            let _ = s.send(ToShard::Evaluate {
+                now,
+                top: top.clone(),
+                reply: tx,
+            });
+            replies.push(rx);
+        }
+        self.reports = replies.iter().filter_map(|rx| rx.recv().ok()).collect();
+        let mut events: Vec<AlarmEvent> = self
+            .reports
+            .iter_mut()
+            .flat_map(|r| std::mem::take(&mut r.events))
+            .collect();
+        events.sort_by_key(|e| e.host);
+        events
+    }
+
+    /// Names each increase of what the bounded tables turned away.
+    fn log_limits(&mut self) {
+        let early: u64 = self.reports.iter().map(|r| r.dedup.evicted_early).sum();
+        if early > self.limits_logged.0 {
+            warn!(
+                "{early} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
+                DEDUP_WINDOW.as_secs(),
+                self.reports.iter().map(|r| r.dedup_capacity).sum::<usize>()
+            );
+        }
+        let over: u64 = self.reports.iter().map(|r| r.engine.hosts_over_limit).sum();
+        if over > self.limits_logged.1 {
+            warn!(
+                "{over} records so far of internal hosts beyond the {} profiled were not profiled",
+                self.reports.iter().map(|r| r.max_hosts).sum::<usize>()
+            );
+        }
+        self.limits_logged = (early, over);
+    }
+
+    /// The highest scores of the last evaluation, over all shards, highest first.
+    pub fn top_scores(&self) -> Vec<(IpAddr, f64, Option<&'static str>)> {
+        let mut v: Vec<_> = self
+            .reports
+            .iter()
+            .flat_map(|r| r.scores.iter().copied())
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    pub fn score_threshold(&self) -> f64 {
+        self.score_threshold
+    }
+
+    /// Records handed over so far.
+    pub fn records(&self) -> u64 {
+        self.input.counters.records.load(Ordering::Relaxed)
+    }
+
+    /// Records that went to the sinks unmarked and unprofiled because a shard was behind.
+    pub fn shed(&self) -> u64 {
+        self.input.counters.shed.load(Ordering::Relaxed)
+    }
+
+    /// The statistics line (the shards' counters as of the last evaluation).
+    pub fn describe(&self) -> String {
+        let c = &self.input.counters;
+        let (tx, rx) = sync_channel(1);
+        let sinks = match self.input.sinks.send(ToSinks::Describe(tx)) {
+            Ok(()) => rx.recv().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let sum = |f: fn(&ShardReport) -> u64| self.reports.iter().map(f).sum::<u64>();
+        let highest: Vec<String> = self
+            .top_scores()
+            .into_iter()
+            .take(10)
+            .filter(|(_, score, _)| *score > 0.0)
+            .map(|(ip, score, guard)| match guard {
+                Some(g) => format!("{ip} {score:.1} (vetoed as {g})"),
+                None => format!("{ip} {score:.1}"),
+            })
+            .collect();
+        format!(
+            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows the full duplicate table forgot early, {} not marked or profiled because detection was behind); detection on {} workers: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
+            c.records.load(Ordering::Relaxed),
+            c.packets.load(Ordering::Relaxed),
+            c.bytes.load(Ordering::Relaxed),
+            sum(|r| r.dedup.duplicates),
+            sum(|r| r.dedup.evicted_early),
+            c.shed.load(Ordering::Relaxed),
+            self.workers(),
+            sum(|r| r.hosts as u64),
+            sum(|r| r.engine.hosts_over_limit),
+            self.score_threshold,
+            highest.join(", "),
+            self.alarms.describe(),
+            sinks.join("; ")
+        )
+    }
+
+    /// Evaluates once more at `now` (forced), then stops the shards and the sinks after
+    /// everything handed over has gone through. Sources must have stopped first.
+    pub fn finish(mut self, now: SystemTime) -> Finished {
+        let final_events = self.tick(now, true);
+        let line = self.describe();
+        let scores = self.top_scores();
+        let records = self.records();
+        let alarm_events = self.alarms.events;
+        let score_threshold = self.score_threshold;
+        // Dropping the senders ends the shard threads once their queues are empty; the
+        // last shard to end drops the last sender of the sink queue, which ends the sink
+        // thread after it wrote everything.
+        let Pipeline {
+            input,
+            shard_threads,
+            mut sink_thread,
+            ..
+        } = self;
+        drop(input);
+        for t in shard_threads {
+            let _ = t.join();
+        }
+        if let Some(t) = sink_thread.take() {
+            let _ = t.join();
+        }
+        Finished {
+            describe: line,
+            top_scores: scores,
+            score_threshold,
+            records,
+            alarm_events,
+            final_events,
+        }
+    }
+}
+
+/// What a finished pipeline reports.
+pub struct Finished {
+    /// The final statistics line.
+    pub describe: String,
+    pub top_scores: Vec<(IpAddr, f64, Option<&'static str>)>,
+    pub score_threshold: f64,
+    pub records: u64,
+    pub alarm_events: u64,
+    /// The events of the last (forced) evaluation.
+    pub final_events: Vec<AlarmEvent>,
+}
+
+#[cfg(test)]
+mod tests;
