@@ -101,10 +101,13 @@ impl Meter {
         xdp::log_attached(iface, mode, map_size, args.sampling);
         let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{}", b >> 20));
         let (m4, m6) = source.map_kernel_bytes();
+        let full = |key: usize| (map_size as u64 * xdp::entry_bytes(key)) >> 20;
         info!(
-            "flow maps: {map_size} IPv4 flows ({} MiB of kernel memory) and {map_size} IPv6 flows ({} MiB), whatever the number of CPUs",
+            "flow maps: {map_size} IPv4 and {map_size} IPv6 flows; kernel memory now {} + {} MiB, growing with the flows to about {} + {} MiB when full, whatever the number of CPUs",
             mib(m4),
-            mib(m6)
+            mib(m6),
+            full(size_of::<detector_common::FlowKey4>()),
+            full(size_of::<detector_common::FlowKey>())
         );
         let ring = source.take_ring().context("overflow ring buffer")?;
         // SAFETY: the ring buffer owns its file descriptor and keeps it open while the

@@ -220,6 +220,9 @@ pub struct BenchArgs {
     /// Flows pre-loaded in the map for the warm-map measurement.
     #[arg(long, default_value_t = 65_536)]
     pub warm_flows: u32,
+    /// Flows of the uplink-size measurement (frames spread over them; 0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub spread_flows: u32,
 }
 
 #[cfg(test)]
