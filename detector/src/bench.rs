@@ -184,6 +184,20 @@ fn weighted(mix: &[MixFrame], ns: &[f64]) -> f64 {
         / total as f64
 }
 
+/// Runs the packet clock of `bpf`, as under the agent (until the ticker is dropped).
+fn start_clock(bpf: &mut aya::Ebpf) -> Result<crate::sources::xdp::clock::Ticker> {
+    let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
+        aya::maps::Array::try_from(
+            bpf.take_map(detector_common::CLOCK_MAP)
+                .context("clock map")?,
+        )?,
+    )?);
+    Ok(crate::sources::xdp::clock::Ticker::start(
+        clock,
+        std::time::Duration::from_millis(1),
+    )?)
+}
+
 /// The key of warm flow `i`.
 fn warm_key(i: u32) -> FlowKey4 {
     FlowKey4 {
@@ -249,14 +263,7 @@ fn spread(flows: u32) -> Result<()> {
         load(&mut bpf, p)?;
     }
     warm(&mut bpf, flows)?;
-    let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
-        aya::maps::Array::try_from(
-            bpf.take_map(detector_common::CLOCK_MAP)
-                .context("clock map")?,
-        )?,
-    )?);
-    let _ticker =
-        crate::sources::xdp::clock::Ticker::start(clock, std::time::Duration::from_millis(1))?;
+    let _ticker = start_clock(&mut bpf)?;
     let n = 100_000usize.min(flows as usize);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let frames: Vec<Vec<u8>> = (0..n)
@@ -313,15 +320,7 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     }
     // Warm the map with distinct flows, as on a busy uplink.
     warm(&mut bpf, args.warm_flows)?;
-    // The packet clock runs, as under the agent.
-    let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
-        aya::maps::Array::try_from(
-            bpf.take_map(detector_common::CLOCK_MAP)
-                .context("clock map")?,
-        )?,
-    )?);
-    let _ticker =
-        crate::sources::xdp::clock::Ticker::start(clock, std::time::Duration::from_millis(1))?;
+    let _ticker = start_clock(&mut bpf)?;
     pin_to_one_cpu();
     let mix = mix();
     let trials = 15;

@@ -121,8 +121,10 @@ impl TopSenders {
                 idle.insert(ip);
             }
         }
+        // Ties at the tenth place go to the lower address, so the set never depends on
+        // a hash map's order (two engines fed the same records agree).
         if by_bytes.len() > 10 {
-            by_bytes.select_nth_unstable_by_key(9, |&(_, b)| std::cmp::Reverse(b));
+            by_bytes.select_nth_unstable_by_key(9, |&(ip, b)| (std::cmp::Reverse(b), ip));
             by_bytes.truncate(10);
         }
         Self {

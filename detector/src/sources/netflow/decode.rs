@@ -13,6 +13,8 @@
 //! - Every datagram from a source outside `--exporter-allow` is dropped and counted.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -163,11 +165,12 @@ pub struct Decoder {
     parser: AutoScopedParser,
     limits: DecodeLimits,
     allow: Vec<Cidr>,
-    exporters: HashMap<IpAddr, ExporterStats>,
-    sequences: HashMap<(SocketAddr, u16, u32), SequenceState>,
-    sampling: HashMap<(SocketAddr, u32), u32>,
+    // Fx-hashed: looked up for every record (a million a second at full rate).
+    exporters: FxHashMap<IpAddr, ExporterStats>,
+    sequences: FxHashMap<(SocketAddr, u16, u32), SequenceState>,
+    sampling: FxHashMap<(SocketAddr, u32), u32>,
     /// IPFIX systemInitTimeMilliseconds per scope, for records timed in sysUpTime.
-    init_time_ms: HashMap<(SocketAddr, u32), u64>,
+    init_time_ms: FxHashMap<(SocketAddr, u32), u64>,
     pub global: GlobalStats,
 }
 
@@ -183,16 +186,16 @@ impl Decoder {
             parser,
             limits,
             allow,
-            exporters: HashMap::new(),
-            sequences: HashMap::new(),
-            sampling: HashMap::new(),
-            init_time_ms: HashMap::new(),
+            exporters: FxHashMap::default(),
+            sequences: FxHashMap::default(),
+            sampling: FxHashMap::default(),
+            init_time_ms: FxHashMap::default(),
             global: GlobalStats::default(),
         }
     }
 
     /// Counters per exporter address.
-    pub fn exporters(&self) -> &HashMap<IpAddr, ExporterStats> {
+    pub fn exporters(&self) -> &FxHashMap<IpAddr, ExporterStats> {
         &self.exporters
     }
 
@@ -348,8 +351,10 @@ impl Decoder {
                             self.count_error(from, "undecoded_set");
                         }
                         V9Body::Data(d) => {
-                            for r in d.fields {
-                                let fields = r.into_iter().map(|(k, v)| (u16::from(k), v));
+                            // By reference: a parsed field is 80 bytes, moving each one
+                            // cost more than reading it.
+                            for r in &d.fields {
+                                let fields = r.iter().map(|(k, v)| (u16::from(*k), v));
                                 self.record(&ctx, fields, out);
                             }
                         }
@@ -399,17 +404,16 @@ impl Decoder {
                         }
                         IpfixBody::Data(d) => {
                             data_records += d.fields.len() as u32;
-                            for r in d.fields {
-                                let fields = r
-                                    .into_iter()
-                                    .filter_map(|(k, v)| ipfix_id(&k).map(|id| (id, v)));
+                            for r in &d.fields {
+                                let fields =
+                                    r.iter().filter_map(|(k, v)| ipfix_id(k).map(|id| (id, v)));
                                 self.record(&ctx, fields, out);
                             }
                         }
                         IpfixBody::V9Data(d) => {
                             data_records += d.fields.len() as u32;
-                            for r in d.fields {
-                                let fields = r.into_iter().map(|(k, v)| (u16::from(k), v));
+                            for r in &d.fields {
+                                let fields = r.iter().map(|(k, v)| (u16::from(*k), v));
                                 self.record(&ctx, fields, out);
                             }
                         }
@@ -576,7 +580,7 @@ impl Decoder {
         &mut self,
         scope: &(SocketAddr, u32),
         value: V,
-        map: impl FnOnce(&mut Self) -> &mut HashMap<(SocketAddr, u32), V>,
+        map: impl FnOnce(&mut Self) -> &mut FxHashMap<(SocketAddr, u32), V>,
     ) {
         let cap = self.limits.max_exporters * 16;
         let m = map(self);
@@ -585,15 +589,15 @@ impl Decoder {
         }
     }
 
-    fn record(
+    fn record<'a>(
         &mut self,
         ctx: &Ctx,
-        fields: impl Iterator<Item = (u16, FieldValue)>,
+        fields: impl Iterator<Item = (u16, &'a FieldValue)>,
         out: &mut Vec<FlowRecord>,
     ) {
         let mut r = RawRecord::default();
         for (id, v) in fields {
-            r.set(id, &v);
+            r.set(id, v);
         }
         let scope = ctx.scope();
         let stats = self.exporters.get_mut(&ctx.from.ip()).expect("tracked");
