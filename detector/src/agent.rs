@@ -22,7 +22,7 @@ use crate::export::netflow_v9::V9Config;
 use crate::flow::table::{Delta, Timeouts};
 use crate::flow::{FlowRecord, WallClock, monotonic_ns, record_from_delta};
 use crate::pipeline::{Pipeline, PipelineConfig, WhenBehind, build};
-use crate::sources::netflow::decode::{DecodeLimits, Decoder};
+use crate::sources::netflow::decode::DecodeLimits;
 use crate::sources::netflow::listener::Listener;
 use crate::sources::xdp::{self, KernelCounters, LoadOptions, XdpSource};
 use detector_common::counter;
@@ -287,13 +287,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 *addr,
                 args.netflow_rcvbuf,
                 cfg.workers,
-                || Decoder::new(DecodeLimits::default(), allow.clone()),
+                &DecodeLimits::default(),
+                &allow,
                 &input,
                 &stop,
             )?;
             info!(
-                "receiving NetFlow/IPFIX on {} ({} decoder threads, receive buffer {} bytes each)",
-                l.addr, cfg.workers, l.rcvbuf
+                "receiving NetFlow/IPFIX on {} ({} parser threads, receive buffer {} bytes)",
+                l.addr, l.parsers, l.rcvbuf
             );
             listeners.push(l);
         }

@@ -141,7 +141,8 @@ pub struct RunArgs {
     pub drain: DrainArg,
 
     /// Worker threads for duplicate marking and detection (records are sharded over them
-    /// by internal host). Default: one per CPU.
+    /// by internal host), and parser threads of each NetFlow listener. Default: one per
+    /// CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: Option<u32>,
 }

@@ -366,3 +366,143 @@ fn data_before_its_template_is_decoded_once_the_template_arrives() {
     // the early data was held and decoded when its template came.
     assert_eq!(records.len(), 2 * once.len(), "early data lost");
 }
+
+/// Every datagram of every capture, in file-name order.
+fn all_datagrams(dir: &Path) -> Vec<Vec<u8>> {
+    use detector::sources::capture::Capture;
+    use detector::sources::netflow::capture::{looks_like_netflow, udp_in_frame};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("netflow dir lists")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pcap" || e == "pcapng"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let mut cap = Capture::open(&f).expect("capture opens");
+        while let Some(frame) = cap.next_frame() {
+            let Ok(frame) = frame else { break };
+            if let Some(dg) = udp_in_frame(&frame.data)
+                && looks_like_netflow(dg.payload)
+            {
+                out.push(dg.payload.to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// A sink that keeps every record it is sent.
+struct Keep(std::sync::Arc<std::sync::Mutex<Vec<FlowRecord>>>);
+
+impl detector::export::Sink for Keep {
+    fn name(&self) -> String {
+        "keep".into()
+    }
+    fn send(&mut self, records: &[FlowRecord], _now: std::time::SystemTime) {
+        self.0.lock().unwrap().extend_from_slice(records);
+    }
+    fn describe(&self) -> String {
+        String::new()
+    }
+}
+
+/// A record without what the pipeline or the moment of receipt set (duplicate marks;
+/// times taken from the clock for records that carry none).
+fn comparable(mut r: FlowRecord, now: std::time::SystemTime) -> FlowRecord {
+    r.duplicate = false;
+    for t in [&mut r.first, &mut r.last] {
+        let near = match now.duration_since(*t) {
+            Ok(d) => d.as_secs() < 600,
+            Err(e) => e.duration().as_secs() < 600,
+        };
+        if near {
+            *t = std::time::SystemTime::UNIX_EPOCH;
+        }
+    }
+    r
+}
+
+/// One exporter that sends, in one stream, every capture's datagrams (v5, v9 and IPFIX;
+/// templates redefined from capture to capture; data before its template; options with
+/// sampling; invalid datagrams), to a listener whose parsing is dealt over three
+/// threads: the records (in order) and the exporter's counters equal those of one
+/// decoder fed the same datagrams.
+#[test]
+fn a_listener_parsing_on_three_threads_decodes_as_one_decoder_does() {
+    use detector::export::alarms::AlarmSink;
+    use detector::pipeline::{Pipeline, PipelineConfig, WhenBehind};
+    use detector::sources::netflow::listener::Listener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime};
+
+    let dir = need_testdata!();
+    let dgs = all_datagrams(&dir);
+    assert!(dgs.len() > 100, "too few datagrams: {}", dgs.len());
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender binds");
+    let from = sender.local_addr().expect("sender address");
+
+    let now = SystemTime::now();
+    let mut one = Decoder::new(DecodeLimits::default(), vec![]);
+    let mut want = Vec::new();
+    for dg in &dgs {
+        one.decode(from, dg, now, &mut want);
+    }
+    assert!(want.len() > 1000, "too few records: {}", want.len());
+
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let cfg = PipelineConfig::new(Some(1), WhenBehind::Wait);
+    let pipeline = Pipeline::new(
+        &cfg,
+        vec![Box::new(Keep(kept.clone()))],
+        Default::default(),
+        AlarmSink::open(None).expect("no alarm file"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut listener = Listener::start(
+        "127.0.0.1:0".parse().expect("literal"),
+        32 << 20,
+        3,
+        &DecodeLimits::default(),
+        &[],
+        &pipeline.input(),
+        &stop,
+    )
+    .expect("listener starts");
+    assert_eq!(listener.parsers, 3);
+    sender.connect(listener.addr).expect("connects");
+    for (i, dg) in dgs.iter().enumerate() {
+        sender.send(dg).expect("sends");
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let decoder = listener.decoders[0].clone();
+    let counted = || {
+        let d = decoder.lock().unwrap();
+        d.exporters().get(&from.ip()).map_or(0, |s| s.datagrams)
+    };
+    let start = Instant::now();
+    while counted() < dgs.len() as u64 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    listener.join();
+    assert_eq!(listener.kernel_drops(), 0, "the kernel dropped datagrams");
+    pipeline.finish(SystemTime::now());
+
+    let got: Vec<FlowRecord> = kept.lock().unwrap().drain(..).collect();
+    let norm = |v: Vec<FlowRecord>| -> Vec<String> {
+        v.into_iter()
+            .map(|r| format!("{:?}", comparable(r, now)))
+            .collect()
+    };
+    let (want, got) = (norm(want), norm(got));
+    assert_eq!(got.len(), want.len(), "record count");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "record {i} differs");
+    }
+    let d = decoder.lock().unwrap();
+    assert_eq!(d.describe_exporters(), one.describe_exporters());
+}

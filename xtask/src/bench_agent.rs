@@ -16,7 +16,7 @@
 //! Traffic stays on loopback and in the namespaces this benchmark creates (`dbench-*`),
 //! which are removed at exit, also on error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::ErrorKind;
@@ -127,6 +127,47 @@ impl Drop for RmemMax {
             let _ = fs::write(Self::PATH, old.trim());
         }
     }
+}
+
+/// utime + stime from a `/proc/.../stat` line, in seconds.
+fn stat_cpu_secs(stat: &str) -> Result<f64> {
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ")".
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(ticks as f64 / sys::clock_ticks_per_sec())
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_secs(pid: i32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_cpu_secs(&stat)
+}
+
+/// utime + stime of each thread of a process, in seconds, summed by thread name with
+/// the digits after its last '-' dropped (`shard-0` and `shard-1` count as `shard`).
+fn thread_cpu_secs(pid: i32) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let dir = format!("/proc/{pid}/task");
+    for t in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let path = t?.path();
+        // A thread may end between the listing and the read.
+        let (Ok(stat), Ok(comm)) = (
+            fs::read_to_string(path.join("stat")),
+            fs::read_to_string(path.join("comm")),
+        ) else {
+            continue;
+        };
+        let comm = comm.trim();
+        let name = match comm.split_once('-') {
+            Some((head, _)) => head,
+            None => comm,
+        };
+        *out.entry(name.to_string()).or_insert(0.0) += stat_cpu_secs(&stat)?;
+    }
+    Ok(out)
 }
 
 /// A child process that is killed (SIGKILL) and reaped if still running when dropped,

@@ -376,7 +376,7 @@ impl HostProfile {
             17 => {
                 p.udp = true;
                 if !service_udp_port(remote_port) && !service_udp_port(local_port) {
-                    p.udp_packets += r.est_packets();
+                    p.udp_packets = p.udp_packets.saturating_add(r.est_packets());
                     p.udp_bytes += bytes;
                 }
             }

@@ -15,9 +15,10 @@
 //! that flow from another source would then count twice). Two different flows share a
 //! tag in a bucket with a probability of about 2^-42 a record.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::time::{Duration, SystemTime};
 
+use foldhash::quality::RandomState;
 use rustc_hash::FxHashMap;
 
 use super::{FlowRecord, Origin};
@@ -94,7 +95,7 @@ impl Dedup {
             window_s: window.as_secs().min(u64::from(u32::MAX)) as u32,
             slack_s: 2,
             buckets: zeroed_buckets(buckets),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             last_owner: None,
             owner_ids: FxHashMap::default(),
             len: 0,

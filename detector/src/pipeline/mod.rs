@@ -138,9 +138,13 @@ impl Input {
     pub fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
         let c = &self.counters;
         c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
-        let (p, b) = records
-            .iter()
-            .fold((0, 0), |(p, b), r| (p + r.est_packets(), b + r.est_bytes()));
+        let (p, b) = records.iter().fold((0u64, 0u64), |(p, b), r| {
+            // An exporter may claim any count: the totals saturate.
+            (
+                p.saturating_add(r.est_packets()),
+                b.saturating_add(r.est_bytes()),
+            )
+        });
         c.packets.fetch_add(p, Ordering::Relaxed);
         c.bytes.fetch_add(b, Ordering::Relaxed);
         if records.is_empty() {

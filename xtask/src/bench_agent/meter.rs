@@ -234,18 +234,6 @@ fn generate(frames: &[u8], n: u64, stop: &AtomicBool, sent_ctr: &AtomicU64) -> R
     Ok(out)
 }
 
-/// utime + stime of a process (all its threads), in seconds.
-fn cpu_secs(pid: i32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ")".
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / sys::clock_ticks_per_sec())
-}
-
 /// Udp RcvbufErrors of the namespace `pid` lives in.
 fn rcvbuf_errors(pid: i32) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?;

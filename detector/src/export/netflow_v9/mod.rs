@@ -108,6 +108,10 @@ impl Sink for V9Sink {
             if self.relay.next_sequence() > 0 {
                 datagrams.extend(self.relay.encode(&[], now));
             }
+        } else if !records.iter().any(is_local) {
+            // Only relayed records (a NetFlow ingest without a meter): no copy.
+            datagrams = self.encoder.encode(&[], now);
+            datagrams.extend(self.relay.encode(records, now));
         } else {
             let (local, relayed): (Vec<FlowRecord>, Vec<FlowRecord>) =
                 records.iter().cloned().partition(is_local);

@@ -12,17 +12,20 @@
 //!   dropped and counted), templates per exporter are capped, pending data is capped.
 //! - Every datagram from a source outside `--exporter-allow` is dropped and counted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use netflow_parser::variable_versions::field_value::{DataNumber, DurationValue, FieldValue};
 use netflow_parser::variable_versions::ipfix::FlowSetBody as IpfixBody;
 use netflow_parser::variable_versions::ipfix::lookup::IPFixField;
 use netflow_parser::variable_versions::v9::FlowSetBody as V9Body;
-use netflow_parser::{AutoScopedParser, NetflowPacket, NetflowParser, PendingFlowsConfig};
+use netflow_parser::{
+    AutoScopedParser, NetflowPacket, NetflowParser, ParseResult, PendingFlowsConfig,
+};
 
 use crate::flow::{Direction, FlowRecord, Origin};
 
@@ -56,8 +59,9 @@ pub struct ExporterStats {
     pub v5: u64,
     pub v9: u64,
     pub ipfix: u64,
-    /// Decode errors by kind (`incomplete`, `unsupported_version`, `parse`, ...).
-    pub errors: HashMap<&'static str, u64>,
+    /// Decode errors by kind (`incomplete`, `unsupported_version`, `parse`, ...), in name
+    /// order (the statistics line prints them so).
+    pub errors: BTreeMap<&'static str, u64>,
     /// Data sets that arrived without their template (held if possible, else lost).
     pub no_template: u64,
     /// Times the sequence number jumped forward (export datagrams lost on the way).
@@ -171,25 +175,110 @@ pub struct Decoder {
     sampling: FxHashMap<(SocketAddr, u32), u32>,
     /// IPFIX systemInitTimeMilliseconds per scope, for records timed in sysUpTime.
     init_time_ms: FxHashMap<(SocketAddr, u32), u64>,
+    /// Parsers on other threads whose early data this decoder reports.
+    shared: Vec<Arc<Mutex<AutoScopedParser>>>,
     pub global: GlobalStats,
+}
+
+/// A parser of every exporter within `limits`: templates scoped per exporter address
+/// and domain, early data held.
+pub fn new_parser(limits: &DecodeLimits) -> AutoScopedParser {
+    let builder = NetflowParser::builder()
+        .with_cache_size(limits.max_templates)
+        .with_pending_flows(PendingFlowsConfig::new(limits.max_pending_templates));
+    AutoScopedParser::try_with_builder(builder)
+        .and_then(|p| p.with_max_sources(limits.max_exporters * 4))
+        .expect("static parser configuration is valid")
+}
+
+/// Which datagrams a [`Decoder`] of the same allow-list and limits decodes, decided
+/// without it (on the thread that hands datagrams to parsers): the same datagrams in
+/// the same order get the same answers as [`Decoder::admit`].
+pub struct Admission {
+    allow: Vec<Cidr>,
+    max_exporters: usize,
+    known: rustc_hash::FxHashSet<IpAddr>,
+}
+
+impl Admission {
+    pub fn new(limits: &DecodeLimits, allow: Vec<Cidr>) -> Self {
+        Self {
+            allow,
+            max_exporters: limits.max_exporters,
+            known: Default::default(),
+        }
+    }
+
+    pub fn admit(&mut self, from: IpAddr) -> bool {
+        if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(from)) {
+            return false;
+        }
+        if self.known.contains(&from) {
+            return true;
+        }
+        if self.known.len() >= self.max_exporters {
+            return false;
+        }
+        self.known.insert(from);
+        true
+    }
+}
+
+/// A copy of a NetFlow v9 or IPFIX datagram with only its header and its template and
+/// options-template sets (its length fixed), when it has any: what a parser that does
+/// not decode this datagram must still learn. None for v5, for datagrams without
+/// templates, and for ones too short to hold a header.
+pub fn template_sets(data: &[u8]) -> Option<Vec<u8>> {
+    let be16 = |at: usize| u16::from_be_bytes([data[at], data[at + 1]]);
+    if data.len() < 4 {
+        return None;
+    }
+    let (header, templates): (usize, [u16; 2]) = match be16(0) {
+        9 => (20, [0, 1]),
+        10 => (16, [2, 3]),
+        _ => return None,
+    };
+    if data.len() < header {
+        return None;
+    }
+    // An IPFIX message says its own length; v9 runs to the datagram's end.
+    let end = if header == 16 {
+        (be16(2) as usize).min(data.len())
+    } else {
+        data.len()
+    };
+    let mut copy: Option<Vec<u8>> = None;
+    let mut at = header;
+    while at + 4 <= end {
+        let (id, len) = (be16(at), be16(at + 2) as usize);
+        if len < 4 || at + len > end {
+            break;
+        }
+        if templates.contains(&id) {
+            copy.get_or_insert_with(|| data[..header].to_vec())
+                .extend_from_slice(&data[at..at + len]);
+        }
+        at += len;
+    }
+    let mut copy = copy?;
+    if header == 16 {
+        let len = copy.len().min(u16::MAX as usize) as u16;
+        copy[2..4].copy_from_slice(&len.to_be_bytes());
+    }
+    Some(copy)
 }
 
 impl Decoder {
     pub fn new(limits: DecodeLimits, allow: Vec<Cidr>) -> Self {
-        let builder = NetflowParser::builder()
-            .with_cache_size(limits.max_templates)
-            .with_pending_flows(PendingFlowsConfig::new(limits.max_pending_templates));
-        let parser = AutoScopedParser::try_with_builder(builder)
-            .and_then(|p| p.with_max_sources(limits.max_exporters * 4))
-            .expect("static parser configuration is valid");
         Self {
-            parser,
+            parser: new_parser(&limits),
             limits,
             allow,
             exporters: FxHashMap::default(),
             sequences: FxHashMap::default(),
             sampling: FxHashMap::default(),
             init_time_ms: FxHashMap::default(),
+            shared: Vec::new(),
             global: GlobalStats::default(),
         }
     }
@@ -230,11 +319,17 @@ impl Decoder {
                 p.held += c.pending_flow_count as u64;
             }
         };
-        for (k, info) in self.parser.v9_info() {
-            add(k.addr.ip(), info);
-        }
-        for (k, info) in self.parser.ipfix_info() {
-            add(k.addr.ip(), info);
+        let mut read = |p: &AutoScopedParser| {
+            for (k, info) in p.v9_info() {
+                add(k.addr.ip(), info);
+            }
+            for (k, info) in p.ipfix_info() {
+                add(k.addr.ip(), info);
+            }
+        };
+        read(&self.parser);
+        for p in &self.shared {
+            read(&p.lock().unwrap_or_else(|e| e.into_inner()));
         }
         out
     }
@@ -247,26 +342,53 @@ impl Decoder {
         received: SystemTime,
         out: &mut Vec<FlowRecord>,
     ) {
+        if !self.admit(from, data.len()) {
+            return;
+        }
+        let result = self.parser.parse_from_source(from, data);
+        self.convert(from, result, received, false, out);
+    }
+
+    /// Counts a datagram of `len` bytes from `from` and says whether it is decoded: not
+    /// when its source is outside the allow-list or over the exporter limit (counted).
+    /// Given the same datagrams in the same order, an [`Admission`] of the same limits
+    /// answers the same.
+    pub fn admit(&mut self, from: SocketAddr, len: usize) -> bool {
         if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(from.ip())) {
             self.global.rejected += 1;
-            return;
+            return false;
         }
         if !self.exporters.contains_key(&from.ip())
             && self.exporters.len() >= self.limits.max_exporters
         {
             self.global.over_exporter_limit += 1;
-            return;
+            return false;
         }
         let stats = self.exporters.entry(from.ip()).or_default();
         stats.datagrams += 1;
-        stats.bytes += data.len() as u64;
-        let result = self.parser.parse_from_source(from, data);
-        if let Some(e) = &result.error {
+        stats.bytes += len as u64;
+        true
+    }
+
+    /// Turns the parse of an admitted datagram into flows, in the order the datagrams
+    /// arrived. `learned` marks the parse of a [`template_sets`] copy by a parser that
+    /// did not get the datagram itself: it only taught that parser the templates (and
+    /// brings the data it held for them), so it counts neither as a datagram nor as
+    /// templates received.
+    pub fn convert(
+        &mut self,
+        from: SocketAddr,
+        result: ParseResult,
+        received: SystemTime,
+        learned: bool,
+        out: &mut Vec<FlowRecord>,
+    ) {
+        if !learned && let Some(e) = &result.error {
             let kind = error_kind(e);
             *self
                 .exporters
                 .get_mut(&from.ip())
-                .expect("inserted above")
+                .expect("admitted")
                 .errors
                 .entry(kind)
                 .or_default() += 1;
@@ -275,11 +397,17 @@ impl Decoder {
         // message (the parser would read them as one) but trailing garbage.
         let mut packets = result.packets.into_iter();
         if let Some(first) = packets.next() {
-            self.packet(from, first, received, out);
+            self.packet(from, first, received, learned, out);
         }
-        if packets.next().is_some() {
+        if packets.next().is_some() && !learned {
             self.count_error(from, "trailing_data");
         }
+    }
+
+    /// Lets [`Self::pending`] report the early data held by parsers on other threads
+    /// (a listener that parses one exporter's datagrams in parallel).
+    pub fn share_parsers(&mut self, parsers: Vec<Arc<Mutex<AutoScopedParser>>>) {
+        self.shared = parsers;
     }
 
     fn packet(
@@ -287,6 +415,7 @@ impl Decoder {
         from: SocketAddr,
         packet: NetflowPacket,
         received: SystemTime,
+        learned: bool,
         out: &mut Vec<FlowRecord>,
     ) {
         match packet {
@@ -332,8 +461,10 @@ impl Decoder {
             }
             NetflowPacket::V9(v9) => {
                 let h = v9.header;
-                self.sequence(from, 9, h.source_id, h.sequence_number, 1);
-                self.stats(from).v9 += 1;
+                if !learned {
+                    self.sequence(from, 9, h.source_id, h.sequence_number, 1);
+                    self.stats(from).v9 += 1;
+                }
                 let ctx = Ctx {
                     from,
                     domain: h.source_id,
@@ -366,10 +497,10 @@ impl Decoder {
                                 self.options(&ctx, fields);
                             }
                         }
-                        V9Body::Template(t) => {
+                        V9Body::Template(t) if !learned => {
                             self.stats(from).templates += t.templates.len() as u64
                         }
-                        V9Body::OptionsTemplate(t) => {
+                        V9Body::OptionsTemplate(t) if !learned => {
                             self.stats(from).templates += t.templates.len() as u64
                         }
                         V9Body::NoTemplate(_) => self.stats(from).no_template += 1,
@@ -379,7 +510,9 @@ impl Decoder {
             }
             NetflowPacket::IPFix(ipfix) => {
                 let h = ipfix.header;
-                self.stats(from).ipfix += 1;
+                if !learned {
+                    self.stats(from).ipfix += 1;
+                }
                 let ctx = Ctx {
                     from,
                     domain: h.observation_domain_id,
@@ -436,6 +569,7 @@ impl Decoder {
                                 self.options(&ctx, fields);
                             }
                         }
+                        _ if learned => {}
                         IpfixBody::Template(_)
                         | IpfixBody::V9Template(_)
                         | IpfixBody::OptionsTemplate(_)
@@ -452,13 +586,15 @@ impl Decoder {
                         _ => {}
                     }
                 }
-                self.sequence(
-                    from,
-                    10,
-                    h.observation_domain_id,
-                    h.sequence_number,
-                    data_records,
-                );
+                if !learned {
+                    self.sequence(
+                        from,
+                        10,
+                        h.observation_domain_id,
+                        h.sequence_number,
+                        data_records,
+                    );
+                }
             }
             _ => {
                 *self

@@ -1,32 +1,32 @@
-//! The UDP sockets NetFlow/IPFIX arrives on (`--netflow-listen`): for each address, one
-//! socket per decoder thread, bound with SO_REUSEPORT so the kernel spreads exporters
-//! over them (an exporter's datagrams, keyed by its address and port, always reach the
-//! same socket, so its templates stay with one decoder). Each thread reads datagrams,
-//! decodes them with its own [`Decoder`] and hands the records to the pipeline. Every
-//! socket has a large receive buffer and reports the kernel's drop counter
-//! (SO_RXQ_OVFL) with each datagram.
+//! The UDP socket NetFlow/IPFIX arrives on (`--netflow-listen`), one per address, read
+//! with `recvmmsg` (up to 32 datagrams a call) into a large receive buffer whose kernel
+//! drop counter (SO_RXQ_OVFL) comes with the datagrams. With `--workers 1` one thread
+//! reads, decodes and hands records to the pipeline. With more, the parsing (most of the
+//! cost of a record) runs on that many threads, even for a single exporter: see
+//! [`Listener::start`].
 
-use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::decode::Decoder;
+use netflow_parser::{AutoScopedParser, ParseResult};
+
+use super::decode::{self, Admission, Cidr, DecodeLimits, Decoder, template_sets};
 use crate::pipeline::Input;
 
 /// Default receive buffer requested for each listener socket (`--netflow-rcvbuf`).
-pub const DEFAULT_RCVBUF: usize = 8 << 20;
-/// Datagrams decoded before their records are handed over (fewer when the socket runs
-/// dry first).
-const BATCH: usize = 64;
+pub const DEFAULT_RCVBUF: usize = 32 << 20;
+/// Datagrams read with one system call, decoded before their records are handed over
+/// (fewer when the socket runs dry first).
+const BATCH: usize = 32;
 /// How often a blocked reader wakes to see whether it should stop.
 const WAKE: Duration = Duration::from_millis(100);
 
@@ -57,7 +57,6 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
         // Listen on IPv4-mapped addresses too when bound to [::].
         let _ = sock.set_only_v6(false);
     }
-    sock.set_reuse_port(true).map_err(opt)?;
     // Above net.core.rmem_max only with CAP_NET_ADMIN; fall back to the capped size.
     if setsockopt(&sock, sockopt::RcvBufForce, &rcvbuf).is_err() {
         sock.set_recv_buffer_size(rcvbuf).map_err(opt)?;
@@ -73,58 +72,95 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
     })
 }
 
-/// A running listener: its decoder threads, their decoders (for the statistics) and
-/// each socket's kernel drop count.
+/// A running listener: its threads, its decoder (for the statistics) and its socket's
+/// kernel drop count.
 pub struct Listener {
     pub addr: SocketAddr,
-    /// Receive buffer the kernel granted each socket.
+    /// Receive buffer the kernel granted the socket.
     pub rcvbuf: usize,
     pub decoders: Vec<Arc<Mutex<Decoder>>>,
+    /// Threads that parse datagrams (1: the reading thread does all the work).
+    pub parsers: usize,
     drops: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Listener {
-    /// Binds `threads` sockets on `addr` (port 0: one port the kernel picks, shared by
-    /// all) and starts a decoder thread on each, with a decoder made by `decoder`.
+    /// Binds `addr` (port 0: a port the kernel picks) and starts its threads. With one
+    /// parser, one thread reads, decodes and hands records over. With more, one thread
+    /// reads and deals the datagrams out in turn to `parsers` threads (each with its own
+    /// templates: a datagram that carries templates is parsed whole by the thread it goes
+    /// to, and the others get a copy of its template sets before anything that came after
+    /// it), and one thread takes the parsed datagrams back in the order they arrived to
+    /// count them, check sequence numbers, apply sampling and make the records: the
+    /// result is what one thread would give, at the parse rate of several.
     pub fn start(
         addr: SocketAddr,
         rcvbuf: usize,
-        threads: usize,
-        decoder: impl Fn() -> Decoder,
+        parsers: usize,
+        limits: &DecodeLimits,
+        allow: &[Cidr],
         input: &Input,
         stop: &Arc<AtomicBool>,
     ) -> Result<Self, ListenError> {
-        let first = bind_one(addr, rcvbuf)?;
-        let local = first
+        let bound = bind_one(addr, rcvbuf)?;
+        let local = bound
             .sock
             .local_addr()
             .map_err(|source| ListenError::Option { addr, source })?;
-        let rcvbuf = first.rcvbuf;
-        let mut socks = vec![first];
-        for _ in 1..threads.max(1) {
-            socks.push(bind_one(local, rcvbuf)?);
-        }
+        let parsers = parsers.max(1);
         let mut l = Self {
             addr: local,
-            rcvbuf,
+            rcvbuf: bound.rcvbuf,
             decoders: Vec::new(),
+            parsers,
             drops: Vec::new(),
             threads: Vec::new(),
         };
-        for (i, b) in socks.into_iter().enumerate() {
-            let dec = Arc::new(Mutex::new(decoder()));
-            let drops = Arc::new(AtomicU64::new(0));
-            let (d2, drops2, input, stop) =
-                (dec.clone(), drops.clone(), input.clone(), stop.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("netflow-{}-{i}", local.port()))
-                .spawn(move || read_loop(b.sock, d2, drops2, input, stop))
-                .map_err(|source| ListenError::Thread { addr, source })?;
-            l.decoders.push(dec);
-            l.drops.push(drops);
-            l.threads.push(t);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|source| ListenError::Thread { addr, source })
+        };
+        let port = local.port();
+        let dec = Arc::new(Mutex::new(Decoder::new(limits.clone(), allow.to_vec())));
+        let drops = Arc::new(AtomicU64::new(0));
+        l.decoders.push(dec.clone());
+        l.drops.push(drops.clone());
+        let (input, stop) = (input.clone(), stop.clone());
+        if parsers == 1 {
+            l.threads.push(spawn(
+                format!("netflow-{port}"),
+                Box::new(move || read_loop(bound.sock, dec, drops, input, stop)),
+            )?);
+            return Ok(l);
         }
+        let (mut to_parsers, mut from_parsers, mut shared) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..parsers {
+            let (tx, rx) = sync_channel::<Chunk>(CHANNEL_CHUNKS);
+            let (ptx, prx) = sync_channel::<Parsed>(CHANNEL_CHUNKS);
+            let parser = Arc::new(Mutex::new(decode::new_parser(limits)));
+            shared.push(parser.clone());
+            to_parsers.push(tx);
+            from_parsers.push(prx);
+            l.threads.push(spawn(
+                format!("nfparse-{port}-{i}"),
+                Box::new(move || parse_loop(parser, rx, ptx)),
+            )?);
+        }
+        dec.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .share_parsers(shared);
+        l.threads.push(spawn(
+            format!("nfconv-{port}"),
+            Box::new(move || convert_loop(dec, from_parsers, input)),
+        )?);
+        let admission = Admission::new(limits, allow.to_vec());
+        l.threads.push(spawn(
+            format!("netflow-{port}"),
+            Box::new(move || deal_loop(bound.sock, drops, admission, to_parsers, stop)),
+        )?);
         Ok(l)
     }
 
@@ -133,11 +169,186 @@ impl Listener {
         self.drops.iter().map(|d| d.load(Ordering::Relaxed)).sum()
     }
 
-    /// Waits for the decoder threads (after the stop flag was set): every datagram
+    /// Waits for the listener's threads (after the stop flag was set): every datagram
     /// already received is decoded and handed over.
     pub fn join(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Chunks queued to (and from) each parser thread.
+const CHANNEL_CHUNKS: usize = 16;
+
+/// What a parser thread does with a datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// Parse it: it is this thread's to decode.
+    Parse,
+    /// Learn its templates: a [`template_sets`] copy of a datagram another thread got.
+    Learn,
+    /// Nothing: its source is not admitted (the converter counts it).
+    Skip,
+}
+
+struct Item {
+    from: SocketAddr,
+    /// The datagram's length as received.
+    len: usize,
+    data: Vec<u8>,
+    job: Job,
+}
+
+/// Datagrams of one read, for one parser thread.
+struct Chunk {
+    received: SystemTime,
+    items: Vec<Item>,
+}
+
+/// A chunk parsed, in the chunk's order.
+struct Parsed {
+    received: SystemTime,
+    items: Vec<(SocketAddr, usize, Job, Option<ParseResult>)>,
+}
+
+/// Reads datagrams and deals each read's datagrams to the next parser thread in turn,
+/// with the template sets the other threads got since its last turn put first.
+fn deal_loop(
+    sock: UdpSocket,
+    drops: Arc<AtomicU64>,
+    mut admission: Admission,
+    parsers: Vec<SyncSender<Chunk>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut batch = RecvBatch::new(BATCH);
+    let mut learn: Vec<Vec<Item>> = parsers.iter().map(|_| Vec::new()).collect();
+    let mut next = 0;
+    loop {
+        let n = recv_or_zero(&mut batch, &sock);
+        if n == 0 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
+        }
+        let received = SystemTime::now();
+        let mut items = std::mem::take(&mut learn[next]);
+        for i in 0..n {
+            let (from, data, d) = batch.get(i);
+            if let Some(d) = d {
+                drops.store(d, Ordering::Relaxed);
+            }
+            let Some(from) = from else { continue };
+            let len = data.len();
+            if !admission.admit(from.ip()) {
+                items.push(Item {
+                    from,
+                    len,
+                    data: Vec::new(),
+                    job: Job::Skip,
+                });
+                continue;
+            }
+            if let Some(t) = template_sets(data) {
+                for (m, l) in learn.iter_mut().enumerate() {
+                    if m != next {
+                        l.push(Item {
+                            from,
+                            len: t.len(),
+                            data: t.clone(),
+                            job: Job::Learn,
+                        });
+                    }
+                }
+            }
+            items.push(Item {
+                from,
+                len,
+                data: data.to_vec(),
+                job: Job::Parse,
+            });
+        }
+        if parsers[next].send(Chunk { received, items }).is_err() {
+            return;
+        }
+        next = (next + 1) % parsers.len();
+    }
+}
+
+/// Parses the chunks dealt to this thread with its own parser.
+fn parse_loop(
+    parser: Arc<Mutex<AutoScopedParser>>,
+    chunks: Receiver<Chunk>,
+    out: SyncSender<Parsed>,
+) {
+    while let Ok(chunk) = chunks.recv() {
+        let mut p = parser.lock().unwrap_or_else(|e| e.into_inner());
+        let items = chunk
+            .items
+            .into_iter()
+            .map(|it| {
+                let result = (it.job != Job::Skip).then(|| p.parse_from_source(it.from, &it.data));
+                (it.from, it.len, it.job, result)
+            })
+            .collect();
+        drop(p);
+        let parsed = Parsed {
+            received: chunk.received,
+            items,
+        };
+        if out.send(parsed).is_err() {
+            return;
+        }
+    }
+}
+
+/// Takes the parsed chunks back in the order they were dealt and turns them into
+/// records, until the parser threads are done.
+fn convert_loop(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Parsed>>, input: Input) {
+    let mut records = Vec::new();
+    for turn in (0..parsers.len()).cycle() {
+        // The parser whose turn it is has ended only when nothing more was dealt.
+        let Ok(chunk) = parsers[turn].recv() else {
+            return;
+        };
+        let mut dec = decoder.lock().unwrap_or_else(|p| p.into_inner());
+        for (from, len, job, result) in chunk.items {
+            match (job, result) {
+                (Job::Learn, Some(r)) => dec.convert(from, r, chunk.received, true, &mut records),
+                (Job::Parse, Some(r)) => {
+                    if dec.admit(from, len) {
+                        dec.convert(from, r, chunk.received, false, &mut records);
+                    }
+                }
+                // Not admitted: admit counts why.
+                _ => {
+                    dec.admit(from, len);
+                }
+            }
+        }
+        drop(dec);
+        if !records.is_empty() {
+            input.emit(std::mem::take(&mut records), chunk.received);
+        }
+    }
+}
+
+/// One `recvmmsg`; 0 when the wait ended without a datagram (or on an error, logged).
+fn recv_or_zero(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
+    match batch.recv(sock.as_fd().as_raw_fd()) {
+        Ok(n) => n,
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock
+                || e.kind() == io::ErrorKind::TimedOut
+                || e.kind() == io::ErrorKind::Interrupted =>
+        {
+            0
+        }
+        Err(e) => {
+            log::warn!("listener: receive failed: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+            0
         }
     }
 }
@@ -150,76 +361,149 @@ fn read_loop(
     input: Input,
     stop: Arc<AtomicBool>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    let mut batch = RecvBatch::new(BATCH);
     let mut records = Vec::new();
     loop {
-        // The first read blocks (up to WAKE); the rest of the batch takes what is there.
-        let mut n = 0;
-        let mut flags = MsgFlags::empty();
-        let received = SystemTime::now();
-        let mut dec = None;
-        while n < BATCH {
-            match read_one(&sock, &mut buf, flags) {
-                Ok((from, len, d)) => {
-                    if let Some(d) = d {
-                        drops.store(d, Ordering::Relaxed);
-                    }
-                    let dec = dec
-                        .get_or_insert_with(|| decoder.lock().unwrap_or_else(|p| p.into_inner()));
-                    dec.decode(from, &buf[..len], received, &mut records);
-                    n += 1;
-                    flags = MsgFlags::MSG_DONTWAIT;
+        // One system call waits (up to WAKE) for the first datagram and takes whatever
+        // else is queued, up to BATCH.
+        let n = recv_or_zero(&mut batch, &sock);
+        if n > 0 {
+            let received = SystemTime::now();
+            let mut dec = decoder.lock().unwrap_or_else(|p| p.into_inner());
+            for i in 0..n {
+                let (from, data, d) = batch.get(i);
+                if let Some(d) = d {
+                    drops.store(d, Ordering::Relaxed);
                 }
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut =>
-                {
-                    break;
-                }
-                Err(e) => {
-                    log::warn!("listener: receive failed: {e}");
-                    break;
+                if let Some(from) = from {
+                    dec.decode(from, data, received, &mut records);
                 }
             }
-        }
-        drop(dec);
-        if !records.is_empty() {
-            input.emit(std::mem::take(&mut records), received);
-        }
-        if n == 0 && stop.load(Ordering::Relaxed) {
+            drop(dec);
+            if !records.is_empty() {
+                input.emit(std::mem::take(&mut records), received);
+            }
+        } else if stop.load(Ordering::Relaxed) {
             return;
         }
     }
 }
 
-/// One datagram: its source, its length, and the socket's drop counter if the kernel
-/// attached it.
-fn read_one(
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    flags: MsgFlags,
-) -> io::Result<(SocketAddr, usize, Option<u64>)> {
-    let fd = sock.as_fd().as_raw_fd();
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(u32);
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), flags)
-        .map_err(io::Error::from)?;
-    let mut drops = None;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::RxqOvfl(n) = c {
-            drops = Some(n as u64);
+/// Largest UDP payload: a datagram is never truncated.
+const DATAGRAM_MAX: usize = 65536;
+/// Room for the SO_RXQ_OVFL control message (a u32), in 8-byte words for alignment.
+const CONTROL_WORDS: usize = 4;
+
+/// Buffers for `recvmmsg`: one datagram buffer, source address and control buffer a
+/// message, the headers pointing into them rebuilt before each call.
+struct RecvBatch {
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    control: Vec<u64>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl RecvBatch {
+    fn new(n: usize) -> Self {
+        // SAFETY: these C structs are plain integers and pointers; all-zero is valid.
+        let (addr, iov, hdr) = unsafe {
+            (
+                std::mem::zeroed::<libc::sockaddr_storage>(),
+                std::mem::zeroed::<libc::iovec>(),
+                std::mem::zeroed::<libc::mmsghdr>(),
+            )
+        };
+        Self {
+            bufs: vec![0; n * DATAGRAM_MAX],
+            addrs: vec![addr; n],
+            control: vec![0; n * CONTROL_WORDS],
+            iovs: vec![iov; n],
+            hdrs: vec![hdr; n],
         }
     }
-    let from = msg
-        .address
-        .and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
-                .or_else(|| {
-                    a.as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
-                })
-        })
-        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-    Ok((from, msg.bytes, drops))
+
+    /// Waits for at least one datagram and returns how many were received.
+    fn recv(&mut self, fd: i32) -> io::Result<usize> {
+        let n = self.hdrs.len();
+        for i in 0..n {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i * DATAGRAM_MAX..].as_mut_ptr().cast(),
+                iov_len: DATAGRAM_MAX,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.control[i * CONTROL_WORDS..].as_mut_ptr().cast();
+            h.msg_controllen = CONTROL_WORDS * 8;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points into this batch's own buffers, of the lengths
+        // given, which live (and do not move) for the call.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+
+    /// Message `i` of the last [`Self::recv`]: its source, its bytes, and the socket's
+    /// drop counter when the kernel attached it.
+    fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8], Option<u64>) {
+        let h = &self.hdrs[i];
+        let len = (h.msg_len as usize).min(DATAGRAM_MAX);
+        let data = &self.bufs[i * DATAGRAM_MAX..i * DATAGRAM_MAX + len];
+        let from = sockaddr(&self.addrs[i]);
+        let mut drops = None;
+        // SAFETY: the kernel filled msg_control up to msg_controllen with well-formed
+        // control messages; the CMSG_* macros walk them within those bounds.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>());
+                    drops = Some(u64::from(v));
+                }
+                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+            }
+        }
+        (from, data, drops)
+    }
+}
+
+/// The address a datagram came from (IPv4 senders of a dual-stack socket keep their
+/// mapped IPv6 form, as the socket gives them).
+fn sockaddr(a: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(a.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4 = unsafe { &*(a as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6 = unsafe { &*(a as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(v6.sin6_addr.s6_addr),
+                u16::from_be(v6.sin6_port),
+                v6.sin6_flowinfo,
+                v6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
