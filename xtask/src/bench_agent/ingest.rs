@@ -197,6 +197,20 @@ fn parse_v9(dg: &[u8], templates: &mut HashMap<u16, Template>) -> Result<(Datagr
     Ok((out, has_templates))
 }
 
+/// A UDP socket on a loopback port of the kernel's choosing with a receive buffer of
+/// `rcvbuf` bytes, whose reads wake every 100 ms.
+fn loopback_receiver(rcvbuf: i32) -> Result<UdpSocket> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sys::set_int_opt(
+        sock.as_raw_fd(),
+        sys::SOL_SOCKET,
+        sys::SO_RCVBUFFORCE,
+        rcvbuf,
+    )?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(sock)
+}
+
 /// The datagrams the agent exports for every labelled capture (`detector replay`),
 /// received on a socket of ours; None when the test data is absent.
 fn build_set(bin: &Path) -> Result<Option<Vec<Datagram>>> {
@@ -225,14 +239,7 @@ fn build_set(bin: &Path) -> Result<Option<Vec<Datagram>>> {
         return Ok(None);
     }
 
-    let sock = UdpSocket::bind("127.0.0.1:0").context("binding the capture socket")?;
-    sys::set_int_opt(
-        sock.as_raw_fd(),
-        sys::SOL_SOCKET,
-        sys::SO_RCVBUFFORCE,
-        32 << 20,
-    )?;
-    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let sock = loopback_receiver(32 << 20).context("binding the capture socket")?;
     let port = sock.local_addr()?.port();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -461,14 +468,7 @@ struct Sink {
 
 impl Sink {
     fn start() -> Result<Self> {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        sys::set_int_opt(
-            sock.as_raw_fd(),
-            sys::SOL_SOCKET,
-            sys::SO_RCVBUFFORCE,
-            16 << 20,
-        )?;
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let sock = loopback_receiver(16 << 20)?;
         let port = sock.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();

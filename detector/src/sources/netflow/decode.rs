@@ -346,7 +346,8 @@ impl Decoder {
             return;
         }
         let result = self.parser.parse_from_source(from, data);
-        self.convert(from, result, received, false, out);
+        let message = Message::from_parse(from, result, received);
+        self.apply(from, message, received, false, out);
     }
 
     /// Counts a datagram of `len` bytes from `from` and says whether it is decoded: not
@@ -370,240 +371,95 @@ impl Decoder {
         true
     }
 
-    /// Turns the parse of an admitted datagram into flows, in the order the datagrams
-    /// arrived. `learned` marks the parse of a [`template_sets`] copy by a parser that
-    /// did not get the datagram itself: it only taught that parser the templates (and
-    /// brings the data it held for them), so it counts neither as a datagram nor as
-    /// templates received.
-    pub fn convert(
-        &mut self,
-        from: SocketAddr,
-        result: ParseResult,
-        received: SystemTime,
-        learned: bool,
-        out: &mut Vec<FlowRecord>,
-    ) {
-        if !learned && let Some(e) = &result.error {
-            let kind = error_kind(e);
-            *self
-                .exporters
-                .get_mut(&from.ip())
-                .expect("admitted")
-                .errors
-                .entry(kind)
-                .or_default() += 1;
-        }
-        // One UDP datagram carries one export message; bytes after it are not another
-        // message (the parser would read them as one) but trailing garbage.
-        let mut packets = result.packets.into_iter();
-        if let Some(first) = packets.next() {
-            self.packet(from, first, received, learned, out);
-        }
-        if packets.next().is_some() && !learned {
-            self.count_error(from, "trailing_data");
-        }
-    }
-
     /// Lets [`Self::pending`] report the early data held by parsers on other threads
     /// (a listener that parses one exporter's datagrams in parallel).
     pub fn share_parsers(&mut self, parsers: Vec<Arc<Mutex<AutoScopedParser>>>) {
         self.shared = parsers;
     }
 
-    fn packet(
+    /// Applies what an admitted datagram says to its exporter's running state, in the
+    /// order the datagrams arrived: counters, sequence numbers, sampling and time bases,
+    /// and appends its flows. `learned` marks a [`template_sets`] copy parsed by a thread
+    /// that did not get the datagram itself: it only taught that thread the templates
+    /// (and brings the data it held for them), so it counts neither as a datagram nor as
+    /// templates received.
+    pub fn apply(
         &mut self,
         from: SocketAddr,
-        packet: NetflowPacket,
+        message: Message,
         received: SystemTime,
         learned: bool,
         out: &mut Vec<FlowRecord>,
     ) {
-        match packet {
-            NetflowPacket::V5(v5) => {
-                let h = v5.header;
-                // The header's count is authoritative: bytes after its records are padding.
-                let mut flowsets = v5.flowsets;
-                flowsets.truncate(h.count as usize);
-                let records = flowsets.len() as u32;
-                self.sequence(from, 5, 0, h.flow_sequence, records);
-                let interval = (h.sampling_interval & 0x3fff) as u32;
-                let sampling = interval.max(1);
-                let export_ms = h.unix_secs as u64 * 1000 + h.unix_nsecs as u64 / 1_000_000;
-                let stats = self.stats(from);
-                stats.v5 += 1;
-                for f in flowsets {
-                    let at = |up: u32| uptime_to_wall(export_ms, h.sys_up_time, up);
-                    out.push(FlowRecord {
-                        src_addr: IpAddr::V4(f.src_addr),
-                        dst_addr: IpAddr::V4(f.dst_addr),
-                        src_port: f.src_port,
-                        dst_port: f.dst_port,
-                        protocol: f.protocol_number,
-                        packets: f.d_pkts as u64,
-                        bytes: f.d_octets as u64,
-                        first: at(f.first),
-                        last: at(f.last),
-                        direction: Direction::Ingress,
-                        tcp_flags: f.tcp_flags,
-                        tos: f.tos,
-                        vlan: 0,
-                        vlan_inner: 0,
-                        ifindex: f.input as u32,
-                        sampling,
-                        origin: Origin::Exporter {
-                            addr: from,
-                            domain: 0,
-                        },
-                        duplicate: false,
-                    });
-                    stats.records += 1;
-                }
+        let Message {
+            error,
+            trailing,
+            body,
+        } = message;
+        if !learned {
+            if let Some(kind) = error {
+                self.count_error(from, kind);
             }
-            NetflowPacket::V9(v9) => {
-                let h = v9.header;
-                if !learned {
-                    self.sequence(from, 9, h.source_id, h.sequence_number, 1);
-                    self.stats(from).v9 += 1;
+            if trailing {
+                self.count_error(from, "trailing_data");
+            }
+        }
+        let Some(b) = body else { return };
+        if b.version == 0 {
+            self.count_error(from, "unsupported_version");
+            return;
+        }
+        if !learned {
+            let stats = self.stats(from);
+            match b.version {
+                5 => stats.v5 += 1,
+                9 => stats.v9 += 1,
+                _ => stats.ipfix += 1,
+            }
+            stats.templates += b.templates;
+            self.sequence(from, b.version, b.domain, b.seq, b.units);
+        }
+        let stats = self.stats(from);
+        stats.options_records += b.options_records;
+        stats.no_template += b.no_template;
+        stats.skipped_records += b.skipped;
+        for kind in b.errors {
+            self.count_error(from, kind);
+        }
+        let ctx = Ctx {
+            from,
+            domain: b.domain,
+            export_ms: b.export_ms,
+            sys_up_time: b.sys_up_time,
+            received,
+        };
+        let scope = ctx.scope();
+        for e in b.events {
+            match e {
+                Event::Flow(mut r) => {
+                    if r.sampling == 0 {
+                        r.sampling = self.sampling.get(&scope).copied().unwrap_or(1).max(1);
+                    }
+                    self.stats(from).records += 1;
+                    out.push(r);
                 }
-                let ctx = Ctx {
-                    from,
-                    domain: h.source_id,
-                    export_ms: h.unix_secs as u64 * 1000,
-                    sys_up_time: Some(h.sys_up_time),
-                    received,
-                };
-                for fs in v9.flowsets {
-                    let (set_id, set_len) = (fs.header.flowset_id, fs.header.length);
-                    match fs.body {
-                        V9Body::Data(_) if set_id < 256 => {
-                            self.count_error(from, "reserved_set_id");
-                        }
-                        V9Body::Data(d) if d.fields.is_empty() && set_len > 7 => {
-                            self.count_error(from, "undecoded_set");
-                        }
-                        V9Body::Data(d) => {
-                            // By reference: a parsed field is 80 bytes, moving each one
-                            // cost more than reading it.
-                            for r in &d.fields {
-                                let fields = r.iter().map(|(k, v)| (u16::from(*k), v));
-                                self.record(&ctx, fields, out);
-                            }
-                        }
-                        V9Body::OptionsData(o) => {
-                            self.stats(from).options_records += o.fields.len() as u64;
-                            for r in o.fields {
-                                let fields =
-                                    r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
-                                self.options(&ctx, fields);
-                            }
-                        }
-                        V9Body::Template(t) if !learned => {
-                            self.stats(from).templates += t.templates.len() as u64
-                        }
-                        V9Body::OptionsTemplate(t) if !learned => {
-                            self.stats(from).templates += t.templates.len() as u64
-                        }
-                        V9Body::NoTemplate(_) => self.stats(from).no_template += 1,
-                        _ => {}
+                Event::Raw(raw) => {
+                    let init = self.init_time_ms.get(&scope).copied();
+                    let mut r = raw.flow(&ctx, init);
+                    if r.sampling == 0 {
+                        r.sampling = self.sampling.get(&scope).copied().unwrap_or(1).max(1);
+                    }
+                    self.stats(from).records += 1;
+                    out.push(r);
+                }
+                Event::Options { interval, init_ms } => {
+                    if let Some(ms) = init_ms {
+                        self.remember(&scope, ms, |d| &mut d.init_time_ms);
+                    }
+                    if let Some(n) = interval {
+                        self.remember(&scope, n, |d| &mut d.sampling);
                     }
                 }
-            }
-            NetflowPacket::IPFix(ipfix) => {
-                let h = ipfix.header;
-                if !learned {
-                    self.stats(from).ipfix += 1;
-                }
-                let ctx = Ctx {
-                    from,
-                    domain: h.observation_domain_id,
-                    export_ms: h.export_time as u64 * 1000,
-                    sys_up_time: None,
-                    received,
-                };
-                let mut data_records = 0u32;
-                for fs in ipfix.flowsets {
-                    let (set_id, set_len) = (fs.header.header_id, fs.header.length);
-                    let reserved = set_id < 256;
-                    match fs.body {
-                        IpfixBody::Data(_) | IpfixBody::V9Data(_) if reserved => {
-                            // Set ids 4-255 are reserved (RFC 7011 3.3.2): ignore them.
-                            self.count_error(from, "reserved_set_id");
-                        }
-                        IpfixBody::Data(d) if d.fields.is_empty() && set_len > 7 => {
-                            self.count_error(from, "undecoded_set");
-                        }
-                        IpfixBody::V9Data(d) if d.fields.is_empty() && set_len > 7 => {
-                            self.count_error(from, "undecoded_set");
-                        }
-                        IpfixBody::Data(d) => {
-                            data_records += d.fields.len() as u32;
-                            for r in &d.fields {
-                                let fields =
-                                    r.iter().filter_map(|(k, v)| ipfix_id(k).map(|id| (id, v)));
-                                self.record(&ctx, fields, out);
-                            }
-                        }
-                        IpfixBody::V9Data(d) => {
-                            data_records += d.fields.len() as u32;
-                            for r in &d.fields {
-                                let fields = r.iter().map(|(k, v)| (u16::from(*k), v));
-                                self.record(&ctx, fields, out);
-                            }
-                        }
-                        IpfixBody::OptionsData(o) => {
-                            data_records += o.fields.len() as u32;
-                            self.stats(from).options_records += o.fields.len() as u64;
-                            for r in o.fields {
-                                let fields = r
-                                    .into_iter()
-                                    .filter_map(|(k, v)| ipfix_id(&k).map(|id| (id, v)));
-                                self.options(&ctx, fields);
-                            }
-                        }
-                        IpfixBody::V9OptionsData(o) => {
-                            data_records += o.fields.len() as u32;
-                            self.stats(from).options_records += o.fields.len() as u64;
-                            for r in o.fields {
-                                let fields =
-                                    r.options_fields.into_iter().map(|(k, v)| (u16::from(k), v));
-                                self.options(&ctx, fields);
-                            }
-                        }
-                        _ if learned => {}
-                        IpfixBody::Template(_)
-                        | IpfixBody::V9Template(_)
-                        | IpfixBody::OptionsTemplate(_)
-                        | IpfixBody::V9OptionsTemplate(_) => self.stats(from).templates += 1,
-                        IpfixBody::Templates(t) => self.stats(from).templates += t.len() as u64,
-                        IpfixBody::V9Templates(t) => self.stats(from).templates += t.len() as u64,
-                        IpfixBody::OptionsTemplates(t) => {
-                            self.stats(from).templates += t.len() as u64
-                        }
-                        IpfixBody::V9OptionsTemplates(t) => {
-                            self.stats(from).templates += t.len() as u64
-                        }
-                        IpfixBody::NoTemplate(_) => self.stats(from).no_template += 1,
-                        _ => {}
-                    }
-                }
-                if !learned {
-                    self.sequence(
-                        from,
-                        10,
-                        h.observation_domain_id,
-                        h.sequence_number,
-                        data_records,
-                    );
-                }
-            }
-            _ => {
-                *self
-                    .exporters
-                    .get_mut(&from.ip())
-                    .expect("tracked")
-                    .errors
-                    .entry("unsupported_version")
-                    .or_default() += 1;
             }
         }
     }
@@ -680,37 +536,6 @@ impl Decoder {
         }
     }
 
-    fn options(&mut self, ctx: &Ctx, fields: impl Iterator<Item = (u16, FieldValue)>) {
-        let mut interval = None;
-        let (mut pkt_interval, mut pkt_space) = (None, None);
-        let (mut size, mut population) = (None, None);
-        for (id, v) in fields {
-            match id {
-                34 | 50 => interval = num(&v),
-                305 => pkt_interval = num(&v),
-                306 => pkt_space = num(&v),
-                309 => size = num(&v),
-                310 => population = num(&v),
-                160 => {
-                    if let Some(ms) = time_ms(&v) {
-                        self.remember(&ctx.scope(), ms, |d| &mut d.init_time_ms);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let n = match (interval, pkt_interval, pkt_space, size, population) {
-            (Some(n), ..) => Some(n),
-            (_, Some(i), Some(s), ..) if i > 0 => Some((i + s) / i),
-            (.., Some(sz), Some(pop)) if sz > 0 => Some(pop / sz),
-            _ => None,
-        };
-        if let Some(n) = n {
-            let n = n.clamp(1, u32::MAX as u64) as u32;
-            self.remember(&ctx.scope(), n, |d| &mut d.sampling);
-        }
-    }
-
     /// Stores a per-scope value unless that would grow the map past its bound.
     fn remember<V>(
         &mut self,
@@ -724,67 +549,294 @@ impl Decoder {
             m.insert(*scope, value);
         }
     }
+}
 
-    fn record<'a>(
-        &mut self,
-        ctx: &Ctx,
-        fields: impl Iterator<Item = (u16, &'a FieldValue)>,
-        out: &mut Vec<FlowRecord>,
-    ) {
+/// What one datagram says, taken from its parse on whichever thread parsed it, before
+/// the exporter's running state (counters, sequence numbers, sampling, time bases) is
+/// applied by [`Decoder::apply`] in arrival order. Compact: flows are already records.
+pub struct Message {
+    /// Why the parser stopped early, if it did.
+    error: Option<&'static str>,
+    /// Bytes after the first export message (counted as trailing data).
+    trailing: bool,
+    /// The first export message, if one was parsed.
+    body: Option<Body>,
+}
+
+struct Body {
+    /// 5, 9 or 10 (IPFIX); 0 for a version this decoder does not handle.
+    version: u16,
+    /// v9 source id or IPFIX observation domain (0 for v5).
+    domain: u32,
+    seq: u32,
+    /// What this message adds to its sequence: records for v5 and IPFIX, 1 for v9.
+    units: u32,
+    export_ms: u64,
+    sys_up_time: Option<u32>,
+    events: Vec<Event>,
+    templates: u64,
+    options_records: u64,
+    no_template: u64,
+    skipped: u64,
+    errors: Vec<&'static str>,
+}
+
+/// One record of a message, in order (options change the sampling of later records).
+enum Event {
+    /// A flow; `sampling` 0 takes the interval the exporter's options set.
+    Flow(FlowRecord),
+    /// A flow timed in sysUpTime without a header base: its times wait for the
+    /// exporter's systemInitTimeMilliseconds.
+    Raw(Box<RawRecord>),
+    /// Options data: a sampling interval and/or the exporter's init time.
+    Options {
+        interval: Option<u32>,
+        init_ms: Option<u64>,
+    },
+}
+
+impl Message {
+    /// Takes what the datagram from `from`, received at `received`, says from its parse.
+    pub fn from_parse(from: SocketAddr, result: ParseResult, received: SystemTime) -> Self {
+        // One UDP datagram carries one export message; bytes after it are not another
+        // message (the parser would read them as one) but trailing garbage.
+        let mut packets = result.packets.into_iter();
+        let body = packets.next().map(|p| Body::from_packet(from, p, received));
+        Self {
+            error: result.error.as_ref().map(error_kind),
+            trailing: packets.next().is_some(),
+            body,
+        }
+    }
+}
+
+impl Body {
+    fn new(version: u16, domain: u32, seq: u32, export_ms: u64, up: Option<u32>) -> Self {
+        Self {
+            version,
+            domain,
+            seq,
+            units: 0,
+            export_ms,
+            sys_up_time: up,
+            events: Vec::new(),
+            templates: 0,
+            options_records: 0,
+            no_template: 0,
+            skipped: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    fn from_packet(from: SocketAddr, packet: NetflowPacket, received: SystemTime) -> Self {
+        match packet {
+            NetflowPacket::V5(v5) => {
+                let h = v5.header;
+                let export_ms = h.unix_secs as u64 * 1000 + h.unix_nsecs as u64 / 1_000_000;
+                let mut b = Self::new(5, 0, h.flow_sequence, export_ms, Some(h.sys_up_time));
+                // The header's count is authoritative: bytes after its records are padding.
+                let mut flowsets = v5.flowsets;
+                flowsets.truncate(h.count as usize);
+                b.units = flowsets.len() as u32;
+                let sampling = ((h.sampling_interval & 0x3fff) as u32).max(1);
+                let at = |up: u32| uptime_to_wall(export_ms, h.sys_up_time, up);
+                b.events = flowsets
+                    .into_iter()
+                    .map(|f| {
+                        Event::Flow(FlowRecord {
+                            src_addr: IpAddr::V4(f.src_addr),
+                            dst_addr: IpAddr::V4(f.dst_addr),
+                            src_port: f.src_port,
+                            dst_port: f.dst_port,
+                            protocol: f.protocol_number,
+                            packets: f.d_pkts as u64,
+                            bytes: f.d_octets as u64,
+                            first: at(f.first),
+                            last: at(f.last),
+                            direction: Direction::Ingress,
+                            tcp_flags: f.tcp_flags,
+                            tos: f.tos,
+                            vlan: 0,
+                            vlan_inner: 0,
+                            ifindex: f.input as u32,
+                            sampling,
+                            origin: Origin::Exporter {
+                                addr: from,
+                                domain: 0,
+                            },
+                            duplicate: false,
+                        })
+                    })
+                    .collect();
+                b
+            }
+            NetflowPacket::V9(v9) => {
+                let h = v9.header;
+                let mut b = Self::new(
+                    9,
+                    h.source_id,
+                    h.sequence_number,
+                    h.unix_secs as u64 * 1000,
+                    Some(h.sys_up_time),
+                );
+                b.units = 1;
+                let ctx = b.ctx(from, received);
+                for fs in v9.flowsets {
+                    let (set_id, set_len) = (fs.header.flowset_id, fs.header.length);
+                    match fs.body {
+                        V9Body::Data(_) if set_id < 256 => b.errors.push("reserved_set_id"),
+                        V9Body::Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            b.errors.push("undecoded_set")
+                        }
+                        V9Body::Data(d) => {
+                            // By reference: a parsed field is 80 bytes, moving each one
+                            // cost more than reading it.
+                            for r in &d.fields {
+                                b.record(&ctx, r.iter().map(|(k, v)| (u16::from(*k), v)));
+                            }
+                        }
+                        V9Body::OptionsData(o) => {
+                            b.options_records += o.fields.len() as u64;
+                            for r in &o.fields {
+                                let f = r.options_fields.iter().map(|(k, v)| (u16::from(*k), v));
+                                b.options(f);
+                            }
+                        }
+                        V9Body::Template(t) => b.templates += t.templates.len() as u64,
+                        V9Body::OptionsTemplate(t) => b.templates += t.templates.len() as u64,
+                        V9Body::NoTemplate(_) => b.no_template += 1,
+                        _ => {}
+                    }
+                }
+                b
+            }
+            NetflowPacket::IPFix(ipfix) => {
+                let h = ipfix.header;
+                let mut b = Self::new(
+                    10,
+                    h.observation_domain_id,
+                    h.sequence_number,
+                    h.export_time as u64 * 1000,
+                    None,
+                );
+                let ctx = b.ctx(from, received);
+                for fs in ipfix.flowsets {
+                    let (set_id, set_len) = (fs.header.header_id, fs.header.length);
+                    let reserved = set_id < 256;
+                    match fs.body {
+                        // Set ids 4-255 are reserved (RFC 7011 3.3.2): ignore them.
+                        IpfixBody::Data(_) | IpfixBody::V9Data(_) if reserved => {
+                            b.errors.push("reserved_set_id")
+                        }
+                        IpfixBody::Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            b.errors.push("undecoded_set")
+                        }
+                        IpfixBody::V9Data(d) if d.fields.is_empty() && set_len > 7 => {
+                            b.errors.push("undecoded_set")
+                        }
+                        IpfixBody::Data(d) => {
+                            b.units += d.fields.len() as u32;
+                            for r in &d.fields {
+                                let f = r.iter().filter_map(|(k, v)| ipfix_id(k).map(|id| (id, v)));
+                                b.record(&ctx, f);
+                            }
+                        }
+                        IpfixBody::V9Data(d) => {
+                            b.units += d.fields.len() as u32;
+                            for r in &d.fields {
+                                b.record(&ctx, r.iter().map(|(k, v)| (u16::from(*k), v)));
+                            }
+                        }
+                        IpfixBody::OptionsData(o) => {
+                            b.units += o.fields.len() as u32;
+                            b.options_records += o.fields.len() as u64;
+                            for r in &o.fields {
+                                b.options(
+                                    r.iter().filter_map(|(k, v)| ipfix_id(k).map(|id| (id, v))),
+                                );
+                            }
+                        }
+                        IpfixBody::V9OptionsData(o) => {
+                            b.units += o.fields.len() as u32;
+                            b.options_records += o.fields.len() as u64;
+                            for r in &o.fields {
+                                let f = r.options_fields.iter().map(|(k, v)| (u16::from(*k), v));
+                                b.options(f);
+                            }
+                        }
+                        IpfixBody::Template(_)
+                        | IpfixBody::V9Template(_)
+                        | IpfixBody::OptionsTemplate(_)
+                        | IpfixBody::V9OptionsTemplate(_) => b.templates += 1,
+                        IpfixBody::Templates(t) => b.templates += t.len() as u64,
+                        IpfixBody::V9Templates(t) => b.templates += t.len() as u64,
+                        IpfixBody::OptionsTemplates(t) => b.templates += t.len() as u64,
+                        IpfixBody::V9OptionsTemplates(t) => b.templates += t.len() as u64,
+                        IpfixBody::NoTemplate(_) => b.no_template += 1,
+                        _ => {}
+                    }
+                }
+                b
+            }
+            _ => Self::new(0, 0, 0, 0, None),
+        }
+    }
+
+    fn ctx(&self, from: SocketAddr, received: SystemTime) -> Ctx {
+        Ctx {
+            from,
+            domain: self.domain,
+            export_ms: self.export_ms,
+            sys_up_time: self.sys_up_time,
+            received,
+        }
+    }
+
+    /// One data record: a flow when it has addresses (timed now unless its times wait
+    /// for the exporter's init time), else counted as skipped.
+    fn record<'a>(&mut self, ctx: &Ctx, fields: impl Iterator<Item = (u16, &'a FieldValue)>) {
         let mut r = RawRecord::default();
         for (id, v) in fields {
             r.set(id, v);
         }
-        let scope = ctx.scope();
-        let stats = self.exporters.get_mut(&ctx.from.ip()).expect("tracked");
-        let Some((src, dst)) = r.addresses() else {
-            stats.skipped_records += 1;
-            return;
-        };
-        stats.records += 1;
-        let sampling = r
-            .sampling
-            .or_else(|| self.sampling.get(&scope).copied())
-            .unwrap_or(1)
-            .max(1);
-        let (first, last) = r.times(ctx, self.init_time_ms.get(&scope).copied());
-        let icmp = r.protocol == 1 || r.protocol == 58;
-        let dst_port = if icmp && r.dst_port == 0 {
-            r.icmp.unwrap_or(0)
+        if r.addresses().is_none() {
+            self.skipped += 1;
+        } else if r.needs_init_time(ctx) {
+            self.events.push(Event::Raw(Box::new(r)));
         } else {
-            r.dst_port
+            self.events.push(Event::Flow(r.flow(ctx, None)));
+        }
+    }
+
+    /// One options data record: the sampling interval (fields 34/50, or 305/306 packet
+    /// interval and space, or 309/310 sample size and population) and the exporter's
+    /// systemInitTimeMilliseconds (160) it carries.
+    fn options<'a>(&mut self, fields: impl Iterator<Item = (u16, &'a FieldValue)>) {
+        let mut interval = None;
+        let (mut pkt_interval, mut pkt_space) = (None, None);
+        let (mut size, mut population) = (None, None);
+        let mut init_ms = None;
+        for (id, v) in fields {
+            match id {
+                34 | 50 => interval = num(v),
+                305 => pkt_interval = num(v),
+                306 => pkt_space = num(v),
+                309 => size = num(v),
+                310 => population = num(v),
+                160 => init_ms = time_ms(v),
+                _ => {}
+            }
+        }
+        let n = match (interval, pkt_interval, pkt_space, size, population) {
+            (Some(n), ..) => Some(n),
+            (_, Some(i), Some(s), ..) if i > 0 => Some((i + s) / i),
+            (.., Some(sz), Some(pop)) if sz > 0 => Some(pop / sz),
+            _ => None,
         };
-        out.push(FlowRecord {
-            src_addr: src,
-            dst_addr: dst,
-            src_port: r.src_port,
-            dst_port,
-            protocol: r.protocol,
-            packets: r.packets.unwrap_or(0),
-            bytes: r.bytes.unwrap_or(0),
-            first,
-            last,
-            direction: if r.direction == Some(1) {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            tcp_flags: r.tcp_flags,
-            tos: r.tos,
-            vlan: r.vlan,
-            vlan_inner: 0,
-            ifindex: if r.direction == Some(1) {
-                r.output
-            } else {
-                r.input
-            },
-            sampling,
-            origin: Origin::Exporter {
-                addr: ctx.from,
-                domain: ctx.domain,
-            },
-            duplicate: false,
-        });
+        let interval = n.map(|n| n.clamp(1, u32::MAX as u64) as u32);
+        if interval.is_some() || init_ms.is_some() {
+            self.events.push(Event::Options { interval, init_ms });
+        }
     }
 }
 
@@ -893,6 +945,58 @@ impl RawRecord {
         }
         if self.packets.is_none() && self.out_packets.is_some() && id == 24 {
             self.packets = self.out_packets;
+        }
+    }
+
+    /// Whether a time of this record is sysUpTime-relative with no header base (IPFIX):
+    /// it needs the exporter's systemInitTimeMilliseconds, known in arrival order.
+    fn needs_init_time(&self, ctx: &Ctx) -> bool {
+        ctx.sys_up_time.is_none()
+            && ((self.first_abs_ms.is_none() && self.first_uptime.is_some())
+                || (self.last_abs_ms.is_none() && self.last_uptime.is_some()))
+    }
+
+    /// The flow record (call only when [`Self::addresses`] has them); `sampling` 0 when
+    /// the record does not carry its interval.
+    fn flow(&self, ctx: &Ctx, init_ms: Option<u64>) -> FlowRecord {
+        let (src, dst) = self.addresses().unwrap_or((
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ));
+        let (first, last) = self.times(ctx, init_ms);
+        let icmp = self.protocol == 1 || self.protocol == 58;
+        let dst_port = if icmp && self.dst_port == 0 {
+            self.icmp.unwrap_or(0)
+        } else {
+            self.dst_port
+        };
+        let egress = self.direction == Some(1);
+        FlowRecord {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: self.src_port,
+            dst_port,
+            protocol: self.protocol,
+            packets: self.packets.unwrap_or(0),
+            bytes: self.bytes.unwrap_or(0),
+            first,
+            last,
+            direction: if egress {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            tcp_flags: self.tcp_flags,
+            tos: self.tos,
+            vlan: self.vlan,
+            vlan_inner: 0,
+            ifindex: if egress { self.output } else { self.input },
+            sampling: self.sampling.unwrap_or(0),
+            origin: Origin::Exporter {
+                addr: ctx.from,
+                domain: ctx.domain,
+            },
+            duplicate: false,
         }
     }
 

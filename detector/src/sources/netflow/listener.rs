@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime};
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use netflow_parser::{AutoScopedParser, ParseResult};
+use netflow_parser::AutoScopedParser;
 
-use super::decode::{self, Admission, Cidr, DecodeLimits, Decoder, template_sets};
+use super::decode::{self, Admission, Cidr, DecodeLimits, Decoder, Message, template_sets};
 use crate::pipeline::Input;
 
 /// Default receive buffer requested for each listener socket (`--netflow-rcvbuf`).
@@ -88,12 +88,13 @@ pub struct Listener {
 impl Listener {
     /// Binds `addr` (port 0: a port the kernel picks) and starts its threads. With one
     /// parser, one thread reads, decodes and hands records over. With more, one thread
-    /// reads and deals the datagrams out in turn to `parsers` threads (each with its own
-    /// templates: a datagram that carries templates is parsed whole by the thread it goes
-    /// to, and the others get a copy of its template sets before anything that came after
-    /// it), and one thread takes the parsed datagrams back in the order they arrived to
-    /// count them, check sequence numbers, apply sampling and make the records: the
-    /// result is what one thread would give, at the parse rate of several.
+    /// reads and deals the datagrams out in turn to `parsers` threads, which parse them
+    /// into flow records (each thread with its own templates: a datagram that carries
+    /// templates is parsed whole by the thread it goes to, and the others get a copy of
+    /// its template sets before anything that came after it); one thread takes the
+    /// parsed datagrams back in the order they arrived and applies what needs that order
+    /// (counters, sequence numbers, the sampling and time base that options data set):
+    /// the result is what one thread gives, at the parse rate of several.
     pub fn start(
         addr: SocketAddr,
         rcvbuf: usize,
@@ -206,10 +207,10 @@ struct Chunk {
     items: Vec<Item>,
 }
 
-/// A chunk parsed, in the chunk's order.
+/// A chunk parsed, in the chunk's order: what each datagram says, ready to apply.
 struct Parsed {
     received: SystemTime,
-    items: Vec<(SocketAddr, usize, Job, Option<ParseResult>)>,
+    items: Vec<(SocketAddr, usize, Job, Option<Message>)>,
 }
 
 /// Reads datagrams and deals each read's datagrams to the next parser thread in turn,
@@ -288,8 +289,11 @@ fn parse_loop(
             .items
             .into_iter()
             .map(|it| {
-                let result = (it.job != Job::Skip).then(|| p.parse_from_source(it.from, &it.data));
-                (it.from, it.len, it.job, result)
+                let message = (it.job != Job::Skip).then(|| {
+                    let result = p.parse_from_source(it.from, &it.data);
+                    Message::from_parse(it.from, result, chunk.received)
+                });
+                (it.from, it.len, it.job, message)
             })
             .collect();
         drop(p);
@@ -315,10 +319,10 @@ fn convert_loop(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Parsed>>, in
         let mut dec = decoder.lock().unwrap_or_else(|p| p.into_inner());
         for (from, len, job, result) in chunk.items {
             match (job, result) {
-                (Job::Learn, Some(r)) => dec.convert(from, r, chunk.received, true, &mut records),
-                (Job::Parse, Some(r)) => {
+                (Job::Learn, Some(m)) => dec.apply(from, m, chunk.received, true, &mut records),
+                (Job::Parse, Some(m)) => {
                     if dec.admit(from, len) {
-                        dec.convert(from, r, chunk.received, false, &mut records);
+                        dec.apply(from, m, chunk.received, false, &mut records);
                     }
                 }
                 // Not admitted: admit counts why.
