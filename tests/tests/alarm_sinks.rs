@@ -32,6 +32,7 @@ fn event(n: u32) -> AlarmEvent {
         evidence: vec![Evidence {
             rule: "external_peers",
             value: 120.0,
+            op: ">=",
             threshold: 25.0,
             fired: true,
             weight: 2.0,

@@ -61,10 +61,17 @@ impl Default for Thresholds {
 pub struct Evidence {
     pub rule: &'static str,
     pub value: f64,
+    /// How the value is compared with the threshold for the rule to fire: `>=` or `<=`.
+    pub op: &'static str,
     pub threshold: f64,
     pub fired: bool,
     pub weight: f64,
 }
+
+/// The rule fires when the value is at least the threshold.
+const AT_LEAST: &str = ">=";
+/// The rule fires when the value is at most the threshold.
+const AT_MOST: &str = "<=";
 
 /// Everything the rules measured on a host, for the alarm.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -87,9 +94,19 @@ pub struct Verdict {
 }
 
 fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) -> Evidence {
+    // The rules that look for little (a small share, a low rate, few ports per peer,
+    // no peer among the top senders) fire at or below their threshold.
+    let op = match rule {
+        "top_peer_share"
+        | "median_peer_bytes_per_min"
+        | "ip_port_ratio"
+        | "peer_in_top10_senders" => AT_MOST,
+        _ => AT_LEAST,
+    };
     Evidence {
         rule,
         value,
+        op,
         threshold,
         fired,
         weight,

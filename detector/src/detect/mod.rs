@@ -170,7 +170,7 @@ impl AlarmEvent {
             .evidence
             .iter()
             .filter(|e| e.fired)
-            .map(|e| format!("{}={:.2} (>= {:.2})", e.rule, e.value, e.threshold))
+            .map(|e| format!("{}={:.2} ({} {:.2})", e.rule, e.value, e.op, e.threshold))
             .collect();
         format!(
             "alarm {} {} {}: host {} score {:.1}, {} peers, {} flows, {} bytes in, {} bytes out, top peer {:.0}%; {}; seen by {}",

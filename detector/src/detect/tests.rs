@@ -711,6 +711,16 @@ proptest::proptest! {
             let fast = evidence::score(&mut p, &th, &top);
             let v = evidence::evaluate(&mut p, &th, &top, 1.0);
             proptest::prop_assert_eq!(fast, (v.score, v.guard), "after record {}", i);
+            // Each fired rule's value stands on the side of its threshold that its
+            // comparison names.
+            for e in v.evidence.iter().filter(|e| e.fired) {
+                let holds = match e.op {
+                    ">=" => e.value >= e.threshold,
+                    "<=" => e.value <= e.threshold,
+                    other => panic!("rule {} has comparison {other}", e.rule),
+                };
+                proptest::prop_assert!(holds, "{} fired with {} {} {}", e.rule, e.value, e.op, e.threshold);
+            }
         }
     }
 }

@@ -850,16 +850,17 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
             "  -- {who}: {} records/s for {confirm_secs} s",
             thousands(b.rate)
         );
-        // Up to three attempts, 20 % lower each time a trial loses.
+        // Up to four attempts, 10 % lower each time a trial loses (a long run meets the
+        // machine's slow moments, which short trials may miss).
         let mut rate = b.rate;
         let mut t = trial(bin, &set, *who, rate, confirm_secs, tmp)?;
         print_trial(*who, &t);
-        for _ in 0..2 {
+        for _ in 0..3 {
             if t.ok {
                 break;
             }
-            rate = rate * 8 / 10;
-            println!("  -- {who}: 20 % lower: {} records/s", thousands(rate));
+            rate = rate * 9 / 10;
+            println!("  -- {who}: 10 % lower: {} records/s", thousands(rate));
             t = trial(bin, &set, *who, rate, confirm_secs, tmp)?;
             print_trial(*who, &t);
         }
