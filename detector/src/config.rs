@@ -38,6 +38,10 @@ pub struct FileConfig {
     pub detection: Detection,
     pub thresholds: Thresholds,
     pub sinks: Sinks,
+    /// What the file says in an outdated way (logged when it is loaded; `check-config`
+    /// prints them).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,6 +136,21 @@ fn default_queue() -> usize {
     1000
 }
 
+/// The threshold keys of earlier versions that `text` uses, with their new names.
+fn renamed_keys(text: &str) -> Vec<(&'static str, &'static str)> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    let Some(t) = table.get("thresholds").and_then(|v| v.as_table()) else {
+        return Vec::new();
+    };
+    crate::detect::evidence::RENAMED
+        .iter()
+        .filter(|(old, _)| t.contains_key(*old))
+        .copied()
+        .collect()
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
@@ -139,11 +158,22 @@ impl FileConfig {
             path: p.clone(),
             source,
         })?;
-        let cfg: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
             path: p.clone(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
         cfg.validate(&p)?;
+        cfg.warnings = renamed_keys(&text)
+            .into_iter()
+            .map(|(old, new)| {
+                format!(
+                    "{p}: thresholds.{old} is now thresholds.{new} (the rule's name in alarms); the old key still works"
+                )
+            })
+            .collect();
+        for w in &cfg.warnings {
+            log::warn!("{w}");
+        }
         Ok(cfg)
     }
 
@@ -268,7 +298,7 @@ ports = [3478]
 window_secs = 600
 consecutive = 2
 [thresholds]
-peers = 40.0
+external_peers = 40.0
 score = 8.0
 [sinks]
 alarms_json = "/tmp/alarms.json"
@@ -286,6 +316,52 @@ webhook = { url = "http://127.0.0.1:8080/alarms" }
         let back: FileConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.sinks.webhook.as_ref().unwrap().retries, 3);
+    }
+
+    #[test]
+    fn threshold_keys_are_the_rule_names_and_old_keys_still_work_with_a_warning() {
+        // Every threshold key printed back is the name of a rule in the alarms' evidence
+        // (or one of the two qualifiers of a rule).
+        let printed = FileConfig::default().to_toml();
+        let section = printed.split("[thresholds]").nth(1).unwrap();
+        let keys: Vec<&str> = section
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim()))
+            .collect();
+        let mut p = crate::detect::profile::HostProfile::new(16);
+        let ev = crate::detect::evidence::evaluate(
+            &mut p,
+            &Thresholds::default(),
+            &Default::default(),
+            1.0,
+        );
+        let rules: Vec<&str> = ev.evidence.iter().map(|e| e.rule).collect();
+        for k in &keys {
+            assert!(
+                rules.contains(k) || ["score", "high_port_share", "udp_small_size"].contains(k),
+                "threshold key {k} is no rule's name ({rules:?})"
+            );
+        }
+        assert_eq!(keys.len(), 13, "{keys:?}");
+        // An old key sets the same threshold, with a warning that names the new key.
+        let old = load("[thresholds]\nlisten_peers = 12.0\npeers = 30.0\n").unwrap();
+        let new =
+            load("[thresholds]\nstable_local_port_peers = 12.0\nexternal_peers = 30.0\n").unwrap();
+        assert_eq!(old.thresholds, new.thresholds);
+        assert_eq!(old.thresholds.listen_peers, 12.0);
+        assert!(new.warnings.is_empty(), "{:?}", new.warnings);
+        assert_eq!(old.warnings.len(), 2, "{:?}", old.warnings);
+        assert!(
+            old.warnings[0].contains("thresholds.peers is now thresholds.external_peers"),
+            "{:?}",
+            old.warnings
+        );
+        // Both names at once is one key given twice.
+        let e = load("[thresholds]\npeers = 30.0\nexternal_peers = 30.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("external_peers"), "{e}");
     }
 
     #[test]

@@ -16,25 +16,46 @@ use serde::{Deserialize, Serialize};
 
 use super::profile::HostProfile;
 
-/// Thresholds and weights of the rules; defaults in [`Thresholds::default`].
+/// Thresholds and weights of the rules; defaults in [`Thresholds::default`]. In the
+/// configuration each threshold's key is its rule's name in the alarm's evidence
+/// (`high_port_share` and `udp_small_size` qualify the `remote_ports` and
+/// `udp_small_datagram_peers` rules); the keys of earlier versions are read too, see
+/// [`RENAMED`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Thresholds {
+    #[serde(rename = "external_peers", alias = "peers")]
     pub peers: f64,
     pub flows: f64,
     pub top_peer_share: f64,
+    #[serde(rename = "median_peer_bytes_per_min", alias = "peer_bytes_per_min")]
     pub peer_bytes_per_min: f64,
     pub remote_ports: f64,
     pub high_port_share: f64,
+    #[serde(rename = "tcp_and_udp_peers", alias = "tcp_udp_peers")]
     pub tcp_udp_peers: f64,
     pub ip_port_ratio: f64,
+    #[serde(rename = "stable_local_port_peers", alias = "listen_peers")]
     pub listen_peers: f64,
+    #[serde(rename = "udp_small_datagram_peers", alias = "udp_small_peers")]
     pub udp_small_peers: f64,
     pub udp_small_size: f64,
+    #[serde(rename = "failed_connection_share", alias = "failed_share")]
     pub failed_share: f64,
     /// Score at or above which a host is suspect.
     pub score: f64,
 }
+
+/// Threshold keys of earlier versions and the rule names that replaced them: still read,
+/// with a warning that names the new key.
+pub const RENAMED: &[(&str, &str)] = &[
+    ("peers", "external_peers"),
+    ("peer_bytes_per_min", "median_peer_bytes_per_min"),
+    ("tcp_udp_peers", "tcp_and_udp_peers"),
+    ("listen_peers", "stable_local_port_peers"),
+    ("udp_small_peers", "udp_small_datagram_peers"),
+    ("failed_share", "failed_connection_share"),
+];
 
 impl Default for Thresholds {
     fn default() -> Self {
