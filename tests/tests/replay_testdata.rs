@@ -199,6 +199,7 @@ fn labelled_captures_get_the_expected_verdicts() {
                     "host",
                     "kind",
                     "score",
+                    "at",
                     "first_seen",
                     "last_seen",
                     "window_secs",

@@ -151,7 +151,11 @@ pub struct AlarmEvent {
     pub host: IpAddr,
     pub kind: &'static str,
     pub score: f64,
+    /// When this event happened (the evaluation that raised, updated or cleared it).
+    pub at: String,
+    /// When the host's activity of this episode began (its first record).
     pub first_seen: String,
+    /// The end of the host's last record seen.
     pub last_seen: String,
     pub window_secs: u64,
     pub peers: u64,
@@ -211,6 +215,11 @@ struct Alarm {
     last_event: SystemTime,
     last_score: f64,
     last_peers: u64,
+    /// The verdict of the last event, reported again when the alarm clears after the
+    /// host's profile has emptied (its last state, not an empty one).
+    last_verdict: Verdict,
+    /// When that verdict's records were last seen.
+    last_seen: SystemTime,
 }
 
 /// Counters of the engine.
@@ -684,13 +693,21 @@ impl Engine {
             match &mut h.alarm {
                 None if suspect && h.over >= cfg.consecutive => {
                     let v = full(&mut h.profile);
+                    // The episode began with the host's first record of this activity.
+                    let began = if h.profile.first_seen == SystemTime::UNIX_EPOCH {
+                        sc.now
+                    } else {
+                        h.profile.first_seen.min(sc.now)
+                    };
                     let alarm = Alarm {
                         id: alarm_id(*host, sc.now),
-                        first_seen: sc.now,
+                        first_seen: began,
                         last_over: sc.now,
                         last_event: sc.now,
                         last_score: v.score,
                         last_peers: v.measures.peers,
+                        last_verdict: v.clone(),
+                        last_seen: h.profile.last_seen,
                     };
                     events.push(event(
                         &alarm,
@@ -715,6 +732,8 @@ impl Engine {
                         a.last_event = sc.now;
                         a.last_score = v.score;
                         a.last_peers = v.measures.peers;
+                        a.last_verdict = v.clone();
+                        a.last_seen = h.profile.last_seen;
                         events.push(event(
                             a,
                             AlarmState::Updated,
@@ -730,7 +749,12 @@ impl Engine {
                     if sc.now.duration_since(a.last_over).unwrap_or_default()
                         >= cfg.clear_after =>
                 {
-                    let v = full(&mut h.profile);
+                    let mut v = full(&mut h.profile);
+                    // A profile emptied by the window says nothing of the host: report
+                    // the state of the alarm's last event.
+                    if v.measures.peers == 0 {
+                        v = a.last_verdict.clone();
+                    }
                     events.push(event(
                         a,
                         AlarmState::Cleared,
@@ -776,8 +800,9 @@ fn event(
         host,
         kind: "p2p",
         score: v.score,
+        at: rfc(now),
         first_seen: rfc(a.first_seen),
-        last_seen: rfc(now.min(p.last_seen.max(a.first_seen))),
+        last_seen: rfc(now.min(p.last_seen.max(a.last_seen).max(a.first_seen))),
         window_secs: cfg.window.as_secs(),
         peers: v.measures.peers,
         flows: v.measures.flows,

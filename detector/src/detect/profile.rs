@@ -270,6 +270,9 @@ pub struct HostProfile {
     /// The first source inline (most hosts have one), the others beside it.
     first_source: Option<crate::flow::Origin>,
     more_sources: Vec<crate::flow::Origin>,
+    /// When the host's current activity began: the earliest start of a record since the
+    /// profile last held no peer.
+    pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     /// No held peer was last seen before this (ms since the epoch): a lower bound, exact
     /// after each walk.
@@ -290,6 +293,7 @@ impl HostProfile {
             max_peers,
             first_source: None,
             more_sources: Vec::new(),
+            first_seen: SystemTime::UNIX_EPOCH,
             last_seen: SystemTime::UNIX_EPOCH,
             oldest_ms: u64::MAX,
             agg: Aggregates {
@@ -325,6 +329,11 @@ impl HostProfile {
             (r.src_port, r.dst_port)
         } else {
             (r.dst_port, r.src_port)
+        };
+        self.first_seen = if self.peers.is_empty() && self.overflow.is_none() {
+            r.first
+        } else {
+            self.first_seen.min(r.first)
         };
         self.last_seen = self.last_seen.max(r.last);
         self.note_source(r);

@@ -208,6 +208,51 @@ fn the_alarm_clears_after_the_quiet_period() {
     assert_eq!(ids.len(), 1, "one id per episode");
 }
 
+/// `first_seen` is when the host's activity began (its first record), not when the alarm
+/// was raised; a `cleared` event after the window emptied the profile reports the host's
+/// last state (its peers, flows and evidence), not an empty profile.
+#[test]
+fn events_tell_when_the_activity_began_and_what_it_was_when_it_cleared() {
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    let cfg = DetectConfig {
+        window: Duration::from_secs(60),
+        ..DetectConfig::default()
+    };
+    let mut e = Engine::new(cfg);
+    // Ten seconds of nothing, then the swarm from t(10) to t(70).
+    let mut events = run(&mut e, 80, |s| {
+        if (10..70).contains(&s) {
+            torrent(host, s)
+        } else {
+            Vec::new()
+        }
+    });
+    for s in (80..600).step_by(10) {
+        events.extend(e.tick(t(s), false));
+    }
+    let rfc = crate::export::json::rfc3339;
+    let raised = events
+        .iter()
+        .find(|x| x.state == AlarmState::Raised)
+        .expect("raised");
+    assert_eq!(raised.first_seen, rfc(t(10)), "the first record's start");
+    assert_ne!(raised.first_seen, raised.last_seen);
+    let cleared = events
+        .iter()
+        .find(|x| x.state == AlarmState::Cleared)
+        .expect("cleared");
+    let before = events
+        .iter()
+        .rfind(|x| x.state != AlarmState::Cleared)
+        .expect("an event before");
+    assert_eq!(cleared.first_seen, raised.first_seen);
+    assert!(cleared.peers >= 25, "cleared with {} peers", cleared.peers);
+    assert_eq!(cleared.peers, before.peers);
+    assert_eq!(cleared.flows, before.flows);
+    assert!(cleared.top_peer_share < 0.35, "{}", cleared.top_peer_share);
+    assert!(cleared.evidence.iter().any(|x| x.fired));
+}
+
 #[test]
 fn the_same_torrent_from_three_sources_is_one_alarm_listing_them() {
     let host: IpAddr = "10.0.0.5".parse().unwrap();

@@ -192,10 +192,10 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             .iter()
             .find(|(h, _)| h == name)
             .and_then(|(_, t)| *t);
-        // When the agent raised it: the `raised` event's first_seen is the evaluation's
-        // time (the moment the lab read the line is the fallback).
+        // When the agent raised it: the `raised` event's `at` is the evaluation's time
+        // (the moment the lab read the line is the fallback).
         let raised_at = raised.map(|r| {
-            r.event["first_seen"]
+            r.event["at"]
                 .as_str()
                 .and_then(|t| humantime::parse_rfc3339(t).ok())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
