@@ -264,13 +264,68 @@ fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
 
 /// The hosts with the highest detection scores at the end of a replay.
 fn report_suspects(done: &crate::pipeline::Finished) {
+    for line in detection_report(done) {
+        eprintln!("  {line}");
+    }
+}
+
+/// What detection made of the replay: each profiled host's score and rule values (the
+/// highest first), or, when records came but no host was profiled, why.
+pub fn detection_report(done: &crate::pipeline::Finished) -> Vec<String> {
     let t = done.score_threshold;
-    for (ip, score, guard) in done.top_scores.iter().take(5) {
-        eprintln!(
-            "  detection: host {ip} score {score:.1} (alarm threshold {t:.1}){}",
-            guard
-                .map(|g| format!(", vetoed as {g}"))
-                .unwrap_or_default()
-        );
+    let e = &done.engine;
+    let mut out = Vec::new();
+    if done.hosts_profiled == 0 {
+        if e.records > 0 {
+            out.push(format!(
+                "detection: {} records, but no host counted as internal, so none was profiled (records with both ends internal, private to private: {}; with neither end internal, public addresses only: {}; allow-listed: {}); the internal networks were {}: name yours with --internal CIDR (repeatable) or [networks] internal in --config",
+                e.records,
+                e.both_internal,
+                e.neither_internal,
+                e.allow_listed,
+                done.internal.join(", ")
+            ));
+        }
+        return out;
+    }
+    out.push(format!(
+        "detection: {} hosts profiled; the {} highest scores (alarm threshold {t:.1}):",
+        done.hosts_profiled,
+        done.hosts.len()
+    ));
+    for (ip, v) in &done.hosts {
+        let rules: Vec<String> = v
+            .evidence
+            .iter()
+            .map(|x| {
+                format!(
+                    "{}{}={} ({} {})",
+                    if x.fired { "+" } else { "" },
+                    x.rule,
+                    short(x.value),
+                    x.op,
+                    short(x.threshold)
+                )
+            })
+            .collect();
+        out.push(format!(
+            "host {ip} score {:.1}{}: {}",
+            v.score,
+            v.guard
+                .map(|g| format!(" (vetoed as {g})"))
+                .unwrap_or_default(),
+            rules.join(", ")
+        ));
+    }
+    out.push("(+ marks the rules that fired)".to_string());
+    out
+}
+
+/// A rule value as a person reads it: whole numbers without decimals, shares with two.
+fn short(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
     }
 }

@@ -225,6 +225,16 @@ fn labelled_captures_get_the_expected_verdicts() {
                     "alarm {} raised p2p: host {h}",
                     e["id"].as_str().unwrap()
                 )));
+                // The end of the replay lists the host with every rule's value, the
+                // fired ones marked.
+                let line = stderr
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(&format!("host {h} score ")))
+                    .unwrap_or_else(|| panic!("{capture}: no report line for {h}: {stderr}"));
+                assert!(
+                    line.contains("+external_peers=") && line.contains("failed_connection_share="),
+                    "{capture}: {line}"
+                );
             }
             None => assert!(raised.is_empty(), "{capture} ({why}) alarmed: {stderr}"),
         }
@@ -250,4 +260,64 @@ fn labelled_captures_get_the_expected_verdicts() {
         assert!(events.is_empty(), "{} alarmed: {stderr}", pcap.display());
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Records but no internal host: the replay says why, with the counts, and points at
+/// `--internal`. With the internal network set where no address of the capture is,
+/// every record has neither end internal; with every address internal, both ends.
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn a_replay_without_internal_hosts_says_why() {
+    let Some(data) = tests::shared_testdata() else {
+        eprintln!("skipped: ../shared/testdata is absent");
+        return;
+    };
+    let pcap = data.join("pcap/benign/nDPI__netflix.pcap");
+    for (internal, side) in [
+        ("203.0.113.0/24", "neither end"),
+        ("0.0.0.0/0", "both ends"),
+    ] {
+        let out = Command::new(tests::detector_bin())
+            .arg("replay")
+            .arg(&pcap)
+            .args(["--flows-json", "/dev/null", "--internal", internal])
+            .output()
+            .expect("run detector replay");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("no host counted as internal"))
+            .unwrap_or_else(|| panic!("--internal {internal}: no explanation: {stderr}"));
+        assert!(
+            line.contains("--internal CIDR") && line.contains(internal),
+            "{line}"
+        );
+        // The count on the named side is every record the engine saw; the other is 0.
+        let count = |label: &str| -> u64 {
+            let after = line.split(label).nth(1).unwrap_or_else(|| panic!("{line}"));
+            after
+                .trim_start_matches(": ")
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{label} in {line}"))
+        };
+        let records: u64 = line
+            .split("detection: ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(records > 0, "{line}");
+        let (both, neither) = (
+            count("both ends internal, private to private"),
+            count("neither end internal, public addresses only"),
+        );
+        if side == "both ends" {
+            assert_eq!((both, neither), (records, 0), "{line}");
+        } else {
+            assert_eq!((both, neither), (0, records), "{line}");
+        }
+    }
 }

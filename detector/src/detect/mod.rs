@@ -227,7 +227,12 @@ struct Alarm {
 pub struct EngineStats {
     pub records: u64,
     pub duplicates_skipped: u64,
-    pub not_internal_external: u64,
+    /// Records with no single internal side: both ends internal (private to private),
+    /// or neither (only public addresses).
+    pub both_internal: u64,
+    pub neither_internal: u64,
+    /// Records on an allow-listed port or of an allow-listed host.
+    pub allow_listed: u64,
     pub hosts_over_limit: u64,
     pub evaluations: u64,
 }
@@ -415,6 +420,34 @@ impl Engine {
         self.hosts.iter().map(|(_, h)| h.profile.peers.len()).sum()
     }
 
+    /// The `n` hosts of the highest last scores (ties to the lower address), each
+    /// evaluated in full against the top senders `top`: score, vetoing guard, every
+    /// rule's value and threshold.
+    pub fn explain(&mut self, top: &TopSenders, n: usize) -> Vec<(IpAddr, Verdict)> {
+        let mut order: Vec<(f64, IpAddr, usize)> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (ip, h))| (h.last.0, *ip, i))
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        order.truncate(n);
+        let window_min = self.cfg.window.as_secs_f64() / 60.0;
+        order
+            .into_iter()
+            .map(|(_, ip, i)| {
+                let h = self.hosts.at_mut(i);
+                let v = evidence::evaluate(
+                    &mut h.profile,
+                    &self.cfg.thresholds,
+                    &top.top10,
+                    window_min,
+                );
+                (ip, v)
+            })
+            .collect()
+    }
+
     /// Each tracked host's last score and the guard that vetoed it, highest first.
     pub fn last_scores(&self) -> Vec<(IpAddr, f64, Option<&'static str>)> {
         let mut v: Vec<_> = self
@@ -512,6 +545,7 @@ impl Engine {
         self.stats.records += 1;
         if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)
         {
+            self.stats.allow_listed += 1;
             return;
         }
         let Some(Sides {
@@ -521,13 +555,18 @@ impl Engine {
             ..
         }) = sides
         else {
-            self.stats.not_internal_external += 1;
+            if self.cfg.is_internal(r.src_addr) {
+                self.stats.both_internal += 1;
+            } else {
+                self.stats.neither_internal += 1;
+            }
             return;
         };
         if !DetectConfig::usable(peer) || !DetectConfig::usable(host) {
             return;
         }
         if self.cfg.allow_hosts.iter().any(|c| c.contains(host)) {
+            self.stats.allow_listed += 1;
             return;
         }
         if r.duplicate {

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::warn;
 
+use crate::detect::evidence::Verdict;
 use crate::detect::{AlarmEvent, DetectConfig, Engine, EngineStats, EvalSchedule, TopSenders};
 use crate::export::Sink;
 use crate::export::alarms::AlarmSink;
@@ -46,6 +47,8 @@ pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
 const SHARD_QUEUE: usize = 256;
 /// Batches the sink thread's queue holds (shards wait when it is full).
 const SINK_QUEUE: usize = 1024;
+/// Hosts whose every rule value a finished pipeline reports (`replay` prints them).
+pub const EXPLAINED_HOSTS: usize = 10;
 
 /// What a source does when a shard's queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,12 @@ enum ToShard {
         now: SystemTime,
         top: Arc<TopSenders>,
         reply: SyncSender<ShardReport>,
+    },
+    /// The shard's `n` highest-scored hosts, evaluated in full.
+    Explain {
+        top: Arc<TopSenders>,
+        n: usize,
+        reply: SyncSender<Vec<(IpAddr, Verdict)>>,
     },
 }
 
@@ -236,6 +245,9 @@ fn shard_worker(
             ToShard::Senders(reply) => {
                 let _ = reply.send(engine.senders_snapshot());
             }
+            ToShard::Explain { top, n, reply } => {
+                let _ = reply.send(engine.explain(&top, n));
+            }
             ToShard::Evaluate { now, top, reply } => {
                 let events = engine.evaluate_with(now, &top);
                 let mut scores = engine.last_scores();
@@ -283,6 +295,8 @@ pub struct Pipeline {
     score_threshold: f64,
     /// The shards' reports of the last evaluation (their counters, their top scores).
     reports: Vec<ShardReport>,
+    /// The top senders of the last evaluation.
+    last_top: Arc<TopSenders>,
     /// What the bounded tables turned away, as last logged: flows the duplicate table
     /// forgot early, records of hosts beyond the profiled limit.
     limits_logged: (u64, u64),
@@ -338,6 +352,7 @@ impl Pipeline {
             window: detect.window,
             score_threshold: detect.thresholds.score,
             reports: Vec::new(),
+            last_top: Arc::default(),
             limits_logged: (0, 0),
         }
     }
@@ -390,6 +405,7 @@ impl Pipeline {
         }
         let snapshots = replies.iter().filter_map(|rx| rx.recv().ok());
         let top = Arc::new(TopSenders::from_shards(snapshots, now, self.window));
+        self.last_top = top.clone();
         let mut replies = Vec::new();
         for s in self.input.shards.iter() {
             let (tx, rx) = sync_channel(1);
@@ -492,12 +508,61 @@ impl Pipeline {
         )
     }
 
+    /// The `n` highest-scored hosts over the shards, evaluated in full against the top
+    /// senders of the last evaluation; highest first, ties to the lower address.
+    pub fn explain(&self, n: usize) -> Vec<(IpAddr, Verdict)> {
+        let mut replies = Vec::new();
+        for s in self.input.shards.iter() {
+            let (tx, rx) = sync_channel(1);
+            let _ = s.send(ToShard::Explain {
+                top: self.last_top.clone(),
+                n,
+                reply: tx,
+            });
+            replies.push(rx);
+        }
+        let mut all: Vec<(IpAddr, Verdict)> = replies
+            .iter()
+            .filter_map(|rx| rx.recv().ok())
+            .flatten()
+            .collect();
+        all.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// The engines' counters of the last evaluation, summed over the shards.
+    pub fn engine_stats(&self) -> EngineStats {
+        let mut t = EngineStats::default();
+        for r in &self.reports {
+            let e = &r.engine;
+            t.records += e.records;
+            t.duplicates_skipped += e.duplicates_skipped;
+            t.both_internal += e.both_internal;
+            t.neither_internal += e.neither_internal;
+            t.allow_listed += e.allow_listed;
+            t.hosts_over_limit += e.hosts_over_limit;
+            t.evaluations = t.evaluations.max(e.evaluations);
+        }
+        t
+    }
+
     /// Evaluates once more at `now` (forced), then stops the shards and the sinks after
     /// everything handed over has gone through. Sources must have stopped first.
     pub fn finish(mut self, now: SystemTime) -> Finished {
         let final_events = self.tick(now, true);
         let line = self.describe();
         let scores = self.top_scores();
+        let hosts = self.explain(EXPLAINED_HOSTS);
+        let engine = self.engine_stats();
+        let hosts_profiled = self.reports.iter().map(|r| r.hosts as u64).sum();
+        let internal = self
+            .input
+            .route
+            .internal
+            .iter()
+            .map(|c| format!("{}/{}", c.addr, c.len))
+            .collect();
         let records = self.records();
         let alarm_events = self.alarms.events;
         let score_threshold = self.score_threshold;
@@ -520,6 +585,10 @@ impl Pipeline {
         Finished {
             describe: line,
             top_scores: scores,
+            hosts,
+            engine,
+            hosts_profiled,
+            internal,
             score_threshold,
             records,
             alarm_events,
@@ -533,6 +602,14 @@ pub struct Finished {
     /// The final statistics line.
     pub describe: String,
     pub top_scores: Vec<(IpAddr, f64, Option<&'static str>)>,
+    /// The highest-scored hosts of the last evaluation (at most [`EXPLAINED_HOSTS`]),
+    /// each with every rule's value, highest first.
+    pub hosts: Vec<(IpAddr, Verdict)>,
+    /// The engines' counters, summed over the shards.
+    pub engine: EngineStats,
+    pub hosts_profiled: u64,
+    /// The internal networks detection used.
+    pub internal: Vec<String>,
     pub score_threshold: f64,
     pub records: u64,
     pub alarm_events: u64,
