@@ -22,9 +22,23 @@ fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
 }
 
+/// Lets a command whose output goes to a pipe end quietly when the reader closes it
+/// (`detector replay ... 2>&1 | head -1`), as Unix tools do, instead of panicking on the
+/// next write. Not for `run`: a service keeps going whatever happens to its stderr.
+fn end_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Replay(_) | Command::CheckConfig { .. }
+    ) {
+        end_on_closed_pipe();
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();

@@ -128,7 +128,7 @@ fn replay_netflow(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
     }
     report_suspects(&done);
     eprintln!("{}", done.describe);
-    Ok(())
+    sinks_ok(&done)
 }
 
 /// Counters of a frame replay.
@@ -259,6 +259,17 @@ fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
     );
     report_suspects(&done);
     info!("{}", done.describe);
+    sinks_ok(&done)
+}
+
+/// A replay whose output was not all written failed, whatever it read.
+fn sinks_ok(done: &crate::pipeline::Finished) -> Result<()> {
+    if done.sink_failures > 0 {
+        bail!(
+            "{} writes or sends of the output failed (see the warnings above and the statistics line)",
+            done.sink_failures
+        );
+    }
     Ok(())
 }
 

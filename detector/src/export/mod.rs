@@ -17,4 +17,29 @@ pub trait Sink {
     fn send(&mut self, records: &[FlowRecord], now: SystemTime);
     /// One line of the sink's counters for the periodic statistics log.
     fn describe(&self) -> String;
+    /// Writes or sends that failed so far (a replay with any ends in an error).
+    fn failures(&self) -> u64 {
+        0
+    }
+}
+
+/// Counts a sink's failures by kind and says which to log: the first of each kind, then
+/// each time its count doubles, so a sink that fails for every record logs a few lines
+/// with counts, not one a record.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    by_kind: std::collections::BTreeMap<String, u64>,
+}
+
+impl FailureLog {
+    /// Counts one failure of `kind`; returns its count when it is to be logged.
+    pub fn count(&mut self, kind: impl Into<String>) -> Option<u64> {
+        let n = self.by_kind.entry(kind.into()).or_default();
+        *n += 1;
+        n.is_power_of_two().then_some(*n)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_kind.values().sum()
+    }
 }

@@ -266,8 +266,9 @@ fn shard_worker(
     }
 }
 
-/// The sink thread: every record, in the order its shard sent it.
-fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) {
+/// The sink thread: every record, in the order its shard sent it. Returns the sinks'
+/// failures (writes or sends that failed).
+fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) -> u64 {
     while let Ok(msg) = rx.recv() {
         match msg {
             ToSinks::Records(records, now) => {
@@ -280,6 +281,7 @@ fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) {
             }
         }
     }
+    sinks.iter().map(|s| s.failures()).sum()
 }
 
 /// The pipeline's owner: starts the threads, runs the evaluations over the shards,
@@ -287,7 +289,7 @@ fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) {
 pub struct Pipeline {
     input: Input,
     shard_threads: Vec<JoinHandle<()>>,
-    sink_thread: Option<JoinHandle<()>>,
+    sink_thread: Option<JoinHandle<u64>>,
     sink_names: Vec<String>,
     alarms: AlarmSink,
     schedule: EvalSchedule,
@@ -565,6 +567,7 @@ impl Pipeline {
             .collect();
         let records = self.records();
         let alarm_events = self.alarms.events;
+        let alarm_errors = self.alarms.errors;
         let score_threshold = self.score_threshold;
         // Dropping the senders ends the shard threads once their queues are empty; the
         // last shard to end drops the last sender of the sink queue, which ends the sink
@@ -579,10 +582,12 @@ impl Pipeline {
         for t in shard_threads {
             let _ = t.join();
         }
+        let mut sink_failures = alarm_errors;
         if let Some(t) = sink_thread.take() {
-            let _ = t.join();
+            sink_failures += t.join().unwrap_or(1);
         }
         Finished {
+            sink_failures,
             describe: line,
             top_scores: scores,
             hosts,
@@ -615,6 +620,8 @@ pub struct Finished {
     pub alarm_events: u64,
     /// The events of the last (forced) evaluation.
     pub final_events: Vec<AlarmEvent>,
+    /// Writes or sends that failed, over the record sinks and the alarm sink.
+    pub sink_failures: u64,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use log::warn;
 use serde::Serialize;
 
-use super::Sink;
+use super::{FailureLog, Sink};
 use crate::flow::FlowRecord;
 
 /// The JSON form of a record. The first twelve fields are the documented interface;
@@ -76,7 +76,10 @@ pub struct JsonSink {
     target: String,
     out: Box<dyn Write + Send>,
     written: u64,
+    /// Writes that failed, and the records they lost.
     errors: u64,
+    lost: u64,
+    failures: FailureLog,
 }
 
 impl JsonSink {
@@ -92,6 +95,8 @@ impl JsonSink {
             out,
             written: 0,
             errors: 0,
+            lost: 0,
+            failures: FailureLog::default(),
         })
     }
 
@@ -114,17 +119,31 @@ impl Sink for JsonSink {
         if records.is_empty() {
             return;
         }
+        let before = self.written;
         if let Err(e) = self.write_all(records) {
+            // The batch did not reach the file (what was buffered of it went with the
+            // failed flush): all of it counts as lost.
             self.errors += 1;
-            warn!("writing flow records to {}: {e}", self.target);
+            self.written = before;
+            self.lost += records.len() as u64;
+            if let Some(n) = self.failures.count(format!("{:?}", e.kind())) {
+                warn!(
+                    "writing flow records to {}: {e} ({n} failed writes of this kind so far, {} records lost in all)",
+                    self.target, self.lost
+                );
+            }
         }
     }
 
     fn describe(&self) -> String {
         format!(
-            "json {}: {} records, {} write errors",
-            self.target, self.written, self.errors
+            "json {}: {} records, {} write errors ({} records lost)",
+            self.target, self.written, self.errors, self.lost
         )
+    }
+
+    fn failures(&self) -> u64 {
+        self.errors
     }
 }
 

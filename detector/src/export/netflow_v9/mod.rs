@@ -137,6 +137,10 @@ impl Sink for V9Sink {
         }
     }
 
+    fn failures(&self) -> u64 {
+        V9Sink::failures(self)
+    }
+
     fn describe(&self) -> String {
         let per: Vec<_> = self
             .collectors
