@@ -296,6 +296,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 "receiving NetFlow/IPFIX on {} ({} parser threads, receive buffer {} bytes)",
                 l.addr, l.parsers, l.rcvbuf
             );
+            // Less than asked: net.core.rmem_max capped it (raising past it needs
+            // CAP_NET_ADMIN).
+            if l.rcvbuf < args.netflow_rcvbuf {
+                warn!(
+                    "listener {}: asked for a {} byte receive buffer, the kernel granted {} (net.core.rmem_max); bursts beyond it are dropped: run with CAP_NET_ADMIN or `sysctl -w net.core.rmem_max={}`",
+                    l.addr, args.netflow_rcvbuf, l.rcvbuf, args.netflow_rcvbuf
+                );
+            }
             listeners.push(l);
         }
         let n = listeners.len();

@@ -160,7 +160,8 @@ impl FileConfig {
         })?;
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
             path: p.clone(),
-            message: e.to_string().trim().replace('\n', " "),
+            // TOML's message shows the line with a caret under the fault: keep its lines.
+            message: e.to_string().trim_end().to_string(),
         })?;
         cfg.validate(&p)?;
         cfg.warnings = renamed_keys(&text)

@@ -78,3 +78,55 @@ fn a_reader_that_goes_away_ends_the_replay_without_a_panic() {
         "{status:?}"
     );
 }
+
+/// Errors read cleanly: the OS error once, no debug formatting, the hint that fits the
+/// cause, TOML errors with the line and the caret under the fault.
+#[test]
+fn error_messages_say_the_cause_once_with_the_fitting_hint() {
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(tests::detector_bin())
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    if let Some(cap) = capture() {
+        let e = run(&[
+            "replay",
+            "--netflow",
+            cap.to_str().unwrap(),
+            "--alarms-json",
+            "/nonexistent/dir/a.json",
+        ]);
+        let line = e
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .expect("error line");
+        assert!(line.contains("/nonexistent/dir/a.json"), "{line}");
+        assert!(!line.contains("Some("), "{line}");
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+    }
+    // 192.0.2.0/24 is documentation space: never an address of this host.
+    let e = run(&["run", "--netflow-listen", "192.0.2.1:2055"]);
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("error line");
+    assert!(line.contains("not one of this host's"), "{line}");
+    assert!(!line.contains("another collector"), "{line}");
+    assert_eq!(line.matches("os error 99").count(), 1, "{line}");
+
+    let dir = std::env::temp_dir().join(format!("detector-errs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[detection]\nwindow_secs = \"x\"\n").unwrap();
+    let e = run(&["check-config", bad.to_str().unwrap()]);
+    assert!(e.contains("line 2"), "{e}");
+    assert!(
+        e.lines()
+            .any(|l| l.trim_start().starts_with('|') && l.contains('^')),
+        "the caret line: {e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

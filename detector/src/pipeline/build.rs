@@ -57,8 +57,13 @@ pub fn detection(
         .alarms_json
         .clone()
         .or_else(|| file.sinks.alarms_json.clone());
-    let mut alarms = crate::export::alarms::AlarmSink::open(json.as_deref())
-        .with_context(|| format!("opening the alarms file {json:?}"))?;
+    let mut alarms =
+        crate::export::alarms::AlarmSink::open(json.as_deref()).with_context(|| {
+            format!(
+                "opening the alarms file {}",
+                json.as_deref().unwrap_or("(none)")
+            )
+        })?;
     let syslog = a
         .syslog
         .clone()

@@ -32,14 +32,28 @@ const WAKE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error(
-        "cannot listen on {addr}: {source} (is another collector bound to it? choose another --netflow-listen port)"
-    )]
+    #[error("cannot listen on {addr}: {source} ({})", bind_hint(.source))]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("socket option on {addr}: {source}")]
     Option { addr: SocketAddr, source: io::Error },
     #[error("starting a decoder thread for {addr}: {source}")]
     Thread { addr: SocketAddr, source: io::Error },
+}
+
+/// What to do about a failed bind, by its cause.
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "another collector is bound to it: stop it, or choose another --netflow-listen port"
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "the address is not one of this host's: listen on one of them, or on 0.0.0.0 or [::]"
+        }
+        io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE: run as root or choose a port above 1023"
+        }
+        _ => "check the --netflow-listen address",
+    }
 }
 
 /// One bound socket of a listener.
@@ -65,7 +79,8 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
     sock.set_read_timeout(Some(WAKE)).map_err(opt)?;
     sock.bind(&addr.into())
         .map_err(|source| ListenError::Bind { addr, source })?;
-    let granted = sock.recv_buffer_size().map_err(opt)?;
+    // Linux reports twice the size it was set to (the rest is its bookkeeping).
+    let granted = sock.recv_buffer_size().map_err(opt)? / 2;
     Ok(Bound {
         sock: sock.into(),
         rcvbuf: granted,
@@ -76,7 +91,8 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
 /// kernel drop count.
 pub struct Listener {
     pub addr: SocketAddr,
-    /// Receive buffer the kernel granted the socket.
+    /// Receive buffer the kernel granted the socket (what it was set to: the kernel
+    /// reports twice that).
     pub rcvbuf: usize,
     pub decoders: Vec<Arc<Mutex<Decoder>>>,
     /// Threads that parse datagrams (1: the reading thread does all the work).
