@@ -266,6 +266,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let boot = SystemTime::now();
     let v9 = V9Config {
         source_id: args.source_id,
+        format: args.export_format,
         template_refresh_packets: args.template_refresh_packets,
         template_refresh_secs: args.template_refresh_secs,
         sampling_interval: args.sampling,

@@ -94,6 +94,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub export: Vec<String>,
 
+    /// Protocol of the export: NetFlow v9 or IPFIX (the same content).
+    #[arg(long, value_enum, value_name = "v9|ipfix", default_value = "v9")]
+    pub export_format: crate::export::netflow_v9::ExportFormat,
+
     /// Export long-lived flows every SECS seconds (delta records).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub active_timeout: u64,

@@ -54,6 +54,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub export: Vec<String>,
 
+    /// Protocol of the export: NetFlow v9 or IPFIX (the same content).
+    #[arg(long, value_enum, value_name = "v9|ipfix", default_value = "v9")]
+    pub export_format: crate::export::netflow_v9::ExportFormat,
+
     /// Write one JSON object per record to PATH (`-` for stdout).
     #[arg(long, value_name = "PATH")]
     pub flows_json: Option<String>,
@@ -87,6 +91,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let boot = SystemTime::now();
     let v9 = V9Config {
         source_id: args.source_id,
+        format: args.export_format,
         ..V9Config::default()
     };
     let (detect, alarms) = build::detection(&args.detect)?;

@@ -1,5 +1,13 @@
-//! NetFlow v9 (RFC 3954) encoder. Pure: it takes records and the current time and returns
-//! datagrams; the UDP socket lives in the sink around it.
+//! NetFlow v9 (RFC 3954) and IPFIX (RFC 7011) encoder. Pure: it takes records and the
+//! current time and returns datagrams; the UDP socket lives in the sink around it.
+//!
+//! IPFIX (`ExportFormat::Ipfix`) carries the same content in information elements:
+//! the same field numbers for the flow fields, flowStartMilliseconds and
+//! flowEndMilliseconds (152/153, absolute) instead of FIRST/LAST_SWITCHED, set ids 2 and
+//! 3 for templates and options templates, an options template for sampling scoped by
+//! observationDomainId (149) with samplingPacketInterval and samplingPacketSpace
+//! (305/306, RFC 5477), a header that gives the message length, and a sequence number
+//! that counts the data records sent before the message (RFC 7011 3.1).
 //!
 //! - Template 256 describes IPv4 records, 257 IPv6 records, and options template 258 the
 //!   exporter's sampling interval and algorithm (scope: System).
@@ -48,14 +56,37 @@ const SRC_VLAN: u16 = 58;
 const DIRECTION: u16 = 61;
 /// Options scope type "System" (RFC 3954 6.2).
 const SCOPE_SYSTEM: u16 = 1;
+// IPFIX information elements (IANA registry) where they differ from v9.
+const FLOW_START_MILLISECONDS: u16 = 152;
+const FLOW_END_MILLISECONDS: u16 = 153;
+const OBSERVATION_DOMAIN_ID: u16 = 149;
+const SAMPLING_PACKET_INTERVAL: u16 = 305;
+const SAMPLING_PACKET_SPACE: u16 = 306;
 
-/// (field type, length) of the data templates; the address fields are swapped per family.
-const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 16] {
+/// The export protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// NetFlow v9 (RFC 3954).
+    #[default]
+    V9,
+    /// IPFIX (RFC 7011).
+    Ipfix,
+}
+
+/// (field type, length) of the data templates; the address and time fields per family
+/// and format.
+const fn data_fields(
+    src: u16,
+    dst: u16,
+    addr_len: u16,
+    first: (u16, u16),
+    last: (u16, u16),
+) -> [(u16, u16); 16] {
     [
         (IN_BYTES, 8),
         (IN_PKTS, 8),
-        (FIRST_SWITCHED, 4),
-        (LAST_SWITCHED, 4),
+        first,
+        last,
         (src, addr_len),
         (dst, addr_len),
         (L4_SRC_PORT, 2),
@@ -71,10 +102,71 @@ const fn data_fields(src: u16, dst: u16, addr_len: u16) -> [(u16, u16); 16] {
     ]
 }
 
-const IPV4_FIELDS: [(u16, u16); 16] = data_fields(IPV4_SRC_ADDR, IPV4_DST_ADDR, 4);
-const IPV6_FIELDS: [(u16, u16); 16] = data_fields(IPV6_SRC_ADDR, IPV6_DST_ADDR, 16);
+const V9_TIMES: [(u16, u16); 2] = [(FIRST_SWITCHED, 4), (LAST_SWITCHED, 4)];
+const IPFIX_TIMES: [(u16, u16); 2] = [(FLOW_START_MILLISECONDS, 8), (FLOW_END_MILLISECONDS, 8)];
+const IPV4_FIELDS: [(u16, u16); 16] =
+    data_fields(IPV4_SRC_ADDR, IPV4_DST_ADDR, 4, V9_TIMES[0], V9_TIMES[1]);
+const IPV6_FIELDS: [(u16, u16); 16] =
+    data_fields(IPV6_SRC_ADDR, IPV6_DST_ADDR, 16, V9_TIMES[0], V9_TIMES[1]);
+const IPFIX_IPV4_FIELDS: [(u16, u16); 16] = data_fields(
+    IPV4_SRC_ADDR,
+    IPV4_DST_ADDR,
+    4,
+    IPFIX_TIMES[0],
+    IPFIX_TIMES[1],
+);
+const IPFIX_IPV6_FIELDS: [(u16, u16); 16] = data_fields(
+    IPV6_SRC_ADDR,
+    IPV6_DST_ADDR,
+    16,
+    IPFIX_TIMES[0],
+    IPFIX_TIMES[1],
+);
 const OPTION_SCOPE: [(u16, u16); 1] = [(SCOPE_SYSTEM, 4)];
 const OPTION_FIELDS: [(u16, u16); 2] = [(SAMPLING_INTERVAL, 4), (SAMPLING_ALGORITHM, 1)];
+const IPFIX_OPTION_SCOPE: [(u16, u16); 1] = [(OBSERVATION_DOMAIN_ID, 4)];
+const IPFIX_OPTION_FIELDS: [(u16, u16); 2] =
+    [(SAMPLING_PACKET_INTERVAL, 4), (SAMPLING_PACKET_SPACE, 4)];
+
+/// What differs between the two formats.
+struct Layout {
+    header_len: usize,
+    template_set: u16,
+    options_set: u16,
+    v4: &'static [(u16, u16); 16],
+    v6: &'static [(u16, u16); 16],
+    scope: &'static [(u16, u16); 1],
+    options: &'static [(u16, u16); 2],
+}
+
+const V9_LAYOUT: Layout = Layout {
+    header_len: HEADER_LEN,
+    template_set: 0,
+    options_set: 1,
+    v4: &IPV4_FIELDS,
+    v6: &IPV6_FIELDS,
+    scope: &OPTION_SCOPE,
+    options: &OPTION_FIELDS,
+};
+
+const IPFIX_LAYOUT: Layout = Layout {
+    header_len: 16,
+    template_set: 2,
+    options_set: 3,
+    v4: &IPFIX_IPV4_FIELDS,
+    v6: &IPFIX_IPV6_FIELDS,
+    scope: &IPFIX_OPTION_SCOPE,
+    options: &IPFIX_OPTION_FIELDS,
+};
+
+impl ExportFormat {
+    fn layout(self) -> &'static Layout {
+        match self {
+            ExportFormat::V9 => &V9_LAYOUT,
+            ExportFormat::Ipfix => &IPFIX_LAYOUT,
+        }
+    }
+}
 
 const fn record_len(fields: &[(u16, u16)]) -> usize {
     let mut i = 0;
@@ -88,7 +180,6 @@ const fn record_len(fields: &[(u16, u16)]) -> usize {
 
 pub const IPV4_RECORD_LEN: usize = record_len(&IPV4_FIELDS);
 pub const IPV6_RECORD_LEN: usize = record_len(&IPV6_FIELDS);
-const OPTIONS_RECORD_LEN: usize = record_len(&OPTION_SCOPE) + record_len(&OPTION_FIELDS);
 
 /// Encoder settings.
 #[derive(Clone, Debug)]
@@ -106,6 +197,7 @@ pub struct V9Config {
     /// Export counts scaled by each record's own sampling interval (for relayed records
     /// whose exporters sampled at various rates; announce `sampling_interval` 1 then).
     pub scale_counts: bool,
+    pub format: ExportFormat,
 }
 
 impl Default for V9Config {
@@ -117,6 +209,7 @@ impl Default for V9Config {
             sampling_interval: 1,
             max_payload: 1400,
             scale_counts: false,
+            format: ExportFormat::V9,
         }
     }
 }
@@ -145,6 +238,10 @@ impl V9Encoder {
             packets_since_templates: None,
             templates_sent_at: None,
         }
+    }
+
+    pub fn format(&self) -> ExportFormat {
+        self.cfg.format
     }
 
     /// Sequence number the next datagram will carry.
@@ -186,8 +283,13 @@ impl V9Encoder {
             while i < records.len() && dg.try_put_record(&records[i], self, self.cfg.max_payload) {
                 i += 1;
             }
-            out.push(dg.finish());
-            self.sequence = self.sequence.wrapping_add(1);
+            // v9 counts export packets, IPFIX the data records before each message.
+            let step = match self.cfg.format {
+                ExportFormat::V9 => 1,
+                ExportFormat::Ipfix => dg.data_records,
+            };
+            out.push(dg.finish(self.cfg.format));
+            self.sequence = self.sequence.wrapping_add(step);
             if with_templates {
                 self.packets_since_templates = Some(1);
                 self.templates_sent_at = Some(now);
@@ -205,56 +307,81 @@ impl V9Encoder {
 /// One datagram under construction.
 struct Datagram {
     buf: BytesMut,
+    /// Records of every kind (the v9 header's count).
     count: u16,
+    /// Data and options data records (what the IPFIX sequence number counts).
+    data_records: u32,
     /// Offset and template id of the open data flowset.
     open: Option<(usize, u16)>,
+    layout: &'static Layout,
 }
 
 impl Datagram {
     fn start(enc: &V9Encoder, now: SystemTime) -> Self {
         let mut buf = BytesMut::with_capacity(enc.cfg.max_payload);
-        buf.put_u16(9);
-        buf.put_u16(0); // count, patched in finish()
-        buf.put_u32(enc.uptime_ms(now));
-        buf.put_u32(
-            now.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_secs() as u32,
-        );
+        let unix_secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs() as u32;
+        match enc.cfg.format {
+            ExportFormat::V9 => {
+                buf.put_u16(9);
+                buf.put_u16(0); // count, patched in finish()
+                buf.put_u32(enc.uptime_ms(now));
+                buf.put_u32(unix_secs);
+            }
+            ExportFormat::Ipfix => {
+                buf.put_u16(10);
+                buf.put_u16(0); // length, patched in finish()
+                buf.put_u32(unix_secs);
+            }
+        }
         buf.put_u32(enc.sequence);
         buf.put_u32(enc.cfg.source_id);
+        let layout = enc.cfg.format.layout();
+        debug_assert_eq!(buf.len(), layout.header_len);
         Self {
             buf,
             count: 0,
+            data_records: 0,
             open: None,
+            layout,
         }
     }
 
     fn put_templates(&mut self, source_id: u32, sampling: u32) {
-        // Template flowset (id 0) with both data templates.
+        let l = self.layout;
+        let ipfix = l.template_set == 2;
+        // Template set with both data templates.
         let start = self.buf.len();
+        self.buf.put_u16(l.template_set);
         self.buf.put_u16(0);
-        self.buf.put_u16(0);
-        for (id, fields) in [(TEMPLATE_IPV4, &IPV4_FIELDS), (TEMPLATE_IPV6, &IPV6_FIELDS)] {
+        for (id, fields) in [(TEMPLATE_IPV4, l.v4), (TEMPLATE_IPV6, l.v6)] {
             self.buf.put_u16(id);
             self.buf.put_u16(fields.len() as u16);
-            for &(t, l) in fields.iter() {
+            for &(t, len) in fields.iter() {
                 self.buf.put_u16(t);
-                self.buf.put_u16(l);
+                self.buf.put_u16(len);
             }
             self.count += 1;
         }
         self.close_flowset(start);
-        // Options template flowset (id 1).
+        // Options template set: v9 gives the scope and option lengths in bytes, IPFIX
+        // the field count and the scope field count.
         let start = self.buf.len();
-        self.buf.put_u16(1);
+        self.buf.put_u16(l.options_set);
         self.buf.put_u16(0);
         self.buf.put_u16(TEMPLATE_OPTIONS);
-        self.buf.put_u16((OPTION_SCOPE.len() * 4) as u16);
-        self.buf.put_u16((OPTION_FIELDS.len() * 4) as u16);
-        for &(t, l) in OPTION_SCOPE.iter().chain(OPTION_FIELDS.iter()) {
+        if ipfix {
+            self.buf.put_u16((l.scope.len() + l.options.len()) as u16);
+            self.buf.put_u16(l.scope.len() as u16);
+        } else {
+            self.buf.put_u16((l.scope.len() * 4) as u16);
+            self.buf.put_u16((l.options.len() * 4) as u16);
+        }
+        for &(t, len) in l.scope.iter().chain(l.options.iter()) {
             self.buf.put_u16(t);
-            self.buf.put_u16(l);
+            self.buf.put_u16(len);
         }
         self.count += 1;
         self.close_flowset(start);
@@ -263,13 +390,23 @@ impl Datagram {
         self.buf.put_u16(TEMPLATE_OPTIONS);
         self.buf.put_u16(0);
         self.buf.put_u32(source_id);
-        self.buf.put_u32(sampling.max(1));
-        // 0x02: random 1-in-N sampling (RFC 3954 field 35); 0x01 deterministic when unsampled.
-        self.buf.put_u8(if sampling > 1 { 2 } else { 1 });
+        let n = sampling.max(1);
+        if ipfix {
+            // 1 packet selected, then n - 1 skipped: 1 in n (RFC 5477 systematic
+            // count-based sampling).
+            self.buf.put_u32(1);
+            self.buf.put_u32(n - 1);
+        } else {
+            self.buf.put_u32(n);
+            // 0x02: random 1-in-N sampling (RFC 3954 field 35); 0x01 deterministic when
+            // unsampled.
+            self.buf.put_u8(if n > 1 { 2 } else { 1 });
+        }
         self.count += 1;
+        self.data_records += 1;
         debug_assert_eq!(
             self.buf.len() - start,
-            FLOWSET_HEADER_LEN + OPTIONS_RECORD_LEN
+            FLOWSET_HEADER_LEN + record_len(l.scope) + record_len(l.options)
         );
         self.close_flowset(start);
     }
@@ -292,9 +429,9 @@ impl Datagram {
     /// Appends a record if it fits (with the padding its flowset may need).
     fn try_put_record(&mut self, r: &FlowRecord, enc: &V9Encoder, max: usize) -> bool {
         let (template, len) = if r.is_ipv4() {
-            (TEMPLATE_IPV4, IPV4_RECORD_LEN)
+            (TEMPLATE_IPV4, record_len(self.layout.v4))
         } else {
-            (TEMPLATE_IPV6, IPV6_RECORD_LEN)
+            (TEMPLATE_IPV6, record_len(self.layout.v6))
         };
         let needs_header = self.open.map(|(_, t)| t) != Some(template);
         let pad_open = if needs_header {
@@ -323,8 +460,16 @@ impl Datagram {
         let b = &mut self.buf;
         b.put_u64(bytes);
         b.put_u64(packets);
-        b.put_u32(enc.uptime_ms(r.first));
-        b.put_u32(enc.uptime_ms(r.last));
+        match enc.cfg.format {
+            ExportFormat::V9 => {
+                b.put_u32(enc.uptime_ms(r.first));
+                b.put_u32(enc.uptime_ms(r.last));
+            }
+            ExportFormat::Ipfix => {
+                b.put_u64(unix_ms(r.first));
+                b.put_u64(unix_ms(r.last));
+            }
+        }
         match (r.src_addr, r.dst_addr) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 b.put_slice(&s.octets());
@@ -352,15 +497,24 @@ impl Datagram {
         // rather than from the destination port.
         b.put_u16(if r.is_icmp() { r.dst_port } else { 0 });
         self.count += 1;
+        self.data_records += 1;
         true
     }
 
-    fn finish(mut self) -> Bytes {
+    fn finish(mut self, format: ExportFormat) -> Bytes {
         self.close_open();
-        let count = self.count;
-        self.buf[2..4].copy_from_slice(&count.to_be_bytes());
+        let word = match format {
+            ExportFormat::V9 => self.count,
+            ExportFormat::Ipfix => self.buf.len() as u16,
+        };
+        self.buf[2..4].copy_from_slice(&word.to_be_bytes());
         self.buf.freeze()
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn to_v6(a: IpAddr) -> [u8; 16] {
@@ -562,6 +716,74 @@ mod tests {
         let want: Vec<_> = records.iter().map(expected).collect();
         assert_eq!(decoded, want);
         assert_eq!(seqs, (0..dgs.len() as u32).collect::<Vec<_>>());
+    }
+
+    /// IPFIX carries what v9 carries: our decoder (netflow_parser underneath) reads every
+    /// record back, times to the millisecond from flowStart/EndMilliseconds; each
+    /// header's sequence number counts the data records before it, so the decoder sees
+    /// no gap; every message says its own length.
+    #[test]
+    fn ipfix_round_trips_records_with_sequence_numbers_counting_records() {
+        use crate::sources::netflow::decode::{DecodeLimits, Decoder};
+        let records: Vec<_> = (0..300).map(|i| rec(i, i % 5 == 0)).collect();
+        let cfg = V9Config {
+            format: ExportFormat::Ipfix,
+            source_id: 7,
+            sampling_interval: 10,
+            ..V9Config::default()
+        };
+        let mut enc = V9Encoder::new(cfg, boot());
+        let now = boot() + Duration::from_secs(10);
+        let dgs = enc.encode(&records, now);
+        assert!(dgs.len() > 1, "300 records must need several messages");
+        let from = "192.0.2.9:4739".parse().unwrap();
+        let mut dec = Decoder::new(DecodeLimits::default(), vec![]);
+        let mut out = Vec::new();
+        let mut expected_seq = 0u32;
+        for dg in &dgs {
+            assert_eq!(u16::from_be_bytes([dg[0], dg[1]]), 10);
+            assert_eq!(u16::from_be_bytes([dg[2], dg[3]]) as usize, dg.len());
+            assert!(dg.len() <= 1400);
+            let seq = u32::from_be_bytes(dg[8..12].try_into().unwrap());
+            assert_eq!(seq, expected_seq);
+            let before = out.len();
+            dec.decode(from, dg, now, &mut out);
+            // The first message also carries the sampling options record.
+            let options = u32::from(expected_seq == 0);
+            expected_seq += (out.len() - before) as u32 + options;
+        }
+        let stats = &dec.exporters()[&from.ip()];
+        assert_eq!(stats.sequence_gaps, 0, "{stats:?}");
+        assert_eq!(stats.ipfix, dgs.len() as u64);
+        assert_eq!(stats.options_records, 1);
+        assert_eq!(out.len(), records.len());
+        for (got, want) in out.iter().zip(&records) {
+            assert_eq!(
+                (
+                    got.src_addr,
+                    got.dst_addr,
+                    got.src_port,
+                    got.dst_port,
+                    got.protocol
+                ),
+                (
+                    want.src_addr,
+                    want.dst_addr,
+                    want.src_port,
+                    want.dst_port,
+                    want.protocol
+                )
+            );
+            assert_eq!((got.packets, got.bytes), (want.packets, want.bytes));
+            assert_eq!((got.first, got.last), (want.first, want.last));
+            assert_eq!(
+                (got.tos, got.tcp_flags, got.vlan),
+                (want.tos, want.tcp_flags, want.vlan)
+            );
+            assert_eq!(got.direction, want.direction);
+            // samplingPacketInterval 1, samplingPacketSpace 9: 1 in 10.
+            assert_eq!(got.sampling, 10);
+        }
     }
 
     #[test]

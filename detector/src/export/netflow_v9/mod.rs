@@ -9,7 +9,7 @@ use log::warn;
 
 use super::Sink;
 use crate::flow::FlowRecord;
-pub use encoder::{V9Config, V9Encoder};
+pub use encoder::{ExportFormat, V9Config, V9Encoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -97,7 +97,11 @@ impl V9Sink {
 impl Sink for V9Sink {
     fn name(&self) -> String {
         let addrs: Vec<_> = self.collectors.iter().map(|c| c.addr.to_string()).collect();
-        format!("netflow-v9:{}", addrs.join(","))
+        let proto = match self.encoder.format() {
+            ExportFormat::V9 => "netflow-v9",
+            ExportFormat::Ipfix => "ipfix",
+        };
+        format!("{proto}:{}", addrs.join(","))
     }
 
     fn send(&mut self, records: &[FlowRecord], now: SystemTime) {

@@ -1,0 +1,183 @@
+//! `--export-format ipfix`: the same flows as the v9 export, in IPFIX. A NetFlow capture
+//! of `../shared/testdata` is replayed (`replay --netflow`, no BPF needed) and exported
+//! both ways to two nfcapd; nfdump must read the same flows, packets and bytes from each,
+//! and tshark must decode every IPFIX message without a malformed packet or an expert
+//! warning, to the same packet and byte totals. Skips with a message when `../shared` is
+//! absent.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tests::netns::sh;
+
+fn capture() -> Option<PathBuf> {
+    let p = tests::shared_testdata()?.join(
+        "netflow/pmacct-test-automation__401-IPFIXv10-BMP-IPv6-CISCO-MPLS-multiple-sources__traffic-00.pcap",
+    );
+    p.is_file().then_some(p)
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+struct Nfcapd {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Nfcapd {
+    fn start(dir: PathBuf, port: u16) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("nfcapd")
+            .arg("-w")
+            .arg(&dir)
+            .args(["-p", &port.to_string(), "-b", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nfcapd (package nfdump)");
+        std::thread::sleep(Duration::from_millis(500));
+        Self { child, dir }
+    }
+
+    /// Stops nfcapd (it writes its file) and returns nfdump's (flows, packets, bytes).
+    fn totals(mut self) -> (u64, u64, u64) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let out = sh("nfdump", &["-R", self.dir.to_str().unwrap(), "-I"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let get = |k: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in nfdump -I: {text}"))
+        };
+        (get("Flows:"), get("Packets:"), get("Bytes:"))
+    }
+}
+
+/// Writes `datagrams` (sent from 127.0.0.1:`from` to 127.0.0.1:`to`) as a pcap of raw
+/// IPv4 packets.
+fn write_pcap(path: &Path, datagrams: &[Vec<u8>], from: u16, to: u16) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&65_535u32.to_le_bytes());
+    out.extend_from_slice(&101u32.to_le_bytes()); // LINKTYPE_RAW
+    for (i, d) in datagrams.iter().enumerate() {
+        let mut payload = tests::frames::udp(from, to, d.len());
+        payload.extend_from_slice(d);
+        let local = [127, 0, 0, 1].into();
+        let ip = tests::frames::ipv4(local, local, 17, 0, 0, &[], &payload);
+        out.extend_from_slice(&(1_800_000_000u32 + i as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
+        out.extend_from_slice(&ip);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn ipfix_export_carries_the_v9_export_s_flows_and_decodes_cleanly() {
+    let Some(cap) = capture() else {
+        eprintln!("skipped: ../shared/testdata/netflow is absent");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("detector-ipfix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut totals = Vec::new();
+    let mut ipfix_datagrams = Vec::new();
+    let (mut from, mut to) = (0, 0);
+    for format in ["v9", "ipfix"] {
+        let nf_port = free_port();
+        let nfcapd = Nfcapd::start(dir.join(format), nf_port);
+        let mine = UdpSocket::bind("127.0.0.1:0").unwrap();
+        mine.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let (mine_addr, reader) = (mine.local_addr().unwrap(), mine.try_clone().unwrap());
+        // Read while the replay sends (a socket left unread drops what overflows it).
+        let collect = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            let (mut got, mut from) = (Vec::new(), 0);
+            let mut idle = 0;
+            while idle < 4 {
+                match reader.recv_from(&mut buf) {
+                    Ok((n, src)) => {
+                        got.push(buf[..n].to_vec());
+                        from = src.port();
+                        idle = 0;
+                    }
+                    Err(_) => idle += 1,
+                }
+            }
+            (got, from)
+        });
+        let out = Command::new(tests::detector_bin())
+            .args(["replay", "--netflow"])
+            .arg(&cap)
+            .args(["--export", &format!("127.0.0.1:{nf_port}")])
+            .args(["--export", &mine_addr.to_string()])
+            .args(["--export-format", format, "--flows-json", "/dev/null"])
+            .output()
+            .expect("replay runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (got, src) = collect.join().expect("reader");
+        from = src;
+        assert!(!got.is_empty(), "{format}: nothing exported");
+        std::thread::sleep(Duration::from_millis(300));
+        totals.push(nfcapd.totals());
+        if format == "ipfix" {
+            assert!(got.iter().all(|d| d[..2] == [0, 10]), "IPFIX version");
+            to = mine_addr.port();
+            ipfix_datagrams = got;
+        }
+    }
+    assert!(totals[0].0 > 100, "v9: {:?}", totals[0]);
+    assert_eq!(totals[1], totals[0], "nfdump totals: ipfix vs v9");
+
+    let pcap = dir.join("ipfix.pcap");
+    write_pcap(&pcap, &ipfix_datagrams, from, to);
+    let decode = format!("udp.port=={to},cflow");
+    let p = pcap.to_str().unwrap();
+    let listing = sh("tshark", &["-r", p, "-d", &decode]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(!listing.to_lowercase().contains("malformed"), "{listing}");
+    let expert = sh(
+        "tshark",
+        &["-r", p, "-d", &decode, "-q", "-z", "expert,warn"],
+    );
+    let expert = String::from_utf8_lossy(&expert.stdout).to_string();
+    assert!(
+        !expert.contains("Warn") && !expert.contains("Error"),
+        "tshark expert info: {expert}"
+    );
+    let sum = |field: &str| -> u64 {
+        let out = sh(
+            "tshark",
+            &["-r", p, "-d", &decode, "-T", "fields", "-e", field],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split([',', '\n'])
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        (sum("cflow.packets"), sum("cflow.octets")),
+        (totals[1].1, totals[1].2),
+        "tshark's packets and octets vs nfdump's"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
