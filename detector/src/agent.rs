@@ -231,14 +231,28 @@ impl Ingest {
 /// Runs the pipeline's periodic work (duplicate expiry, evaluations, alarm events, its
 /// statistics line) every second on a thread of its own, until told to stop; then
 /// hands the pipeline back.
+/// What the main loop tells the evaluator thread.
+enum Control {
+    Stop,
+    /// A reloaded configuration (SIGHUP).
+    Reload(
+        Box<(
+            crate::detect::DetectConfig,
+            crate::export::alarms::AlarmSink,
+        )>,
+    ),
+    /// Open the output files again (SIGHUP without --config).
+    Reopen,
+}
+
 fn start_evaluator(
     mut pipeline: Pipeline,
     stats_every: Duration,
 ) -> (
-    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Sender<Control>,
     std::thread::JoinHandle<Pipeline>,
 ) {
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel::<Control>();
     let handle = std::thread::Builder::new()
         .name("evaluator".into())
         .spawn(move || {
@@ -246,7 +260,16 @@ fn start_evaluator(
             loop {
                 match rx.recv_timeout(DRAIN_INTERVAL) {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return pipeline,
+                    Ok(Control::Reload(new)) => {
+                        let (detect, alarms) = *new;
+                        pipeline.reconfigure(detect, alarms);
+                        continue;
+                    }
+                    Ok(Control::Reopen) => {
+                        pipeline.reopen();
+                        continue;
+                    }
+                    Ok(Control::Stop) | Err(_) => return pipeline,
                 }
                 pipeline.tick(SystemTime::now(), false);
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
@@ -333,6 +356,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_stats = tokio::time::Instant::now();
@@ -360,6 +384,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 guard.clear_ready();
             }
+            _ = sighup.recv() => reload(&args, &stop_evaluator),
             _ = sigint.recv() => { info!("SIGINT: detaching and flushing every flow"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching and flushing every flow"); break; }
         }
@@ -375,7 +400,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         input.emit(m.stop(r)?, SystemTime::now());
     }
     drop(input);
-    let _ = stop_evaluator.send(());
+    let _ = stop_evaluator.send(Control::Stop);
     let pipeline = evaluator
         .join()
         .map_err(|_| anyhow::anyhow!("the evaluator thread panicked"))?;
@@ -383,6 +408,36 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let done = pipeline.finish(SystemTime::now());
     info!("{}", done.describe);
     Ok(())
+}
+
+/// SIGHUP: reads `--config` again and hands it to the pipeline (flows held, profiles and
+/// open alarms stay); a file that does not load is refused and the running
+/// configuration kept. Output files are opened again either way (log rotation).
+fn reload(args: &RunArgs, evaluator: &std::sync::mpsc::Sender<Control>) {
+    let Some(path) = &args.detect.config else {
+        info!("SIGHUP: no --config to reload; output files reopened");
+        let _ = evaluator.send(Control::Reopen);
+        return;
+    };
+    match build::detection(&args.detect) {
+        Ok((detect, alarms)) => {
+            info!(
+                "SIGHUP: reloaded {} (alarm threshold {:.1}, {} internal networks, window {} s); flows, profiles and open alarms kept; output files reopened",
+                path.display(),
+                detect.thresholds.score,
+                detect.internal.len(),
+                detect.window.as_secs()
+            );
+            let _ = evaluator.send(Control::Reload(Box::new((detect, alarms))));
+        }
+        Err(e) => {
+            warn!(
+                "SIGHUP: {} not reloaded, the running configuration is kept: {e:#}",
+                path.display()
+            );
+            let _ = evaluator.send(Control::Reopen);
+        }
+    }
 }
 
 fn log_stats(meter: Option<&Meter>, ingest: Option<&Ingest>) {

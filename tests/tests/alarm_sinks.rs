@@ -209,6 +209,12 @@ fn rsyslog_receives_the_alarm_over_udp_and_tcp() {
                     text.contains("detector"),
                     "{proto}: app name missing: {text}"
                 );
+                // The machine's name, so that a central server tells sensors apart.
+                let name = detector::export::syslog::host_name().expect("a host name");
+                assert!(
+                    text.contains(&format!(" {name} detector ")),
+                    "{proto}: host name {name} missing: {text}"
+                );
                 break;
             }
             assert!(

@@ -299,6 +299,11 @@ impl EvalSchedule {
         }
     }
 
+    /// A new interval, from the next evaluation on.
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
     /// Whether an evaluation is due at `now` (always with `force`); if so, the next one
     /// is scheduled.
     pub fn due(&mut self, now: SystemTime, force: bool) -> bool {
@@ -330,6 +335,20 @@ impl Engine {
             senders: dense::DenseMap::default(),
             stats: EngineStats::default(),
         }
+    }
+
+    /// Takes a reloaded configuration: thresholds, allow-lists, internal networks,
+    /// window and evaluation interval apply from the next record and evaluation; every
+    /// profile, open alarm and counter stays. The per-peer limits a profile was built
+    /// with (small-datagram size, throttled rate) hold for the peers it already has.
+    pub fn reconfigure(&mut self, cfg: DetectConfig) {
+        self.limits = profile::Limits {
+            udp_small_size: cfg.thresholds.udp_small_size,
+            peer_bytes_per_min: cfg.thresholds.peer_bytes_per_min,
+            window_min: cfg.window.as_secs_f64() / 60.0,
+        };
+        self.schedule.set_interval(cfg.eval_interval);
+        self.cfg = cfg;
     }
 
     /// Forgets the peers of the hosts in `range` silent for the window at `now_ms` (a

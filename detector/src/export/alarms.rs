@@ -1,7 +1,6 @@
 //! Alarm events: one JSON object per event (`--alarms-json PATH`, `-` for stdout), and
 //! the same event as one readable log line.
 
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
 use log::warn;
@@ -20,12 +19,14 @@ pub struct AlarmSink {
 }
 
 impl AlarmSink {
-    /// `path`: `-` for stdout, a file (created or truncated), or none for log lines only.
+    /// `path`: `-` for stdout, a file (created or appended to), or none for log lines only.
     pub fn open(path: Option<&str>) -> io::Result<Self> {
         let out: Option<Box<dyn Write + Send>> = match path {
             None => None,
             Some("-") => Some(Box::new(io::stdout())),
-            Some(p) => Some(Box::new(BufWriter::new(File::create(p)?))),
+            Some(p) => Some(Box::new(BufWriter::new(super::json::append(
+                std::path::Path::new(p),
+            )?))),
         };
         Ok(Self {
             target: path.unwrap_or("log").to_string(),
@@ -61,6 +62,34 @@ impl AlarmSink {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes the place of `old` (a reloaded configuration): its counters carry on.
+    pub fn succeed(&mut self, old: &AlarmSink) {
+        self.events += old.events;
+        self.written += old.written;
+        self.errors += old.errors;
+        // Events still waiting for the webhook are not lost with the old sink.
+        if let (Some(new), Some(old)) = (&self.webhook, &old.webhook) {
+            new.adopt_queue(old);
+        }
+    }
+
+    /// Opens the alarms file again (after log rotation moved it away; SIGHUP).
+    pub fn reopen(&mut self) {
+        if self.out.is_none() || self.target == "-" {
+            return;
+        }
+        if let Some(out) = self.out.as_mut() {
+            let _ = out.flush();
+        }
+        match super::json::append(std::path::Path::new(&self.target)) {
+            Ok(f) => self.out = Some(Box::new(BufWriter::new(f))),
+            Err(e) => warn!(
+                "reopening {}: {e}; alarms still go to the file opened before",
+                self.target
+            ),
         }
     }
 

@@ -21,6 +21,8 @@ pub trait Sink {
     fn failures(&self) -> u64 {
         0
     }
+    /// Opens its output file again (after log rotation moved it away; SIGHUP).
+    fn reopen(&mut self) {}
 }
 
 /// Counts a sink's failures by kind and says which to log: the first of each kind, then

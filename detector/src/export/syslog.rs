@@ -50,7 +50,8 @@ impl SyslogSink {
     fn connect(&self) -> syslog::Result<Logger<LoggerBackend, Formatter5424>> {
         let f = Formatter5424 {
             facility: Facility::LOG_DAEMON,
-            hostname: None,
+            // The machine's name, so that a central syslog server can tell sensors apart.
+            hostname: host_name(),
             process: "detector".into(),
             pid: std::process::id(),
         };
@@ -98,6 +99,19 @@ impl SyslogSink {
             }
         }
     }
+}
+
+/// This machine's host name, if it has one.
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are valid; the kernel writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]

@@ -56,6 +56,31 @@ impl WebhookSink {
         }
     }
 
+    /// Takes the events `old` still holds (a reload replaces the sink): queued here, in
+    /// their order, before anything new.
+    pub fn adopt_queue(&self, old: &WebhookSink) {
+        let pending: Vec<_> = old
+            .shared
+            .queue
+            .lock()
+            .expect("webhook queue")
+            .drain(..)
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let mut q = self.shared.queue.lock().expect("webhook queue");
+        for (i, e) in pending.into_iter().enumerate() {
+            q.insert(i, e);
+        }
+        while q.len() > self.capacity {
+            q.pop_back();
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(q);
+        self.shared.ready.notify_all();
+    }
+
     /// Queues the events; never blocks.
     pub fn send(&self, events: &[AlarmEvent]) {
         let mut q = self.shared.queue.lock().expect("webhook queue");

@@ -101,6 +101,8 @@ enum ToShard {
         top: Arc<TopSenders>,
         reply: SyncSender<ShardReport>,
     },
+    /// A reloaded configuration (the shard's share of the bounded tables).
+    Reconfigure(Box<DetectConfig>),
     /// The shard's `n` highest-scored hosts, evaluated in full.
     Explain {
         top: Arc<TopSenders>,
@@ -112,6 +114,8 @@ enum ToShard {
 enum ToSinks {
     Records(Vec<FlowRecord>, SystemTime),
     Describe(SyncSender<Vec<String>>),
+    /// Open output files again (SIGHUP, after log rotation).
+    Reopen,
 }
 
 /// What a shard tells after an evaluation.
@@ -132,7 +136,8 @@ struct ShardReport {
 pub struct Input {
     shards: Arc<[SyncSender<ToShard>]>,
     sinks: SyncSender<ToSinks>,
-    route: Arc<DetectConfig>,
+    /// The configuration records are routed by (internal networks); a reload swaps it.
+    route: Arc<std::sync::RwLock<Arc<DetectConfig>>>,
     counters: Arc<InputCounters>,
     when_behind: WhenBehind,
     /// When shedding was last logged (ms since the pipeline started), to log at most
@@ -165,9 +170,10 @@ impl Input {
             self.to_shard(0, records, now);
             return;
         }
+        let route = self.route.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut parts: Vec<Vec<FlowRecord>> = (0..n).map(|_| Vec::new()).collect();
         for r in records {
-            parts[shard_of(&self.route, &r, n)].push(r);
+            parts[shard_of(&route, &r, n)].push(r);
         }
         for (i, part) in parts.into_iter().enumerate() {
             if !part.is_empty() {
@@ -245,6 +251,7 @@ fn shard_worker(
             ToShard::Senders(reply) => {
                 let _ = reply.send(engine.senders_snapshot());
             }
+            ToShard::Reconfigure(cfg) => engine.reconfigure(*cfg),
             ToShard::Explain { top, n, reply } => {
                 let _ = reply.send(engine.explain(&top, n));
             }
@@ -278,6 +285,11 @@ fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) -> u
             }
             ToSinks::Describe(reply) => {
                 let _ = reply.send(sinks.iter().map(|s| s.describe()).collect());
+            }
+            ToSinks::Reopen => {
+                for s in &mut sinks {
+                    s.reopen();
+                }
             }
         }
     }
@@ -340,7 +352,7 @@ impl Pipeline {
             input: Input {
                 shards: senders.into(),
                 sinks: sink_tx,
-                route: Arc::new(detect.clone()),
+                route: Arc::new(std::sync::RwLock::new(Arc::new(detect.clone()))),
                 counters: Arc::default(),
                 when_behind: cfg.when_behind,
                 shed_logged: Arc::default(),
@@ -357,6 +369,32 @@ impl Pipeline {
             last_top: Arc::default(),
             limits_logged: (0, 0),
         }
+    }
+
+    /// Takes a reloaded configuration without losing anything held: routing, every
+    /// shard's engine (profiles, open alarms and duplicate marks stay), the evaluation
+    /// interval, and the alarm sinks (their counters carry on). Output files are opened
+    /// again, for log rotation.
+    pub fn reconfigure(&mut self, detect: DetectConfig, mut alarms: AlarmSink) {
+        let n = self.input.shards.len();
+        let mut shard_cfg = detect.clone();
+        shard_cfg.max_hosts = detect.max_hosts.div_ceil(n);
+        for s in self.input.shards.iter() {
+            let _ = s.send(ToShard::Reconfigure(Box::new(shard_cfg.clone())));
+        }
+        self.schedule.set_interval(detect.eval_interval);
+        self.window = detect.window;
+        self.score_threshold = detect.thresholds.score;
+        *self.input.route.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(detect);
+        alarms.succeed(&self.alarms);
+        self.alarms = alarms;
+        let _ = self.input.sinks.send(ToSinks::Reopen);
+    }
+
+    /// Opens the output files again (SIGHUP without a configuration file).
+    pub fn reopen(&mut self) {
+        self.alarms.reopen();
+        let _ = self.input.sinks.send(ToSinks::Reopen);
     }
 
     /// A handle for a source thread.
@@ -558,9 +596,13 @@ impl Pipeline {
         let hosts = self.explain(EXPLAINED_HOSTS);
         let engine = self.engine_stats();
         let hosts_profiled = self.reports.iter().map(|r| r.hosts as u64).sum();
-        let internal = self
+        let route = self
             .input
             .route
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let internal = route
             .internal
             .iter()
             .map(|c| format!("{}/{}", c.addr, c.len))

@@ -83,12 +83,12 @@ pub struct JsonSink {
 }
 
 impl JsonSink {
-    /// `-` is stdout; anything else a file, created or truncated.
+    /// `-` is stdout; anything else a file, created or appended to.
     pub fn open(path: &str) -> io::Result<Self> {
         let out: Box<dyn Write + Send> = if path == "-" {
             Box::new(io::stdout())
         } else {
-            Box::new(BufWriter::new(File::create(Path::new(path))?))
+            Box::new(BufWriter::new(append(Path::new(path))?))
         };
         Ok(Self {
             target: path.to_string(),
@@ -145,6 +145,28 @@ impl Sink for JsonSink {
     fn failures(&self) -> u64 {
         self.errors
     }
+
+    fn reopen(&mut self) {
+        if self.target == "-" {
+            return;
+        }
+        let _ = self.out.flush();
+        match append(Path::new(&self.target)) {
+            Ok(f) => self.out = Box::new(BufWriter::new(f)),
+            Err(e) => warn!(
+                "reopening {}: {e}; records still go to the file opened before",
+                self.target
+            ),
+        }
+    }
+}
+
+/// Opens `path` for appending, creating it: a restart keeps what earlier runs wrote.
+pub fn append(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 #[cfg(test)]
