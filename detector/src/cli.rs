@@ -171,9 +171,13 @@ pub struct DetectArgs {
     #[arg(long, value_name = "ADDR")]
     pub syslog: Option<String>,
 
-    /// POST every alarm event as JSON to this http:// URL.
+    /// POST every alarm event as JSON to this http:// or https:// URL.
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
+
+    /// PEM file of CA certificates to trust for an https webhook, beside the system's.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_ca: Option<std::path::PathBuf>,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {

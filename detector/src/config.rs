@@ -124,6 +124,9 @@ pub struct WebhookSink {
     /// and counted.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// PEM file of CA certificates trusted for an https URL, beside the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 fn default_timeout() -> u64 {

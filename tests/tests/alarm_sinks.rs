@@ -54,8 +54,17 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 fn receiver(listener: TcpListener, bodies: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
+            let Ok(s) = conn else { continue };
+            serve(s, &bodies);
+        }
+    });
+}
+
+/// Reads one POST from `s`, keeps its body, answers 200.
+fn serve<S: Read + Write>(mut s: S, bodies: &Mutex<Vec<String>>) {
+    {
+        {
+            let mut r = BufReader::new(&mut s);
             let mut len = 0usize;
             loop {
                 let mut line = String::new();
@@ -70,16 +79,17 @@ fn receiver(listener: TcpListener, bodies: Arc<Mutex<Vec<String>>>) {
                 }
             }
             let mut body = vec![0u8; len];
-            if r.read_exact(&mut body).is_ok() {
+            // A connection that never made a request (a refused handshake) keeps nothing.
+            if len > 0 && r.read_exact(&mut body).is_ok() {
                 bodies
                     .lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&body).into());
             }
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
-    });
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = s.flush();
+    }
 }
 
 #[test]
@@ -91,7 +101,7 @@ fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}/alarms");
-    let sink = WebhookSink::new(url.clone(), Duration::from_secs(2), 1, 100);
+    let sink = WebhookSink::new(url.clone(), Duration::from_secs(2), 1, 100, None).unwrap();
     let start = Instant::now();
     sink.send(&[event(1), event(2), event(3)]);
     // Never blocks the caller.
@@ -137,7 +147,9 @@ fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
         Duration::from_secs(1),
         0,
         2,
-    );
+        None,
+    )
+    .unwrap();
     small.send(&(0..5).map(event).collect::<Vec<_>>());
     assert_eq!(small.queued(), 2);
     assert_eq!(small.stats().dropped.load(Relaxed), 3);
@@ -225,4 +237,196 @@ fn rsyslog_receives_the_alarm_over_udp_and_tcp() {
         rs.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A test CA and a certificate it signed for localhost and 127.0.0.1 (openssl), in
+/// `dir`: (ca.pem, server.pem, server.key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=detector test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// An HTTPS receiver (rustls) with the certificate `cert`/`key`: answers 200 to every
+/// POST and keeps the bodies; returns its port.
+fn tls_receiver(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    bodies: Arc<Mutex<Vec<String>>>,
+) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(tcp) = conn else { continue };
+            let (config, bodies) = (config.clone(), bodies.clone());
+            std::thread::spawn(move || {
+                let server = rustls::ServerConnection::new(config).unwrap();
+                serve(rustls::StreamOwned::new(server, tcp), &bodies);
+            });
+        }
+    });
+    port
+}
+
+/// HTTPS webhooks: delivered to a receiver whose certificate a test CA signed when
+/// that CA is given (`--webhook-ca`), refused by TLS without it (counted, nothing
+/// delivered), and a CA file that does not load is refused when the sink is made.
+#[test]
+fn https_webhooks_trust_the_given_ca_and_refuse_what_they_cannot_serve_at_start() {
+    let dir = std::env::temp_dir().join(format!("detector-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = test_pki(&dir);
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let port = tls_receiver(&cert, &key, bodies.clone());
+    let url = format!("https://localhost:{port}/alarms");
+
+    let sink = WebhookSink::new(url.clone(), Duration::from_secs(2), 1, 100, Some(&ca)).unwrap();
+    sink.send(&[event(1), event(2)]);
+    wait_until("delivery over TLS", Duration::from_secs(20), || {
+        sink.stats().delivered.load(Relaxed) == 2
+    });
+    let ids: Vec<String> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, vec![event(1).id, event(2).id]);
+
+    // Without the test CA the receiver's certificate is not trusted.
+    let untrusted = WebhookSink::new(url.clone(), Duration::from_secs(2), 0, 100, None).unwrap();
+    untrusted.send(&[event(3)]);
+    wait_until("a refused TLS handshake", Duration::from_secs(20), || {
+        untrusted.stats().failures.load(Relaxed) >= 1
+    });
+    assert_eq!(untrusted.stats().delivered.load(Relaxed), 0);
+    assert_eq!(bodies.lock().unwrap().len(), 2);
+
+    // Refused at once: a CA file that is not PEM, and a URL that is not http(s).
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let e = WebhookSink::new(url.clone(), Duration::from_secs(2), 0, 1, Some(&junk))
+        .err()
+        .expect("a CA file without a certificate is refused")
+        .to_string();
+    assert!(e.contains("junk.pem"), "{e}");
+    assert!(WebhookSink::new("ftp://x/".into(), Duration::from_secs(1), 0, 1, None).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Retries pause, growing: against a closed port with `retries = 3`, an event takes four
+/// attempts 200, 400 and 800 ms apart (it used to take hundreds in half a second);
+/// events arriving meanwhile do not cut the pauses short. At exit the queue gets a
+/// bounded time and what stays is counted.
+#[test]
+fn retries_back_off_and_what_stays_at_exit_is_counted() {
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sink = WebhookSink::new(
+        format!("http://127.0.0.1:{dead}/"),
+        Duration::from_secs(1),
+        3,
+        100,
+        None,
+    )
+    .unwrap();
+    sink.send(&[event(1)]);
+    for i in 2..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        sink.send(&[event(i)]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // 500 ms in: the first attempt and the one after the 200 ms pause, no more.
+    let attempts = sink.stats().failures.load(Relaxed);
+    assert!((1..=2).contains(&attempts), "{attempts} attempts in 500 ms");
+    let left = sink.close(Duration::from_millis(300));
+    assert_eq!(left, 9, "every event still queued at exit");
 }

@@ -2,6 +2,7 @@
 //! the same event as one readable log line.
 
 use std::io::{self, BufWriter, Write};
+use std::time::Duration;
 
 use log::warn;
 
@@ -74,6 +75,22 @@ impl AlarmSink {
         if let (Some(new), Some(old)) = (&self.webhook, &old.webhook) {
             new.adopt_queue(old);
         }
+    }
+
+    /// Gives the webhook's queue up to `within` to drain (at exit); returns the events
+    /// that stayed undelivered (logged).
+    pub fn close(&mut self, within: Duration) -> u64 {
+        let Some(w) = self.webhook.as_mut() else {
+            return 0;
+        };
+        let left = w.close(within) as u64;
+        if left > 0 {
+            warn!(
+                "webhook: {left} alarm events still undelivered after {} s at exit",
+                within.as_secs()
+            );
+        }
+        left
     }
 
     /// Opens the alarms file again (after log rotation moved it away; SIGHUP).

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::export::Sink;
 use crate::export::json::JsonSink;
@@ -72,25 +72,28 @@ pub fn detection(
         let addr = crate::export::syslog::parse_address(&addr).map_err(anyhow::Error::msg)?;
         alarms.syslog = Some(crate::export::syslog::SyslogSink::new(addr));
     }
-    let webhook = match (&a.webhook, &file.sinks.webhook) {
+    let mut webhook = match (&a.webhook, &file.sinks.webhook) {
         (Some(url), w) => Some(crate::config::WebhookSink {
             url: url.clone(),
             timeout_secs: w.as_ref().map(|w| w.timeout_secs).unwrap_or(5),
             retries: w.as_ref().map(|w| w.retries).unwrap_or(3),
             queue: w.as_ref().map(|w| w.queue).unwrap_or(1000),
+            ca: w.as_ref().and_then(|w| w.ca.clone()),
         }),
         (None, w) => w.clone(),
     };
+    if let (Some(w), Some(ca)) = (webhook.as_mut(), &a.webhook_ca) {
+        w.ca = Some(ca.display().to_string());
+    }
     if let Some(w) = webhook {
-        if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-            bail!("--webhook '{}' is not an http:// or https:// URL", w.url);
-        }
+        // Refused here, at start, if it cannot be served (scheme, CA file, TLS).
         alarms.webhook = Some(crate::export::webhook::WebhookSink::new(
             w.url,
             Duration::from_secs(w.timeout_secs),
             w.retries,
             w.queue,
-        ));
+            w.ca.as_deref().map(std::path::Path::new),
+        )?);
     }
     Ok((cfg, alarms))
 }

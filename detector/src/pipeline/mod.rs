@@ -47,6 +47,8 @@ pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
 const SHARD_QUEUE: usize = 256;
 /// Batches the sink thread's queue holds (shards wait when it is full).
 const SINK_QUEUE: usize = 1024;
+/// How long a finishing pipeline lets the webhook's queue drain.
+const WEBHOOK_DRAIN: Duration = Duration::from_secs(5);
 /// Hosts whose every rule value a finished pipeline reports (`replay` prints them).
 pub const EXPLAINED_HOSTS: usize = 10;
 
@@ -608,8 +610,9 @@ impl Pipeline {
             .map(|c| format!("{}/{}", c.addr, c.len))
             .collect();
         let records = self.records();
+        let undelivered = self.alarms.close(WEBHOOK_DRAIN);
         let alarm_events = self.alarms.events;
-        let alarm_errors = self.alarms.errors;
+        let alarm_errors = self.alarms.errors + undelivered;
         let score_threshold = self.score_threshold;
         // Dropping the senders ends the shard threads once their queues are empty; the
         // last shard to end drops the last sender of the sink queue, which ends the sink
