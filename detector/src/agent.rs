@@ -256,6 +256,7 @@ fn start_evaluator(
     let handle = std::thread::Builder::new()
         .name("evaluator".into())
         .spawn(move || {
+            crate::privileges::drop_thread_capabilities();
             let mut last_stats = std::time::Instant::now();
             loop {
                 match rx.recv_timeout(DRAIN_INTERVAL) {
@@ -344,6 +345,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => (None, None),
     };
+    // Attached, maps and sockets open: keep only what the rest of the run needs.
+    match crate::privileges::keep_only(crate::privileges::KEPT_WHILE_RUNNING) {
+        Ok(()) => info!(
+            "privileges: dropped every capability but CAP_NET_ADMIN (to detach at exit); no_new_privs set"
+        ),
+        Err(e) => warn!("privileges: could not drop capabilities: {e}"),
+    }
     for s in pipeline.sink_names() {
         info!("exporting to {s}");
     }

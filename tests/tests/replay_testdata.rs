@@ -14,6 +14,8 @@ use std::process::Command;
 use tests::tshark::{self, Tuple};
 
 fn replay(pcap: &Path, json: &Path) -> String {
+    // The output is appended to: start each replay on an empty file.
+    let _ = std::fs::remove_file(json);
     let out = Command::new(tests::detector_bin())
         .arg("replay")
         .arg(pcap)
@@ -156,6 +158,8 @@ const VERDICTS: &[(&str, Option<&str>, &str)] = &[
 
 fn alarms(pcap: &Path, dir: &Path) -> (Vec<serde_json::Value>, String) {
     let json = dir.join("alarms.json");
+    // The alarms file is appended to: start each replay on an empty one.
+    let _ = std::fs::remove_file(&json);
     let out = Command::new(tests::detector_bin())
         .arg("replay")
         .arg(pcap)

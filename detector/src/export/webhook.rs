@@ -86,7 +86,10 @@ impl WebhookSink {
         let s = shared.clone();
         let worker = std::thread::Builder::new()
             .name("webhook".into())
-            .spawn(move || deliver(s, agent, url, retries))
+            .spawn(move || {
+                crate::privileges::drop_thread_capabilities();
+                deliver(s, agent, url, retries)
+            })
             .expect("spawn the webhook thread");
         Ok(Self {
             shared,

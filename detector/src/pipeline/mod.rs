@@ -330,7 +330,10 @@ impl Pipeline {
         let (sink_tx, sink_rx) = sync_channel(SINK_QUEUE);
         let sink_thread = std::thread::Builder::new()
             .name("sinks".into())
-            .spawn(move || sink_worker(sinks, sink_rx))
+            .spawn(move || {
+                crate::privileges::drop_thread_capabilities();
+                sink_worker(sinks, sink_rx)
+            })
             .expect("spawn the sink thread");
         // Each shard holds its share of the bounded tables.
         let mut shard_cfg = detect.clone();
@@ -345,7 +348,10 @@ impl Pipeline {
             shard_threads.push(
                 std::thread::Builder::new()
                     .name(format!("shard-{i}"))
-                    .spawn(move || shard_worker(dedup, engine, rx, sinks))
+                    .spawn(move || {
+                        crate::privileges::drop_thread_capabilities();
+                        shard_worker(dedup, engine, rx, sinks)
+                    })
                     .expect("spawn a shard thread"),
             );
             senders.push(tx);

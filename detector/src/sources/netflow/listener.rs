@@ -137,7 +137,10 @@ impl Listener {
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name)
-                .spawn(f)
+                .spawn(move || {
+                    crate::privileges::drop_thread_capabilities();
+                    f()
+                })
                 .map_err(|source| ListenError::Thread { addr, source })
         };
         let port = local.port();

@@ -89,6 +89,7 @@ impl Ticker {
         let handle = thread::Builder::new()
             .name("packet-clock".into())
             .spawn(move || {
+                crate::privileges::drop_thread_capabilities();
                 while !s.load(Ordering::Relaxed) {
                     c.set(monotonic_ns());
                     thread::sleep(period);
