@@ -30,6 +30,9 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
     },
+    /// Print the manual page (roff), for packaging.
+    #[command(hide = true)]
+    Man,
     /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
     #[command(hide = true)]
     BenchXdp(BenchArgs),

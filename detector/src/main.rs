@@ -52,6 +52,17 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => detector::config::FileConfig::load(&file)
             .map(|c| print!("{}", c.to_toml()))
             .map_err(anyhow::Error::from),
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(anyhow::Error::from)
+                .map(|()| {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&out);
+                })
+        }
         Command::BenchXdp(args) => detector::bench::xdp(args),
         Command::BenchIngest(args) => detector::bench::ingest(args),
         Command::BenchEngine(args) => detector::bench::engine(args),

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench_agent;
+mod package;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Set-up, run, test and benchmark the detector")]
@@ -43,6 +44,14 @@ enum Task {
         /// Arguments for the lab: --duration SECS, --peers N, --seed N, --scorecard PATH.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Build a Debian package of the agent (target/debian/): the binary, a systemd unit,
+    /// the default configuration and the man page.
+    Package {
+        /// Then install it with dpkg, verify the unit, check the shipped configuration,
+        /// and purge it again (as root).
+        #[arg(long)]
+        check: bool,
     },
     /// Benchmarks that print figures and ratios against references measured in the same run.
     Bench {
@@ -92,6 +101,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // `cargo xtask bench agent`: pmacct's nfacctd, a second collector to compare with.
     "pmacct",
+    // `cargo xtask package` and its check: systemd-analyze verify.
+    "systemd",
 ];
 
 fn main() -> ExitCode {
@@ -101,6 +112,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
         Task::Lab { args } => lab(args),
+        Task::Package { check } => package(check),
         Task::Bench {
             which: Bench::Xdp { repeat },
         } => bench_xdp(repeat),
@@ -324,7 +336,28 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Some(f) = &filter {
         c.arg(f);
     }
-    status(&mut c)
+    status(&mut c)?;
+    if filter.is_none() {
+        say(
+            "package: build it, install it with dpkg, verify the unit, check the shipped configuration",
+        );
+        let bin = build_release()?;
+        let deb = package::build(&bin)?;
+        package::check(&deb)?;
+    }
+    Ok(())
+}
+
+fn package(check: bool) -> Result<()> {
+    ensure_setup()?;
+    let deb = package::build(&build_release()?)?;
+    if check {
+        if !is_root() {
+            bail!("installing the package needs root: run `sudo -E cargo xtask package --check`");
+        }
+        package::check(&deb)?;
+    }
+    Ok(())
 }
 
 fn lab(args: Vec<OsString>) -> Result<()> {
