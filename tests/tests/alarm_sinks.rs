@@ -50,6 +50,21 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The alarm ids of the bodies a receiver kept, in order.
+fn received_ids(bodies: &Mutex<Vec<String>>) -> Vec<String> {
+    bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A minimal HTTP receiver: answers 200 to every POST and keeps the bodies.
 fn receiver(listener: TcpListener, bodies: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
@@ -124,17 +139,10 @@ fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
         Duration::from_secs(30),
         || sink.stats().delivered.load(Relaxed) == 3,
     );
-    let got = bodies.lock().unwrap().clone();
-    let ids: Vec<String> = got
-        .iter()
-        .map(|b| {
-            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(ids, vec![event(1).id, event(2).id, event(3).id]);
+    assert_eq!(
+        received_ids(&bodies),
+        vec![event(1).id, event(2).id, event(3).id]
+    );
 
     // A bounded queue: with the endpoint unreachable, the oldest events are dropped.
     let dead = TcpListener::bind("127.0.0.1:0")
@@ -365,18 +373,7 @@ fn https_webhooks_trust_the_given_ca_and_refuse_what_they_cannot_serve_at_start(
     wait_until("delivery over TLS", Duration::from_secs(20), || {
         sink.stats().delivered.load(Relaxed) == 2
     });
-    let ids: Vec<String> = bodies
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(ids, vec![event(1).id, event(2).id]);
+    assert_eq!(received_ids(&bodies), vec![event(1).id, event(2).id]);
 
     // Without the test CA the receiver's certificate is not trusted.
     let untrusted = WebhookSink::new(url.clone(), Duration::from_secs(2), 0, 100, None).unwrap();
