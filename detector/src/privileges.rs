@@ -70,7 +70,15 @@ struct CapData {
 /// Sets the calling thread's effective and permitted capabilities to `keep` (inheritable
 /// and ambient none). Linux keeps capabilities per thread: every thread must drop its own.
 fn set_thread_capabilities(keep: &[u32]) -> std::io::Result<()> {
-    let mask: u64 = keep.iter().fold(0, |m, &c| m | (1u64 << c));
+    // A thread cannot gain what it does not hold: keep only what is permitted now.
+    let permitted = fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapPrm:"))?.to_string();
+            u64::from_str_radix(line.trim_start_matches("CapPrm:").trim(), 16).ok()
+        })
+        .unwrap_or(u64::MAX);
+    let mask: u64 = keep.iter().fold(0, |m, &c| m | (1u64 << c)) & permitted;
     let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
