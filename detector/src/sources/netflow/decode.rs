@@ -173,6 +173,9 @@ pub struct Decoder {
     exporters: FxHashMap<IpAddr, ExporterStats>,
     sequences: FxHashMap<(SocketAddr, u16, u32), SequenceState>,
     sampling: FxHashMap<(SocketAddr, u32), u32>,
+    /// Intervals of named samplers (v9 FLOW_SAMPLER_ID 48, IPFIX selectorId 302) per
+    /// scope: an exporter may run several at different rates.
+    samplers: FxHashMap<(SocketAddr, u32, u64), u32>,
     /// IPFIX systemInitTimeMilliseconds per scope, for records timed in sysUpTime.
     init_time_ms: FxHashMap<(SocketAddr, u32), u64>,
     /// Parsers on other threads whose early data this decoder reports.
@@ -277,6 +280,7 @@ impl Decoder {
             exporters: FxHashMap::default(),
             sequences: FxHashMap::default(),
             sampling: FxHashMap::default(),
+            samplers: FxHashMap::default(),
             init_time_ms: FxHashMap::default(),
             shared: Vec::new(),
             global: GlobalStats::default(),
@@ -436,9 +440,9 @@ impl Decoder {
         let scope = ctx.scope();
         for e in b.events {
             match e {
-                Event::Flow(mut r) => {
+                Event::Flow(mut r, sampler) => {
                     if r.sampling == 0 {
-                        r.sampling = self.sampling.get(&scope).copied().unwrap_or(1).max(1);
+                        r.sampling = self.interval_of(&scope, sampler);
                     }
                     self.stats(from).records += 1;
                     out.push(r);
@@ -447,21 +451,44 @@ impl Decoder {
                     let init = self.init_time_ms.get(&scope).copied();
                     let mut r = raw.flow(&ctx, init);
                     if r.sampling == 0 {
-                        r.sampling = self.sampling.get(&scope).copied().unwrap_or(1).max(1);
+                        r.sampling = self.interval_of(&scope, raw.sampler);
                     }
                     self.stats(from).records += 1;
                     out.push(r);
                 }
-                Event::Options { interval, init_ms } => {
+                Event::Options {
+                    interval,
+                    init_ms,
+                    sampler,
+                } => {
                     if let Some(ms) = init_ms {
                         self.remember(&scope, ms, |d| &mut d.init_time_ms);
                     }
-                    if let Some(n) = interval {
-                        self.remember(&scope, n, |d| &mut d.sampling);
+                    match (interval, sampler) {
+                        (Some(n), Some(id)) => {
+                            let key = (scope.0, scope.1, id);
+                            let cap = self.limits.max_exporters * 16;
+                            if self.samplers.len() < cap || self.samplers.contains_key(&key) {
+                                self.samplers.insert(key, n);
+                            }
+                        }
+                        (Some(n), None) => self.remember(&scope, n, |d| &mut d.sampling),
+                        _ => {}
                     }
                 }
             }
         }
+    }
+
+    /// The sampling interval of a record of `scope` that does not carry its own: its
+    /// named sampler's, else the scope's, else 1 (unsampled).
+    fn interval_of(&self, scope: &(SocketAddr, u32), sampler: Option<u64>) -> u32 {
+        sampler
+            .and_then(|id| self.samplers.get(&(scope.0, scope.1, id)))
+            .or_else(|| self.sampling.get(scope))
+            .copied()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// The counters of a tracked exporter (every datagram's source is tracked before its
@@ -583,15 +610,18 @@ struct Body {
 
 /// One record of a message, in order (options change the sampling of later records).
 enum Event {
-    /// A flow; `sampling` 0 takes the interval the exporter's options set.
-    Flow(FlowRecord),
+    /// A flow, and the sampler it names; `sampling` 0 takes the interval the
+    /// exporter's options set for that sampler (or for the whole exporter).
+    Flow(FlowRecord, Option<u64>),
     /// A flow timed in sysUpTime without a header base: its times wait for the
     /// exporter's systemInitTimeMilliseconds.
     Raw(Box<RawRecord>),
-    /// Options data: a sampling interval and/or the exporter's init time.
+    /// Options data: a sampling interval (of the named sampler, if any) and/or the
+    /// exporter's init time.
     Options {
         interval: Option<u32>,
         init_ms: Option<u64>,
+        sampler: Option<u64>,
     },
 }
 
@@ -643,29 +673,32 @@ impl Body {
                 b.events = flowsets
                     .into_iter()
                     .map(|f| {
-                        Event::Flow(FlowRecord {
-                            src_addr: IpAddr::V4(f.src_addr),
-                            dst_addr: IpAddr::V4(f.dst_addr),
-                            src_port: f.src_port,
-                            dst_port: f.dst_port,
-                            protocol: f.protocol_number,
-                            packets: f.d_pkts as u64,
-                            bytes: f.d_octets as u64,
-                            first: at(f.first),
-                            last: at(f.last),
-                            direction: Direction::Ingress,
-                            tcp_flags: f.tcp_flags,
-                            tos: f.tos,
-                            vlan: 0,
-                            vlan_inner: 0,
-                            ifindex: f.input as u32,
-                            sampling,
-                            origin: Origin::Exporter {
-                                addr: from,
-                                domain: 0,
+                        Event::Flow(
+                            FlowRecord {
+                                src_addr: IpAddr::V4(f.src_addr),
+                                dst_addr: IpAddr::V4(f.dst_addr),
+                                src_port: f.src_port,
+                                dst_port: f.dst_port,
+                                protocol: f.protocol_number,
+                                packets: f.d_pkts as u64,
+                                bytes: f.d_octets as u64,
+                                first: at(f.first),
+                                last: at(f.last),
+                                direction: Direction::Ingress,
+                                tcp_flags: f.tcp_flags,
+                                tos: f.tos,
+                                vlan: 0,
+                                vlan_inner: 0,
+                                ifindex: f.input as u32,
+                                sampling,
+                                origin: Origin::Exporter {
+                                    addr: from,
+                                    domain: 0,
+                                },
+                                duplicate: false,
                             },
-                            duplicate: false,
-                        })
+                            None,
+                        )
                     })
                     .collect();
                 b
@@ -804,7 +837,8 @@ impl Body {
         } else if r.needs_init_time(ctx) {
             self.events.push(Event::Raw(Box::new(r)));
         } else {
-            self.events.push(Event::Flow(r.flow(ctx, None)));
+            let sampler = r.sampler;
+            self.events.push(Event::Flow(r.flow(ctx, None), sampler));
         }
     }
 
@@ -815,10 +849,12 @@ impl Body {
         let mut interval = None;
         let (mut pkt_interval, mut pkt_space) = (None, None);
         let (mut size, mut population) = (None, None);
-        let mut init_ms = None;
+        let (mut init_ms, mut sampler) = (None, None);
         for (id, v) in fields {
             match id {
                 34 | 50 => interval = num(v),
+                // FLOW_SAMPLER_ID (v9), samplerId and selectorId (IPFIX).
+                48 | 302 => sampler = num(v),
                 305 => pkt_interval = num(v),
                 306 => pkt_space = num(v),
                 309 => size = num(v),
@@ -835,7 +871,11 @@ impl Body {
         };
         let interval = n.map(|n| n.clamp(1, u32::MAX as u64) as u32);
         if interval.is_some() || init_ms.is_some() {
-            self.events.push(Event::Options { interval, init_ms });
+            self.events.push(Event::Options {
+                interval,
+                init_ms,
+                sampler,
+            });
         }
     }
 }
@@ -879,6 +919,8 @@ struct RawRecord {
     direction: Option<u64>,
     icmp: Option<u16>,
     sampling: Option<u32>,
+    /// The sampler the record names (FLOW_SAMPLER_ID 48, selectorId 302).
+    sampler: Option<u64>,
     /// sysUpTime-relative (21/22), absolute (150-155) or export-relative (158/159).
     first_uptime: Option<u64>,
     last_uptime: Option<u64>,
@@ -930,6 +972,7 @@ impl RawRecord {
             14 => self.output = num(v).unwrap_or(0) as u32,
             32 | 139 => self.icmp = num(v).map(|n| n as u16),
             34 | 50 => self.sampling = num(v).map(|n| n.clamp(1, u32::MAX as u64) as u32),
+            48 | 302 => self.sampler = num(v),
             58 | 243 if self.vlan == 0 => self.vlan = num(v).unwrap_or(0) as u16,
             61 => self.direction = num(v),
             21 => self.last_uptime = time_ms(v),
