@@ -834,11 +834,17 @@ impl Body {
         }
         if r.addresses().is_none() {
             self.skipped += 1;
-        } else if r.needs_init_time(ctx) {
-            self.events.push(Event::Raw(Box::new(r)));
-        } else {
-            let sampler = r.sampler;
-            self.events.push(Event::Flow(r.flow(ctx, None), sampler));
+            return;
+        }
+        // A biflow (RFC 5103) is two flows: the reverse one from the other end.
+        let reverse = r.reverse();
+        for r in std::iter::once(r).chain(reverse) {
+            if r.needs_init_time(ctx) {
+                self.events.push(Event::Raw(Box::new(r)));
+            } else {
+                let sampler = r.sampler;
+                self.events.push(Event::Flow(r.flow(ctx, None), sampler));
+            }
         }
     }
 
@@ -898,7 +904,7 @@ impl Ctx {
 }
 
 /// The fields of one data record that make a flow.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RawRecord {
     src4: Option<IpAddr>,
     dst4: Option<IpAddr>,
@@ -921,6 +927,10 @@ struct RawRecord {
     sampling: Option<u32>,
     /// The sampler the record names (FLOW_SAMPLER_ID 48, selectorId 302).
     sampler: Option<u64>,
+    /// An IPFIX biflow's reverse direction (RFC 5103): its counts and TCP flags.
+    rev_bytes: Option<u64>,
+    rev_packets: Option<u64>,
+    rev_tcp_flags: u8,
     /// sysUpTime-relative (21/22), absolute (150-155) or export-relative (158/159).
     first_uptime: Option<u64>,
     last_uptime: Option<u64>,
@@ -973,6 +983,11 @@ impl RawRecord {
             32 | 139 => self.icmp = num(v).map(|n| n as u16),
             34 | 50 => self.sampling = num(v).map(|n| n.clamp(1, u32::MAX as u64) as u32),
             48 | 302 => self.sampler = num(v),
+            x if x == REVERSE | 1 => self.rev_bytes = num(v),
+            x if x == REVERSE | 2 => self.rev_packets = num(v),
+            x if x == REVERSE | 85 && self.rev_bytes.is_none() => self.rev_bytes = num(v),
+            x if x == REVERSE | 86 && self.rev_packets.is_none() => self.rev_packets = num(v),
+            x if x == REVERSE | 6 => self.rev_tcp_flags = num(v).unwrap_or(0) as u8,
             58 | 243 if self.vlan == 0 => self.vlan = num(v).unwrap_or(0) as u16,
             61 => self.direction = num(v),
             21 => self.last_uptime = time_ms(v),
@@ -989,6 +1004,33 @@ impl RawRecord {
         if self.packets.is_none() && self.out_packets.is_some() && id == 24 {
             self.packets = self.out_packets;
         }
+    }
+
+    /// The reverse direction of a biflow record (RFC 5103), when it carried traffic:
+    /// addresses, ports and interfaces swapped, the reverse counts and flags.
+    fn reverse(&self) -> Option<RawRecord> {
+        if self.rev_packets.unwrap_or(0) == 0 && self.rev_bytes.unwrap_or(0) == 0 {
+            return None;
+        }
+        Some(RawRecord {
+            src4: self.dst4,
+            dst4: self.src4,
+            src6: self.dst6,
+            dst6: self.src6,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            bytes: self.rev_bytes,
+            packets: self.rev_packets,
+            out_bytes: None,
+            out_packets: None,
+            tcp_flags: self.rev_tcp_flags,
+            input: self.output,
+            output: self.input,
+            rev_bytes: None,
+            rev_packets: None,
+            rev_tcp_flags: 0,
+            ..self.clone()
+        })
     }
 
     /// Whether a time of this record is sysUpTime-relative with no header base (IPFIX):
@@ -1106,9 +1148,30 @@ fn ipfix_id(f: &IPFixField) -> Option<u16> {
             })
             .get(i)
             .copied(),
+        // RFC 5103 reverse elements (enterprise 29305): the IANA id with REVERSE set.
+        IPFixField::ReverseInformationElement(r) => {
+            use netflow_parser::variable_versions::ipfix::lookup::ReverseInformationElement;
+            static REV: std::sync::OnceLock<rustc_hash::FxHashMap<ReverseInformationElement, u16>> =
+                std::sync::OnceLock::new();
+            match r {
+                ReverseInformationElement::Unknown(id) => Some(REVERSE | *id),
+                r => REV
+                    .get_or_init(|| {
+                        (0..1024u16)
+                            .map(|id| (ReverseInformationElement::from(id), id))
+                            .collect()
+                    })
+                    .get(r)
+                    .map(|id| REVERSE | *id),
+            }
+        }
         _ => None,
     }
 }
+
+/// Marks a reverse information element (RFC 5103) among field ids: IANA ids stay below
+/// it (bit 15 is the enterprise bit on the wire).
+const REVERSE: u16 = 0x8000;
 
 fn num(v: &FieldValue) -> Option<u64> {
     match v {
