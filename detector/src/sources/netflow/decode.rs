@@ -983,6 +983,12 @@ impl RawRecord {
             32 | 139 => self.icmp = num(v).map(|n| n as u16),
             34 | 50 => self.sampling = num(v).map(|n| n.clamp(1, u32::MAX as u64) as u32),
             48 | 302 => self.sampler = num(v),
+            // dataLinkFrameSection (RFC 7133): the sampled frame's own headers.
+            315 => {
+                if let FieldValue::Vec(b) = v {
+                    self.frame_section(b);
+                }
+            }
             x if x == REVERSE | 1 => self.rev_bytes = num(v),
             x if x == REVERSE | 2 => self.rev_packets = num(v),
             x if x == REVERSE | 85 && self.rev_bytes.is_none() => self.rev_bytes = num(v),
@@ -1004,6 +1010,99 @@ impl RawRecord {
         if self.packets.is_none() && self.out_packets.is_some() && id == 24 {
             self.packets = self.out_packets;
         }
+    }
+
+    /// Fills what the record lacks from a sampled frame's headers (dataLinkFrameSection,
+    /// usually the first 64 to 128 bytes): Ethernet, 802.1Q/802.1ad tags, an MPLS label
+    /// stack, IPv4 or IPv6, then TCP/UDP ports and flags or the ICMP type and code. The
+    /// frame counts as one packet of its IP length unless the record says otherwise.
+    fn frame_section(&mut self, b: &[u8]) {
+        use etherparse::{LaxNetSlice, LaxSlicedPacket};
+        if b.len() < 14 {
+            return;
+        }
+        let be16 = |at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+        let (mut ethertype, mut at, mut vlan) = (be16(12), 14, 0u16);
+        while matches!(ethertype, 0x8100 | 0x88a8 | 0x9100) && b.len() >= at + 4 {
+            if vlan == 0 {
+                vlan = be16(at) & 0x0fff;
+            }
+            ethertype = be16(at + 2);
+            at += 4;
+        }
+        if matches!(ethertype, 0x8847 | 0x8848) {
+            // Labels until the bottom of the stack; the payload's version nibble says
+            // which IP follows.
+            loop {
+                if b.len() < at + 4 {
+                    return;
+                }
+                let bottom = b[at + 2] & 1 == 1;
+                at += 4;
+                if bottom {
+                    break;
+                }
+            }
+            ethertype = match b.get(at).map(|x| x >> 4) {
+                Some(4) => 0x0800,
+                Some(6) => 0x86dd,
+                _ => return,
+            };
+        }
+        if !matches!(ethertype, 0x0800 | 0x86dd) {
+            return;
+        }
+        let Ok(p) = LaxSlicedPacket::from_ip(&b[at..]) else {
+            return;
+        };
+        // Later fragments carry no ports (NetFlow practice: ports 0).
+        let (ip_len, payload, first) = match &p.net {
+            Some(LaxNetSlice::Ipv4(v4)) => {
+                let h = v4.header();
+                self.src4 = Some(IpAddr::V4(h.source_addr()));
+                self.dst4 = Some(IpAddr::V4(h.destination_addr()));
+                self.tos = h.slice()[1];
+                let first = h.fragments_offset().value() == 0;
+                (u64::from(h.total_len()), v4.payload().clone(), first)
+            }
+            Some(LaxNetSlice::Ipv6(v6)) => {
+                let h = v6.header();
+                self.src6 = Some(IpAddr::V6(h.source_addr()));
+                self.dst6 = Some(IpAddr::V6(h.destination_addr()));
+                self.tos = h.traffic_class();
+                let first = !v6.payload().fragmented;
+                (
+                    u64::from(h.payload_length()) + 40,
+                    v6.payload().clone(),
+                    first,
+                )
+            }
+            _ => return,
+        };
+        self.protocol = payload.ip_number.0;
+        let l4 = payload.payload;
+        if first {
+            match (self.protocol, l4.len()) {
+                (6, n) if n >= 14 => {
+                    self.src_port = u16::from_be_bytes([l4[0], l4[1]]);
+                    self.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
+                    self.tcp_flags = l4[13];
+                }
+                (17 | 136, n) if n >= 4 => {
+                    self.src_port = u16::from_be_bytes([l4[0], l4[1]]);
+                    self.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
+                }
+                (1 | 58, n) if n >= 2 => {
+                    self.icmp = Some(u16::from_be_bytes([l4[0], l4[1]]));
+                }
+                _ => {}
+            }
+        }
+        if self.vlan == 0 {
+            self.vlan = vlan;
+        }
+        self.packets.get_or_insert(1);
+        self.bytes.get_or_insert(ip_len);
     }
 
     /// The reverse direction of a biflow record (RFC 5103), when it carried traffic:
