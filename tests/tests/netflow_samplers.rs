@@ -1,7 +1,7 @@
 //! NetFlow v9 records that name their sampler, with several samplers of different rates
 //! in one exporter (FLOW_SAMPLER_ID 48 in the data, options records giving each
 //! sampler's FLOW_SAMPLER_RANDOM_INTERVAL 50): each record is scaled by its own
-//! sampler's rate. The capture is built here and checked against tshark's dissection,
+//! sampler's rate (v9, and IPFIX with selectorId 302). The capture is built here and checked against tshark's dissection,
 //! which gives the expected rate of each record; `replay --netflow` must agree.
 
 use std::collections::BTreeMap;
@@ -90,6 +90,76 @@ fn datagrams() -> Vec<Vec<u8>> {
     ]
 }
 
+/// The same in IPFIX: selectorId (302) names the sampler in the data and in the options
+/// records (scope observationDomainId), samplerRandomInterval (50) gives its rate.
+fn ipfix_messages() -> Vec<Vec<u8>> {
+    let message = |sets: Vec<(u16, Vec<u8>)>| {
+        let mut d = Vec::new();
+        be16(&mut d, 10);
+        be16(&mut d, 0);
+        be32(&mut d, 1_800_000_000);
+        be32(&mut d, 0);
+        be32(&mut d, 1);
+        for (id, mut body) in sets {
+            while body.len() % 4 != 0 {
+                body.push(0);
+            }
+            be16(&mut d, id);
+            be16(&mut d, (body.len() + 4) as u16);
+            d.extend_from_slice(&body);
+        }
+        let len = d.len() as u16;
+        d[2..4].copy_from_slice(&len.to_be_bytes());
+        d
+    };
+    let mut t = Vec::new();
+    be16(&mut t, 256);
+    let fields: [(u16, u16); 8] = [
+        (8, 4),
+        (12, 4),
+        (7, 2),
+        (11, 2),
+        (4, 1),
+        (2, 4),
+        (1, 4),
+        (302, 1),
+    ];
+    be16(&mut t, fields.len() as u16);
+    for (ty, len) in fields {
+        be16(&mut t, ty);
+        be16(&mut t, len);
+    }
+    let mut o = Vec::new();
+    be16(&mut o, 257);
+    be16(&mut o, 3); // fields
+    be16(&mut o, 1); // scope fields
+    for (ty, len) in [(149u16, 4u16), (302, 1), (50, 4)] {
+        be16(&mut o, ty);
+        be16(&mut o, len);
+    }
+    let mut od = Vec::new();
+    for (id, rate) in [(1u8, 100u32), (2, 1000)] {
+        be32(&mut od, 1); // observation domain
+        od.push(id);
+        be32(&mut od, rate);
+    }
+    let mut data = Vec::new();
+    for i in 0..40u32 {
+        data.extend_from_slice(&[10, 0, 0, 5]);
+        data.extend_from_slice(&[198, 51, 100, (i % 200) as u8]);
+        be16(&mut data, 10_000 + i as u16);
+        be16(&mut data, 443);
+        data.push(6);
+        be32(&mut data, 3 + i);
+        be32(&mut data, 1000 * (3 + i));
+        data.push(1 + (i % 2) as u8);
+    }
+    vec![
+        message(vec![(2, t), (3, o), (257, od)]),
+        message(vec![(256, data)]),
+    ]
+}
+
 /// A pcap of raw IPv4 packets carrying `datagrams` to UDP port 2055.
 fn pcap(path: &std::path::Path, datagrams: &[Vec<u8>]) {
     let mut out = Vec::new();
@@ -122,11 +192,17 @@ fn pcap(path: &std::path::Path, datagrams: &[Vec<u8>]) {
 
 #[test]
 fn each_record_is_scaled_by_the_rate_of_the_sampler_it_names() {
-    let dir = std::env::temp_dir().join(format!("detector-samplers-{}", std::process::id()));
+    check("v9", &datagrams(), "cflow.sampler_id");
+    check("ipfix", &ipfix_messages(), "cflow.selector_id");
+}
+
+fn check(format: &str, messages: &[Vec<u8>], sampler_field: &str) {
+    let dir =
+        std::env::temp_dir().join(format!("detector-samplers-{format}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let cap = dir.join("samplers.pcap");
-    pcap(&cap, &datagrams());
+    pcap(&cap, messages);
     let p = cap.to_str().unwrap();
 
     // tshark's reading: each sampler's interval, each record's sampler and packets.
@@ -140,7 +216,7 @@ fn each_record_is_scaled_by_the_rate_of_the_sampler_it_names() {
             "-E",
             "separator=;",
             "-e",
-            "cflow.sampler_id",
+            sampler_field,
             "-e",
             "cflow.sampler_random_interval",
             "-e",
@@ -159,7 +235,7 @@ fn each_record_is_scaled_by_the_rate_of_the_sampler_it_names() {
             .collect()
     };
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "two datagrams: {text}");
+    assert_eq!(lines.len(), 2, "{format}: two datagrams: {text}");
     let rate: BTreeMap<u64, u64> = col(lines[0], 0).into_iter().zip(col(lines[0], 1)).collect();
     assert_eq!(rate.len(), 2, "two samplers in tshark's reading: {text}");
     let (ids, ports, pkts) = (col(lines[1], 0), col(lines[1], 2), col(lines[1], 3));
@@ -195,6 +271,6 @@ fn each_record_is_scaled_by_the_rate_of_the_sampler_it_names() {
             )
         })
         .collect();
-    assert_eq!(got, want, "(sampling, scaled packets) per record");
+    assert_eq!(got, want, "{format}: (sampling, scaled packets) per record");
     std::fs::remove_dir_all(&dir).ok();
 }
