@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a frame builder for BPF_PROG_TEST_RUN tables,
 //! and network-namespace plumbing for the end-to-end tests.
 
+pub mod export;
 pub mod frames;
 pub mod lab;
 pub mod netns;

@@ -4,46 +4,18 @@
 //! --netflow` must export exactly those flows.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
+use tests::export::{
+    LINKTYPE_RAW, ipfix, put16, put32, put64, replay_netflow, udp_packets, write_pcap,
+};
 use tests::netns::sh;
-
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
-
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
-
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
-
-/// An IPFIX message with the given sets (id, body).
-fn ipfix(seq: u32, sets: &[(u16, Vec<u8>)]) -> Vec<u8> {
-    let mut d = Vec::new();
-    be16(&mut d, 10);
-    be16(&mut d, 0);
-    be32(&mut d, 1_800_000_000);
-    be32(&mut d, seq);
-    be32(&mut d, 7);
-    for (id, body) in sets {
-        be16(&mut d, *id);
-        be16(&mut d, (body.len() + 4) as u16);
-        d.extend_from_slice(body);
-    }
-    let len = d.len() as u16;
-    d[2..4].copy_from_slice(&len.to_be_bytes());
-    d
-}
 
 /// A template with forward and reverse counters, and 12 biflows: every third one has no
 /// reverse traffic.
 fn messages() -> Vec<Vec<u8>> {
     let mut t = Vec::new();
-    be16(&mut t, 256);
-    be16(&mut t, 9);
+    put16(&mut t, 256);
+    put16(&mut t, 9);
     for (ie, len) in [
         (8u16, 4u16),
         (12, 4),
@@ -53,58 +25,29 @@ fn messages() -> Vec<Vec<u8>> {
         (2, 8),
         (1, 8),
     ] {
-        be16(&mut t, ie);
-        be16(&mut t, len);
+        put16(&mut t, ie);
+        put16(&mut t, len);
     }
     for ie in [2u16, 1] {
         // Enterprise bit, then the reverse PEN (RFC 5103).
-        be16(&mut t, 0x8000 | ie);
-        be16(&mut t, 8);
-        be32(&mut t, 29305);
+        put16(&mut t, 0x8000 | ie);
+        put16(&mut t, 8);
+        put32(&mut t, 29305);
     }
     let mut data = Vec::new();
     for i in 0..12u64 {
         data.extend_from_slice(&[10, 0, 0, 9]);
         data.extend_from_slice(&[203, 0, 113, 1 + i as u8]);
-        be16(&mut data, 50_000 + i as u16);
-        be16(&mut data, 6881);
+        put16(&mut data, 50_000 + i as u16);
+        put16(&mut data, 6881);
         data.push(if i % 2 == 0 { 6 } else { 17 });
-        be64(&mut data, 10 + i); // packets
-        be64(&mut data, 1000 * (10 + i)); // octets
+        put64(&mut data, 10 + i); // packets
+        put64(&mut data, 1000 * (10 + i)); // octets
         let rev = if i % 3 == 2 { 0 } else { 20 + i };
-        be64(&mut data, rev); // reverse packets
-        be64(&mut data, 500 * rev); // reverse octets
+        put64(&mut data, rev); // reverse packets
+        put64(&mut data, 500 * rev); // reverse octets
     }
-    vec![ipfix(0, &[(2, t)]), ipfix(0, &[(256, data)])]
-}
-
-fn pcap(path: &std::path::Path, messages: &[Vec<u8>]) {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    out.extend_from_slice(&[0; 8]);
-    out.extend_from_slice(&65_535u32.to_le_bytes());
-    out.extend_from_slice(&101u32.to_le_bytes()); // LINKTYPE_RAW
-    for (i, m) in messages.iter().enumerate() {
-        let mut payload = tests::frames::udp(40_000, 4739, m.len());
-        payload.extend_from_slice(m);
-        let ip = tests::frames::ipv4(
-            [192, 0, 2, 1].into(),
-            [192, 0, 2, 2].into(),
-            17,
-            0,
-            0,
-            &[],
-            &payload,
-        );
-        out.extend_from_slice(&(1_800_000_000u32 + i as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
-        out.extend_from_slice(&ip);
-    }
-    std::fs::write(path, out).unwrap();
+    vec![ipfix(7, 0, &[(2, t)]), ipfix(7, 0, &[(256, data)])]
 }
 
 #[test]
@@ -113,7 +56,9 @@ fn a_biflow_becomes_two_flows_with_the_reverse_counts() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let cap = dir.join("biflows.pcap");
-    pcap(&cap, &messages());
+    let to = (std::net::Ipv4Addr::new(192, 0, 2, 2), 4739);
+    let from = (std::net::Ipv4Addr::new(192, 0, 2, 1), 40_000);
+    write_pcap(&cap, LINKTYPE_RAW, &udp_packets(from, to, &messages()));
     let p = cap.to_str().unwrap();
     // tshark's reading, record by record: addresses and ports, then the forward and
     // the reverse packets and octets (the reverse ones labelled so).
@@ -177,22 +122,9 @@ fn a_biflow_becomes_two_flows_with_the_reverse_counts() {
     flush(&mut cur, &mut counts);
     assert_eq!(want.len(), 12 + 8, "tshark's flows: {want:?}");
 
-    let json = dir.join("flows.json");
-    let out = Command::new(tests::detector_bin())
-        .args(["replay", "--netflow", p, "--flows-json"])
-        .arg(&json)
-        .output()
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: BTreeMap<Key, (u64, u64)> = std::fs::read_to_string(&json)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    let got: BTreeMap<Key, (u64, u64)> = replay_netflow(&cap, &dir.join("flows.json"))
+        .iter()
+        .map(|v| {
             let s = |k: &str| v[k].as_str().unwrap().to_string();
             let n = |k: &str| v[k].as_u64().unwrap();
             (

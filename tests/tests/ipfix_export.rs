@@ -65,25 +65,13 @@ impl Nfcapd {
 /// Writes `datagrams` (sent from 127.0.0.1:`from` to 127.0.0.1:`to`) as a pcap of raw
 /// IPv4 packets.
 fn write_pcap(path: &Path, datagrams: &[Vec<u8>], from: u16, to: u16) {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    out.extend_from_slice(&[0; 8]);
-    out.extend_from_slice(&65_535u32.to_le_bytes());
-    out.extend_from_slice(&101u32.to_le_bytes()); // LINKTYPE_RAW
-    for (i, d) in datagrams.iter().enumerate() {
-        let mut payload = tests::frames::udp(from, to, d.len());
-        payload.extend_from_slice(d);
-        let local = [127, 0, 0, 1].into();
-        let ip = tests::frames::ipv4(local, local, 17, 0, 0, &[], &payload);
-        out.extend_from_slice(&(1_800_000_000u32 + i as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
-        out.extend_from_slice(&ip);
-    }
-    std::fs::write(path, out).unwrap();
+    use tests::export::{LINKTYPE_RAW, udp_packets, write_pcap};
+    let local = std::net::Ipv4Addr::LOCALHOST;
+    write_pcap(
+        path,
+        LINKTYPE_RAW,
+        &udp_packets((local, from), (local, to), datagrams),
+    );
 }
 
 #[test]

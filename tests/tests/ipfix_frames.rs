@@ -7,19 +7,13 @@
 //! `replay --netflow` of the IPFIX capture must give those flows times the rate.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
+use tests::export::{
+    LINKTYPE_ETHERNET, LINKTYPE_RAW, ipfix, put16, put32, replay_netflow, udp_packets, write_pcap,
+};
 use tests::frames::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ethernet, ipv4, ipv6, tcp, udp,
 };
-
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
-
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
 
 /// The sampled frames, whole.
 fn frames() -> Vec<Vec<u8>> {
@@ -62,71 +56,36 @@ fn frames() -> Vec<Vec<u8>> {
 /// IPFIX: 1-in-100 sampling options, then one record per frame holding its first 96
 /// bytes (variable length) and the ingress interface.
 fn messages(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let message = |sets: Vec<(u16, Vec<u8>)>| {
-        let mut d = Vec::new();
-        be16(&mut d, 10);
-        be16(&mut d, 0);
-        be32(&mut d, 1_800_000_000);
-        be32(&mut d, 0);
-        be32(&mut d, 7);
-        for (id, body) in sets {
-            be16(&mut d, id);
-            be16(&mut d, (body.len() + 4) as u16);
-            d.extend_from_slice(&body);
-        }
-        let len = d.len() as u16;
-        d[2..4].copy_from_slice(&len.to_be_bytes());
-        d
-    };
     let mut t = Vec::new();
-    be16(&mut t, 256);
-    be16(&mut t, 2);
+    put16(&mut t, 256);
+    put16(&mut t, 2);
     for (ie, len) in [(10u16, 4u16), (315, 65_535)] {
-        be16(&mut t, ie);
-        be16(&mut t, len);
+        put16(&mut t, ie);
+        put16(&mut t, len);
     }
     let mut ot = Vec::new();
-    be16(&mut ot, 257);
-    be16(&mut ot, 3); // fields
-    be16(&mut ot, 1); // scope fields
+    put16(&mut ot, 257);
+    put16(&mut ot, 3); // fields
+    put16(&mut ot, 1); // scope fields
     for (ie, len) in [(149u16, 4u16), (305, 4), (306, 4)] {
-        be16(&mut ot, ie);
-        be16(&mut ot, len);
+        put16(&mut ot, ie);
+        put16(&mut ot, len);
     }
     let mut od = Vec::new();
-    be32(&mut od, 7); // observation domain
-    be32(&mut od, 1); // one packet selected
-    be32(&mut od, 99); // then 99 skipped
+    put32(&mut od, 7); // observation domain
+    put32(&mut od, 1); // one packet selected
+    put32(&mut od, 99); // then 99 skipped
     let mut data = Vec::new();
     for f in frames {
-        be32(&mut data, 3);
+        put32(&mut data, 3);
         let section = &f[..f.len().min(96)];
         data.push(section.len() as u8);
         data.extend_from_slice(section);
     }
     vec![
-        message(vec![(2, t), (3, ot), (257, od)]),
-        message(vec![(256, data)]),
+        ipfix(7, 0, &[(2, t), (3, ot), (257, od)]),
+        ipfix(7, 0, &[(256, data)]),
     ]
-}
-
-/// A pcap of `packets` with link type `linktype`.
-fn pcap(path: &std::path::Path, linktype: u32, packets: &[Vec<u8>]) {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    out.extend_from_slice(&[0; 8]);
-    out.extend_from_slice(&65_535u32.to_le_bytes());
-    out.extend_from_slice(&linktype.to_le_bytes());
-    for (i, p) in packets.iter().enumerate() {
-        out.extend_from_slice(&(1_800_000_000u32 + i as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        out.extend_from_slice(p);
-    }
-    std::fs::write(path, out).unwrap();
 }
 
 #[test]
@@ -138,7 +97,7 @@ fn sampled_frame_sections_become_flows_scaled_by_the_sampling_rate() {
 
     // The truth: tshark's dissection of the frames themselves.
     let truth_pcap = dir.join("frames.pcap");
-    pcap(&truth_pcap, 1, &frames);
+    write_pcap(&truth_pcap, LINKTYPE_ETHERNET, &frames);
     let truth = tests::tshark::totals(&tests::tshark::packets(&truth_pcap));
     assert_eq!(truth.len(), frames.len(), "one flow per frame: {truth:?}");
     let want: BTreeMap<_, _> = truth
@@ -147,43 +106,18 @@ fn sampled_frame_sections_become_flows_scaled_by_the_sampling_rate() {
         .collect();
 
     // The export: IPFIX in UDP to 4739, in raw IPv4 packets.
-    let export: Vec<Vec<u8>> = messages(&frames)
-        .into_iter()
-        .map(|m| {
-            let mut u = udp(40_000, 4739, m.len());
-            u.extend_from_slice(&m);
-            ipv4(
-                [192, 0, 2, 1].into(),
-                [192, 0, 2, 2].into(),
-                17,
-                0,
-                0,
-                &[],
-                &u,
-            )
-        })
-        .collect();
-    let export_pcap = dir.join("ipfix.pcap");
-    pcap(&export_pcap, 101, &export);
-    let json = dir.join("flows.json");
-    let out = Command::new(tests::detector_bin())
-        .args(["replay", "--netflow"])
-        .arg(&export_pcap)
-        .arg("--flows-json")
-        .arg(&json)
-        .output()
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let export = udp_packets(
+        ([192, 0, 2, 1].into(), 40_000),
+        ([192, 0, 2, 2].into(), 4739),
+        &messages(&frames),
     );
+    let export_pcap = dir.join("ipfix.pcap");
+    write_pcap(&export_pcap, LINKTYPE_RAW, &export);
     let mut got = BTreeMap::new();
-    for l in std::fs::read_to_string(&json).unwrap().lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    for v in replay_netflow(&export_pcap, &dir.join("flows.json")) {
         let n = |k: &str| v[k].as_u64().unwrap();
         let ip = |k: &str| v[k].as_str().unwrap().parse().unwrap();
-        assert_eq!(n("sampling"), 100, "{l}");
+        assert_eq!(n("sampling"), 100, "{v}");
         got.insert(
             (
                 n("protocol") as u8,
