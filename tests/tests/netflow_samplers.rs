@@ -11,22 +11,41 @@ use tests::export::{
 };
 use tests::netns::sh;
 
+/// The data template: addresses, ports, protocol, packets, bytes, and the field `sampler`
+/// (v9 FLOW_SAMPLER_ID 48, IPFIX selectorId 302) naming the record's sampler.
+fn data_template(sampler: u16) -> Vec<u8> {
+    let fields = [
+        (8, 4),
+        (12, 4),
+        (7, 2),
+        (11, 2),
+        (4, 1),
+        (2, 4),
+        (1, 4),
+        (sampler, 1),
+    ];
+    template(256, &fields)
+}
+
+/// 40 records alternating between samplers 1 and 2, in the data template's layout.
+fn records() -> Vec<u8> {
+    let mut data = Vec::new();
+    for i in 0..40u32 {
+        data.extend_from_slice(&[10, 0, 0, 5]);
+        data.extend_from_slice(&[198, 51, 100, (i % 200) as u8]);
+        put16(&mut data, 10_000 + i as u16);
+        put16(&mut data, 443);
+        data.push(6);
+        put32(&mut data, 3 + i); // packets
+        put32(&mut data, 1000 * (3 + i)); // bytes
+        data.push(1 + (i % 2) as u8); // sampler id
+    }
+    data
+}
+
 /// Two samplers (1 in 100, 1 in 1000) and 40 records alternating between them.
 fn datagrams() -> Vec<Vec<u8>> {
-    // Data template 256 and options template 257 (scope System).
-    let t = template(
-        256,
-        &[
-            (8, 4),
-            (12, 4),
-            (7, 2),
-            (11, 2),
-            (4, 1),
-            (2, 4),
-            (1, 4),
-            (48, 1),
-        ],
-    );
+    // Options template 257 (scope System).
     let mut o = Vec::new();
     put16(&mut o, 257);
     put16(&mut o, 4); // scope length: one field
@@ -42,39 +61,15 @@ fn datagrams() -> Vec<Vec<u8>> {
         put32(&mut od, rate);
         od.push(2); // random sampling
     }
-    let mut data = Vec::new();
-    for i in 0..40u32 {
-        data.extend_from_slice(&[10, 0, 0, 5]);
-        data.extend_from_slice(&[198, 51, 100, (i % 200) as u8]);
-        put16(&mut data, 10_000 + i as u16);
-        put16(&mut data, 443);
-        data.push(6);
-        put32(&mut data, 3 + i); // packets
-        put32(&mut data, 1000 * (3 + i)); // bytes
-        data.push(1 + (i % 2) as u8); // sampler id
-    }
     vec![
-        v9(1, 0, 4, &[(0, t), (1, o), (257, od)]),
-        v9(1, 1, 40, &[(256, data)]),
+        v9(1, 0, 4, &[(0, data_template(48)), (1, o), (257, od)]),
+        v9(1, 1, 40, &[(256, records())]),
     ]
 }
 
 /// The same in IPFIX: selectorId (302) names the sampler in the data and in the options
 /// records (scope observationDomainId), samplerRandomInterval (50) gives its rate.
 fn ipfix_messages() -> Vec<Vec<u8>> {
-    let t = template(
-        256,
-        &[
-            (8, 4),
-            (12, 4),
-            (7, 2),
-            (11, 2),
-            (4, 1),
-            (2, 4),
-            (1, 4),
-            (302, 1),
-        ],
-    );
     let mut o = Vec::new();
     put16(&mut o, 257);
     put16(&mut o, 3); // fields
@@ -89,20 +84,9 @@ fn ipfix_messages() -> Vec<Vec<u8>> {
         od.push(id);
         put32(&mut od, rate);
     }
-    let mut data = Vec::new();
-    for i in 0..40u32 {
-        data.extend_from_slice(&[10, 0, 0, 5]);
-        data.extend_from_slice(&[198, 51, 100, (i % 200) as u8]);
-        put16(&mut data, 10_000 + i as u16);
-        put16(&mut data, 443);
-        data.push(6);
-        put32(&mut data, 3 + i);
-        put32(&mut data, 1000 * (3 + i));
-        data.push(1 + (i % 2) as u8);
-    }
     vec![
-        ipfix(1, 0, &[(2, t), (3, o), (257, od)]),
-        ipfix(1, 0, &[(256, data)]),
+        ipfix(1, 0, &[(2, data_template(302)), (3, o), (257, od)]),
+        ipfix(1, 0, &[(256, records())]),
     ]
 }
 

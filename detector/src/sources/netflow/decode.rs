@@ -438,13 +438,14 @@ impl Decoder {
             received,
         };
         let scope = ctx.scope();
+        // Counted once for the message, not looked up again for every record.
+        let before = out.len();
         for e in b.events {
             match e {
                 Event::Flow(mut r, sampler) => {
                     if r.sampling == 0 {
                         r.sampling = self.interval_of(&scope, sampler);
                     }
-                    self.stats(from).records += 1;
                     out.push(r);
                 }
                 Event::Raw(raw) => {
@@ -453,7 +454,6 @@ impl Decoder {
                     if r.sampling == 0 {
                         r.sampling = self.interval_of(&scope, raw.sampler);
                     }
-                    self.stats(from).records += 1;
                     out.push(r);
                 }
                 Event::Options {
@@ -478,6 +478,7 @@ impl Decoder {
                 }
             }
         }
+        self.stats(from).records += (out.len() - before) as u64;
     }
 
     /// The sampling interval of a record of `scope` that does not carry its own: its
@@ -989,11 +990,11 @@ impl RawRecord {
                     self.frame_section(b);
                 }
             }
-            x if x == REVERSE | 1 => self.rev_bytes = num(v),
-            x if x == REVERSE | 2 => self.rev_packets = num(v),
-            x if x == REVERSE | 85 && self.rev_bytes.is_none() => self.rev_bytes = num(v),
-            x if x == REVERSE | 86 && self.rev_packets.is_none() => self.rev_packets = num(v),
-            x if x == REVERSE | 6 => self.rev_tcp_flags = num(v).unwrap_or(0) as u8,
+            REV_BYTES => self.rev_bytes = num(v),
+            REV_PACKETS => self.rev_packets = num(v),
+            REV_BYTES_TOTAL if self.rev_bytes.is_none() => self.rev_bytes = num(v),
+            REV_PACKETS_TOTAL if self.rev_packets.is_none() => self.rev_packets = num(v),
+            REV_TCP_FLAGS => self.rev_tcp_flags = num(v).unwrap_or(0) as u8,
             58 | 243 if self.vlan == 0 => self.vlan = num(v).unwrap_or(0) as u16,
             61 => self.direction = num(v),
             21 => self.last_uptime = time_ms(v),
@@ -1271,6 +1272,12 @@ fn ipfix_id(f: &IPFixField) -> Option<u16> {
 /// Marks a reverse information element (RFC 5103) among field ids: IANA ids stay below
 /// it (bit 15 is the enterprise bit on the wire).
 const REVERSE: u16 = 0x8000;
+// The reverse elements a biflow record is split by (their IANA ids with REVERSE set).
+const REV_BYTES: u16 = REVERSE | 1;
+const REV_PACKETS: u16 = REVERSE | 2;
+const REV_TCP_FLAGS: u16 = REVERSE | 6;
+const REV_BYTES_TOTAL: u16 = REVERSE | 85;
+const REV_PACKETS_TOTAL: u16 = REVERSE | 86;
 
 fn num(v: &FieldValue) -> Option<u64> {
     match v {
