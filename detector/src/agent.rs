@@ -25,6 +25,7 @@ use crate::pipeline::{Pipeline, PipelineConfig, WhenBehind, build};
 use crate::sources::netflow::decode::DecodeLimits;
 use crate::sources::netflow::listener::Listener;
 use crate::sources::xdp::{self, KernelCounters, LoadOptions, XdpSource};
+use crate::status::Status;
 use detector_common::counter;
 
 /// How often the kernel map is scanned.
@@ -72,6 +73,8 @@ struct Meter {
     ticker: Option<xdp::clock::Ticker>,
     losses: LossWatch,
     sampling: u32,
+    iface: String,
+    map_size: u32,
 }
 
 impl Meter {
@@ -120,6 +123,8 @@ impl Meter {
             ticker: Some(ticker),
             losses: LossWatch::default(),
             sampling: args.sampling,
+            iface: iface.to_string(),
+            map_size,
         };
         Ok((meter, ring))
     }
@@ -155,6 +160,18 @@ impl Meter {
             Err(e) => warn!("{e}"),
         }
         Ok(self.records(&deltas))
+    }
+
+    fn status(&self) -> Result<crate::status::MeterStatus> {
+        let (kernel_flows, overflow_flows) = self.source.flow_counts();
+        Ok(crate::status::MeterStatus {
+            iface: self.iface.clone(),
+            kernel: self.source.counters()?,
+            drain: self.source.drain.clone(),
+            kernel_flows: kernel_flows as u64,
+            overflow_flows: overflow_flows as u64,
+            map_size: self.map_size.into(),
+        })
     }
 
     fn describe(&self) -> Result<String> {
@@ -219,6 +236,28 @@ impl Ingest {
         parts.join("; ")
     }
 
+    fn status(&self) -> Vec<crate::status::ListenerStatus> {
+        self.listeners
+            .iter()
+            .map(|l| {
+                let (mut exporters, mut rejected, mut over) = (Vec::new(), 0, 0);
+                for d in &l.decoders {
+                    let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                    exporters.extend(d.exporter_stats());
+                    rejected += d.global.rejected;
+                    over += d.global.over_exporter_limit;
+                }
+                crate::status::ListenerStatus {
+                    addr: Some(l.addr),
+                    kernel_drops: l.kernel_drops(),
+                    rejected,
+                    over_exporter_limit: over,
+                    exporters,
+                }
+            })
+            .collect()
+    }
+
     /// Stops reading (after the sockets are empty) and waits for the decoder threads.
     fn stop(&mut self, stop: &AtomicBool) {
         stop.store(true, Ordering::Relaxed);
@@ -228,9 +267,6 @@ impl Ingest {
     }
 }
 
-/// Runs the pipeline's periodic work (duplicate expiry, evaluations, alarm events, its
-/// statistics line) every second on a thread of its own, until told to stop; then
-/// hands the pipeline back.
 /// What the main loop tells the evaluator thread.
 enum Control {
     Stop,
@@ -245,9 +281,13 @@ enum Control {
     Reopen,
 }
 
+/// Runs the pipeline's periodic work (duplicate expiry, evaluations, alarm events, its
+/// statistics line, the `--http` status) every second on a thread of its own, until
+/// told to stop; then hands the pipeline back.
 fn start_evaluator(
     mut pipeline: Pipeline,
     stats_every: Duration,
+    status: Option<Arc<Status>>,
 ) -> (
     std::sync::mpsc::Sender<Control>,
     std::thread::JoinHandle<Pipeline>,
@@ -258,6 +298,7 @@ fn start_evaluator(
         .spawn(move || {
             crate::privileges::drop_thread_capabilities();
             let mut last_stats = std::time::Instant::now();
+            let mut evaluations = 0;
             loop {
                 match rx.recv_timeout(DRAIN_INTERVAL) {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -272,7 +313,21 @@ fn start_evaluator(
                     }
                     Ok(Control::Stop) | Err(_) => return pipeline,
                 }
-                pipeline.tick(SystemTime::now(), false);
+                let now = SystemTime::now();
+                let events = pipeline.tick(now, false);
+                if let Some(status) = &status {
+                    let stats = pipeline.stats();
+                    let evaluated = stats.engine.evaluations != evaluations;
+                    evaluations = stats.engine.evaluations;
+                    let top = evaluated.then(|| pipeline.explain(crate::status::TOP_HOSTS));
+                    status.update(|s| {
+                        s.pipeline = stats;
+                        s.apply_events(&events);
+                        if let Some(top) = top {
+                            s.evaluated(now, top);
+                        }
+                    });
+                }
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = std::time::Instant::now();
                     info!("{}", pipeline.describe());
@@ -301,6 +356,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let cfg = PipelineConfig::new(args.workers.map(|w| w as usize), WhenBehind::Shed);
     let pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
     let input = pipeline.input();
+
+    let status = match build::http_listen(args.http, &args.detect)? {
+        Some(addr) => {
+            let listener = crate::status::server::bind(addr).await?;
+            let status = Arc::new(Status::new(boot));
+            info!(
+                "status on http://{}/ (also /metrics, /api/alarms, /api/hosts?top=N)",
+                listener.local_addr().unwrap_or(addr)
+            );
+            crate::status::server::spawn(listener, status.clone());
+            Some(status)
+        }
+        None => None,
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut ingest = None;
@@ -360,7 +429,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pipeline.workers()
     );
     let stats_every = Duration::from_secs(args.stats_interval);
-    let (stop_evaluator, evaluator) = start_evaluator(pipeline, stats_every);
+    let (stop_evaluator, evaluator) = start_evaluator(pipeline, stats_every, status.clone());
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -379,6 +448,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 input.emit(records, SystemTime::now());
                 if let Some(i) = ingest.as_mut() {
                     i.check();
+                }
+                if let Some(status) = &status {
+                    // A failed read keeps the last counters (and is logged).
+                    let meter = match meter.as_ref().map(Meter::status).transpose() {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            warn!("reading the meter's counters: {e}");
+                            None
+                        }
+                    };
+                    let listeners = ingest.as_ref().map(Ingest::status).unwrap_or_default();
+                    status.update(|s| {
+                        if let Some(m) = meter {
+                            s.meter = m;
+                        }
+                        s.listeners = listeners;
+                    });
                 }
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = tokio::time::Instant::now();

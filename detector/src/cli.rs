@@ -130,6 +130,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub detect: DetectArgs,
 
+    /// Serve Prometheus metrics (/metrics), the open alarms (/api/alarms), the top hosts
+    /// (/api/hosts?top=N) and a live status page (/) on ADDR:PORT, e.g. 127.0.0.1:9750.
+    /// Off by default; also `[http] listen` in the configuration file.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub http: Option<SocketAddr>,
+
     /// Resend NetFlow v9 templates every N datagrams.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub template_refresh_packets: u32,

@@ -38,6 +38,7 @@ pub struct FileConfig {
     pub detection: Detection,
     pub thresholds: Thresholds,
     pub sinks: Sinks,
+    pub http: Http,
     /// What the file says in an outdated way (logged when it is loaded; `check-config`
     /// prints them).
     #[serde(skip)]
@@ -92,6 +93,22 @@ impl Default for Detection {
             update_interval_secs: d.update_interval.as_secs(),
             clear_after_secs: d.clear_after.as_secs(),
         }
+    }
+}
+
+/// The status server of `run` (`--http` wins over it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    /// `ADDR:PORT` to serve /metrics, /api/alarms, /api/hosts and the status page on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+impl Http {
+    /// The address to listen on, if any.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|a| a.parse().ok())
     }
 }
 
@@ -188,6 +205,16 @@ impl FileConfig {
             message,
         };
         self.cidrs(&self.networks.internal, "networks.internal", path)?;
+        if let Some(a) = &self.http.listen
+            && self.http.listen_addr().is_none()
+        {
+            return Err(err(
+                "http.listen",
+                format!(
+                    "'{a}' is not ADDR:PORT; give an address and a port, e.g. \"127.0.0.1:9750\""
+                ),
+            ));
+        }
         self.cidrs(&self.allow.hosts, "allow.hosts", path)?;
         let d = &self.detection;
         if d.eval_interval_secs == 0 {

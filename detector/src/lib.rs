@@ -16,3 +16,4 @@ pub mod pipeline;
 pub mod privileges;
 pub mod replay;
 pub mod sources;
+pub mod status;

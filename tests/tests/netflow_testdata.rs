@@ -415,6 +415,13 @@ impl detector::export::Sink for Keep {
     fn describe(&self) -> String {
         String::new()
     }
+    fn counters(&self) -> detector::export::SinkCounters {
+        detector::export::SinkCounters {
+            sink: self.name(),
+            records: self.0.lock().unwrap().len() as u64,
+            errors: 0,
+        }
+    }
 }
 
 /// A record without what the pipeline or the moment of receipt set (duplicate marks;

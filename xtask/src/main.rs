@@ -103,6 +103,10 @@ const APT_PACKAGES: &[&str] = &[
     "pmacct",
     // `cargo xtask package` and its check: systemd-analyze verify.
     "systemd",
+    // The `--http` test: promtool and a Prometheus server scrape /metrics, headless
+    // Chromium renders the status page.
+    "prometheus",
+    "chromium",
 ];
 
 fn main() -> ExitCode {

@@ -110,6 +110,27 @@ impl AlarmSink {
         }
     }
 
+    /// The alarm sinks' counters, for `/metrics` and the status page.
+    pub fn stats(&self) -> AlarmSinkStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        AlarmSinkStats {
+            file: (self.target != "log").then(|| self.target.clone()),
+            events: self.events,
+            written: self.written,
+            write_errors: self.errors,
+            syslog: self.syslog.as_ref().map(|s| (s.sent, s.failures)),
+            webhook: self.webhook.as_ref().map(|w| {
+                let st = w.stats();
+                WebhookCounters {
+                    delivered: st.delivered.load(Relaxed),
+                    failed_attempts: st.failures.load(Relaxed),
+                    dropped: st.dropped.load(Relaxed),
+                    queued: w.queued() as u64,
+                }
+            }),
+        }
+    }
+
     /// One line of the alarm sinks' counters.
     pub fn describe(&self) -> String {
         let mut parts = vec![format!(
@@ -132,4 +153,27 @@ impl AlarmSink {
         }
         parts.join(", ")
     }
+}
+
+/// What the alarm sinks did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AlarmSinkStats {
+    /// Events handed to the sinks.
+    pub events: u64,
+    /// The JSON file (`-`: stdout), if any.
+    pub file: Option<String>,
+    /// Events written to the JSON file (or stdout), and the writes that failed.
+    pub written: u64,
+    pub write_errors: u64,
+    /// Messages sent to syslog, and the sends that failed.
+    pub syslog: Option<(u64, u64)>,
+    pub webhook: Option<WebhookCounters>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebhookCounters {
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub dropped: u64,
+    pub queued: u64,
 }

@@ -23,6 +23,19 @@ pub trait Sink {
     }
     /// Opens its output file again (after log rotation moved it away; SIGHUP).
     fn reopen(&mut self) {}
+    /// Its counters, for `/metrics` and the status page.
+    fn counters(&self) -> SinkCounters;
+}
+
+/// What a record sink did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SinkCounters {
+    /// The sink's name (as [`Sink::name`]).
+    pub sink: String,
+    /// Records written or sent.
+    pub records: u64,
+    /// Writes or sends that failed.
+    pub errors: u64,
 }
 
 /// Counts a sink's failures by kind and says which to log: the first of each kind, then

@@ -37,6 +37,20 @@ pub fn sinks(
     Ok(sinks)
 }
 
+/// The `--http` address, else the configuration file's `[http] listen`, else none.
+pub fn http_listen(
+    flag: Option<std::net::SocketAddr>,
+    a: &crate::cli::DetectArgs,
+) -> Result<Option<std::net::SocketAddr>> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    Ok(match &a.config {
+        Some(p) => crate::config::FileConfig::load(p)?.http.listen_addr(),
+        None => None,
+    })
+}
+
 /// The detection settings and alarm sinks from `--config` and the flags (which win).
 pub fn detection(
     a: &crate::cli::DetectArgs,

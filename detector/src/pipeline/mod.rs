@@ -116,6 +116,7 @@ enum ToShard {
 enum ToSinks {
     Records(Vec<FlowRecord>, SystemTime),
     Describe(SyncSender<Vec<String>>),
+    Counters(SyncSender<Vec<crate::export::SinkCounters>>),
     /// Open output files again (SIGHUP, after log rotation).
     Reopen,
 }
@@ -287,6 +288,9 @@ fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) -> u
             }
             ToSinks::Describe(reply) => {
                 let _ = reply.send(sinks.iter().map(|s| s.describe()).collect());
+            }
+            ToSinks::Counters(reply) => {
+                let _ = reply.send(sinks.iter().map(|s| s.counters()).collect());
             }
             ToSinks::Reopen => {
                 for s in &mut sinks {
@@ -579,6 +583,33 @@ impl Pipeline {
         all
     }
 
+    /// Every counter of the pipeline (the shards' as of the last evaluation), for
+    /// `/metrics` and the status page.
+    pub fn stats(&self) -> PipelineStats {
+        let c = &self.input.counters;
+        let (tx, rx) = sync_channel(1);
+        let sinks = match self.input.sinks.send(ToSinks::Counters(tx)) {
+            Ok(()) => rx.recv().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let sum = |f: fn(&ShardReport) -> u64| self.reports.iter().map(f).sum::<u64>();
+        PipelineStats {
+            records: c.records.load(Ordering::Relaxed),
+            packets: c.packets.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            shed: c.shed.load(Ordering::Relaxed),
+            duplicates: sum(|r| r.dedup.duplicates),
+            dedup_evicted_early: sum(|r| r.dedup.evicted_early),
+            workers: self.workers() as u64,
+            hosts_profiled: sum(|r| r.hosts as u64),
+            max_hosts: sum(|r| r.max_hosts as u64),
+            engine: self.engine_stats(),
+            score_threshold: self.score_threshold,
+            sinks,
+            alarms: self.alarms.stats(),
+        }
+    }
+
     /// The engines' counters of the last evaluation, summed over the shards.
     pub fn engine_stats(&self) -> EngineStats {
         let mut t = EngineStats::default();
@@ -651,6 +682,29 @@ impl Pipeline {
             final_events,
         }
     }
+}
+
+/// The pipeline's counters (see [`Pipeline::stats`]).
+#[derive(Clone, Debug, Default)]
+pub struct PipelineStats {
+    /// Records handed over, their packets and bytes.
+    pub records: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Records that went to the sinks unmarked and unprofiled (detection was behind).
+    pub shed: u64,
+    /// Records marked duplicate (another source reported the same flow).
+    pub duplicates: u64,
+    /// Flows the full duplicate table forgot before their time.
+    pub dedup_evicted_early: u64,
+    pub workers: u64,
+    pub hosts_profiled: u64,
+    /// Hosts the engines may profile (`--max-hosts`).
+    pub max_hosts: u64,
+    pub engine: EngineStats,
+    pub score_threshold: f64,
+    pub sinks: Vec<crate::export::SinkCounters>,
+    pub alarms: crate::export::alarms::AlarmSinkStats,
 }
 
 /// What a finished pipeline reports.

@@ -18,6 +18,13 @@ impl Sink for Keep {
     fn name(&self) -> String {
         "keep".into()
     }
+    fn counters(&self) -> crate::export::SinkCounters {
+        crate::export::SinkCounters {
+            sink: self.name(),
+            records: self.0.lock().unwrap().len() as u64,
+            errors: 0,
+        }
+    }
     fn send(&mut self, records: &[FlowRecord], _now: SystemTime) {
         self.0.lock().unwrap().extend_from_slice(records);
     }

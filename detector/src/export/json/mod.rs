@@ -146,6 +146,14 @@ impl Sink for JsonSink {
         self.errors
     }
 
+    fn counters(&self) -> super::SinkCounters {
+        super::SinkCounters {
+            sink: self.name(),
+            records: self.written,
+            errors: self.errors,
+        }
+    }
+
     fn reopen(&mut self) {
         if self.target == "-" {
             return;

@@ -145,6 +145,14 @@ impl Sink for V9Sink {
         V9Sink::failures(self)
     }
 
+    fn counters(&self) -> crate::export::SinkCounters {
+        crate::export::SinkCounters {
+            sink: self.name(),
+            records: self.records,
+            errors: self.failures(),
+        }
+    }
+
     fn describe(&self) -> String {
         let per: Vec<_> = self
             .collectors

@@ -500,13 +500,9 @@ impl Decoder {
 
     /// One line per exporter: its counters and its early-data counters.
     pub fn describe_exporters(&self) -> Vec<String> {
-        let pending = self.pending();
-        let mut exporters: Vec<_> = self.exporters.iter().collect();
-        exporters.sort_by_key(|(ip, _)| **ip);
-        exporters
+        self.exporter_stats()
             .into_iter()
-            .map(|(ip, s)| {
-                let p = pending.get(ip).cloned().unwrap_or_default();
+            .map(|(ip, s, p)| {
                 format!(
                     "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {}",
                     s.datagrams,
@@ -528,6 +524,18 @@ impl Decoder {
                 )
             })
             .collect()
+    }
+
+    /// Each tracked exporter's counters and early-data counters, by address.
+    pub fn exporter_stats(&self) -> Vec<(IpAddr, ExporterStats, PendingStats)> {
+        let mut pending = self.pending();
+        let mut out: Vec<_> = self
+            .exporters
+            .iter()
+            .map(|(ip, s)| (*ip, s.clone(), pending.remove(ip).unwrap_or_default()))
+            .collect();
+        out.sort_by_key(|(ip, ..)| *ip);
+        out
     }
 
     fn count_error(&mut self, from: SocketAddr, kind: &'static str) {
