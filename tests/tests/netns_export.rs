@@ -318,6 +318,8 @@ fn every_packet_crossing_the_interface_is_exported_exactly_to_nfcapd() {
             "2",
             "--stats-interval",
             "0",
+            "--http",
+            "127.0.0.1:9751",
         ],
         &log,
     );
@@ -370,7 +372,16 @@ fn every_packet_crossing_the_interface_is_exported_exactly_to_nfcapd() {
     );
     b.exec_ok("ping", &["-c", "5", "-i", "0.2", A4]);
     b.exec_ok("ping", &["-6", "-c", "4", "-i", "0.2", A6]);
-    thread::sleep(Duration::from_millis(500));
+    // The status server's meter counters, a second after the traffic (they are read
+    // once a second).
+    thread::sleep(Duration::from_millis(1500));
+    let metrics = a.run(|| {
+        ureq::get("http://127.0.0.1:9751/metrics")
+            .call()
+            .expect("GET /metrics")
+            .into_string()
+            .unwrap()
+    });
 
     let st = agent.stop(Signal::SIGINT, Duration::from_secs(20));
     assert!(
@@ -415,6 +426,49 @@ fn every_packet_crossing_the_interface_is_exported_exactly_to_nfcapd() {
         }
     }
     assert!(diffs.is_empty(), "mismatches:\n{}", diffs.join("\n"));
+    // /metrics counted every test packet in the kernel before the stop, and no more than
+    // was exported in the end; promtool finds nothing to say about the text.
+    let sample = |name: &str, direction: &str| -> u64 {
+        let prefix = format!("{name}{{direction=\"{direction}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{prefix} not in /metrics:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    let scraped: u64 = ["ingress", "egress"]
+        .iter()
+        .map(|d| {
+            sample("detector_meter_flow_packets_total", d)
+                + sample("detector_meter_overflow_packets_total", d)
+        })
+        .sum();
+    let test_packets: u64 = truth.values().map(|v| v.0).sum();
+    assert!(
+        test_packets <= scraped && scraped <= all_p,
+        "/metrics counted {scraped} packets: the test sent {test_packets}, nfcapd got {all_p}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics on the meter's counters: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The long flow was exported as more than one record (active timeout).
     let json_text = std::fs::read_to_string(&json).unwrap();
     let slow = json_text
