@@ -17,6 +17,13 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Memory-mappable one-entry array holding the current CLOCK_MONOTONIC time in ns,
 /// written by userspace (see the eBPF crate's design notes); 0 means "use the kernel clock".
 pub const CLOCK_MAP: &str = "CLOCK";
+/// Userspace's export bookkeeping, kept in the kernel only so that it outlives the agent
+/// when the maps are pinned (`run --pin-path`): per flow exported at an active timeout,
+/// what was exported ([`ExportMark`], keyed by the full [`FlowKey`]). The programs never
+/// touch it.
+pub const EXPORTED_MAP: &str = "EXPORTED";
+/// One-entry array of the drain's own counters ([`DrainState`]), for the same reason.
+pub const DRAIN_STATE_MAP: &str = "DRAIN_STATE";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 
@@ -171,6 +178,27 @@ pub struct OverflowEvent {
     pub _pad: [u8; 2],
 }
 
+/// What userspace already exported of a flow still in the kernel map: the cumulative
+/// counts at its last active-timeout export, and when that export's period began.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExportMark {
+    pub packets: u64,
+    pub bytes: u64,
+    pub period_start_ns: u64,
+}
+
+/// The drain's counters, persisted beside the maps (see [`DRAIN_STATE_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DrainState {
+    /// Packets exported from the maps and the overflow table since the maps were created.
+    pub exported_packets: u64,
+    pub overflow_events: u64,
+    pub overflow_table_full: u64,
+    pub delete_errors: u64,
+}
+
 /// Counter indices in a [`CounterBlock`]. The per-CPU `COUNTERS` array holds one block per
 /// direction (index = direction), so a packet costs one map lookup for all its counters.
 pub mod counter {
@@ -250,6 +278,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::OverflowEvent {}
+    unsafe impl aya::Pod for super::ExportMark {}
+    unsafe impl aya::Pod for super::DrainState {}
 }
 
 #[cfg(test)]

@@ -79,8 +79,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use detector_common::{
-    COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, FlowKey,
-    FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter,
+    COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
+    ExportMark, FlowKey, FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter,
 };
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
@@ -103,6 +103,15 @@ static CLOCK: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// Userspace's bookkeeping, pinned with the maps so that it outlives the agent (see
+/// `EXPORTED_MAP` in detector-common); the programs never touch it. Sized by userspace.
+#[map]
+static EXPORTED: HashMap<FlowKey, ExportMark> =
+    HashMap::with_max_entries(DEFAULT_MAP_SIZE, BPF_F_NO_PREALLOC);
+
+#[map]
+static DRAIN_STATE: Array<DrainState> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 

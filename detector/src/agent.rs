@@ -75,6 +75,9 @@ struct Meter {
     sampling: u32,
     iface: String,
     map_size: u32,
+    /// The pin directory (`--pin-path`), and whether to leave it at exit.
+    pins: Option<xdp::pin::PinDir>,
+    keep_attached: bool,
 }
 
 impl Meter {
@@ -85,12 +88,37 @@ impl Meter {
         }
         raise_memlock_limit();
         let map_size = args.map_size.unwrap_or_else(xdp::default_map_size);
-        let mut bpf = xdp::load_object(LoadOptions {
-            map_size,
-            sampling: args.sampling,
-        })?;
+        let pins = match args.pin_base() {
+            Some(base) => Some(xdp::pin::PinDir::open(&base, iface)?),
+            None => None,
+        };
+        let adopting = pins.as_ref().is_some_and(|p| p.has_state());
+        let mut bpf = xdp::load_pinned(
+            LoadOptions {
+                map_size,
+                sampling: args.sampling,
+            },
+            pins.as_ref(),
+        )?;
         let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
         let mut source = XdpSource::with_mode(&mut bpf, timeouts, ifindex, args.drain.mode())?;
+        if let Some(p) = &pins {
+            let found = source.keep_pinned_state(monotonic_ns())?;
+            if adopting {
+                info!(
+                    "adopted the state pinned at {}: the meter kept counting while no agent ran; {} packets were exported by earlier agents, {} flows carry their export marks ({} stale marks dropped); what they counted since is exported now, once",
+                    p.path.display(),
+                    found.exported_packets,
+                    found.marks,
+                    found.stale
+                );
+            } else {
+                info!(
+                    "maps and links pinned at {}: the meter outlives the agent (--pin-path none to not pin)",
+                    p.path.display()
+                );
+            }
+        }
         info!(
             "the flow maps are read {}",
             match source.drain_mode() {
@@ -100,8 +128,13 @@ impl Meter {
         );
         let ticker = xdp::clock::Ticker::start(source.clock(), Duration::from_millis(1))
             .context("starting the packet clock")?;
-        let mode = xdp::attach(&mut bpf, iface, args.xdp_mode)?;
-        xdp::log_attached(iface, mode, map_size, args.sampling);
+        match xdp::attach(&mut bpf, iface, args.xdp_mode, pins.as_ref())? {
+            xdp::Attached::Fresh(mode) => xdp::log_attached(iface, mode, map_size, args.sampling),
+            xdp::Attached::Adopted => info!(
+                "metering {iface}: this agent's programs swapped into the pinned links (no packet missed); sampling {}",
+                args.sampling
+            ),
+        }
         let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{}", b >> 20));
         let (m4, m6) = source.map_kernel_bytes();
         let full = |key: usize| (map_size as u64 * xdp::entry_bytes(key)) >> 20;
@@ -125,6 +158,8 @@ impl Meter {
             sampling: args.sampling,
             iface: iface.to_string(),
             map_size,
+            pins,
+            keep_attached: args.keep_attached,
         };
         Ok((meter, ring))
     }
@@ -146,8 +181,32 @@ impl Meter {
         Ok(self.records(&deltas))
     }
 
-    /// Detaches first, so no packet is counted after the final read, then drains all.
+    /// Detaches first, so no packet is counted after the final read, then drains all and
+    /// removes the pins. With `--keep-attached` (and pins), leaves the programs counting
+    /// for the next agent and exports only what is held in userspace.
     fn stop(&mut self, ring: &mut Ring) -> Result<Vec<FlowRecord>> {
+        if self.keep_attached
+            && let Some(p) = &self.pins
+        {
+            self.ticker.take();
+            // No agent writes the packet clock until the next one: the kernel's own.
+            self.source.clock().set(0);
+            let mut deltas = Vec::new();
+            self.source.drain_ring(ring.get_mut());
+            self.source.flush_userspace(&mut deltas);
+            info!(
+                "--keep-attached: the programs stay attached to {} and keep counting into the maps pinned at {}; the next `detector run --iface {}` adopts them",
+                self.iface,
+                p.path.display(),
+                self.iface
+            );
+            return Ok(self.records(&deltas));
+        }
+        if let Some(p) = &self.pins
+            && let Err(e) = p.unpin_links()
+        {
+            warn!("removing the pinned links at {}: {e}", p.path.display());
+        }
         xdp::detach(&mut self.bpf);
         self.ticker.take();
         let mut deltas = Vec::new();
@@ -158,6 +217,12 @@ impl Meter {
         match xdp::final_check(&k, &self.source.drain) {
             Ok(n) => info!("every packet the kernel counted was exported ({n} packets)"),
             Err(e) => warn!("{e}"),
+        }
+        if let Some(p) = self.pins.take() {
+            let path = p.path.clone();
+            if let Err(e) = p.remove() {
+                warn!("removing the pinned state at {}: {e}", path.display());
+            }
         }
         Ok(self.records(&deltas))
     }

@@ -109,6 +109,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub inactive_timeout: u64,
 
+    /// Pin the maps and the program links under DIR/IFACE on the BPF file system, so the
+    /// meter keeps counting if the agent dies and the next run adopts what it counted;
+    /// `none` to meter without pinned state.
+    #[arg(long, value_name = "DIR|none", default_value = "/sys/fs/bpf/detector")]
+    pub pin_path: String,
+
+    /// At SIGINT/SIGTERM, leave the programs attached and the maps pinned (for an
+    /// upgrade: the next `run` on the interface adopts them and exports what they
+    /// counted meanwhile) instead of detaching and flushing every flow.
+    #[arg(long)]
+    pub keep_attached: bool,
+
     /// Flows each kernel map (IPv4, IPv6) holds; packets of flows that do not fit take the
     /// ring-buffer path. Default: 1,048,576, or less when a quarter of the available
     /// memory cannot hold both maps (the size chosen and its kernel memory are logged).
@@ -187,6 +199,14 @@ pub struct DetectArgs {
     /// PEM file of CA certificates to trust for an https webhook, beside the system's.
     #[arg(long, value_name = "FILE")]
     pub webhook_ca: Option<std::path::PathBuf>,
+}
+
+impl RunArgs {
+    /// The pin directory's base, or none with `--pin-path none`.
+    pub fn pin_base(&self) -> Option<std::path::PathBuf> {
+        (self.pin_path != "none" && !self.pin_path.is_empty())
+            .then(|| std::path::PathBuf::from(&self.pin_path))
+    }
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {

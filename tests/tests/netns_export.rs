@@ -194,6 +194,33 @@ struct Lab {
     dir: PathBuf,
 }
 
+/// Where the agents of this test process pin their state: a BPF file system of its own
+/// (mounted here when first asked for, unmounted with the lab). `ip netns exec` gives
+/// each agent a fresh /sys, so /sys/fs/bpf would be a file system that dies with the
+/// agent; this mount belongs to the test's namespace and outlives any agent.
+fn pin_base() -> PathBuf {
+    let p = PathBuf::from(format!("/tmp/detector-bpffs-{}", std::process::id()));
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    if !String::from_utf8_lossy(&fs.stdout).contains("bpf") {
+        std::fs::create_dir_all(&p).unwrap();
+        let m = sh("mount", &["-t", "bpf", "bpf", p.to_str().unwrap()]);
+        assert!(m.status.success(), "mount bpffs: {m:?}");
+    }
+    p
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let p = pin_base();
+        let _ = Command::new("umount").arg("-l").arg(&p).status();
+        let _ = std::fs::remove_dir(&p);
+    }
+}
+
 fn lab(name: &str) -> Lab {
     let a = Netns::new(&format!("{name}-a"));
     let b = Netns::new(&format!("{name}-b"));
@@ -230,10 +257,12 @@ fn start_capture(ns: &Netns, iface: &str, filter: Option<&str>, out: &Path) -> G
 }
 
 fn start_agent(ns: &Netns, args: &[&str], log: &Path) -> Guarded {
-    let child = ns
-        .command(tests::detector_bin().to_str().unwrap())
-        .arg("run")
-        .args(args)
+    let mut cmd = ns.command(tests::detector_bin().to_str().unwrap());
+    cmd.arg("run").args(args);
+    if !args.contains(&"--pin-path") {
+        cmd.arg("--pin-path").arg(pin_base());
+    }
+    let child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -930,6 +959,187 @@ fn flows_removed_while_their_packets_keep_arriving_lose_nothing() {
             fin_sent,
             fin_got.values().map(|v| v.0).collect::<Vec<_>>(),
             udp_sent
+        );
+    }
+}
+
+/// Sends `count` datagrams of `size` bytes from `from` to `to`, one every 2 ms, on a
+/// thread of its own; joins to the flow key and the totals on the wire.
+fn udp_stream(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    count: u64,
+    size: usize,
+) -> thread::JoinHandle<(FlowId, (u64, u64))> {
+    let sent = ns.spawn(move || {
+        let s = UdpSocket::bind(from).unwrap();
+        let payload = vec![0x42u8; size];
+        for _ in 0..count {
+            s.send_to(&payload, to).unwrap();
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+    thread::spawn(move || {
+        sent.join().unwrap();
+        let ip_hdr = if to.is_ipv4() { 20 } else { 40 };
+        (
+            (
+                17,
+                from.ip(),
+                from.port(),
+                to.ip(),
+                to.port(),
+                a_side(from.ip()),
+            ),
+            (count, count * (size + 8 + ip_hdr) as u64),
+        )
+    })
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn a_killed_agent_loses_no_counted_packet_and_the_next_one_adopts_the_meter() {
+    let lab = lab("dtpin");
+    let (a, b, dir) = (&lab.a, &lab.b, &lab.dir);
+    let nfdir = dir.join("nfcapd");
+    std::fs::create_dir_all(&nfdir).unwrap();
+    let port = "9996";
+    let nfcapd = a
+        .command("nfcapd")
+        .args(["-w", nfdir.to_str().unwrap(), "-p", port, "-b", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nfcapd (package nfdump)");
+    let mut nfcapd = Guarded::new("nfcapd", nfcapd);
+    let pins = pin_base().join("dta0");
+    let pin_arg = pin_base();
+    let export = format!("127.0.0.1:{port}");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--iface",
+            "dta0",
+            "--xdp-mode",
+            "native",
+            "--export",
+            &export,
+            "--active-timeout",
+            "2",
+            "--inactive-timeout",
+            "4",
+            "--stats-interval",
+            "0",
+            "--pin-path",
+            pin_arg.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let start = |extra: &[&'static str], log: &str| {
+        let v = args(extra);
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        start_agent(a, &refs, &dir.join(log))
+    };
+
+    // Two streams of known size, both ways, that outlive three agents.
+    udp_sink(a, format!("{A4}:6101").parse().unwrap());
+    udp_sink(b, format!("{B4}:6102").parse().unwrap());
+    let mut first = start(&[], "agent1.log");
+    let streams = [
+        udp_stream(
+            b,
+            format!("{B4}:7101").parse().unwrap(),
+            format!("{A4}:6101").parse().unwrap(),
+            4000,
+            300,
+        ),
+        udp_stream(
+            a,
+            format!("{A4}:7102").parse().unwrap(),
+            format!("{B4}:6102").parse().unwrap(),
+            3500,
+            120,
+        ),
+    ];
+    // Past an active timeout and the drain after it, so part of each flow was exported
+    // before the crash.
+    thread::sleep(Duration::from_millis(3600));
+
+    // A second agent on the same interface is refused, and says why.
+    let v = args(&[]);
+    let second = a
+        .command(tests::detector_bin().to_str().unwrap())
+        .arg("run")
+        .args(&v)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("another detector already meters dta0"),
+        "second agent: {} {err}",
+        second.status
+    );
+
+    first.stop(Signal::SIGKILL, Duration::from_secs(5));
+    assert!(
+        pins.join("link_xdp").exists() && pins.join("FLOWS4").exists(),
+        "the pinned state outlives the agent"
+    );
+    thread::sleep(Duration::from_millis(1500));
+
+    // The next agent adopts the meter; stopped with --keep-attached, it leaves it counting.
+    let mut upgrade = start(&["--keep-attached"], "agent2.log");
+    let log2 = std::fs::read_to_string(dir.join("agent2.log")).unwrap();
+    let before: u64 = log2
+        .split("ran; ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no adoption in the log:\n{log2}"));
+    assert!(
+        before > 0 && log2.contains("flows carry their export marks"),
+        "the killed agent had exported part of the flows, and its marks are read back:\n{log2}"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let st = upgrade.stop(Signal::SIGTERM, Duration::from_secs(20));
+    assert!(st.success(), "agent 2: {st}");
+    assert!(
+        pins.join("link_tc").exists(),
+        "--keep-attached keeps the links"
+    );
+    thread::sleep(Duration::from_millis(500));
+
+    // The last one adopts it again, then stops cleanly: flush, detach, unpin.
+    let mut last = start(&[], "agent3.log");
+    let sent: Vec<(FlowId, (u64, u64))> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    thread::sleep(Duration::from_millis(500));
+    let st = last.stop(Signal::SIGINT, Duration::from_secs(20));
+    let log3 = std::fs::read_to_string(dir.join("agent3.log")).unwrap();
+    assert!(st.success(), "agent 3: {st}\n{log3}");
+    assert!(log3.contains("adopted the state pinned at"), "{log3}");
+    assert!(
+        log3.contains("every packet the kernel counted was exported"),
+        "the counted and exported packets agree over the three agents:\n{log3}"
+    );
+    assert!(!pins.exists(), "a clean stop removes the pinned state");
+    let link = a.exec_ok("ip", &["link", "show", "dta0"]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "a clean stop detaches"
+    );
+    thread::sleep(Duration::from_millis(500));
+    nfcapd.stop(Signal::SIGTERM, Duration::from_secs(10));
+
+    let (exported, _, _) = nfdump_totals(&nfdir);
+    for (k, v) in &sent {
+        assert_eq!(
+            exported.get(k),
+            Some(v),
+            "flow {k:?}: exported by the three agents vs sent"
         );
     }
 }

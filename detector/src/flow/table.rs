@@ -20,7 +20,7 @@
 
 use rustc_hash::FxHashMap;
 
-use detector_common::{FlowKey, FlowStats, OverflowEvent, TCP_FIN, TCP_RST};
+use detector_common::{ExportMark, FlowKey, FlowStats, OverflowEvent, TCP_FIN, TCP_RST};
 
 /// Timeouts in nanoseconds of the flow clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +106,10 @@ pub struct FlowTable {
     /// How far back the previous look at a flow may be (the time between the last two
     /// pass starts, with a margin); before the second pass, "forever".
     lookback_ns: u64,
+    /// With [`FlowTable::keep_journal`]: each change to what was exported of a flow
+    /// still in the store (set at an active-timeout export, cleared when the flow goes),
+    /// for the caller to persist (see [`FlowTable::take_journal`]).
+    journal: Option<Vec<(FlowKey, Option<ExportMark>)>>,
 }
 
 /// Sums per-CPU copies of one flow's counters: counts add, first is the earliest, last the
@@ -148,7 +152,36 @@ impl FlowTable {
             tracked: FxHashMap::default(),
             pass_start_ns: None,
             lookback_ns: u64::MAX,
+            journal: None,
         }
+    }
+
+    /// Records every change to what was exported of the flows (pinned state).
+    pub fn keep_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes since the last call, in order: the mark to keep for a flow, or none.
+    pub fn take_journal(&mut self) -> Vec<(FlowKey, Option<ExportMark>)> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Takes back what an earlier agent exported of a flow still in the store (its
+    /// persisted mark), at `now_ns`.
+    pub fn restore(&mut self, key: &FlowKey, mark: &ExportMark, now_ns: u64) {
+        self.tracked.insert(
+            *key,
+            Tracked {
+                exported_packets: mark.packets,
+                exported_bytes: mark.bytes,
+                period_start_ns: mark.period_start_ns,
+                seen_packets: 0,
+                touched_ns: now_ns,
+            },
+        );
     }
 
     /// Flows with bookkeeping (exported at an active timeout, or ended and not yet quiet).
@@ -182,8 +215,17 @@ impl FlowTable {
             .active_ns
             .saturating_add(self.timeouts.inactive_ns)
             .saturating_add(self.lookback_ns.saturating_mul(2));
-        self.tracked
-            .retain(|_, t| now_ns.saturating_sub(t.touched_ns) <= stale);
+        let journal = &mut self.journal;
+        self.tracked.retain(|key, t| {
+            let keep = now_ns.saturating_sub(t.touched_ns) <= stale;
+            if !keep
+                && t.exported_packets > 0
+                && let Some(j) = journal
+            {
+                j.push((*key, None));
+            }
+            keep
+        });
     }
 
     /// Looks at a flow's cumulative counters at `now_ns` and says what to do.
@@ -225,6 +267,16 @@ impl FlowTable {
         t.exported_packets = stats.packets;
         t.exported_bytes = stats.bytes;
         t.period_start_ns = now_ns;
+        if let Some(j) = &mut self.journal {
+            j.push((
+                *key,
+                Some(ExportMark {
+                    packets: t.exported_packets,
+                    bytes: t.exported_bytes,
+                    period_start_ns: t.period_start_ns,
+                }),
+            ));
+        }
         match delta {
             Some(d) => Action::Export(d),
             None => Action::Keep,
@@ -238,6 +290,11 @@ impl FlowTable {
             .tracked
             .remove(key)
             .unwrap_or_else(|| Tracked::fresh(final_stats.first_ns, 0));
+        if t.exported_packets > 0
+            && let Some(j) = &mut self.journal
+        {
+            j.push((*key, None));
+        }
         delta_since(key, &t, final_stats)
     }
 }

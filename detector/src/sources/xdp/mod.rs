@@ -3,17 +3,22 @@
 //! pure [`FlowTable`] core.
 
 pub mod clock;
+pub mod pin;
 mod sys;
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::xdp::XdpLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
-    CLOCK_MAP, COUNTERS_MAP, CounterBlock, FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats,
-    OVERFLOW_MAP, OverflowEvent, SAMPLING_GLOBAL, counter,
+    CLOCK_MAP, COUNTERS_MAP, CounterBlock, DRAIN_STATE_MAP, DrainState, EXPORTED_MAP, ExportMark,
+    FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, OVERFLOW_MAP, OverflowEvent,
+    SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
 
@@ -63,6 +68,16 @@ pub enum XdpError {
     Clock(std::io::Error),
     #[error("reading the flow map in batches: {0}")]
     Batch(std::io::Error),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    #[error(
+        "pinning the {what} link at {path}: {reason}; run with --pin-path none to meter without pinned state"
+    )]
+    PinLink {
+        what: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// How to attach XDP.
@@ -85,20 +100,34 @@ pub struct LoadOptions {
 
 /// Loads the object with the map sized and the sampling rate set. Programs are not loaded.
 pub fn load_object(opts: LoadOptions) -> Result<Ebpf, XdpError> {
+    load_pinned(opts, None)
+}
+
+/// [`load_object`] with every map pinned in `pins`: maps already pinned there (by an
+/// earlier agent) are used as they are, the others created and pinned.
+pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf, XdpError> {
     let sampling = opts.sampling;
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(FLOWS4_MAP, opts.map_size)
         .map_max_entries(FLOWS6_MAP, opts.map_size)
-        .override_global(SAMPLING_GLOBAL, &sampling, true)
-        .load(EBPF_OBJECT)
-        .map_err(|e| match &e {
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                XdpError::Permission(e.to_string())
-            }
-            _ => XdpError::Load(e),
-        })
+        // The bookkeeping holds only flows exported at an active timeout and still in
+        // the maps; without pins it is not used.
+        .map_max_entries(EXPORTED_MAP, if pins.is_some() { opts.map_size } else { 1 })
+        .override_global(SAMPLING_GLOBAL, &sampling, true);
+    if let Some(p) = pins {
+        for name in pin::MAPS {
+            loader.map_pin_path(name, p.map(name));
+        }
+    }
+    loader.load(EBPF_OBJECT).map_err(|e| match &e {
+        aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+            if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            XdpError::Permission(e.to_string())
+        }
+        _ => XdpError::Load(e),
+    })
 }
 
 fn program_error(name: &'static str, e: aya::programs::ProgramError) -> XdpError {
@@ -122,40 +151,55 @@ pub fn ifindex(iface: &str) -> Result<u32, XdpError> {
     }
 }
 
-/// Loads and attaches both programs; returns the XDP mode actually used.
-pub fn attach(bpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> Result<XdpMode, XdpError> {
-    ifindex(iface)?;
+/// How the programs came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Attached now, in this XDP mode.
+    Fresh(XdpMode),
+    /// Swapped into the links an earlier agent pinned (which keep their XDP mode).
+    Adopted,
+}
+
+/// Loads and attaches both programs; returns the XDP mode actually used. With `pins`,
+/// the links are pinned there, and links already pinned there get the new programs
+/// swapped in atomically instead.
+pub fn attach(
+    bpf: &mut Ebpf,
+    iface: &str,
+    mode: XdpModeArg,
+    pins: Option<&pin::PinDir>,
+) -> Result<Attached, XdpError> {
+    let index = ifindex(iface)?;
     let xdp: &mut Xdp = bpf
         .program_mut(XDP_PROGRAM)
         .ok_or(XdpError::Missing(XDP_PROGRAM))?
         .try_into()
         .map_err(|e| program_error(XDP_PROGRAM, e))?;
     xdp.load().map_err(|e| program_error(XDP_PROGRAM, e))?;
-    let used = match mode {
-        XdpModeArg::Generic => {
-            xdp.attach(iface, XdpMode::Skb)
-                .map_err(|e| program_error(XDP_PROGRAM, e))?;
-            XdpMode::Skb
+    let xdp_pin = pins.map(|p| p.link(pin::XDP_LINK));
+    let tc_pin = pins.map(|p| p.link(pin::TC_LINK));
+    let adopt_xdp = xdp_pin.as_ref().is_some_and(|p| live_link(p, index, "XDP"));
+    let adopt_tc = tc_pin.as_ref().is_some_and(|p| live_link(p, index, "TC"));
+    if adopt_xdp {
+        let path = xdp_pin.clone().expect("checked");
+        let fail = |reason: String| XdpError::PinLink {
+            what: "XDP",
+            path: path.clone(),
+            reason,
+        };
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| fail(e.to_string()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| fail(e.to_string()))?;
+        xdp.attach_to_link(link)
+            .map_err(|e| program_error(XDP_PROGRAM, e))?;
+    }
+    let used = if adopt_xdp {
+        Attached::Adopted
+    } else {
+        let (used, id) = attach_xdp(xdp, iface, mode)?;
+        if let Some(path) = &xdp_pin {
+            pin_link(xdp, id, path)?;
         }
-        XdpModeArg::Native => {
-            xdp.attach(iface, XdpMode::Driver)
-                .map_err(|source| XdpError::NativeUnsupported {
-                    iface: iface.into(),
-                    source,
-                })?;
-            XdpMode::Driver
-        }
-        XdpModeArg::Auto => match xdp.attach(iface, XdpMode::Driver) {
-            Ok(_) => XdpMode::Driver,
-            Err(e) => {
-                warn!(
-                    "native XDP is not available on {iface} ({e}); falling back to generic (skb) mode, which is slower"
-                );
-                xdp.attach(iface, XdpMode::Skb)
-                    .map_err(|e| program_error(XDP_PROGRAM, e))?;
-                XdpMode::Skb
-            }
-        },
+        Attached::Fresh(used)
     };
     let tc: &mut SchedClassifier = bpf
         .program_mut(TC_PROGRAM)
@@ -163,15 +207,119 @@ pub fn attach(bpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> Result<XdpMode, 
         .try_into()
         .map_err(|e| program_error(TC_PROGRAM, e))?;
     tc.load().map_err(|e| program_error(TC_PROGRAM, e))?;
-    // tcx on kernels >= 6.6; older kernels attach through netlink, which needs clsact.
-    if let Err(first) = tc.attach(iface, TcAttachType::Egress) {
-        if aya::programs::tc::qdisc_add_clsact(iface).is_err() {
-            return Err(program_error(TC_PROGRAM, first));
-        }
-        tc.attach(iface, TcAttachType::Egress)
+    if adopt_tc {
+        let path = tc_pin.clone().expect("checked");
+        let fail = |reason: String| XdpError::PinLink {
+            what: "TC",
+            path: path.clone(),
+            reason,
+        };
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| fail(e.to_string()))?;
+        let link =
+            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| fail(e.to_string()))?;
+        tc.attach_to_link(link)
             .map_err(|e| program_error(TC_PROGRAM, e))?;
+        return Ok(used);
+    }
+    // tcx on kernels >= 6.6; older kernels attach through netlink, which needs clsact.
+    let id = match tc.attach(iface, TcAttachType::Egress) {
+        Ok(id) => id,
+        Err(first) => {
+            if aya::programs::tc::qdisc_add_clsact(iface).is_err() {
+                return Err(program_error(TC_PROGRAM, first));
+            }
+            tc.attach(iface, TcAttachType::Egress)
+                .map_err(|e| program_error(TC_PROGRAM, e))?
+        }
+    };
+    if let Some(path) = &tc_pin {
+        let link = tc.take_link(id).map_err(|e| program_error(TC_PROGRAM, e))?;
+        let fd = FdLink::try_from(link).map_err(|e| XdpError::PinLink {
+            what: "TC",
+            path: path.clone(),
+            reason: format!("{e} (the egress hook needs tcx, Linux 6.6+, to be pinned)"),
+        })?;
+        fd.pin(path).map_err(|e| XdpError::PinLink {
+            what: "TC",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(used)
+}
+
+/// Whether the link pinned at `path` is attached to interface `index`. A link left
+/// attached to nothing (its interface deleted) or to another interface of the same name
+/// is stale: its pin is removed, and the program attached afresh.
+fn live_link(path: &std::path::Path, index: u32, what: &str) -> bool {
+    if !path.exists() {
+        return false;
+    }
+    match sys::pinned_link_ifindex(path) {
+        Ok(i) if i == index => true,
+        r => {
+            warn!(
+                "the {what} link pinned at {} is attached to {}: removed, attaching afresh",
+                path.display(),
+                match r {
+                    Ok(0) => "no interface any more".to_string(),
+                    Ok(i) => format!("interface index {i}, not {index}"),
+                    Err(e) => format!("something unreadable ({e})"),
+                }
+            );
+            let _ = std::fs::remove_file(path);
+            false
+        }
+    }
+}
+
+/// Pins the XDP link `id` at `path`: it stays attached as long as the pin.
+fn pin_link(
+    xdp: &mut Xdp,
+    id: aya::programs::xdp::XdpLinkId,
+    path: &std::path::Path,
+) -> Result<(), XdpError> {
+    let fail = |reason: String| XdpError::PinLink {
+        what: "XDP",
+        path: path.to_path_buf(),
+        reason,
+    };
+    let link = xdp.take_link(id).map_err(|e| fail(e.to_string()))?;
+    let fd = FdLink::try_from(link).map_err(|e| fail(e.to_string()))?;
+    fd.pin(path).map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// Attaches XDP in the mode asked for (auto: native, else generic with a warning).
+fn attach_xdp(
+    xdp: &mut Xdp,
+    iface: &str,
+    mode: XdpModeArg,
+) -> Result<(XdpMode, aya::programs::xdp::XdpLinkId), XdpError> {
+    let native = |xdp: &mut Xdp| xdp.attach(iface, XdpMode::Driver);
+    let generic = |xdp: &mut Xdp| {
+        xdp.attach(iface, XdpMode::Skb)
+            .map_err(|e| program_error(XDP_PROGRAM, e))
+    };
+    Ok(match mode {
+        XdpModeArg::Generic => (XdpMode::Skb, generic(xdp)?),
+        XdpModeArg::Native => (
+            XdpMode::Driver,
+            native(xdp).map_err(|source| XdpError::NativeUnsupported {
+                iface: iface.into(),
+                source,
+            })?,
+        ),
+        XdpModeArg::Auto => match native(xdp) {
+            Ok(id) => (XdpMode::Driver, id),
+            Err(e) => {
+                warn!(
+                    "native XDP is not available on {iface} ({e}); falling back to generic (skb) mode, which is slower"
+                );
+                (XdpMode::Skb, generic(xdp)?)
+            }
+        },
+    })
 }
 
 /// Detaches both programs (dropping their links).
@@ -443,6 +591,30 @@ pub struct XdpSource {
     mode: DrainMode,
     clock: std::sync::Arc<clock::ClockMap>,
     pub drain: DrainCounters,
+    /// The bookkeeping maps, until [`XdpSource::keep_pinned_state`] takes them.
+    bookkeeping: Option<(aya::maps::Map, aya::maps::Map)>,
+    /// With pinned state: where the bookkeeping is written after every scan.
+    persist: Option<Persist>,
+}
+
+/// Userspace's export bookkeeping, written to pinned maps so that the next agent knows
+/// what was exported (see [`pin`]).
+struct Persist {
+    exported: BpfHashMap<MapData, FlowKey, ExportMark>,
+    state: Array<MapData, DrainState>,
+    /// Writes that failed (the bookkeeping map full): logged at each doubling.
+    failures: u64,
+}
+
+/// What adopting pinned state found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Flows whose export marks were taken back.
+    pub marks: usize,
+    /// Marks of flows no longer in the maps (dropped).
+    pub stale: usize,
+    /// Packets the earlier agents exported.
+    pub exported_packets: u64,
 }
 
 impl XdpSource {
@@ -481,7 +653,10 @@ impl XdpSource {
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
         let clock =
             clock::ClockMap::new(Array::try_from(take(CLOCK_MAP)?)?).map_err(XdpError::Clock)?;
+        let bookkeeping = Some((take(EXPORTED_MAP)?, take(DRAIN_STATE_MAP)?));
         Ok(Self {
+            bookkeeping,
+            persist: None,
             flows4,
             flows6,
             counters,
@@ -492,6 +667,90 @@ impl XdpSource {
             clock: std::sync::Arc::new(clock),
             drain: DrainCounters::default(),
         })
+    }
+
+    /// Keeps the export bookkeeping in the (pinned) maps from now on, after taking back
+    /// what an earlier agent left there: its drain counters, and the export mark of
+    /// each flow still in the maps (a mark whose flow is gone, or was created again
+    /// since, is dropped). `now_ns` is the monotonic clock.
+    pub fn keep_pinned_state(&mut self, now_ns: u64) -> Result<Adoption, XdpError> {
+        let (m, s) = self
+            .bookkeeping
+            .take()
+            .ok_or(XdpError::Missing(EXPORTED_MAP))?;
+        let mut exported: BpfHashMap<MapData, FlowKey, ExportMark> = BpfHashMap::try_from(m)?;
+        let state: Array<MapData, DrainState> = Array::try_from(s)?;
+        let st = state.get(&0, 0)?;
+        self.drain = DrainCounters {
+            exported_packets: st.exported_packets,
+            overflow_events: st.overflow_events,
+            overflow_table_full: st.overflow_table_full,
+            delete_errors: st.delete_errors,
+        };
+        let mut found = Adoption {
+            exported_packets: st.exported_packets,
+            ..Adoption::default()
+        };
+        let marks: Vec<(FlowKey, ExportMark)> = exported.iter().collect::<Result<_, _>>()?;
+        for (key, mark) in marks {
+            let (live, table) = match key.narrow() {
+                Some(k4) => (self.flows4.map.get(&k4, 0).ok(), &mut self.flows4.table),
+                None => (self.flows6.map.get(&key, 0).ok(), &mut self.flows6.table),
+            };
+            match live {
+                Some(s) if s.first_ns <= mark.period_start_ns && s.packets >= mark.packets => {
+                    table.restore(&key, &mark, now_ns);
+                    found.marks += 1;
+                }
+                _ => {
+                    let _ = exported.remove(&key);
+                    found.stale += 1;
+                }
+            }
+        }
+        self.flows4.table.keep_journal();
+        self.flows6.table.keep_journal();
+        self.persist = Some(Persist {
+            exported,
+            state,
+            failures: 0,
+        });
+        Ok(found)
+    }
+
+    /// Writes the bookkeeping's changes since the last call (pinned state only).
+    fn persist(&mut self) {
+        let Some(p) = &mut self.persist else { return };
+        for table in [&mut self.flows4.table, &mut self.flows6.table] {
+            for (key, mark) in table.take_journal() {
+                let r = match mark {
+                    Some(m) => p.exported.insert(key, m, 0),
+                    None => match p.exported.remove(&key) {
+                        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                        r => r,
+                    },
+                };
+                if let Err(e) = r {
+                    p.failures += 1;
+                    if p.failures.is_power_of_two() {
+                        warn!(
+                            "writing the pinned export bookkeeping failed {} times ({e}): after a crash, flows exported at an active timeout may be exported again",
+                            p.failures
+                        );
+                    }
+                }
+            }
+        }
+        let d = &self.drain;
+        let st = DrainState {
+            exported_packets: d.exported_packets,
+            overflow_events: d.overflow_events,
+            overflow_table_full: d.overflow_table_full,
+            delete_errors: d.delete_errors,
+        };
+        if let Err(e) = p.state.set(0, st, 0) {
+            warn!("writing the pinned drain counters: {e}");
+        }
     }
 
     /// How the flow maps are read.
@@ -553,6 +812,7 @@ impl XdpSource {
         let from = out.len();
         let r = self.scan_all(now_ns, out);
         self.drain.exported_packets += out[from..].iter().map(|d| d.packets).sum::<u64>();
+        self.persist();
         r
     }
 
@@ -582,7 +842,19 @@ impl XdpSource {
         let from = out.len();
         let r = self.flush_all(out);
         self.drain.exported_packets += out[from..].iter().map(|d| d.packets).sum::<u64>();
+        self.persist();
         r
+    }
+
+    /// Exports the flows held in userspace (the overflow table) and leaves the kernel
+    /// maps as they are, for the next agent (`--keep-attached`).
+    pub fn flush_userspace(&mut self, out: &mut Vec<Delta>) {
+        let from = out.len();
+        for (key, stats) in std::mem::take(&mut self.overflow) {
+            out.extend(self.overflow_table.evict(&key, &stats));
+        }
+        self.drain.exported_packets += out[from..].iter().map(|d| d.packets).sum::<u64>();
+        self.persist();
     }
 
     fn flush_all(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {

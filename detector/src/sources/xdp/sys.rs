@@ -234,3 +234,82 @@ pub fn batch_supported(fd: BorrowedFd<'_>) -> bool {
     };
     rc >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)
 }
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The interface a (pinned) XDP or tcx link is attached to: `ifindex` of its
+/// `bpf_link_info` (0 once the interface is gone and the link defunct).
+pub fn link_ifindex(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8
+    // whose xdp and tcx members start with the ifindex. Zeroed beyond what the kernel
+    // knows, as it requires.
+    let mut info = [0u64; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points at a zeroed buffer of info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            size_of::<InfoAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[2] as u32)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The `obj` member of `union bpf_attr`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens a pinned BPF object.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr points at a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjAttr,
+            size_of::<ObjAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// The interface index a pinned link at `path` is attached to (0: none any more).
+pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
+    use std::os::fd::AsFd;
+    link_ifindex(obj_get(path)?.as_fd())
+}

@@ -1,0 +1,182 @@
+//! Pinned state (`run --pin-path`): the meter outlives the agent.
+//!
+//! Each metered interface has a directory on the BPF file system (default
+//! `/sys/fs/bpf/detector/IFACE`) holding:
+//! - the maps, pinned by name: the flow maps, the overflow ring buffer, the counters, the
+//!   packet clock, and userspace's export bookkeeping (`EXPORTED`: what was already
+//!   exported of each flow still in the maps; `DRAIN_STATE`: the drain's counters);
+//! - the links that attach the XDP and TC programs (`link_xdp`, `link_tc`): a pinned
+//!   link keeps its program attached after the process that made it is gone.
+//!
+//! So after a crash or `kill -9` the programs keep counting into the pinned maps, and the
+//! next `detector run` on the interface adopts them: it loads its programs against the
+//! same maps, swaps them into the pinned links atomically (`BPF_LINK_UPDATE`, no packet
+//! missed, which also upgrades the programs), reads the bookkeeping back and exports what
+//! was counted and not yet exported, once. A clean stop removes everything;
+//! `--keep-attached` leaves it in place for the next agent (an upgrade).
+//!
+//! The directory is locked (`flock`) while an agent uses it: a second agent on the same
+//! interface is refused.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use detector_common::{
+    CLOCK_MAP, COUNTERS_MAP, DRAIN_STATE_MAP, EXPORTED_MAP, FLOWS4_MAP, FLOWS6_MAP, OVERFLOW_MAP,
+};
+
+/// Every map of the object, pinned under its name.
+pub const MAPS: [&str; 7] = [
+    FLOWS4_MAP,
+    FLOWS6_MAP,
+    OVERFLOW_MAP,
+    COUNTERS_MAP,
+    CLOCK_MAP,
+    EXPORTED_MAP,
+    DRAIN_STATE_MAP,
+];
+/// The pinned links of the XDP and the TC program.
+pub const XDP_LINK: &str = "link_xdp";
+pub const TC_LINK: &str = "link_tc";
+
+/// Where the BPF file system is usually mounted.
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+fn mount_bpf_fs(root: &Path) -> Result<(), PinError> {
+    let target = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: mount(2) with valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        log::warn!("mounting the BPF file system at {}: {e}", root.display());
+        return Err(PinError::NotBpfFs(root.to_path_buf()));
+    }
+    log::info!("mounted the BPF file system at {}", root.display());
+    Ok(())
+}
+
+/// `statfs` magic of the BPF file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "{0} is not on the BPF file system: mount it (`mount -t bpf bpf /sys/fs/bpf`), give --pin-path a directory on it, or run without pinning (--pin-path none)"
+    )]
+    NotBpfFs(PathBuf),
+    #[error("creating {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another detector already meters {iface} (it holds {path}); stop it first (`systemctl stop detector`, or SIGTERM), or give this one another --pin-path"
+    )]
+    Busy { iface: String, path: PathBuf },
+    #[error("locking {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An interface's pin directory, locked for this agent.
+#[derive(Debug)]
+pub struct PinDir {
+    pub path: PathBuf,
+    /// Holds the `flock` while open.
+    _lock: File,
+}
+
+impl PinDir {
+    /// Creates (if need be) and locks `base/iface`. When `base` is under
+    /// `/sys/fs/bpf` and nothing is mounted there, mounts the BPF file system there
+    /// first, as systemd and bpftool do.
+    pub fn open(base: &Path, iface: &str) -> Result<Self, PinError> {
+        let root = Path::new(BPF_FS_ROOT);
+        if base.starts_with(root) && root.is_dir() && !on_bpf_fs(root) {
+            mount_bpf_fs(root)?;
+        }
+        let path = base.join(iface);
+        std::fs::create_dir_all(&path).map_err(|source| PinError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        if !on_bpf_fs(&path) {
+            return Err(PinError::NotBpfFs(base.to_path_buf()));
+        }
+        let lock = File::open(&path).map_err(|source| PinError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                PinError::Busy {
+                    iface: iface.to_string(),
+                    path,
+                }
+            } else {
+                PinError::Lock { path, source: e }
+            });
+        }
+        Ok(Self { path, _lock: lock })
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Whether an earlier agent left pinned maps here (their counts are adopted).
+    pub fn has_state(&self) -> bool {
+        MAPS.iter().any(|m| self.map(m).exists())
+    }
+
+    /// Removes the link pins: once the programs' own descriptors close, they detach.
+    pub fn unpin_links(&self) -> std::io::Result<()> {
+        for l in [XDP_LINK, TC_LINK] {
+            remove_if_present(&self.link(l))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the map pins and the directory (after the maps were emptied); the lock
+    /// goes with `self`.
+    pub fn remove(self) -> std::io::Result<()> {
+        self.unpin_links()?;
+        for m in MAPS {
+            remove_if_present(&self.map(m))?;
+        }
+        std::fs::remove_dir(&self.path)
+    }
+}
+
+fn remove_if_present(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn on_bpf_fs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct with a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
