@@ -172,14 +172,14 @@ fn thread_cpu_secs(pid: i32) -> Result<BTreeMap<String, f64>> {
 
 /// A child process that is killed (SIGKILL) and reaped if still running when dropped,
 /// so an error path leaves nothing behind.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     name: &'static str,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Self> {
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -190,12 +190,12 @@ impl Proc {
         Ok(Self { child, name, log })
     }
 
-    fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
     /// Fails with the end of its log when the process has already exited.
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Some(st) = self.child.try_wait()? {
             bail!(
                 "{} exited early ({st}); log:\n{}",
@@ -210,14 +210,14 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
     /// Sends `sig` and waits up to `timeout` for the exit, then kills it.
-    fn stop(&mut self, sig: i32, timeout: Duration) -> Result<()> {
+    pub(crate) fn stop(&mut self, sig: i32, timeout: Duration) -> Result<()> {
         if self.child.try_wait()?.is_some() {
             return Ok(());
         }
@@ -249,7 +249,7 @@ impl Drop for Proc {
 }
 
 /// Runs a command to completion; fails with its output when it fails.
-fn sh(cmd: &mut Command) -> Result<String> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
@@ -264,12 +264,12 @@ fn sh(cmd: &mut Command) -> Result<String> {
 }
 
 /// `ip ARGS...`
-fn ip(args: &[&str]) -> Result<String> {
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     sh(Command::new("ip").args(args))
 }
 
 /// Formats an integer with thousands separators.
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -348,7 +348,7 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 
 /// Thin layer over the few libc calls the packet generator and senders need (declared
 /// here so xtask keeps its two dependencies).
-mod sys {
+pub(crate) mod sys {
     use std::ffi::{CString, c_void};
     use std::io;
 

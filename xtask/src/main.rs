@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_agent;
 mod package;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Set-up, run, test and benchmark the detector")]
@@ -53,6 +54,11 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// The agent under flow churn, map-filling bursts, NetFlow from several exporters and
+    /// alarms raised and cleared, for N minutes (as root): memory, map fill and loss
+    /// counters sampled; passes when memory is flat and the exported totals equal what
+    /// was sent.
+    Soak(soak::SoakArgs),
     /// Benchmarks that print figures and ratios against references measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
         Task::Test { filter } => test(filter),
         Task::Lab { args } => lab(args),
         Task::Package { check } => package(check),
+        Task::Soak(args) => soak(&args),
         Task::Bench {
             which: Bench::Xdp { repeat },
         } => bench_xdp(repeat),
@@ -348,6 +355,14 @@ fn test(filter: Option<String>) -> Result<()> {
         let bin = build_release()?;
         let deb = package::build(&bin)?;
         package::check(&deb)?;
+        say("soak, short run (`cargo xtask soak --minutes 30` for the long one)");
+        soak::run(
+            &bin,
+            &soak::SoakArgs {
+                minutes: 2,
+                sample_secs: Some(15),
+            },
+        )?;
     }
     Ok(())
 }
@@ -414,6 +429,18 @@ fn bench_ingest() -> Result<()> {
 fn bench_engine() -> Result<()> {
     let bin = build_release()?;
     status(Command::new(bin).arg("bench-engine"))
+}
+
+fn soak(args: &soak::SoakArgs) -> Result<()> {
+    ensure_setup()?;
+    if !is_root() {
+        bail!("the soak attaches XDP in network namespaces: run `sudo -E cargo xtask soak`");
+    }
+    let bin = match env::var_os("DETECTOR_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => build_release()?,
+    };
+    soak::run(&bin, args)
 }
 
 fn bench_agent(args: &bench_agent::AgentArgs) -> Result<()> {
