@@ -718,26 +718,38 @@ impl XdpSource {
         Ok(found)
     }
 
-    /// Writes the bookkeeping's changes since the last call (pinned state only).
+    /// Writes the bookkeeping's changes since the last call (pinned state only), in
+    /// batches: a key's last change wins, removals first.
     fn persist(&mut self) {
         let Some(p) = &mut self.persist else { return };
+        let mut last: HashMap<FlowKey, Option<ExportMark>> = HashMap::new();
         for table in [&mut self.flows4.table, &mut self.flows6.table] {
             for (key, mark) in table.take_journal() {
-                let r = match mark {
-                    Some(m) => p.exported.insert(key, m, 0),
-                    None => match p.exported.remove(&key) {
-                        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                        r => r,
-                    },
-                };
-                if let Err(e) = r {
-                    p.failures += 1;
-                    if p.failures.is_power_of_two() {
-                        warn!(
-                            "writing the pinned export bookkeeping failed {} times ({e}): after a crash, flows exported at an active timeout may be exported again",
-                            p.failures
-                        );
+                last.insert(key, mark);
+            }
+        }
+        if !last.is_empty() {
+            let (mut set_k, mut set_v, mut del) = (Vec::new(), Vec::new(), Vec::new());
+            for (k, m) in last {
+                match m {
+                    Some(m) => {
+                        set_k.push(k);
+                        set_v.push(m);
                     }
+                    None => del.push(k),
+                }
+            }
+            let fd = p.exported.map().fd().as_fd();
+            let r = sys::delete_batch(fd, &del)
+                .map(|_| ())
+                .and_then(|()| sys::update_batch(fd, &set_k, &set_v));
+            if let Err(e) = r {
+                p.failures += 1;
+                if p.failures.is_power_of_two() {
+                    warn!(
+                        "writing the pinned export bookkeeping failed {} times ({e}): after a crash, flows exported at an active timeout may be exported again",
+                        p.failures
+                    );
                 }
             }
         }

@@ -313,3 +313,75 @@ pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
     use std::os::fd::AsFd;
     link_ifindex(obj_get(path)?.as_fd())
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: attr points at key (and value) arrays of `count` entries of the map's sizes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `keys[i] -> values[i]` into a (shared) hash map with `BPF_MAP_UPDATE_BATCH`:
+/// one syscall for them all.
+pub fn update_batch<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = batch_call(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // `count` says how many went in before an error.
+        done += attr.count as usize;
+        r?;
+        if attr.count == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Removes `keys` from a hash map with `BPF_MAP_DELETE_BATCH`; keys already absent are
+/// skipped (the kernel stops at the first, which is stepped over). Returns the keys
+/// removed.
+pub fn delete_batch<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let (mut at, mut removed) = (0, 0);
+    while at < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[at..].as_ptr() as u64,
+            count: (keys.len() - at) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = batch_call(BPF_MAP_DELETE_BATCH, &mut attr);
+        at += attr.count as usize;
+        removed += attr.count as usize;
+        match r {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => at += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
