@@ -24,6 +24,8 @@ pub const CLOCK_MAP: &str = "CLOCK";
 pub const EXPORTED_MAP: &str = "EXPORTED";
 /// One-entry array of the drain's own counters ([`DrainState`]), for the same reason.
 pub const DRAIN_STATE_MAP: &str = "DRAIN_STATE";
+/// Global (read-only data): non-zero to set payload [`hint`] flags.
+pub const PAYLOAD_HINTS_GLOBAL: &str = "PAYLOAD_HINTS";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 
@@ -161,7 +163,9 @@ pub struct FlowStats {
     pub tcp_flags: u8,
     /// IPv4 ToS / IPv6 traffic class of the first packet on this CPU.
     pub tos: u8,
-    pub _pad: [u8; 6],
+    /// With payload hints on: OR of the [`hint`] flags the first packets' payloads matched.
+    pub hints: u8,
+    pub _pad: [u8; 5],
 }
 
 /// One packet's contribution, sent through the ring buffer when its flow could not be
@@ -175,7 +179,38 @@ pub struct OverflowEvent {
     pub bytes: u32,
     pub tcp_flags: u8,
     pub tos: u8,
-    pub _pad: [u8; 2],
+    /// [`hint`] flags of the packet's payload.
+    pub hints: u8,
+    pub _pad: [u8; 1],
+}
+
+/// Payload signatures (`--payload-hints`): the programs read the first bytes of the L4
+/// payload of a flow's first packets and set these flags in its record; nothing else of
+/// the payload leaves the kernel.
+pub mod hint {
+    /// The BitTorrent peer-wire handshake (`\x13BitTorrent protocol`), TCP.
+    pub const BITTORRENT: u8 = 1;
+    /// A uTP (BEP 29) header: version 1, type 0-4, extension 0-2, UDP.
+    pub const UTP: u8 = 2;
+    /// A Mainline DHT KRPC message (a bencoded dictionary, `d1:a`, `d1:r`, ...), UDP.
+    pub const DHT: u8 = 4;
+    /// `GNUTELLA CONNECT` or a `GNUTELLA/0.6` answer, TCP.
+    pub const GNUTELLA: u8 = 8;
+    /// An eDonkey/eMule hello (protocol 0xE3 or 0xC5, opcode 0x01 or 0x4C), TCP.
+    pub const EDONKEY: u8 = 16;
+    /// A BitTorrent tracker request over HTTP (`GET /announce`, `GET /scrape`), TCP.
+    pub const TRACKER: u8 = 32;
+    /// A flow's first packets whose payloads are looked at.
+    pub const FIRST_PACKETS: u64 = 8;
+    /// Names, by bit.
+    pub const NAMES: [(u8, &str); 6] = [
+        (BITTORRENT, "bittorrent_handshake"),
+        (UTP, "utp_header"),
+        (DHT, "dht_krpc"),
+        (GNUTELLA, "gnutella_connect"),
+        (EDONKEY, "edonkey_hello"),
+        (TRACKER, "tracker_announce"),
+    ];
 }
 
 /// What userspace already exported of a flow still in the kernel map: the cumulative
@@ -350,7 +385,8 @@ mod tests {
         assert_eq!(offset_of!(FlowStats, last_ns), 24);
         assert_eq!(offset_of!(FlowStats, tcp_flags), 32);
         assert_eq!(offset_of!(FlowStats, tos), 33);
-        assert_eq!(offset_of!(FlowStats, _pad), 34);
+        assert_eq!(offset_of!(FlowStats, hints), 34);
+        assert_eq!(offset_of!(FlowStats, _pad), 35);
     }
 
     #[test]
@@ -361,7 +397,8 @@ mod tests {
         assert_eq!(offset_of!(OverflowEvent, bytes), 56);
         assert_eq!(offset_of!(OverflowEvent, tcp_flags), 60);
         assert_eq!(offset_of!(OverflowEvent, tos), 61);
-        assert_eq!(offset_of!(OverflowEvent, _pad), 62);
+        assert_eq!(offset_of!(OverflowEvent, hints), 62);
+        assert_eq!(offset_of!(OverflowEvent, _pad), 63);
     }
 
     #[test]

@@ -80,12 +80,17 @@ use aya_ebpf::{
 };
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
-    ExportMark, FlowKey, FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter,
+    ExportMark, FlowKey, FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
 };
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
 #[unsafe(no_mangle)]
 static SAMPLING: u32 = 0;
+
+/// Non-zero: look at the first payload bytes of a flow's first packets for the
+/// signatures of [`hint`] (`--payload-hints`). Set by the loader.
+#[unsafe(no_mangle)]
+static PAYLOAD_HINTS: u32 = 0;
 
 #[map]
 static FLOWS4: HashMap<FlowKey4, FlowStats> =
@@ -233,6 +238,8 @@ struct Packet {
     hdr_len: u32,
     /// Offset of the IP header in the frame.
     l3_off: u32,
+    /// [`hint`] flags of the payload (payload hints only).
+    hints: u8,
 }
 
 /// `::ffff:0:0/96` as words: bytes 10 and 11 are 0xff.
@@ -291,6 +298,7 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
         ip_len: 0,
         hdr_len: 0,
         l3_off: 0,
+        hints: 0,
     };
     let eth = f.at(0, ETH_HLEN).ok_or(counter::ERR_ETH_TRUNCATED)?;
     // SAFETY: each read below stays inside the length its `at` checked.
@@ -493,7 +501,8 @@ fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs
                 bytes: bytes as u32,
                 tcp_flags: pkt.tcp_flags,
                 tos: pkt.tos,
-                _pad: [0; 2],
+                hints: pkt.hints,
+                _pad: [0; 1],
             });
             entry.submit(0);
             count(c, counter::OVERFLOW_PACKETS, packets);
@@ -532,7 +541,8 @@ fn add_to_flow<K>(
         last_ns: now,
         tcp_flags: pkt.tcp_flags,
         tos: pkt.tos,
-        _pad: [0; 6],
+        hints: pkt.hints,
+        _pad: [0; 5],
     };
     match map.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
@@ -561,18 +571,115 @@ fn update<K>(
     // SAFETY: a pointer to the entry's value, valid for this program run (RCU); the
     // counters are only changed through atomic operations, as every CPU shares them.
     unsafe {
+        // A plain read: fetching the old value in the add needs BPF v3 atomics, and "one
+        // of the flow's first packets" need not be exact.
+        let before = (*v).packets;
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).packets, packets);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).bytes, bytes);
         (*v).last_ns = now;
+        // tcp_flags is the low byte of the 8-aligned word at offset 32 (little endian),
+        // hints its third byte.
+        let mut or = 0u64;
         if (*v).tcp_flags & pkt.tcp_flags != pkt.tcp_flags {
-            // tcp_flags is the low byte of the 8-aligned word at offset 32 (little endian).
+            or |= pkt.tcp_flags as u64;
+        }
+        if pkt.hints != 0 && before < hint::FIRST_PACKETS && (*v).hints & pkt.hints != pkt.hints {
+            or |= (pkt.hints as u64) << 16;
+        }
+        if or != 0 {
             atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
                 (&raw mut (*v).tcp_flags).cast::<u64>(),
-                pkt.tcp_flags as u64,
+                or,
             );
         }
     }
     true
+}
+
+/// STUN's magic cookie (RFC 5389), bytes 4-7 of every STUN message.
+const STUN_COOKIE: u32 = w(&[0x21, 0x12, 0xa4, 0x42]);
+
+/// Four payload bytes as [`Hdr::word`] reads them, for comparisons without loops.
+const fn w(b: &[u8; 4]) -> u32 {
+    u32::from_ne_bytes(*b)
+}
+
+/// The [`hint`] flags of the L4 payload at `off`: only its first 20 bytes are read, as
+/// whole words compared with constants (few instructions, few verifier states).
+#[inline(always)]
+fn payload_hints(f: &Frame, off: usize, pkt: &Packet) -> u8 {
+    match pkt.proto {
+        IPPROTO_TCP => {
+            if let Some(h) = f.at(off, 20) {
+                // SAFETY: 20 bytes checked; every read below ends within them.
+                let (w0, w1, w2, w3, w4) =
+                    unsafe { (h.word(0), h.word(4), h.word(8), h.word(12), h.word(16)) };
+                // "\x13BitTorrent protocol"
+                if w0 == w(b"\x13Bit")
+                    && w1 == w(b"Torr")
+                    && w2 == w(b"ent ")
+                    && w3 == w(b"prot")
+                    && w4 == w(b"ocol")
+                {
+                    return hint::BITTORRENT;
+                }
+                // "GET /announce", "GET /scrape"
+                if w0 == w(b"GET ")
+                    && ((w1 == w(b"/ann") && w2 == w(b"ounc"))
+                        || (w1 == w(b"/scr") && w2 & 0x00ff_ffff == w(b"ape\0")))
+                {
+                    return hint::TRACKER;
+                }
+            }
+            if let Some(h) = f.at(off, 8) {
+                // SAFETY: 8 bytes checked.
+                let (w0, w1) = unsafe { (h.word(0), h.word(4)) };
+                if w0 == w(b"GNUT") && w1 == w(b"ELLA") {
+                    return hint::GNUTELLA;
+                }
+            }
+            if let Some(h) = f.at(off, 6) {
+                // eDonkey: protocol, 4-byte little-endian length (small), opcode.
+                // SAFETY: 6 bytes checked.
+                let (proto, len_hi, opcode) = unsafe { (h.byte(0), h.be16(3), h.byte(5)) };
+                if (proto == 0xe3 || proto == 0xc5)
+                    && len_hi == 0
+                    && (opcode == 0x01 || opcode == 0x4c)
+                {
+                    return hint::EDONKEY;
+                }
+            }
+            0
+        }
+        // QUIC (443, 80) has first bytes a uTP or DHT test could take for its own.
+        IPPROTO_UDP
+            if pkt.sport != 443 && pkt.dport != 443 && pkt.sport != 80 && pkt.dport != 80 =>
+        {
+            if let Some(h) = f.at(off, 4) {
+                // SAFETY: 4 bytes checked.
+                let w0 = unsafe { h.word(0) };
+                // A bencoded dictionary whose first key is one letter: "d1:a", "d1:r", ...
+                let key = (w0 >> 24) as u8;
+                if w0 & 0x00ff_ffff == w(b"d1:\0")
+                    && matches!(key, b'a' | b'e' | b'q' | b'r' | b't' | b'v' | b'y')
+                {
+                    return hint::DHT;
+                }
+            }
+            if let Some(h) = f.at(off, 20) {
+                // uTP: type 0-4 in the high nibble, version 1, extension 0-2; not STUN,
+                // whose success response (0x0101) starts the same way but carries the
+                // magic cookie next.
+                // SAFETY: 20 bytes checked.
+                let (b0, b1, cookie) = unsafe { (h.byte(0), h.byte(1), h.word(4)) };
+                if b0 & 0x0f == 1 && b0 >> 4 <= 4 && b1 <= 2 && cookie != STUN_COOKIE {
+                    return hint::UTP;
+                }
+            }
+            0
+        }
+        _ => 0,
+    }
 }
 
 #[inline(always)]
@@ -623,7 +730,11 @@ fn meter(f: &Frame, ifindex: u32, direction: u8, len: FrameLen, vlan_tci: u16, s
         return;
     }
     match parse(f, vlan_tci) {
-        Ok(pkt) => {
+        Ok(mut pkt) => {
+            // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+            if unsafe { core::ptr::read_volatile(&PAYLOAD_HINTS) } != 0 && pkt.fragment == 0 {
+                pkt.hints = payload_hints(f, (pkt.l3_off + pkt.hdr_len) as usize, &pkt);
+            }
             let needed = pkt.l3_off as u64 + pkt.ip_len as u64;
             count(c, counter::FRAME_BYTES, len.resolve(linear, needed));
             account(

@@ -97,6 +97,7 @@ impl Meter {
             LoadOptions {
                 map_size,
                 sampling: args.sampling,
+                payload_hints: args.payload_hints,
             },
             pins.as_ref(),
         )?;

@@ -258,6 +258,7 @@ fn spread(flows: u32) -> Result<()> {
     let mut bpf = load_object(LoadOptions {
         map_size: flows.saturating_mul(2),
         sampling: 1,
+        payload_hints: false,
     })?;
     for p in ["bench_pass", XDP_PROGRAM] {
         load(&mut bpf, p)?;
@@ -314,6 +315,7 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
     let mut bpf = load_object(LoadOptions {
         map_size,
         sampling: 1,
+        payload_hints: false,
     })?;
     for p in ["bench_pass", "bench_parse", XDP_PROGRAM] {
         load(&mut bpf, p)?;

@@ -115,6 +115,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR|none", default_value = "/sys/fs/bpf/detector")]
     pub pin_path: String,
 
+    /// Read the first bytes of each flow's first packets for the signatures of P2P
+    /// protocols (BitTorrent handshake, uTP, DHT, Gnutella, eDonkey): only a flag per
+    /// flow leaves the kernel, and it names the application in alarms. Off by default.
+    #[arg(long)]
+    pub payload_hints: bool,
+
     /// At SIGINT/SIGTERM, leave the programs attached and the maps pinned (for an
     /// upgrade: the next `run` on the interface adopts them and exports what they
     /// counted meanwhile) instead of detaching and flushing every flow.

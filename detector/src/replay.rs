@@ -81,6 +81,11 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub source_id: u32,
 
+    /// Read the first payload bytes of each flow's first packets for P2P protocol
+    /// signatures (see `run --payload-hints`).
+    #[arg(long)]
+    pub payload_hints: bool,
+
     /// Worker threads for duplicate marking and detection (1 keeps the records in the
     /// capture's order in the output).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -155,6 +160,7 @@ fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
     let mut bpf = xdp::load_object(LoadOptions {
         map_size: args.map_size,
         sampling: 1,
+        payload_hints: args.payload_hints,
     })?;
     let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
     let mut source = XdpSource::new(&mut bpf, timeouts, TEST_RUN_IFINDEX)?;
@@ -325,8 +331,14 @@ pub fn detection_report(done: &crate::pipeline::Finished) -> Vec<String> {
             })
             .collect();
         out.push(format!(
-            "host {ip} score {:.1}{}: {}",
+            "host {ip} score {:.1} kind {}{}{}: {}",
             v.score,
+            v.kind,
+            if v.kind_evidence.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", v.kind_evidence.join(", "))
+            },
             v.guard
                 .map(|g| format!(" (vetoed as {g})"))
                 .unwrap_or_default(),

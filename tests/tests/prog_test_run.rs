@@ -11,7 +11,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use detector::sources::xdp::{LoadOptions, TC_PROGRAM, XDP_PROGRAM, load_object};
 use detector_common::{
     COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS4_MAP, FLOWS6_MAP,
-    FlowKey, FlowKey4, FlowStats, counter,
+    FlowKey, FlowKey4, FlowStats, counter, hint,
 };
 use tests::frames::*;
 
@@ -30,8 +30,16 @@ impl Meter {
     }
 
     fn with_sampling(map_size: u32, sampling: u32) -> Self {
-        let mut bpf =
-            load_object(LoadOptions { map_size, sampling }).expect("load the eBPF object");
+        Self::with_options(map_size, sampling, false)
+    }
+
+    fn with_options(map_size: u32, sampling: u32, payload_hints: bool) -> Self {
+        let mut bpf = load_object(LoadOptions {
+            map_size,
+            sampling,
+            payload_hints,
+        })
+        .expect("load the eBPF object");
         let x: &mut Xdp = bpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
         x.load().expect("XDP program passes the verifier");
         let t: &mut SchedClassifier = bpf.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
@@ -752,4 +760,147 @@ fn batch_and_per_key_drains_read_and_empty_the_maps_exactly() {
         source.scan(now + 3600 * 1_000_000_000, &mut after).unwrap();
         assert!(after.is_empty(), "{mode:?}: left in the maps: {after:?}");
     }
+}
+
+/// An IPv4 frame from 10.1.0.1 to 10.1.0.2 carrying `l4` (header and payload).
+fn v4_frame(proto: u8, l4: &[u8]) -> Vec<u8> {
+    frame(&[
+        &ethernet(&[], ETH_P_IP),
+        &ipv4(
+            Ipv4Addr::new(10, 1, 0, 1),
+            Ipv4Addr::new(10, 1, 0, 2),
+            proto,
+            0,
+            0,
+            &[],
+            l4,
+        ),
+    ])
+}
+
+fn tcp_with(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = tcp(sport, dport, 0x18);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn udp_with(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = udp(sport, dport, payload.len());
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn payload_signatures_set_their_hint_flag_on_a_flows_first_packets_only() {
+    let mut utp = vec![0x41, 0x00];
+    utp.resize(20, 0x33);
+    let mut stun_response = vec![0x01, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+    stun_response.resize(32, 0x55);
+    let mut edonkey = vec![0xe3, 0x40, 0x00, 0x00, 0x00, 0x01];
+    edonkey.resize(40, 0x10);
+    let mut gnutella = b"GNUTELLA CONNECT/0.6\r\n".to_vec();
+    gnutella.resize(40, b'x');
+    let mut tls = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    tls.resize(60, 0);
+    let bt = {
+        let mut v = vec![19u8];
+        v.extend_from_slice(b"BitTorrent protocol");
+        v.resize(68, 0);
+        v
+    };
+    // (what, protocol, L4 bytes, expected flags)
+    let cases: Vec<(&str, u8, Vec<u8>, u8)> = vec![
+        (
+            "BitTorrent handshake",
+            6,
+            tcp_with(40001, 6881, &bt),
+            hint::BITTORRENT,
+        ),
+        (
+            "tracker announce",
+            6,
+            tcp_with(40002, 6969, b"GET /announce?info_hash=%12%34 HTTP/1.1\r\n"),
+            hint::TRACKER,
+        ),
+        (
+            "tracker scrape",
+            6,
+            tcp_with(40003, 80, b"GET /scrape?info_hash=%12 HTTP/1.0\r\n"),
+            hint::TRACKER,
+        ),
+        (
+            "Gnutella connect",
+            6,
+            tcp_with(40004, 6346, &gnutella),
+            hint::GNUTELLA,
+        ),
+        (
+            "eDonkey hello",
+            6,
+            tcp_with(40005, 4662, &edonkey),
+            hint::EDONKEY,
+        ),
+        (
+            "DHT query",
+            17,
+            udp_with(
+                40006,
+                6881,
+                b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe",
+            ),
+            hint::DHT,
+        ),
+        ("uTP SYN", 17, udp_with(40007, 50000, &utp), hint::UTP),
+        (
+            "STUN success response",
+            17,
+            udp_with(3478, 40008, &stun_response),
+            0,
+        ),
+        ("uTP-like QUIC on 443", 17, udp_with(40009, 443, &utp), 0),
+        ("TLS hello", 6, tcp_with(40010, 443, &tls), 0),
+        (
+            "HTTP GET",
+            6,
+            tcp_with(40011, 80, b"GET /index.html HTTP/1.1\r\n\r\n"),
+            0,
+        ),
+        ("no payload", 6, tcp(40012, 6881, 0x02), 0),
+    ];
+    let mut m = Meter::with_options(1024, 1, true);
+    let mut off = Meter::with_options(1024, 1, false);
+    for (what, proto, l4, want) in &cases {
+        m.clear();
+        off.clear();
+        let f = v4_frame(*proto, l4);
+        assert_eq!(m.run_xdp(&f), XDP_PASS, "{what}");
+        assert_eq!(off.run_xdp(&f), XDP_PASS, "{what}");
+        let flows = m.flows();
+        assert_eq!(flows.len(), 1, "{what}");
+        let s = flows.values().next().unwrap();
+        assert_eq!(s.hints, *want, "{what}: flags");
+        assert_eq!(s.packets, 1, "{what}");
+        assert_eq!(
+            off.flows().values().next().unwrap().hints,
+            0,
+            "{what}: without --payload-hints nothing is read"
+        );
+    }
+    // Past a flow's first packets, a signature no longer counts (a stream's later
+    // segments start anywhere in the data).
+    m.clear();
+    let plain = v4_frame(6, &tcp_with(40100, 6881, &tls));
+    for _ in 0..hint::FIRST_PACKETS {
+        m.run_xdp(&plain);
+    }
+    m.run_xdp(&v4_frame(6, &tcp_with(40100, 6881, &bt)));
+    let s = *m.flows().values().next().unwrap();
+    assert_eq!((s.packets, s.hints), (hint::FIRST_PACKETS + 1, 0));
+    // Within them, it does, on an existing flow too.
+    m.clear();
+    m.run_xdp(&plain);
+    m.run_xdp(&v4_frame(6, &tcp_with(40100, 6881, &bt)));
+    let s = *m.flows().values().next().unwrap();
+    assert_eq!((s.packets, s.hints), (2, hint::BITTORRENT));
 }

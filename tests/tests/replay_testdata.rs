@@ -225,8 +225,10 @@ fn labelled_captures_get_the_expected_verdicts() {
                     .max()
                     .unwrap();
                 assert!(peers >= 100, "{capture}: {e}");
+                // Named from its ports without payload hints (28 peers on 6346/6347).
+                assert_eq!(e["kind"], "gnutella", "{capture}: {e}");
                 assert!(stderr.contains(&format!(
-                    "alarm {} raised p2p: host {h}",
+                    "alarm {} raised gnutella: host {h}",
                     e["id"].as_str().unwrap()
                 )));
                 // The end of the replay lists the host with every rule's value, the
@@ -324,4 +326,93 @@ fn a_replay_without_internal_hosts_says_why() {
             assert_eq!((both, neither), (0, records), "{line}");
         }
     }
+}
+
+/// The kind `replay --payload-hints --internal HOST/32` reports for a capture's host:
+/// `(kind, why)` from its report line, or None when the host is not reported.
+fn reported_kind(pcap: &Path, host: &str) -> Option<(String, String)> {
+    let out = Command::new(tests::detector_bin())
+        .arg("replay")
+        .arg(pcap)
+        .args(["--flows-json", "/dev/null", "--payload-hints", "--internal"])
+        .arg(format!("{host}/32"))
+        .output()
+        .expect("run detector replay");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("host {host} score ")))?;
+    let rest = line.split(" kind ").nth(1)?;
+    let kind = rest.split([' ', ':']).next()?.to_string();
+    let why = rest
+        .strip_prefix(&kind)?
+        .trim_start()
+        .strip_prefix('(')
+        .and_then(|w| w.split(')').next())
+        .unwrap_or("")
+        .to_string();
+    Some((kind, why))
+}
+
+/// Captures of `LABELS.tsv` whose host the report cannot name, and why.
+const UNNAMED: &[(&str, &str)] = &[
+    (
+        "pcap/p2p/nDPI__bittorrent_utp.pcap",
+        "stitched: its uTP flows end years before the capture's last frame, so the host has left the window when the replay ends",
+    ),
+    (
+        "pcap/p2p/nDPI__bt_search.pcap",
+        "one local peer discovery multicast: no external peer, no profile",
+    ),
+];
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn labelled_captures_show_the_kind_they_hold() {
+    let Some(data) = tests::shared_testdata() else {
+        eprintln!("skipped: ../shared/testdata is absent");
+        return;
+    };
+    let labels = std::fs::read_to_string(data.join("LABELS.tsv")).unwrap();
+    let mut named = 0;
+    for line in labels.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let (capture, host, class) = (cols[0], cols[1], cols[2]);
+        let pcap = data.join(capture);
+        let got = reported_kind(&pcap, host);
+        if class == "benign" {
+            // No payload signature in benign traffic, so no host named by one.
+            if let Some((kind, why)) = got {
+                assert!(!why.contains("payload"), "{capture} {host}: {kind} ({why})");
+            }
+            continue;
+        }
+        if let Some((_, reason)) = UNNAMED.iter().find(|(c, _)| *c == capture) {
+            assert!(
+                got.is_none(),
+                "{capture}: now reported ({got:?}); was: {reason}"
+            );
+            eprintln!("{capture}: not named ({reason})");
+            continue;
+        }
+        let want = if class.starts_with("bittorrent") {
+            "bittorrent"
+        } else if capture.contains("gnutella") {
+            "gnutella"
+        } else if capture.contains("edonkey") {
+            "edonkey"
+        } else {
+            panic!("{capture}: a P2P class without a known kind: {class}");
+        };
+        let (kind, why) = got.unwrap_or_else(|| panic!("{capture}: {host} not reported"));
+        assert_eq!(kind, want, "{capture} {host} ({why})");
+        assert!(
+            why.contains("payload"),
+            "{capture}: named by its payload: {why}"
+        );
+        eprintln!("{capture}: {kind} ({why})");
+        named += 1;
+    }
+    assert!(named >= 6, "only {named} captures named");
 }

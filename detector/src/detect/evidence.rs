@@ -112,6 +112,9 @@ pub struct Verdict {
     pub measures: Measures,
     /// A look-alike guard that vetoed the alarm, if any.
     pub guard: Option<&'static str>,
+    /// The application (see [`super::kind`]) and the evidence that named it.
+    pub kind: &'static str,
+    pub kind_evidence: Vec<String>,
 }
 
 fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) -> Evidence {
@@ -238,7 +241,9 @@ pub fn evaluate(
     // (local port, remote address, remote port) of every peer's connections.
     let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
+    let mut kind = super::kind::KindSignals::default();
     for (ip, s) in p.peers.iter() {
+        kind.add_peer(s.hints, s.ports());
         m.flows += u64::from(s.flows);
         m.bytes_in += s.bytes_in;
         m.bytes_out += s.bytes_out;
@@ -400,10 +405,21 @@ pub fn evaluate(
     } else {
         None
     };
+    let fired = |rule: &str| {
+        evidence
+            .iter()
+            .find(|e| e.rule == rule)
+            .map_or((false, 0.0), |e| (e.fired, e.value))
+    };
+    kind.udp_small = fired("udp_small_datagram_peers");
+    kind.tcp_and_udp = fired("tcp_and_udp_peers");
+    let (kind, kind_evidence) = kind.decide();
     Verdict {
         score,
         evidence,
         measures: m,
         guard,
+        kind,
+        kind_evidence,
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod dense;
 pub mod evidence;
+pub mod kind;
 pub mod ports;
 pub mod profile;
 
@@ -149,7 +150,10 @@ pub struct AlarmEvent {
     pub id: String,
     pub state: AlarmState,
     pub host: IpAddr,
+    /// The application: `bittorrent`, `gnutella`, `edonkey`, or `p2p` (see [`kind`]).
     pub kind: &'static str,
+    /// What named the application.
+    pub kind_evidence: Vec<String>,
     pub score: f64,
     /// When this event happened (the evaluation that raised, updated or cleared it).
     pub at: String,
@@ -177,7 +181,7 @@ impl AlarmEvent {
             .map(|e| format!("{}={:.2} ({} {:.2})", e.rule, e.value, e.op, e.threshold))
             .collect();
         format!(
-            "alarm {} {} {}: host {} score {:.1}, {} peers, {} flows, {} bytes in, {} bytes out, top peer {:.0}%; {}; seen by {}",
+            "alarm {} {} {}: host {} score {:.1}, {} peers, {} flows, {} bytes in, {} bytes out, top peer {:.0}%; {}{}; seen by {}",
             self.id,
             match self.state {
                 AlarmState::Raised => "raised",
@@ -193,6 +197,11 @@ impl AlarmEvent {
             self.bytes_out,
             self.top_peer_share * 100.0,
             fired.join(", "),
+            if self.kind_evidence.is_empty() {
+                String::new()
+            } else {
+                format!("; {} because {}", self.kind, self.kind_evidence.join(", "))
+            },
             self.exporters.join(", ")
         )
     }
@@ -856,7 +865,8 @@ fn event(
         id: a.id.clone(),
         state,
         host,
-        kind: "p2p",
+        kind: v.kind,
+        kind_evidence: v.kind_evidence.clone(),
         score: v.score,
         at: rfc(now),
         first_seen: rfc(a.first_seen),

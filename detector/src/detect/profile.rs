@@ -188,6 +188,8 @@ pub struct PeerStat {
     pub tcp_failed: u32,
     pub tcp: bool,
     pub udp: bool,
+    /// OR of the payload hint flags of the peer's flows.
+    pub hints: u8,
     nports: u8,
     ports: [(u16, u16); PORTS_PER_PEER],
 }
@@ -207,6 +209,7 @@ impl PeerStat {
             tcp_failed: 0,
             tcp: false,
             udp: false,
+            hints: 0,
             nports: 0,
             ports: [(0, 0); PORTS_PER_PEER],
         }
@@ -372,6 +375,7 @@ impl HostProfile {
             p.bytes_in += bytes;
         }
         p.flows = p.flows.saturating_add(1);
+        p.hints |= r.hints;
         match r.protocol {
             6 => {
                 p.tcp = true;

@@ -126,7 +126,13 @@ fn a_torrent_client_raises_one_alarm_with_its_evidence() {
     let events = run(&mut e, 60, |s| torrent(host, s));
     assert_eq!(raised(&events), vec![host]);
     let a = &events[0];
-    assert_eq!(a.kind, "p2p");
+    // Its listening port 51413 and the 6881 peers name the application.
+    assert_eq!(a.kind, "bittorrent", "{:?}", a.kind_evidence);
+    assert!(
+        a.kind_evidence[0].contains("peers on BitTorrent"),
+        "{:?}",
+        a.kind_evidence
+    );
     assert!(a.peers >= 80, "{a:?}");
     assert!(a.score >= 7.0);
     let fired: Vec<_> = a
@@ -144,7 +150,9 @@ fn a_torrent_client_raises_one_alarm_with_its_evidence() {
     ] {
         assert!(fired.contains(&rule), "{rule} did not fire: {fired:?}");
     }
-    assert!(a.log_line().contains("raised p2p: host 10.0.0.5"));
+    let line = a.log_line();
+    assert!(line.contains("raised bittorrent: host 10.0.0.5"), "{line}");
+    assert!(line.contains("; bittorrent because "), "{line}");
 }
 
 #[test]

@@ -83,6 +83,9 @@ pub struct FlowRecord {
     /// Another source already reported this flow for an overlapping time: statistics
     /// must count it once (the record itself is still exported unchanged).
     pub duplicate: bool,
+    /// Payload [`detector_common::hint`] flags the local meter set (`--payload-hints`);
+    /// 0 otherwise. Not exported.
+    pub hints: u8,
 }
 
 impl FlowRecord {
@@ -108,6 +111,7 @@ impl FlowRecord {
             sampling: 1,
             origin: Origin::Local,
             duplicate: false,
+            hints: 0,
         }
     }
 
@@ -162,6 +166,7 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
         sampling: sampling.max(1),
         origin: Origin::Local,
         duplicate: false,
+        hints: d.hints,
     }
 }
 

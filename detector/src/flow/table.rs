@@ -48,6 +48,8 @@ pub struct Delta {
     pub last_ns: u64,
     pub tcp_flags: u8,
     pub tos: u8,
+    /// Payload [`detector_common::hint`] flags (payload hints only).
+    pub hints: u8,
 }
 
 /// What the caller must do with a flow after [`FlowTable::observe`].
@@ -128,6 +130,7 @@ pub fn merge_cpus(values: impl IntoIterator<Item = FlowStats>) -> FlowStats {
         }
         out.last_ns = out.last_ns.max(v.last_ns);
         out.tcp_flags |= v.tcp_flags;
+        out.hints |= v.hints;
     }
     out
 }
@@ -143,6 +146,7 @@ pub fn add_event(stats: &mut FlowStats, ev: &OverflowEvent) {
     stats.bytes += ev.bytes as u64;
     stats.last_ns = stats.last_ns.max(ev.ts_ns);
     stats.tcp_flags |= ev.tcp_flags;
+    stats.hints |= ev.hints;
 }
 
 impl FlowTable {
@@ -312,6 +316,7 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
         last_ns: s.last_ns,
         tcp_flags: s.tcp_flags,
         tos: s.tos,
+        hints: s.hints,
     })
 }
 
@@ -357,7 +362,8 @@ mod tests {
                     bytes,
                     tcp_flags: flags,
                     tos: 0,
-                    _pad: [0; 2],
+                    hints: 0,
+                    _pad: [0; 1],
                 },
             );
         }
@@ -563,7 +569,8 @@ mod tests {
             last_ns: 9,
             tcp_flags: 0x02,
             tos: 4,
-            _pad: [0; 6],
+            hints: 0,
+            _pad: [0; 5],
         };
         let b = FlowStats {
             packets: 1,
@@ -572,7 +579,8 @@ mod tests {
             last_ns: 7,
             tcp_flags: 0x10,
             tos: 8,
-            _pad: [0; 6],
+            hints: 0,
+            _pad: [0; 5],
         };
         let m = merge_cpus([a, FlowStats::default(), b]);
         assert_eq!((m.packets, m.bytes, m.first_ns, m.last_ns), (3, 250, 3, 9));

@@ -90,6 +90,9 @@ pub struct HostStatus {
     pub alarmed: bool,
     /// The look-alike guard that vetoed an alarm, if any.
     pub vetoed_by: Option<&'static str>,
+    /// The application and what named it.
+    pub kind: &'static str,
+    pub kind_evidence: Vec<String>,
     pub peers: u64,
     pub flows: u64,
     pub bytes_in: u64,
@@ -162,6 +165,8 @@ impl State {
                 score: v.score,
                 alarmed: self.alarms.contains_key(&host),
                 vetoed_by: v.guard,
+                kind: v.kind,
+                kind_evidence: v.kind_evidence,
                 peers: v.measures.peers,
                 flows: v.measures.flows,
                 bytes_in: v.measures.bytes_in,

@@ -21,6 +21,7 @@ fn event(host: IpAddr, state: AlarmState, score: f64) -> AlarmEvent {
         state,
         host,
         kind: "p2p",
+        kind_evidence: Vec::new(),
         score,
         at: String::new(),
         first_seen: String::new(),
@@ -45,6 +46,8 @@ fn verdict(score: f64) -> Verdict {
             ..Measures::default()
         },
         guard: None,
+        kind: "p2p",
+        kind_evidence: Vec::new(),
     }
 }
 

@@ -35,8 +35,15 @@ pub struct Inputs<'a> {
     pub udp_rcvbuf_errors: Option<u64>,
 }
 
-/// The P2P alarm kind (other kinds, such as a port scan, are not P2P verdicts).
-const P2P_KIND: &str = "p2p";
+/// The P2P alarm kinds: the application named, or `p2p` (other kinds, such as a port
+/// scan, would not be P2P verdicts).
+const P2P_KINDS: [&str; 4] = ["p2p", "bittorrent", "gnutella", "edonkey"];
+
+fn is_p2p(event: &Value) -> bool {
+    event["kind"]
+        .as_str()
+        .is_some_and(|k| P2P_KINDS.contains(&k))
+}
 /// An alarm must come within this many seconds of the host's first P2P byte.
 pub const DETECT_WITHIN_SECS: f64 = 60.0;
 
@@ -172,18 +179,14 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             .iter()
             .filter(|a| a.event["host"] == addr.as_str())
             .collect();
-        let p2p: Vec<&AlarmSeen> = mine
-            .iter()
-            .copied()
-            .filter(|a| a.event["kind"] == P2P_KIND)
-            .collect();
+        let p2p: Vec<&AlarmSeen> = mine.iter().copied().filter(|a| is_p2p(&a.event)).collect();
         let ids: BTreeSet<String> = p2p
             .iter()
             .map(|a| a.event["id"].as_str().unwrap_or("").to_string())
             .collect();
         let other_kinds: BTreeSet<String> = mine
             .iter()
-            .filter(|a| a.event["kind"] != P2P_KIND)
+            .filter(|a| !is_p2p(&a.event))
             .map(|a| a.event["kind"].as_str().unwrap_or("").to_string())
             .collect();
         let raised = p2p.iter().find(|a| a.event["state"] == "raised");
@@ -260,6 +263,15 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             }
         }
         let score = last.and_then(|a| a.event["score"].as_f64());
+        let kind = last.and_then(|a| a.event["kind"].as_str()).unwrap_or("-");
+        let kind_why: Vec<String> = last
+            .and_then(|a| a.event["kind_evidence"].as_array())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
         let (peak, vetoes) = peaks.get(&addr).cloned().unwrap_or_default();
         let mut notes = Vec::new();
         if !other_kinds.is_empty() {
@@ -273,6 +285,9 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
                 "vetoed as {}",
                 vetoes.iter().cloned().collect::<Vec<_>>().join(",")
             ));
+        }
+        if !kind_why.is_empty() {
+            notes.push(format!("{kind}: {}", kind_why.join(", ")));
         }
         let note = notes.join("; ");
         writeln!(
@@ -304,6 +319,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "raised_at": raised_at,
             "seconds_to_detect": detect,
             "score": score,
+            "kind": kind,
+            "kind_evidence": kind_why,
             "peak_score": peak,
             "vetoed_as": vetoes,
             "evidence": evidence,

@@ -705,6 +705,7 @@ impl Body {
                                     domain: 0,
                                 },
                                 duplicate: false,
+                                hints: 0,
                             },
                             None,
                         )
@@ -1190,6 +1191,7 @@ impl RawRecord {
                 domain: ctx.domain,
             },
             duplicate: false,
+            hints: 0,
         }
     }
 

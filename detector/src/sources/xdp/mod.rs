@@ -18,7 +18,7 @@ use aya::{Ebpf, EbpfLoader};
 use detector_common::{
     CLOCK_MAP, COUNTERS_MAP, CounterBlock, DRAIN_STATE_MAP, DrainState, EXPORTED_MAP, ExportMark,
     FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, OVERFLOW_MAP, OverflowEvent,
-    SAMPLING_GLOBAL, counter,
+    PAYLOAD_HINTS_GLOBAL, SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
 
@@ -96,6 +96,8 @@ pub enum XdpModeArg {
 pub struct LoadOptions {
     pub map_size: u32,
     pub sampling: u32,
+    /// Set payload hint flags (`--payload-hints`).
+    pub payload_hints: bool,
 }
 
 /// Loads the object with the map sized and the sampling rate set. Programs are not loaded.
@@ -107,6 +109,7 @@ pub fn load_object(opts: LoadOptions) -> Result<Ebpf, XdpError> {
 /// earlier agent) are used as they are, the others created and pinned.
 pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf, XdpError> {
     let sampling = opts.sampling;
+    let hints = u32::from(opts.payload_hints);
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(FLOWS4_MAP, opts.map_size)
@@ -114,7 +117,8 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
         // The bookkeeping holds only flows exported at an active timeout and still in
         // the maps; without pins it is not used.
         .map_max_entries(EXPORTED_MAP, if pins.is_some() { opts.map_size } else { 1 })
-        .override_global(SAMPLING_GLOBAL, &sampling, true);
+        .override_global(SAMPLING_GLOBAL, &sampling, true)
+        .override_global(PAYLOAD_HINTS_GLOBAL, &hints, true);
     if let Some(p) = pins {
         for name in pin::MAPS {
             loader.map_pin_path(name, p.map(name));

@@ -1,0 +1,195 @@
+//! Which P2P application a host runs, from the evidence: `bittorrent`, `gnutella`,
+//! `edonkey`, or `p2p` when nothing points at one.
+//!
+//! In order, the first that holds decides:
+//! 1. payload hints (`--payload-hints`): peers whose flows began with a protocol's
+//!    signature (BitTorrent handshake, uTP header, DHT message or tracker request;
+//!    Gnutella connect; eDonkey hello), at least [`MIN_HINT_PEERS`]; the family with
+//!    the most wins;
+//! 2. the family's well-known ports, at least [`MIN_PEERS`] peers met on one of them
+//!    (either end): Gnutella 6346-6347, eDonkey 4661/4662/4665/4672, BitTorrent
+//!    6881-6889, 6969 (trackers), 6771 (local peer discovery), 51413 (Transmission);
+//! 3. BitTorrent's own shape: DHT-style small datagrams to many peers together with
+//!    uTP-style UDP beside TCP to the same peers (both rules fired).
+//!
+//! Every decision lists the evidence that chose it.
+
+use detector_common::hint;
+
+/// Peers a port signal needs before it names the application (a port is a weak sign).
+pub const MIN_PEERS: u64 = 2;
+/// Peers a payload signature needs: one handshake of a protocol is enough to name it.
+pub const MIN_HINT_PEERS: u64 = 1;
+
+pub const BITTORRENT: &str = "bittorrent";
+pub const GNUTELLA: &str = "gnutella";
+pub const EDONKEY: &str = "edonkey";
+pub const P2P: &str = "p2p";
+
+/// Well-known ports of each family.
+pub fn family_of_port(port: u16) -> Option<usize> {
+    match port {
+        6881..=6889 | 6969 | 6771 | 51413 => Some(0),
+        6346 | 6347 => Some(1),
+        4661 | 4662 | 4665 | 4672 => Some(2),
+        _ => None,
+    }
+}
+
+const FAMILIES: [&str; 3] = [BITTORRENT, GNUTELLA, EDONKEY];
+
+/// What the kind is decided from, counted over a host's peers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KindSignals {
+    /// Peers with a flow that carried each hint, in the order of [`hint::NAMES`].
+    pub hint_peers: [u64; 6],
+    /// Peers met on a well-known port of each family (BitTorrent, Gnutella, eDonkey).
+    pub port_peers: [u64; 3],
+    /// The DHT-style and uTP-style rules: (fired, value).
+    pub udp_small: (bool, f64),
+    pub tcp_and_udp: (bool, f64),
+}
+
+impl KindSignals {
+    /// Counts one peer: the OR of its flows' hints, and its (local, remote) port pairs.
+    pub fn add_peer(&mut self, hints: u8, ports: &[(u16, u16)]) {
+        for (i, (bit, _)) in hint::NAMES.iter().enumerate() {
+            if hints & bit != 0 {
+                self.hint_peers[i] += 1;
+            }
+        }
+        let mut seen = [false; 3];
+        for &(l, r) in ports {
+            for f in [family_of_port(l), family_of_port(r)].into_iter().flatten() {
+                seen[f] = true;
+            }
+        }
+        for (n, s) in self.port_peers.iter_mut().zip(seen) {
+            *n += u64::from(s);
+        }
+    }
+
+    /// The kind and the evidence that chose it.
+    pub fn decide(&self) -> (&'static str, Vec<String>) {
+        // 1. Payload hints, by family: BitTorrent's three, Gnutella's, eDonkey's.
+        let h = &self.hint_peers;
+        let by_family = [h[0].max(h[1]).max(h[2]).max(h[5]), h[3], h[4]];
+        if let Some((f, &n)) = by_family
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n >= MIN_HINT_PEERS)
+            .max_by_key(|(i, n)| (**n, std::cmp::Reverse(*i)))
+        {
+            let which: Vec<String> = hint::NAMES
+                .iter()
+                .zip(h)
+                .filter(|((bit, _), n)| **n > 0 && hint_family(*bit) == f)
+                .map(|((_, name), n)| format!("payload {name} with {n} peers"))
+                .collect();
+            debug_assert!(n >= MIN_HINT_PEERS);
+            return (FAMILIES[f], which);
+        }
+        // 2. Well-known ports.
+        if let Some((f, &n)) = self
+            .port_peers
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n >= MIN_PEERS)
+            .max_by_key(|(i, n)| (**n, std::cmp::Reverse(*i)))
+        {
+            return (
+                FAMILIES[f],
+                vec![format!("{n} peers on {} ports", port_names(f))],
+            );
+        }
+        // 3. BitTorrent's shape without its ports.
+        if self.udp_small.0 && self.tcp_and_udp.0 {
+            return (
+                BITTORRENT,
+                vec![
+                    format!(
+                        "DHT-style small datagrams with {} peers",
+                        self.udp_small.1 as u64
+                    ),
+                    format!(
+                        "uTP-style UDP beside TCP with {} peers",
+                        self.tcp_and_udp.1 as u64
+                    ),
+                ],
+            );
+        }
+        (P2P, Vec::new())
+    }
+}
+
+fn hint_family(bit: u8) -> usize {
+    match bit {
+        hint::BITTORRENT | hint::UTP | hint::DHT | hint::TRACKER => 0,
+        hint::GNUTELLA => 1,
+        _ => 2,
+    }
+}
+
+fn port_names(f: usize) -> &'static str {
+    match f {
+        0 => "BitTorrent (6881-6889, 6969, 6771, 51413)",
+        1 => "Gnutella (6346, 6347)",
+        _ => "eDonkey (4661, 4662, 4665, 4672)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals(peers: &[(u8, &[(u16, u16)])]) -> KindSignals {
+        let mut k = KindSignals::default();
+        for (h, p) in peers {
+            k.add_peer(*h, p);
+        }
+        k
+    }
+
+    #[test]
+    fn hints_name_the_family_with_the_most_peers() {
+        let k = signals(&[
+            (hint::BITTORRENT, &[(40000, 50001)]),
+            (hint::DHT, &[(40000, 50002)]),
+            (hint::UTP | hint::DHT, &[(40000, 50003)]),
+            (hint::GNUTELLA, &[(40000, 6346)]),
+        ]);
+        let (kind, why) = k.decide();
+        assert_eq!(kind, BITTORRENT);
+        assert!(
+            why.iter().any(|w| w == "payload dht_krpc with 2 peers"),
+            "{why:?}"
+        );
+        // One handshake names it; one peer on a well-known port does not.
+        let k = signals(&[(hint::EDONKEY, &[(1, 2)])]);
+        assert_eq!(k.decide().0, EDONKEY);
+        let k = signals(&[(0, &[(40000, 6881)])]);
+        assert_eq!(k.decide().0, P2P);
+    }
+
+    #[test]
+    fn ports_then_shape_decide_without_hints() {
+        let k = signals(&[(0, &[(6346, 40000)]), (0, &[(50000, 6347)]), (0, &[(1, 2)])]);
+        assert_eq!(
+            k.decide(),
+            (
+                GNUTELLA,
+                vec!["2 peers on Gnutella (6346, 6347) ports".to_string()]
+            )
+        );
+        let k = signals(&[(0, &[(4662, 1)]), (0, &[(4672, 1)]), (0, &[(4662, 2)])]);
+        assert_eq!(k.decide().0, EDONKEY);
+        let mut k = signals(&[(0, &[(40000, 50001)])]);
+        assert_eq!(k.decide().0, P2P);
+        k.udp_small = (true, 30.0);
+        assert_eq!(k.decide().0, P2P, "both rules are needed");
+        k.tcp_and_udp = (true, 12.0);
+        let (kind, why) = k.decide();
+        assert_eq!(kind, BITTORRENT);
+        assert_eq!(why.len(), 2, "{why:?}");
+    }
+}
