@@ -374,7 +374,7 @@ webhook = { url = "http://127.0.0.1:8080/alarms" }
                 "threshold key {k} is no rule's name ({rules:?})"
             );
         }
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        assert_eq!(keys.len(), 14, "{keys:?}");
         // An old key sets the same threshold, with a warning that names the new key.
         let old = load("[thresholds]\nlisten_peers = 12.0\npeers = 30.0\n").unwrap();
         let new =

@@ -42,6 +42,8 @@ pub struct Thresholds {
     pub udp_small_size: f64,
     #[serde(rename = "failed_connection_share", alias = "failed_share")]
     pub failed_share: f64,
+    /// Peers met on a P2P family's well-known port (see [`super::kind::family_of_port`]).
+    pub p2p_port_peers: f64,
     /// Score at or above which a host is suspect.
     pub score: f64,
 }
@@ -72,6 +74,7 @@ impl Default for Thresholds {
             udp_small_peers: 15.0,
             udp_small_size: 300.0,
             failed_share: 0.2,
+            p2p_port_peers: 10.0,
             score: 7.0,
         }
     }
@@ -165,6 +168,7 @@ pub fn score(
         a.high_ports as f64 / distinct_remote as f64
     };
     let (tcp_udp, udp_small, throttled) = (a.tcp_udp, a.udp_small, a.throttled);
+    let p2p_port = a.p2p_port;
     let mut score = 0.0;
     let mut fire = |fired: bool, weight: f64| {
         if fired {
@@ -209,6 +213,7 @@ pub fn score(
     }
     fire(udp_small as f64 >= t.udp_small_peers, 2.0);
     fire(attempts >= 20 && failed_share >= t.failed_share, 1.0);
+    fire(p2p_port as f64 >= t.p2p_port_peers, 2.0);
     let guard = if attempts >= 20 && failed_share >= 0.8 && bytes_in < 1_000_000 {
         Some("port_scan")
     } else if listen_port != 0 && busy_listener && listen_port <= 1024 {
@@ -238,6 +243,7 @@ pub fn evaluate(
     let mut tcp_udp = 0u64;
     let (mut attempts, mut failed) = (0u64, 0u64);
     let mut udp_small = 0u64;
+    let mut p2p_port = 0u64;
     // (local port, remote address, remote port) of every peer's connections.
     let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
@@ -256,6 +262,9 @@ pub fn evaluate(
         }
         if s.tcp && s.udp {
             tcp_udp += 1;
+        }
+        if s.on_p2p_port() {
+            p2p_port += 1;
         }
         attempts += u64::from(s.tcp_attempts);
         failed += u64::from(s.tcp_failed);
@@ -388,6 +397,13 @@ pub fn evaluate(
             t.failed_share,
             attempts >= 20 && failed_share >= t.failed_share,
             1.0,
+        ),
+        ev(
+            "p2p_port_peers",
+            p2p_port as f64,
+            t.p2p_port_peers,
+            p2p_port as f64 >= t.p2p_port_peers,
+            2.0,
         ),
     ];
     let score = evidence

@@ -684,7 +684,8 @@ impl Engine {
             cfg.thresholds
                 .listen_peers
                 .min(cfg.thresholds.udp_small_peers)
-                .min(cfg.thresholds.peers) as usize
+                .min(cfg.thresholds.peers)
+                .min(cfg.thresholds.p2p_port_peers) as usize
         } else {
             0
         };

@@ -56,6 +56,8 @@ pub struct Aggregates {
     pub udp_small: u64,
     /// Peers at or below the throttled rate.
     pub throttled: u64,
+    /// Peers met on a P2P family's well-known port (either end).
+    pub p2p_port: u64,
     /// (local, remote) port pairs by remote port (the second count unused);
     /// `high_ports` counts the ports above 1024.
     pub remote_ports: PortTable,
@@ -81,6 +83,7 @@ struct Contribution {
     tcp_failed: u64,
     udp_small: u64,
     throttled: u64,
+    p2p_port: u64,
 }
 
 impl PeerStat {
@@ -99,7 +102,15 @@ impl PeerStat {
                     && (self.udp_bytes as f64 / self.udp_packets as f64) < lim.udp_small_size,
             ),
             throttled: u64::from(total as f64 / lim.window_min.max(1.0) <= lim.peer_bytes_per_min),
+            p2p_port: u64::from(self.on_p2p_port()),
         }
+    }
+
+    /// Whether one of its (local, remote) port pairs is a P2P family's well-known port.
+    pub fn on_p2p_port(&self) -> bool {
+        self.ports().iter().any(|&(l, r)| {
+            super::kind::family_of_port(l).is_some() || super::kind::family_of_port(r).is_some()
+        })
     }
 }
 
@@ -120,6 +131,7 @@ impl Aggregates {
         f(&mut self.tcp_failed, c.tcp_failed);
         f(&mut self.udp_small, c.udp_small);
         f(&mut self.throttled, c.throttled);
+        f(&mut self.p2p_port, c.p2p_port);
     }
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {

@@ -917,3 +917,121 @@ fn a_late_record_expires_on_time_behind_newer_ones() {
     p.expire(t(160), Duration::from_secs(60));
     assert!(p.peers.is_empty());
 }
+
+/// A private-tracker client: DHT, PEX and local peer discovery off, TCP only, encryption
+/// required (no payload to see), 50 peers that all listen on the client default 51413,
+/// each one long connection, throttled.
+fn private_tracker(host: IpAddr, at: u64) -> Vec<FlowRecord> {
+    (0..50u32)
+        .flat_map(|i| {
+            let local = 40_000 + i as u16;
+            [
+                rec(host, local, ext(i), 51413, 6, 30, 2_000, 0x18, at),
+                rec(ext(i), 51413, host, local, 6, 40, 50_000, 0x18, at),
+            ]
+        })
+        .collect()
+}
+
+/// The highest score a host reached over `seconds` of `feed`, and whether it alarmed,
+/// with the default thresholds or these.
+fn peak(
+    thresholds: evidence::Thresholds,
+    seconds: u64,
+    mut feed: impl FnMut(u64) -> Vec<FlowRecord>,
+) -> (f64, bool) {
+    let mut e = Engine::new(DetectConfig {
+        thresholds,
+        ..DetectConfig::default()
+    });
+    let (mut top, mut alarmed) = (0.0f64, false);
+    for s in (0..seconds).step_by(10) {
+        for r in feed(s) {
+            e.observe(&r);
+        }
+        alarmed |= !raised(&e.tick(t(s + 6), false)).is_empty();
+        top = top.max(e.last_scores().first().map_or(0.0, |x| x.1));
+    }
+    (top, alarmed)
+}
+
+#[test]
+fn a_private_tracker_client_alarms_by_its_peers_common_port() {
+    let host: IpAddr = "10.0.0.7".parse().unwrap();
+    // Without the rule (its threshold out of reach) it stays under the threshold, as the
+    // issue measured in the lab.
+    let off = evidence::Thresholds {
+        p2p_port_peers: 1e9,
+        ..evidence::Thresholds::default()
+    };
+    let (before, alarmed) = peak(off, 120, |s| private_tracker(host, s));
+    assert!(!alarmed && before < 7.0, "without the rule: {before}");
+    let (after, alarmed) = peak(evidence::Thresholds::default(), 120, |s| {
+        private_tracker(host, s)
+    });
+    assert!(alarmed, "peak {after}");
+    assert_eq!(after, before + 2.0, "the rule's weight decides it");
+    let (fired, _) = verdict(&private_tracker(host, 0));
+    assert!(fired.contains(&"p2p_port_peers"), "{fired:?}");
+    eprintln!("private-tracker client: peak {before:.1} without the rule, {after:.1} with it");
+}
+
+#[test]
+fn look_alikes_of_a_private_tracker_client_stay_under_the_threshold() {
+    let threshold = evidence::Thresholds::default().score;
+    type Feed = Box<dyn FnMut(u64) -> Vec<FlowRecord>>;
+    let cases: Vec<(&str, Feed)> = vec![
+        (
+            "monitoring poller scraping 60 hosts on 9100 every 15 s",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.30".parse().unwrap();
+                (0..60u32)
+                    .flat_map(|i| {
+                        let p = 30_000 + (i as u16 + s as u16 * 60) % 30_000;
+                        [
+                            rec(host, p, ext(i), 9100, 6, 6, 500, 0x1b, s),
+                            rec(ext(i), 9100, host, p, 6, 8, 30_000, 0x1b, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "50 long-lived TLS connections to distinct servers",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.31".parse().unwrap();
+                (0..50u32)
+                    .flat_map(|i| {
+                        let p = 45_000 + i as u16;
+                        [
+                            rec(host, p, ext(i), 443, 6, 5, 800, 0x18, s),
+                            rec(ext(i), 443, host, p, 6, 5, 1_200, 0x18, s),
+                        ]
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "video call with direct UDP media to 3 peers after STUN",
+            Box::new(|s| {
+                let host: IpAddr = "10.0.0.32".parse().unwrap();
+                let mut v = vec![
+                    rec(host, 50_000, ext(90), 3478, 17, 2, 200, 0, s),
+                    rec(ext(90), 3478, host, 50_000, 17, 2, 200, 0, s),
+                ];
+                for i in 0..3u32 {
+                    let rp = 20_000 + i as u16 * 1111;
+                    v.push(rec(host, 50_000, ext(i), rp, 17, 500, 500_000, 0, s));
+                    v.push(rec(ext(i), rp, host, 50_000, 17, 500, 500_000, 0, s));
+                }
+                v
+            }),
+        ),
+    ];
+    for (name, feed) in cases {
+        let (score, alarmed) = peak(evidence::Thresholds::default(), 300, feed);
+        assert!(!alarmed, "{name} alarmed at {score}");
+        assert!(score < threshold, "{name}: {score}");
+        eprintln!("{name}: peak {score:.1}, margin {:.1}", threshold - score);
+    }
+}
