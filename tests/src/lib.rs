@@ -25,6 +25,39 @@ pub fn shared_testdata() -> Option<PathBuf> {
         .filter(|p| p.is_dir())
 }
 
+/// `promtool check metrics` on a scrape: Ok, or what promtool said (it says nothing
+/// about a clean text).
+pub fn promtool_check(metrics: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("promtool (package prometheus; cargo xtask setup installs it): {e}")
+        })?;
+    promtool
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(metrics.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = promtool.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() && out.stdout.is_empty() && out.stderr.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// The agent binary built by cargo for these tests.
 pub fn detector_bin() -> PathBuf {
     // Integration tests of this crate run from target/<profile>/deps.

@@ -478,26 +478,9 @@ fn every_packet_crossing_the_interface_is_exported_exactly_to_nfcapd() {
         test_packets <= scraped && scraped <= all_p,
         "/metrics counted {scraped} packets: the test sent {test_packets}, nfcapd got {all_p}"
     );
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (package prometheus)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics on the meter's counters: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = tests::promtool_check(&metrics) {
+        panic!("promtool check metrics on the meter's counters: {e}");
+    }
     // The long flow was exported as more than one record (active timeout).
     let json_text = std::fs::read_to_string(&json).unwrap();
     let slow = json_text

@@ -10,7 +10,6 @@
 //!
 //! No BPF: runs unprivileged; `cargo xtask setup` installs prometheus and chromium.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -192,26 +191,9 @@ fn metrics_api_and_page_show_a_known_alarm() {
             )),
         "per-exporter records:\n{metrics}"
     );
-    let mut promtool = Command::new(tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = tests::promtool_check(&metrics) {
+        panic!("promtool check metrics: {e}");
+    }
 
     // The alarm, with the evidence that fired.
     let alarms = wait_for("the host's alarm", Duration::from_secs(30), || {

@@ -248,6 +248,94 @@ impl Drop for Proc {
     }
 }
 
+/// Two network namespaces joined by a veth pair, IPv6 off, addresses set, and a queue on
+/// the sending side (a full receiver stops it instead of dropping, so a generator counts
+/// only what really left); removed when dropped, also on error.
+pub(crate) struct VethPair {
+    pub names: [&'static str; 4],
+}
+
+impl VethPair {
+    /// `ns_tx`, `ns_rx`, `dev_tx`, `dev_rx`; with `offloads_off`, TSO/GSO/GRO and
+    /// checksum offloads are turned off on both ends.
+    pub(crate) fn create(
+        names: [&'static str; 4],
+        addrs: [[u8; 4]; 2],
+        offloads_off: bool,
+    ) -> Result<Self> {
+        let [ns_tx, ns_rx, dev_tx, dev_rx] = names;
+        Self::remove(names);
+        ip(&["netns", "add", ns_tx])?;
+        // From here on, Drop cleans up whatever exists.
+        let pair = Self { names };
+        ip(&["netns", "add", ns_rx])?;
+        ip(&[
+            "link", "add", dev_tx, "netns", ns_tx, "type", "veth", "peer", "name", dev_rx, "netns",
+            ns_rx,
+        ])?;
+        for ((ns, dev), addr) in [(ns_tx, dev_tx), (ns_rx, dev_rx)].into_iter().zip(addrs) {
+            for key in ["all", "default", dev] {
+                sh(Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+                ]))?;
+            }
+            if offloads_off {
+                sh(Command::new("ip")
+                    .args(["netns", "exec", ns, "ethtool", "-K", dev])
+                    .args([
+                        "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off",
+                    ]))
+                .context("ethtool (package ethtool)")?;
+            }
+            let a = format!("{}.{}.{}.{}/24", addr[0], addr[1], addr[2], addr[3]);
+            ip(&["-n", ns, "addr", "add", &a, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        sh(Command::new("tc").args([
+            "-n", ns_tx, "qdisc", "replace", "dev", dev_tx, "root", "pfifo", "limit", "10000",
+        ]))?;
+        Ok(pair)
+    }
+
+    fn remove(names: [&'static str; 4]) {
+        for ns in &names[..2] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", names[2]])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        Self::remove(self.names);
+    }
+}
+
+/// The IPv4 header checksum.
+pub(crate) fn ip_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Runs a command to completion; fails with its output when it fails.
 pub(crate) fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd

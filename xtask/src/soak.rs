@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::bench_agent::{Proc, ip, sh, sys, thousands};
+use crate::bench_agent::{Proc, VethPair, ip, ip_checksum, sh, sys, thousands};
 
 const NS_TX: &str = "dsoak-tx";
 const NS_RX: &str = "dsoak-rx";
@@ -69,70 +69,6 @@ pub struct SoakArgs {
     /// Seconds between samples (default: 60, or 15 for runs under 10 minutes).
     #[arg(long)]
     pub sample_secs: Option<u64>,
-}
-
-/// The namespaces and the veth pair; removed when dropped (also on error).
-struct Topology;
-
-impl Topology {
-    fn remove_leftovers() {
-        for ns in [NS_TX, NS_RX] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-
-    fn create() -> Result<Self> {
-        Self::remove_leftovers();
-        ip(&["netns", "add", NS_TX])?;
-        let topo = Topology;
-        ip(&["netns", "add", NS_RX])?;
-        ip(&[
-            "link", "add", DEV_TX, "netns", NS_TX, "type", "veth", "peer", "name", DEV_RX, "netns",
-            NS_RX,
-        ])?;
-        for (ns, dev, addr) in [(NS_TX, DEV_TX, ADDR_TX), (NS_RX, DEV_RX, ADDR_RX)] {
-            for key in ["all", "default", dev] {
-                sh(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
-                ]))?;
-            }
-            let a = format!("{}.{}.{}.{}/24", addr[0], addr[1], addr[2], addr[3]);
-            ip(&["-n", ns, "addr", "add", &a, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        // A queue on the sending veth: a full receiver stops it instead of dropping.
-        sh(Command::new("tc").args([
-            "-n", NS_TX, "qdisc", "replace", "dev", DEV_TX, "root", "pfifo", "limit", "10000",
-        ]))?;
-        Ok(topo)
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        Self::remove_leftovers();
-    }
-}
-
-fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// A 60-byte IPv4/UDP frame from `src:port` to the receiver.
@@ -467,7 +403,7 @@ pub fn run(bin: &Path, args: &SoakArgs) -> Result<()> {
     let tmp = PathBuf::from(format!("/tmp/detector-soak-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
-    let _topo = Topology::create()?;
+    let _topo = VethPair::create([NS_TX, NS_RX, DEV_TX, DEV_RX], [ADDR_TX, ADDR_RX], false)?;
     let nfdir = tmp.join("nfcapd");
     fs::create_dir_all(&nfdir)?;
     let mut nfcapd = Proc::spawn(

@@ -20,72 +20,6 @@ const IP_LEN: usize = FRAME_LEN - 14;
 /// nfcapd's port inside the receiving namespace (its own loopback).
 const NFCAPD_PORT: u16 = 29995;
 
-/// The two namespaces and the veth pair; removed when dropped (also on error).
-struct Topology;
-
-impl Topology {
-    fn remove_leftovers() {
-        for ns in [NS_TX, NS_RX] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", DEV_TX])
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    fn create() -> Result<Self> {
-        Self::remove_leftovers();
-        ip(&["netns", "add", NS_TX])?;
-        // From here on, Drop cleans up whatever exists.
-        let topo = Topology;
-        ip(&["netns", "add", NS_RX])?;
-        ip(&[
-            "link", "add", DEV_TX, "netns", NS_TX, "type", "veth", "peer", "name", DEV_RX, "netns",
-            NS_RX,
-        ])?;
-        for (ns, dev, addr) in [(NS_TX, DEV_TX, ADDR_TX), (NS_RX, DEV_RX, ADDR_RX)] {
-            for key in ["all", "default", dev] {
-                sh(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
-                ]))?;
-            }
-            sh(Command::new("ip")
-                .args(["netns", "exec", ns, "ethtool", "-K", dev])
-                .args([
-                    "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off",
-                ]))
-            .context("ethtool (package ethtool)")?;
-            let a = format!("{}.{}.{}.{}/24", addr[0], addr[1], addr[2], addr[3]);
-            ip(&["-n", ns, "addr", "add", &a, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        // A queue on the sending veth: when the receiver's ring is full, the kernel
-        // (6.x veth) stops the queue instead of dropping, and a full queue makes sendmmsg
-        // fail, so the generator counts only what really left.
-        sh(Command::new("tc").args([
-            "-n", NS_TX, "qdisc", "replace", "dev", DEV_TX, "root", "pfifo", "limit", "10000",
-        ]))?;
-        Ok(topo)
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        Self::remove_leftovers();
-    }
-}
-
 /// What the generator sent.
 #[derive(Default, Clone, Copy)]
 struct Sent {
@@ -143,17 +77,6 @@ impl Drop for Generator {
             let _ = h.join();
         }
     }
-}
-
-fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// N distinct 60-byte IPv4/UDP frames: source addresses cycle through 198.18.0.0/15,
@@ -391,7 +314,8 @@ fn print_row_detail(r: &Row) {
 
 /// One run: topology, nfcapd, agent, generator; CPU over `window` seconds; totals.
 fn measure(bin: &Path, n: u64, workers: u32, window: u64, tmp: &Path) -> Result<Row> {
-    let topo = Topology::create().context("building the namespaces")?;
+    let topo = VethPair::create([NS_TX, NS_RX, DEV_TX, DEV_RX], [ADDR_TX, ADDR_RX], true)
+        .context("building the namespaces")?;
     let nfdir = tmp.join(format!("nfcapd-{n}-{workers}"));
     let _ = fs::remove_dir_all(&nfdir);
     fs::create_dir_all(&nfdir)?;
