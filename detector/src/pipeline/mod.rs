@@ -478,24 +478,28 @@ impl Pipeline {
         events
     }
 
-    /// Names each increase of what the bounded tables turned away.
+    /// Names what the bounded tables turned away: the first time, then each time the
+    /// count has at least doubled (a steady trickle would otherwise log at every
+    /// evaluation; `/metrics` and the statistics line carry the exact counts).
     fn log_limits(&mut self) {
+        let due = |now: u64, logged: u64| now > 0 && now >= logged.saturating_mul(2).max(1);
         let early: u64 = self.reports.iter().map(|r| r.dedup.evicted_early).sum();
-        if early > self.limits_logged.0 {
+        if due(early, self.limits_logged.0) {
             warn!(
                 "{early} flows so far forgotten before their {} s were over, to make room: the duplicate table holds {} flows (a later copy of one of them from another source counts twice)",
                 DEDUP_WINDOW.as_secs(),
                 self.reports.iter().map(|r| r.dedup_capacity).sum::<usize>()
             );
+            self.limits_logged.0 = early;
         }
         let over: u64 = self.reports.iter().map(|r| r.engine.hosts_over_limit).sum();
-        if over > self.limits_logged.1 {
+        if due(over, self.limits_logged.1) {
             warn!(
                 "{over} records so far of internal hosts beyond the {} profiled were not profiled",
                 self.reports.iter().map(|r| r.max_hosts).sum::<usize>()
             );
+            self.limits_logged.1 = over;
         }
-        self.limits_logged = (early, over);
     }
 
     /// The highest scores of the last evaluation, over all shards, highest first.
