@@ -306,7 +306,11 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             format!("{peak:.1}"),
             exporters.len(),
             evidence.join(" "),
-            note
+            if note.is_empty() || evidence.is_empty() {
+                note
+            } else {
+                format!("; {note}")
+            }
         )?;
         hosts_json.push(json!({
             "host": name,
