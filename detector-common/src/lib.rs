@@ -24,6 +24,12 @@ pub const CLOCK_MAP: &str = "CLOCK";
 pub const EXPORTED_MAP: &str = "EXPORTED";
 /// One-entry array of the drain's own counters ([`DrainState`]), for the same reason.
 pub const DRAIN_STATE_MAP: &str = "DRAIN_STATE";
+/// Ring buffer of [`NewFlowEvent`]s (live flows).
+pub const NEW_FLOWS_MAP: &str = "NEW_FLOWS";
+/// Its size in bytes: 65,536 events of 64 bytes between two reads.
+pub const NEW_FLOWS_RING_BYTES: u32 = 1 << 22;
+/// Global (read-only data): non-zero to announce new flows in `NEW_FLOWS`.
+pub const LIVE_FLOWS_GLOBAL: &str = "LIVE_FLOWS";
 /// Global (read-only data): non-zero to set payload [`hint`] flags.
 pub const PAYLOAD_HINTS_GLOBAL: &str = "PAYLOAD_HINTS";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
@@ -165,7 +171,22 @@ pub struct FlowStats {
     pub tos: u8,
     /// With payload hints on: OR of the [`hint`] flags the first packets' payloads matched.
     pub hints: u8,
-    pub _pad: [u8; 5],
+    /// 1 when the flow's start was announced in `NEW_FLOWS` (live flows), else 0.
+    pub announced: u8,
+    pub _pad: [u8; 4],
+}
+
+/// A flow just inserted in a flow map (live flows, `run`): its key, its first packet's
+/// time, IP length and TCP flags. Sent through the `NEW_FLOWS` ring buffer so that
+/// detection learns of a flow when it starts, not only when it is exported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewFlowEvent {
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    pub bytes: u32,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
 }
 
 /// One packet's contribution, sent through the ring buffer when its flow could not be
@@ -259,18 +280,21 @@ pub mod counter {
     pub const NOT_IP: u32 = 9;
     /// Non-first fragments (accounted with ports 0).
     pub const FRAGMENTS: u32 = 10;
+    /// New flows whose start could not be announced (the `NEW_FLOWS` ring was full):
+    /// detection counts them when they are exported, as without live flows.
+    pub const NEW_FLOWS_DROPPED: u32 = 11;
     /// Parse failures, by reason. The frame is passed and not accounted in a flow.
-    pub const ERR_ETH_TRUNCATED: u32 = 11;
-    pub const ERR_VLAN_TRUNCATED: u32 = 12;
-    pub const ERR_IPV4_TRUNCATED: u32 = 13;
+    pub const ERR_ETH_TRUNCATED: u32 = 12;
+    pub const ERR_VLAN_TRUNCATED: u32 = 13;
+    pub const ERR_IPV4_TRUNCATED: u32 = 14;
     /// IP version field does not match the EtherType, or IHL < 5, or total length < IHL.
-    pub const ERR_IP_BAD_HEADER: u32 = 14;
-    pub const ERR_IPV6_TRUNCATED: u32 = 15;
-    pub const ERR_IPV6_EXT_TRUNCATED: u32 = 16;
-    pub const ERR_IPV6_TOO_MANY_EXT: u32 = 17;
-    pub const ERR_L4_TRUNCATED: u32 = 18;
+    pub const ERR_IP_BAD_HEADER: u32 = 15;
+    pub const ERR_IPV6_TRUNCATED: u32 = 16;
+    pub const ERR_IPV6_EXT_TRUNCATED: u32 = 17;
+    pub const ERR_IPV6_TOO_MANY_EXT: u32 = 18;
+    pub const ERR_L4_TRUNCATED: u32 = 19;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Names, indexed by counter, as printed by the agent.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -285,6 +309,7 @@ pub mod counter {
         "sampled_out",
         "not_ip",
         "fragments",
+        "new_flows_dropped",
         "err_eth_truncated",
         "err_vlan_truncated",
         "err_ipv4_truncated",
@@ -313,6 +338,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::OverflowEvent {}
+    unsafe impl aya::Pod for super::NewFlowEvent {}
     unsafe impl aya::Pod for super::ExportMark {}
     unsafe impl aya::Pod for super::DrainState {}
 }
@@ -386,7 +412,8 @@ mod tests {
         assert_eq!(offset_of!(FlowStats, tcp_flags), 32);
         assert_eq!(offset_of!(FlowStats, tos), 33);
         assert_eq!(offset_of!(FlowStats, hints), 34);
-        assert_eq!(offset_of!(FlowStats, _pad), 35);
+        assert_eq!(offset_of!(FlowStats, announced), 35);
+        assert_eq!(offset_of!(FlowStats, _pad), 36);
     }
 
     #[test]

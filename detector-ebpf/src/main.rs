@@ -80,12 +80,18 @@ use aya_ebpf::{
 };
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
-    ExportMark, FlowKey, FlowKey4, FlowStats, OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
+    ExportMark, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
+    OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
 };
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
 #[unsafe(no_mangle)]
 static SAMPLING: u32 = 0;
+
+/// Non-zero: announce each new flow in `NEW_FLOWS` (`run`: detection learns of flows as
+/// they start). Set by the loader.
+#[unsafe(no_mangle)]
+static LIVE_FLOWS: u32 = 0;
 
 /// Non-zero: look at the first payload bytes of a flow's first packets for the
 /// signatures of [`hint`] (`--payload-hints`). Set by the loader.
@@ -102,6 +108,10 @@ static FLOWS6: HashMap<FlowKey, FlowStats> =
 
 #[map]
 static OVERFLOW: RingBuf = RingBuf::with_byte_size(OVERFLOW_RING_BYTES, 0);
+
+/// New flows, announced as they are inserted (live flows only).
+#[map]
+static NEW_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_FLOWS_RING_BYTES, 0);
 
 #[map]
 static CLOCK: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -476,12 +486,23 @@ fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs
         count(c, counter::FRAGMENTS, packets);
     }
     let added = if pkt.v4 != 0 {
-        add_to_flow(&FLOWS4, &pkt.key4(direction), pkt, packets, bytes, now)
+        add_to_flow(
+            c,
+            &FLOWS4,
+            &pkt.key4(direction),
+            pkt,
+            (ifindex, direction),
+            packets,
+            bytes,
+            now,
+        )
     } else {
         add_to_flow(
+            c,
             &FLOWS6,
             &pkt.key(ifindex, direction),
             pkt,
+            (ifindex, direction),
             packets,
             bytes,
             now,
@@ -522,11 +543,14 @@ fn now_ns() -> u64 {
     }
 }
 
+#[allow(clippy::too_many_arguments, reason = "inlined; one call per map")]
 #[inline(always)]
 fn add_to_flow<K>(
+    c: &mut CounterBlock,
     map: &HashMap<K, FlowStats>,
     key: &K,
     pkt: &Packet,
+    (ifindex, direction): (u32, u8),
     packets: u64,
     bytes: u64,
     now: u64,
@@ -534,6 +558,19 @@ fn add_to_flow<K>(
     if update(map, key, pkt, packets, bytes, now) {
         return true;
     }
+    // Live flows: the start is announced if there is room in the ring; the entry says
+    // whether it was, so that userspace counts the flow once either way.
+    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+    let live = unsafe { core::ptr::read_volatile(&LIVE_FLOWS) } != 0;
+    let mut event = if live {
+        let e = NEW_FLOWS.reserve::<NewFlowEvent>(0);
+        if e.is_none() {
+            count(c, counter::NEW_FLOWS_DROPPED, packets);
+        }
+        e
+    } else {
+        None
+    };
     let fresh = FlowStats {
         packets,
         bytes,
@@ -542,9 +579,25 @@ fn add_to_flow<K>(
         tcp_flags: pkt.tcp_flags,
         tos: pkt.tos,
         hints: pkt.hints,
-        _pad: [0; 5],
+        announced: event.is_some() as u8,
+        _pad: [0; 4],
     };
-    match map.insert(key, fresh, BPF_NOEXIST as u64) {
+    let r = map.insert(key, fresh, BPF_NOEXIST as u64);
+    if let Some(mut e) = event.take() {
+        if r.is_ok() {
+            e.write(NewFlowEvent {
+                ts_ns: now,
+                key: pkt.key(ifindex, direction),
+                bytes: bytes as u32,
+                tcp_flags: pkt.tcp_flags,
+                _pad: [0; 3],
+            });
+            e.submit(0);
+        } else {
+            e.discard(0);
+        }
+    }
+    match r {
         Ok(()) => true,
         // Another CPU created the key between our lookup and insert: add to it.
         Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),

@@ -37,6 +37,7 @@ struct LossWatch {
     insert_failed: u64,
     ringbuf_dropped: u64,
     parse_failures: u64,
+    new_flows_dropped: u64,
 }
 
 impl LossWatch {
@@ -54,6 +55,13 @@ impl LossWatch {
                 "overflow ring buffer full: {dropped} packets could not be accounted (raise --map-size)"
             );
             self.ringbuf_dropped = dropped;
+        }
+        let unannounced = k.total(counter::NEW_FLOWS_DROPPED);
+        if unannounced > 0 && unannounced >= self.new_flows_dropped.saturating_mul(2).max(1) {
+            warn!(
+                "{unannounced} new flows so far could not be announced to detection (the NEW_FLOWS ring buffer was full): detection counts them when they are exported"
+            );
+            self.new_flows_dropped = unannounced;
         }
         let parse = k.parse_failures();
         if parse > self.parse_failures {
@@ -98,6 +106,7 @@ impl Meter {
                 map_size,
                 sampling: args.sampling,
                 payload_hints: args.payload_hints,
+                live_flows: true,
             },
             pins.as_ref(),
         )?;
@@ -173,13 +182,28 @@ impl Meter {
             .collect()
     }
 
+    /// The flows started since the last call (detection-only records), then the records
+    /// the timeouts export, in that order: a flow's start comes before its export.
     fn tick(&mut self, ring: &mut Ring) -> Result<Vec<FlowRecord>> {
         let mut deltas = Vec::new();
+        let mut out = self.started();
         self.source.drain_ring(ring.get_mut());
         self.source.scan(monotonic_ns(), &mut deltas)?;
         let k = self.source.counters()?;
         self.losses.check(&k);
-        Ok(self.records(&deltas))
+        out.extend(self.records(&deltas));
+        Ok(out)
+    }
+
+    /// Detection-only records of the flows the kernel announced as they started.
+    fn started(&mut self) -> Vec<FlowRecord> {
+        let mut events = Vec::new();
+        self.source.drain_new_flows(&mut events);
+        let clock = WallClock::now();
+        events
+            .iter()
+            .map(|e| crate::flow::record_from_start(e, &clock))
+            .collect()
     }
 
     /// Detaches first, so no packet is counted after the final read, then drains all and
@@ -210,6 +234,7 @@ impl Meter {
         }
         xdp::detach(&mut self.bpf);
         self.ticker.take();
+        let mut out = self.started();
         let mut deltas = Vec::new();
         self.source.drain_ring(ring.get_mut());
         self.source.flush(&mut deltas)?;
@@ -225,7 +250,8 @@ impl Meter {
                 warn!("removing the pinned state at {}: {e}", path.display());
             }
         }
-        Ok(self.records(&deltas))
+        out.extend(self.records(&deltas));
+        Ok(out)
     }
 
     fn status(&self) -> Result<crate::status::MeterStatus> {

@@ -259,6 +259,7 @@ fn spread(flows: u32) -> Result<()> {
         map_size: flows.saturating_mul(2),
         sampling: 1,
         payload_hints: false,
+        live_flows: false,
     })?;
     for p in ["bench_pass", XDP_PROGRAM] {
         load(&mut bpf, p)?;
@@ -316,6 +317,7 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
         map_size,
         sampling: 1,
         payload_hints: false,
+        live_flows: false,
     })?;
     for p in ["bench_pass", "bench_parse", XDP_PROGRAM] {
         load(&mut bpf, p)?;

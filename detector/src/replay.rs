@@ -161,6 +161,7 @@ fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
         map_size: args.map_size,
         sampling: 1,
         payload_hints: args.payload_hints,
+        live_flows: false,
     })?;
     let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
     let mut source = XdpSource::new(&mut bpf, timeouts, TEST_RUN_IFINDEX)?;

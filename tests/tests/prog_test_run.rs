@@ -11,7 +11,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use detector::sources::xdp::{LoadOptions, TC_PROGRAM, XDP_PROGRAM, load_object};
 use detector_common::{
     COUNTERS_MAP, CounterBlock, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOWS4_MAP, FLOWS6_MAP,
-    FlowKey, FlowKey4, FlowStats, counter, hint,
+    FlowKey, FlowKey4, FlowStats, NEW_FLOWS_MAP, NewFlowEvent, counter, hint,
 };
 use tests::frames::*;
 
@@ -34,10 +34,15 @@ impl Meter {
     }
 
     fn with_options(map_size: u32, sampling: u32, payload_hints: bool) -> Self {
+        Self::load(map_size, sampling, payload_hints, false)
+    }
+
+    fn load(map_size: u32, sampling: u32, payload_hints: bool, live_flows: bool) -> Self {
         let mut bpf = load_object(LoadOptions {
             map_size,
             sampling,
             payload_hints,
+            live_flows,
         })
         .expect("load the eBPF object");
         let x: &mut Xdp = bpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
@@ -903,4 +908,54 @@ fn payload_signatures_set_their_hint_flag_on_a_flows_first_packets_only() {
     m.run_xdp(&v4_frame(6, &tcp_with(40100, 6881, &bt)));
     let s = *m.flows().values().next().unwrap();
     assert_eq!((s.packets, s.hints), (2, hint::BITTORRENT));
+}
+
+/// Every announcement waiting in the `NEW_FLOWS` ring buffer.
+fn announcements(m: &mut Meter) -> Vec<NewFlowEvent> {
+    let mut ring = aya::maps::RingBuf::try_from(m.bpf.map_mut(NEW_FLOWS_MAP).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<NewFlowEvent>());
+        // SAFETY: the program wrote one NewFlowEvent.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NewFlowEvent) });
+    }
+    out
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn live_flows_announce_each_new_flow_once_and_mark_it() {
+    let mut m = Meter::load(1024, 1, false, true);
+    let a = v4_frame(6, &tcp_with(40200, 6881, b"hello"));
+    let b = v4_frame(17, &udp_with(40201, 6881, b"d1:ad2:id20:"));
+    for f in [&a, &a, &b, &a, &b] {
+        assert_eq!(m.run_xdp(f), XDP_PASS);
+    }
+    let events = announcements(&mut m);
+    assert_eq!(events.len(), 2, "one announcement per new flow: {events:?}");
+    let flows = m.flows();
+    for e in &events {
+        let s = flows
+            .get(&e.key)
+            .unwrap_or_else(|| panic!("announced {e:?} is no flow"));
+        assert_eq!(s.announced, 1, "the entry says it was announced");
+        assert_eq!(e.ts_ns, s.first_ns, "announced at its first packet");
+    }
+    let tcp = events.iter().find(|e| e.key.protocol == 6).unwrap();
+    assert_eq!((tcp.key.src_port, tcp.key.dst_port), (40200, 6881));
+    assert_eq!(
+        tcp.bytes as usize,
+        a.len() - 14,
+        "the first packet's IP length"
+    );
+    assert_eq!(tcp.tcp_flags, 0x18);
+    // A flow removed and seen again is new again: announced again.
+    m.clear();
+    m.run_xdp(&a);
+    assert_eq!(announcements(&mut m).len(), 1);
+    // Without live flows (replay, benchmarks), nothing is announced nor marked.
+    let mut off = Meter::load(1024, 1, false, false);
+    off.run_xdp(&a);
+    assert!(announcements(&mut off).is_empty());
+    assert_eq!(off.flows().values().next().unwrap().announced, 0);
 }

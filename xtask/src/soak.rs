@@ -349,8 +349,9 @@ fn family(m: &BTreeMap<String, f64>, name: &str) -> u64 {
 }
 
 /// Loss counters that must stay at zero.
-const LOSSES: [(&str, &str); 7] = [
+const LOSSES: [(&str, &str); 8] = [
     ("detector_meter_ring_buffer_dropped_packets_total", "ring"),
+    ("detector_meter_new_flows_dropped_total", "unannounced"),
     ("detector_meter_overflow_table_full_total", "ovf-full"),
     ("detector_netflow_kernel_drops_total", "udp-drop"),
     ("detector_netflow_held_dropped_total", "nf-held"),

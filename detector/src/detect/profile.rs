@@ -14,7 +14,7 @@ use super::dense::DenseMap;
 use super::ports::PortTable;
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 
-use crate::flow::FlowRecord;
+use crate::flow::{FlowRecord, Live};
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
@@ -386,12 +386,17 @@ impl HostProfile {
         } else {
             p.bytes_in += bytes;
         }
-        p.flows = p.flows.saturating_add(1);
+        // A flow counts once: at its start when that was announced (live flows), else
+        // with each record as exported.
+        if r.live != Live::Continued {
+            p.flows = p.flows.saturating_add(1);
+        }
         p.hints |= r.hints;
         match r.protocol {
             6 => {
                 p.tcp = true;
-                if host_is_src && r.tcp_flags & 0x02 != 0 {
+                // Whether a connection completed is known from its export, not its start.
+                if host_is_src && r.live != Live::Start && r.tcp_flags & 0x02 != 0 {
                     p.tcp_attempts = p.tcp_attempts.saturating_add(1);
                     if r.tcp_flags & 0x10 == 0 {
                         p.tcp_failed = p.tcp_failed.saturating_add(1);

@@ -1035,3 +1035,53 @@ fn look_alikes_of_a_private_tracker_client_stay_under_the_threshold() {
         eprintln!("{name}: peak {score:.1}, margin {:.1}", threshold - score);
     }
 }
+
+/// Live flows: a flow told as a start then as exported (continued) counts exactly as the
+/// same flow told once; and a client whose connections all live long is convicted from
+/// its flows' starts alone, before any is exported.
+#[test]
+fn a_flow_counts_once_whether_told_whole_or_started_then_continued() {
+    use crate::flow::Live;
+    let host: IpAddr = "10.0.0.5".parse().unwrap();
+    let whole = torrent(host, 0);
+    let mut live = Vec::new();
+    for r in &whole {
+        live.push(FlowRecord {
+            packets: 0,
+            bytes: 0,
+            last: r.first,
+            tcp_flags: r.tcp_flags & 0x02,
+            live: Live::Start,
+            ..r.clone()
+        });
+    }
+    live.extend(whole.iter().map(|r| FlowRecord {
+        live: Live::Continued,
+        ..r.clone()
+    }));
+    let values = |recs: &[FlowRecord]| {
+        let mut p = profile::HostProfile::new(4096);
+        for r in recs {
+            p.add(r, r.src_addr == host);
+        }
+        let v = evidence::evaluate(
+            &mut p,
+            &evidence::Thresholds::default(),
+            &std::collections::HashSet::new(),
+            5.0,
+        );
+        v.evidence
+            .iter()
+            .map(|e| (e.rule, e.value))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values(&live), values(&whole));
+    // The starts alone (no byte yet): the host is over the threshold.
+    let starts: Vec<FlowRecord> = live
+        .iter()
+        .filter(|r| r.live == Live::Start)
+        .cloned()
+        .collect();
+    let (fired, score) = verdict(&starts);
+    assert!(score >= 7.0, "{score} {fired:?}");
+}

@@ -33,6 +33,23 @@ impl Direction {
     }
 }
 
+/// What a record tells detection about its flow (live flows, see the eBPF crate's
+/// `NEW_FLOWS`): the whole of a stretch of it, its start only, or more of one whose
+/// start was already told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Live {
+    /// A record as exported: a new flow for detection (the rule everywhere but for
+    /// announced local flows).
+    #[default]
+    Whole,
+    /// A flow just started (no packets or bytes yet): detection counts the flow, its
+    /// peer and ports. Never exported.
+    Start,
+    /// An exported record of a flow whose start detection already counted: its packets
+    /// and bytes count, not another flow.
+    Continued,
+}
+
 /// Where a record was measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Origin {
@@ -86,6 +103,8 @@ pub struct FlowRecord {
     /// Payload [`detector_common::hint`] flags the local meter set (`--payload-hints`);
     /// 0 otherwise. Not exported.
     pub hints: u8,
+    /// What the record tells detection (live flows). Not exported.
+    pub live: Live,
 }
 
 impl FlowRecord {
@@ -112,6 +131,7 @@ impl FlowRecord {
             origin: Origin::Local,
             duplicate: false,
             hints: 0,
+            live: Live::Whole,
         }
     }
 
@@ -167,6 +187,30 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
         origin: Origin::Local,
         duplicate: false,
         hints: d.hints,
+        live: if d.announced {
+            Live::Continued
+        } else {
+            Live::Whole
+        },
+    }
+}
+
+/// The detection-only record of a flow the kernel announced as it started.
+pub fn record_from_start(ev: &detector_common::NewFlowEvent, clock: &WallClock) -> FlowRecord {
+    let d = table::Delta {
+        key: ev.key,
+        packets: 0,
+        bytes: 0,
+        first_ns: ev.ts_ns,
+        last_ns: ev.ts_ns,
+        tcp_flags: ev.tcp_flags,
+        tos: 0,
+        hints: 0,
+        announced: false,
+    };
+    FlowRecord {
+        live: Live::Start,
+        ..record_from_delta(&d, clock, 1)
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Delta {
     pub tos: u8,
     /// Payload [`detector_common::hint`] flags (payload hints only).
     pub hints: u8,
+    /// The flow's start was announced (live flows): detection already counted it.
+    pub announced: bool,
 }
 
 /// What the caller must do with a flow after [`FlowTable::observe`].
@@ -131,6 +133,7 @@ pub fn merge_cpus(values: impl IntoIterator<Item = FlowStats>) -> FlowStats {
         out.last_ns = out.last_ns.max(v.last_ns);
         out.tcp_flags |= v.tcp_flags;
         out.hints |= v.hints;
+        out.announced |= v.announced;
     }
     out
 }
@@ -317,6 +320,7 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
         tcp_flags: s.tcp_flags,
         tos: s.tos,
         hints: s.hints,
+        announced: s.announced != 0,
     })
 }
 
@@ -570,7 +574,8 @@ mod tests {
             tcp_flags: 0x02,
             tos: 4,
             hints: 0,
-            _pad: [0; 5],
+            announced: 0,
+            _pad: [0; 4],
         };
         let b = FlowStats {
             packets: 1,
@@ -580,7 +585,8 @@ mod tests {
             tcp_flags: 0x10,
             tos: 8,
             hints: 0,
-            _pad: [0; 5],
+            announced: 0,
+            _pad: [0; 4],
         };
         let m = merge_cpus([a, FlowStats::default(), b]);
         assert_eq!((m.packets, m.bytes, m.first_ns, m.last_ns), (3, 250, 3, 9));

@@ -36,8 +36,8 @@ use crate::detect::evidence::Verdict;
 use crate::detect::{AlarmEvent, DetectConfig, Engine, EngineStats, EvalSchedule, TopSenders};
 use crate::export::Sink;
 use crate::export::alarms::AlarmSink;
-use crate::flow::FlowRecord;
 use crate::flow::dedup::{Dedup, DedupStats};
+use crate::flow::{FlowRecord, Live};
 
 /// How long the duplicate marker remembers a flow after its last record.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
@@ -154,7 +154,10 @@ impl Input {
     /// work such as a template refresh).
     pub fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
         let c = &self.counters;
-        c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        // Flow starts (live flows) go to detection only: not counted as records.
+        let starts = records.iter().filter(|r| r.live == Live::Start).count();
+        c.records
+            .fetch_add((records.len() - starts) as u64, Ordering::Relaxed);
         let (p, b) = records.iter().fold((0u64, 0u64), |(p, b), r| {
             // An exporter may claim any count: the totals saturate.
             (
@@ -197,9 +200,11 @@ impl Input {
                 Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => m,
             },
         };
-        let ToShard::Records(records, now) = msg else {
+        let ToShard::Records(mut records, now) = msg else {
             unreachable!("a records message came back")
         };
+        // Flow starts are for detection only, which is what is behind.
+        records.retain(|r| r.live != Live::Start);
         let shed = self
             .counters
             .shed
@@ -246,6 +251,8 @@ fn shard_worker(
             ToShard::Records(mut records, now) => {
                 dedup.mark_batch(&mut records);
                 engine.observe_batch(&records);
+                // Flow starts are for detection only.
+                records.retain(|r| r.live != Live::Start);
                 if sinks.send(ToSinks::Records(records, now)).is_err() {
                     return;
                 }

@@ -151,3 +151,75 @@ proptest! {
         prop_assert_eq!(events1, events_n);
     }
 }
+
+/// Live flows: a stream whose local records are told twice, as a start (detection only)
+/// then as exported (continued), gives the sinks exactly the exported records and the
+/// same alarms as the stream told once.
+#[test]
+fn flow_starts_reach_detection_only_and_change_no_verdict() {
+    let s = stream(7, 60);
+    let announced: Vec<(u64, Vec<FlowRecord>)> = s
+        .iter()
+        .map(|(at, recs)| {
+            let mut out: Vec<FlowRecord> = recs
+                .iter()
+                .filter(|r| r.origin == Origin::Local)
+                .map(|r| FlowRecord {
+                    packets: 0,
+                    bytes: 0,
+                    last: r.first,
+                    live: Live::Start,
+                    ..r.clone()
+                })
+                .collect();
+            out.extend(recs.iter().map(|r| {
+                let mut r = r.clone();
+                if r.origin == Origin::Local {
+                    r.live = Live::Continued;
+                }
+                r
+            }));
+            (*at, out)
+        })
+        .collect();
+    let (records, events) = run(2, &s);
+    let (records_live, events_live) = run(2, &announced);
+    // The local meter now tells a flow first (at its start), so it owns the flow and an
+    // exporter's copy carries the duplicate mark instead: the same records, as many
+    // marked.
+    let strip = |v: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = v
+            .iter()
+            .map(|r| {
+                r.replace("live: Continued", "live: Whole")
+                    .replace("duplicate: true", "duplicate: _")
+                    .replace("duplicate: false", "duplicate: _")
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let marked = |v: &[String]| v.iter().filter(|r| r.contains("duplicate: true")).count();
+    assert_eq!(marked(&records_live), marked(&records));
+    assert!(
+        !records_live.iter().any(|r| r.contains("live: Start")),
+        "a start reached a sink"
+    );
+    assert!(
+        strip(&records_live) == strip(&records),
+        "the sinks got other records"
+    );
+    assert!(events.iter().any(|e| e.contains("\"raised\"")));
+    // The same events; only the list of who saw the host starts with the local meter.
+    let sorted_sources = |e: &String| -> serde_json::Value {
+        let mut v: serde_json::Value = serde_json::from_str(e).unwrap();
+        if let Some(list) = v["exporters"].as_array_mut() {
+            list.sort_by_key(|x| x.to_string());
+        }
+        v
+    };
+    assert_eq!(events_live.len(), events.len());
+    for (a, b) in events_live.iter().zip(&events) {
+        assert_eq!(sorted_sources(a), sorted_sources(b), "the alarms differ");
+    }
+}

@@ -70,7 +70,7 @@ impl Families {
 const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
 
 /// The kernel meter's counters: (index, metric name, help).
-const METER: [(u32, &str, &str); 10] = [
+const METER: [(u32, &str, &str); 11] = [
     (
         counter::FRAMES,
         "detector_meter_frames_total",
@@ -120,6 +120,11 @@ const METER: [(u32, &str, &str); 10] = [
         counter::NOT_IP,
         "detector_meter_not_ip_frames_total",
         "Frames that are not IPv4 or IPv6 (passed, not a flow).",
+    ),
+    (
+        counter::NEW_FLOWS_DROPPED,
+        "detector_meter_new_flows_dropped_total",
+        "New flows whose start could not be announced to detection (ring buffer full): counted when exported instead.",
     ),
 ];
 

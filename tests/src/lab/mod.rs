@@ -702,6 +702,10 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             flows.display(),
             "--stats-interval",
             10,
+            // Long flows are exported only every 5 minutes: detection must not wait
+            // for exports (it learns of each flow as it starts).
+            "--active-timeout",
+            300,
         ],
     ))?;
     wait_for(

@@ -45,7 +45,7 @@ fn is_p2p(event: &Value) -> bool {
         .is_some_and(|k| P2P_KINDS.contains(&k))
 }
 /// An alarm must come within this many seconds of the host's first P2P byte.
-pub const DETECT_WITHIN_SECS: f64 = 60.0;
+pub const DETECT_WITHIN_SECS: f64 = 30.0;
 
 pub struct Scorecard {
     pub json: Value,
@@ -457,7 +457,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "export": export_json,
         "gateway_udp_rcvbuf_errors": inp.udp_rcvbuf_errors,
         "targets": {
-            "p2p_within_60s": within,
+            "p2p_within_target": within,
+            "target_secs": DETECT_WITHIN_SECS,
             "zero_benign_alarmed": zero_benign,
             "one_alarm_per_p2p_host": one_each,
             "export_equals_interface": export_ok,

@@ -706,6 +706,7 @@ impl Body {
                                 },
                                 duplicate: false,
                                 hints: 0,
+                                live: crate::flow::Live::Whole,
                             },
                             None,
                         )
@@ -1192,6 +1193,7 @@ impl RawRecord {
             },
             duplicate: false,
             hints: 0,
+            live: crate::flow::Live::Whole,
         }
     }
 

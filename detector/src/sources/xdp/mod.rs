@@ -17,8 +17,8 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
     CLOCK_MAP, COUNTERS_MAP, CounterBlock, DRAIN_STATE_MAP, DrainState, EXPORTED_MAP, ExportMark,
-    FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, OVERFLOW_MAP, OverflowEvent,
-    PAYLOAD_HINTS_GLOBAL, SAMPLING_GLOBAL, counter,
+    FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, LIVE_FLOWS_GLOBAL, NEW_FLOWS_MAP,
+    NewFlowEvent, OVERFLOW_MAP, OverflowEvent, PAYLOAD_HINTS_GLOBAL, SAMPLING_GLOBAL, counter,
 };
 use log::{info, warn};
 
@@ -98,6 +98,8 @@ pub struct LoadOptions {
     pub sampling: u32,
     /// Set payload hint flags (`--payload-hints`).
     pub payload_hints: bool,
+    /// Announce new flows in `NEW_FLOWS` (`run`; the caller must read them).
+    pub live_flows: bool,
 }
 
 /// Loads the object with the map sized and the sampling rate set. Programs are not loaded.
@@ -110,6 +112,7 @@ pub fn load_object(opts: LoadOptions) -> Result<Ebpf, XdpError> {
 pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf, XdpError> {
     let sampling = opts.sampling;
     let hints = u32::from(opts.payload_hints);
+    let live = u32::from(opts.live_flows);
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(FLOWS4_MAP, opts.map_size)
@@ -118,7 +121,8 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
         // the maps; without pins it is not used.
         .map_max_entries(EXPORTED_MAP, if pins.is_some() { opts.map_size } else { 1 })
         .override_global(SAMPLING_GLOBAL, &sampling, true)
-        .override_global(PAYLOAD_HINTS_GLOBAL, &hints, true);
+        .override_global(PAYLOAD_HINTS_GLOBAL, &hints, true)
+        .override_global(LIVE_FLOWS_GLOBAL, &live, true);
     if let Some(p) = pins {
         for name in pin::MAPS {
             loader.map_pin_path(name, p.map(name));
@@ -590,6 +594,8 @@ pub struct XdpSource {
     flows6: KernelFlows<FlowKey>,
     counters: PerCpuArray<MapData, CounterBlock>,
     ring: Option<RingBuf<MapData>>,
+    /// Announcements of new flows (live flows).
+    new_flows: RingBuf<MapData>,
     overflow: HashMap<FlowKey, FlowStats>,
     overflow_table: FlowTable,
     mode: DrainMode,
@@ -655,6 +661,7 @@ impl XdpSource {
         let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex, mode)?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
+        let new_flows = RingBuf::try_from(take(NEW_FLOWS_MAP)?)?;
         let clock =
             clock::ClockMap::new(Array::try_from(take(CLOCK_MAP)?)?).map_err(XdpError::Clock)?;
         let bookkeeping = Some((take(EXPORTED_MAP)?, take(DRAIN_STATE_MAP)?));
@@ -665,6 +672,7 @@ impl XdpSource {
             flows6,
             counters,
             ring: Some(ring),
+            new_flows,
             overflow: HashMap::new(),
             overflow_table: FlowTable::new(timeouts),
             mode,
@@ -793,6 +801,16 @@ impl XdpSource {
     /// The ring buffer, for the caller to wait on its readiness (taken once).
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
+    }
+
+    /// Takes the announcements of flows started since the last call (live flows).
+    pub fn drain_new_flows(&mut self, out: &mut Vec<NewFlowEvent>) {
+        while let Some(item) = self.new_flows.next() {
+            if item.len() >= size_of::<NewFlowEvent>() {
+                // SAFETY: the kernel wrote exactly one NewFlowEvent; read unaligned.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NewFlowEvent) });
+            }
+        }
     }
 
     /// Reads every pending overflow event into the userspace overflow table.

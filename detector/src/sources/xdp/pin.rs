@@ -23,14 +23,16 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use detector_common::{
-    CLOCK_MAP, COUNTERS_MAP, DRAIN_STATE_MAP, EXPORTED_MAP, FLOWS4_MAP, FLOWS6_MAP, OVERFLOW_MAP,
+    CLOCK_MAP, COUNTERS_MAP, DRAIN_STATE_MAP, EXPORTED_MAP, FLOWS4_MAP, FLOWS6_MAP, NEW_FLOWS_MAP,
+    OVERFLOW_MAP,
 };
 
 /// Every map of the object, pinned under its name.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     FLOWS4_MAP,
     FLOWS6_MAP,
     OVERFLOW_MAP,
+    NEW_FLOWS_MAP,
     COUNTERS_MAP,
     CLOCK_MAP,
     EXPORTED_MAP,
