@@ -324,6 +324,30 @@ impl Drop for VethPair {
     }
 }
 
+/// For the calling thread: enters namespace `ns` and opens a raw AF_PACKET socket on
+/// `dev` (16 MiB send buffer), with the destination of frames to `dst_mac`.
+pub(crate) fn frame_sender(
+    ns: &str,
+    dev: &str,
+    dst_mac: [u8; 6],
+) -> Result<(sys::Fd, sys::SockaddrLl)> {
+    sys::enter_netns(ns).with_context(|| format!("entering namespace {ns}"))?;
+    let ifindex = sys::ifindex(dev).with_context(|| format!("interface {dev}"))?;
+    let sock = sys::packet_socket(ifindex)?;
+    sys::set_int_opt(sock.0, sys::SOL_SOCKET, sys::SO_SNDBUFFORCE, 16 << 20)?;
+    let m = dst_mac;
+    let dest = sys::SockaddrLl {
+        family: sys::AF_PACKET as u16,
+        protocol: sys::ETH_P_IP.to_be(),
+        ifindex,
+        hatype: 0,
+        pkttype: 0,
+        halen: 6,
+        addr: [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0],
+    };
+    Ok((sock, dest))
+}
+
 /// The IPv4 header checksum.
 pub(crate) fn ip_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header

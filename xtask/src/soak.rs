@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::bench_agent::{Proc, VethPair, ip, ip_checksum, sh, sys, thousands};
+use crate::bench_agent::{Proc, VethPair, frame_sender, ip, ip_checksum, sh, sys, thousands};
 
 const NS_TX: &str = "dsoak-tx";
 const NS_RX: &str = "dsoak-rx";
@@ -125,21 +125,7 @@ fn frames_of_second(s: u64) -> Vec<[u8; FRAME_LEN]> {
 
 /// Sends the local traffic until `stop`; returns the packets sent.
 fn send_local(stop: &AtomicBool) -> Result<u64> {
-    sys::enter_netns(NS_TX).context("entering the sender namespace")?;
-    let ifindex = sys::ifindex(DEV_TX).context("sender veth")?;
-    let sock = sys::packet_socket(ifindex)?;
-    sys::set_int_opt(sock.0, sys::SOL_SOCKET, sys::SO_SNDBUFFORCE, 16 << 20)?;
-    let dest = sys::SockaddrLl {
-        family: sys::AF_PACKET as u16,
-        protocol: sys::ETH_P_IP.to_be(),
-        ifindex,
-        hatype: 0,
-        pkttype: 0,
-        halen: 6,
-        addr: [
-            DST_MAC[0], DST_MAC[1], DST_MAC[2], DST_MAC[3], DST_MAC[4], DST_MAC[5], 0, 0,
-        ],
-    };
+    let (sock, dest) = frame_sender(NS_TX, DEV_TX, DST_MAC)?;
     let start = Instant::now();
     let mut sent = 0u64;
     let mut s = 0u64;

@@ -110,21 +110,7 @@ fn build_frames(n: u64) -> Vec<u8> {
 }
 
 fn generate(frames: &[u8], n: u64, stop: &AtomicBool, sent_ctr: &AtomicU64) -> Result<Sent> {
-    sys::enter_netns(NS_TX).context("entering the sender namespace")?;
-    let ifindex = sys::ifindex(DEV_TX).context("sender veth")?;
-    let sock = sys::packet_socket(ifindex)?;
-    sys::set_int_opt(sock.0, sys::SOL_SOCKET, sys::SO_SNDBUFFORCE, 16 << 20)?;
-    let dest = sys::SockaddrLl {
-        family: sys::AF_PACKET as u16,
-        protocol: sys::ETH_P_IP.to_be(),
-        ifindex,
-        hatype: 0,
-        pkttype: 0,
-        halen: 6,
-        addr: [
-            DST_MAC[0], DST_MAC[1], DST_MAC[2], DST_MAC[3], DST_MAC[4], DST_MAC[5], 0, 0,
-        ],
-    };
+    let (sock, dest) = frame_sender(NS_TX, DEV_TX, DST_MAC)?;
     let frames: Vec<&[u8]> = frames.chunks_exact(FRAME_LEN).collect();
     let mut out = Sent::default();
     let start = Instant::now();
