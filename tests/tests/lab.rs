@@ -47,7 +47,7 @@ fn lab_scorecard_meets_its_targets() {
         card.table()
     );
     assert_eq!(
-        t["p2p_within_60s"],
+        t["p2p_within_target"],
         true,
         "a P2P host was not alarmed in time:\n{}",
         card.table()
