@@ -8,6 +8,15 @@
   dnsload      queries of random names to a local resolver (which queries upstream)
   udp-server   answers each request datagram with a few larger ones (QUIC-like, UDP 443)
   udp-client   a handful of UDP 443 "connections" to a few servers
+  poller       a monitoring server scraping many external hosts on one high port (as
+               Prometheus scrapes node_exporter on 9100): one kept-alive connection per
+               target, each scraped every --interval seconds, the targets spread over it
+  sync         many long-lived TLS connections to distinct servers (a sync or messaging
+               client): each idle most of the time, a small exchange every 15-45 s
+  call-server  a STUN server and the media peers of a video call: answers STUN binding
+               requests, and each media datagram with one of its own
+  call         a video call: STUN binding to the server, ICE checks to each peer, then
+               RTP-like media to and from a few peers, all on one local UDP port
 
 Standard library only. Stops on SIGTERM or SIGINT. `--seed` makes the choices reproducible.
 """
@@ -167,6 +176,137 @@ def udp_client(args):
         STOP.wait(rng.expovariate(args.rate))
 
 
+def poller(args):
+    targets = [a.strip() for a in open(args.targets) if a.strip()]
+    conns = {}
+    start = time.monotonic()
+    n = 0
+    while not STOP.is_set():
+        # Target i is scraped at i/len of each interval: the load spread evenly.
+        i = n % len(targets)
+        due = start + (n // len(targets)) * args.interval + i * args.interval / len(targets)
+        if STOP.wait(max(0.0, due - time.monotonic())):
+            break
+        t = targets[i]
+        try:
+            c = conns.get(t)
+            if c is None:
+                c = conns[t] = http.client.HTTPConnection(t, args.port, timeout=5)
+            fetch(c, "/metrics")
+        except (OSError, http.client.HTTPException) as e:
+            print(f"benign.py poller: {t}: {e}", file=sys.stderr, flush=True)
+            conns.pop(t, None)
+        n += 1
+
+
+def sync(args):
+    hosts = [a.strip() for a in open(args.hosts) if a.strip()][: args.count]
+    rng = random.Random(args.seed)
+    ctx = tls()
+    conns = {}
+    due = {h: time.monotonic() + rng.uniform(0, 5) for h in hosts}
+    while not STOP.is_set():
+        h = min(due, key=due.get)
+        if STOP.wait(max(0.0, due[h] - time.monotonic())):
+            break
+        try:
+            c = conns.get(h)
+            if c is None:
+                c = conns[h] = http.client.HTTPSConnection(h, 443, timeout=5, context=ctx)
+            # Mostly a small message; now and then a larger sync.
+            fetch(c, "/a/1" if rng.random() < 0.1 else "/a/3")
+        except (OSError, http.client.HTTPException) as e:
+            print(f"benign.py sync: {h}: {e}", file=sys.stderr, flush=True)
+            conns.pop(h, None)
+        due[h] = time.monotonic() + rng.uniform(15, 45)
+
+
+STUN_COOKIE = 0x2112A442
+
+
+def stun_request():
+    return struct.pack(">HHI", 0x0001, 0, STUN_COOKIE) + random.randbytes(12)
+
+
+def is_stun(data):
+    return len(data) >= 20 and data[0] & 0xC0 == 0 and struct.unpack(">I", data[4:8])[0] == STUN_COOKIE
+
+
+def stun_success(request, peer):
+    """A binding success response with XOR-MAPPED-ADDRESS (RFC 5389)."""
+    addr = struct.unpack(">I", socket.inet_aton(peer[0]))[0]
+    attr = struct.pack(">HHBBHI", 0x0020, 8, 0, 1, peer[1] ^ (STUN_COOKIE >> 16), addr ^ STUN_COOKIE)
+    return struct.pack(">HH", 0x0101, len(attr)) + request[4:20] + attr
+
+
+def rtp(seq, ssrc, size):
+    # Version 2, payload type 96 (dynamic, video), then sequence, timestamp, SSRC.
+    return struct.pack(">BBHII", 0x80, 96, seq & 0xFFFF, (seq * 3000) & 0xFFFFFFFF, ssrc) + random.randbytes(size - 12)
+
+
+def call_server(args):
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    binds = [(args.stun, 3478)] + [
+        (a, int(p)) for a, p in (line.split() for line in open(args.peers) if line.strip())
+    ]
+    for addr in binds:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(addr)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    seq = 0
+    while not STOP.is_set():
+        for key, _ in sel.select(timeout=0.5):
+            try:
+                data, peer = key.fileobj.recvfrom(2048)
+                if is_stun(data):
+                    key.fileobj.sendto(stun_success(data, peer), peer)
+                else:
+                    seq += 1
+                    key.fileobj.sendto(rtp(seq, 0x5EED, random.randint(300, 1200)), peer)
+            except OSError:
+                continue
+
+
+def call(args):
+    peers = [(a, int(p)) for a, p in (line.split() for line in open(args.peers) if line.strip())]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 0))
+    s.settimeout(2)
+    # Learn the public address from the STUN server, then check each peer (ICE).
+    for target in [(args.stun, 3478)] + peers:
+        try:
+            s.sendto(stun_request(), target)
+            s.recvfrom(2048)
+        except OSError as e:
+            print(f"benign.py call: STUN to {target}: {e}", file=sys.stderr, flush=True)
+    s.setblocking(False)
+    seq, last_check = 0, time.monotonic()
+    while not STOP.is_set():
+        seq += 1
+        for p in peers:
+            try:
+                s.sendto(rtp(seq, 0xCA11, random.randint(300, 1200)), p)
+            except OSError:
+                pass
+        # Consent freshness (RFC 7675): a STUN check to each peer every 5 s.
+        if time.monotonic() - last_check >= 5:
+            last_check = time.monotonic()
+            for p in peers:
+                try:
+                    s.sendto(stun_request(), p)
+                except OSError:
+                    pass
+        try:
+            while True:
+                s.recv(2048)
+        except (BlockingIOError, OSError):
+            pass
+        STOP.wait(1.0 / args.pps)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
@@ -189,6 +329,20 @@ def main():
     uc.add_argument("--servers", required=True)
     uc.add_argument("--port", type=int, default=443)
     uc.add_argument("--rate", type=float, default=30.0)
+    po = sub.add_parser("poller")
+    po.add_argument("--targets", required=True)
+    po.add_argument("--port", type=int, default=9100)
+    po.add_argument("--interval", type=float, default=15.0)
+    sy = sub.add_parser("sync")
+    sy.add_argument("--hosts", required=True)
+    sy.add_argument("--count", type=int, default=50)
+    cs = sub.add_parser("call-server")
+    cs.add_argument("--stun", required=True, help="the STUN server's address")
+    cs.add_argument("--peers", required=True, help='media peers, "ADDR PORT" a line')
+    ca = sub.add_parser("call")
+    ca.add_argument("--stun", required=True)
+    ca.add_argument("--peers", required=True)
+    ca.add_argument("--pps", type=float, default=50.0, help="media datagrams per second to each peer")
     args = ap.parse_args()
     {
         "webclients": webclients,
@@ -196,6 +350,10 @@ def main():
         "dnsload": dnsload,
         "udp-server": udp_server,
         "udp-client": udp_client,
+        "poller": poller,
+        "sync": sync,
+        "call-server": call_server,
+        "call": call,
     }[args.mode](args)
 
 

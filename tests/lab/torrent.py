@@ -6,7 +6,8 @@ Two modes:
   swarm   many libtorrent sessions in one process, each bound to its own address
           (listen and outgoing), seeding torrent A with a per-session upload limit that
           also applies to peers on private addresses; some of them also download
-          torrent B (from the lab's internal seeder).
+          torrent B (from the lab's internal seeder). With --no-dht --no-utp
+          --encryption forced and a private torrent, the seeders of a private tracker.
   client  one session: an internal host that downloads (or seeds) one torrent, writing
           JSON lines of events (first payload byte, first piece, periodic status) so the
           lab knows when P2P traffic began.
@@ -99,11 +100,13 @@ def drain(ses):
 def swarm(args):
     # "ADDR PORT" a line: each peer listens on a port of its own, as real peers do.
     peers = [line.split() for line in open(args.addrs) if line.strip()]
-    dht = ",".join(f"{a}:{p}" for a, p in peers[:8])
+    dht = ",".join(f"{a}:{p}" for a, p in peers[:8]) if args.dht else ""
     sessions = []
     handles = []
     for i, (addr, port) in enumerate(peers):
-        ses = lt.session(settings(addr, port, args.upload_rate, "enabled", True, dht))
+        ses = lt.session(
+            settings(addr, port, args.upload_rate, args.encryption, args.utp, dht)
+        )
         throttle_private_peers(ses)
         handles.append(add(ses, args.seed_torrent, args.seed_data, True))
         if i < args.leechers and args.leech_torrent:
@@ -171,6 +174,14 @@ def main():
     s.add_argument("--leech-dir", default="/tmp")
     s.add_argument("--leechers", type=int, default=0)
     s.add_argument("--upload-rate", type=int, default=16384)
+    s.add_argument("--encryption", choices=["forced", "enabled"], default="enabled")
+    s.add_argument("--utp", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument(
+        "--dht",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DHT among the swarm (bootstrapped from its first 8 peers)",
+    )
     c = sub.add_parser("client")
     c.add_argument("--addr", required=True)
     c.add_argument("--port", type=int, default=6881)

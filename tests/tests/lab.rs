@@ -1,5 +1,6 @@
 //! The lab's short run: real BitTorrent clients (libtorrent, aria2c) in a swarm of real
-//! peers, and real benign servers and clients, through the agent on a gateway uplink with
+//! peers and a private-tracker client among its own seeders, and real benign servers and
+//! clients (look-alikes among them), through the agent on a gateway uplink with
 //! softflowd as a second exporter. The truth is the lab's labels (which host runs what),
 //! the clients' own record of their first payload byte, the uplink's interface counters,
 //! and nfdump reading the agent's export.
@@ -50,6 +51,19 @@ fn lab_scorecard_meets_its_targets() {
         t["p2p_within_target"],
         true,
         "a P2P host was not alarmed in time:\n{}",
+        card.table()
+    );
+    assert_eq!(
+        t["p2p_kind_right"],
+        true,
+        "a BitTorrent host's alarm named another kind:\n{}",
+        card.table()
+    );
+    assert_eq!(
+        t["benign_margins_met"],
+        true,
+        "a benign host came within {} points of the threshold:\n{}",
+        t["benign_margin_at_least"],
         card.table()
     );
     assert!(card.pass);

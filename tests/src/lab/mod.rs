@@ -33,12 +33,16 @@ pub const HOSTS: &[(&str, u8, Label)] = &[
     ("leech", 10, Label::P2p),
     ("seed", 11, Label::P2p),
     ("aria", 12, Label::P2p),
+    ("private", 13, Label::P2p),
     ("web", 20, Label::Benign),
     ("browser", 21, Label::Benign),
     ("resolver", 22, Label::Benign),
     ("video", 23, Label::Benign),
     ("scanner", 24, Label::Benign),
     ("quic", 25, Label::Benign),
+    ("poller", 26, Label::Benign),
+    ("sync", 27, Label::Benign),
+    ("call", 28, Label::Benign),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,12 +66,18 @@ pub fn describe(host: &str) -> &'static str {
         "leech" => "libtorrent download, TCP + uTP, encryption forced",
         "seed" => "libtorrent seeding on fixed port 51413",
         "aria" => "aria2c download, encryption required",
+        "private" => {
+            "libtorrent, private tracker: TCP only, no DHT/PEX/LSD, encryption forced, 50 seeders on 51413"
+        }
         "web" => "nginx, HTTP + HTTPS, hundreds of external clients",
         "browser" => "HTTPS pages and assets from 60 sites",
         "resolver" => "dnsmasq resolver, 20 upstream servers",
         "video" => "one long rate-limited HTTPS stream",
         "scanner" => "nmap SYN scan of an external /24",
         "quic" => "UDP 443 to 5 servers",
+        "poller" => "monitoring poller scraping 60 hosts on 9100 every 15 s",
+        "sync" => "50 long-lived TLS connections to distinct servers",
+        "call" => "video call: STUN, then UDP media to 3 peers on one local port",
         _ => "",
     }
 }
@@ -87,6 +97,25 @@ pub struct LabConfig {
 /// Each peer's upload limit (bytes/s): throttled, as clients are, so that no peer stands
 /// out among the network's top senders.
 const UPLOAD_RATE: u64 = 24 * 1024;
+
+/// The agent's status endpoint, in the gateway's namespace.
+const STATUS_ADDR: &str = "127.0.0.1:9180";
+
+/// Reads the agent's `/api/hosts` (every host it scored, with vetoes) into `peaks`.
+/// The agent evaluates every 10 s; reading every 2 s sees each evaluation.
+fn poll_scores(peaks: &mut score::Peaks) {
+    let url = format!("http://{STATUS_ADDR}/api/hosts?top=50");
+    match topology::ns_run(GW, "curl", &["-sf", "-m", "2", &url]) {
+        Ok(body) => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) => peaks.take(&v),
+            Err(e) => say(&format!("/api/hosts: {e}")),
+        },
+        Err(e) => say(&format!("/api/hosts: {e:#}")),
+    }
+}
+
+/// HTTP and HTTPS.
+const WEB_PORTS: &[(u16, bool)] = &[(80, false), (443, true)];
 
 /// Command-line arguments from anything printable.
 macro_rules! args {
@@ -155,11 +184,16 @@ fn host_launches(
     l: &Launcher,
     topo: &Topology,
     plan: &Plan,
-    torrent_a: &Path,
-    torrent_b: &Path,
-    data_b: &Path,
-    www: &Path,
+    content: &Content,
 ) -> Result<Vec<(&'static str, Launch)>> {
+    let Content {
+        torrent_a,
+        torrent_b,
+        torrent_c,
+        data_b,
+        www,
+        ..
+    } = content;
     let dir = &l.dir;
     let h = |n: &str| topo.host(n);
     let dht = plan.peers[..8]
@@ -168,9 +202,11 @@ fn host_launches(
         .collect::<Vec<_>>()
         .join(",");
     let (leech_data, aria_data) = (dir.join("leech-data"), dir.join("aria-data"));
-    fs::create_dir_all(&leech_data)?;
-    fs::create_dir_all(&aria_data)?;
-    let web_conf = nginx_conf(dir, "web", www, &[])?;
+    let private_data = dir.join("private-data");
+    for d in [&leech_data, &aria_data, &private_data] {
+        fs::create_dir_all(d)?;
+    }
+    let web_conf = nginx_conf(dir, "web", www, &[], WEB_PORTS)?;
     let (first_peer, first_port) = plan.peers[0];
     let mut resolver = args![
         "-k",
@@ -198,6 +234,14 @@ fn host_launches(
             "--torrent", torrent_b.display(), "--save", data_b.display(), "--seed",
             "--upload-rate", 1_000_000, "--dht", dht,
             "--events", dir.join("seed.events").display(),
+        ])),
+        // A private-tracker client: the torrent is private (no DHT, PEX or local
+        // discovery for it), and the session has DHT and uTP off and encryption forced.
+        ("private", l.torrent(&h("private").ns, "private", args![
+            "client", "--addr", h("private").addr, "--port", plan.private_client_port,
+            "--torrent", torrent_c.display(), "--save", private_data.display(),
+            "--encryption", "forced", "--no-utp",
+            "--events", dir.join("private.events").display(),
         ])),
         ("aria", l.tool(&h("aria").ns, "aria", "aria2c", args![
             format!("--dir={}", aria_data.display()),
@@ -235,6 +279,16 @@ fn host_launches(
         ])),
         ("quic", l.benign(&h("quic").ns, "quic", args![
             "udp-client", "--servers", dir.join("quic.txt").display()
+        ])),
+        ("poller", l.benign(&h("poller").ns, "poller", args![
+            "poller", "--targets", dir.join("pollees.txt").display(),
+            "--port", plan::POLL_PORT, "--interval", 15,
+        ])),
+        ("sync", l.benign(&h("sync").ns, "sync", args![
+            "sync", "--hosts", dir.join("sites.txt").display(), "--count", 50,
+        ])),
+        ("call", l.benign(&h("call").ns, "call", args![
+            "call", "--stun", plan.stun, "--peers", dir.join("call-peers.txt").display(),
         ])),
     ])
 }
@@ -346,20 +400,16 @@ fn make_payload(path: &Path, mib: u64, rng: &mut Rng) -> Result<()> {
 }
 
 /// Makes a torrent of `data` announcing to `tracker`; returns its info-hash (hex).
-fn make_torrent(data: &Path, torrent: &Path, tracker: &str) -> Result<String> {
+/// A private torrent (`-p`) tells clients to get peers from its tracker only.
+fn make_torrent(data: &Path, torrent: &Path, tracker: &str, private: bool) -> Result<String> {
     let _ = fs::remove_file(torrent);
-    topology::run(
-        "mktorrent",
-        &[
-            "-a",
-            tracker,
-            "-l",
-            "18",
-            "-o",
-            torrent.to_str().context("path")?,
-            data.to_str().context("path")?,
-        ],
-    )?;
+    let mut args = vec!["-a", tracker, "-l", "18"];
+    if private {
+        args.push("-p");
+    }
+    args.extend(["-o", torrent.to_str().context("path")?]);
+    args.push(data.to_str().context("path")?);
+    topology::run("mktorrent", &args)?;
     let out = topology::run(
         "/usr/bin/python3",
         &[
@@ -371,22 +421,35 @@ fn make_torrent(data: &Path, torrent: &Path, tracker: &str) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
-/// nginx serving `root` on 80 and 443 (self-signed), on `addrs` (all addresses if empty:
-/// the swarm's peers on ports 80 and 443 share the internet namespace).
-fn nginx_conf(dir: &Path, name: &str, root: &Path, addrs: &[Ipv4Addr]) -> Result<PathBuf> {
+/// nginx serving `root` on `ports` (port, TLS with a self-signed certificate) of `addrs`
+/// (all addresses if empty: the swarm's peers on ports 80 and 443 share the internet
+/// namespace).
+fn nginx_conf(
+    dir: &Path,
+    name: &str,
+    root: &Path,
+    addrs: &[Ipv4Addr],
+    ports: &[(u16, bool)],
+) -> Result<PathBuf> {
     let conf = dir.join(format!("nginx-{name}.conf"));
     let tmp = dir.join(format!("nginx-{name}"));
     fs::create_dir_all(&tmp)?;
     let d = dir.display();
     let t = tmp.display();
     let r = root.display();
-    let listen: String = if addrs.is_empty() {
-        "    listen 80;\n    listen 443 ssl;\n".into()
-    } else {
-        addrs
+    let listen_on = |at: String| -> String {
+        ports
             .iter()
-            .map(|a| format!("    listen {a}:80;\n    listen {a}:443 ssl;\n"))
+            .map(|(port, tls)| {
+                let ssl = if *tls { " ssl" } else { "" };
+                format!("    listen {at}{port}{ssl};\n")
+            })
             .collect()
+    };
+    let listen: String = if addrs.is_empty() {
+        listen_on(String::new())
+    } else {
+        addrs.iter().map(|a| listen_on(format!("{a}:"))).collect()
     };
     fs::write(
         &conf,
@@ -412,6 +475,8 @@ fn web_content(root: &Path, rng: &mut Rng) -> Result<()> {
         ("a/2", 180),
         ("a/3", 6),
         ("big", 1500),
+        // A node_exporter page, about the size of a real one.
+        ("metrics", 40),
     ] {
         let mut v = vec![0u8; (kib * 1024) as usize];
         for c in v.chunks_mut(8) {
@@ -480,8 +545,11 @@ struct Content {
     torrent_a: PathBuf,
     /// Torrent B: seeded by the internal seeder, downloaded by part of the swarm.
     torrent_b: PathBuf,
+    /// Torrent C: private, on the private tracker, seeded by the private swarm.
+    torrent_c: PathBuf,
     data_a: PathBuf,
     data_b: PathBuf,
+    data_c: PathBuf,
     /// The web servers' pages and assets.
     www: PathBuf,
 }
@@ -494,9 +562,11 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     // Content: two torrents (A from the swarm, B from the internal seeder), web pages.
     // A is sized so a download lasts longer than the run: a client fetches about 3 MB/s
     // from 200 peers throttled to 24 KiB/s (measured: 600 MiB in 275 s).
+    // C: 50 seeders at 24 KiB/s give the private client about 1.2 MB/s.
     let a_mib = (cfg.duration.as_secs() * 3).clamp(64, 4096);
+    let c_mib = (cfg.duration.as_secs() * 3 / 2).clamp(48, 2048);
     say(&format!(
-        "making torrents ({a_mib} MiB and 48 MiB) and web content"
+        "making torrents ({a_mib} MiB, 48 MiB and a private one of {c_mib} MiB) and web content"
     ));
     let data_a = dir.join("swarm-data");
     let data_b = dir.join("seed-data");
@@ -507,17 +577,33 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     let announce = format!("http://{}:6969/announce", plan.tracker);
     let torrent_a = dir.join("a.torrent");
     let torrent_b = dir.join("b.torrent");
-    let hash_a = make_torrent(&data_a.join("lab-a.bin"), &torrent_a, &announce)?;
-    let hash_b = make_torrent(&data_b.join("lab-b.bin"), &torrent_b, &announce)?;
-    write_lines(&dir.join("whitelist"), [&hash_a, &hash_b])?;
-    fs::write(
-        dir.join("opentracker.conf"),
-        format!(
-            "listen.tcp_udp {}:6969\naccess.whitelist {}\n",
-            plan.tracker,
-            dir.join("whitelist").display()
-        ),
+    let hash_a = make_torrent(&data_a.join("lab-a.bin"), &torrent_a, &announce, false)?;
+    let hash_b = make_torrent(&data_b.join("lab-b.bin"), &torrent_b, &announce, false)?;
+    // The private swarm's torrent: its own tracker, the private flag set.
+    let data_c = dir.join("private-swarm-data");
+    fs::create_dir_all(&data_c)?;
+    make_payload(&data_c.join("lab-c.bin"), c_mib, &mut rng)?;
+    let torrent_c = dir.join("c.torrent");
+    let hash_c = make_torrent(
+        &data_c.join("lab-c.bin"),
+        &torrent_c,
+        &format!("http://{}:6969/announce", plan.private_tracker),
+        true,
     )?;
+    for (name, addr, hashes) in [
+        ("opentracker", plan.tracker, vec![&hash_a, &hash_b]),
+        ("opentracker-private", plan.private_tracker, vec![&hash_c]),
+    ] {
+        let whitelist = dir.join(format!("{name}.whitelist"));
+        write_lines(&whitelist, hashes)?;
+        fs::write(
+            dir.join(format!("{name}.conf")),
+            format!(
+                "listen.tcp_udp {addr}:6969\naccess.whitelist {}\n",
+                whitelist.display()
+            ),
+        )?;
+    }
     let www = dir.join("www");
     web_content(&www, &mut rng)?;
     topology::run(
@@ -547,12 +633,25 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     write_lines(&dir.join("webclients.txt"), &plan.web_clients)?;
     write_lines(&dir.join("sites.txt"), &plan.sites)?;
     write_lines(&dir.join("quic.txt"), &plan.quic)?;
+    write_lines(
+        &dir.join("private-peers.txt"),
+        plan.private_peers
+            .iter()
+            .map(|a| format!("{a} {}", plan::PRIVATE_PORT)),
+    )?;
+    write_lines(&dir.join("pollees.txt"), &plan.pollees)?;
+    write_lines(
+        &dir.join("call-peers.txt"),
+        plan.call_peers.iter().map(|(a, p)| format!("{a} {p}")),
+    )?;
 
     Ok(Content {
         torrent_a,
         torrent_b,
+        torrent_c,
         data_a,
         data_b,
+        data_c,
         www,
     })
 }
@@ -568,13 +667,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     let dir = fs::canonicalize(dir)?;
     let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
     let plan = Plan::new(cfg.seed, cfg.peers, &names);
-    let Content {
-        torrent_a,
-        torrent_b,
-        data_a,
-        data_b,
-        www,
-    } = prepare(cfg, &dir, &plan)?;
+    let content = prepare(cfg, &dir, &plan)?;
 
     say(&format!(
         "building namespaces: {} internal hosts, {} external addresses",
@@ -592,12 +685,14 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     // The internet side: tracker, swarm, web sites, DNS servers, UDP 443 servers.
     let leechers = (cfg.peers / 5).max(1);
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(l.start(&l.tool(
-        INET,
-        "opentracker",
-        "opentracker",
-        args!["-f", dir.join("opentracker.conf").display()],
-    ))?);
+    for name in ["opentracker", "opentracker-private"] {
+        procs.push(l.start(&l.tool(
+            INET,
+            name,
+            "opentracker",
+            args!["-f", dir.join(format!("{name}.conf")).display()],
+        ))?);
+    }
     let mut swarm = l.start(&l.torrent(
         INET,
         "swarm",
@@ -606,11 +701,11 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             "--addrs",
             dir.join("peers.txt").display(),
             "--seed-torrent",
-            torrent_a.display(),
+            content.torrent_a.display(),
             "--seed-data",
-            data_a.display(),
+            content.data_a.display(),
             "--leech-torrent",
-            torrent_b.display(),
+            content.torrent_b.display(),
             "--leech-dir",
             dir.join("swarm-leech").display(),
             "--leechers",
@@ -623,15 +718,60 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         "starting {} BitTorrent peers ({leechers} also download from the internal seeder)",
         cfg.peers
     ));
+    // The private tracker's seeders: TCP only, no DHT, encryption forced, one port.
+    let mut private_swarm = l.start(&l.torrent(
+        INET,
+        "private-swarm",
+        args![
+            "swarm",
+            "--addrs",
+            dir.join("private-peers.txt").display(),
+            "--seed-torrent",
+            content.torrent_c.display(),
+            "--seed-data",
+            content.data_c.display(),
+            "--upload-rate",
+            UPLOAD_RATE,
+            "--encryption",
+            "forced",
+            "--no-utp",
+            "--no-dht",
+        ],
+    ))?;
     wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
     procs.push(swarm);
+    wait_for(&mut private_swarm, "peers up", Duration::from_secs(60))?;
+    procs.push(private_swarm);
     let sites: Vec<Ipv4Addr> = [&plan.sites[..], &[plan.video]].concat();
-    let nginx_inet = nginx_conf(&dir, "inet", &www, &sites)?;
-    procs.push(l.start(&l.tool(
+    let nginx_inet = nginx_conf(&dir, "inet", &content.www, &sites, WEB_PORTS)?;
+    let nginx_exporters = nginx_conf(
+        &dir,
+        "exporters",
+        &content.www,
+        &plan.pollees,
+        &[(plan::POLL_PORT, false)],
+    )?;
+    for (name, conf) in [
+        ("nginx-internet", nginx_inet),
+        ("nginx-exporters", nginx_exporters),
+    ] {
+        procs.push(l.start(&l.tool(
+            INET,
+            name,
+            "nginx",
+            args!["-c", conf.display(), "-g", "daemon off;"],
+        ))?);
+    }
+    procs.push(l.start(&l.benign(
         INET,
-        "nginx-internet",
-        "nginx",
-        args!["-c", nginx_inet.display(), "-g", "daemon off;"],
+        "call-server",
+        args![
+            "call-server",
+            "--stun",
+            plan.stun,
+            "--peers",
+            dir.join("call-peers.txt").display(),
+        ],
     ))?);
     procs.push(l.start(&l.tool(
         INET,
@@ -706,6 +846,9 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             // for exports (it learns of each flow as it starts).
             "--active-timeout",
             300,
+            // What the scorecard reads every host's score from, as an operator would.
+            "--http",
+            STATUS_ADDR,
         ],
     ))?;
     wait_for(
@@ -738,7 +881,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     let counters_start = topology::uplink_counters()?;
 
     // The internal hosts, each started at its planned offset.
-    let mut pending = host_launches(&l, &topo, &plan, &torrent_a, &torrent_b, &data_b, &www)?;
+    let mut pending = host_launches(&l, &topo, &plan, &content)?;
     let t0 = Instant::now();
     let started_at = unix_now();
     say(&format!(
@@ -753,6 +896,8 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     };
     let mut aria_first: Option<f64> = None;
     let mut last_note = Instant::now();
+    let mut peaks = score::Peaks::default();
+    let mut last_poll = Instant::now();
     while t0.elapsed() < cfg.duration {
         interrupted()?;
         let elapsed = t0.elapsed().as_secs();
@@ -777,6 +922,10 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             aria_first = Some(unix_now());
         }
         tail.poll();
+        if last_poll.elapsed() >= Duration::from_secs(2) {
+            last_poll = Instant::now();
+            poll_scores(&mut peaks);
+        }
         if last_note.elapsed() >= Duration::from_secs(30) {
             last_note = Instant::now();
             say(&format!(
@@ -804,6 +953,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         counters_end = now;
     }
     tail.poll();
+    poll_scores(&mut peaks);
     softflowd.stop(Signal::SIGTERM, Duration::from_secs(10));
     thread::sleep(Duration::from_secs(1));
     let agent_clean = agent.stop(Signal::SIGTERM, Duration::from_secs(60));
@@ -816,6 +966,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     let first: Vec<(&'static str, Option<f64>)> = vec![
         ("leech", first_payload(&dir.join("leech.events"))),
         ("seed", first_payload(&dir.join("seed.events"))),
+        ("private", first_payload(&dir.join("private.events"))),
         ("aria", aria_first),
     ];
     let card = score::build(score::Inputs {
@@ -829,6 +980,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         nfcapd_dir: &nfdir,
         agent_clean,
         agent_log: &dir.join("agent.log"),
+        peaks: &peaks,
         udp_rcvbuf_errors,
     })?;
     drop(procs);

@@ -32,6 +32,13 @@ impl Rng {
     }
 }
 
+/// The port every seeder of the private-tracker swarm listens on (Transmission's default).
+pub const PRIVATE_PORT: u16 = 51413;
+/// Seeders in the private-tracker swarm.
+pub const PRIVATE_PEERS: usize = 50;
+/// The port the monitoring poller scrapes (node_exporter's).
+pub const POLL_PORT: u16 = 9100;
+
 /// External addresses, all in 198.18.0.0/15 (RFC 2544: reserved for benchmark tests), and
 /// the ports the swarm's peers listen on.
 pub struct Plan {
@@ -48,12 +55,24 @@ pub struct Plan {
     pub video: Ipv4Addr,
     /// UDP 443 servers.
     pub quic: Vec<Ipv4Addr>,
+    /// The private tracker of the private-tracker swarm.
+    pub private_tracker: Ipv4Addr,
+    /// Its seeders: all on one common port ([`PRIVATE_PORT`], a client default).
+    pub private_peers: Vec<Ipv4Addr>,
+    /// Hosts the monitoring poller scrapes (on [`POLL_PORT`]).
+    pub pollees: Vec<Ipv4Addr>,
+    /// The video call's STUN server (UDP 3478) and its media peers with their ports.
+    pub stun: Ipv4Addr,
+    pub call_peers: Vec<(Ipv4Addr, u16)>,
     /// The network the port scanner sweeps (a /24 that holds some of the addresses above).
     pub scan_target: String,
     /// Seconds after the start at which each internal host begins, by host name.
     pub start_offsets: Vec<(&'static str, u64)>,
     /// Listening port of the downloading libtorrent client.
     pub leech_port: u16,
+    /// Listening port of the private-tracker client (not a client default: what gives
+    /// it away must be its peers).
+    pub private_client_port: u16,
 }
 
 impl Plan {
@@ -72,6 +91,10 @@ impl Plan {
         let dns_upstreams = take(20);
         let video = take(1)[0];
         let quic = take(5);
+        let private_peers = take(PRIVATE_PEERS);
+        let pollees = take(60);
+        let stun = take(1)[0];
+        let call_addrs = take(3);
         let peers = peer_addrs
             .into_iter()
             .map(|a| {
@@ -88,6 +111,10 @@ impl Plan {
             .collect::<Vec<_>>();
         let o = peers[0].0.octets();
         let scan_target = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+        let call_peers = call_addrs
+            .into_iter()
+            .map(|a| (a, rng.range(16_384, 60_000) as u16))
+            .collect();
         let start_offsets = hosts.iter().map(|h| (*h, rng.range(0, 10))).collect();
         Self {
             tracker: Ipv4Addr::new(198, 18, 0, 1),
@@ -97,20 +124,29 @@ impl Plan {
             dns_upstreams,
             video,
             quic,
+            private_tracker: Ipv4Addr::new(198, 18, 0, 2),
+            private_peers,
+            pollees,
+            stun,
+            call_peers,
             scan_target,
             start_offsets,
             leech_port: rng.range(20_000, 60_000) as u16,
+            private_client_port: rng.range(20_000, 60_000) as u16,
         }
     }
 
     /// Every external address the internet namespace must hold.
     pub fn external_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut v = vec![self.tracker, self.video];
+        let mut v = vec![self.tracker, self.private_tracker, self.video, self.stun];
         v.extend(self.peers.iter().map(|p| p.0));
         v.extend(&self.web_clients);
         v.extend(&self.sites);
         v.extend(&self.dns_upstreams);
         v.extend(&self.quic);
+        v.extend(&self.private_peers);
+        v.extend(&self.pollees);
+        v.extend(self.call_peers.iter().map(|p| p.0));
         v
     }
 

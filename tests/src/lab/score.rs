@@ -31,6 +31,8 @@ pub struct Inputs<'a> {
     pub nfcapd_dir: &'a Path,
     pub agent_clean: bool,
     pub agent_log: &'a Path,
+    /// Every host's peak score, read from the agent's status endpoint.
+    pub peaks: &'a Peaks,
     /// UDP datagrams the gateway's kernel dropped (nfcapd's and the agent's listeners).
     pub udp_rcvbuf_errors: Option<u64>,
 }
@@ -97,39 +99,60 @@ fn nfdump_totals(dir: &Path) -> Result<BTreeMap<String, [Totals; 2]>> {
     Ok(by)
 }
 
-/// The highest score the agent logged for each host over the run (its statistics line
-/// lists the ten highest at every interval), with the guards that vetoed it.
-fn max_scores(agent_log: &Path) -> BTreeMap<String, (f64, BTreeSet<String>)> {
-    let text = std::fs::read_to_string(agent_log).unwrap_or_default();
-    let mut out: BTreeMap<String, (f64, BTreeSet<String>)> = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.split("highest scores (threshold ").nth(1) else {
-            continue;
+/// A host's highest score over the run among the evaluations no guard vetoed, and the
+/// guards that vetoed others (each with the highest score it vetoed).
+#[derive(Clone, Debug, Default)]
+pub struct Peak {
+    pub clear: f64,
+    pub vetoed: BTreeMap<String, f64>,
+}
+
+/// Every host's [`Peak`], from the agent's `/api/hosts` snapshots (one per evaluation:
+/// a snapshot read twice counts once).
+#[derive(Debug, Default)]
+pub struct Peaks {
+    pub by_host: BTreeMap<String, Peak>,
+    pub threshold: Option<f64>,
+    pub evaluations: u64,
+    last_eval: Option<String>,
+}
+
+impl Peaks {
+    pub fn take(&mut self, snapshot: &Value) {
+        // Before the first evaluation there is nothing to read.
+        let Some(at) = snapshot["evaluated_at"].as_str() else {
+            return;
         };
-        let Some(list) = rest.split_once("): [").and_then(|(_, l)| l.split_once(']')) else {
-            continue;
-        };
-        for item in list.0.split(", ").filter(|i| !i.is_empty()) {
-            let mut words = item.splitn(3, ' ');
-            let (Some(ip), Some(score)) = (words.next(), words.next()) else {
+        if self.last_eval.as_deref() == Some(at) {
+            return;
+        }
+        self.last_eval = Some(at.to_string());
+        self.evaluations += 1;
+        if let Some(t) = snapshot["score_threshold"].as_f64() {
+            self.threshold = Some(t);
+        }
+        for h in snapshot["hosts"].as_array().into_iter().flatten() {
+            let (Some(host), Some(score)) = (h["host"].as_str(), h["score"].as_f64()) else {
                 continue;
             };
-            let Ok(score) = score.parse::<f64>() else {
-                continue;
-            };
-            let e = out.entry(ip.to_string()).or_insert((0.0, BTreeSet::new()));
-            e.0 = e.0.max(score);
-            if let Some(g) = words
-                .next()
-                .and_then(|g| g.strip_prefix("(vetoed as "))
-                .and_then(|g| g.strip_suffix(')'))
-            {
-                e.1.insert(g.to_string());
+            let p = self.by_host.entry(host.to_string()).or_default();
+            match h["vetoed_by"].as_str() {
+                Some(guard) => {
+                    let v = p.vetoed.entry(guard.to_string()).or_insert(0.0);
+                    *v = v.max(score);
+                }
+                None => p.clear = p.clear.max(score),
             }
         }
     }
-    out
 }
+
+/// Every benign host's peak must stay this far under the threshold.
+pub const MIN_MARGIN: f64 = 2.0;
+
+/// What an alarm on each P2P host of the lab must name: every P2P client there runs
+/// BitTorrent.
+const P2P_KIND: &str = "bittorrent";
 
 /// The SysIDs nfcapd gave to exporters with source id 0 (the agent's own records), from
 /// `nfdump -E` on each file: lines like `SysID: 1, IP: 127.0.0.1, version: 9, ID:  0, ...`.
@@ -159,14 +182,25 @@ fn local_sysids(dir: &Path) -> Result<BTreeSet<String>> {
 }
 
 pub fn build(inp: Inputs) -> Result<Scorecard> {
-    let peaks = max_scores(inp.agent_log);
+    let threshold = inp.peaks.threshold;
     let mut hosts_json = Vec::new();
     let mut table = String::new();
     writeln!(
         table,
-        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6} {:>5}  evidence / note",
-        "host", "address", "label", "alarmed", "detect_s", "score", "peak", "srcs"
+        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  evidence / note",
+        "host",
+        "address",
+        "label",
+        "alarmed",
+        "detect_s",
+        "score",
+        "kind",
+        "peak",
+        "margin",
+        "srcs"
     )?;
+    let mut right_kind = true;
+    let mut margins_ok = threshold.is_some();
     let (mut tp, mut fp, mut p2p_hosts) = (0u32, 0u32, 0u32);
     let mut detect_times = Vec::new();
     let mut within = true;
@@ -272,7 +306,19 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
                     .collect()
             })
             .unwrap_or_default();
-        let (peak, vetoes) = peaks.get(&addr).cloned().unwrap_or_default();
+        let Peak {
+            clear: peak,
+            vetoed,
+        } = inp.peaks.by_host.get(&addr).cloned().unwrap_or_default();
+        let margin = threshold.map(|t| t - peak);
+        let vetoes: Vec<String> = vetoed
+            .iter()
+            .map(|(g, s)| format!("{g} (up to {s:.1})"))
+            .collect();
+        match label {
+            Label::P2p => right_kind &= kind == P2P_KIND,
+            Label::Benign => margins_ok &= margin.is_some_and(|m| m >= MIN_MARGIN),
+        }
         let mut notes = Vec::new();
         if !other_kinds.is_empty() {
             notes.push(format!(
@@ -283,7 +329,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         if !vetoes.is_empty() {
             notes.push(format!(
                 "vetoed as {}",
-                vetoes.iter().cloned().collect::<Vec<_>>().join(",")
+                vetoes.join(", ")
             ));
         }
         if !kind_why.is_empty() {
@@ -292,7 +338,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         let note = notes.join("; ");
         writeln!(
             table,
-            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:>6} {:>5}  {}{}",
+            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  {}{}",
             name,
             addr,
             label.as_str(),
@@ -303,7 +349,9 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             },
             detect.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
             score.map(|s| format!("{s:.1}")).unwrap_or("-".into()),
+            kind,
             format!("{peak:.1}"),
+            margin.map(|m| format!("{m:.1}")).unwrap_or("-".into()),
             exporters.len(),
             evidence.join(" "),
             if note.is_empty() || evidence.is_empty() {
@@ -326,7 +374,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "kind": kind,
             "kind_evidence": kind_why,
             "peak_score": peak,
-            "vetoed_as": vetoes,
+            "margin": margin,
+            "vetoed_as": vetoed,
             "evidence": evidence,
             "exporters": exporters,
             "other_alarm_kinds": other_kinds,
@@ -417,18 +466,28 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         );
     }
     let zero_benign = fp == 0;
-    let pass = within && zero_benign && one_each && export_ok;
+    let pass = within && zero_benign && one_each && export_ok && right_kind && margins_ok;
     writeln!(
         table,
         "\nprecision {precision:.2}  recall {recall:.2}  time to detect: mean {mean_detect:.1} s, max {max_detect:.1} s"
     )?;
     writeln!(
         table,
-        "targets: every P2P host within {DETECT_WITHIN_SECS:.0} s: {}; no benign host alarmed: {}; one alarm per P2P host: {}; export equals interface and nfdump: {}",
+        "targets: every P2P host within {DETECT_WITHIN_SECS:.0} s: {}; kind {P2P_KIND} for each: {}; no benign host alarmed: {}; every benign margin >= {MIN_MARGIN:.0}: {}; one alarm per P2P host: {}; export equals interface and nfdump: {}",
         yes(within),
+        yes(right_kind),
         yes(zero_benign),
+        yes(margins_ok),
         yes(one_each),
         yes(export_ok)
+    )?;
+    writeln!(
+        table,
+        "peak: the highest score over {} evaluations no guard vetoed (threshold {}); margin: threshold - peak",
+        inp.peaks.evaluations,
+        threshold.map_or("unknown: /api/hosts never answered".into(), |t| format!(
+            "{t:.1}"
+        ))
     )?;
     if let Some(n) = inp.udp_rcvbuf_errors.filter(|n| *n > 0) {
         writeln!(
@@ -449,6 +508,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "duration_secs": inp.cfg.duration.as_secs(),
         "peers": inp.cfg.peers,
         "seed": inp.cfg.seed,
+        "score_threshold": threshold,
+        "evaluations": inp.peaks.evaluations,
         "hosts": hosts_json,
         "precision": precision,
         "recall": recall,
@@ -460,6 +521,9 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "p2p_within_target": within,
             "target_secs": DETECT_WITHIN_SECS,
             "zero_benign_alarmed": zero_benign,
+            "p2p_kind_right": right_kind,
+            "benign_margin_at_least": MIN_MARGIN,
+            "benign_margins_met": margins_ok,
             "one_alarm_per_p2p_host": one_each,
             "export_equals_interface": export_ok,
         },
@@ -518,25 +582,41 @@ fn commit() -> String {
 mod tests {
     use super::*;
 
+    fn snapshot(at: &str, hosts: &[(&str, f64, Option<&str>)]) -> Value {
+        json!({
+            "evaluated_at": at,
+            "score_threshold": 7.0,
+            "hosts": hosts
+                .iter()
+                .map(|(h, s, g)| json!({"host": h, "score": s, "vetoed_by": g}))
+                .collect::<Vec<_>>(),
+        })
+    }
+
     #[test]
-    fn peak_scores_are_read_from_the_agents_statistics_lines() {
-        let dir = std::env::temp_dir().join(format!("lab-score-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("agent.log");
-        // The format of detector::agent's statistics line.
-        std::fs::write(
-            &log,
-            "[t INFO  detector::agent] exported 5 records; detection: 3 hosts profiled, highest scores (threshold 7.0): [10.10.0.20 7.0 (vetoed as server_on_well_known_port), 10.10.0.11 3.0], 0 alarm events\n\
-             [t INFO  detector::agent] exported 9 records; detection: 3 hosts profiled, highest scores (threshold 7.0): [10.10.0.11 12.5, 10.10.0.20 6.5], 1 alarm events\n\
-             [t INFO  detector::agent] exported 9 records; detection: 0 hosts profiled, highest scores (threshold 7.0): [], 1 alarm events\n",
-        )
-        .unwrap();
-        let peaks = max_scores(&log);
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(peaks.len(), 2);
-        assert_eq!(peaks["10.10.0.11"].0, 12.5);
-        assert!(peaks["10.10.0.11"].1.is_empty());
-        assert_eq!(peaks["10.10.0.20"].0, 7.0);
-        assert!(peaks["10.10.0.20"].1.contains("server_on_well_known_port"));
+    fn a_peak_counts_only_evaluations_no_guard_vetoed_and_each_evaluation_once() {
+        let mut p = Peaks::default();
+        // Before the first evaluation: nothing.
+        p.take(&json!({"evaluated_at": null, "score_threshold": 7.0, "hosts": []}));
+        assert_eq!(p.evaluations, 0);
+        p.take(&snapshot(
+            "t1",
+            &[
+                ("10.0.0.20", 9.0, Some("server_on_well_known_port")),
+                ("10.0.0.11", 3.0, None),
+            ],
+        ));
+        p.take(&snapshot(
+            "t2",
+            &[("10.0.0.20", 4.5, None), ("10.0.0.11", 2.0, None)],
+        ));
+        // The same evaluation read again changes nothing.
+        p.take(&snapshot("t2", &[("10.0.0.11", 99.0, None)]));
+        assert_eq!(p.evaluations, 2);
+        assert_eq!(p.threshold, Some(7.0));
+        assert_eq!(p.by_host["10.0.0.11"].clear, 3.0);
+        let web = &p.by_host["10.0.0.20"];
+        assert_eq!(web.clear, 4.5, "a vetoed 9.0 is not the peak");
+        assert_eq!(web.vetoed["server_on_well_known_port"], 9.0);
     }
 }
