@@ -110,7 +110,8 @@ impl Meter {
             },
             pins.as_ref(),
         )?;
-        let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
+        let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout)
+            .with_growth(args.live_interval);
         let mut source = XdpSource::with_mode(&mut bpf, timeouts, ifindex, args.drain.mode())?;
         if let Some(p) = &pins {
             let found = source.keep_pinned_state(monotonic_ns())?;

@@ -109,6 +109,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub inactive_timeout: u64,
 
+    /// Tell detection how each live local flow grew every SECS seconds (detection
+    /// only: the export is unchanged); 0 to tell it only of each flow's start and its
+    /// exports. Each long flow costs a lookup per interval.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    pub live_interval: u64,
+
     /// Pin the maps and the program links under DIR/IFACE on the BPF file system, so the
     /// meter keeps counting if the agent dies and the next run adopts what it counted;
     /// `none` to meter without pinned state.

@@ -140,6 +140,15 @@ fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) 
     }
 }
 
+/// "No peer among the network's top senders" is reported but weighs nothing: it holds
+/// for every host with many small peers, benign ones included (in the lab, a monitoring
+/// poller, a browser and a port scanner all scored 5.5 on such generic rules alone, 1.5
+/// under the threshold; without it they score 5.0 at most).
+const TOP10_WEIGHT: f64 = 0.0;
+/// Peers met on a P2P family's well-known port: specific evidence, and the one sign a
+/// private-tracker client shows beside the generic ones (which give it 5.0).
+const P2P_PORT_WEIGHT: f64 = 3.0;
+
 /// The score and guard of [`evaluate`], from the profile's aggregates instead of a walk
 /// over its peers: the same rules, the same thresholds, the same result (a property test
 /// holds the two equal). The thresholds that depend on each peer (small datagrams, the
@@ -190,7 +199,7 @@ pub fn score(
             || (!p.agg.top_exact && share(p.top_exact()) <= t.top_peer_share);
         fire(top_ok, 1.0);
         let in_top = top_senders.iter().any(|ip| p.peers.contains_key(ip));
-        fire(!in_top, 0.5);
+        fire(!in_top, TOP10_WEIGHT);
         // The median of the held peers' rates is at or below the threshold when more
         // than half of them are.
         fire(held > 0 && throttled > held / 2 || held == 0, 1.0);
@@ -213,7 +222,7 @@ pub fn score(
     }
     fire(udp_small as f64 >= t.udp_small_peers, 2.0);
     fire(attempts >= 20 && failed_share >= t.failed_share, 1.0);
-    fire(p2p_port as f64 >= t.p2p_port_peers, 2.0);
+    fire(p2p_port as f64 >= t.p2p_port_peers, P2P_PORT_WEIGHT);
     let guard = if attempts >= 20 && failed_share >= 0.8 && bytes_in < 1_000_000 {
         Some("port_scan")
     } else if listen_port != 0 && busy_listener && listen_port <= 1024 {
@@ -345,7 +354,7 @@ pub fn evaluate(
             in_top as u8 as f64,
             0.0,
             many && !in_top,
-            0.5,
+            TOP10_WEIGHT,
         ),
         ev(
             "median_peer_bytes_per_min",
@@ -403,7 +412,7 @@ pub fn evaluate(
             p2p_port as f64,
             t.p2p_port_peers,
             p2p_port as f64 >= t.p2p_port_peers,
-            2.0,
+            P2P_PORT_WEIGHT,
         ),
     ];
     let score = evidence

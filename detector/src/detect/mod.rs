@@ -634,7 +634,7 @@ impl Engine {
                 None => None,
             };
             if let Some(e) = e {
-                e.0 = e.0.saturating_add(r.est_bytes());
+                e.0 = e.0.saturating_add(r.new_bytes());
                 e.1 = e.1.max(r.last);
             }
         }

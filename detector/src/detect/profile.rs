@@ -14,7 +14,7 @@ use super::dense::DenseMap;
 use super::ports::PortTable;
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 
-use crate::flow::{FlowRecord, Live};
+use crate::flow::FlowRecord;
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
@@ -380,7 +380,7 @@ impl HostProfile {
             p.contribution(&self.limits)
         };
         self.oldest_ms = self.oldest_ms.min(stamp_ms(stamp));
-        let bytes = r.est_bytes();
+        let bytes = r.new_bytes();
         if host_is_src {
             p.bytes_out += bytes;
         } else {
@@ -388,7 +388,7 @@ impl HostProfile {
         }
         // A flow counts once: at its start when that was announced (live flows), else
         // with each record as exported.
-        if r.live != Live::Continued {
+        if !r.live.continues() {
             p.flows = p.flows.saturating_add(1);
         }
         p.hints |= r.hints;
@@ -396,7 +396,7 @@ impl HostProfile {
             6 => {
                 p.tcp = true;
                 // Whether a connection completed is known from its export, not its start.
-                if host_is_src && r.live != Live::Start && r.tcp_flags & 0x02 != 0 {
+                if host_is_src && !r.live.detection_only() && r.tcp_flags & 0x02 != 0 {
                     p.tcp_attempts = p.tcp_attempts.saturating_add(1);
                     if r.tcp_flags & 0x10 == 0 {
                         p.tcp_failed = p.tcp_failed.saturating_add(1);
@@ -406,7 +406,7 @@ impl HostProfile {
             17 => {
                 p.udp = true;
                 if !service_udp_port(remote_port) && !service_udp_port(local_port) {
-                    p.udp_packets = p.udp_packets.saturating_add(r.est_packets());
+                    p.udp_packets = p.udp_packets.saturating_add(r.new_packets());
                     p.udp_bytes += bytes;
                 }
             }

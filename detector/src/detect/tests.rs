@@ -970,7 +970,7 @@ fn a_private_tracker_client_alarms_by_its_peers_common_port() {
         private_tracker(host, s)
     });
     assert!(alarmed, "peak {after}");
-    assert_eq!(after, before + 2.0, "the rule's weight decides it");
+    assert_eq!(after, before + 3.0, "the rule's weight decides it");
     let (fired, _) = verdict(&private_tracker(host, 0));
     assert!(fired.contains(&"p2p_port_peers"), "{fired:?}");
     eprintln!("private-tracker client: peak {before:.1} without the rule, {after:.1} with it");
@@ -1031,7 +1031,8 @@ fn look_alikes_of_a_private_tracker_client_stay_under_the_threshold() {
     for (name, feed) in cases {
         let (score, alarmed) = peak(evidence::Thresholds::default(), 300, feed);
         assert!(!alarmed, "{name} alarmed at {score}");
-        assert!(score < threshold, "{name}: {score}");
+        // The lab's target: every benign host at least 2 points under the threshold.
+        assert!(threshold - score >= 2.0, "{name}: {score}");
         eprintln!("{name}: peak {score:.1}, margin {:.1}", threshold - score);
     }
 }
@@ -1056,7 +1057,10 @@ fn a_flow_counts_once_whether_told_whole_or_started_then_continued() {
         });
     }
     live.extend(whole.iter().map(|r| FlowRecord {
-        live: Live::Continued,
+        live: Live::Continued {
+            told_packets: 0,
+            told_bytes: 0,
+        },
         ..r.clone()
     }));
     let values = |recs: &[FlowRecord]| {

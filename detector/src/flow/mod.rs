@@ -34,8 +34,8 @@ impl Direction {
 }
 
 /// What a record tells detection about its flow (live flows, see the eBPF crate's
-/// `NEW_FLOWS`): the whole of a stretch of it, its start only, or more of one whose
-/// start was already told.
+/// `NEW_FLOWS`): the whole of a stretch of it, its start only, its growth while it
+/// lives, or more of one whose start was already told.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Live {
     /// A record as exported: a new flow for detection (the rule everywhere but for
@@ -45,9 +45,25 @@ pub enum Live {
     /// A flow just started (no packets or bytes yet): detection counts the flow, its
     /// peer and ports. Never exported.
     Start,
+    /// A live flow's packets and bytes since it was last told (every `--live-interval`):
+    /// detection counts them, not another flow. Never exported.
+    Grow,
     /// An exported record of a flow whose start detection already counted: its packets
-    /// and bytes count, not another flow.
-    Continued,
+    /// and bytes count, not another flow, less what growth reports already told.
+    Continued { told_packets: u64, told_bytes: u64 },
+}
+
+impl Live {
+    /// Start and growth reports go to detection only: never to a sink, never counted
+    /// among exported records.
+    pub fn detection_only(self) -> bool {
+        matches!(self, Live::Start | Live::Grow)
+    }
+
+    /// A record of a flow detection already counted.
+    pub fn continues(self) -> bool {
+        matches!(self, Live::Grow | Live::Continued { .. })
+    }
 }
 
 /// Where a record was measured.
@@ -149,6 +165,24 @@ impl FlowRecord {
         self.bytes.saturating_mul(self.sampling.max(1) as u64)
     }
 
+    /// The packets detection has not been told of yet (growth reports told the rest).
+    pub fn new_packets(&self) -> u64 {
+        match self.live {
+            Live::Continued { told_packets, .. } => self.packets.saturating_sub(told_packets),
+            _ => self.packets,
+        }
+        .saturating_mul(self.sampling.max(1) as u64)
+    }
+
+    /// The bytes detection has not been told of yet.
+    pub fn new_bytes(&self) -> u64 {
+        match self.live {
+            Live::Continued { told_bytes, .. } => self.bytes.saturating_sub(told_bytes),
+            _ => self.bytes,
+        }
+        .saturating_mul(self.sampling.max(1) as u64)
+    }
+
     /// ICMP or ICMPv6: `dst_port` holds `type << 8 | code`.
     pub fn is_icmp(&self) -> bool {
         self.protocol == 1 || self.protocol == 58
@@ -187,8 +221,13 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
         origin: Origin::Local,
         duplicate: false,
         hints: d.hints,
-        live: if d.announced {
-            Live::Continued
+        live: if d.growth {
+            Live::Grow
+        } else if d.announced {
+            Live::Continued {
+                told_packets: d.told_packets,
+                told_bytes: d.told_bytes,
+            }
         } else {
             Live::Whole
         },
@@ -207,6 +246,9 @@ pub fn record_from_start(ev: &detector_common::NewFlowEvent, clock: &WallClock) 
         tos: 0,
         hints: 0,
         announced: false,
+        growth: false,
+        told_packets: 0,
+        told_bytes: 0,
     };
     FlowRecord {
         live: Live::Start,

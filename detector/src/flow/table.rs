@@ -27,6 +27,9 @@ use detector_common::{ExportMark, FlowKey, FlowStats, OverflowEvent, TCP_FIN, TC
 pub struct Timeouts {
     pub active_ns: u64,
     pub inactive_ns: u64,
+    /// Live flows: how often detection is told of an announced flow's growth (0: never,
+    /// only its start and its exports).
+    pub grow_ns: u64,
 }
 
 impl Timeouts {
@@ -34,6 +37,15 @@ impl Timeouts {
         Self {
             active_ns: active * 1_000_000_000,
             inactive_ns: inactive * 1_000_000_000,
+            grow_ns: 0,
+        }
+    }
+
+    /// Tells detection of each announced flow's growth every `secs` (0: never).
+    pub fn with_growth(self, secs: u64) -> Self {
+        Self {
+            grow_ns: secs * 1_000_000_000,
+            ..self
         }
     }
 }
@@ -52,6 +64,11 @@ pub struct Delta {
     pub hints: u8,
     /// The flow's start was announced (live flows): detection already counted it.
     pub announced: bool,
+    /// A growth report: detection's only, never exported.
+    pub growth: bool,
+    /// Of this export's packets and bytes, those growth reports already told detection.
+    pub told_packets: u64,
+    pub told_bytes: u64,
 }
 
 /// What the caller must do with a flow after [`FlowTable::observe`].
@@ -61,6 +78,8 @@ pub enum Action {
     Keep,
     /// Export this record; the flow stays.
     Export(Delta),
+    /// Tell detection of this growth of a live flow (never exported); the flow stays.
+    Grow(Delta),
     /// The flow ended: remove it atomically from wherever it lives and pass its final
     /// counters to [`FlowTable::evict`].
     Evict,
@@ -80,6 +99,10 @@ struct Tracked {
     /// When this entry was last used; entries of flows gone from the store without an
     /// eviction are forgotten once stale.
     touched_ns: u64,
+    /// Live flows: the counters detection was last told of by a growth report, and when.
+    told_packets: u64,
+    told_bytes: u64,
+    told_at_ns: u64,
 }
 
 impl Tracked {
@@ -90,6 +113,9 @@ impl Tracked {
             period_start_ns: first_ns,
             seen_packets: 0,
             touched_ns: now_ns,
+            told_packets: 0,
+            told_bytes: 0,
+            told_at_ns: 0,
         }
     }
 }
@@ -187,6 +213,9 @@ impl FlowTable {
                 period_start_ns: mark.period_start_ns,
                 seen_packets: 0,
                 touched_ns: now_ns,
+                told_packets: 0,
+                told_bytes: 0,
+                told_at_ns: 0,
             },
         );
     }
@@ -258,7 +287,10 @@ impl FlowTable {
         let age = now_ns.saturating_sub(stats.first_ns);
         let period = age / active;
         if period == 0 || age.saturating_sub(self.lookback_ns) / active == period {
-            return Action::Keep;
+            return match self.grow(key, stats, now_ns, age) {
+                Some(d) => Action::Grow(d),
+                None => Action::Keep,
+            };
         }
         let boundary = stats.first_ns + period * active;
         let t = self
@@ -288,6 +320,52 @@ impl FlowTable {
             Some(d) => Action::Export(d),
             None => Action::Keep,
         }
+    }
+
+    /// Live flows: when an announced flow crossed a growth boundary (`first + k x grow`)
+    /// since the previous look, what it moved since detection was last told. Like the
+    /// active timeout, a flow is looked up only around its boundaries.
+    fn grow(&mut self, key: &FlowKey, stats: &FlowStats, now_ns: u64, age: u64) -> Option<Delta> {
+        let grow = self.timeouts.grow_ns;
+        if grow == 0 || stats.announced == 0 {
+            return None;
+        }
+        let k = age / grow;
+        if k == 0 || age.saturating_sub(self.lookback_ns) / grow == k {
+            return None;
+        }
+        let boundary = stats.first_ns + k * grow;
+        let t = self
+            .tracked
+            .entry(*key)
+            .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
+        t.touched_ns = now_ns;
+        if t.told_at_ns >= boundary {
+            return None;
+        }
+        t.told_at_ns = now_ns;
+        let (base_p, base_b) = if t.told_packets > t.exported_packets {
+            (t.told_packets, t.told_bytes)
+        } else {
+            (t.exported_packets, t.exported_bytes)
+        };
+        let packets = stats.packets.checked_sub(base_p).filter(|p| *p > 0)?;
+        t.told_packets = stats.packets;
+        t.told_bytes = stats.bytes;
+        Some(Delta {
+            key: *key,
+            packets,
+            bytes: stats.bytes.saturating_sub(base_b),
+            first_ns: t.period_start_ns.max(stats.first_ns),
+            last_ns: stats.last_ns,
+            tcp_flags: stats.tcp_flags,
+            tos: stats.tos,
+            hints: stats.hints,
+            announced: true,
+            growth: true,
+            told_packets: 0,
+            told_bytes: 0,
+        })
     }
 
     /// The flow was removed from its store with these final counters: returns what is
@@ -321,6 +399,14 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
         tos: s.tos,
         hints: s.hints,
         announced: s.announced != 0,
+        growth: false,
+        // What growth reports told of this period (none once it was exported).
+        told_packets: t.told_packets.saturating_sub(t.exported_packets),
+        told_bytes: if t.told_packets > t.exported_packets {
+            t.told_bytes.saturating_sub(t.exported_bytes)
+        } else {
+            0
+        },
     })
 }
 
@@ -345,14 +431,20 @@ mod tests {
         table: FlowTable,
         flows: HashMap<FlowKey, FlowStats>,
         exported: Vec<Delta>,
+        grown: Vec<Delta>,
     }
 
     impl Store {
         fn new(active: u64, inactive: u64) -> Self {
+            Self::with(Timeouts::from_secs(active, inactive))
+        }
+
+        fn with(timeouts: Timeouts) -> Self {
             Self {
-                table: FlowTable::new(Timeouts::from_secs(active, inactive)),
+                table: FlowTable::new(timeouts),
                 flows: HashMap::new(),
                 exported: Vec::new(),
+                grown: Vec::new(),
             }
         }
 
@@ -380,6 +472,7 @@ mod tests {
                 match self.table.observe(&k, &s, now) {
                     Action::Keep => {}
                     Action::Export(d) => self.exported.push(d),
+                    Action::Grow(d) => self.grown.push(d),
                     Action::Evict => {
                         let fin = self.flows.remove(&k).unwrap();
                         self.exported.extend(self.table.evict(&k, &fin));
@@ -395,6 +488,56 @@ mod tests {
                 .filter(|d| d.key == k)
                 .fold((0, 0), |(p, b), d| (p + d.packets, b + d.bytes))
         }
+    }
+
+    #[test]
+    fn a_live_flow_grows_for_detection_every_interval_and_its_exports_say_what_was_told() {
+        let mut st = Store::with(Timeouts::from_secs(60, 15).with_growth(10));
+        let (live, quiet) = (key(4000), key(4001));
+        let mut sent = (0u64, 0u64);
+        // Two flows, one packet a second each for 200 s, scanning every second; the
+        // kernel announced the first one's start.
+        for sec in 1..=200u64 {
+            for k in [live, quiet] {
+                st.packet(k, 100 + sec as u32, 0x10, sec * S);
+            }
+            st.flows.get_mut(&live).unwrap().announced = 1;
+            sent.0 += 1;
+            sent.1 += 100 + sec;
+            st.scan(sec * S + S / 2);
+        }
+        st.scan(300 * S);
+        // The export is as without growth reports: every packet once.
+        assert_eq!(st.totals(live), sent);
+        assert_eq!(st.totals(quiet), sent);
+        assert!(st.grown.iter().all(|d| d.key == live && d.growth));
+        // A report at each 10 s boundary that is not an active-timeout export's.
+        assert!(
+            (16..=20).contains(&st.grown.len()),
+            "{} growth reports",
+            st.grown.len()
+        );
+        let gaps: Vec<u64> = st
+            .grown
+            .windows(2)
+            .map(|w| (w[1].last_ns - w[0].last_ns) / S)
+            .collect();
+        assert!(gaps.iter().all(|g| (10..=20).contains(g)), "{gaps:?}");
+        // Detection is told every packet exactly once: growth, plus each export less
+        // what growth had told of it.
+        let told: (u64, u64) = st
+            .grown
+            .iter()
+            .fold((0, 0), |(p, b), d| (p + d.packets, b + d.bytes));
+        let rest = st
+            .exported
+            .iter()
+            .filter(|d| d.key == live)
+            .fold((0, 0), |(p, b), d| {
+                (p + d.packets - d.told_packets, b + d.bytes - d.told_bytes)
+            });
+        assert_eq!((told.0 + rest.0, told.1 + rest.1), sent);
+        assert!(st.exported.iter().any(|d| d.told_packets > 0));
     }
 
     #[test]

@@ -36,8 +36,8 @@ use crate::detect::evidence::Verdict;
 use crate::detect::{AlarmEvent, DetectConfig, Engine, EngineStats, EvalSchedule, TopSenders};
 use crate::export::Sink;
 use crate::export::alarms::AlarmSink;
+use crate::flow::FlowRecord;
 use crate::flow::dedup::{Dedup, DedupStats};
-use crate::flow::{FlowRecord, Live};
 
 /// How long the duplicate marker remembers a flow after its last record.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
@@ -154,17 +154,19 @@ impl Input {
     /// work such as a template refresh).
     pub fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
         let c = &self.counters;
-        // Flow starts (live flows) go to detection only: not counted as records.
-        let starts = records.iter().filter(|r| r.live == Live::Start).count();
-        c.records
-            .fetch_add((records.len() - starts) as u64, Ordering::Relaxed);
-        let (p, b) = records.iter().fold((0u64, 0u64), |(p, b), r| {
-            // An exporter may claim any count: the totals saturate.
-            (
-                p.saturating_add(r.est_packets()),
-                b.saturating_add(r.est_bytes()),
-            )
-        });
+        // Flow starts and growth (live flows) go to detection only: not counted as
+        // records. An exporter may claim any count: the totals saturate.
+        let (n, p, b) = records.iter().filter(|r| !r.live.detection_only()).fold(
+            (0u64, 0u64, 0u64),
+            |(n, p, b), r| {
+                (
+                    n + 1,
+                    p.saturating_add(r.est_packets()),
+                    b.saturating_add(r.est_bytes()),
+                )
+            },
+        );
+        c.records.fetch_add(n, Ordering::Relaxed);
         c.packets.fetch_add(p, Ordering::Relaxed);
         c.bytes.fetch_add(b, Ordering::Relaxed);
         if records.is_empty() {
@@ -204,7 +206,7 @@ impl Input {
             unreachable!("a records message came back")
         };
         // Flow starts are for detection only, which is what is behind.
-        records.retain(|r| r.live != Live::Start);
+        records.retain(|r| !r.live.detection_only());
         let shed = self
             .counters
             .shed
@@ -252,7 +254,7 @@ fn shard_worker(
                 dedup.mark_batch(&mut records);
                 engine.observe_batch(&records);
                 // Flow starts are for detection only.
-                records.retain(|r| r.live != Live::Start);
+                records.retain(|r| !r.live.detection_only());
                 if sinks.send(ToSinks::Records(records, now)).is_err() {
                     return;
                 }

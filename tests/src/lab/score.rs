@@ -104,6 +104,8 @@ fn nfdump_totals(dir: &Path) -> Result<BTreeMap<String, [Totals; 2]>> {
 #[derive(Clone, Debug, Default)]
 pub struct Peak {
     pub clear: f64,
+    /// The rules that fired at that peak.
+    pub fired: Vec<String>,
     pub vetoed: BTreeMap<String, f64>,
 }
 
@@ -141,7 +143,17 @@ impl Peaks {
                     let v = p.vetoed.entry(guard.to_string()).or_insert(0.0);
                     *v = v.max(score);
                 }
-                None => p.clear = p.clear.max(score),
+                None if score > p.clear => {
+                    p.clear = score;
+                    p.fired = h["evidence"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| e["fired"] == true)
+                        .filter_map(|e| e["rule"].as_str().map(String::from))
+                        .collect();
+                }
+                None => {}
             }
         }
     }
@@ -308,6 +320,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             .unwrap_or_default();
         let Peak {
             clear: peak,
+            fired: peak_fired,
             vetoed,
         } = inp.peaks.by_host.get(&addr).cloned().unwrap_or_default();
         let margin = threshold.map(|t| t - peak);
@@ -326,11 +339,11 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
                 other_kinds.iter().cloned().collect::<Vec<_>>().join(",")
             ));
         }
+        if !alarmed && !peak_fired.is_empty() {
+            notes.push(format!("at its peak: {}", peak_fired.join(" ")));
+        }
         if !vetoes.is_empty() {
-            notes.push(format!(
-                "vetoed as {}",
-                vetoes.join(", ")
-            ));
+            notes.push(format!("vetoed as {}", vetoes.join(", ")));
         }
         if !kind_why.is_empty() {
             notes.push(format!("{kind}: {}", kind_why.join(", ")));
@@ -374,6 +387,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "kind": kind,
             "kind_evidence": kind_why,
             "peak_score": peak,
+            "peak_fired": peak_fired,
             "margin": margin,
             "vetoed_as": vetoed,
             "evidence": evidence,

@@ -513,7 +513,7 @@ impl<K: MapKey + Default> KernelFlows<K> {
         let mut observe =
             |key: &K, stats: FlowStats| match table.observe(&key.widen(ifindex), &stats, now_ns) {
                 Action::Keep => {}
-                Action::Export(d) => out.push(d),
+                Action::Export(d) | Action::Grow(d) => out.push(d),
                 Action::Evict => evict.push(*key),
             };
         let finished = match &mut self.reader {
@@ -845,7 +845,12 @@ impl XdpSource {
     pub fn scan(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
         let from = out.len();
         let r = self.scan_all(now_ns, out);
-        self.drain.exported_packets += out[from..].iter().map(|d| d.packets).sum::<u64>();
+        // Growth reports are detection's: not exported.
+        self.drain.exported_packets += out[from..]
+            .iter()
+            .filter(|d| !d.growth)
+            .map(|d| d.packets)
+            .sum::<u64>();
         self.persist();
         r
     }
@@ -858,7 +863,7 @@ impl XdpSource {
         for (key, stats) in &self.overflow {
             match self.overflow_table.observe(key, stats, now_ns) {
                 Action::Keep => {}
-                Action::Export(d) => out.push(d),
+                Action::Export(d) | Action::Grow(d) => out.push(d),
                 Action::Evict => evict.push(*key),
             }
         }
