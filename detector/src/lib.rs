@@ -15,5 +15,6 @@ pub mod flow;
 pub mod pipeline;
 pub mod privileges;
 pub mod replay;
+pub mod scaleout;
 pub mod sources;
 pub mod status;

@@ -140,6 +140,12 @@ fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) 
     }
 }
 
+/// A scanner sends its probes from one source port to many ports of each target (nmap's
+/// SYN scan): its busiest local port carries this many port pairs per peer or more (a
+/// P2P listening port about one, the `ip_port_ratio` rule). Seen from the probes' starts,
+/// before their failures are known at export.
+const PROBE_PORTS_PER_PEER: f64 = 4.0;
+
 /// "No peer among the network's top senders" is reported but weighs nothing: it holds
 /// for every host with many small peers, benign ones included (in the lab, a monitoring
 /// poller, a browser and a port scanner all scored 5.5 on such generic rules alone, 1.5
@@ -215,15 +221,18 @@ pub fn score(
         (listen_ips, listen_port) = p.agg.listen_exact();
     }
     let busy_listener = listen_ips as f64 >= t.listen_peers;
+    let mut probing = false;
     if busy_listener && listen_port > 1024 {
         let pairs = p.agg.local_ports.get(listen_port).map_or(0, |l| l.1);
-        fire(pairs as f64 / listen_ips as f64 <= t.ip_port_ratio, 2.0);
+        let ratio = pairs as f64 / listen_ips as f64;
+        fire(ratio <= t.ip_port_ratio, 2.0);
         fire(true, 1.0);
+        probing = ratio >= PROBE_PORTS_PER_PEER;
     }
     fire(udp_small as f64 >= t.udp_small_peers, 2.0);
     fire(attempts >= 20 && failed_share >= t.failed_share, 1.0);
     fire(p2p_port as f64 >= t.p2p_port_peers, P2P_PORT_WEIGHT);
-    let guard = if attempts >= 20 && failed_share >= 0.8 && bytes_in < 1_000_000 {
+    let guard = if bytes_in < 1_000_000 && (attempts >= 20 && failed_share >= 0.8 || probing) {
         Some("port_scan")
     } else if listen_port != 0 && busy_listener && listen_port <= 1024 {
         Some("server_on_well_known_port")
@@ -423,7 +432,10 @@ pub fn evaluate(
     // Look-alikes: a scanner (connections that fail on many ports of few hosts, little
     // data back), and a server answering many clients on a well-known port (more
     // connections per client than one: ports exceed addresses).
-    let guard = if attempts >= 20 && failed_share >= 0.8 && m.bytes_in < 1_000_000 {
+    let probing = listen_ips as f64 >= t.listen_peers
+        && listen_port > 1024
+        && ip_port_ratio >= PROBE_PORTS_PER_PEER;
+    let guard = if m.bytes_in < 1_000_000 && (attempts >= 20 && failed_share >= 0.8 || probing) {
         Some("port_scan")
     } else if listen_port != 0 && listen_port <= 1024 && listen_ips as f64 >= t.listen_peers {
         Some("server_on_well_known_port")

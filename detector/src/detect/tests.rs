@@ -1089,3 +1089,63 @@ fn a_flow_counts_once_whether_told_whole_or_started_then_continued() {
     let (fired, score) = verdict(&starts);
     assert!(score >= 7.0, "{score} {fired:?}");
 }
+
+/// A SYN scanner seen from its probes' starts (their failures are known only at export,
+/// 15 s later): one source port, several ports of each target. Vetoed from the starts,
+/// while a BitTorrent client's listening port (one pair per peer) is not.
+#[test]
+fn a_scanner_is_vetoed_from_its_probes_starts_and_a_listening_port_is_not() {
+    use crate::flow::Live;
+    let guard_of = |records: &[FlowRecord]| {
+        let mut p = profile::HostProfile::new(4096);
+        for r in records {
+            p.add(r, r.src_addr == host());
+        }
+        let v = evidence::evaluate(
+            &mut p,
+            &evidence::Thresholds::default(),
+            &std::collections::HashSet::new(),
+            5.0,
+        );
+        let (score, guard) = evidence::score(
+            &mut p,
+            &evidence::Thresholds::default(),
+            &Default::default(),
+        );
+        assert_eq!(
+            (score, guard),
+            (v.score, v.guard),
+            "score and evaluate agree"
+        );
+        v.guard
+    };
+    let start = |r: FlowRecord| FlowRecord {
+        packets: 0,
+        bytes: 0,
+        live: Live::Start,
+        ..r
+    };
+    let scan: Vec<FlowRecord> = (0..40u32)
+        .flat_map(|i| {
+            [22u16, 80, 443, 3389, 8080, 8443]
+                .map(|port| start(rec(host(), 61_000, ext(i), port, 6, 1, 44, 0x02, 0)))
+        })
+        .collect();
+    assert_eq!(guard_of(&scan), Some("port_scan"));
+    let listener: Vec<FlowRecord> = (0..40u32)
+        .map(|i| {
+            start(rec(
+                ext(i),
+                20_000 + i as u16,
+                host(),
+                51413,
+                6,
+                1,
+                60,
+                0x02,
+                0,
+            ))
+        })
+        .collect();
+    assert_eq!(guard_of(&listener), None);
+}

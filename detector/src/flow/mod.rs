@@ -74,6 +74,13 @@ pub enum Origin {
     /// A NetFlow v5/v9 or IPFIX exporter: its address and observation domain (v9 source
     /// id; 0 for v5).
     Exporter { addr: SocketAddr, domain: u32 },
+    /// A record an edge agent published (`detector central`): the agent, and the
+    /// exporter that measured it (none: the agent's own meter).
+    Edge {
+        agent: crate::scaleout::wire::AgentName,
+        addr: Option<SocketAddr>,
+        domain: u32,
+    },
 }
 
 impl Origin {
@@ -82,6 +89,14 @@ impl Origin {
         match self {
             Origin::Local => "local".to_string(),
             Origin::Exporter { addr, domain } => format!("{}/{domain}", addr.ip()),
+            Origin::Edge {
+                agent, addr: None, ..
+            } => agent.to_string(),
+            Origin::Edge {
+                agent,
+                addr: Some(addr),
+                domain,
+            } => format!("{agent}:{}/{domain}", addr.ip()),
         }
     }
 }
