@@ -445,7 +445,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ..V9Config::default()
     };
     let (detect, alarms) = build::detection(&args.detect)?;
-    let sinks = build::sinks(&args.export, args.flows_json.as_deref(), v9, boot)?;
+    let mut sinks = build::sinks(
+        &args.export,
+        args.flows_json.as_deref(),
+        v9,
+        boot,
+        args.nats.is_some(),
+    )?;
+    if let Some(url) = &args.nats {
+        let name = args.agent_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "agent".into())
+        });
+        let sink = crate::scaleout::edge::NatsSink::start(
+            url,
+            &name,
+            args.nats_shards,
+            args.nats_buffer as usize,
+            Arc::new(detect.clone()),
+        )
+        .with_context(|| format!("starting the NATS publisher for {url}"))?;
+        info!(
+            "edge {name}: publishing every record to {url} ({} shards)",
+            args.nats_shards
+        );
+        sinks.push(Box::new(sink));
+    }
     let cfg = PipelineConfig::new(args.workers.map(|w| w as usize), WhenBehind::Shed);
     let pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
     let input = pipeline.input();

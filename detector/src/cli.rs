@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Meter an interface and/or collect NetFlow/IPFIX, and export the flows.
     Run(RunArgs),
+    /// A detector node: consume the flows edge agents publish to NATS JetStream (the
+    /// shards this node holds leases on), detect, and alarm once per host and episode.
+    Central(crate::scaleout::central::CentralArgs),
     /// Run a capture file through the real XDP program (or its NetFlow datagrams through
     /// the decoder, with --netflow), on the capture's own clock.
     Replay(crate::replay::ReplayArgs),
@@ -182,6 +185,25 @@ pub struct RunArgs {
     /// CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: Option<u32>,
+
+    /// Edge mode: also publish every record (after local duplicate marking) to NATS
+    /// JetStream at URL, on `flows.<shard>` by internal host, for `detector central`.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+
+    /// Shards of the flows on NATS: the same count on every edge and node.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub nats_shards: u32,
+
+    /// Batches waiting for NATS at most (up to 2,000 records each); beyond, records are
+    /// shed and counted.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub nats_buffer: u64,
+
+    /// This agent's name in what it publishes (alarms list who saw a host), at most 16
+    /// bytes. Default: the host name.
+    #[arg(long, value_name = "NAME")]
+    pub agent_name: Option<String>,
 }
 
 /// Detection and alarm settings shared by `run` and `replay`; flags override the file.

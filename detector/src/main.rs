@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
         Command::Replay(args) => detector::replay::replay(args),
+        Command::Central(args) => detector::scaleout::central::run(&args),
         Command::CheckConfig { file } => detector::config::FileConfig::load(&file)
             .map(|c| print!("{}", c.to_toml()))
             .map_err(anyhow::Error::from),

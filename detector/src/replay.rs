@@ -103,7 +103,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let cfg = PipelineConfig::new(Some(args.workers as usize), WhenBehind::Wait);
     let pipeline = Pipeline::new(
         &cfg,
-        build::sinks(&args.export, args.flows_json.as_deref(), v9, boot)?,
+        build::sinks(&args.export, args.flows_json.as_deref(), v9, boot, false)?,
         detect,
         alarms,
     );

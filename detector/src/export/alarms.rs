@@ -8,11 +8,16 @@ use log::warn;
 
 use crate::detect::AlarmEvent;
 
+pub type Relay = Box<dyn FnMut(&[AlarmEvent]) -> Vec<AlarmEvent> + Send>;
+
 pub struct AlarmSink {
     target: String,
     out: Option<Box<dyn Write + Send>>,
     pub syslog: Option<super::syslog::SyslogSink>,
     pub webhook: Option<super::webhook::WebhookSink>,
+    /// Sees the events first and may rewrite them (`detector central`: one alarm per
+    /// host and episode across nodes; published to the `alarms` subject).
+    pub relay: Option<Relay>,
     pub written: u64,
     pub errors: u64,
     /// Events handed to the sinks.
@@ -34,6 +39,7 @@ impl AlarmSink {
             out,
             syslog: None,
             webhook: None,
+            relay: None,
             written: 0,
             errors: 0,
             events: 0,
@@ -41,6 +47,14 @@ impl AlarmSink {
     }
 
     pub fn send(&mut self, events: &[AlarmEvent]) {
+        let relayed;
+        let events = match self.relay.as_mut() {
+            Some(relay) if !events.is_empty() => {
+                relayed = relay(events);
+                &relayed[..]
+            }
+            _ => events,
+        };
         if let Some(w) = &self.webhook {
             w.send(events);
         }
@@ -67,7 +81,10 @@ impl AlarmSink {
     }
 
     /// Takes the place of `old` (a reloaded configuration): its counters carry on.
-    pub fn succeed(&mut self, old: &AlarmSink) {
+    pub fn succeed(&mut self, old: &mut AlarmSink) {
+        if self.relay.is_none() {
+            self.relay = old.relay.take();
+        }
         self.events += old.events;
         self.written += old.written;
         self.errors += old.errors;

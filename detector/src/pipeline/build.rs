@@ -9,12 +9,14 @@ use crate::export::Sink;
 use crate::export::json::JsonSink;
 use crate::export::netflow_v9::{self, V9Config, V9Sink};
 
-/// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json`, JSON to stdout.
+/// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json` (nor,
+/// when `other_sink`, another output such as NATS), JSON to stdout.
 pub fn sinks(
     export: &[String],
     flows_json: Option<&str>,
     v9: V9Config,
     boot: SystemTime,
+    other_sink: bool,
 ) -> Result<Vec<Box<dyn Sink + Send>>> {
     let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
     if !export.is_empty() {
@@ -24,7 +26,7 @@ pub fn sinks(
             .collect::<Result<Vec<_>, _>>()?;
         sinks.push(Box::new(V9Sink::new(&targets, v9, boot)?));
     }
-    let json = match (flows_json, export.is_empty()) {
+    let json = match (flows_json, export.is_empty() && !other_sink) {
         (Some(p), _) => Some(p),
         (None, true) => Some("-"),
         (None, false) => None,

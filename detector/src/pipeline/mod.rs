@@ -407,7 +407,7 @@ impl Pipeline {
         self.window = detect.window;
         self.score_threshold = detect.thresholds.score;
         *self.input.route.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(detect);
-        alarms.succeed(&self.alarms);
+        alarms.succeed(&mut self.alarms);
         self.alarms = alarms;
         let _ = self.input.sinks.send(ToSinks::Reopen);
     }

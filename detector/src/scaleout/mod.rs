@@ -3,10 +3,136 @@
 //! per shard at a time.
 //!
 //! - `wire`: the records' encoding on the `flows.<shard>` subjects (versioned).
+//! - `edge`: the record sink of `detector run --nats URL`.
+//! - `central`: a detector node: leases, consumers, the shared pipeline, alarms.
+//!
+//! What lives in JetStream: the stream `DETECTOR_FLOWS` (subjects `flows.*`, work-queue
+//! retention: a batch is deleted once a node acknowledged it), the stream
+//! `DETECTOR_ALARMS` (subject `alarms`), and three key-value buckets: `detector-config`
+//! (the shard count every edge and node must agree on), `detector-leases` (which node owns
+//! which shard; entries expire unless renewed) and `detector-alarms` (the open alarm of
+//! each host, so a node that takes a shard over continues its episode instead of raising
+//! it again).
 
+pub mod central;
+pub mod edge;
 pub mod wire;
 
 use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, kv, stream};
+
+/// Subjects, streams and buckets.
+pub struct Names;
+
+impl Names {
+    pub const FLOWS_STREAM: &str = "DETECTOR_FLOWS";
+    pub const ALARMS_STREAM: &str = "DETECTOR_ALARMS";
+    pub const ALARMS_SUBJECT: &str = "alarms";
+    pub const CONFIG_BUCKET: &str = "detector-config";
+    pub const LEASE_BUCKET: &str = "detector-leases";
+    pub const ALARM_BUCKET: &str = "detector-alarms";
+
+    pub fn flows(shard: u32) -> String {
+        format!("flows.{shard}")
+    }
+
+    /// The durable consumer of a shard.
+    pub fn consumer(shard: u32) -> String {
+        format!("shard-{shard}")
+    }
+}
+
+/// A JetStream context on `url`; the client reconnects by itself, and keeps trying when
+/// the server is not up yet.
+pub async fn connect(url: &str) -> jetstream::Context {
+    let client = loop {
+        match async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                log::warn!("NATS {url}: {e} (retrying)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    jetstream::new(client)
+}
+
+/// Makes (or finds) the flow and alarm streams, and checks that `shards` is the shard
+/// count every other edge and node uses (the first one to come records it).
+pub async fn ensure(js: &jetstream::Context, shards: u32) -> Result<()> {
+    js.get_or_create_stream(stream::Config {
+        name: Names::FLOWS_STREAM.into(),
+        subjects: vec!["flows.*".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // A retried publish within this window is stored once.
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .with_context(|| format!("making the stream {}", Names::FLOWS_STREAM))?;
+    js.get_or_create_stream(stream::Config {
+        name: Names::ALARMS_STREAM.into(),
+        subjects: vec![Names::ALARMS_SUBJECT.into()],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .with_context(|| format!("making the stream {}", Names::ALARMS_STREAM))?;
+    let cfg = bucket(js, Names::CONFIG_BUCKET, None).await?;
+    let want = shards.to_string();
+    match cfg.create("shards", want.clone().into()).await {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let have = cfg
+                .get("shards")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("reading the shard count")?
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
+            if have != want {
+                bail!(
+                    "this NATS holds flows in {have} shards, and this process was started with {shards}: give every edge and node the same count (--nats-shards / --shards {have})"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A key-value bucket, made if missing; entries expire after `ttl` when given.
+pub async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    ttl: Option<Duration>,
+) -> Result<kv::Store> {
+    if let Ok(b) = js.get_key_value(name).await {
+        return Ok(b);
+    }
+    js.create_key_value(kv::Config {
+        bucket: name.into(),
+        history: 1,
+        max_age: ttl.unwrap_or_default(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .with_context(|| format!("making the key-value bucket {name}"))
+}
 
 /// The shard of an internal host: FNV-1a of its address (as IPv6; IPv4 mapped) modulo
 /// `shards`. Stable across processes, machines and versions: edges and nodes must agree.
@@ -21,6 +147,16 @@ pub fn shard_of(host: IpAddr, shards: u32) -> u32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     h % shards.max(1)
+}
+
+/// A name's place among `n` (FNV-1a): where a node starts looking for free shards.
+pub fn shard_of_name(name: &str, n: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % n.max(1)
 }
 
 #[cfg(test)]

@@ -149,8 +149,11 @@ impl Peaks {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .filter(|e| e["fired"] == true)
-                        .filter_map(|e| e["rule"].as_str().map(String::from))
+                        .filter(|e| e["fired"] == true || e["rule"] == "ip_port_ratio")
+                        .filter_map(|e| {
+                            let v = e["value"].as_f64().unwrap_or(0.0);
+                            e["rule"].as_str().map(|r| format!("{r}={}", short(v)))
+                        })
                         .collect();
                 }
                 None => {}
