@@ -82,6 +82,10 @@ enum Bench {
     /// (every packet exported to nfcapd?), and NetFlow ingest rate against nfcapd and
     /// nfacctd. The agent binary is $DETECTOR_BIN when set, else a release build.
     Agent(bench_agent::AgentArgs),
+    /// Records per second from edge agents through NATS JetStream (a local nats-server)
+    /// to one and to two detector nodes, their memory, and a paper estimate for 5
+    /// million records per second. SCALEOUT_RECORDS sets the records per round.
+    Scaleout,
 }
 
 /// Debian packages: LLVM for bpf-linker, and the real peers the tests compare against.
@@ -113,6 +117,8 @@ const APT_PACKAGES: &[&str] = &[
     // Chromium renders the status page.
     "prometheus",
     "chromium",
+    // Scale-out: the JetStream server edges publish to and detector nodes consume from.
+    "nats-server",
 ];
 
 fn main() -> ExitCode {
@@ -136,6 +142,9 @@ fn main() -> ExitCode {
         Task::Bench {
             which: Bench::Agent(args),
         } => bench_agent(&args),
+        Task::Bench {
+            which: Bench::Scaleout,
+        } => bench_scaleout(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -429,6 +438,13 @@ fn bench_ingest() -> Result<()> {
 fn bench_engine() -> Result<()> {
     let bin = build_release()?;
     status(Command::new(bin).arg("bench-engine"))
+}
+
+fn bench_scaleout() -> Result<()> {
+    ensure_setup()?;
+    build_release()?;
+    say("running the scale-out benchmark (cargo bench -p detector --bench scaleout)");
+    status(cargo().args(["bench", "-p", "detector", "--bench", "scaleout"]))
 }
 
 fn soak(args: &soak::SoakArgs) -> Result<()> {

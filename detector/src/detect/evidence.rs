@@ -140,11 +140,12 @@ fn ev(rule: &'static str, value: f64, threshold: f64, fired: bool, weight: f64) 
     }
 }
 
-/// A scanner sends its probes from one source port to many ports of each target (nmap's
-/// SYN scan): its busiest local port carries this many port pairs per peer or more (a
-/// P2P listening port about one, the `ip_port_ratio` rule). Seen from the probes' starts,
-/// before their failures are known at export.
-const PROBE_PORTS_PER_PEER: f64 = 4.0;
+/// A scanner sends its probes from one source port to several ports of each target
+/// (nmap's SYN scan): its busiest local port carries this many port pairs per peer or
+/// more, with little data back (a P2P listening port about one pair per peer: the
+/// `ip_port_ratio` rule fires at 1.3 and under). Seen from the probes' starts, before
+/// their failures are known at export; in the lab, nmap's first evaluation showed 1.96.
+const PROBE_PORTS_PER_PEER: f64 = 1.5;
 
 /// "No peer among the network's top senders" is reported but weighs nothing: it holds
 /// for every host with many small peers, benign ones included (in the lab, a monitoring
