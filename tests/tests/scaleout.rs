@@ -187,51 +187,27 @@ fn one_alarm_across_routers_and_a_killed_node() {
     let ctl = Netns::new("dsctl");
     let gen_ns = Netns::new("dsgen");
     let edges: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("dsedge{i}"))).collect();
+    // A veth pair between two namespaces, both ends up.
+    let link = |a: &Netns, a_if: &str, b: &Netns, b_if: &str| {
+        sh(
+            "ip",
+            &[
+                "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
+                "netns", &b.name,
+            ],
+        );
+        a.exec_ok("ip", &["link", "set", a_if, "up"]);
+        b.exec_ok("ip", &["link", "set", b_if, "up"]);
+    };
     for (i, e) in edges.iter().enumerate() {
         let i = i + 1;
-        // The edge's uplink, fed by the generator.
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "up0",
-                "netns",
-                &e.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("gen{i}"),
-                "netns",
-                &gen_ns.name,
-            ],
-        );
-        e.exec_ok("ip", &["link", "set", "up0", "up"]);
-        gen_ns.exec_ok("ip", &["link", "set", &format!("gen{i}"), "up"]);
-        // The edge's way to NATS.
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "ctl0",
-                "netns",
-                &e.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("e{i}"),
-                "netns",
-                &ctl.name,
-            ],
-        );
+        // The edge's uplink, fed by the generator; its way to NATS.
+        link(e, "up0", &gen_ns, &format!("gen{i}"));
+        link(e, "ctl0", &ctl, &format!("e{i}"));
         e.exec_ok(
             "ip",
             &["addr", "add", &format!("10.98.{i}.1/30"), "dev", "ctl0"],
         );
-        e.exec_ok("ip", &["link", "set", "ctl0", "up"]);
         ctl.exec_ok(
             "ip",
             &[
@@ -242,7 +218,6 @@ fn one_alarm_across_routers_and_a_killed_node() {
                 &format!("e{i}"),
             ],
         );
-        ctl.exec_ok("ip", &["link", "set", &format!("e{i}"), "up"]);
     }
 
     // nats-server with JetStream, its store in the scratch directory.

@@ -141,22 +141,18 @@ pub fn shard_of(host: IpAddr, shards: u32) -> u32 {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
-    let mut h: u32 = 0x811c_9dc5;
-    for b in v6.octets() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % shards.max(1)
+    fnv1a(&v6.octets()) % shards.max(1)
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// A name's place among `n` (FNV-1a): where a node starts looking for free shards.
 pub fn shard_of_name(name: &str, n: u32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % n.max(1)
+    fnv1a(name.as_bytes()) % n.max(1)
 }
 
 #[cfg(test)]
