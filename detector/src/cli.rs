@@ -200,7 +200,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub nats_buffer: u64,
 
-    /// This agent's name in what it publishes (alarms list who saw a host), at most 16
+    /// This agent's name in what it publishes (alarms list who saw a host), at most 32
     /// bytes. Default: the host name.
     #[arg(long, value_name = "NAME")]
     pub agent_name: Option<String>,

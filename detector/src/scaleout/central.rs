@@ -78,6 +78,16 @@ pub struct NodeCounters {
     pub shards_given: AtomicU64,
     pub shards_lost: AtomicU64,
     pub alarm_publish_errors: AtomicU64,
+    /// The open-alarm bucket could not be read or written (the event went out
+    /// unchanged, to the local sinks).
+    pub alarm_nats_errors: AtomicU64,
+    /// Raises that continued another node's episode.
+    pub episodes_continued: AtomicU64,
+    /// Events of hosts whose shard this node no longer holds (not sent).
+    pub not_owner_events: AtomicU64,
+    /// Batches delivered again to this node after a failed acknowledgement (acknowledged
+    /// again, not counted twice).
+    pub redelivered_skipped: AtomicU64,
 }
 
 /// The value kept per open alarm in the open-alarm bucket.
@@ -93,6 +103,14 @@ fn alarm_key(e: &AlarmEvent) -> String {
     format!("host.{}", e.host.to_string().replace(':', "_"))
 }
 
+/// How long an open alarm's entry outlives its last event (an update renews it): a
+/// node that died with an alarm open leaves no entry that would swallow the host's next
+/// episode forever.
+const OPEN_ALARM_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The shards this node holds now (kept by the leaser, read by the relay).
+type OwnedSet = Arc<std::sync::Mutex<std::collections::BTreeSet<u32>>>;
+
 /// Runs the pipeline's events through the open-alarm bucket (one alarm per host and
 /// episode across nodes) and publishes them to the `alarms` subject.
 struct Relay {
@@ -101,60 +119,73 @@ struct Relay {
     node: String,
     rt: tokio::runtime::Handle,
     counters: Arc<NodeCounters>,
+    shards: u32,
+    owned: OwnedSet,
+    /// This node's open alarms: its engine's id, and the episode's id and first_seen
+    /// that its events go out under (another node's, when it took the host over).
+    episodes: std::collections::HashMap<String, (String, String)>,
+}
+
+/// `f` within 5 s (a NATS request that hangs is an error, not a stall).
+async fn within<F: std::future::Future>(f: F) -> Result<F::Output> {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from NATS within 5 s"))
 }
 
 impl Relay {
-    fn apply(&self, events: &[AlarmEvent]) -> Vec<AlarmEvent> {
-        self.rt.block_on(async {
+    fn apply(&mut self, events: &[AlarmEvent]) -> Vec<AlarmEvent> {
+        let rt = self.rt.clone();
+        rt.block_on(async {
             let mut out = Vec::with_capacity(events.len());
+            // After one failure of NATS, the rest of this evaluation's events go to the
+            // local sinks only (counted): the main loop does not wait on every event.
+            let mut nats_ok = true;
             for e in events {
                 let mut e = e.clone();
-                let key = alarm_key(&e);
-                let mine = OpenAlarm {
-                    id: e.id.clone(),
-                    first_seen: e.first_seen.clone(),
-                    node: self.node.clone(),
-                };
-                let value: Bytes = serde_json::to_vec(&mine).unwrap_or_default().into();
-                let held = match e.state {
-                    AlarmState::Raised => match self.open.create(&key, value).await {
-                        Ok(_) => None,
-                        Err(_) => self.held(&key).await,
-                    },
-                    _ => self.held(&key).await,
-                };
-                if let Some(h) = held.filter(|h| h.id != e.id) {
-                    // Another node raised this episode: carry on with its alarm.
-                    if e.state == AlarmState::Raised {
-                        e.state = AlarmState::Updated;
-                    }
-                    e.id = h.id;
-                    e.first_seen = h.first_seen;
+                let owner = self
+                    .owned
+                    .lock()
+                    .map(|o| o.contains(&super::shard_of(e.host, self.shards)))
+                    .unwrap_or(true);
+                if !owner {
+                    // The host's shard went to another node: it speaks for the host now
+                    // (this node's profile of it only ages out).
+                    self.episodes.remove(&e.id);
+                    self.counters
+                        .not_owner_events
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                if e.state == AlarmState::Cleared {
-                    let _ = self.open.delete(&key).await;
+                if nats_ok && let Err(err) = self.track(&mut e).await {
+                    nats_ok = false;
+                    self.counters
+                        .alarm_nats_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "open-alarm bucket: {err:#}: alarm {} goes to the local sinks only",
+                        e.id
+                    );
                 }
-                match serde_json::to_vec(&e) {
-                    Ok(json) => {
-                        let sent = async {
-                            self.js
-                                .publish(Names::ALARMS_SUBJECT, json.into())
-                                .await?
-                                .await?;
-                            anyhow::Ok(())
-                        };
-                        if let Err(err) = sent.await {
-                            self.counters
-                                .alarm_publish_errors
-                                .fetch_add(1, Ordering::Relaxed);
-                            warn!(
-                                "publishing alarm {} to {}: {err:#}",
-                                e.id,
-                                Names::ALARMS_SUBJECT
-                            );
-                        }
+                if let Some((id, first)) = self.episodes.get(&e.id) {
+                    e.first_seen = first.clone();
+                    let engine_id = std::mem::replace(&mut e.id, id.clone());
+                    if e.state == AlarmState::Cleared {
+                        self.episodes.remove(&engine_id);
                     }
-                    Err(err) => warn!("alarm {}: {err}", e.id),
+                }
+                if nats_ok && let Err(err) = self.publish(&e).await {
+                    nats_ok = false;
+                    warn!(
+                        "publishing alarm {} to {}: {err:#}",
+                        e.id,
+                        Names::ALARMS_SUBJECT
+                    );
+                }
+                if !nats_ok {
+                    self.counters
+                        .alarm_publish_errors
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 out.push(e);
             }
@@ -162,9 +193,89 @@ impl Relay {
         })
     }
 
-    async fn held(&self, key: &str) -> Option<OpenAlarm> {
-        let v = self.open.get(key).await.ok().flatten()?;
-        serde_json::from_slice(&v).ok()
+    /// Keeps the bucket's entry of `e`'s host, and the episode `e` belongs to: a raise
+    /// claims the host, or continues (as an update) the episode another node raised.
+    async fn track(&mut self, e: &mut AlarmEvent) -> Result<()> {
+        let key = alarm_key(e);
+        let value = |id: &str, first: &str| -> Bytes {
+            serde_json::to_vec(&OpenAlarm {
+                id: id.to_string(),
+                first_seen: first.to_string(),
+                node: self.node.clone(),
+            })
+            .unwrap_or_default()
+            .into()
+        };
+        match e.state {
+            AlarmState::Raised => {
+                let mine = value(&e.id, &e.first_seen);
+                match within(self.open.create(&key, mine)).await? {
+                    Ok(_) => {
+                        self.episodes
+                            .insert(e.id.clone(), (e.id.clone(), e.first_seen.clone()));
+                    }
+                    Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        let held = within(self.open.get(&key))
+                            .await?
+                            .map_err(|err| anyhow::anyhow!("{err}"))?
+                            .and_then(|v| serde_json::from_slice::<OpenAlarm>(&v).ok());
+                        let (id, first) = held
+                            .map(|h| (h.id, h.first_seen))
+                            .unwrap_or_else(|| (e.id.clone(), e.first_seen.clone()));
+                        if id != e.id {
+                            // Another node raised this episode: carry on with its alarm,
+                            // and claim it.
+                            e.state = AlarmState::Updated;
+                            self.counters
+                                .episodes_continued
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        within(self.open.put(&key, value(&id, &first)))
+                            .await?
+                            .map_err(|err| anyhow::anyhow!("{err}"))?;
+                        self.episodes.insert(e.id.clone(), (id, first));
+                    }
+                    Err(err) => return Err(anyhow::anyhow!("{err}")),
+                }
+            }
+            AlarmState::Updated => {
+                if let Some((id, first)) = self.episodes.get(&e.id) {
+                    // Renews the entry (it expires OPEN_ALARM_TTL after the last event).
+                    within(self.open.put(&key, value(id, first)))
+                        .await?
+                        .map_err(|err| anyhow::anyhow!("{err}"))?;
+                }
+            }
+            AlarmState::Cleared => {
+                let id = self
+                    .episodes
+                    .get(&e.id)
+                    .map_or(e.id.as_str(), |x| x.0.as_str());
+                let entry = within(self.open.entry(&key))
+                    .await?
+                    .map_err(|err| anyhow::anyhow!("{err}"))?;
+                // Only the entry of this episode (not one a newer owner wrote since).
+                if let Some(en) = entry
+                    && serde_json::from_slice::<OpenAlarm>(&en.value).is_ok_and(|h| h.id == id)
+                {
+                    within(self.open.delete_expect_revision(&key, Some(en.revision)))
+                        .await?
+                        .map_err(|err| anyhow::anyhow!("{err}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, e: &AlarmEvent) -> Result<()> {
+        let json = serde_json::to_vec(e)?;
+        let ack = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.js.publish(Names::ALARMS_SUBJECT, json.into()),
+        )
+        .await??;
+        tokio::time::timeout(Duration::from_secs(5), ack).await??;
+        Ok(())
     }
 }
 
@@ -198,17 +309,52 @@ pub fn run(args: &CentralArgs) -> Result<()> {
         .context("starting the async runtime")?;
     info!("node {node}: connecting to {}", args.nats);
     let js = rt.block_on(connect(&args.nats));
-    rt.block_on(ensure(&js, args.shards))?;
-    let ttl = Duration::from_secs(args.lease_secs);
-    let leases = rt.block_on(bucket(&js, Names::LEASE_BUCKET, Some(ttl)))?;
-    let open = rt.block_on(bucket(&js, Names::ALARM_BUCKET, None))?;
+    let want_ttl = Duration::from_secs(args.lease_secs);
+    // NATS may come up after the node: keep trying, except on a setting no retry fixes.
+    let (leases, open, ttl) = rt.block_on(async {
+        let mut logged: Option<Instant> = None;
+        loop {
+            let setup = async {
+                ensure(&js, args.shards).await?;
+                let leases = bucket(&js, Names::LEASE_BUCKET, Some(want_ttl)).await?;
+                let open = bucket(&js, Names::ALARM_BUCKET, Some(OPEN_ALARM_TTL)).await?;
+                let ttl = leases
+                    .status()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .max_age();
+                Ok::<_, super::EnsureError>((leases, open, ttl))
+            };
+            match setup.await {
+                Ok(x) => break Ok(x),
+                Err(super::EnsureError::ShardMismatch(m)) => break Err(anyhow::anyhow!(m)),
+                Err(e) => {
+                    if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        logged = Some(Instant::now());
+                        warn!("node {node}: NATS {}: {e} (retrying)", args.nats);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })?;
+    if ttl != want_ttl {
+        warn!(
+            "node {node}: the lease bucket expires entries after {} s (made by a node with another --lease-secs); this node renews for that",
+            ttl.as_secs()
+        );
+    }
     let counters = Arc::new(NodeCounters::default());
-    let relay = Relay {
+    let owned: OwnedSet = Arc::default();
+    let mut relay = Relay {
         js: js.clone(),
         open,
         node: node.clone(),
         rt: rt.handle().clone(),
         counters: counters.clone(),
+        shards: args.shards,
+        owned: owned.clone(),
+        episodes: Default::default(),
     };
     alarms.relay = Some(Box::new(move |events: &[AlarmEvent]| relay.apply(events)));
     let mut pipeline = Pipeline::new(
@@ -228,6 +374,7 @@ pub fn run(args: &CentralArgs) -> Result<()> {
         input: pipeline.input(),
         counters: counters.clone(),
         stop: stop.clone(),
+        owned,
     };
     let leasing = rt.spawn(leaser.run());
     {
@@ -274,7 +421,7 @@ pub fn run(args: &CentralArgs) -> Result<()> {
 fn describe(c: &NodeCounters) -> String {
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     format!(
-        "owns {} shards ({} taken, {} given back, {} lost); consumed {} records in {} batches ({} malformed); {} alarm events not published",
+        "owns {} shards ({} taken, {} given back, {} lost); consumed {} records in {} batches ({} malformed, {} delivered again after a failed acknowledgement and not counted again); alarms: {} episodes continued from another node, {} events of hosts no longer held, {} not published, {} open-alarm bucket errors",
         l(&c.owned_shards),
         l(&c.shards_taken),
         l(&c.shards_given),
@@ -282,7 +429,11 @@ fn describe(c: &NodeCounters) -> String {
         l(&c.records),
         l(&c.batches),
         l(&c.malformed),
-        l(&c.alarm_publish_errors)
+        l(&c.redelivered_skipped),
+        l(&c.episodes_continued),
+        l(&c.not_owner_events),
+        l(&c.alarm_publish_errors),
+        l(&c.alarm_nats_errors)
     )
 }
 
@@ -296,6 +447,7 @@ struct Leaser {
     input: Input,
     counters: Arc<NodeCounters>,
     stop: Arc<AtomicBool>,
+    owned: OwnedSet,
 }
 
 /// A shard this node owns: its lease's revision and its consumer.
@@ -317,8 +469,12 @@ impl Leaser {
         loop {
             tick.tick().await;
             if self.stop.load(Ordering::SeqCst) {
-                for (shard, o) in std::mem::take(&mut owned) {
-                    self.give_back(shard, o).await;
+                let handovers: Vec<_> = std::mem::take(&mut owned)
+                    .into_iter()
+                    .map(|(shard, o)| self.give_back(shard, o))
+                    .collect();
+                for h in handovers {
+                    let _ = h.await;
                 }
                 let _ = self.leases.delete(format!("node.{}", self.node)).await;
                 return;
@@ -332,9 +488,15 @@ impl Leaser {
             self.counters
                 .owned_shards
                 .store(owned.len() as u64, Ordering::Relaxed);
+            if let Ok(mut set) = self.owned.lock() {
+                *set = owned.keys().copied().collect();
+            }
         }
     }
 
+    /// One round: heartbeat, renewals, give-backs and takes. Never waits for a
+    /// consumer to stop (a consumer waiting for room in the pipeline must not delay the
+    /// renewals: the other leases would expire meanwhile).
     async fn round(&self, owned: &mut BTreeMap<u32, Owned>) -> Result<()> {
         let me: Bytes = self.node.clone().into_bytes().into();
         self.leases
@@ -363,19 +525,21 @@ impl Leaser {
         for shard in lost {
             if let Some(o) = owned.remove(&shard) {
                 o.stop.store(true, Ordering::SeqCst);
-                let _ = o.task.await;
                 self.counters.shards_lost.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let live = self.live_nodes().await.max(1);
-        let fair = (self.shards as usize).div_ceil(live);
+        // Without the count of live nodes, hold what is held: no rebalancing.
+        let Some(live) = self.live_nodes().await else {
+            return Ok(());
+        };
+        let fair = (self.shards as usize).div_ceil(live.max(1));
         // Give back what is over the fair part (the highest shards first).
         while owned.len() > fair {
             let Some((&shard, _)) = owned.iter().next_back() else {
                 break;
             };
             if let Some(o) = owned.remove(&shard) {
-                self.give_back(shard, o).await;
+                drop(self.give_back(shard, o));
             }
         }
         // Take free shards up to the fair part, starting from this node's own offset so
@@ -415,25 +579,36 @@ impl Leaser {
         Ok(())
     }
 
-    async fn give_back(&self, shard: u32, o: Owned) {
-        o.stop.store(true, Ordering::SeqCst);
-        let _ = o.task.await;
-        let _ = self.leases.delete(lease_key(shard)).await;
-        self.counters.shards_given.fetch_add(1, Ordering::Relaxed);
-        info!("node {}: gave shard {shard} back", self.node);
+    /// Stops the shard's consumer, then frees its lease (in that order: never two
+    /// consumers on one shard by this node's doing); runs on its own.
+    fn give_back(&self, shard: u32, o: Owned) -> tokio::task::JoinHandle<()> {
+        let (leases, node, counters) = (
+            self.leases.clone(),
+            self.node.clone(),
+            self.counters.clone(),
+        );
+        tokio::spawn(async move {
+            o.stop.store(true, Ordering::SeqCst);
+            let _ = o.task.await;
+            // Only our own lease: had it expired meanwhile, it may be another node's.
+            let _ = leases
+                .delete_expect_revision(lease_key(shard), Some(o.revision))
+                .await;
+            counters.shards_given.fetch_add(1, Ordering::Relaxed);
+            info!("node {node}: gave shard {shard} back");
+        })
     }
 
-    async fn live_nodes(&self) -> usize {
-        let Ok(mut keys) = self.leases.keys().await else {
-            return 1;
-        };
+    /// Nodes with a live heartbeat, or none when the bucket cannot be read.
+    async fn live_nodes(&self) -> Option<usize> {
+        let mut keys = self.leases.keys().await.ok()?;
         let mut n = 0;
         while let Some(k) = keys.next().await {
-            if k.is_ok_and(|k| k.starts_with("node.")) {
+            if k.ok()?.starts_with("node.") {
                 n += 1;
             }
         }
-        n
+        Some(n)
     }
 }
 
@@ -456,6 +631,8 @@ async fn consume(
         }
     };
     let mut pull: Option<consumer::Consumer<consumer::pull::Config>> = None;
+    // Stream sequences of batches emitted whose acknowledgement failed.
+    let mut unacked: std::collections::HashSet<u64> = Default::default();
     while !stop.load(Ordering::SeqCst) {
         let cons = match &pull {
             Some(p) => p,
@@ -510,6 +687,17 @@ async fn consume(
                     break;
                 }
             };
+            let seq = m.info().map_or(0, |i| i.stream_sequence);
+            if unacked.remove(&seq) {
+                // Emitted already, its acknowledgement failed: acknowledge, do not count
+                // it again.
+                c.redelivered_skipped.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = m.double_ack().await {
+                    unacked.insert(seq);
+                    warn_once(format!("acknowledging: {e} (the batch comes again)"));
+                }
+                continue;
+            }
             match wire::decode(&m.payload) {
                 Ok((_, records)) => {
                     c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -524,6 +712,11 @@ async fn consume(
                 }
             }
             if let Err(e) = m.double_ack().await {
+                // Bounded: beyond it, a batch whose acknowledgement keeps failing could
+                // be counted twice on this node (and the counter would say so).
+                if unacked.len() < 100_000 {
+                    unacked.insert(seq);
+                }
                 warn_once(format!("acknowledging: {e} (the batch comes again)"));
             }
         }

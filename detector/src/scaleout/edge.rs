@@ -69,6 +69,15 @@ impl NatsSink {
         buffer: usize,
         detect: Arc<DetectConfig>,
     ) -> std::io::Result<Self> {
+        if agent.is_empty() || agent.len() > wire::AGENT_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the agent name '{agent}' must be 1 to {} bytes (two edges must not share one): give --agent-name",
+                    wire::AGENT_MAX
+                ),
+            ));
+        }
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let counters = Arc::new(EdgeCounters::default());
         let c = counters.clone();
@@ -199,6 +208,8 @@ impl Drop for NatsSink {
 
 /// How long the publisher keeps trying at exit before it sheds what is left.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a batch is retried: under the stream's duplicate window (120 s).
+const RETRY_FOR: Duration = Duration::from_secs(100);
 
 fn publish_loop(url: &str, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeCounters) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -218,7 +229,20 @@ fn publish_loop(url: &str, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeC
         let mut logged: Option<Instant> = None;
         while let Some(batch) = rx.recv().await {
             let mut backoff = Duration::from_millis(100);
+            let first_try = Instant::now();
             loop {
+                // JetStream drops a retried copy only within its duplicate window: a
+                // batch not acknowledged by then is shed rather than risk being stored
+                // twice.
+                if first_try.elapsed() >= RETRY_FOR {
+                    c.shed_records.fetch_add(batch.records, Ordering::Relaxed);
+                    warn!(
+                        "NATS {url}: a batch of {} records not acknowledged in {} s: shed",
+                        batch.records,
+                        RETRY_FOR.as_secs()
+                    );
+                    break;
+                }
                 if !ready {
                     match super::ensure(&js, shards).await {
                         Ok(()) => ready = true,

@@ -21,7 +21,7 @@ pub mod wire;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, stream};
 
 /// Subjects, streams and buckets.
@@ -65,9 +65,18 @@ pub async fn connect(url: &str) -> jetstream::Context {
     jetstream::new(client)
 }
 
+/// Why [`ensure`] failed: a setting no retry will fix, or NATS (retry).
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureError {
+    #[error("{0}")]
+    ShardMismatch(String),
+    #[error("{0:#}")]
+    Nats(#[from] anyhow::Error),
+}
+
 /// Makes (or finds) the flow and alarm streams, and checks that `shards` is the shard
 /// count every other edge and node uses (the first one to come records it).
-pub async fn ensure(js: &jetstream::Context, shards: u32) -> Result<()> {
+pub async fn ensure(js: &jetstream::Context, shards: u32) -> Result<(), EnsureError> {
     js.get_or_create_stream(stream::Config {
         name: Names::FLOWS_STREAM.into(),
         subjects: vec!["flows.*".into()],
@@ -95,21 +104,24 @@ pub async fn ensure(js: &jetstream::Context, shards: u32) -> Result<()> {
     let want = shards.to_string();
     match cfg.create("shards", want.clone().into()).await {
         Ok(_) => Ok(()),
-        Err(_) => {
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
             let have = cfg
                 .get("shards")
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .context("reading the shard count")?
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
-                .unwrap_or_default();
+                .context("the shard count vanished while read")?;
             if have != want {
-                bail!(
+                return Err(EnsureError::ShardMismatch(format!(
                     "this NATS holds flows in {have} shards, and this process was started with {shards}: give every edge and node the same count (--nats-shards / --shards {have})"
-                );
+                )));
             }
             Ok(())
         }
+        Err(e) => Err(anyhow::anyhow!("{e}")
+            .context("recording the shard count")
+            .into()),
     }
 }
 
