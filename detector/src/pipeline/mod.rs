@@ -246,17 +246,21 @@ fn shard_worker(
     mut dedup: Dedup,
     mut engine: Engine,
     rx: Receiver<ToShard>,
-    sinks: SyncSender<ToSinks>,
+    sinks: Option<SyncSender<ToSinks>>,
 ) {
     while let Ok(msg) = rx.recv() {
         match msg {
             ToShard::Records(mut records, now) => {
                 dedup.mark_batch(&mut records);
                 engine.observe_batch(&records);
-                // Flow starts are for detection only.
-                records.retain(|r| !r.live.detection_only());
-                if sinks.send(ToSinks::Records(records, now)).is_err() {
-                    return;
+                // Without a record sink (`detector central`), the records end here
+                // rather than queue for a thread that would only drop them.
+                if let Some(sinks) = &sinks {
+                    // Flow starts are for detection only.
+                    records.retain(|r| !r.live.detection_only());
+                    if sinks.send(ToSinks::Records(records, now)).is_err() {
+                        return;
+                    }
                 }
             }
             ToShard::Expire(now) => dedup.expire(now),
@@ -339,6 +343,7 @@ impl Pipeline {
         alarms: AlarmSink,
     ) -> Self {
         let n = cfg.workers.max(1);
+        let has_sinks = !sinks.is_empty();
         let sink_names = sinks.iter().map(|s| s.name()).collect();
         let (sink_tx, sink_rx) = sync_channel(SINK_QUEUE);
         let sink_thread = std::thread::Builder::new()
@@ -357,7 +362,7 @@ impl Pipeline {
             let (tx, rx) = sync_channel(SHARD_QUEUE);
             let dedup = Dedup::new(DEDUP_WINDOW, cfg.dedup_flows.div_ceil(n));
             let engine = Engine::new(shard_cfg.clone());
-            let sinks = sink_tx.clone();
+            let sinks = has_sinks.then(|| sink_tx.clone());
             shard_threads.push(
                 std::thread::Builder::new()
                     .name(format!("shard-{i}"))

@@ -667,7 +667,7 @@ async fn consume(
         };
         let mut batch = match cons
             .fetch()
-            .max_messages(64)
+            .max_messages(16)
             .expires(Duration::from_millis(500))
             .messages()
             .await
