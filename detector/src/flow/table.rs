@@ -106,6 +106,18 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// What growth reports told detection beyond the last export (packets, bytes).
+    fn told_beyond_export(&self) -> (u64, u64) {
+        if self.told_packets > self.exported_packets {
+            (
+                self.told_packets - self.exported_packets,
+                self.told_bytes.saturating_sub(self.exported_bytes),
+            )
+        } else {
+            (0, 0)
+        }
+    }
+
     fn fresh(first_ns: u64, now_ns: u64) -> Self {
         Self {
             exported_packets: 0,
@@ -267,13 +279,9 @@ impl FlowTable {
     /// Looks at a flow's cumulative counters at `now_ns` and says what to do.
     pub fn observe(&mut self, key: &FlowKey, stats: &FlowStats, now_ns: u64) -> Action {
         if stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            let t = self
-                .tracked
-                .entry(*key)
-                .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
+            let t = self.track(key, stats.first_ns, now_ns);
             let quiet = t.seen_packets == stats.packets;
             t.seen_packets = stats.packets;
-            t.touched_ns = now_ns;
             if quiet {
                 return Action::Evict;
             }
@@ -285,19 +293,14 @@ impl FlowTable {
         // crossed a boundary since the previous look needs its bookkeeping.
         let active = self.timeouts.active_ns.max(1);
         let age = now_ns.saturating_sub(stats.first_ns);
-        let period = age / active;
-        if period == 0 || age.saturating_sub(self.lookback_ns) / active == period {
+        let Some(period) = self.crossed(age, active) else {
             return match self.grow(key, stats, now_ns, age) {
                 Some(d) => Action::Grow(d),
                 None => Action::Keep,
             };
-        }
+        };
         let boundary = stats.first_ns + period * active;
-        let t = self
-            .tracked
-            .entry(*key)
-            .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
-        t.touched_ns = now_ns;
+        let t = self.track(key, stats.first_ns, now_ns);
         if t.period_start_ns >= boundary {
             // Already exported in this period.
             return Action::Keep;
@@ -306,15 +309,13 @@ impl FlowTable {
         t.exported_packets = stats.packets;
         t.exported_bytes = stats.bytes;
         t.period_start_ns = now_ns;
+        let mark = ExportMark {
+            packets: t.exported_packets,
+            bytes: t.exported_bytes,
+            period_start_ns: t.period_start_ns,
+        };
         if let Some(j) = &mut self.journal {
-            j.push((
-                *key,
-                Some(ExportMark {
-                    packets: t.exported_packets,
-                    bytes: t.exported_bytes,
-                    period_start_ns: t.period_start_ns,
-                }),
-            ));
+            j.push((*key, Some(mark)));
         }
         match delta {
             Some(d) => Action::Export(d),
@@ -330,25 +331,14 @@ impl FlowTable {
         if grow == 0 || stats.announced == 0 {
             return None;
         }
-        let k = age / grow;
-        if k == 0 || age.saturating_sub(self.lookback_ns) / grow == k {
-            return None;
-        }
-        let boundary = stats.first_ns + k * grow;
-        let t = self
-            .tracked
-            .entry(*key)
-            .or_insert_with(|| Tracked::fresh(stats.first_ns, now_ns));
-        t.touched_ns = now_ns;
+        let boundary = stats.first_ns + self.crossed(age, grow)? * grow;
+        let t = self.track(key, stats.first_ns, now_ns);
         if t.told_at_ns >= boundary {
             return None;
         }
         t.told_at_ns = now_ns;
-        let (base_p, base_b) = if t.told_packets > t.exported_packets {
-            (t.told_packets, t.told_bytes)
-        } else {
-            (t.exported_packets, t.exported_bytes)
-        };
+        let told = t.told_beyond_export();
+        let (base_p, base_b) = (t.exported_packets + told.0, t.exported_bytes + told.1);
         let packets = stats.packets.checked_sub(base_p).filter(|p| *p > 0)?;
         t.told_packets = stats.packets;
         t.told_bytes = stats.bytes;
@@ -366,6 +356,23 @@ impl FlowTable {
             told_packets: 0,
             told_bytes: 0,
         })
+    }
+
+    /// The `k`th boundary (`first + k x interval`, k >= 1) when a flow of age `age` crossed
+    /// one since the previous look at it; none otherwise.
+    fn crossed(&self, age: u64, interval: u64) -> Option<u64> {
+        let k = age / interval;
+        (k > 0 && age.saturating_sub(self.lookback_ns) / interval != k).then_some(k)
+    }
+
+    /// The flow's bookkeeping (made fresh when it has none), marked used at `now_ns`.
+    fn track(&mut self, key: &FlowKey, first_ns: u64, now_ns: u64) -> &mut Tracked {
+        let t = self
+            .tracked
+            .entry(*key)
+            .or_insert_with(|| Tracked::fresh(first_ns, now_ns));
+        t.touched_ns = now_ns;
+        t
     }
 
     /// The flow was removed from its store with these final counters: returns what is
@@ -389,6 +396,8 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
     if packets == 0 {
         return None;
     }
+    // What growth reports told of this period (none once it was exported).
+    let (told_packets, told_bytes) = t.told_beyond_export();
     Some(Delta {
         key: *key,
         packets,
@@ -400,13 +409,8 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
         hints: s.hints,
         announced: s.announced != 0,
         growth: false,
-        // What growth reports told of this period (none once it was exported).
-        told_packets: t.told_packets.saturating_sub(t.exported_packets),
-        told_bytes: if t.told_packets > t.exported_packets {
-            t.told_bytes.saturating_sub(t.exported_bytes)
-        } else {
-            0
-        },
+        told_packets,
+        told_bytes,
     })
 }
 

@@ -693,51 +693,48 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             args!["-f", dir.join(format!("{name}.conf")).display()],
         ))?);
     }
-    let mut swarm = l.start(&l.torrent(
-        INET,
-        "swarm",
-        args![
+    // Swarm peers: libtorrent sessions seeding one torrent from `addrs`, and `extra`.
+    let swarm_of = |name: &str, addrs: &str, torrent: &Path, data: &Path, extra: Vec<String>| {
+        let mut a = args![
             "swarm",
             "--addrs",
-            dir.join("peers.txt").display(),
+            dir.join(addrs).display(),
             "--seed-torrent",
-            content.torrent_a.display(),
+            torrent.display(),
             "--seed-data",
-            content.data_a.display(),
+            data.display(),
+            "--upload-rate",
+            UPLOAD_RATE,
+        ];
+        a.extend(extra);
+        l.start(&l.torrent(INET, name, a))
+    };
+    let mut swarm = swarm_of(
+        "swarm",
+        "peers.txt",
+        &content.torrent_a,
+        &content.data_a,
+        args![
             "--leech-torrent",
             content.torrent_b.display(),
             "--leech-dir",
             dir.join("swarm-leech").display(),
             "--leechers",
             leechers,
-            "--upload-rate",
-            UPLOAD_RATE,
         ],
-    ))?;
+    )?;
     say(&format!(
         "starting {} BitTorrent peers ({leechers} also download from the internal seeder)",
         cfg.peers
     ));
     // The private tracker's seeders: TCP only, no DHT, encryption forced, one port.
-    let mut private_swarm = l.start(&l.torrent(
-        INET,
+    let mut private_swarm = swarm_of(
         "private-swarm",
-        args![
-            "swarm",
-            "--addrs",
-            dir.join("private-peers.txt").display(),
-            "--seed-torrent",
-            content.torrent_c.display(),
-            "--seed-data",
-            content.data_c.display(),
-            "--upload-rate",
-            UPLOAD_RATE,
-            "--encryption",
-            "forced",
-            "--no-utp",
-            "--no-dht",
-        ],
-    ))?;
+        "private-peers.txt",
+        &content.torrent_c,
+        &content.data_c,
+        args!["--encryption", "forced", "--no-utp", "--no-dht"],
+    )?;
     wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
     procs.push(swarm);
     wait_for(&mut private_swarm, "peers up", Duration::from_secs(60))?;
