@@ -173,7 +173,34 @@ pub struct FlowStats {
     pub hints: u8,
     /// 1 when the flow's start was announced in `NEW_FLOWS` (live flows), else 0.
     pub announced: u8,
-    pub _pad: [u8; 4],
+    /// The sizes of the flow's first four payload-bearing packets (L4 payload bytes),
+    /// each as [`opening::quantize`] stores it, 0 for a slot not yet filled. How a
+    /// connection opens (a handshake's sizes each way) tells protocols apart when their
+    /// payload is encrypted; these four bytes are all the meter keeps of it, and no
+    /// payload byte leaves the kernel. Filled in the bytes that were padding: a flow's
+    /// entry stays 40 bytes.
+    pub opening: [u8; 4],
+}
+
+/// The opening sizes of [`FlowStats::opening`].
+pub mod opening {
+    /// Bytes per step: a slot holds the payload size divided by this, rounded up.
+    pub const STEP: u32 = 4;
+    /// The slot value of a payload of `MAX * STEP - STEP + 1` bytes or more.
+    pub const MAX: u8 = 255;
+
+    /// The slot value of a payload of `bytes` (at least 1): `ceil(bytes / 4)`, at most
+    /// 255 (1,017 bytes or more).
+    #[inline(always)]
+    pub const fn quantize(bytes: u32) -> u8 {
+        let q = bytes.div_ceil(STEP);
+        if q > MAX as u32 { MAX } else { q as u8 }
+    }
+
+    /// The largest payload size a slot value stands for (`u32::MAX` for [`MAX`]).
+    pub const fn upper_bytes(q: u8) -> u32 {
+        if q == MAX { u32::MAX } else { q as u32 * STEP }
+    }
 }
 
 /// A flow just inserted in a flow map (live flows, `run`): its key, its first packet's
@@ -413,7 +440,7 @@ mod tests {
         assert_eq!(offset_of!(FlowStats, tos), 33);
         assert_eq!(offset_of!(FlowStats, hints), 34);
         assert_eq!(offset_of!(FlowStats, announced), 35);
-        assert_eq!(offset_of!(FlowStats, _pad), 36);
+        assert_eq!(offset_of!(FlowStats, opening), 36);
     }
 
     #[test]
@@ -440,5 +467,21 @@ mod tests {
             core::mem::size_of::<CounterBlock>(),
             8 * counter::COUNT as usize
         );
+    }
+
+    #[test]
+    fn opening_sizes_round_up_in_steps_of_four_and_saturate() {
+        assert_eq!(opening::quantize(1), 1);
+        assert_eq!(opening::quantize(4), 1);
+        assert_eq!(opening::quantize(5), 2);
+        // The plaintext BitTorrent handshake, and an MSE key exchange's bounds.
+        assert_eq!(opening::quantize(68), 17);
+        assert_eq!(opening::quantize(96), 24);
+        assert_eq!(opening::quantize(608), 152);
+        assert_eq!(opening::quantize(1016), 254);
+        assert_eq!(opening::quantize(1017), 255);
+        assert_eq!(opening::quantize(65_000), 255);
+        assert_eq!(opening::upper_bytes(17), 68);
+        assert_eq!(opening::upper_bytes(255), u32::MAX);
     }
 }

@@ -7,7 +7,8 @@
 //!   ifindex: one object meters one interface) for IPv4 and [`FlowKey`] (48 bytes) for
 //!   IPv6, because the kernel hashes and compares the whole key on every packet -- valued
 //!   by [`FlowStats`] (packets, bytes, first/last seen, OR of TCP flags, ToS of the first
-//!   packet). One entry per flow shared by all CPUs: packets and bytes are added with
+//!   packet, and the sizes of its first four payload-bearing packets, one byte each:
+//!   how a connection opens, see `detector_common::opening`). One entry per flow shared by all CPUs: packets and bytes are added with
 //!   atomic adds and new TCP flags with an atomic OR, so counts stay exact whichever CPUs
 //!   a flow's packets land on. Per-CPU maps would cost entries x possible CPUs x 40
 //!   bytes (2.6 GB for a million flows on a 64-CPU host) and make every read of a flow
@@ -81,7 +82,7 @@ use aya_ebpf::{
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
     ExportMark, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
-    OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
+    OVERFLOW_RING_BYTES, OverflowEvent, counter, hint, opening,
 };
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
@@ -250,6 +251,9 @@ struct Packet {
     l3_off: u32,
     /// [`hint`] flags of the payload (payload hints only).
     hints: u8,
+    /// The L4 payload's size as an opening slot stores it ([`opening::quantize`]); 0
+    /// for no payload, a fragment, or a protocol without ports.
+    opening: u8,
 }
 
 /// `::ffff:0:0/96` as words: bytes 10 and 11 are 0xff.
@@ -309,6 +313,7 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
         hdr_len: 0,
         l3_off: 0,
         hints: 0,
+        opening: 0,
     };
     let eth = f.at(0, ETH_HLEN).ok_or(counter::ERR_ETH_TRUNCATED)?;
     // SAFETY: each read below stays inside the length its `at` checked.
@@ -344,6 +349,9 @@ fn parse(f: &Frame, offloaded_vlan: u16) -> Result<Packet, u32> {
     }
     let l4_hdr = parse_l4(f, l4, &mut p)?;
     p.hdr_len = (l4 - off + l4_hdr) as u32;
+    if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) && p.ip_len > p.hdr_len {
+        p.opening = opening::quantize(p.ip_len - p.hdr_len);
+    }
     Ok(p)
 }
 
@@ -580,7 +588,7 @@ fn add_to_flow<K>(
         tos: pkt.tos,
         hints: pkt.hints,
         announced: event.is_some() as u8,
-        _pad: [0; 4],
+        opening: [pkt.opening, 0, 0, 0],
     };
     let r = map.insert(key, fresh, BPF_NOEXIST as u64);
     if let Some(mut e) = event.take() {
@@ -644,6 +652,21 @@ fn update<K>(
                 (&raw mut (*v).tcp_flags).cast::<u64>(),
                 or,
             );
+        }
+        // The opening: the first four payload sizes, each in the first free slot. One
+        // byte read per packet once they are filled; plain stores (two CPUs racing on a
+        // flow's first packets may leave one of two sizes, which need not be exact).
+        let o = &raw mut (*v).opening;
+        if pkt.opening != 0 && (*o)[3] == 0 {
+            if (*o)[0] == 0 {
+                (*o)[0] = pkt.opening;
+            } else if (*o)[1] == 0 {
+                (*o)[1] = pkt.opening;
+            } else if (*o)[2] == 0 {
+                (*o)[2] = pkt.opening;
+            } else {
+                (*o)[3] = pkt.opening;
+            }
         }
     }
     true

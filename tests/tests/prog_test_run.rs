@@ -959,3 +959,62 @@ fn live_flows_announce_each_new_flow_once_and_mark_it() {
     assert!(announcements(&mut off).is_empty());
     assert_eq!(off.flows().values().next().unwrap().announced, 0);
 }
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn a_flows_opening_keeps_its_first_four_payload_sizes() {
+    use detector_common::opening::quantize;
+    let mut m = Meter::new(1024);
+    m.clear();
+    // A TCP connection as the meter sees one direction of it: the SYN (no payload), an
+    // ACK, then payloads of these sizes; the TCP header carries 12 bytes of options
+    // (data offset 8), which are not payload. Then a UDP flow beside it.
+    let tcp_with_options = |flags: u8| {
+        let mut h = tcp(40_000, 443, flags);
+        h[12] = 8 << 4;
+        h.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        h
+    };
+    let sizes = [0usize, 0, 68, 300, 1, 1460, 200, 90];
+    for (i, n) in sizes.iter().enumerate() {
+        let flags = if i == 0 { 0x02 } else { 0x18 };
+        let payload = vec![0xa5u8; *n];
+        let ip = ipv4(
+            A4,
+            B4,
+            6,
+            0,
+            0,
+            &[],
+            &frame(&[&tcp_with_options(flags), &payload]),
+        );
+        assert_eq!(
+            m.run_xdp(&frame(&[&ethernet(&[], ETH_P_IP), &ip])),
+            XDP_PASS
+        );
+    }
+    for n in [1200usize, 40] {
+        let payload = vec![0u8; n];
+        let ip = ipv4(
+            A4,
+            B4,
+            17,
+            0,
+            0,
+            &[],
+            &frame(&[&udp(5000, 6000, n), &payload]),
+        );
+        m.run_xdp(&frame(&[&ethernet(&[], ETH_P_IP), &ip]));
+    }
+    let flows = m.flows();
+    let tcp_flow = flows.iter().find(|(k, _)| k.protocol == 6).unwrap().1;
+    // The first four payload-bearing packets, in order: 68, 300, 1 and 1460 bytes.
+    assert_eq!(
+        tcp_flow.opening,
+        [quantize(68), quantize(300), quantize(1), quantize(1460)]
+    );
+    assert_eq!(tcp_flow.opening, [17, 75, 1, 255]);
+    assert_eq!(tcp_flow.packets, sizes.len() as u64);
+    let udp_flow = flows.iter().find(|(k, _)| k.protocol == 17).unwrap().1;
+    assert_eq!(udp_flow.opening, [quantize(1200), quantize(40), 0, 0]);
+}

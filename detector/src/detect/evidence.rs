@@ -115,6 +115,8 @@ pub struct Verdict {
     pub measures: Measures,
     /// A look-alike guard that vetoed the alarm, if any.
     pub guard: Option<&'static str>,
+    /// Each guard considered, with what it measured and whether it held.
+    pub guard_evidence: Vec<String>,
     /// The application (see [`super::kind`]) and the evidence that named it.
     pub kind: &'static str,
     pub kind_evidence: Vec<String>,
@@ -233,14 +235,131 @@ pub fn score(
     fire(udp_small as f64 >= t.udp_small_peers, 2.0);
     fire(attempts >= 20 && failed_share >= t.failed_share, 1.0);
     fire(p2p_port as f64 >= t.p2p_port_peers, P2P_PORT_WEIGHT);
-    let guard = if bytes_in < 1_000_000 && (attempts >= 20 && failed_share >= 0.8 || probing) {
-        Some("port_scan")
-    } else if listen_port != 0 && busy_listener && listen_port <= 1024 {
-        Some("server_on_well_known_port")
-    } else {
-        None
-    };
+    let guard = Guards {
+        bytes_in,
+        attempts,
+        failed_share,
+        probing,
+        listen_port,
+        listen_ips: u64::from(listen_ips),
+        busy_listener,
+        held,
+        realtime: p.agg.realtime,
+        web_only: p.agg.web_only,
+        bt_opening: p.agg.bt_opening,
+    }
+    .veto();
     (score, guard)
+}
+
+/// What the look-alike guards look at, from the aggregates ([`score`]) or the walk
+/// ([`evaluate`]), which agree.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Guards {
+    pub bytes_in: u64,
+    pub attempts: u64,
+    pub failed_share: f64,
+    /// The busiest local port carries many port pairs per peer (a scan's probes).
+    pub probing: bool,
+    /// The busiest local port, its peers, and whether they are enough to call it one.
+    pub listen_port: u16,
+    pub listen_ips: u64,
+    pub busy_listener: bool,
+    /// Peers held in full, and of them: steady small-packet UDP exchanges, web servers
+    /// reached as their client, connections opened with BitTorrent's handshake sizes.
+    pub held: u64,
+    pub realtime: u64,
+    pub web_only: u64,
+    pub bt_opening: u64,
+}
+
+/// The share of a listening port's peers that must be real-time exchanges to call the
+/// host a game or a call.
+const REALTIME_SHARE: f64 = 0.75;
+/// The share of a host's peers that must be web servers it is the client of.
+const WEB_CLIENT_SHARE: f64 = 0.9;
+
+impl Guards {
+    /// A scanner: connections that fail on many ports of few hosts, or one source port
+    /// probing many ports of each target, with little data back.
+    fn port_scan(&self) -> bool {
+        self.bytes_in < 1_000_000
+            && (self.attempts >= 20 && self.failed_share >= 0.8 || self.probing)
+    }
+
+    /// A server answering many clients on a well-known port.
+    fn server(&self) -> bool {
+        self.listen_port != 0 && self.busy_listener && self.listen_port <= 1024
+    }
+
+    /// A game session or a call: most peers of the busy local port exchange small
+    /// datagrams both ways at a steady rate (a stable peer set held for the session).
+    /// A swarm's listening port carries transfers and DHT contacts, neither of them.
+    fn realtime_session(&self) -> bool {
+        self.busy_listener && self.realtime as f64 >= REALTIME_SHARE * self.listen_ips as f64
+    }
+
+    /// A client of many web servers (a multi-source download, a bulk upload, a
+    /// browser): nearly every peer reached on a web port from an ephemeral port, no
+    /// local port that peers come to, and no BitTorrent handshake among its
+    /// connections (a swarm whose peers listen on 80 and 443 still opens with one).
+    fn web_client(&self) -> bool {
+        self.held > 0
+            && self.web_only as f64 >= WEB_CLIENT_SHARE * self.held as f64
+            && !self.busy_listener
+            && self.bt_opening < (self.held / 5).max(3)
+    }
+
+    /// The guard that vetoes an alarm, if any, first match in this order.
+    pub fn veto(&self) -> Option<&'static str> {
+        if self.port_scan() {
+            Some("port_scan")
+        } else if self.server() {
+            Some("server_on_well_known_port")
+        } else if self.realtime_session() {
+            Some("realtime_session")
+        } else if self.web_client() {
+            Some("web_client")
+        } else {
+            None
+        }
+    }
+
+    /// Each guard with what it measured and whether it holds, for the evidence.
+    pub fn explain(&self) -> Vec<String> {
+        let held = |b: bool| if b { "holds" } else { "does not hold" };
+        vec![
+            format!(
+                "port_scan {}: {} bytes in, {} of {} outbound attempts failed, probing {}",
+                held(self.port_scan()),
+                self.bytes_in,
+                (self.failed_share * self.attempts as f64).round(),
+                self.attempts,
+                self.probing
+            ),
+            format!(
+                "server_on_well_known_port {}: busiest local port {} with {} peers",
+                held(self.server()),
+                self.listen_port,
+                self.listen_ips
+            ),
+            format!(
+                "realtime_session {}: {} peers in steady small-packet UDP exchanges both ways, busiest local port {} with {} peers",
+                held(self.realtime_session()),
+                self.realtime,
+                self.listen_port,
+                self.listen_ips
+            ),
+            format!(
+                "web_client {}: {} of {} peers reached only on web ports, {} BitTorrent-sized handshakes, {} local port peers come to",
+                held(self.web_client()),
+                self.web_only,
+                self.held,
+                self.bt_opening,
+                if self.busy_listener { "a" } else { "no" }
+            ),
+        ]
+    }
 }
 
 /// Evaluates every rule on `p`. `top_senders` are the external addresses that sent the
@@ -267,8 +386,13 @@ pub fn evaluate(
     let mut endpoints: Vec<(u16, IpAddr, u16)> = Vec::with_capacity(p.peers.len() * 2);
     let mut in_top = false;
     let mut kind = super::kind::KindSignals::default();
+    let (mut realtime, mut web_only, mut bt_opening) = (0u64, 0u64, 0u64);
     for (ip, s) in p.peers.iter() {
         kind.add_peer(s.hints, s.ports());
+        kind.add_opening(s.open_out, s.open_in);
+        realtime += u64::from(s.realtime());
+        web_only += u64::from(s.web_only());
+        bt_opening += u64::from(s.opening().is_bittorrent());
         m.flows += u64::from(s.flows);
         m.bytes_in += s.bytes_in;
         m.bytes_out += s.bytes_out;
@@ -430,19 +554,24 @@ pub fn evaluate(
         .filter(|e| e.fired)
         .map(|e| e.weight)
         .fold(0.0, |a, w| a + w);
-    // Look-alikes: a scanner (connections that fail on many ports of few hosts, little
-    // data back), and a server answering many clients on a well-known port (more
-    // connections per client than one: ports exceed addresses).
-    let probing = listen_ips as f64 >= t.listen_peers
-        && listen_port > 1024
-        && ip_port_ratio >= PROBE_PORTS_PER_PEER;
-    let guard = if m.bytes_in < 1_000_000 && (attempts >= 20 && failed_share >= 0.8 || probing) {
-        Some("port_scan")
-    } else if listen_port != 0 && listen_port <= 1024 && listen_ips as f64 >= t.listen_peers {
-        Some("server_on_well_known_port")
-    } else {
-        None
+    // Look-alikes (see [`Guards`]).
+    let busy_listener = listen_ips as f64 >= t.listen_peers;
+    let probing = busy_listener && listen_port > 1024 && ip_port_ratio >= PROBE_PORTS_PER_PEER;
+    let guards = Guards {
+        bytes_in: m.bytes_in,
+        attempts,
+        failed_share,
+        probing,
+        listen_port,
+        listen_ips: listen_ips as u64,
+        busy_listener,
+        held: p.peers.len() as u64,
+        realtime,
+        web_only,
+        bt_opening,
     };
+    let guard = guards.veto();
+    let guard_evidence = guards.explain();
     let fired = |rule: &str| {
         evidence
             .iter()
@@ -457,6 +586,7 @@ pub fn evaluate(
         evidence,
         measures: m,
         guard,
+        guard_evidence,
         kind,
         kind_evidence,
     }

@@ -6,20 +6,35 @@
 //!    signature (BitTorrent handshake, uTP header, DHT message or tracker request;
 //!    Gnutella connect; eDonkey hello), at least [`MIN_HINT_PEERS`]; the family with
 //!    the most wins;
-//! 2. the family's well-known ports, at least [`MIN_PEERS`] peers met on one of them
+//! 2. how connections opened (the local meter's first payload sizes each way, see
+//!    [`Opening`]): at least [`MIN_OPENING_PEERS`] peers opened with the plaintext
+//!    BitTorrent handshake (68 bytes), or with the key exchange of its Message Stream
+//!    Encryption (96 to 608 bytes each way) whose sizes vary from peer to peer in both
+//!    directions as its random padding makes them (at least half as many distinct
+//!    sizes as peers, or [`MSE_DISTINCT`]): behaviour that survives encryption and any
+//!    choice of ports. A protocol that opens with such sizes but repeats them (a
+//!    Gnutella connect, a resumed TLS session) is not named by it;
+//! 3. the family's well-known ports, at least [`MIN_PEERS`] peers met on one of them
 //!    (either end): Gnutella 6346-6347, eDonkey 4661/4662/4665/4672, BitTorrent
 //!    6881-6889, 6969 (trackers), 6771 (local peer discovery), 51413 (Transmission);
-//! 3. BitTorrent's own shape: DHT-style small datagrams to many peers together with
+//! 4. BitTorrent's own shape: DHT-style small datagrams to many peers together with
 //!    uTP-style UDP beside TCP to the same peers (both rules fired).
 //!
 //! Every decision lists the evidence that chose it.
 
 use detector_common::hint;
 
+use super::profile::Opening;
+
 /// Peers a port signal needs before it names the application (a port is a weak sign).
 pub const MIN_PEERS: u64 = 2;
 /// Peers a payload signature needs: one handshake of a protocol is enough to name it.
 pub const MIN_HINT_PEERS: u64 = 1;
+/// Peers whose connections opened with BitTorrent's handshake sizes before they name it.
+pub const MIN_OPENING_PEERS: u64 = 5;
+/// Distinct opening sizes each way that are enough for key exchanges with many peers
+/// (random padding of 0-512 bytes, in 4-byte steps, gives up to 128).
+pub const MSE_DISTINCT: u64 = 24;
 
 pub const BITTORRENT: &str = "bittorrent";
 pub const GNUTELLA: &str = "gnutella";
@@ -48,6 +63,13 @@ pub struct KindSignals {
     /// The DHT-style and uTP-style rules: (fired, value).
     pub udp_small: (bool, f64),
     pub tcp_and_udp: (bool, f64),
+    /// Peers whose connection opened with the plaintext BitTorrent handshake.
+    pub plain_openings: u64,
+    /// Peers whose connection opened with a key exchange's sizes, and the sizes seen
+    /// each way (opening slot values: a bit per value).
+    pub key_exchanges: u64,
+    pub sizes_out: [u64; 4],
+    pub sizes_in: [u64; 4],
 }
 
 impl KindSignals {
@@ -67,6 +89,47 @@ impl KindSignals {
         for (n, s) in self.port_peers.iter_mut().zip(seen) {
             *n += u64::from(s);
         }
+    }
+
+    /// Counts one peer's opening: its first payload sizes each way.
+    pub fn add_opening(&mut self, out: u8, inn: u8) {
+        match Opening::of(out, inn) {
+            Opening::PlainBitTorrent => self.plain_openings += 1,
+            Opening::KeyExchange => {
+                self.key_exchanges += 1;
+                for (set, q) in [(&mut self.sizes_out, out), (&mut self.sizes_in, inn)] {
+                    set[usize::from(q / 64)] |= 1 << (q % 64);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Distinct key-exchange sizes seen each way (host to peer, peer to host).
+    pub fn distinct_sizes(&self) -> (u64, u64) {
+        let n = |set: &[u64; 4]| set.iter().map(|w| u64::from(w.count_ones())).sum();
+        (n(&self.sizes_out), n(&self.sizes_in))
+    }
+
+    /// BitTorrent from how connections opened, with the evidence; None when the
+    /// openings do not show it.
+    fn from_openings(&self) -> Option<Vec<String>> {
+        let mut why = Vec::new();
+        if self.plain_openings >= MIN_OPENING_PEERS {
+            why.push(format!(
+                "{} peers opened with the BitTorrent handshake's 68 bytes",
+                self.plain_openings
+            ));
+        }
+        let (out, inn) = self.distinct_sizes();
+        let varied = |d: u64| d >= (self.key_exchanges / 2).min(MSE_DISTINCT);
+        if self.key_exchanges >= MIN_OPENING_PEERS && varied(out) && varied(inn) {
+            why.push(format!(
+                "{} peers opened with an encrypted handshake's key exchange (96-608 bytes each way, {out} and {inn} distinct sizes out and in: random padding)",
+                self.key_exchanges
+            ));
+        }
+        (!why.is_empty()).then_some(why)
     }
 
     /// The kind and the evidence that chose it.
@@ -89,7 +152,18 @@ impl KindSignals {
             debug_assert!(n >= MIN_HINT_PEERS);
             return (FAMILIES[f], which);
         }
-        // 2. Well-known ports.
+        // 2. How connections opened; the ports, when they agree, as more evidence.
+        if let Some(mut why) = self.from_openings() {
+            if self.port_peers[0] >= MIN_PEERS {
+                why.push(format!(
+                    "{} peers on {} ports",
+                    self.port_peers[0],
+                    port_names(0)
+                ));
+            }
+            return (BITTORRENT, why);
+        }
+        // 3. Well-known ports.
         if let Some((f, &n)) = self
             .port_peers
             .iter()
@@ -102,7 +176,7 @@ impl KindSignals {
                 vec![format!("{n} peers on {} ports", port_names(f))],
             );
         }
-        // 3. BitTorrent's shape without its ports.
+        // 4. BitTorrent's shape without its ports.
         if self.udp_small.0 && self.tcp_and_udp.0 {
             return (
                 BITTORRENT,

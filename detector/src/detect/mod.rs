@@ -885,3 +885,5 @@ fn event(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_behaviour;

@@ -58,6 +58,13 @@ pub struct Aggregates {
     pub throttled: u64,
     /// Peers met on a P2P family's well-known port (either end).
     pub p2p_port: u64,
+    /// Peers of a steady small-packet UDP exchange both ways (see [`PeerStat::realtime`]).
+    pub realtime: u64,
+    /// Peers reached only on web ports from ephemeral local ports ([`PeerStat::web_only`]).
+    pub web_only: u64,
+    /// Peers whose connection opened with a handshake of BitTorrent's sizes, plain or
+    /// encrypted ([`PeerStat::opening`]).
+    pub bt_opening: u64,
     /// (local, remote) port pairs by remote port (the second count unused);
     /// `high_ports` counts the ports above 1024.
     pub remote_ports: PortTable,
@@ -84,6 +91,9 @@ struct Contribution {
     udp_small: u64,
     throttled: u64,
     p2p_port: u64,
+    realtime: u64,
+    web_only: u64,
+    bt_opening: u64,
 }
 
 impl PeerStat {
@@ -103,7 +113,43 @@ impl PeerStat {
             ),
             throttled: u64::from(total as f64 / lim.window_min.max(1.0) <= lim.peer_bytes_per_min),
             p2p_port: u64::from(self.on_p2p_port()),
+            realtime: u64::from(self.realtime()),
+            web_only: u64::from(self.web_only()),
+            bt_opening: u64::from(self.opening().is_bittorrent()),
         }
+    }
+
+    /// A steady exchange of small datagrams both ways, as a game session or a call
+    /// keeps with each of its peers: UDP only, at least [`REALTIME_MIN_PACKETS`] packets
+    /// over the window, at most [`REALTIME_MAX_MEAN_BYTES`] a packet on average, and each
+    /// direction within [`REALTIME_SYMMETRY`] times the other. A BitTorrent peer is
+    /// none of these: its transfers are large packets one way (TCP or uTP), its DHT
+    /// contacts a few datagrams each.
+    pub fn realtime(&self) -> bool {
+        let (a, b) = (
+            self.bytes_in.min(self.bytes_out),
+            self.bytes_in.max(self.bytes_out),
+        );
+        self.udp
+            && !self.tcp
+            && u64::from(self.packets) >= REALTIME_MIN_PACKETS
+            && a + b <= REALTIME_MAX_MEAN_BYTES * u64::from(self.packets)
+            && a * REALTIME_SYMMETRY >= b
+    }
+
+    /// Every port pair seen with this peer is a web port on its side ([`WEB_PORTS`])
+    /// and an ephemeral one (above 1024) on the host's: the host is the peer's client.
+    pub fn web_only(&self) -> bool {
+        self.nports > 0
+            && self
+                .ports()
+                .iter()
+                .all(|&(l, r)| l > 1024 && WEB_PORTS.contains(&r))
+    }
+
+    /// How the first TCP connection seen with this peer opened (see [`Opening`]).
+    pub fn opening(&self) -> Opening {
+        Opening::of(self.open_out, self.open_in)
     }
 
     /// Whether one of its (local, remote) port pairs is a P2P family's well-known port.
@@ -111,6 +157,69 @@ impl PeerStat {
         self.ports().iter().any(|&(l, r)| {
             super::kind::family_of_port(l).is_some() || super::kind::family_of_port(r).is_some()
         })
+    }
+}
+
+/// Packets a peer must exchange before it counts as a steady real-time exchange.
+pub const REALTIME_MIN_PACKETS: u64 = 100;
+/// Mean IP bytes a packet of a real-time exchange (voice, game state) stays under.
+pub const REALTIME_MAX_MEAN_BYTES: u64 = 400;
+/// How many times the busier direction of a real-time exchange may carry the other's bytes.
+pub const REALTIME_SYMMETRY: u64 = 4;
+/// The ports of web servers (HTTP, HTTPS, their alternates), TCP or UDP (QUIC).
+pub const WEB_PORTS: [u16; 4] = [80, 443, 8080, 8443];
+
+/// How a TCP connection opened, from the first payload each way (opening slot values,
+/// see `detector_common::opening`): what a meter sees of a handshake without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// One side or both not seen with payload yet (or no local meter: NetFlow).
+    Unknown,
+    /// The plaintext BitTorrent handshake opens one side: exactly 68 bytes (1 + 19 + 8 +
+    /// 20 + 20), answered by at least as much (the other side's handshake, with its
+    /// bitfield when they travel together).
+    PlainBitTorrent,
+    /// Both sides open with 96 to 608 bytes: a 768-bit Diffie-Hellman public key (96
+    /// bytes) and 0 to 512 bytes of random padding each way, the key exchange of
+    /// BitTorrent's Message Stream Encryption. Other protocols can open with such sizes
+    /// too (a Gnutella connect and its answer, a resumed TLS session); their sizes
+    /// repeat from one connection to the next, the random padding's do not, which the
+    /// naming checks over the host's peers ([`super::kind`]).
+    KeyExchange,
+    /// A side opened with more than 608 bytes at once: a TLS server's first flight (its
+    /// certificate chain), an HTTP response, a post-quantum TLS ClientHello.
+    Large,
+    /// Anything else (smaller openings: SSH banners, plain-text protocol greetings).
+    Other,
+}
+
+impl Opening {
+    pub const PLAIN_HANDSHAKE: u8 = detector_common::opening::quantize(68);
+    pub const KEY_EXCHANGE: std::ops::RangeInclusive<u8> =
+        detector_common::opening::quantize(96)..=detector_common::opening::quantize(608);
+
+    pub fn of(out: u8, inn: u8) -> Self {
+        if out == 0 || inn == 0 {
+            return Opening::Unknown;
+        }
+        let large = |q: u8| q > *Self::KEY_EXCHANGE.end();
+        if (out == Self::PLAIN_HANDSHAKE && inn >= out)
+            || (inn == Self::PLAIN_HANDSHAKE && out >= inn)
+        {
+            // The answer may carry the bitfield and extension handshake with it.
+            Opening::PlainBitTorrent
+        } else if Self::KEY_EXCHANGE.contains(&out) && Self::KEY_EXCHANGE.contains(&inn) {
+            Opening::KeyExchange
+        } else if large(out) || large(inn) {
+            Opening::Large
+        } else {
+            Opening::Other
+        }
+    }
+
+    /// A BitTorrent handshake's sizes, plain or encrypted.
+    pub fn is_bittorrent(self) -> bool {
+        matches!(self, Opening::PlainBitTorrent | Opening::KeyExchange)
     }
 }
 
@@ -132,6 +241,9 @@ impl Aggregates {
         f(&mut self.udp_small, c.udp_small);
         f(&mut self.throttled, c.throttled);
         f(&mut self.p2p_port, c.p2p_port);
+        f(&mut self.realtime, c.realtime);
+        f(&mut self.web_only, c.web_only);
+        f(&mut self.bt_opening, c.bt_opening);
     }
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
@@ -191,18 +303,25 @@ pub struct PeerStat {
     pub bytes_in: u64,
     /// Bytes the host sent to the peer.
     pub bytes_out: u64,
-    /// UDP packets and bytes to/from non-service ports.
-    pub udp_packets: u64,
+    /// UDP bytes to/from non-service ports, and their packets (below).
     pub udp_bytes: u64,
+    pub udp_packets: u32,
+    /// Packets both ways, all protocols (saturating).
+    pub packets: u32,
     pub flows: u32,
-    /// Outbound TCP flows that carried SYN but never an ACK: attempts that never completed.
-    pub tcp_attempts: u32,
-    pub tcp_failed: u32,
+    /// Outbound TCP flows that carried SYN but never an ACK: attempts that never
+    /// completed (saturating).
+    pub tcp_attempts: u16,
+    pub tcp_failed: u16,
     pub tcp: bool,
     pub udp: bool,
     /// OR of the payload hint flags of the peer's flows.
     pub hints: u8,
     nports: u8,
+    /// The first payload's size (an opening slot value) of the first TCP flow seen
+    /// each way, host to peer and peer to host; 0 until seen (see [`Opening`]).
+    pub open_out: u8,
+    pub open_in: u8,
     ports: [(u16, u16); PORTS_PER_PEER],
 }
 
@@ -214,8 +333,9 @@ impl PeerStat {
         Self {
             bytes_in: 0,
             bytes_out: 0,
-            udp_packets: 0,
             udp_bytes: 0,
+            udp_packets: 0,
+            packets: 0,
             flows: 0,
             tcp_attempts: 0,
             tcp_failed: 0,
@@ -223,6 +343,8 @@ impl PeerStat {
             udp: false,
             hints: 0,
             nports: 0,
+            open_out: 0,
+            open_in: 0,
             ports: [(0, 0); PORTS_PER_PEER],
         }
     }
@@ -392,9 +514,23 @@ impl HostProfile {
             p.flows = p.flows.saturating_add(1);
         }
         p.hints |= r.hints;
+        let packets = r.new_packets();
+        p.packets = p
+            .packets
+            .saturating_add(u32::try_from(packets).unwrap_or(u32::MAX));
         match r.protocol {
             6 => {
                 p.tcp = true;
+                // The first payload each way of the first flows that show one.
+                let first = r.opening[0];
+                let side = if host_is_src {
+                    &mut p.open_out
+                } else {
+                    &mut p.open_in
+                };
+                if *side == 0 {
+                    *side = first;
+                }
                 // Whether a connection completed is known from its export, not its start.
                 if host_is_src && !r.live.detection_only() && r.tcp_flags & 0x02 != 0 {
                     p.tcp_attempts = p.tcp_attempts.saturating_add(1);
@@ -406,7 +542,9 @@ impl HostProfile {
             17 => {
                 p.udp = true;
                 if !service_udp_port(remote_port) && !service_udp_port(local_port) {
-                    p.udp_packets = p.udp_packets.saturating_add(r.new_packets());
+                    p.udp_packets = p
+                        .udp_packets
+                        .saturating_add(u32::try_from(packets).unwrap_or(u32::MAX));
                     p.udp_bytes += bytes;
                 }
             }

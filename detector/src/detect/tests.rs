@@ -8,16 +8,16 @@ use std::time::{Duration, SystemTime};
 use super::*;
 use crate::flow::{FlowRecord, Origin};
 
-fn t(s: u64) -> SystemTime {
+pub(super) fn t(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
 }
 
-fn ext(i: u32) -> IpAddr {
+pub(super) fn ext(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i)) // 198.18.0.0/15
 }
 
 #[allow(clippy::too_many_arguments, reason = "a test record builder")]
-fn rec(
+pub(super) fn rec(
     src: IpAddr,
     sport: u16,
     dst: IpAddr,
@@ -41,7 +41,7 @@ fn rec(
 
 /// A client with default BitTorrent settings: ~80 peers, throttled, high ports, its
 /// listening port 51413 on TCP and UDP, DHT queries, some dead peers.
-fn torrent(host: IpAddr, at: u64) -> Vec<FlowRecord> {
+pub(super) fn torrent(host: IpAddr, at: u64) -> Vec<FlowRecord> {
     let mut v = Vec::new();
     for i in 0..80u32 {
         let peer = ext(i);
@@ -111,7 +111,7 @@ fn run(
     events
 }
 
-fn raised(events: &[AlarmEvent]) -> Vec<IpAddr> {
+pub(super) fn raised(events: &[AlarmEvent]) -> Vec<IpAddr> {
     events
         .iter()
         .filter(|e| e.state == AlarmState::Raised)
@@ -695,7 +695,7 @@ fn rule_top10_senders_fires_when_no_peer_is_among_them() {
 }
 
 /// A small deterministic generator for the property tests' streams.
-fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+pub(super) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     let mut x = seed | 1;
     move || {
         x ^= x << 13;
@@ -751,11 +751,15 @@ proptest::proptest! {
             let flags = [0x02u8, 0x12, 0x10, 0x1a, 0x01][(r >> 40) as usize % 5];
             let bytes = [40u64, 200, 1500, 5000, 100_000][(r >> 44) as usize % 5];
             let outbound = r & 0x200 == 0;
-            let rec = if outbound {
-                rec(host, local, peer, remote, proto, 1 + (r >> 50) % 4, bytes, flags, at)
+            // Some records of many packets (steady real-time exchanges), openings of
+            // every shape (none, the plain handshake, key exchanges, large).
+            let packets = [1u64, 2, 4, 60][(r >> 50) as usize % 4];
+            let mut rec = if outbound {
+                rec(host, local, peer, remote, proto, packets, bytes, flags, at)
             } else {
-                rec(peer, remote, host, local, proto, 1 + (r >> 50) % 4, bytes, flags, at)
+                rec(peer, remote, host, local, proto, packets, bytes, flags, at)
             };
+            rec.opening[0] = [0u8, 17, 30, 100, 255][(r >> 32) as usize % 5];
             p.add(&rec, outbound);
             at += (r >> 56) % 4;
             if i % 7 == 0 {

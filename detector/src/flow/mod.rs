@@ -134,6 +134,9 @@ pub struct FlowRecord {
     /// Payload [`detector_common::hint`] flags the local meter set (`--payload-hints`);
     /// 0 otherwise. Not exported.
     pub hints: u8,
+    /// The local meter's sizes of the flow's first four payload packets
+    /// ([`detector_common::FlowStats::opening`]); zeros from other sources. Not exported.
+    pub opening: [u8; 4],
     /// What the record tells detection (live flows). Not exported.
     pub live: Live,
 }
@@ -162,6 +165,7 @@ impl FlowRecord {
             origin: Origin::Local,
             duplicate: false,
             hints: 0,
+            opening: [0; 4],
             live: Live::Whole,
         }
     }
@@ -236,6 +240,7 @@ pub fn record_from_delta(d: &table::Delta, clock: &WallClock, sampling: u32) -> 
         origin: Origin::Local,
         duplicate: false,
         hints: d.hints,
+        opening: d.opening,
         live: if d.growth {
             Live::Grow
         } else if d.announced {
@@ -260,6 +265,7 @@ pub fn record_from_start(ev: &detector_common::NewFlowEvent, clock: &WallClock) 
         tcp_flags: ev.tcp_flags,
         tos: 0,
         hints: 0,
+        opening: [0; 4],
         announced: false,
         growth: false,
         told_packets: 0,

@@ -62,6 +62,8 @@ pub struct Delta {
     pub tos: u8,
     /// Payload [`detector_common::hint`] flags (payload hints only).
     pub hints: u8,
+    /// The sizes of the flow's first payload packets ([`FlowStats::opening`]).
+    pub opening: [u8; 4],
     /// The flow's start was announced (live flows): detection already counted it.
     pub announced: bool,
     /// A growth report: detection's only, never exported.
@@ -167,6 +169,7 @@ pub fn merge_cpus(values: impl IntoIterator<Item = FlowStats>) -> FlowStats {
         if out.first_ns == 0 || v.first_ns < out.first_ns {
             out.first_ns = v.first_ns;
             out.tos = v.tos;
+            out.opening = v.opening;
         }
         out.last_ns = out.last_ns.max(v.last_ns);
         out.tcp_flags |= v.tcp_flags;
@@ -351,6 +354,7 @@ impl FlowTable {
             tcp_flags: stats.tcp_flags,
             tos: stats.tos,
             hints: stats.hints,
+            opening: stats.opening,
             announced: true,
             growth: true,
             told_packets: 0,
@@ -407,6 +411,7 @@ fn delta_since(key: &FlowKey, t: &Tracked, s: &FlowStats) -> Option<Delta> {
         tcp_flags: s.tcp_flags,
         tos: s.tos,
         hints: s.hints,
+        opening: s.opening,
         announced: s.announced != 0,
         growth: false,
         told_packets,
@@ -722,7 +727,7 @@ mod tests {
             tos: 4,
             hints: 0,
             announced: 0,
-            _pad: [0; 4],
+            opening: [17, 0, 0, 0],
         };
         let b = FlowStats {
             packets: 1,
@@ -733,10 +738,12 @@ mod tests {
             tos: 8,
             hints: 0,
             announced: 0,
-            _pad: [0; 4],
+            opening: [24, 200, 0, 0],
         };
         let m = merge_cpus([a, FlowStats::default(), b]);
         assert_eq!((m.packets, m.bytes, m.first_ns, m.last_ns), (3, 250, 3, 9));
         assert_eq!((m.tcp_flags, m.tos), (0x12, 8));
+        // The opening is that of the copy that saw the first packet.
+        assert_eq!(m.opening, [24, 200, 0, 0]);
     }
 }

@@ -46,6 +46,7 @@ fn verdict(score: f64) -> Verdict {
             ..Measures::default()
         },
         guard: None,
+        guard_evidence: Vec::new(),
         kind: "p2p",
         kind_evidence: Vec::new(),
     }

@@ -706,6 +706,7 @@ impl Body {
                                 },
                                 duplicate: false,
                                 hints: 0,
+                                opening: [0; 4],
                                 live: crate::flow::Live::Whole,
                             },
                             None,
@@ -1193,6 +1194,7 @@ impl RawRecord {
             },
             duplicate: false,
             hints: 0,
+            opening: [0; 4],
             live: crate::flow::Live::Whole,
         }
     }
