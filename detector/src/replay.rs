@@ -341,7 +341,14 @@ pub fn detection_report(done: &crate::pipeline::Finished) -> Vec<String> {
                 format!(" ({})", v.kind_evidence.join(", "))
             },
             v.guard
-                .map(|g| format!(" (vetoed as {g})"))
+                .map(|g| {
+                    let why = v
+                        .guard_evidence
+                        .iter()
+                        .find(|e| e.starts_with(g))
+                        .map_or("", |e| e.as_str());
+                    format!(" (vetoed: {why})")
+                })
                 .unwrap_or_default(),
             rules.join(", ")
         ));

@@ -5,6 +5,7 @@ pub mod export;
 pub mod frames;
 pub mod lab;
 pub mod netns;
+pub mod remap;
 pub mod tshark;
 
 use std::path::PathBuf;

@@ -331,10 +331,20 @@ fn a_replay_without_internal_hosts_says_why() {
 /// The kind `replay --payload-hints --internal HOST/32` reports for a capture's host:
 /// `(kind, why)` from its report line, or None when the host is not reported.
 fn reported_kind(pcap: &Path, host: &str) -> Option<(String, String)> {
-    let out = Command::new(tests::detector_bin())
-        .arg("replay")
+    kind_of(pcap, host, true)
+}
+
+/// The same, with or without `--payload-hints`.
+fn kind_of(pcap: &Path, host: &str, hints: bool) -> Option<(String, String)> {
+    let mut cmd = Command::new(tests::detector_bin());
+    cmd.arg("replay")
         .arg(pcap)
-        .args(["--flows-json", "/dev/null", "--payload-hints", "--internal"])
+        .args(["--flows-json", "/dev/null"]);
+    if hints {
+        cmd.arg("--payload-hints");
+    }
+    let out = cmd
+        .arg("--internal")
         .arg(format!("{host}/32"))
         .output()
         .expect("run detector replay");
@@ -415,4 +425,65 @@ fn labelled_captures_show_the_kind_they_hold() {
         named += 1;
     }
     assert!(named >= 6, "only {named} captures named");
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn without_payload_hints_bittorrent_is_named_from_how_it_opens_whatever_its_ports() {
+    let Some(data) = tests::shared_testdata() else {
+        eprintln!("skipped: ../shared/testdata is absent");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("detector-remap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Real peer-wire traffic with plaintext handshakes; one of its peers listens on
+    // 51413, the others on random ports.
+    let (capture, host) = ("pcap/p2p/nDPI__bittorrent.pcap", "192.168.1.3");
+    let pcap = data.join(capture);
+    let (kind, why) = kind_of(&pcap, host, false).expect("reported");
+    assert_eq!(kind, "bittorrent", "{why}");
+    assert!(
+        why.contains("opened with the BitTorrent handshake"),
+        "{why}"
+    );
+    // Every port remapped: peers on 443, 80 and random high ports, none of a P2P
+    // family's; the host's own ports random. The kind does not move.
+    let internal = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if v4.is_private());
+    for seed in [1u64, 2, 3] {
+        let remapped = dir.join(format!("remapped-{seed}.pcap"));
+        let done = tests::remap::remap_ports(&pcap, &remapped, internal, seed).unwrap();
+        assert!(
+            done.rewritten > 250 && done.to_443 > 0 && done.to_80 > 0 && done.to_random > 0,
+            "{done:?}"
+        );
+        // tshark, an independent reader, finds no P2P well-known port left.
+        let p2p_port = |p: u16| matches!(p, 6881..=6889 | 6969 | 51413 | 6346 | 6347 | 4662);
+        let left: Vec<Tuple> = tshark::packets(&remapped)
+            .into_iter()
+            .map(|p| p.tuple)
+            .filter(|t| p2p_port(t.2) || p2p_port(t.4))
+            .collect();
+        assert!(left.is_empty(), "well-known ports survived: {left:?}");
+        let (kind, why) = kind_of(&remapped, host, false).expect("reported");
+        assert_eq!(kind, "bittorrent", "seed {seed}: {why}");
+        assert!(!why.contains("ports"), "named by ports: {why}");
+        eprintln!("{capture} remapped (seed {seed}, {done:?}): {kind} ({why})");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    // No benign host of the labelled captures is named by how its connections open.
+    let labels = std::fs::read_to_string(data.join("LABELS.tsv")).unwrap();
+    for line in labels.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols[2] != "benign" {
+            continue;
+        }
+        if let Some((kind, why)) = kind_of(&data.join(cols[0]), cols[1], false) {
+            assert!(
+                !why.contains("opened with"),
+                "{} {}: {kind} ({why})",
+                cols[0],
+                cols[1]
+            );
+        }
+    }
 }

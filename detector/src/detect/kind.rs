@@ -63,6 +63,8 @@ pub struct KindSignals {
     /// The DHT-style and uTP-style rules: (fired, value).
     pub udp_small: (bool, f64),
     pub tcp_and_udp: (bool, f64),
+    /// Peers whose first connection's opening is known both ways (the local meter).
+    pub openings: u64,
     /// Peers whose connection opened with the plaintext BitTorrent handshake.
     pub plain_openings: u64,
     /// Peers whose connection opened with a key exchange's sizes, and the sizes seen
@@ -93,7 +95,9 @@ impl KindSignals {
 
     /// Counts one peer's opening: its first payload sizes each way.
     pub fn add_opening(&mut self, out: u8, inn: u8) {
-        match Opening::of(out, inn) {
+        let o = Opening::of(out, inn);
+        self.openings += u64::from(o != Opening::Unknown);
+        match o {
             Opening::PlainBitTorrent => self.plain_openings += 1,
             Opening::KeyExchange => {
                 self.key_exchanges += 1;
@@ -115,18 +119,21 @@ impl KindSignals {
     /// openings do not show it.
     fn from_openings(&self) -> Option<Vec<String>> {
         let mut why = Vec::new();
-        if self.plain_openings >= MIN_OPENING_PEERS {
+        // Most of the host's connections open so: a client talks to its swarm, while
+        // a web client's small exchanges sit among responses larger than any handshake.
+        let most = |n: u64| n >= MIN_OPENING_PEERS && 2 * n > self.openings;
+        if most(self.plain_openings) {
             why.push(format!(
-                "{} peers opened with the BitTorrent handshake's 68 bytes",
-                self.plain_openings
+                "{} of {} peers opened with the BitTorrent handshake's 68 bytes",
+                self.plain_openings, self.openings
             ));
         }
         let (out, inn) = self.distinct_sizes();
         let varied = |d: u64| d >= (self.key_exchanges / 2).min(MSE_DISTINCT);
-        if self.key_exchanges >= MIN_OPENING_PEERS && varied(out) && varied(inn) {
+        if most(self.key_exchanges) && varied(out) && varied(inn) {
             why.push(format!(
-                "{} peers opened with an encrypted handshake's key exchange (96-608 bytes each way, {out} and {inn} distinct sizes out and in: random padding)",
-                self.key_exchanges
+                "{} of {} peers opened with an encrypted handshake's key exchange (96-608 bytes each way, {out} and {inn} distinct sizes out and in: random padding)",
+                self.key_exchanges, self.openings
             ));
         }
         (!why.is_empty()).then_some(why)

@@ -90,6 +90,8 @@ pub struct HostStatus {
     pub alarmed: bool,
     /// The look-alike guard that vetoed an alarm, if any.
     pub vetoed_by: Option<&'static str>,
+    /// Each look-alike guard considered: what it measured and whether it held.
+    pub guards: Vec<String>,
     /// The application and what named it.
     pub kind: &'static str,
     pub kind_evidence: Vec<String>,
@@ -165,6 +167,7 @@ impl State {
                 score: v.score,
                 alarmed: self.alarms.contains_key(&host),
                 vetoed_by: v.guard,
+                guards: v.guard_evidence,
                 kind: v.kind,
                 kind_evidence: v.kind_evidence,
                 peers: v.measures.peers,
