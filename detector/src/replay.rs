@@ -332,8 +332,9 @@ pub fn detection_report(done: &crate::pipeline::Finished) -> Vec<String> {
             })
             .collect();
         out.push(format!(
-            "host {ip} score {:.1} kind {}{}{}: {}",
+            "host {ip} score {:.1} (peak {:.1} unvetoed) kind {}{}{}: {}",
             v.score,
+            v.peak,
             v.kind,
             if v.kind_evidence.is_empty() {
                 String::new()

@@ -17,6 +17,15 @@
                requests, and each media datagram with one of its own
   call         a video call: STUN binding to the server, ICE checks to each peer, then
                RTP-like media to and from a few peers, all on one local UDP port
+  game-peers   the other players of a peer-to-peer game session: each on its own address
+               and port, learning the client's address from its first datagram, then
+               sending its own state at its own tick rate and answering pings
+  game         a peer-to-peer game session: one UDP socket on the game's port, a stable
+               set of peers, small state datagrams to each at the tick rate, a ping to
+               each every second
+  upload       a bulk uploader (a backup or sync client): one kept-alive TLS connection
+               to each of many storage endpoints, each PUTting parts of a few MiB one
+               after another at a limited rate, for as long as it runs
 
 Standard library only. Stops on SIGTERM or SIGINT. `--seed` makes the choices reproducible.
 """
@@ -307,6 +316,143 @@ def call(args):
         STOP.wait(1.0 / args.pps)
 
 
+GAME_HELLO, GAME_STATE, GAME_PING, GAME_PONG = 1, 2, 3, 4
+
+
+def game_msg(kind, session, seq, size):
+    """A game datagram: type, session, sequence, sender's clock (ms), then state."""
+    head = struct.pack(">BIHI", kind, session, seq & 0xFFFF, int(time.monotonic() * 1000) & 0xFFFFFFFF)
+    return head + random.randbytes(max(0, size - len(head)))
+
+
+def game_peers(args):
+    import selectors
+
+    rng = random.Random(args.seed + 7)
+    sel = selectors.DefaultSelector()
+    peers = []
+    for a, p in (line.split() for line in open(args.peers) if line.strip()):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((a, int(p)))
+        s.setblocking(False)
+        # Each player's own tick rate; the client is unknown until it says hello.
+        peer = {"sock": s, "client": None, "tick": 1.0 / rng.uniform(args.min_tick, args.max_tick),
+                "next": 0.0, "seq": 0, "session": rng.getrandbits(32)}
+        sel.register(s, selectors.EVENT_READ, peer)
+        peers.append(peer)
+    while not STOP.is_set():
+        now = time.monotonic()
+        for peer in peers:
+            if peer["client"] is not None and now >= peer["next"]:
+                peer["seq"] += 1
+                try:
+                    peer["sock"].sendto(
+                        game_msg(GAME_STATE, peer["session"], peer["seq"], rng.randint(60, 200)), peer["client"]
+                    )
+                except OSError:
+                    pass
+                peer["next"] = max(peer["next"] + peer["tick"], now - peer["tick"])
+        due = [p["next"] for p in peers if p["client"] is not None]
+        timeout = max(0.0, min(due) - time.monotonic()) if due else 0.5
+        for key, _ in sel.select(timeout=min(timeout, 0.5)):
+            peer = key.data
+            try:
+                while True:
+                    data, src = peer["sock"].recvfrom(2048)
+                    if peer["client"] is None:
+                        peer["next"] = time.monotonic()
+                    peer["client"] = src
+                    if data and data[0] == GAME_PING:
+                        peer["sock"].sendto(game_msg(GAME_PONG, peer["session"], 0, rng.randint(60, 80)), src)
+            except (BlockingIOError, OSError):
+                pass
+
+
+def game(args):
+    peers = [(a, int(p)) for a, p in (line.split() for line in open(args.peers) if line.strip())]
+    rng = random.Random(args.seed + 8)
+    session = rng.getrandbits(32)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", args.port))
+    s.setblocking(False)
+    # Joining: a hello to every player of the session (the lobby handed out the list).
+    for p in peers:
+        s.sendto(game_msg(GAME_HELLO, session, 0, 80), p)
+    tick = 1.0 / args.tick
+    seq, due, last_ping = 0, time.monotonic(), time.monotonic()
+    while not STOP.is_set():
+        seq += 1
+        ping = time.monotonic() - last_ping >= 1.0
+        if ping:
+            last_ping = time.monotonic()
+        for p in peers:
+            try:
+                s.sendto(game_msg(GAME_STATE, session, seq, rng.randint(60, 200)), p)
+                if ping:
+                    s.sendto(game_msg(GAME_PING, session, seq, rng.randint(60, 80)), p)
+            except OSError:
+                pass
+        try:
+            while True:
+                s.recv(2048)
+        except (BlockingIOError, OSError):
+            pass
+        due += tick
+        STOP.wait(max(0.0, due - time.monotonic()))
+
+
+def upload(args):
+    endpoints = [a.strip() for a in open(args.endpoints) if a.strip()]
+    rng = random.Random(args.seed + 9)
+    ctx = tls()
+    block = random.Random(args.seed).randbytes(1 << 20)
+    chunk = 16 * 1024
+
+    def body(size, rate):
+        """`size` bytes, paced to `rate` bytes/s (the uploader's bandwidth limit)."""
+        start, sent = time.monotonic(), 0
+        while sent < size and not STOP.is_set():
+            n = min(chunk, size - sent)
+            off = (sent % len(block)) & ~(chunk - 1)
+            yield block[off : off + n]
+            sent += n
+            STOP.wait(max(0.0, start + sent / rate - time.monotonic()))
+
+    def worker(i, host, r):
+        STOP.wait(r.uniform(0, 5))
+        conn, part = None, 0
+        while not STOP.is_set():
+            size = r.randint(args.min_part, args.max_part) << 20
+            try:
+                if conn is None:
+                    conn = http.client.HTTPSConnection(host, 443, timeout=30, context=ctx)
+                conn.request(
+                    "PUT",
+                    f"/upload/{i}/part-{part % 2}",
+                    body=body(size, args.rate),
+                    headers={"Content-Length": str(size), "Content-Type": "application/octet-stream",
+                             "User-Agent": "lab-backup/1.0"},
+                )
+                r2 = conn.getresponse()
+                r2.read()
+                if r2.status >= 300:
+                    print(f"benign.py upload: {host}: {r2.status}", file=sys.stderr, flush=True)
+            except (OSError, http.client.HTTPException) as e:
+                if not STOP.is_set():
+                    print(f"benign.py upload: {host}: {e}", file=sys.stderr, flush=True)
+                conn = None
+                STOP.wait(2)
+            part += 1
+
+    ts = [
+        threading.Thread(target=worker, args=(i, h, random.Random(rng.random())), daemon=True)
+        for i, h in enumerate(endpoints)
+    ]
+    for t in ts:
+        t.start()
+    STOP.wait()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
@@ -343,6 +489,19 @@ def main():
     ca.add_argument("--stun", required=True)
     ca.add_argument("--peers", required=True)
     ca.add_argument("--pps", type=float, default=50.0, help="media datagrams per second to each peer")
+    gp = sub.add_parser("game-peers")
+    gp.add_argument("--peers", required=True, help='players, "ADDR PORT" a line')
+    gp.add_argument("--min-tick", type=float, default=20.0)
+    gp.add_argument("--max-tick", type=float, default=30.0)
+    ga = sub.add_parser("game")
+    ga.add_argument("--peers", required=True, help='players, "ADDR PORT" a line')
+    ga.add_argument("--port", type=int, default=3074, help="the game's UDP port")
+    ga.add_argument("--tick", type=float, default=25.0, help="state datagrams per second to each peer")
+    up = sub.add_parser("upload")
+    up.add_argument("--endpoints", required=True, help="storage endpoints (HTTPS), one a line")
+    up.add_argument("--rate", type=float, default=48 * 1024, help="bytes/s per connection")
+    up.add_argument("--min-part", type=int, default=4, help="MiB")
+    up.add_argument("--max-part", type=int, default=8, help="MiB")
     args = ap.parse_args()
     {
         "webclients": webclients,
@@ -354,6 +513,9 @@ def main():
         "sync": sync,
         "call-server": call_server,
         "call": call,
+        "game-peers": game_peers,
+        "game": game,
+        "upload": upload,
     }[args.mode](args)
 
 

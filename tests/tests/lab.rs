@@ -1,9 +1,10 @@
 //! The lab's short run: real BitTorrent clients (libtorrent, aria2c) in a swarm of real
-//! peers and a private-tracker client among its own seeders, and real benign servers and
-//! clients (look-alikes among them), through the agent on a gateway uplink with
-//! softflowd as a second exporter. The truth is the lab's labels (which host runs what),
-//! the clients' own record of their first payload byte, the uplink's interface counters,
-//! and nfdump reading the agent's export.
+//! peers, a private-tracker client among its own seeders, Transmission among seeders on
+//! web and random high ports, and real benign servers and clients (look-alikes among
+//! them: a P2P game session, a multi-source HTTPS download, a bulk TLS upload), through
+//! the agent on a gateway uplink with softflowd as a second exporter. The truth is the
+//! lab's labels (which host runs what), the clients' own record of their first payload
+//! byte, the uplink's interface counters, and nfdump reading the agent's export.
 
 use std::time::Duration;
 
@@ -67,4 +68,64 @@ fn lab_scorecard_meets_its_targets() {
         card.table()
     );
     assert!(card.pass);
+    transmission_replayed_with_its_ports_remapped_is_still_bittorrent(&card.json, &dir);
+}
+
+/// The lab's BitTorrent traffic as a capture: the Transmission host's uplink frames,
+/// replayed without payload hints as they were and with every port remapped to 443, 80
+/// or a random high port (the host's own ports random too): both alarm, named
+/// `bittorrent` by how the connections opened.
+fn transmission_replayed_with_its_ports_remapped_is_still_bittorrent(
+    card: &serde_json::Value,
+    dir: &std::path::Path,
+) {
+    let capture = card["captures"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["host"] == "transmission"))
+        .and_then(|c| c["path"].as_str())
+        .map(std::path::PathBuf::from)
+        .expect("the scorecard names the transmission capture");
+    let host = card["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["host"] == "transmission"))
+        .and_then(|h| h["addr"].as_str())
+        .expect("the transmission host's address")
+        .to_string();
+    let remapped = dir.join("transmission-remapped.pcap");
+    let internal =
+        |ip: std::net::IpAddr| matches!(ip, std::net::IpAddr::V4(v4) if v4.octets()[0] == 10);
+    let done = tests::remap::remap_ports(&capture, &remapped, internal, 7).unwrap();
+    assert!(
+        done.to_443 > 0 && done.to_80 > 0 && done.to_random > 0,
+        "{done:?}"
+    );
+    for pcap in [&capture, &remapped] {
+        let alarms = dir.join("replay-alarms.json");
+        let _ = std::fs::remove_file(&alarms);
+        let out = std::process::Command::new(tests::detector_bin())
+            .arg("replay")
+            .arg(pcap)
+            .args(["--flows-json", "/dev/null", "--alarms-json"])
+            .arg(&alarms)
+            .output()
+            .expect("run detector replay");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let raised: Vec<serde_json::Value> = std::fs::read_to_string(&alarms)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &serde_json::Value| e["state"] == "raised")
+            .collect();
+        assert_eq!(raised.len(), 1, "{}: {stderr}", pcap.display());
+        let e = &raised[0];
+        assert_eq!(e["host"], host.as_str(), "{e}");
+        assert_eq!(e["kind"], "bittorrent", "{}: {e}", pcap.display());
+        let why = e["kind_evidence"].to_string();
+        assert!(why.contains("opened with"), "{}: {why}", pcap.display());
+        eprintln!(
+            "lab: {} replayed ({done:?}): bittorrent ({why})",
+            pcap.display()
+        );
+    }
 }

@@ -109,6 +109,11 @@ const APT_PACKAGES: &[&str] = &[
     "nmap",
     "curl",
     "openssl",
+    // The lab's Transmission host (transmission-remote is in transmission-cli) and the
+    // capture of its traffic.
+    "transmission-daemon",
+    "transmission-cli",
+    "tcpdump",
     // `cargo xtask bench agent`: pmacct's nfacctd, a second collector to compare with.
     "pmacct",
     // `cargo xtask package` and its check: systemd-analyze verify.

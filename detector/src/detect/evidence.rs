@@ -117,6 +117,9 @@ pub struct Verdict {
     pub guard: Option<&'static str>,
     /// Each guard considered, with what it measured and whether it held.
     pub guard_evidence: Vec<String>,
+    /// The highest score of the host's evaluations that no guard vetoed (the engine
+    /// sets it; 0 from [`evaluate`] alone).
+    pub peak: f64,
     /// The application (see [`super::kind`]) and the evidence that named it.
     pub kind: &'static str,
     pub kind_evidence: Vec<String>,
@@ -587,6 +590,7 @@ pub fn evaluate(
         measures: m,
         guard,
         guard_evidence,
+        peak: 0.0,
         kind,
         kind_evidence,
     }

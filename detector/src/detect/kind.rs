@@ -117,7 +117,7 @@ impl KindSignals {
 
     /// BitTorrent from how connections opened, with the evidence; None when the
     /// openings do not show it.
-    fn from_openings(&self) -> Option<Vec<String>> {
+    fn bittorrent_by_openings(&self) -> Option<Vec<String>> {
         let mut why = Vec::new();
         // Most of the host's connections open so: a client talks to its swarm, while
         // a web client's small exchanges sit among responses larger than any handshake.
@@ -160,7 +160,7 @@ impl KindSignals {
             return (FAMILIES[f], which);
         }
         // 2. How connections opened; the ports, when they agree, as more evidence.
-        if let Some(mut why) = self.from_openings() {
+        if let Some(mut why) = self.bittorrent_by_openings() {
             if self.port_peers[0] >= MIN_PEERS {
                 why.push(format!(
                     "{} peers on {} ports",

@@ -214,6 +214,8 @@ struct HostState {
     alarm: Option<Alarm>,
     /// The last evaluation's score and guard, for reports.
     last: (f64, Option<&'static str>),
+    /// The highest score of an evaluation no guard vetoed, for reports.
+    peak: f64,
 }
 
 #[derive(Debug)]
@@ -465,12 +467,13 @@ impl Engine {
             .into_iter()
             .map(|(_, ip, i)| {
                 let h = self.hosts.at_mut(i);
-                let v = evidence::evaluate(
+                let mut v = evidence::evaluate(
                     &mut h.profile,
                     &self.cfg.thresholds,
                     &top.top10,
                     window_min,
                 );
+                v.peak = h.peak;
                 (ip, v)
             })
             .collect()
@@ -619,6 +622,7 @@ impl Engine {
                     over: 0,
                     alarm: None,
                     last: (0.0, None),
+                    peak: 0.0,
                 },
             ),
         };
@@ -742,6 +746,9 @@ impl Engine {
             let (score, guard) = evidence::score(&mut h.profile, &cfg.thresholds, sc.top10);
             let suspect = guard.is_none() && score >= cfg.thresholds.score;
             h.last = (score, guard);
+            if guard.is_none() {
+                h.peak = h.peak.max(score);
+            }
             let full = |p: &mut HostProfile| {
                 evidence::evaluate(p, &cfg.thresholds, sc.top10, sc.window_min)
             };

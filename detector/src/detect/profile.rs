@@ -124,7 +124,8 @@ impl PeerStat {
     /// over the window, at most [`REALTIME_MAX_MEAN_BYTES`] a packet on average, and each
     /// direction within [`REALTIME_SYMMETRY`] times the other. A BitTorrent peer is
     /// none of these: its transfers are large packets one way (TCP or uTP), its DHT
-    /// contacts a few datagrams each.
+    /// contacts a few datagrams each. Name servers and time servers are services, not
+    /// sessions.
     pub fn realtime(&self) -> bool {
         let (a, b) = (
             self.bytes_in.min(self.bytes_out),
@@ -132,6 +133,10 @@ impl PeerStat {
         );
         self.udp
             && !self.tcp
+            && !self
+                .ports()
+                .iter()
+                .any(|&(_, r)| matches!(r, 53 | 123 | 853))
             && u64::from(self.packets) >= REALTIME_MIN_PACKETS
             && a + b <= REALTIME_MAX_MEAN_BYTES * u64::from(self.packets)
             && a * REALTIME_SYMMETRY >= b

@@ -47,6 +47,7 @@ fn verdict(score: f64) -> Verdict {
         },
         guard: None,
         guard_evidence: Vec::new(),
+        peak: 0.0,
         kind: "p2p",
         kind_evidence: Vec::new(),
     }

@@ -34,6 +34,7 @@ pub const HOSTS: &[(&str, u8, Label)] = &[
     ("seed", 11, Label::P2p),
     ("aria", 12, Label::P2p),
     ("private", 13, Label::P2p),
+    ("transmission", 14, Label::P2p),
     ("web", 20, Label::Benign),
     ("browser", 21, Label::Benign),
     ("resolver", 22, Label::Benign),
@@ -43,6 +44,9 @@ pub const HOSTS: &[(&str, u8, Label)] = &[
     ("poller", 26, Label::Benign),
     ("sync", 27, Label::Benign),
     ("call", 28, Label::Benign),
+    ("game", 29, Label::Benign),
+    ("download", 30, Label::Benign),
+    ("upload", 31, Label::Benign),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +82,16 @@ pub fn describe(host: &str) -> &'static str {
         "poller" => "monitoring poller scraping 60 hosts on 9100 every 15 s",
         "sync" => "50 long-lived TLS connections to distinct servers",
         "call" => "video call: STUN, then UDP media to 3 peers on one local port",
+        "transmission" => {
+            "transmission-daemon: encryption required, TCP only, no DHT/PEX/LPD, 75 seeders on 443, 80 and high ports"
+        }
+        "game" => {
+            "P2P game session: one UDP port, 24 peers, 60-200 byte datagrams at 20-30/s each way"
+        }
+        "download" => "aria2c: one file in ranges from 36 HTTPS mirrors, over and over",
+        "upload" => {
+            "bulk upload: 30 kept-alive TLS connections PUTting parts to 30 storage endpoints"
+        }
         _ => "",
     }
 }
@@ -116,6 +130,24 @@ fn poll_scores(peaks: &mut score::Peaks) {
 
 /// HTTP and HTTPS.
 const WEB_PORTS: &[(u16, bool)] = &[(80, false), (443, true)];
+
+/// The certificate of the lab's first web servers: self-signed, ECDSA P-256.
+const LAB_CERT: &str = "lab";
+/// The certificate of the download mirrors and storage endpoints: RSA 2048, signed by an
+/// intermediate CA and served with it (a first flight of a few KB, as a real server's).
+const CHAIN_CERT: &str = "lab-chain";
+
+/// Each mirror connection's rate (nginx `limit_rate`).
+const MIRROR_RATE: &str = "48k";
+/// The file the downloader fetches from the mirrors, in MiB.
+const MIRROR_FILE_MIB: u64 = 256;
+/// The bulk uploader's rate per connection (bytes/s).
+const UPLOAD_CONN_RATE: u64 = 48 * 1024;
+
+/// How long the Transmission host's uplink traffic is captured after its first payload
+/// byte, and the capture's packet cap.
+const CAPTURE_SECS: u64 = 90;
+const CAPTURE_PACKETS: u64 = 200_000;
 
 /// Command-line arguments from anything printable.
 macro_rules! args {
@@ -190,6 +222,7 @@ fn host_launches(
         torrent_a,
         torrent_b,
         torrent_c,
+        torrent_d,
         data_b,
         www,
         ..
@@ -203,10 +236,28 @@ fn host_launches(
         .join(",");
     let (leech_data, aria_data) = (dir.join("leech-data"), dir.join("aria-data"));
     let private_data = dir.join("private-data");
-    for d in [&leech_data, &aria_data, &private_data] {
+    let download_data = dir.join("download-data");
+    for d in [&leech_data, &aria_data, &private_data, &download_data] {
         fs::create_dir_all(d)?;
     }
-    let web_conf = nginx_conf(dir, "web", www, &[], WEB_PORTS)?;
+    // The multi-source download: aria2c splits one file over every mirror (one
+    // connection each), and starts over when it has it.
+    let mirror_urls: Vec<String> = plan
+        .mirrors
+        .iter()
+        .map(|a| format!("https://{a}/dist/image.iso"))
+        .collect();
+    let download = format!(
+        "while :; do rm -f {d}/image.iso {d}/image.iso.aria2; \
+         aria2c --dir={d} --out=image.iso --split={n} --max-connection-per-server=1 \
+         --min-split-size=4M --check-certificate=false --file-allocation=none \
+         --allow-overwrite=true --auto-file-renaming=false --disable-ipv6=true \
+         --summary-interval=0 --show-console-readout=false --console-log-level=warn {urls} || sleep 5; done",
+        d = download_data.display(),
+        n = plan.mirrors.len(),
+        urls = mirror_urls.join(" "),
+    );
+    let web_conf = nginx_conf(dir, "web", www, &[], WEB_PORTS, LAB_CERT, "")?;
     let (first_peer, first_port) = plan.peers[0];
     let mut resolver = args![
         "-k",
@@ -290,6 +341,21 @@ fn host_launches(
         ("call", l.benign(&h("call").ns, "call", args![
             "call", "--stun", plan.stun, "--peers", dir.join("call-peers.txt").display(),
         ])),
+        // Transmission: its daemon, driven through transmission-remote and its RPC.
+        ("transmission", l.tool(&h("transmission").ns, "transmission", PYTHON, args![
+            l.scripts.join("transmission.py").display(),
+            "--addr", h("transmission").addr, "--port", plan.transmission_port,
+            "--torrent", torrent_d.display(), "--dir", dir.join("transmission").display(),
+            "--events", dir.join("transmission.events").display(),
+        ])),
+        ("game", l.benign(&h("game").ns, "game", args![
+            "game", "--peers", dir.join("game-peers.txt").display(), "--port", plan::GAME_PORT,
+        ])),
+        ("download", l.tool(&h("download").ns, "download", "sh", args!["-c", download])),
+        ("upload", l.benign(&h("upload").ns, "upload", args![
+            "upload", "--endpoints", dir.join("storage.txt").display(),
+            "--rate", UPLOAD_CONN_RATE,
+        ])),
     ])
 }
 
@@ -325,6 +391,9 @@ fn interrupted() -> Result<()> {
 
 const TOOLS: &[(&str, &str)] = &[
     ("opentracker", "opentracker"),
+    ("transmission-daemon", "transmission-daemon"),
+    ("transmission-remote", "transmission-cli"),
+    ("tcpdump", "tcpdump"),
     ("mktorrent", "mktorrent"),
     ("aria2c", "aria2"),
     ("nginx", "nginx-light"),
@@ -421,15 +490,18 @@ fn make_torrent(data: &Path, torrent: &Path, tracker: &str, private: bool) -> Re
     Ok(out.trim().to_string())
 }
 
-/// nginx serving `root` on `ports` (port, TLS with a self-signed certificate) of `addrs`
-/// (all addresses if empty: the swarm's peers on ports 80 and 443 share the internet
-/// namespace).
+/// nginx serving `root` on `ports` (port, TLS) of `addrs` (all addresses if empty: the
+/// swarm's peers on ports 80 and 443 share the internet namespace), with the TLS
+/// certificate `cert` (`CERT.crt` and `CERT.key` in the lab's directory: [`LAB_CERT`],
+/// [`CHAIN_CERT`]) and `extra` directives in its server block.
 fn nginx_conf(
     dir: &Path,
     name: &str,
     root: &Path,
     addrs: &[Ipv4Addr],
     ports: &[(u16, bool)],
+    cert: &str,
+    extra: &str,
 ) -> Result<PathBuf> {
     let conf = dir.join(format!("nginx-{name}.conf"));
     let tmp = dir.join(format!("nginx-{name}"));
@@ -460,7 +532,7 @@ fn nginx_conf(
                fastcgi_temp_path {t}/fcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n\
                keepalive_requests 100;\n  sendfile on;\n\
                server {{\n{listen}\
-                 ssl_certificate {d}/lab.crt;\n    ssl_certificate_key {d}/lab.key;\n    root {r};\n  }}\n}}\n"
+                 ssl_certificate {d}/{cert}.crt;\n    ssl_certificate_key {d}/{cert}.key;\n    root {r};\n{extra}  }}\n}}\n"
         ),
     )?;
     Ok(conf)
@@ -550,8 +622,14 @@ struct Content {
     data_a: PathBuf,
     data_b: PathBuf,
     data_c: PathBuf,
+    /// Torrent D: on the Transmission swarm's tracker (port 80), seeded by that swarm.
+    torrent_d: PathBuf,
+    data_d: PathBuf,
     /// The web servers' pages and assets.
     www: PathBuf,
+    /// The mirrors' root (one large file) and the storage endpoints' root.
+    mirror: PathBuf,
+    storage: PathBuf,
 }
 
 /// Makes the torrents, the tracker's configuration, the web content, a TLS certificate
@@ -562,11 +640,12 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     // Content: two torrents (A from the swarm, B from the internal seeder), web pages.
     // A is sized so a download lasts longer than the run: a client fetches about 3 MB/s
     // from 200 peers throttled to 24 KiB/s (measured: 600 MiB in 275 s).
-    // C: 50 seeders at 24 KiB/s give the private client about 1.2 MB/s.
+    // C: 50 seeders at 24 KiB/s give the private client about 1.2 MB/s; so do D's (the
+    // Transmission client keeps 50 of its 75 seeders, its default).
     let a_mib = (cfg.duration.as_secs() * 3).clamp(64, 4096);
     let c_mib = (cfg.duration.as_secs() * 3 / 2).clamp(48, 2048);
     say(&format!(
-        "making torrents ({a_mib} MiB, 48 MiB and a private one of {c_mib} MiB) and web content"
+        "making torrents ({a_mib} MiB, 48 MiB, a private one of {c_mib} MiB and Transmission's of {c_mib} MiB) and web content"
     ));
     let data_a = dir.join("swarm-data");
     let data_b = dir.join("seed-data");
@@ -590,22 +669,52 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
         &format!("http://{}:6969/announce", plan.private_tracker),
         true,
     )?;
-    for (name, addr, hashes) in [
-        ("opentracker", plan.tracker, vec![&hash_a, &hash_b]),
-        ("opentracker-private", plan.private_tracker, vec![&hash_c]),
+    // D: the Transmission client's swarm, its tracker on port 80 (as trackers behind
+    // web ports are), sized like C (about 50 connected seeders at 24 KiB/s).
+    let data_d = dir.join("transmission-swarm-data");
+    fs::create_dir_all(&data_d)?;
+    make_payload(&data_d.join("lab-d.bin"), c_mib, &mut rng)?;
+    let torrent_d = dir.join("d.torrent");
+    let hash_d = make_torrent(
+        &data_d.join("lab-d.bin"),
+        &torrent_d,
+        &format!("http://{}/announce", plan.transmission_tracker),
+        false,
+    )?;
+    for (name, addr, port, hashes) in [
+        ("opentracker", plan.tracker, 6969, vec![&hash_a, &hash_b]),
+        (
+            "opentracker-private",
+            plan.private_tracker,
+            6969,
+            vec![&hash_c],
+        ),
+        (
+            "opentracker-transmission",
+            plan.transmission_tracker,
+            80,
+            vec![&hash_d],
+        ),
     ] {
         let whitelist = dir.join(format!("{name}.whitelist"));
         write_lines(&whitelist, hashes)?;
         fs::write(
             dir.join(format!("{name}.conf")),
             format!(
-                "listen.tcp_udp {addr}:6969\naccess.whitelist {}\n",
+                "listen.tcp_udp {addr}:{port}\naccess.whitelist {}\n",
                 whitelist.display()
             ),
         )?;
     }
     let www = dir.join("www");
     web_content(&www, &mut rng)?;
+    // The mirrors' file: sparse (read as zeros, costs no disk; TLS makes it noise).
+    let mirror = dir.join("mirror");
+    fs::create_dir_all(mirror.join("dist"))?;
+    fs::File::create(mirror.join("dist/image.iso"))?.set_len(MIRROR_FILE_MIB << 20)?;
+    let storage = dir.join("storage");
+    fs::create_dir_all(&storage)?;
+    cert_chain(dir)?;
     topology::run(
         "openssl",
         &[
@@ -644,6 +753,17 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
         &dir.join("call-peers.txt"),
         plan.call_peers.iter().map(|(a, p)| format!("{a} {p}")),
     )?;
+    write_lines(
+        &dir.join("transmission-peers.txt"),
+        plan.transmission_peers
+            .iter()
+            .map(|(a, p)| format!("{a} {p}")),
+    )?;
+    write_lines(
+        &dir.join("game-peers.txt"),
+        plan.game_peers.iter().map(|(a, p)| format!("{a} {p}")),
+    )?;
+    write_lines(&dir.join("storage.txt"), &plan.storage)?;
 
     Ok(Content {
         torrent_a,
@@ -652,8 +772,110 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
         data_a,
         data_b,
         data_c,
+        torrent_d,
+        data_d,
         www,
+        mirror,
+        storage,
     })
+}
+
+/// An RSA-2048 certificate chain as a public server's: a root CA, an intermediate CA it
+/// signs, and a leaf the intermediate signs; `lab-chain.crt` holds the leaf and the
+/// intermediate (what such a server sends), `lab-chain.key` the leaf's key.
+fn cert_chain(dir: &Path) -> Result<()> {
+    let p = |name: &str| dir.join(name).display().to_string();
+    fs::write(
+        dir.join("ca.ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )?;
+    fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=DNS:mirror.lab.test,DNS:*.lab.test\n",
+    )?;
+    let openssl = |args: &[&str]| topology::run("openssl", args).map(|_| ());
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/O=Lab Trust/CN=Lab Root CA",
+        "-keyout",
+        &p("ca-root.key"),
+        "-out",
+        &p("ca-root.crt"),
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/O=Lab Trust/CN=Lab TLS CA R1",
+        "-keyout",
+        &p("ca-int.key"),
+        "-out",
+        &p("ca-int.csr"),
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("ca-int.csr"),
+        "-CA",
+        &p("ca-root.crt"),
+        "-CAkey",
+        &p("ca-root.key"),
+        "-set_serial",
+        "4096",
+        "-days",
+        "30",
+        "-sha256",
+        "-extfile",
+        &p("ca.ext"),
+        "-out",
+        &p("ca-int.crt"),
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=mirror.lab.test",
+        "-keyout",
+        &p("lab-chain.key"),
+        "-out",
+        &p("leaf.csr"),
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("leaf.csr"),
+        "-CA",
+        &p("ca-int.crt"),
+        "-CAkey",
+        &p("ca-int.key"),
+        "-set_serial",
+        "65537",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        &p("leaf.ext"),
+        "-out",
+        &p("leaf.crt"),
+    ])?;
+    let chain =
+        fs::read_to_string(dir.join("leaf.crt"))? + &fs::read_to_string(dir.join("ca-int.crt"))?;
+    fs::write(dir.join("lab-chain.crt"), chain)?;
+    Ok(())
 }
 
 /// Runs the lab and returns its scorecard. Everything is torn down before it returns.
@@ -685,7 +907,11 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     // The internet side: tracker, swarm, web sites, DNS servers, UDP 443 servers.
     let leechers = (cfg.peers / 5).max(1);
     let mut procs: Vec<Proc> = Vec::new();
-    for name in ["opentracker", "opentracker-private"] {
+    for name in [
+        "opentracker",
+        "opentracker-private",
+        "opentracker-transmission",
+    ] {
         procs.push(l.start(&l.tool(
             INET,
             name,
@@ -735,22 +961,59 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         &content.data_c,
         args!["--encryption", "forced", "--no-utp", "--no-dht"],
     )?;
+    // The Transmission client's seeders: TCP only, no DHT, encryption forced, on 443,
+    // 80 and random high ports.
+    let mut transmission_swarm = swarm_of(
+        "transmission-swarm",
+        "transmission-peers.txt",
+        &content.torrent_d,
+        &content.data_d,
+        args!["--encryption", "forced", "--no-utp", "--no-dht"],
+    )?;
     wait_for(&mut swarm, "peers up", Duration::from_secs(120))?;
     procs.push(swarm);
     wait_for(&mut private_swarm, "peers up", Duration::from_secs(60))?;
     procs.push(private_swarm);
+    wait_for(&mut transmission_swarm, "peers up", Duration::from_secs(60))?;
+    procs.push(transmission_swarm);
     let sites: Vec<Ipv4Addr> = [&plan.sites[..], &[plan.video]].concat();
-    let nginx_inet = nginx_conf(&dir, "inet", &content.www, &sites, WEB_PORTS)?;
+    let nginx_inet = nginx_conf(&dir, "inet", &content.www, &sites, WEB_PORTS, LAB_CERT, "")?;
     let nginx_exporters = nginx_conf(
         &dir,
         "exporters",
         &content.www,
         &plan.pollees,
         &[(plan::POLL_PORT, false)],
+        LAB_CERT,
+        "",
+    )?;
+    // The download's mirrors: each connection throttled, as a busy mirror (or the
+    // client's share of a link) would be.
+    let nginx_mirrors = nginx_conf(
+        &dir,
+        "mirrors",
+        &content.mirror,
+        &plan.mirrors,
+        &[(443, true)],
+        CHAIN_CERT,
+        &format!("    limit_rate {MIRROR_RATE};\n"),
+    )?;
+    // The upload's storage endpoints: WebDAV PUT, any size.
+    let nginx_storage = nginx_conf(
+        &dir,
+        "storage",
+        &content.storage,
+        &plan.storage,
+        &[(443, true)],
+        CHAIN_CERT,
+        "    location /upload/ {\n      dav_methods PUT;\n      create_full_put_path on;\n      \
+         client_max_body_size 0;\n    }\n",
     )?;
     for (name, conf) in [
         ("nginx-internet", nginx_inet),
         ("nginx-exporters", nginx_exporters),
+        ("nginx-mirrors", nginx_mirrors),
+        ("nginx-storage", nginx_storage),
     ] {
         procs.push(l.start(&l.tool(
             INET,
@@ -768,6 +1031,15 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             plan.stun,
             "--peers",
             dir.join("call-peers.txt").display(),
+        ],
+    ))?);
+    procs.push(l.start(&l.benign(
+        INET,
+        "game-peers",
+        args![
+            "game-peers",
+            "--peers",
+            dir.join("game-peers.txt").display()
         ],
     ))?);
     procs.push(l.start(&l.tool(
@@ -892,6 +1164,27 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         seen: Vec::new(),
     };
     let mut aria_first: Option<f64> = None;
+    // The Transmission host's traffic on the uplink, from its start to CAPTURE_SECS
+    // after its first payload byte, for replay.
+    let capture_path = dir.join("transmission.pcap");
+    let mut capture: Option<Proc> = None;
+    let mut transmission_first: Option<f64> = None;
+    // Full frames; immediate mode (no ring blocks held back), a 16 MiB ring, each packet
+    // written as it comes.
+    let mut capture_args: Vec<String> = "-n -s 0 -Z root --immediate-mode -B 16384 -U"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    capture_args.extend(args![
+        "-i",
+        UPLINK,
+        "-c",
+        CAPTURE_PACKETS,
+        "-w",
+        capture_path.display(),
+        "host",
+        topo.host("transmission").addr,
+    ]);
     let mut last_note = Instant::now();
     let mut peaks = score::Peaks::default();
     let mut last_poll = Instant::now();
@@ -902,8 +1195,30 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             .into_iter()
             .partition(|(host, _)| plan.offset(host) <= elapsed);
         pending = later;
-        for (_, launch) in &due {
+        for (host, launch) in &due {
+            if *host == "transmission" {
+                capture = Some(l.start(&l.tool(
+                    GW,
+                    "tcpdump-transmission",
+                    "tcpdump",
+                    capture_args.clone(),
+                ))?);
+            }
             procs.push(l.start(launch)?);
+        }
+        if capture.is_some() {
+            if transmission_first.is_none() {
+                transmission_first = first_payload(&dir.join("transmission.events"));
+            }
+            if transmission_first.is_some_and(|f| unix_now() - f >= CAPTURE_SECS as f64)
+                && let Some(mut c) = capture.take()
+            {
+                c.stop(Signal::SIGINT, Duration::from_secs(5));
+                say(&format!(
+                    "captured transmission's first {CAPTURE_SECS} s of transfer in {}",
+                    capture_path.display()
+                ));
+            }
         }
         for p in procs.iter_mut() {
             p.check()?;
@@ -936,6 +1251,9 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     // Stop the traffic, let the uplink go quiet, read its counters, then stop the meter
     // (which flushes every flow) and the collector.
     say("stopping traffic");
+    if let Some(mut c) = capture.take() {
+        c.stop(Signal::SIGINT, Duration::from_secs(5));
+    }
     for p in procs.iter_mut().rev() {
         p.stop(Signal::SIGTERM, Duration::from_secs(10));
     }
@@ -965,6 +1283,10 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         ("seed", first_payload(&dir.join("seed.events"))),
         ("private", first_payload(&dir.join("private.events"))),
         ("aria", aria_first),
+        (
+            "transmission",
+            first_payload(&dir.join("transmission.events")),
+        ),
     ];
     let card = score::build(score::Inputs {
         cfg,
@@ -979,6 +1301,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         agent_log: &dir.join("agent.log"),
         peaks: &peaks,
         udp_rcvbuf_errors,
+        captures: &[("transmission", capture_path.clone())],
     })?;
     drop(procs);
     drop(topo);

@@ -38,6 +38,22 @@ pub const PRIVATE_PORT: u16 = 51413;
 pub const PRIVATE_PEERS: usize = 50;
 /// The port the monitoring poller scrapes (node_exporter's).
 pub const POLL_PORT: u16 = 9100;
+/// Seeders of the swarm the Transmission client joins.
+pub const TRANSMISSION_PEERS: usize = 75;
+/// Players of the game session besides the internal one.
+pub const GAME_PEERS: usize = 24;
+/// The game's UDP port (Xbox Live's and many console and PC games').
+pub const GAME_PORT: u16 = 3074;
+/// Mirrors the multi-source downloader fetches from.
+pub const MIRRORS: usize = 36;
+/// Storage endpoints the bulk uploader sends to.
+pub const STORAGE_ENDPOINTS: usize = 30;
+
+/// Ports a BitTorrent-port rule could know: 6881-6889, the tracker's 6969, local
+/// discovery's 6771, Transmission's 51413.
+pub fn is_bittorrent_port(port: u16) -> bool {
+    matches!(port, 6881..=6889 | 6969 | 6771 | 51413)
+}
 
 /// External addresses, all in 198.18.0.0/15 (RFC 2544: reserved for benchmark tests), and
 /// the ports the swarm's peers listen on.
@@ -73,6 +89,20 @@ pub struct Plan {
     /// Listening port of the private-tracker client (not a client default: what gives
     /// it away must be its peers).
     pub private_client_port: u16,
+    /// The tracker of the Transmission client's swarm (on port 80).
+    pub transmission_tracker: Ipv4Addr,
+    /// Its seeders and their ports: 443, 80 or a random high port, never a BitTorrent
+    /// default.
+    pub transmission_peers: Vec<(Ipv4Addr, u16)>,
+    /// The Transmission client's listening port (high, random, not a client default).
+    pub transmission_port: u16,
+    /// The game session's other players and their ports (the game's port, or the port
+    /// a home router mapped).
+    pub game_peers: Vec<(Ipv4Addr, u16)>,
+    /// HTTPS mirrors of the multi-source download.
+    pub mirrors: Vec<Ipv4Addr>,
+    /// HTTPS storage endpoints of the bulk upload.
+    pub storage: Vec<Ipv4Addr>,
 }
 
 impl Plan {
@@ -116,6 +146,46 @@ impl Plan {
             .map(|a| (a, rng.range(16_384, 60_000) as u16))
             .collect();
         let start_offsets = hosts.iter().map(|h| (*h, rng.range(0, 10))).collect();
+        let leech_port = rng.range(20_000, 60_000) as u16;
+        let private_client_port = rng.range(20_000, 60_000) as u16;
+        // The hosts of issue #20: drawn after everything above, so the earlier addresses
+        // stay as they were.
+        let transmission_peers = take(TRANSMISSION_PEERS)
+            .into_iter()
+            .map(|a| {
+                let port = match rng.range(0, 100) {
+                    0..=9 => 443,
+                    10..=17 => 80,
+                    _ => loop {
+                        let p = rng.range(10_000, 65_000) as u16;
+                        if !is_bittorrent_port(p) {
+                            break p;
+                        }
+                    },
+                };
+                (a, port)
+            })
+            .collect();
+        // Transmission's own range for a random port (49152-65535).
+        let transmission_port = loop {
+            let p = rng.range(49_152, 65_536) as u16;
+            if !is_bittorrent_port(p) {
+                break p;
+            }
+        };
+        let game_peers = take(GAME_PEERS)
+            .into_iter()
+            .map(|a| {
+                let port = if rng.range(0, 100) < 40 {
+                    GAME_PORT
+                } else {
+                    rng.range(1024, 65_536) as u16
+                };
+                (a, port)
+            })
+            .collect();
+        let mirrors = take(MIRRORS);
+        let storage = take(STORAGE_ENDPOINTS);
         Self {
             tracker: Ipv4Addr::new(198, 18, 0, 1),
             peers,
@@ -131,14 +201,26 @@ impl Plan {
             call_peers,
             scan_target,
             start_offsets,
-            leech_port: rng.range(20_000, 60_000) as u16,
-            private_client_port: rng.range(20_000, 60_000) as u16,
+            leech_port,
+            private_client_port,
+            transmission_tracker: Ipv4Addr::new(198, 18, 0, 3),
+            transmission_peers,
+            transmission_port,
+            game_peers,
+            mirrors,
+            storage,
         }
     }
 
     /// Every external address the internet namespace must hold.
     pub fn external_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut v = vec![self.tracker, self.private_tracker, self.video, self.stun];
+        let mut v = vec![
+            self.tracker,
+            self.private_tracker,
+            self.transmission_tracker,
+            self.video,
+            self.stun,
+        ];
         v.extend(self.peers.iter().map(|p| p.0));
         v.extend(&self.web_clients);
         v.extend(&self.sites);
@@ -147,6 +229,10 @@ impl Plan {
         v.extend(&self.private_peers);
         v.extend(&self.pollees);
         v.extend(self.call_peers.iter().map(|p| p.0));
+        v.extend(self.transmission_peers.iter().map(|p| p.0));
+        v.extend(self.game_peers.iter().map(|p| p.0));
+        v.extend(&self.mirrors);
+        v.extend(&self.storage);
         v
     }
 
@@ -186,5 +272,12 @@ mod tests {
             assert!(o[3] != 0 && o[3] != 255);
         }
         assert!(p1.peers.iter().any(|p| p.1 == 80 || p.1 == 443));
+        // The Transmission swarm hides behind web ports and random high ones.
+        assert!(
+            p1.transmission_peers
+                .iter()
+                .all(|p| p.1 == 80 || p.1 == 443 || (p.1 >= 10_000 && !is_bittorrent_port(p.1)))
+        );
+        assert!(!is_bittorrent_port(p1.transmission_port) && p1.transmission_port >= 49_152);
     }
 }

@@ -35,6 +35,8 @@ pub struct Inputs<'a> {
     pub peaks: &'a Peaks,
     /// UDP datagrams the gateway's kernel dropped (nfcapd's and the agent's listeners).
     pub udp_rcvbuf_errors: Option<u64>,
+    /// Packet captures of a host's uplink traffic the lab kept (host, pcap path).
+    pub captures: &'a [(&'static str, std::path::PathBuf)],
 }
 
 /// The P2P alarm kinds: the application named, or `p2p` (other kinds, such as a port
@@ -202,7 +204,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     let mut table = String::new();
     writeln!(
         table,
-        "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  evidence / note",
+        "{:<12} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  evidence / note",
         "host",
         "address",
         "label",
@@ -354,7 +356,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         let note = notes.join("; ");
         writeln!(
             table,
-            "{:<9} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  {}{}",
+            "{:<12} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  {}{}",
             name,
             addr,
             label.as_str(),
@@ -512,6 +514,17 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "the gateway's kernel dropped {n} UDP datagrams for want of socket buffer (export to nfcapd, or softflowd to the agent)"
         )?;
     }
+    let mut captures_json = Vec::new();
+    for (host, path) in inp.captures {
+        let bytes = std::fs::metadata(path).map(|m| m.len()).ok();
+        writeln!(
+            table,
+            "capture of {host}'s uplink traffic (for replay): {} ({})",
+            path.display(),
+            bytes.map_or("missing".into(), |b| format!("{b} bytes"))
+        )?;
+        captures_json.push(json!({"host": host, "path": path, "bytes": bytes}));
+    }
     if !inp.agent_clean {
         writeln!(
             table,
@@ -534,6 +547,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "seconds_to_detect_max": finite(max_detect),
         "export": export_json,
         "gateway_udp_rcvbuf_errors": inp.udp_rcvbuf_errors,
+        "captures": captures_json,
         "targets": {
             "p2p_within_target": within,
             "target_secs": DETECT_WITHIN_SECS,
