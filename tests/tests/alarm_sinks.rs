@@ -21,6 +21,7 @@ fn event(n: u32) -> AlarmEvent {
         host: IpAddr::from([10, 0, 0, n as u8]),
         kind: "p2p",
         kind_evidence: Vec::new(),
+        guards: Vec::new(),
         score: 9.5,
         at: "2026-11-30T01:00:20.000Z".into(),
         first_seen: "2026-11-30T01:00:00.000Z".into(),

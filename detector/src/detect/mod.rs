@@ -168,6 +168,9 @@ pub struct AlarmEvent {
     pub bytes_out: u64,
     pub top_peer_share: f64,
     pub evidence: Vec<Evidence>,
+    /// Each look-alike guard considered, with what it measured (none held: the alarm
+    /// stands).
+    pub guards: Vec<String>,
     pub exporters: Vec<String>,
 }
 
@@ -886,6 +889,7 @@ fn event(
         bytes_out: v.measures.bytes_out,
         top_peer_share: v.measures.top_peer_share,
         evidence: v.evidence.clone(),
+        guards: v.guard_evidence.clone(),
         exporters: p.sources().map(|o| o.label()).collect(),
     }
 }

@@ -22,6 +22,7 @@ fn event(host: IpAddr, state: AlarmState, score: f64) -> AlarmEvent {
         host,
         kind: "p2p",
         kind_evidence: Vec::new(),
+        guards: Vec::new(),
         score,
         at: String::new(),
         first_seen: String::new(),
