@@ -9,6 +9,16 @@
 //! (305/306, RFC 5477), a header that gives the message length, and a sequence number
 //! that counts the data records sent before the message (RFC 7011 3.1).
 //!
+//! What counts as one Data Record for the IPFIX sequence number: every record of a
+//! Data Set, whether its template is a Template (a flow) or an Options Template (the
+//! sampling record): RFC 7011 3.1 counts "all IPFIX Data Records", and tshark's
+//! sequence analysis counts both. Template and Options Template records do not count.
+//! nfcapd 1.7 counts only the records of flow templates, so every sampling record
+//! after the first makes it report one sequence failure; an unsampled IPFIX export
+//! therefore carries no sampling options at all (a collector assumes 1:1 without one),
+//! and neither reader sees a gap. v9 counts datagrams (RFC 3954 5.1), where none of
+//! this arises.
+//!
 //! - Template 256 describes IPv4 records, 257 IPv6 records, and options template 258 the
 //!   exporter's sampling interval and algorithm (scope: System).
 //! - Templates (and the sampling options record) are sent in the first datagram, then
@@ -366,6 +376,10 @@ impl Datagram {
             self.count += 1;
         }
         self.close_flowset(start);
+        if ipfix && sampling <= 1 {
+            // Unsampled IPFIX: no sampling options (see the module's comment).
+            return;
+        }
         // Options template set: v9 gives the scope and option lengths in bytes, IPFIX
         // the field count and the scope field count.
         let start = self.buf.len();
@@ -716,6 +730,46 @@ mod tests {
         let want: Vec<_> = records.iter().map(expected).collect();
         assert_eq!(decoded, want);
         assert_eq!(seqs, (0..dgs.len() as u32).collect::<Vec<_>>());
+    }
+
+    /// An unsampled IPFIX export carries no sampling options record, at the first
+    /// message or at a template refresh, so every reader counts the same Data Records:
+    /// each message's sequence number is the number of flow records before it.
+    #[test]
+    fn unsampled_ipfix_sends_no_options_and_counts_flow_records() {
+        let cfg = V9Config {
+            format: ExportFormat::Ipfix,
+            sampling_interval: 1,
+            template_refresh_packets: 3,
+            ..V9Config::default()
+        };
+        let mut enc = V9Encoder::new(cfg, boot());
+        let now = boot() + Duration::from_secs(10);
+        let mut sent = 0u32;
+        for round in 0..4u32 {
+            let records: Vec<_> = (0..60).map(|i| rec(round * 60 + i, i % 7 == 0)).collect();
+            for dg in enc.encode(&records, now) {
+                assert_eq!(u32::from_be_bytes(dg[8..12].try_into().unwrap()), sent);
+                let mut at = 16;
+                while at + 4 <= dg.len() {
+                    let set = u16::from_be_bytes([dg[at], dg[at + 1]]);
+                    let len = usize::from(u16::from_be_bytes([dg[at + 2], dg[at + 3]]));
+                    assert_ne!(set, 3, "an options template in an unsampled export");
+                    assert_ne!(set, TEMPLATE_OPTIONS, "an options record");
+                    if set == TEMPLATE_IPV4 || set == TEMPLATE_IPV6 {
+                        let layout = ExportFormat::Ipfix.layout();
+                        let fields = if set == TEMPLATE_IPV4 {
+                            layout.v4
+                        } else {
+                            layout.v6
+                        };
+                        sent += ((len - 4) / record_len(fields)) as u32;
+                    }
+                    at += len;
+                }
+            }
+        }
+        assert_eq!(sent, 240);
     }
 
     /// IPFIX carries what v9 carries: our decoder (netflow_parser underneath) reads every
