@@ -1026,8 +1026,10 @@ impl RawRecord {
 
     /// Fills what the record lacks from a sampled frame's headers (dataLinkFrameSection,
     /// usually the first 64 to 128 bytes): Ethernet, 802.1Q/802.1ad tags, an MPLS label
-    /// stack, IPv4 or IPv6, then TCP/UDP ports and flags or the ICMP type and code. The
-    /// frame counts as one packet of its IP length unless the record says otherwise.
+    /// stack, IPv4 or IPv6 (with its extension headers; IP in IP, as SRv6 encapsulates,
+    /// down to the innermost packet), then TCP/UDP ports and flags or the ICMP type and
+    /// code. The frame counts as one packet of its (outer) IP length unless the record
+    /// says otherwise.
     fn frame_section(&mut self, b: &[u8]) {
         use etherparse::{LaxNetSlice, LaxSlicedPacket};
         if b.len() < 14 {
@@ -1064,32 +1066,57 @@ impl RawRecord {
         if !matches!(ethertype, 0x0800 | 0x86dd) {
             return;
         }
-        let Ok(p) = LaxSlicedPacket::from_ip(&b[at..]) else {
-            return;
-        };
-        // Later fragments carry no ports (NetFlow practice: ports 0).
-        let (ip_len, payload, first) = match &p.net {
-            Some(LaxNetSlice::Ipv4(v4)) => {
-                let h = v4.header();
-                self.src4 = Some(IpAddr::V4(h.source_addr()));
-                self.dst4 = Some(IpAddr::V4(h.destination_addr()));
-                self.tos = h.slice()[1];
-                let first = h.fragments_offset().value() == 0;
-                (u64::from(h.total_len()), v4.payload().clone(), first)
+        // IP in IP (SRv6 and other IPv6 or IPv4 encapsulations: the outer header's
+        // extension headers, a segment routing header among them, skipped like the
+        // others): the flow is the innermost packet's, its size on the wire the outer.
+        let (mut ip, mut outer) = (&b[at..], None);
+        let (ip_len, payload, first) = loop {
+            let Ok(p) = LaxSlicedPacket::from_ip(ip) else {
+                return;
+            };
+            let (ip_len, payload, first, tos) = match &p.net {
+                Some(LaxNetSlice::Ipv4(v4)) => {
+                    let h = v4.header();
+                    let first = h.fragments_offset().value() == 0;
+                    (
+                        u64::from(h.total_len()),
+                        v4.payload().clone(),
+                        first,
+                        h.slice()[1],
+                    )
+                }
+                Some(LaxNetSlice::Ipv6(v6)) => {
+                    let h = v6.header();
+                    let first = !v6.payload().fragmented;
+                    (
+                        u64::from(h.payload_length()) + 40,
+                        v6.payload().clone(),
+                        first,
+                        h.traffic_class(),
+                    )
+                }
+                _ => return,
+            };
+            let (ip_len, tos) = *outer.get_or_insert((ip_len, tos));
+            if first && matches!(payload.ip_number.0, 4 | 41) && ip.len() > payload.payload.len() {
+                ip = payload.payload;
+                continue;
             }
-            Some(LaxNetSlice::Ipv6(v6)) => {
-                let h = v6.header();
-                self.src6 = Some(IpAddr::V6(h.source_addr()));
-                self.dst6 = Some(IpAddr::V6(h.destination_addr()));
-                self.tos = h.traffic_class();
-                let first = !v6.payload().fragmented;
-                (
-                    u64::from(h.payload_length()) + 40,
-                    v6.payload().clone(),
-                    first,
-                )
+            self.tos = tos;
+            match &p.net {
+                Some(LaxNetSlice::Ipv4(v4)) => {
+                    let h = v4.header();
+                    self.src4 = Some(IpAddr::V4(h.source_addr()));
+                    self.dst4 = Some(IpAddr::V4(h.destination_addr()));
+                }
+                Some(LaxNetSlice::Ipv6(v6)) => {
+                    let h = v6.header();
+                    self.src6 = Some(IpAddr::V6(h.source_addr()));
+                    self.dst6 = Some(IpAddr::V6(h.destination_addr()));
+                }
+                _ => return,
             }
-            _ => return,
+            break (ip_len, payload, first);
         };
         self.protocol = payload.ip_number.0;
         let l4 = payload.payload;
