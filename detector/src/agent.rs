@@ -123,6 +123,8 @@ impl Meter {
                     found.marks,
                     found.stale
                 );
+            } else if let Some(why) = &p.short_lived {
+                log::warn!("maps and links pinned, but not for long: {why}");
             } else {
                 info!(
                     "maps and links pinned at {}: the meter outlives the agent (--pin-path none to not pin)",

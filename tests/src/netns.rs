@@ -50,6 +50,17 @@ impl Netns {
         c
     }
 
+    /// `program` in this network namespace but in the caller's mount namespace
+    /// (`nsenter --net`), where `ip netns exec` gives it a private one with /sys
+    /// mounted anew.
+    pub fn command_keeping_mounts(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     pub fn exec_ok(&self, program: &str, args: &[&str]) -> Output {
         let mut full = vec!["netns", "exec", &self.name, program];
         full.extend_from_slice(args);

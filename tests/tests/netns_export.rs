@@ -257,7 +257,15 @@ fn start_capture(ns: &Netns, iface: &str, filter: Option<&str>, out: &Path) -> G
 }
 
 fn start_agent(ns: &Netns, args: &[&str], log: &Path) -> Guarded {
-    let mut cmd = ns.command(tests::detector_bin().to_str().unwrap());
+    start_agent_with(
+        ns.command(tests::detector_bin().to_str().unwrap()),
+        args,
+        log,
+    )
+}
+
+/// The agent started by `cmd` (in the namespace, one way or another).
+fn start_agent_with(mut cmd: Command, args: &[&str], log: &Path) -> Guarded {
     cmd.arg("run").args(args);
     if !args.contains(&"--pin-path") {
         cmd.arg("--pin-path").arg(pin_base());
@@ -1022,16 +1030,24 @@ fn a_killed_agent_loses_no_counted_packet_and_the_next_one_adopts_the_meter() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
+    // In the namespace's network, the host's mounts: `nsenter --net`, as an operator
+    // whose pins must outlive the agent runs it (see the next test for `ip netns exec`).
     let start = |extra: &[&'static str], log: &str| {
         let v = args(extra);
         let refs: Vec<&str> = v.iter().map(String::as_str).collect();
-        start_agent(a, &refs, &dir.join(log))
+        let cmd = a.command_keeping_mounts(tests::detector_bin().to_str().unwrap());
+        start_agent_with(cmd, &refs, &dir.join(log))
     };
 
     // Two streams of known size, both ways, that outlive three agents.
     udp_sink(a, format!("{A4}:6101").parse().unwrap());
     udp_sink(b, format!("{B4}:6102").parse().unwrap());
     let mut first = start(&[], "agent1.log");
+    let log1 = std::fs::read_to_string(dir.join("agent1.log")).unwrap();
+    assert!(
+        log1.contains("the meter outlives the agent") && !log1.contains("not for long"),
+        "{log1}"
+    );
     let streams = [
         udp_stream(
             b,
@@ -1125,4 +1141,44 @@ fn a_killed_agent_loses_no_counted_packet_and_the_next_one_adopts_the_meter() {
             "flow {k:?}: exported by the three agents vs sent"
         );
     }
+}
+
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn pins_in_a_mount_namespace_of_their_own_are_called_out() {
+    let lab = lab("dtmnt");
+    let (a, dir) = (&lab.a, &lab.dir);
+    // `ip netns exec` gives the agent a private mount namespace with /sys mounted anew:
+    // a BPF file system it mounts under /sys/fs/bpf there is its own, and goes with it.
+    let pins = format!("/sys/fs/bpf/detector-test-{}", std::process::id());
+    let log = dir.join("private.log");
+    let mut agent = start_agent(
+        a,
+        &[
+            "--iface",
+            "dta0",
+            "--xdp-mode",
+            "native",
+            "--stats-interval",
+            "0",
+            "--pin-path",
+            &pins,
+        ],
+        &log,
+    );
+    let st = agent.stop(Signal::SIGTERM, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "{st}: {text}");
+    assert!(
+        text.contains("maps and links pinned, but not for long")
+            && text.contains("mount namespace")
+            && text.contains("nsenter --net="),
+        "the agent says its pins will not outlive it, and the fix:\n{text}"
+    );
+    assert!(!text.contains("the meter outlives the agent"), "{text}");
+    // Nothing of it is left in the host's /sys/fs/bpf.
+    assert!(
+        !std::path::Path::new(&pins).exists(),
+        "{pins} leaked into the host"
+    );
 }

@@ -95,6 +95,10 @@ pub enum PinError {
 #[derive(Debug)]
 pub struct PinDir {
     pub path: PathBuf,
+    /// Why the pins may not outlive this process, if they may not (see
+    /// [`PinDir::private_mount`]); judged when the directory is opened, before the agent
+    /// gives up the privileges it takes to look at PID 1.
+    pub short_lived: Option<String>,
     /// Holds the `flock` while open.
     _lock: File,
 }
@@ -105,8 +109,10 @@ impl PinDir {
     /// first, as systemd and bpftool do.
     pub fn open(base: &Path, iface: &str) -> Result<Self, PinError> {
         let root = Path::new(BPF_FS_ROOT);
+        let mut mounted_here = false;
         if base.starts_with(root) && root.is_dir() && !on_bpf_fs(root) {
             mount_bpf_fs(root)?;
+            mounted_here = true;
         }
         let path = base.join(iface);
         std::fs::create_dir_all(&path).map_err(|source| PinError::Create {
@@ -132,7 +138,12 @@ impl PinDir {
                 PinError::Lock { path, source: e }
             });
         }
-        Ok(Self { path, _lock: lock })
+        let short_lived = private_mount(&path, mounted_here);
+        Ok(Self {
+            path,
+            short_lived,
+            _lock: lock,
+        })
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -164,6 +175,42 @@ impl PinDir {
             remove_if_present(&self.map(m))?;
         }
         std::fs::remove_dir(&self.path)
+    }
+}
+
+/// Why pins under `path` may not outlive this process, if they may not: the BPF file
+/// system holding them belongs to a mount namespace other than the host's (PID 1's),
+/// and is not the host's own mount seen through it. `ip netns exec` (and containers)
+/// give a process a private mount namespace in which /sys is mounted anew; a BPF file
+/// system mounted there disappears with the namespace, so do its pins, and the next
+/// agent finds nothing to adopt. Where PID 1's mount namespace cannot be read, a BPF
+/// file system this process had to mount itself (`mounted_here`) is the sign.
+fn private_mount(path: &Path, mounted_here: bool) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok();
+    let fix = "Run the agent in the host's mount namespace (`nsenter --net=/var/run/netns/NAME detector run ...` instead of `ip netns exec NAME ...`), or bind-mount the host's /sys/fs/bpf into the namespace or container (`-v /sys/fs/bpf:/sys/fs/bpf`), or give --pin-path a BPF file system the host mounted";
+    match (ns("self"), ns("1")) {
+        (Some(ours), Some(host)) => {
+            if (ours.dev(), ours.ino()) == (host.dev(), host.ino()) {
+                return None;
+            }
+            // The same superblock seen from PID 1 (a bind mount of the host's BPF file
+            // system, or a mount made before the namespace was copied) keeps the pins.
+            let here = std::fs::metadata(path).ok()?;
+            let in_host = Path::new("/proc/1/root").join(path.strip_prefix("/").ok()?);
+            if std::fs::metadata(&in_host).is_ok_and(|h| h.dev() == here.dev()) {
+                return None;
+            }
+            Some(format!(
+                "the BPF file system holding {} belongs to this process's own mount namespace (not the host's, PID 1's): the pins vanish when the agent exits, and a restarted agent cannot adopt the meter. {fix}",
+                path.display()
+            ))
+        }
+        _ if mounted_here => Some(format!(
+            "this process had to mount the BPF file system holding {} itself (nothing was mounted at {BPF_FS_ROOT}); if it runs in a mount namespace of its own, as under `ip netns exec` or in a container, the pins vanish when the agent exits and a restarted agent cannot adopt the meter. {fix}",
+            path.display()
+        )),
+        _ => None,
     }
 }
 
