@@ -250,6 +250,10 @@ pub fn score(
         realtime: p.agg.realtime,
         web_only: p.agg.web_only,
         bt_opening: p.agg.bt_opening,
+        p2p_signs: tcp_udp as f64 >= t.tcp_udp_peers
+            || udp_small as f64 >= t.udp_small_peers
+            || p2p_port as f64 >= t.p2p_port_peers,
+        remote_ports: distinct_remote,
     }
     .veto();
     (score, guard)
@@ -274,6 +278,11 @@ pub struct Guards {
     pub realtime: u64,
     pub web_only: u64,
     pub bt_opening: u64,
+    /// A P2P sign no server shows: the same peers over TCP and UDP, a DHT's small
+    /// datagrams, peers on a P2P family's well-known port (those rules fired).
+    pub p2p_signs: bool,
+    /// Distinct remote ports.
+    pub remote_ports: u64,
 }
 
 /// The share of a listening port's peers that must be real-time exchanges to call the
@@ -281,6 +290,8 @@ pub struct Guards {
 const REALTIME_SHARE: f64 = 0.75;
 /// The share of a host's peers that must be web servers it is the client of.
 const WEB_CLIENT_SHARE: f64 = 0.9;
+/// The share of a host's peers that must come to its busy high port to call it a server.
+const SERVER_SHARE: f64 = 0.9;
 
 impl Guards {
     /// A scanner: connections that fail on many ports of few hosts, or one source port
@@ -293,6 +304,24 @@ impl Guards {
     /// A server answering many clients on a well-known port.
     fn server(&self) -> bool {
         self.listen_port != 0 && self.busy_listener && self.listen_port <= 1024
+    }
+
+    /// A server on a high port (a game server, a media or chat server, SSH on 2222):
+    /// nearly every peer comes to the one busy local port, and nothing P2P besides: no
+    /// outbound connections to peers of its own (a client in a swarm connects out to
+    /// most of its peers), no UDP beside TCP with the same peers, no DHT, no P2P
+    /// family's port, no BitTorrent handshake. A seeder whose peers all connect to it
+    /// over TCP, without DHT or uTP, seen only through NetFlow (no openings), looks the
+    /// same.
+    fn server_on_high_port(&self) -> bool {
+        self.busy_listener
+            && self.listen_port > 1024
+            && self.listen_ips as f64 >= SERVER_SHARE * self.held as f64
+            // Clients come from ports of their own; a host that goes to one service
+            // port of many servers from one port of its own (a resolver) is no server.
+            && 2 * self.remote_ports >= self.listen_ips
+            && !self.p2p_signs
+            && self.bt_opening < (self.held / 5).max(3)
     }
 
     /// A game session or a call: most peers of the busy local port exchange small
@@ -321,6 +350,8 @@ impl Guards {
             Some("server_on_well_known_port")
         } else if self.realtime_session() {
             Some("realtime_session")
+        } else if self.server_on_high_port() {
+            Some("server_on_high_port")
         } else if self.web_client() {
             Some("web_client")
         } else {
@@ -345,6 +376,15 @@ impl Guards {
                 held(self.server()),
                 self.listen_port,
                 self.listen_ips
+            ),
+            format!(
+                "server_on_high_port {}: {} of {} peers come to local port {}, P2P signs (TCP and UDP, DHT, P2P ports) {}, {} BitTorrent-sized handshakes",
+                held(self.server_on_high_port()),
+                self.listen_ips,
+                self.held,
+                self.listen_port,
+                if self.p2p_signs { "yes" } else { "none" },
+                self.bt_opening
             ),
             format!(
                 "realtime_session {}: {} peers in steady small-packet UDP exchanges both ways, busiest local port {} with {} peers",
@@ -572,6 +612,10 @@ pub fn evaluate(
         realtime,
         web_only,
         bt_opening,
+        p2p_signs: tcp_udp as f64 >= t.tcp_udp_peers
+            || udp_small as f64 >= t.udp_small_peers
+            || p2p_port as f64 >= t.p2p_port_peers,
+        remote_ports: remote_ports.len() as u64,
     };
     let guard = guards.veto();
     let guard_evidence = guards.explain();

@@ -255,3 +255,86 @@ fn a_multi_source_download_and_a_bulk_upload_are_vetoed_as_web_clients() {
     assert!(raised(&events).is_empty());
     assert_eq!(v.guard, Some("web_client"), "{:?}", v.guard_evidence);
 }
+
+/// A server on a high port: 40 clients, each its own address and ephemeral port, one
+/// connection each to 25565, more data from the server than to it.
+fn high_port_server(host: IpAddr, at: u64, openings: Option<(u8, u8)>) -> Vec<FlowRecord> {
+    (0..40u32)
+        .flat_map(|i| {
+            let client = 30_000 + (i as u16 * 733 + at as u16) % 30_000;
+            let mut a = rec(ext(900 + i), client, host, 25_565, 6, 200, 20_000, 0x18, at);
+            let mut b = rec(
+                host,
+                25_565,
+                ext(900 + i),
+                client,
+                6,
+                300,
+                120_000,
+                0x18,
+                at,
+            );
+            if let Some((client_first, server_first)) = openings {
+                a.opening = [client_first, 10, 10, 10];
+                b.opening = [server_first, 10, 10, 10];
+            }
+            [a, b]
+        })
+        .collect()
+}
+
+#[test]
+fn a_server_on_a_high_port_is_vetoed_and_a_swarm_listening_on_one_is_not() {
+    let host: IpAddr = "10.0.0.44".parse().unwrap();
+    // Clients' first payloads of fixed sizes (a login), the server's answer large.
+    let (events, v, _) = watch(host, 120, |s| {
+        high_port_server(host, s, Some((quantize(40), 255)))
+    });
+    assert!(raised(&events).is_empty());
+    assert!(v.score >= 7.0, "the rules alone: {}", v.score);
+    assert_eq!(
+        v.guard,
+        Some("server_on_high_port"),
+        "{:?}",
+        v.guard_evidence
+    );
+    // The same seen through NetFlow (no openings).
+    let (_, v, _) = watch(host, 120, |s| high_port_server(host, s, None));
+    assert_eq!(
+        v.guard,
+        Some("server_on_high_port"),
+        "{:?}",
+        v.guard_evidence
+    );
+    // A seeder whose peers all connect to it over TCP on a random port, DHT and uTP
+    // off: the same shape, but its connections open with BitTorrent's key exchange.
+    let mut rnd = xorshift(9);
+    let (events, v, _) = watch(host, 120, |s| {
+        high_port_server(host, s, None)
+            .into_iter()
+            .map(|mut r| {
+                r.opening = [quantize(96 + (rnd() % 513) as u32), 10, 10, 10];
+                r
+            })
+            .collect()
+    });
+    assert_eq!(raised(&events), vec![host], "{:?}", v.guard_evidence);
+    assert_eq!(v.kind, "bittorrent", "{:?}", v.kind_evidence);
+    // Clients of a swarm: the torrent client with uTP and DHT on its port, and the
+    // encrypted TCP-only one that connects out to most of its peers.
+    for (name, feed) in [
+        ("torrent", torrent(host, 0)),
+        (
+            "encrypted",
+            encrypted_swarm(host, 0, SwarmPorts::WebAndRandom, false),
+        ),
+    ] {
+        let (_, v, _) = watch(host, 60, |_| feed.clone());
+        assert_ne!(
+            v.guard,
+            Some("server_on_high_port"),
+            "{name}: {:?}",
+            v.guard_evidence
+        );
+    }
+}
