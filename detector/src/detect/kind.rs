@@ -118,25 +118,35 @@ impl KindSignals {
     /// BitTorrent from how connections opened, with the evidence; None when the
     /// openings do not show it.
     fn bittorrent_by_openings(&self) -> Option<Vec<String>> {
+        // Key exchanges count when their sizes vary as random padding makes them.
+        let (out, inn) = self.distinct_sizes();
+        let varied = |d: u64| d >= (self.key_exchanges / 2).min(MSE_DISTINCT);
+        let kx = if varied(out) && varied(inn) {
+            self.key_exchanges
+        } else {
+            0
+        };
+        // Most of the host's connections open so, plain or encrypted (a client may
+        // speak both): a client talks to its swarm, while a web client's small
+        // exchanges sit among responses larger than any handshake.
+        let bt = self.plain_openings + kx;
+        if bt < MIN_OPENING_PEERS || 2 * bt <= self.openings {
+            return None;
+        }
         let mut why = Vec::new();
-        // Most of the host's connections open so: a client talks to its swarm, while
-        // a web client's small exchanges sit among responses larger than any handshake.
-        let most = |n: u64| n >= MIN_OPENING_PEERS && 2 * n > self.openings;
-        if most(self.plain_openings) {
+        if self.plain_openings > 0 {
             why.push(format!(
                 "{} of {} peers opened with the BitTorrent handshake's 68 bytes",
                 self.plain_openings, self.openings
             ));
         }
-        let (out, inn) = self.distinct_sizes();
-        let varied = |d: u64| d >= (self.key_exchanges / 2).min(MSE_DISTINCT);
-        if most(self.key_exchanges) && varied(out) && varied(inn) {
+        if kx > 0 {
             why.push(format!(
-                "{} of {} peers opened with an encrypted handshake's key exchange (96-608 bytes each way, {out} and {inn} distinct sizes out and in: random padding)",
-                self.key_exchanges, self.openings
+                "{kx} of {} peers opened with an encrypted handshake's key exchange (96-608 bytes each way, {out} and {inn} distinct sizes out and in: random padding)",
+                self.openings
             ));
         }
-        (!why.is_empty()).then_some(why)
+        Some(why)
     }
 
     /// The kind and the evidence that chose it.

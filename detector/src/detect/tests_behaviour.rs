@@ -133,6 +133,27 @@ fn the_plaintext_handshake_names_bittorrent() {
 }
 
 #[test]
+fn a_client_speaking_plain_and_encrypted_is_named_by_both() {
+    // Half its connections plaintext, half encrypted (encryption "enabled", not
+    // "required"), beside a few web exchanges: neither alone is most, both together are.
+    let mut k = kind::KindSignals::default();
+    let mut rnd = xorshift(3);
+    for i in 0..40u32 {
+        match i % 5 {
+            0 | 1 => k.add_opening(quantize(68), quantize(68 + (rnd() % 300) as u32)),
+            2 | 3 => k.add_opening(
+                quantize(96 + (rnd() % 513) as u32),
+                quantize(96 + (rnd() % 513) as u32),
+            ),
+            _ => k.add_opening(quantize(517), 255),
+        }
+    }
+    let (kind, why) = k.decide();
+    assert_eq!(kind, "bittorrent", "{why:?}");
+    assert_eq!(why.len(), 2, "{why:?}");
+}
+
+#[test]
 fn openings_of_repeated_sizes_do_not_name_bittorrent() {
     // A Gnutella connect (about 600 bytes, the same to every peer) and its answers, as
     // in the labelled capture; and resumed TLS sessions of one client (a 517-byte
