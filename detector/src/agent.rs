@@ -446,7 +446,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling_interval: args.sampling,
         ..V9Config::default()
     };
-    let (detect, alarms) = build::detection(&args.detect)?;
+    let (detect, alarms) = build::detection(&args.detect.options())?;
     let mut sinks = build::sinks(
         &args.export,
         args.flows_json.as_deref(),
@@ -478,7 +478,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
     let input = pipeline.input();
 
-    let status = match build::http_listen(args.http, &args.detect)? {
+    let status = match build::http_listen(args.http, &args.detect.options())? {
         Some(addr) => {
             let listener = crate::status::server::bind(addr).await?;
             let status = Arc::new(Status::new(boot));
@@ -634,7 +634,7 @@ fn reload(args: &RunArgs, evaluator: &std::sync::mpsc::Sender<Control>) {
         let _ = evaluator.send(Control::Reopen);
         return;
     };
-    match build::detection(&args.detect) {
+    match build::detection(&args.detect.options()) {
         Ok((detect, alarms)) => {
             info!(
                 "SIGHUP: reloaded {} (alarm threshold {:.1}, {} internal networks, window {} s); flows, profiles and open alarms kept; output files reopened",

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use crate::sources::netflow::decode::Cidr;
 use crate::sources::xdp::XdpModeArg;
@@ -24,10 +25,10 @@ pub enum Command {
     Run(RunArgs),
     /// A detector node: consume the flows edge agents publish to NATS JetStream (the
     /// shards this node holds leases on), detect, and alarm once per host and episode.
-    Central(crate::scaleout::central::CentralArgs),
+    Central(CentralArgs),
     /// Run a capture file through the real XDP program (or its NetFlow datagrams through
     /// the decoder, with --netflow), on the capture's own clock.
-    Replay(crate::replay::ReplayArgs),
+    Replay(ReplayArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         #[arg(value_name = "FILE")]
@@ -36,15 +37,6 @@ pub enum Command {
     /// Print the manual page (roff), for packaging.
     #[command(hide = true)]
     Man,
-    /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
-    #[command(hide = true)]
-    BenchXdp(BenchArgs),
-    /// Measure NetFlow ingest against nfcapd on the same datagrams.
-    #[command(hide = true)]
-    BenchIngest(IngestBenchArgs),
-    /// Measure the detection engine's throughput and memory.
-    #[command(hide = true)]
-    BenchEngine(EngineBenchArgs),
 }
 
 /// `--drain`: how the kernel flow maps are read.
@@ -235,6 +227,150 @@ pub struct DetectArgs {
     pub webhook_ca: Option<std::path::PathBuf>,
 }
 
+impl DetectArgs {
+    /// The detection options these flags give.
+    pub fn options(&self) -> crate::pipeline::build::DetectOptions {
+        crate::pipeline::build::DetectOptions {
+            config: self.config.clone(),
+            alarms_json: self.alarms_json.clone(),
+            internal: self.internal.clone(),
+            syslog: self.syslog.clone(),
+            webhook: self.webhook.clone(),
+            webhook_ca: self.webhook_ca.clone(),
+        }
+    }
+}
+
+/// `detector replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A pcap or pcapng file (Ethernet, Linux cooked v1/v2, raw IP, BSD loopback).
+    #[arg(value_name = "CAPTURE")]
+    pub capture: PathBuf,
+
+    /// Decode the NetFlow/IPFIX datagrams inside the capture instead of metering it.
+    #[arg(long)]
+    pub netflow: bool,
+
+    /// With --netflow: only UDP to this port (default: any UDP that looks like NetFlow).
+    #[arg(long, value_name = "PORT", requires = "netflow")]
+    pub port: Option<u16>,
+
+    /// With --netflow: accept only these exporters (repeatable CIDR).
+    #[arg(long, value_name = "CIDR", requires = "netflow")]
+    pub exporter_allow: Vec<Cidr>,
+
+    /// NetFlow v9 collector HOST:PORT (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub export: Vec<String>,
+
+    /// Protocol of the export: NetFlow v9 or IPFIX (the same content).
+    #[arg(long, value_enum, value_name = "v9|ipfix", default_value = "v9")]
+    pub export_format: crate::export::netflow_v9::ExportFormat,
+
+    /// Write one JSON object per record to PATH (`-` for stdout).
+    #[arg(long, value_name = "PATH")]
+    pub flows_json: Option<String>,
+
+    #[command(flatten)]
+    pub detect: DetectArgs,
+
+    /// Active timeout on the capture's clock.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub active_timeout: u64,
+
+    /// Inactive timeout on the capture's clock.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub inactive_timeout: u64,
+
+    /// Flows each kernel map holds.
+    #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
+    pub map_size: u32,
+
+    /// NetFlow v9 source ID of the export.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub source_id: u32,
+
+    /// Read the first payload bytes of each flow's first packets for P2P protocol
+    /// signatures (see `run --payload-hints`).
+    #[arg(long)]
+    pub payload_hints: bool,
+
+    /// Worker threads for duplicate marking and detection (1 keeps the records in the
+    /// capture's order in the output).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
+}
+
+impl ReplayArgs {
+    /// What `replay` is to do.
+    pub fn options(&self) -> crate::replay::ReplayOptions {
+        crate::replay::ReplayOptions {
+            capture: self.capture.clone(),
+            netflow: self.netflow,
+            port: self.port,
+            exporter_allow: self.exporter_allow.clone(),
+            export: self.export.clone(),
+            export_format: self.export_format,
+            source_id: self.source_id,
+            flows_json: self.flows_json.clone(),
+            detect: self.detect.options(),
+            active_timeout: self.active_timeout,
+            inactive_timeout: self.inactive_timeout,
+            map_size: self.map_size,
+            payload_hints: self.payload_hints,
+            workers: self.workers,
+        }
+    }
+}
+
+/// `detector central`.
+#[derive(Debug, Args)]
+pub struct CentralArgs {
+    /// NATS server URL (JetStream on), e.g. nats://127.0.0.1:4222.
+    #[arg(long, value_name = "URL")]
+    pub nats: String,
+
+    /// Shards the flows are split in: the same count on every edge and node.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub shards: u32,
+
+    /// This node's name in leases and logs (default: host name and process id).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// A node that stops renewing its leases loses its shards after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub lease_secs: u64,
+
+    /// A batch delivered and not acknowledged (its node died) is delivered again after
+    /// SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ack_wait_secs: u64,
+
+    /// Log the node's counters every SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub stats_interval: u64,
+
+    #[command(flatten)]
+    pub detect: DetectArgs,
+}
+
+impl CentralArgs {
+    /// What the node is to do.
+    pub fn options(&self) -> crate::scaleout::central::CentralOptions {
+        crate::scaleout::central::CentralOptions {
+            nats: self.nats.clone(),
+            shards: self.shards,
+            node: self.node.clone(),
+            lease_secs: self.lease_secs,
+            ack_wait_secs: self.ack_wait_secs,
+            stats_interval: self.stats_interval,
+            detect: self.detect.options(),
+        }
+    }
+}
+
 impl RunArgs {
     /// The pin directory's base, or none with `--pin-path none`.
     pub fn pin_base(&self) -> Option<std::path::PathBuf> {
@@ -249,52 +385,6 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
             "'{s}' is not ADDR:PORT; give an address and a port, e.g. 0.0.0.0:2055 or [::]:4739"
         )
     })
-}
-
-#[derive(Debug, Args)]
-pub struct EngineBenchArgs {
-    /// Internal hosts.
-    #[arg(long, default_value_t = 100_000)]
-    pub hosts: u64,
-    /// Records per window.
-    #[arg(long, default_value_t = 10_000_000)]
-    pub records: u64,
-    /// Windows: the first fills the engine (its memory comes from the kernel), the
-    /// others are the steady state, where every peer of the window before expires.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
-    pub windows: u64,
-    /// Flows the duplicate table holds (the agent's: 4,000,000).
-    #[arg(long, default_value_t = crate::pipeline::DEDUP_MAX_FLOWS)]
-    pub dedup_flows: usize,
-}
-
-#[derive(Debug, Args)]
-pub struct IngestBenchArgs {
-    /// Directory of the NetFlow test captures (default ../shared/testdata/netflow).
-    #[arg(long)]
-    pub testdata: Option<std::path::PathBuf>,
-    /// Seconds per trial.
-    #[arg(long, default_value_t = 2)]
-    pub seconds: u64,
-    /// First rate tried, datagrams per second.
-    #[arg(long, default_value_t = 20_000)]
-    pub start_rate: u64,
-    /// Trials per receiver at most.
-    #[arg(long, default_value_t = 10)]
-    pub trials: u32,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Runs per frame under BPF_PROG_TEST_RUN.
-    #[arg(long, default_value_t = 200_000)]
-    pub repeat: u32,
-    /// Flows pre-loaded in the map for the warm-map measurement.
-    #[arg(long, default_value_t = 65_536)]
-    pub warm_flows: u32,
-    /// Flows of the uplink-size measurement (frames spread over them; 0: skip it).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub spread_flows: u32,
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! timers and BPF I/O live in `agent` and `sources::xdp`.
 
 pub mod agent;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod detect;

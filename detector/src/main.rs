@@ -48,8 +48,8 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
-        Command::Replay(args) => detector::replay::replay(args),
-        Command::Central(args) => detector::scaleout::central::run(&args),
+        Command::Replay(args) => detector::replay::replay(args.options()),
+        Command::Central(args) => detector::scaleout::central::run(&args.options()),
         Command::CheckConfig { file } => detector::config::FileConfig::load(&file)
             .map(|c| print!("{}", c.to_toml()))
             .map_err(anyhow::Error::from),
@@ -64,9 +64,6 @@ fn main() -> ExitCode {
                     let _ = std::io::stdout().write_all(&out);
                 })
         }
-        Command::BenchXdp(args) => detector::bench::xdp(args),
-        Command::BenchIngest(args) => detector::bench::ingest(args),
-        Command::BenchEngine(args) => detector::bench::engine(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use log::info;
 
@@ -32,67 +31,35 @@ const TEST_RUN_IFINDEX: u32 = 1;
 /// The kernel refuses XDP test runs shorter than an Ethernet header.
 const MIN_FRAME: usize = 14;
 
-#[derive(Debug, Args)]
-pub struct ReplayArgs {
-    /// A pcap or pcapng file (Ethernet, Linux cooked v1/v2, raw IP, BSD loopback).
-    #[arg(value_name = "CAPTURE")]
+/// What `replay` does (the command line's `detector replay` gives it).
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// A pcap or pcapng file.
     pub capture: PathBuf,
-
-    /// Decode the NetFlow/IPFIX datagrams inside the capture instead of metering it.
-    #[arg(long)]
+    /// Decode the NetFlow/IPFIX datagrams inside the capture instead of metering it,
+    /// only UDP to `port` if given, from `exporter_allow` if not empty.
     pub netflow: bool,
-
-    /// With --netflow: only UDP to this port (default: any UDP that looks like NetFlow).
-    #[arg(long, value_name = "PORT", requires = "netflow")]
     pub port: Option<u16>,
-
-    /// With --netflow: accept only these exporters (repeatable CIDR).
-    #[arg(long, value_name = "CIDR", requires = "netflow")]
     pub exporter_allow: Vec<Cidr>,
-
-    /// NetFlow v9 collector HOST:PORT (repeatable).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// NetFlow v9/IPFIX collectors, the protocol and source id of the export.
     pub export: Vec<String>,
-
-    /// Protocol of the export: NetFlow v9 or IPFIX (the same content).
-    #[arg(long, value_enum, value_name = "v9|ipfix", default_value = "v9")]
     pub export_format: crate::export::netflow_v9::ExportFormat,
-
-    /// Write one JSON object per record to PATH (`-` for stdout).
-    #[arg(long, value_name = "PATH")]
-    pub flows_json: Option<String>,
-
-    #[command(flatten)]
-    pub detect: crate::cli::DetectArgs,
-
-    /// Active timeout on the capture's clock.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub active_timeout: u64,
-
-    /// Inactive timeout on the capture's clock.
-    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub inactive_timeout: u64,
-
-    /// Flows each kernel map holds.
-    #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
-    pub map_size: u32,
-
-    /// NetFlow v9 source ID of the export.
-    #[arg(long, value_name = "N", default_value_t = 0)]
     pub source_id: u32,
-
-    /// Read the first payload bytes of each flow's first packets for P2P protocol
-    /// signatures (see `run --payload-hints`).
-    #[arg(long)]
+    /// JSON lines of the records to this path (`-` for stdout).
+    pub flows_json: Option<String>,
+    pub detect: crate::pipeline::build::DetectOptions,
+    /// Active and inactive timeouts on the capture's clock, seconds.
+    pub active_timeout: u64,
+    pub inactive_timeout: u64,
+    /// Flows each kernel map holds.
+    pub map_size: u32,
+    /// Payload signatures of the first packets (see `run --payload-hints`).
     pub payload_hints: bool,
-
-    /// Worker threads for duplicate marking and detection (1 keeps the records in the
-    /// capture's order in the output).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Worker threads for duplicate marking and detection.
     pub workers: u32,
 }
 
-pub fn replay(args: ReplayArgs) -> Result<()> {
+pub fn replay(args: ReplayOptions) -> Result<()> {
     let boot = SystemTime::now();
     let v9 = V9Config {
         source_id: args.source_id,
@@ -114,7 +81,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     }
 }
 
-fn replay_netflow(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
+fn replay_netflow(args: &ReplayOptions, mut pipeline: Pipeline) -> Result<()> {
     let mut decoder = Decoder::new(DecodeLimits::default(), args.exporter_allow.clone());
     let mut latest = SystemTime::UNIX_EPOCH;
     let stats = decode_capture(&args.capture, args.port, &mut decoder, |records| {
@@ -150,7 +117,7 @@ pub struct ReplaySummary {
     pub backwards: u64,
 }
 
-fn replay_frames(args: &ReplayArgs, mut pipeline: Pipeline) -> Result<()> {
+fn replay_frames(args: &ReplayOptions, mut pipeline: Pipeline) -> Result<()> {
     if let Some(msg) =
         crate::privileges::check("replay (it runs the XDP program with BPF_PROG_TEST_RUN)")
     {

@@ -420,29 +420,52 @@ fn lab(args: Vec<OsString>) -> Result<()> {
     status(&mut cmd)
 }
 
+/// Builds the micro-benchmarks (`detector/benches/micro.rs`, not part of the product
+/// binary) and returns the executable cargo made.
+fn build_micro() -> Result<PathBuf> {
+    say("building the micro-benchmarks (cargo bench -p detector --bench micro --no-run)");
+    let out = cargo()
+        .args(["bench", "-p", "detector", "--bench", "micro", "--no-run"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("running cargo bench --no-run")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    eprint!("{text}");
+    if !out.status.success() {
+        bail!("building the micro-benchmarks failed");
+    }
+    // "Executable benches/micro.rs (target/release/deps/micro-HASH)"
+    let path = text
+        .lines()
+        .find(|l| l.contains("benches/micro.rs ("))
+        .and_then(|l| l.rsplit_once('(')?.1.strip_suffix(')'))
+        .context("cargo did not name the micro-benchmark executable")?;
+    Ok(workspace_root().join(path))
+}
+
 fn bench_xdp(repeat: u32) -> Result<()> {
     ensure_setup()?;
-    let bin = build_release()?;
+    let bin = build_micro()?;
     let mut cmd = privileged(bin.to_str().context("non-UTF-8 path")?);
-    cmd.args(["bench-xdp", "--repeat", &repeat.to_string()]);
+    cmd.args(["xdp", "--repeat", &repeat.to_string()]);
     status(&mut cmd)
 }
 
 fn bench_ingest() -> Result<()> {
     ensure_setup()?;
-    let bin = build_release()?;
+    let bin = build_micro()?;
     let testdata = workspace_root().join("../shared/testdata/netflow");
     status(
         Command::new(bin)
-            .arg("bench-ingest")
+            .arg("ingest")
             .arg("--testdata")
             .arg(testdata),
     )
 }
 
 fn bench_engine() -> Result<()> {
-    let bin = build_release()?;
-    status(Command::new(bin).arg("bench-engine"))
+    let bin = build_micro()?;
+    status(Command::new(bin).arg("engine"))
 }
 
 fn bench_scaleout() -> Result<()> {

@@ -24,7 +24,7 @@
 
 use detector_common::hint;
 
-use super::profile::Opening;
+use super::opening::Opening;
 
 /// Peers a port signal needs before it names the application (a port is a weak sign).
 pub const MIN_PEERS: u64 = 2;

@@ -8,6 +8,7 @@
 pub mod dense;
 pub mod evidence;
 pub mod kind;
+pub mod opening;
 pub mod ports;
 pub mod profile;
 

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use super::dense::DenseMap;
+use super::opening::Opening;
 use super::ports::PortTable;
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 
@@ -18,6 +19,11 @@ use crate::flow::FlowRecord;
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
+
+/// The default of the rules' `udp_small_size` (bytes): DHT messages are smaller.
+pub const DEFAULT_UDP_SMALL_SIZE: f64 = 300.0;
+/// The default of `median_peer_bytes_per_min`: a throttled peer sends at most this.
+pub const DEFAULT_PEER_BYTES_PER_MIN: f64 = 2e6;
 
 /// The per-peer thresholds the aggregates count against (from the rules' thresholds).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -32,10 +38,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        let t = super::evidence::Thresholds::default();
         Self {
-            udp_small_size: t.udp_small_size,
-            peer_bytes_per_min: t.peer_bytes_per_min,
+            udp_small_size: DEFAULT_UDP_SMALL_SIZE,
+            peer_bytes_per_min: DEFAULT_PEER_BYTES_PER_MIN,
             window_min: 5.0,
         }
     }
@@ -173,60 +178,6 @@ pub const REALTIME_MAX_MEAN_BYTES: u64 = 400;
 pub const REALTIME_SYMMETRY: u64 = 4;
 /// The ports of web servers (HTTP, HTTPS, their alternates), TCP or UDP (QUIC).
 pub const WEB_PORTS: [u16; 4] = [80, 443, 8080, 8443];
-
-/// How a TCP connection opened, from the first payload each way (opening slot values,
-/// see `detector_common::opening`): what a meter sees of a handshake without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Opening {
-    /// One side or both not seen with payload yet (or no local meter: NetFlow).
-    Unknown,
-    /// The plaintext BitTorrent handshake opens one side: exactly 68 bytes (1 + 19 + 8 +
-    /// 20 + 20), answered by at least as much (the other side's handshake, with its
-    /// bitfield when they travel together).
-    PlainBitTorrent,
-    /// Both sides open with 96 to 608 bytes: a 768-bit Diffie-Hellman public key (96
-    /// bytes) and 0 to 512 bytes of random padding each way, the key exchange of
-    /// BitTorrent's Message Stream Encryption. Other protocols can open with such sizes
-    /// too (a Gnutella connect and its answer, a resumed TLS session); their sizes
-    /// repeat from one connection to the next, the random padding's do not, which the
-    /// naming checks over the host's peers ([`super::kind`]).
-    KeyExchange,
-    /// A side opened with more than 608 bytes at once: a TLS server's first flight (its
-    /// certificate chain), an HTTP response, a post-quantum TLS ClientHello.
-    Large,
-    /// Anything else (smaller openings: SSH banners, plain-text protocol greetings).
-    Other,
-}
-
-impl Opening {
-    pub const PLAIN_HANDSHAKE: u8 = detector_common::opening::quantize(68);
-    pub const KEY_EXCHANGE: std::ops::RangeInclusive<u8> =
-        detector_common::opening::quantize(96)..=detector_common::opening::quantize(608);
-
-    pub fn of(out: u8, inn: u8) -> Self {
-        if out == 0 || inn == 0 {
-            return Opening::Unknown;
-        }
-        let large = |q: u8| q > *Self::KEY_EXCHANGE.end();
-        if (out == Self::PLAIN_HANDSHAKE && inn >= out)
-            || (inn == Self::PLAIN_HANDSHAKE && out >= inn)
-        {
-            // The answer may carry the bitfield and extension handshake with it.
-            Opening::PlainBitTorrent
-        } else if Self::KEY_EXCHANGE.contains(&out) && Self::KEY_EXCHANGE.contains(&inn) {
-            Opening::KeyExchange
-        } else if large(out) || large(inn) {
-            Opening::Large
-        } else {
-            Opening::Other
-        }
-    }
-
-    /// A BitTorrent handshake's sizes, plain or encrypted.
-    pub fn is_bittorrent(self) -> bool {
-        matches!(self, Opening::PlainBitTorrent | Opening::KeyExchange)
-    }
-}
 
 impl Aggregates {
     fn apply(&mut self, c: &Contribution, add: bool) {

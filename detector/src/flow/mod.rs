@@ -66,6 +66,51 @@ impl Live {
     }
 }
 
+/// Agent names are at most this many bytes (an edge refuses a longer one; a reader cuts
+/// it).
+pub const AGENT_MAX: usize = 32;
+
+/// An edge agent's name as records carry it: at most [`AGENT_MAX`] bytes, inline (so an
+/// [`Origin`] stays `Copy`). Edges name themselves with it (`--agent-name`) and the
+/// scale-out wire format carries it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentName {
+    len: u8,
+    bytes: [u8; AGENT_MAX],
+}
+
+impl AgentName {
+    /// `name` cut to [`AGENT_MAX`] bytes (at a character boundary).
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(AGENT_MAX);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; AGENT_MAX];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for AgentName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for AgentName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a record was measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Origin {
@@ -77,7 +122,7 @@ pub enum Origin {
     /// A record an edge agent published (`detector central`): the agent, and the
     /// exporter that measured it (none: the agent's own meter).
     Edge {
-        agent: crate::scaleout::wire::AgentName,
+        agent: AgentName,
         addr: Option<SocketAddr>,
         domain: u32,
     },

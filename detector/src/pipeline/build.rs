@@ -1,5 +1,6 @@
-//! Builds the pipeline's parts from the command line and the configuration file:
-//! the record sinks, the detection settings and the alarm sinks.
+//! Builds the pipeline's parts from plain options (the command line converts its flags
+//! into them) and the configuration file: the record sinks, the detection settings and
+//! the alarm sinks.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,6 +9,23 @@ use anyhow::{Context, Result};
 use crate::export::Sink;
 use crate::export::json::JsonSink;
 use crate::export::netflow_v9::{self, V9Config, V9Sink};
+
+/// What detection and its alarm sinks are built from: the configuration file, and the
+/// settings given beside it, which win over it.
+#[derive(Clone, Debug, Default)]
+pub struct DetectOptions {
+    /// Configuration file (TOML).
+    pub config: Option<std::path::PathBuf>,
+    /// Alarm events as JSON lines to this path (`-` for stdout).
+    pub alarms_json: Option<String>,
+    /// Internal networks (replace the configured list when not empty).
+    pub internal: Vec<crate::sources::netflow::decode::Cidr>,
+    /// Syslog address (`udp://`, `tcp://`, `unix://`).
+    pub syslog: Option<String>,
+    /// Webhook URL, and a CA file to trust for it.
+    pub webhook: Option<String>,
+    pub webhook_ca: Option<std::path::PathBuf>,
+}
 
 /// Builds the sinks the flags ask for; with neither `--export` nor `--flows-json` (nor,
 /// when `other_sink`, another output such as NATS), JSON to stdout.
@@ -42,7 +60,7 @@ pub fn sinks(
 /// The `--http` address, else the configuration file's `[http] listen`, else none.
 pub fn http_listen(
     flag: Option<std::net::SocketAddr>,
-    a: &crate::cli::DetectArgs,
+    a: &DetectOptions,
 ) -> Result<Option<std::net::SocketAddr>> {
     if flag.is_some() {
         return Ok(flag);
@@ -55,7 +73,7 @@ pub fn http_listen(
 
 /// The detection settings and alarm sinks from `--config` and the flags (which win).
 pub fn detection(
-    a: &crate::cli::DetectArgs,
+    a: &DetectOptions,
 ) -> Result<(
     crate::detect::DetectConfig,
     crate::export::alarms::AlarmSink,

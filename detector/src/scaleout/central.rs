@@ -34,36 +34,22 @@ use super::{Names, bucket, connect, ensure, wire};
 use crate::detect::{AlarmEvent, AlarmState};
 use crate::pipeline::{Input, Pipeline, PipelineConfig, WhenBehind, build};
 
-/// `detector central`.
-#[derive(Debug, clap::Args)]
-pub struct CentralArgs {
-    /// NATS server URL (JetStream on), e.g. nats://127.0.0.1:4222.
-    #[arg(long, value_name = "URL")]
+/// What a `detector central` node does (the command line gives it).
+#[derive(Clone, Debug)]
+pub struct CentralOptions {
+    /// NATS server URL (JetStream on).
     pub nats: String,
-
     /// Shards the flows are split in: the same count on every edge and node.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub shards: u32,
-
     /// This node's name in leases and logs (default: host name and process id).
-    #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
-
-    /// A node that stops renewing its leases loses its shards after SECS seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=600))]
+    /// Seconds before a node that stops renewing its leases loses its shards.
     pub lease_secs: u64,
-
-    /// A batch delivered and not acknowledged (its node died) is delivered again after
-    /// SECS seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// Seconds before an unacknowledged batch is delivered again.
     pub ack_wait_secs: u64,
-
-    /// Log the node's counters every SECS seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    /// Seconds between two logs of the node's counters.
     pub stats_interval: u64,
-
-    #[command(flatten)]
-    pub detect: crate::cli::DetectArgs,
+    pub detect: crate::pipeline::build::DetectOptions,
 }
 
 /// What the node did so far.
@@ -299,7 +285,7 @@ fn key_safe(name: &str) -> String {
         .collect()
 }
 
-pub fn run(args: &CentralArgs) -> Result<()> {
+pub fn run(args: &CentralOptions) -> Result<()> {
     let (detect, mut alarms) = build::detection(&args.detect)?;
     let node = key_safe(&args.node.clone().unwrap_or_else(default_node));
     let rt = tokio::runtime::Builder::new_multi_thread()

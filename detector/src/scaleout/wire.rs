@@ -30,9 +30,7 @@ use crate::flow::{Direction, FlowRecord, Live, Origin};
 pub const MAGIC: &[u8; 3] = b"DTF";
 pub const VERSION: u8 = 1;
 pub const RECORD_LEN: usize = 16 + 16 + 2 + 2 + 4 + 8 * 4 + 4 + 4 + 2 + 2 + 16 + 2 + 4 + 2;
-/// Agent names are at most this many bytes (an edge refuses a longer one; a reader cuts
-/// it).
-pub const AGENT_MAX: usize = 32;
+pub use crate::flow::{AGENT_MAX, AgentName};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WireError {
@@ -44,46 +42,6 @@ pub enum WireError {
     Short(&'static str),
     #[error("agent name is not UTF-8")]
     Agent,
-}
-
-/// An edge agent's name as records carry it: at most [`AGENT_MAX`] bytes, inline (so an
-/// [`Origin`] stays `Copy`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentName {
-    len: u8,
-    bytes: [u8; AGENT_MAX],
-}
-
-impl AgentName {
-    /// `name` cut to [`AGENT_MAX`] bytes (at a character boundary).
-    pub fn new(name: &str) -> Self {
-        let mut end = name.len().min(AGENT_MAX);
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut bytes = [0u8; AGENT_MAX];
-        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
-        Self {
-            len: end as u8,
-            bytes,
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("?")
-    }
-}
-
-impl std::fmt::Debug for AgentName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.as_str())
-    }
-}
-
-impl std::fmt::Display for AgentName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 fn put_addr(b: &mut BytesMut, a: IpAddr) {

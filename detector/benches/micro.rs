@@ -1,16 +1,104 @@
-//! `detector bench-xdp` (run by `cargo xtask bench xdp`): ns per packet under
-//! BPF_PROG_TEST_RUN of three programs from the same object, in one run, over the same
-//! mix of frames: (a) one that returns PASS, (b) one that parses to the 5-tuple with the
-//! meter's parser and stops, (c) the flow meter itself on a map warmed with 64k flows.
-//! Prints the figures and the ratios; the target is (c) <= 1.5 x (b).
+//! Micro-benchmarks of the agent's parts, outside the product binary:
+//! `cargo xtask bench xdp|ingest|engine` builds this bench target and runs it
+//! (`micro xdp` needs root: BPF_PROG_TEST_RUN).
+//!
+//! - `xdp`: ns per packet under BPF_PROG_TEST_RUN of three programs from the agent's
+//!   own object, in one run, over the same mix of frames: (a) one that returns PASS,
+//!   (b) one that parses to the 5-tuple with the meter's parser and stops, (c) the flow
+//!   meter itself on a map warmed with 64k flows; then the uplink-size run over a
+//!   million warm flows. Prints the figures and the ratios; the target is (c) <= 1.5 x (b).
+//! - `ingest`: NetFlow ingest against nfcapd on the same datagrams.
+//! - `engine`: the detection engine's throughput and memory.
 
 use anyhow::{Context, Result, bail};
 use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use clap::{Args, Parser, Subcommand};
+use detector::sources::xdp::{LoadOptions, XDP_PROGRAM, load_object};
 use detector_common::{FLOWS4_MAP, FlowKey4, FlowStats};
 
-use crate::cli::BenchArgs;
-use crate::sources::xdp::{LoadOptions, XDP_PROGRAM, load_object};
+/// The agent's allocator, as in the product binary (the engine's figures depend on it).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(about = "Micro-benchmarks of the detector's parts (cargo xtask bench ...)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Measure the XDP program under BPF_PROG_TEST_RUN against reference programs.
+    Xdp(XdpArgs),
+    /// Measure NetFlow ingest against nfcapd on the same datagrams.
+    Ingest(IngestBenchArgs),
+    /// Measure the detection engine's throughput and memory.
+    Engine(EngineBenchArgs),
+}
+
+fn main() -> Result<()> {
+    // As the agent does: freed memory goes back to the kernel after 1 s (see its main).
+    // SAFETY: sets an allocator option; no other thread exists yet.
+    unsafe { libmimalloc_sys::mi_option_set(15, 1000) };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    // `cargo bench` passes `--bench`; take what follows the target's own arguments.
+    let args = std::env::args().filter(|a| a != "--bench");
+    match Cli::parse_from(args).bench {
+        Bench::Xdp(a) => xdp(a),
+        Bench::Ingest(a) => ingest(a),
+        Bench::Engine(a) => engine(a),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EngineBenchArgs {
+    /// Internal hosts.
+    #[arg(long, default_value_t = 100_000)]
+    pub hosts: u64,
+    /// Records per window.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub records: u64,
+    /// Windows: the first fills the engine (its memory comes from the kernel), the
+    /// others are the steady state, where every peer of the window before expires.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
+    pub windows: u64,
+    /// Flows the duplicate table holds (the agent's: 4,000,000).
+    #[arg(long, default_value_t = detector::pipeline::DEDUP_MAX_FLOWS)]
+    pub dedup_flows: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestBenchArgs {
+    /// Directory of the NetFlow test captures (default ../shared/testdata/netflow).
+    #[arg(long)]
+    pub testdata: Option<std::path::PathBuf>,
+    /// Seconds per trial.
+    #[arg(long, default_value_t = 2)]
+    pub seconds: u64,
+    /// First rate tried, datagrams per second.
+    #[arg(long, default_value_t = 20_000)]
+    pub start_rate: u64,
+    /// Trials per receiver at most.
+    #[arg(long, default_value_t = 10)]
+    pub trials: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct XdpArgs {
+    /// Runs per frame under BPF_PROG_TEST_RUN.
+    #[arg(long, default_value_t = 200_000)]
+    pub repeat: u32,
+    /// Flows pre-loaded in the map for the warm-map measurement.
+    #[arg(long, default_value_t = 65_536)]
+    pub warm_flows: u32,
+    /// Flows of the uplink-size measurement (frames spread over them; 0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub spread_flows: u32,
+}
 
 /// A frame of the mix with its weight (share of packets on a typical uplink).
 struct MixFrame {
@@ -185,14 +273,14 @@ fn weighted(mix: &[MixFrame], ns: &[f64]) -> f64 {
 }
 
 /// Runs the packet clock of `bpf`, as under the agent (until the ticker is dropped).
-fn start_clock(bpf: &mut aya::Ebpf) -> Result<crate::sources::xdp::clock::Ticker> {
-    let clock = std::sync::Arc::new(crate::sources::xdp::clock::ClockMap::new(
+fn start_clock(bpf: &mut aya::Ebpf) -> Result<detector::sources::xdp::clock::Ticker> {
+    let clock = std::sync::Arc::new(detector::sources::xdp::clock::ClockMap::new(
         aya::maps::Array::try_from(
             bpf.take_map(detector_common::CLOCK_MAP)
                 .context("clock map")?,
         )?,
     )?);
-    Ok(crate::sources::xdp::clock::Ticker::start(
+    Ok(detector::sources::xdp::clock::Ticker::start(
         clock,
         std::time::Duration::from_millis(1),
     )?)
@@ -308,8 +396,8 @@ fn pin_to_one_cpu() {
     }
 }
 
-pub fn xdp(args: BenchArgs) -> Result<()> {
-    if let Some(msg) = crate::privileges::check("BPF_PROG_TEST_RUN") {
+pub fn xdp(args: XdpArgs) -> Result<()> {
+    if let Some(msg) = detector::privileges::check("BPF_PROG_TEST_RUN") {
         bail!(msg);
     }
     let map_size = (args.warm_flows * 2).max(1024);
@@ -382,7 +470,7 @@ pub fn xdp(args: BenchArgs) -> Result<()> {
 /// listener and to nfcapd, in the same run. For each, the highest rate with no loss --
 /// every datagram decoded (application counters) and no kernel receive drop -- found by
 /// doubling then bisecting; printed in flows per second with the ratio.
-pub fn ingest(args: crate::cli::IngestBenchArgs) -> Result<()> {
+pub fn ingest(args: IngestBenchArgs) -> Result<()> {
     use std::process::{Command, Stdio};
 
     let data = args
@@ -395,13 +483,13 @@ pub fn ingest(args: crate::cli::IngestBenchArgs) -> Result<()> {
         "pmacct-test-automation__401-IPFIXv10-BMP-IPv6-CISCO-MPLS-multiple-sources__traffic-00.pcap",
     ] {
         let path = data.join(name);
-        let mut dec = crate::sources::netflow::decode::Decoder::new(Default::default(), vec![]);
-        let mut cap = crate::sources::capture::Capture::open(&path)
+        let mut dec = detector::sources::netflow::decode::Decoder::new(Default::default(), vec![]);
+        let mut cap = detector::sources::capture::Capture::open(&path)
             .with_context(|| format!("{} (pass --testdata DIR)", path.display()))?;
         while let Some(f) = cap.next_frame() {
             let f = f?;
-            if let Some(dg) = crate::sources::netflow::capture::udp_in_frame(&f.data)
-                && crate::sources::netflow::capture::looks_like_netflow(dg.payload)
+            if let Some(dg) = detector::sources::netflow::capture::udp_in_frame(&f.data)
+                && detector::sources::netflow::capture::looks_like_netflow(dg.payload)
             {
                 let mut out = Vec::new();
                 dec.decode(dg.from, dg.payload, std::time::SystemTime::now(), &mut out);
@@ -575,10 +663,10 @@ fn udp_drops(port: u16) -> u64 {
 /// `detector bench-engine`: records per second through duplicate marking, host profiles
 /// and scoring, with `hosts` internal hosts and `records` records over one window, then a
 /// second window to show memory stays bounded as windows roll; memory per tracked host.
-pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
-    use crate::detect::{DetectConfig, Engine};
-    use crate::flow::FlowRecord;
-    use crate::flow::dedup::Dedup;
+pub fn engine(args: EngineBenchArgs) -> Result<()> {
+    use detector::detect::{DetectConfig, Engine};
+    use detector::flow::FlowRecord;
+    use detector::flow::dedup::Dedup;
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::{Duration, Instant, SystemTime};
 
@@ -607,7 +695,7 @@ pub fn engine(args: crate::cli::EngineBenchArgs) -> Result<()> {
     let window = cfg.window;
     let eval = cfg.eval_interval;
     let mut engine = Engine::new(cfg);
-    let mut dedup = Dedup::new(crate::pipeline::DEDUP_WINDOW, args.dedup_flows);
+    let mut dedup = Dedup::new(detector::pipeline::DEDUP_WINDOW, args.dedup_flows);
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let rss0 = rss_bytes();
     println!(
