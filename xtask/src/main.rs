@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench_agent;
 mod package;
 mod soak;
+mod timing;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Set-up, run, test and benchmark the detector")]
@@ -331,6 +332,16 @@ fn run(args: Vec<OsString>) -> Result<()> {
 }
 
 fn test(filter: Option<String>) -> Result<()> {
+    let mut times = timing::Timings::default();
+    let r = test_timed(filter, &mut times);
+    say("the ten slowest tests and steps:");
+    for line in times.slowest(10) {
+        eprintln!("  {line}");
+    }
+    r
+}
+
+fn test_timed(filter: Option<String>, times: &mut timing::Timings) -> Result<()> {
     ensure_setup()?;
     // Some tests start the agent binary itself.
     status(cargo().args(["build", "--package", "detector", "--bin", "detector"]))?;
@@ -340,7 +351,7 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Some(f) = &filter {
         c.arg("--").arg(f);
     }
-    status(&mut c)?;
+    times.cargo_test("unit and unprivileged tests", &mut c)?;
     if !is_root() {
         bail!(
             "the privileged tests (BPF_PROG_TEST_RUN, XDP, network namespaces) need root: run `sudo -E cargo xtask test`"
@@ -361,22 +372,26 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Some(f) = &filter {
         c.arg(f);
     }
-    status(&mut c)?;
+    times.cargo_test("privileged tests", &mut c)?;
     if filter.is_none() {
         say(
             "package: build it, install it with dpkg, verify the unit, check the shipped configuration",
         );
         let bin = build_release()?;
-        let deb = package::build(&bin)?;
-        package::check(&deb)?;
+        times.step("package: build and check", || {
+            let deb = package::build(&bin)?;
+            package::check(&deb)
+        })?;
         say("soak, short run (`cargo xtask soak --minutes 30` for the long one)");
-        soak::run(
-            &bin,
-            &soak::SoakArgs {
-                minutes: 2,
-                sample_secs: Some(15),
-            },
-        )?;
+        times.step("soak, 2 minutes", || {
+            soak::run(
+                &bin,
+                &soak::SoakArgs {
+                    minutes: 2,
+                    sample_secs: Some(15),
+                },
+            )
+        })?;
     }
     Ok(())
 }
