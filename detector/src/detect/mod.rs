@@ -5,6 +5,8 @@
 //! Pure: records carry their times, and `evaluate` takes `now` (the wall clock under
 //! `run`, the capture's clock under `replay`).
 
+pub mod alarm;
+pub mod config;
 pub mod dense;
 pub mod evidence;
 pub mod kind;
@@ -13,203 +15,15 @@ pub mod ports;
 pub mod profile;
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
 use crate::flow::FlowRecord;
-use crate::sources::netflow::decode::Cidr;
-use evidence::{Evidence, Thresholds, Verdict};
+use alarm::{Alarm, alarm_id, event};
+pub use alarm::{AlarmEvent, AlarmState};
+pub use config::{DetectConfig, TopSenders};
+use evidence::{Thresholds, Verdict};
 use profile::HostProfile;
-
-/// Detection settings.
-#[derive(Clone, Debug)]
-pub struct DetectConfig {
-    /// Internal networks; everything else is external.
-    pub internal: Vec<Cidr>,
-    /// Hosts or networks that never alarm.
-    pub allow_hosts: Vec<Cidr>,
-    /// Ports (either side) whose flows are ignored.
-    pub allow_ports: Vec<u16>,
-    pub window: Duration,
-    pub eval_interval: Duration,
-    /// Consecutive evaluations over the threshold before an alarm is raised.
-    pub consecutive: u32,
-    /// Minimum time between two `updated` events of one alarm.
-    pub update_interval: Duration,
-    /// Time under the threshold before an alarm is cleared.
-    pub clear_after: Duration,
-    pub thresholds: Thresholds,
-    /// Hosts tracked at most (beyond: records counted and dropped).
-    pub max_hosts: usize,
-    /// Peers held in full per host (beyond: counted in a sketch).
-    pub max_peers: usize,
-}
-
-impl Default for DetectConfig {
-    fn default() -> Self {
-        let c = |s: &str| s.parse().expect("static CIDR");
-        Self {
-            internal: vec![
-                c("10.0.0.0/8"),
-                c("172.16.0.0/12"),
-                c("192.168.0.0/16"),
-                c("100.64.0.0/10"),
-                c("fc00::/7"),
-            ],
-            allow_hosts: Vec::new(),
-            allow_ports: Vec::new(),
-            window: Duration::from_secs(300),
-            eval_interval: Duration::from_secs(10),
-            consecutive: 2,
-            update_interval: Duration::from_secs(60),
-            clear_after: Duration::from_secs(120),
-            thresholds: Thresholds::default(),
-            max_hosts: 100_000,
-            max_peers: 4096,
-        }
-    }
-}
-
-impl DetectConfig {
-    /// Whether `ip` is in an internal network.
-    pub fn is_internal(&self, ip: IpAddr) -> bool {
-        self.internal.iter().any(|c| c.contains(ip))
-    }
-
-    fn usable(ip: IpAddr) -> bool {
-        !(ip.is_multicast() || ip.is_unspecified() || ip.is_loopback() || is_broadcast(ip))
-    }
-}
-
-fn is_broadcast(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast() || v4.octets()[3] == 255)
-}
-
-/// The network's top 10 external senders over the window, merged over the shards of
-/// an engine split by internal host (each shard sees a sender's bytes into its own
-/// hosts), and the senders idle for the whole window, which every shard forgets.
-#[derive(Clone, Debug, Default)]
-pub struct TopSenders {
-    pub top10: HashSet<IpAddr>,
-    pub idle: HashSet<IpAddr>,
-}
-
-impl TopSenders {
-    /// Sums each sender's bytes over the shards' snapshots (its last time is the latest
-    /// of them): exactly what one engine fed every record would hold.
-    pub fn from_shards(
-        shards: impl IntoIterator<Item = Vec<(IpAddr, u64, SystemTime)>>,
-        now: SystemTime,
-        window: Duration,
-    ) -> Self {
-        let mut merged: std::collections::HashMap<IpAddr, (u64, SystemTime)> =
-            std::collections::HashMap::new();
-        for snapshot in shards {
-            for (ip, bytes, last) in snapshot {
-                let e = merged.entry(ip).or_insert((0, last));
-                e.0 += bytes;
-                e.1 = e.1.max(last);
-            }
-        }
-        let mut idle = HashSet::new();
-        let mut by_bytes: Vec<(IpAddr, u64)> = Vec::with_capacity(merged.len());
-        for (ip, (bytes, last)) in merged {
-            if now.duration_since(last).unwrap_or_default() < window {
-                by_bytes.push((ip, bytes));
-            } else {
-                idle.insert(ip);
-            }
-        }
-        // Ties at the tenth place go to the lower address, so the set never depends on
-        // a hash map's order (two engines fed the same records agree).
-        if by_bytes.len() > 10 {
-            by_bytes.select_nth_unstable_by_key(9, |&(ip, b)| (std::cmp::Reverse(b), ip));
-            by_bytes.truncate(10);
-        }
-        Self {
-            top10: by_bytes.into_iter().map(|(ip, _)| ip).collect(),
-            idle,
-        }
-    }
-}
-
-/// Alarm lifecycle states.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AlarmState {
-    Raised,
-    Updated,
-    Cleared,
-}
-
-/// One alarm event, as written to `--alarms-json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct AlarmEvent {
-    pub id: String,
-    pub state: AlarmState,
-    pub host: IpAddr,
-    /// The application: `bittorrent`, `gnutella`, `edonkey`, or `p2p` (see [`kind`]).
-    pub kind: &'static str,
-    /// What named the application.
-    pub kind_evidence: Vec<String>,
-    pub score: f64,
-    /// When this event happened (the evaluation that raised, updated or cleared it).
-    pub at: String,
-    /// When the host's activity of this episode began (its first record).
-    pub first_seen: String,
-    /// The end of the host's last record seen.
-    pub last_seen: String,
-    pub window_secs: u64,
-    pub peers: u64,
-    pub flows: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub top_peer_share: f64,
-    pub evidence: Vec<Evidence>,
-    /// Each look-alike guard considered, with what it measured (none held: the alarm
-    /// stands).
-    pub guards: Vec<String>,
-    pub exporters: Vec<String>,
-}
-
-impl AlarmEvent {
-    /// The same event as one readable log line.
-    pub fn log_line(&self) -> String {
-        let fired: Vec<String> = self
-            .evidence
-            .iter()
-            .filter(|e| e.fired)
-            .map(|e| format!("{}={:.2} ({} {:.2})", e.rule, e.value, e.op, e.threshold))
-            .collect();
-        format!(
-            "alarm {} {} {}: host {} score {:.1}, {} peers, {} flows, {} bytes in, {} bytes out, top peer {:.0}%; {}{}; seen by {}",
-            self.id,
-            match self.state {
-                AlarmState::Raised => "raised",
-                AlarmState::Updated => "updated",
-                AlarmState::Cleared => "cleared",
-            },
-            self.kind,
-            self.host,
-            self.score,
-            self.peers,
-            self.flows,
-            self.bytes_in,
-            self.bytes_out,
-            self.top_peer_share * 100.0,
-            fired.join(", "),
-            if self.kind_evidence.is_empty() {
-                String::new()
-            } else {
-                format!("; {} because {}", self.kind, self.kind_evidence.join(", "))
-            },
-            self.exporters.join(", ")
-        )
-    }
-}
 
 #[derive(Debug)]
 struct HostState {
@@ -220,21 +34,6 @@ struct HostState {
     last: (f64, Option<&'static str>),
     /// The highest score of an evaluation no guard vetoed, for reports.
     peak: f64,
-}
-
-#[derive(Debug)]
-struct Alarm {
-    id: String,
-    first_seen: SystemTime,
-    last_over: SystemTime,
-    last_event: SystemTime,
-    last_score: f64,
-    last_peers: u64,
-    /// The verdict of the last event, reported again when the alarm clears after the
-    /// host's profile has emptied (its last state, not an empty one).
-    last_verdict: Verdict,
-    /// When that verdict's records were last seen.
-    last_seen: SystemTime,
 }
 
 /// Counters of the engine.
@@ -853,45 +652,6 @@ impl Engine {
     /// Ends every open alarm's evaluation (end of a replay): evaluates once more at `now`.
     pub fn finish(&mut self, now: SystemTime) -> Vec<AlarmEvent> {
         self.evaluate(now)
-    }
-}
-
-fn alarm_id(host: IpAddr, at: SystemTime) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    host.hash(&mut h);
-    at.hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-fn event(
-    a: &Alarm,
-    state: AlarmState,
-    host: IpAddr,
-    v: &Verdict,
-    p: &HostProfile,
-    now: SystemTime,
-    cfg: &DetectConfig,
-) -> AlarmEvent {
-    let rfc = crate::export::json::rfc3339;
-    AlarmEvent {
-        id: a.id.clone(),
-        state,
-        host,
-        kind: v.kind,
-        kind_evidence: v.kind_evidence.clone(),
-        score: v.score,
-        at: rfc(now),
-        first_seen: rfc(a.first_seen),
-        last_seen: rfc(now.min(p.last_seen.max(a.last_seen).max(a.first_seen))),
-        window_secs: cfg.window.as_secs(),
-        peers: v.measures.peers,
-        flows: v.measures.flows,
-        bytes_in: v.measures.bytes_in,
-        bytes_out: v.measures.bytes_out,
-        top_peer_share: v.measures.top_peer_share,
-        evidence: v.evidence.clone(),
-        guards: v.guard_evidence.clone(),
-        exporters: p.sources().map(|o| o.label()).collect(),
     }
 }
 

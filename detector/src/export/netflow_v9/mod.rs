@@ -1,6 +1,7 @@
 //! NetFlow v9 export over UDP to one or more collectors.
 
 pub mod encoder;
+pub mod layout;
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::SystemTime;
