@@ -1,3 +1,6 @@
+//! The `detector` binary: the allocator, the logger, and one command of the command line
+//! (`run`, `replay`, `central`, `check-config`), each a shell around the library.
+
 use std::process::ExitCode;
 
 use clap::Parser;
