@@ -93,6 +93,33 @@ fn messages_of(frames: &[Vec<u8>], section: usize) -> Vec<Vec<u8>> {
     ]
 }
 
+/// The flows `replay --netflow` reads from the IPFIX `export` (raw IPv4 packets), each
+/// record sampled 1 in 100: per 5-tuple, packets and bytes as exported (scaled).
+fn replayed(
+    export: &[Vec<u8>],
+    dir: &std::path::Path,
+) -> BTreeMap<tests::tshark::Tuple, (u64, u64)> {
+    let export_pcap = dir.join("ipfix.pcap");
+    write_pcap(&export_pcap, LINKTYPE_RAW, export);
+    let mut got = BTreeMap::new();
+    for v in replay_netflow(&export_pcap, &dir.join("flows.json")) {
+        let n = |k: &str| v[k].as_u64().unwrap();
+        let ip = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+        assert_eq!(n("sampling"), 100, "{v}");
+        got.insert(
+            (
+                n("protocol") as u8,
+                ip("src_addr"),
+                n("src_port") as u16,
+                ip("dst_addr"),
+                n("dst_port") as u16,
+            ),
+            (n("packets"), n("bytes")),
+        );
+    }
+    got
+}
+
 #[test]
 fn sampled_frame_sections_become_flows_scaled_by_the_sampling_rate() {
     let dir = std::env::temp_dir().join(format!("detector-frames-{}", std::process::id()));
@@ -116,25 +143,7 @@ fn sampled_frame_sections_become_flows_scaled_by_the_sampling_rate() {
         ([192, 0, 2, 2].into(), 4739),
         &messages(&frames),
     );
-    let export_pcap = dir.join("ipfix.pcap");
-    write_pcap(&export_pcap, LINKTYPE_RAW, &export);
-    let mut got = BTreeMap::new();
-    for v in replay_netflow(&export_pcap, &dir.join("flows.json")) {
-        let n = |k: &str| v[k].as_u64().unwrap();
-        let ip = |k: &str| v[k].as_str().unwrap().parse().unwrap();
-        assert_eq!(n("sampling"), 100, "{v}");
-        got.insert(
-            (
-                n("protocol") as u8,
-                ip("src_addr"),
-                n("src_port") as u16,
-                ip("dst_addr"),
-                n("dst_port") as u16,
-            ),
-            (n("packets"), n("bytes")),
-        );
-    }
-    assert_eq!(got, want);
+    assert_eq!(replayed(&export, &dir), want);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -268,23 +277,6 @@ fn srv6_encapsulated_frames_give_the_inner_packets_flow() {
         ([192, 0, 2, 2].into(), 4739),
         &messages_of(&frames, 160),
     );
-    let export_pcap = dir.join("ipfix.pcap");
-    write_pcap(&export_pcap, LINKTYPE_RAW, &export);
-    let mut got = BTreeMap::new();
-    for v in replay_netflow(&export_pcap, &dir.join("flows.json")) {
-        let n = |k: &str| v[k].as_u64().unwrap();
-        let ip = |k: &str| v[k].as_str().unwrap().parse().unwrap();
-        got.insert(
-            (
-                n("protocol") as u8,
-                ip("src_addr"),
-                n("src_port") as u16,
-                ip("dst_addr"),
-                n("dst_port") as u16,
-            ),
-            (n("packets"), n("bytes")),
-        );
-    }
-    assert_eq!(got, want);
+    assert_eq!(replayed(&export, &dir), want);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -658,27 +658,29 @@ fn prepare(cfg: &LabConfig, dir: &Path, plan: &Plan) -> Result<Content> {
     let torrent_b = dir.join("b.torrent");
     let hash_a = make_torrent(&data_a.join("lab-a.bin"), &torrent_a, &announce, false)?;
     let hash_b = make_torrent(&data_b.join("lab-b.bin"), &torrent_b, &announce, false)?;
+    // A swarm's own data and torrent (`X.torrent`, its data in `data_dir/lab-X.bin`).
+    let mut swarm = |name: &str, data_dir: &str, tracker: String, private: bool| {
+        let data = dir.join(data_dir);
+        fs::create_dir_all(&data)?;
+        let bin = data.join(format!("lab-{name}.bin"));
+        make_payload(&bin, c_mib, &mut rng)?;
+        let torrent = dir.join(format!("{name}.torrent"));
+        let hash = make_torrent(&bin, &torrent, &tracker, private)?;
+        anyhow::Ok((data, torrent, hash))
+    };
     // The private swarm's torrent: its own tracker, the private flag set.
-    let data_c = dir.join("private-swarm-data");
-    fs::create_dir_all(&data_c)?;
-    make_payload(&data_c.join("lab-c.bin"), c_mib, &mut rng)?;
-    let torrent_c = dir.join("c.torrent");
-    let hash_c = make_torrent(
-        &data_c.join("lab-c.bin"),
-        &torrent_c,
-        &format!("http://{}:6969/announce", plan.private_tracker),
+    let (data_c, torrent_c, hash_c) = swarm(
+        "c",
+        "private-swarm-data",
+        format!("http://{}:6969/announce", plan.private_tracker),
         true,
     )?;
     // D: the Transmission client's swarm, its tracker on port 80 (as trackers behind
     // web ports are), sized like C (about 50 connected seeders at 24 KiB/s).
-    let data_d = dir.join("transmission-swarm-data");
-    fs::create_dir_all(&data_d)?;
-    make_payload(&data_d.join("lab-d.bin"), c_mib, &mut rng)?;
-    let torrent_d = dir.join("d.torrent");
-    let hash_d = make_torrent(
-        &data_d.join("lab-d.bin"),
-        &torrent_d,
-        &format!("http://{}/announce", plan.transmission_tracker),
+    let (data_d, torrent_d, hash_d) = swarm(
+        "d",
+        "transmission-swarm-data",
+        format!("http://{}/announce", plan.transmission_tracker),
         false,
     )?;
     for (name, addr, port, hashes) in [
