@@ -436,26 +436,37 @@ fn lab(args: Vec<OsString>) -> Result<()> {
 }
 
 /// Builds the micro-benchmarks (`detector/benches/micro.rs`, not part of the product
-/// binary) and returns the executable cargo made.
+/// binary) with the release profile, beside the release agent, and returns the
+/// executable cargo made.
 fn build_micro() -> Result<PathBuf> {
-    say("building the micro-benchmarks (cargo bench -p detector --bench micro --no-run)");
+    say("building the micro-benchmarks (detector/benches/micro.rs, release)");
     let out = cargo()
-        .args(["bench", "-p", "detector", "--bench", "micro", "--no-run"])
-        .stderr(std::process::Stdio::piped())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "detector",
+            "--bench",
+            "micro",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running cargo bench --no-run")?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    eprint!("{text}");
+        .context("running cargo build --bench micro")?;
     if !out.status.success() {
         bail!("building the micro-benchmarks failed");
     }
-    // "Executable benches/micro.rs (target/release/deps/micro-HASH)"
+    // The artifact message of the bench target names its executable.
+    let text = String::from_utf8_lossy(&out.stdout);
     let path = text
         .lines()
-        .find(|l| l.contains("benches/micro.rs ("))
-        .and_then(|l| l.rsplit_once('(')?.1.strip_suffix(')'))
+        .filter(|l| l.contains("\"name\":\"micro\"") && l.contains("\"kind\":[\"bench\"]"))
+        .find_map(|l| {
+            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            l[at..].split('"').next().map(str::to_string)
+        })
         .context("cargo did not name the micro-benchmark executable")?;
-    Ok(workspace_root().join(path))
+    Ok(PathBuf::from(path))
 }
 
 fn bench_xdp(repeat: u32) -> Result<()> {
