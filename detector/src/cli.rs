@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::sources::netflow::decode::Cidr;
+use crate::flow::Cidr;
 use crate::sources::xdp::XdpModeArg;
 
 #[derive(Debug, Parser)]

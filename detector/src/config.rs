@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::DetectConfig;
 use crate::detect::evidence::Thresholds;
-use crate::sources::netflow::decode::Cidr;
+use crate::flow::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

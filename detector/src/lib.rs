@@ -11,6 +11,7 @@ pub mod config;
 pub mod detect;
 pub mod export;
 pub mod flow;
+pub mod mem;
 pub mod pipeline;
 pub mod privileges;
 pub mod replay;

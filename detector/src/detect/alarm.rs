@@ -117,7 +117,7 @@ pub(super) fn event(
     now: SystemTime,
     cfg: &DetectConfig,
 ) -> AlarmEvent {
-    let rfc = crate::export::json::rfc3339;
+    let rfc = crate::flow::rfc3339;
     AlarmEvent {
         id: a.id.clone(),
         state,

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use super::evidence::Thresholds;
-use crate::sources::netflow::decode::Cidr;
+use crate::flow::Cidr;
 
 /// Detection settings.
 #[derive(Clone, Debug)]

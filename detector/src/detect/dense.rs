@@ -18,6 +18,7 @@
 //! every entry ([`DenseMap::stamps`], then [`DenseMap::remove_at`]). Without stamps, `S`
 //! is `()` and costs nothing.
 
+use crate::mem::prefetch_read;
 use std::hash::{BuildHasher, Hash};
 
 use rustc_hash::FxBuildHasher;
@@ -429,23 +430,6 @@ pub(super) fn clear_linear(slots: &mut [u64], mut i: usize, home: impl Fn(u64, u
         }
     }
     slots[i] = 0;
-}
-
-#[inline]
-fn prefetch_read<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch(p.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// Asks the CPU to fetch the memory at `r` (a value about to be updated).
-#[inline]
-pub fn prefetch<T>(r: &T) {
-    prefetch_read(r as *const T);
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ impl PortTable {
     pub fn prefetch(&self, port: u16) {
         if !self.slots.is_empty() {
             let i = home(port, self.slots.len() - 1);
-            super::dense::prefetch(&self.slots[i]);
+            crate::mem::prefetch(&self.slots[i]);
         }
     }
 

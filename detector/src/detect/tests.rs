@@ -238,7 +238,7 @@ fn events_tell_when_the_activity_began_and_what_it_was_when_it_cleared() {
     for s in (80..600).step_by(10) {
         events.extend(e.tick(t(s), false));
     }
-    let rfc = crate::export::json::rfc3339;
+    let rfc = crate::flow::rfc3339;
     let raised = events
         .iter()
         .find(|x| x.state == AlarmState::Raised)

@@ -136,7 +136,7 @@ impl Dedup {
         let mask = self.buckets.len() - 1;
         for i in 0..records.len() {
             if let Some(&h) = hashes.get(i + D) {
-                crate::detect::dense::prefetch(&self.buckets[h as usize & mask]);
+                crate::mem::prefetch(&self.buckets[h as usize & mask]);
             }
             self.mark_hashed(&mut records[i], hashes[i]);
         }

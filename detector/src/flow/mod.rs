@@ -1,8 +1,11 @@
 //! The flow record every source produces and every sink consumes, and the flow table
 //! that turns cumulative kernel counters into NetFlow-style records.
 
+mod cidr;
 pub mod dedup;
 pub mod table;
+
+pub use cidr::Cidr;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -251,6 +254,19 @@ impl FlowRecord {
     pub fn is_icmp(&self) -> bool {
         self.protocol == 1 || self.protocol == 58
     }
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Where a source hands its records over (the pipeline's input, which wires sources to
+/// detection and the sinks): cloned into each thread of the source.
+pub trait Emit: Clone + Send + 'static {
+    /// Hands `records` over at `now` (possibly none: the sinks still get `now` for their
+    /// periodic work).
+    fn emit(&self, records: Vec<FlowRecord>, now: SystemTime);
 }
 
 /// Kernel keys carry IPv4 as IPv4-mapped IPv6; give it back as IPv4.

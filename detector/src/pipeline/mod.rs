@@ -149,6 +149,12 @@ pub struct Input {
     started: Instant,
 }
 
+impl crate::flow::Emit for Input {
+    fn emit(&self, records: Vec<FlowRecord>, now: SystemTime) {
+        Input::emit(self, records, now);
+    }
+}
+
 impl Input {
     /// Hands records over (possibly none: the sinks still get `now`, for their periodic
     /// work such as a template refresh).

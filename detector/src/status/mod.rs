@@ -231,7 +231,7 @@ impl State {
     /// `/api/hosts?top=N`.
     pub fn hosts_json(&self, top: usize) -> serde_json::Value {
         serde_json::json!({
-            "evaluated_at": self.evaluated_at.map(crate::export::json::rfc3339),
+            "evaluated_at": self.evaluated_at.map(crate::flow::rfc3339),
             "score_threshold": self.pipeline.score_threshold,
             "hosts": &self.hosts[..top.min(self.hosts.len())],
         })

@@ -67,10 +67,7 @@ impl From<&FlowRecord> for JsonFlow {
     }
 }
 
-/// RFC 3339 UTC with milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub use crate::flow::rfc3339;
 
 pub struct JsonSink {
     target: String,

@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use netflow_parser::AutoScopedParser;
 
 use super::decode::{self, Admission, Cidr, DecodeLimits, Decoder, Message, template_sets};
-use crate::pipeline::Input;
+use crate::flow::Emit;
 
 /// Default receive buffer requested for each listener socket (`--netflow-rcvbuf`).
 pub const DEFAULT_RCVBUF: usize = 32 << 20;
@@ -111,13 +111,13 @@ impl Listener {
     /// parsed datagrams back in the order they arrived and applies what needs that order
     /// (counters, sequence numbers, the sampling and time base that options data set):
     /// the result is what one thread gives, at the parse rate of several.
-    pub fn start(
+    pub fn start<E: Emit>(
         addr: SocketAddr,
         rcvbuf: usize,
         parsers: usize,
         limits: &DecodeLimits,
         allow: &[Cidr],
-        input: &Input,
+        input: &E,
         stop: &Arc<AtomicBool>,
     ) -> Result<Self, ListenError> {
         let bound = bind_one(addr, rcvbuf)?;
@@ -328,7 +328,7 @@ fn parse_loop(
 
 /// Takes the parsed chunks back in the order they were dealt and turns them into
 /// records, until the parser threads are done.
-fn convert_loop(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Parsed>>, input: Input) {
+fn convert_loop<E: Emit>(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Parsed>>, input: E) {
     let mut records = Vec::new();
     for turn in (0..parsers.len()).cycle() {
         // The parser whose turn it is has ended only when nothing more was dealt.
@@ -377,11 +377,11 @@ fn recv_or_zero(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
 }
 
 /// Reads, decodes and hands over until `stop` is set and the socket is empty.
-fn read_loop(
+fn read_loop<E: Emit>(
     sock: UdpSocket,
     decoder: Arc<Mutex<Decoder>>,
     drops: Arc<AtomicU64>,
-    input: Input,
+    input: E,
     stop: Arc<AtomicBool>,
 ) {
     let mut batch = RecvBatch::new(BATCH);
