@@ -812,68 +812,61 @@ fn cert_chain(dir: &Path) -> Result<()> {
         "-out",
         &p("ca-root.crt"),
     ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    // A key and a request for `subject` (the key in `key`), then the certificate
+    // `ca` signs for it (`NAME.crt`, from `NAME.csr`) with the extensions of `ext`.
+    let issue =
+        |subject: &str, name: &str, key: &str, ca: &str, serial: &str, days: &str, ext: &str| {
+            let csr = p(&format!("{name}.csr"));
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                subject,
+                "-keyout",
+                &p(key),
+                "-out",
+                &csr,
+            ])?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &p(&format!("{ca}.crt")),
+                "-CAkey",
+                &p(&format!("{ca}.key")),
+                "-set_serial",
+                serial,
+                "-days",
+                days,
+                "-sha256",
+                "-extfile",
+                &p(ext),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ])
+        };
+    issue(
         "/O=Lab Trust/CN=Lab TLS CA R1",
-        "-keyout",
-        &p("ca-int.key"),
-        "-out",
-        &p("ca-int.csr"),
-    ])?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("ca-int.csr"),
-        "-CA",
-        &p("ca-root.crt"),
-        "-CAkey",
-        &p("ca-root.key"),
-        "-set_serial",
+        "ca-int",
+        "ca-int.key",
+        "ca-root",
         "4096",
-        "-days",
         "30",
-        "-sha256",
-        "-extfile",
-        &p("ca.ext"),
-        "-out",
-        &p("ca-int.crt"),
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+        "ca.ext",
+    )?;
+    issue(
         "/CN=mirror.lab.test",
-        "-keyout",
-        &p("lab-chain.key"),
-        "-out",
-        &p("leaf.csr"),
-    ])?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("leaf.csr"),
-        "-CA",
-        &p("ca-int.crt"),
-        "-CAkey",
-        &p("ca-int.key"),
-        "-set_serial",
+        "leaf",
+        "lab-chain.key",
+        "ca-int",
         "65537",
-        "-days",
         "2",
-        "-sha256",
-        "-extfile",
-        &p("leaf.ext"),
-        "-out",
-        &p("leaf.crt"),
-    ])?;
+        "leaf.ext",
+    )?;
     let chain =
         fs::read_to_string(dir.join("leaf.crt"))? + &fs::read_to_string(dir.join("ca-int.crt"))?;
     fs::write(dir.join("lab-chain.crt"), chain)?;
