@@ -35,6 +35,15 @@ pub const PAYLOAD_HINTS_GLOBAL: &str = "PAYLOAD_HINTS";
 /// Global (read-only data) holding the 1-in-N sampling rate; 0 or 1 means every packet.
 pub const SAMPLING_GLOBAL: &str = "SAMPLING";
 
+/// Benchmark maps (`cargo xtask bench xdp`), one entry each unless a benchmark sizes
+/// them: the sequence of indices the sequence-driven programs walk (entry 0 holds its
+/// length; memory-mappable so the bench writes millions of entries directly), ...
+pub const BENCH_SEQ_MAP: &str = "BENCH_SEQ";
+/// ... the array the floor program reads one random entry of per frame, ...
+pub const BENCH_FLOOR_MAP: &str = "BENCH_FLOOR";
+/// ... and each CPU's position in the sequence.
+pub const BENCH_POS_MAP: &str = "BENCH_POS";
+
 /// Flows each kernel flow map (IPv4, IPv6) holds in the compiled object and under
 /// `replay`; `run` sizes them for an uplink (see [`UPLINK_MAP_SIZE`]).
 pub const DEFAULT_MAP_SIZE: u32 = 262_144;

@@ -85,6 +85,7 @@ use detector_common::{
     OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
 };
 
+mod bench;
 mod parse;
 use parse::{Frame, Packet, parse, payload_hints};
 

@@ -10,6 +10,9 @@
 //! - `ingest`: NetFlow ingest against nfcapd on the same datagrams.
 //! - `engine`: the detection engine's throughput and memory.
 
+#[path = "micro/uplink.rs"]
+mod uplink;
+
 use anyhow::{Context, Result, bail};
 use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -461,6 +464,7 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
     );
     if args.spread_flows > 0 {
         spread(args.spread_flows)?;
+        uplink::uplink(args.spread_flows)?;
     }
     Ok(())
 }

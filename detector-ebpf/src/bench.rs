@@ -1,0 +1,120 @@
+//! Benchmark programs, loaded only by `cargo xtask bench xdp` (the agent loads the
+//! meter alone). Their maps hold one entry unless the benchmark sizes them, so they cost
+//! the agent nothing.
+//!
+//! Under BPF_PROG_TEST_RUN with `repeat = N`, the kernel runs a program N times on the
+//! same frame; the sequence-driven programs make each run another packet: run `k` of a
+//! CPU takes index `BENCH_SEQ[1 + (pos + k) % BENCH_SEQ[0]]`, so the figures carry no
+//! per-syscall cost and the frames follow any order the benchmark writes (uniformly
+//! spread flows, a heavy-tailed trace):
+//!
+//! - [`bench_floor`]: one read at that index of `BENCH_FLOOR`, an array as large as the
+//!   flow map: what one cache and TLB miss costs on this machine, the floor of a lookup.
+//! - [`bench_floor_chain`]: the same, each read's place depending on the previous read's
+//!   value, so that no two misses overlap: the latency of one miss.
+//! - [`bench_meter_seq`]: writes flow `i`'s source address and port into the frame (an
+//!   IPv4 TCP frame from the benchmark: address `10.64.0.0 + (i >> 8)`, port `i & 0xffff`)
+//!   and meters it with the agent's own code, as `flow_ingress` does.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, xdp_action},
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use detector_common::DIRECTION_INGRESS;
+
+use crate::{FrameLen, meter, parse::Frame};
+
+#[map]
+static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map]
+static BENCH_FLOOR: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the position in the sequence (slot 0) and the last value the chained floor
+/// read (slot 1).
+#[map]
+static BENCH_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+
+/// This CPU's next index of the sequence (0 when the sequence is empty).
+#[inline(always)]
+fn next_index() -> Option<u32> {
+    let pos = BENCH_POS.get_ptr_mut(0)?;
+    let len = *BENCH_SEQ.get(0)?;
+    if len == 0 {
+        return None;
+    }
+    // SAFETY: this CPU's slot; programs do not nest on a CPU.
+    let p = unsafe {
+        let p = *pos;
+        *pos = p.wrapping_add(1);
+        p
+    };
+    BENCH_SEQ.get(1 + p % len).copied()
+}
+
+/// One read of a random entry of `BENCH_FLOOR` per run.
+#[xdp]
+pub fn bench_floor(_ctx: XdpContext) -> u32 {
+    if let Some(i) = next_index()
+        && let Some(v) = BENCH_FLOOR.get(i)
+    {
+        // SAFETY: reading a map value; volatile so the load is really made.
+        let _ = unsafe { core::ptr::read_volatile(v) };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// One read of a random entry of `BENCH_FLOOR` per run, each read's place depending on
+/// the value the previous one read (always 0, which the CPU cannot know): the reads cannot
+/// overlap, so this is the latency of one miss rather than the throughput of many.
+#[xdp]
+pub fn bench_floor_chain(_ctx: XdpContext) -> u32 {
+    if let Some(i) = next_index()
+        && let Some(last) = BENCH_POS.get_ptr_mut(1)
+    {
+        // SAFETY: this CPU's slot; programs do not nest on a CPU.
+        let prev = unsafe { *last };
+        if let Some(v) = BENCH_FLOOR.get(i.wrapping_add(prev)) {
+            // SAFETY: as above; a map value read.
+            unsafe { *last = core::ptr::read_volatile(v) as u32 };
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Offsets in the benchmark's frame (Ethernet, IPv4 without options, TCP).
+const SRC_ADDR: usize = 14 + 12;
+const SRC_PORT: usize = 14 + 20;
+
+/// The flow meter on flow `BENCH_SEQ[...]` of the sequence per run.
+#[xdp]
+pub fn bench_meter_seq(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if let Some(i) = next_index()
+        && data + SRC_PORT + 2 <= end
+    {
+        let addr = (0x0a40_0000u32 + (i >> 8)).to_be_bytes();
+        let port = ((i & 0xffff) as u16).to_be_bytes();
+        // SAFETY: within the frame (checked above); the frame is the benchmark's own.
+        unsafe {
+            let p = data as *mut u8;
+            core::ptr::copy_nonoverlapping(addr.as_ptr(), p.add(SRC_ADDR), 4);
+            core::ptr::copy_nonoverlapping(port.as_ptr(), p.add(SRC_PORT), 2);
+        }
+    }
+    let f = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    meter(
+        &f,
+        ctx.ingress_ifindex() as u32,
+        DIRECTION_INGRESS,
+        FrameLen::Xdp(ctx.ctx),
+        0,
+        1,
+    );
+    xdp_action::XDP_PASS
+}

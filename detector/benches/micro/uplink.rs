@@ -1,0 +1,528 @@
+//! The meter at uplink size, in the kernel's own loop: BPF_PROG_TEST_RUN with `repeat`
+//! runs a sequence-driven program (see the eBPF crate's `bench` module) once per packet
+//! of a sequence written into `BENCH_SEQ`, so consecutive packets belong to whichever
+//! flows the sequence says and no syscall sits between them. Four figures, ns per packet:
+//!
+//! - hot: every packet in one flow (the cache holds everything);
+//! - spread: each packet in another of a million warm flows, uniformly at random;
+//! - floor: one read at a random place of an array as large as that flow map (one cache
+//!   and TLB miss: what no hash-map lookup can beat on this machine);
+//! - trace-shaped: a million concurrent flows whose sizes follow a campus trace's heavy
+//!   tail (about 45 % of flows a single packet, the top 0.3 % of flows carrying about
+//!   80 % of packets), each flow's packets interleaved at random, the map empty at the
+//!   start so that every flow's first packet inserts it.
+//!
+//! Spread and trace-shaped also run on every CPU at once on the shared map (each CPU
+//! its own part of the sequence), printed per CPU beside the one-CPU figure. Every run
+//! checks that the meter counted every packet it was given in the map (no insert failed).
+
+use std::sync::Barrier;
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use detector::sources::xdp::clock::Ticker;
+use detector::sources::xdp::{EBPF_OBJECT, map_kernel_bytes};
+use detector_common::{
+    BENCH_FLOOR_MAP, BENCH_POS_MAP, BENCH_SEQ_MAP, COUNTERS_MAP, CounterBlock, DIRECTION_INGRESS,
+    FLOWS4_MAP, counter,
+};
+
+/// A small xorshift generator: the sequences are the same in every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [0, n).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() >> 11) as u128 * n as u128 >> 53) as u64
+    }
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The object with the flow map sized for `map_size` flows and the benchmark maps for a
+/// sequence of `seq` entries and a floor array of `floor` u64s, its programs loaded.
+fn load(map_size: u32, seq: u32, floor: u32) -> Result<(Ebpf, Ticker)> {
+    let mut bpf = EbpfLoader::new()
+        .map_max_entries(FLOWS4_MAP, map_size)
+        .map_max_entries(BENCH_SEQ_MAP, seq + 1)
+        .map_max_entries(BENCH_FLOOR_MAP, floor.max(1))
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object with the benchmark maps")?;
+    for p in [
+        "bench_pass",
+        "bench_floor",
+        "bench_floor_chain",
+        "bench_meter_seq",
+    ] {
+        let prog: &mut Xdp = bpf.program_mut(p).context(p)?.try_into()?;
+        prog.load().with_context(|| format!("loading {p}"))?;
+    }
+    // The packet clock, as under the agent (without it the meter calls a clock helper).
+    let clock = super::start_clock(&mut bpf)?;
+    Ok((bpf, clock))
+}
+
+/// `BENCH_SEQ`, mapped: entry 0 the length, then the indices.
+struct Seq {
+    ptr: *mut u32,
+    cap: usize,
+    bytes: usize,
+}
+
+impl Seq {
+    fn map(bpf: &Ebpf) -> Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let map = bpf.map(BENCH_SEQ_MAP).context("sequence map")?;
+        let arr: Array<&MapData, u32> = Array::try_from(map)?;
+        let cap = arr.len() as usize;
+        let fd = match map {
+            aya::maps::Map::Array(m) => m.fd().as_fd().as_raw_fd(),
+            _ => bail!("{BENCH_SEQ_MAP} is not an array"),
+        };
+        let page = 4096;
+        let bytes = (cap * 4).div_ceil(page) * page;
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `cap` u32s, shared, page-rounded.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the sequence map");
+        }
+        Ok(Self {
+            ptr: ptr as *mut u32,
+            cap,
+            bytes,
+        })
+    }
+
+    fn write(&self, indices: &[u32]) {
+        assert!(indices.len() < self.cap, "sequence larger than its map");
+        // SAFETY: within the mapping (checked above); only this thread writes it, and no
+        // program runs meanwhile.
+        unsafe {
+            *self.ptr = indices.len() as u32;
+            std::ptr::copy_nonoverlapping(indices.as_ptr(), self.ptr.add(1), indices.len());
+        }
+    }
+}
+
+impl Drop for Seq {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
+    }
+}
+
+/// Sets every CPU's position in the sequence: CPU `k` of `parts` starts at `k * len / parts`.
+fn positions(bpf: &mut Ebpf, len: usize, parts: usize) -> Result<()> {
+    let mut pos: PerCpuArray<_, u32> =
+        PerCpuArray::try_from(bpf.map_mut(BENCH_POS_MAP).context("position map")?)?;
+    let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let values: Vec<u32> = (0..n).map(|k| ((k % parts) * len / parts) as u32).collect();
+    pos.set(1, PerCpuValues::try_from(vec![0; n])?, 0)?;
+    pos.set(0, PerCpuValues::try_from(values)?, 0)?;
+    Ok(())
+}
+
+/// Packets the meter counted in the flow map, and insert failures, over every CPU.
+fn counted(bpf: &Ebpf) -> Result<(u64, u64)> {
+    let c: PerCpuArray<_, CounterBlock> =
+        PerCpuArray::try_from(bpf.map(COUNTERS_MAP).context("counters")?)?;
+    let per_cpu = c.get(&(DIRECTION_INGRESS as u32), 0)?;
+    let sum = |i: u32| per_cpu.iter().map(|b| b[i as usize]).sum::<u64>();
+    Ok((sum(counter::FLOW_PACKETS), sum(counter::INSERT_FAILED)))
+}
+
+/// The benchmark's frame: a 64-byte IPv4 TCP ACK the sequence programs rewrite.
+fn frame() -> Vec<u8> {
+    let mut f = vec![0u8; 64];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 64, 0, 0]);
+    ip[16..20].copy_from_slice(&[198, 18, 1, 1]);
+    let tcp = &mut f[34..54];
+    tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x10;
+    f
+}
+
+/// Mean ns per run of `program` over `repeat` runs on this CPU.
+fn run(bpf: &Ebpf, program: &'static str, repeat: u32) -> Result<f64> {
+    let p: &Xdp = bpf.program(program).context(program)?.try_into()?;
+    let data = frame();
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&data);
+    opts.repeat = repeat;
+    let r = p
+        .test_run(opts)
+        .with_context(|| format!("test run of {program}"))?;
+    ensure!(r.return_value == 2, "{program} did not return XDP_PASS");
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Runs `program` `repeat` times on each of `cpus` CPUs at once: each CPU's mean ns per
+/// run as the kernel timed it, and the wall-clock ns per packet of all of them together.
+fn run_on(
+    bpf: &Ebpf,
+    program: &'static str,
+    repeat: u32,
+    cpus: &[usize],
+) -> Result<(Vec<f64>, f64)> {
+    let barrier = Barrier::new(cpus.len() + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cpus
+            .iter()
+            .map(|&cpu| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    pin(cpu);
+                    barrier.wait();
+                    run(bpf, program, repeat)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = std::time::Instant::now();
+        let per_cpu = handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect::<Result<Vec<f64>>>()?;
+        let wall = start.elapsed().as_nanos() as f64 / (repeat as f64 * cpus.len() as f64);
+        Ok((per_cpu, wall))
+    })
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: plain libc calls on a zeroed cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The CPUs online (the caller may already be pinned to one of them).
+fn cpus() -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .context("reading /sys/devices/system/cpu/online")?;
+    let mut out = Vec::new();
+    for part in text.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        out.extend(a.parse::<usize>()?..=b.parse::<usize>()?);
+    }
+    Ok(out)
+}
+
+/// A campus trace's shape over `flows` flows: the packets (flow indices) in a random
+/// interleaving, with what the shape came out as.
+struct Trace {
+    seq: Vec<u32>,
+    single_share: f64,
+    top_share: f64,
+}
+
+fn trace(flows: u32, rng: &mut Rng) -> Trace {
+    let n = flows as usize;
+    let singles = n * 45 / 100;
+    let top = (n * 3 / 1000).max(1);
+    let middle = n - singles - top;
+    // The middle: a discrete Pareto tail (shape 1.3) from 2 packets, cut at 1,000.
+    let mut sizes: Vec<u64> = vec![1; singles];
+    sizes.extend((0..middle).map(|_| ((2.0 / rng.unit().powf(1.0 / 1.3)) as u64).clamp(2, 1000)));
+    let rest: u64 = sizes.iter().sum();
+    // The top: four times the rest (80 % of packets), Zipf-like among themselves.
+    let weights: Vec<f64> = (0..top).map(|k| 1.0 / (k as f64 + 1.0).powf(0.8)).collect();
+    let wsum: f64 = weights.iter().sum();
+    let heavy = 4 * rest;
+    sizes.extend(
+        weights
+            .iter()
+            .map(|w| ((heavy as f64 * w / wsum) as u64).max(1001)),
+    );
+    let total: u64 = sizes.iter().sum();
+    let top_packets: u64 = sizes[singles + middle..].iter().sum();
+    let mut seq = Vec::with_capacity(total as usize);
+    // Flow numbers shuffled, so that the heavy flows are not the highest indices.
+    let mut ids: Vec<u32> = (0..flows).collect();
+    for i in (1..n).rev() {
+        ids.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for (f, &size) in sizes.iter().enumerate() {
+        seq.extend(std::iter::repeat_n(ids[f], size as usize));
+    }
+    for i in (1..seq.len()).rev() {
+        seq.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    Trace {
+        seq,
+        single_share: singles as f64 / n as f64,
+        top_share: top_packets as f64 / total as f64,
+    }
+}
+
+/// Warms `flows` flows into the map by running the meter once over each.
+fn warm(bpf: &mut Ebpf, seq: &Seq, flows: u32) -> Result<()> {
+    let all: Vec<u32> = (0..flows).collect();
+    seq.write(&all);
+    positions(bpf, all.len(), 1)?;
+    run(bpf, "bench_meter_seq", flows)?;
+    Ok(())
+}
+
+/// Lowest of `trials` runs of `f`.
+fn lowest(trials: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..trials {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+/// One figure: ns per packet on each CPU alone, and on every CPU at once (per CPU).
+struct Figure {
+    alone: Vec<f64>,
+    together: Vec<f64>,
+    /// Wall-clock ns per packet of all CPUs at once (the aggregate rate's inverse).
+    wall: f64,
+}
+
+impl Figure {
+    fn best(&self) -> f64 {
+        self.alone.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    fn worst(&self) -> f64 {
+        self.alone.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// `program` over the sequence already written (`len` entries): on each CPU alone, the
+/// lowest of `trials` runs of `repeat`; then on every CPU at once, each its own part.
+fn figure(
+    bpf: &mut Ebpf,
+    program: &'static str,
+    len: usize,
+    repeat: u32,
+    trials: usize,
+    cpus: &[usize],
+) -> Result<Figure> {
+    let mut alone = Vec::new();
+    for &cpu in cpus {
+        positions(bpf, len, 1)?;
+        pin(cpu);
+        alone.push(lowest(trials, || run(bpf, program, repeat))?);
+    }
+    positions(bpf, len, cpus.len())?;
+    let (together, wall) = run_on(bpf, program, repeat / cpus.len() as u32, cpus)?;
+    Ok(Figure {
+        alone,
+        together,
+        wall,
+    })
+}
+
+/// The uplink-size measurement over `flows` flows (see the module's notes).
+pub fn uplink(flows: u32) -> Result<()> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let map_size = flows.saturating_mul(2);
+    let spread_len = 2_000_000u32;
+    let tr = trace(flows, &mut rng);
+    let trace_len = tr.seq.len() as u32;
+    let cpus = cpus()?;
+    let trials = 3;
+
+    // Hot and spread on one object: the map warmed with every flow.
+    let (mut bpf, _clock) = load(map_size, spread_len.max(flows), 1)?;
+    let seq = Seq::map(&bpf)?;
+    warm(&mut bpf, &seq, flows)?;
+    let map_bytes = {
+        let m = bpf.map(FLOWS4_MAP).context("flow map")?;
+        let aya::maps::Map::HashMap(d) = m else {
+            bail!("{FLOWS4_MAP} is not a hash map")
+        };
+        map_kernel_bytes(d).context("the flow map's memlock")?
+    };
+    let pass = figure(&mut bpf, "bench_pass", 1, spread_len, trials, &cpus)?;
+    seq.write(&[0]);
+    let hot = figure(&mut bpf, "bench_meter_seq", 1, spread_len, trials, &cpus)?;
+    let uniform: Vec<u32> = (0..spread_len)
+        .map(|_| rng.below(flows as u64) as u32)
+        .collect();
+    seq.write(&uniform);
+    let (before, _) = counted(&bpf)?;
+    let spread = figure(
+        &mut bpf,
+        "bench_meter_seq",
+        uniform.len(),
+        spread_len,
+        trials,
+        &cpus,
+    )?;
+    let (after, failed) = counted(&bpf)?;
+    let sent = (trials * cpus.len()) as u64 * spread_len as u64
+        + spread_len as u64 / cpus.len() as u64 * cpus.len() as u64;
+    ensure!(
+        after - before == sent && failed == 0,
+        "the meter counted {} of {sent} packets ({failed} insert failures)",
+        after - before,
+    );
+    drop(seq);
+    drop(bpf);
+
+    // The floor: an array of the flow map's memory size, read at random.
+    let floor_entries = (map_bytes / 8).min(u32::MAX as u64 - 1) as u32;
+    let (mut bpf, _clock) = load(1024, spread_len, floor_entries)?;
+    let seq = Seq::map(&bpf)?;
+    let random: Vec<u32> = (0..spread_len)
+        .map(|_| rng.below(floor_entries as u64) as u32)
+        .collect();
+    seq.write(&random);
+    let floor = figure(
+        &mut bpf,
+        "bench_floor",
+        random.len(),
+        spread_len,
+        trials,
+        &cpus,
+    )?;
+    let chain = figure(
+        &mut bpf,
+        "bench_floor_chain",
+        random.len(),
+        spread_len,
+        trials,
+        &cpus,
+    )?;
+    drop(seq);
+    drop(bpf);
+
+    // Trace-shaped: a fresh (empty) map per run, every packet of the trace once.
+    let mut trace = Figure {
+        alone: Vec::new(),
+        together: Vec::new(),
+        wall: 0.0,
+    };
+    for parts in std::iter::repeat_n(1, cpus.len()).chain([cpus.len()]) {
+        let (mut bpf, _clock) = load(map_size, trace_len, 1)?;
+        let seq = Seq::map(&bpf)?;
+        seq.write(&tr.seq);
+        positions(&mut bpf, tr.seq.len(), parts)?;
+        let per = trace_len / parts as u32;
+        if parts == 1 {
+            pin(cpus[trace.alone.len()]);
+            trace.alone.push(run(&bpf, "bench_meter_seq", per)?);
+        } else {
+            (trace.together, trace.wall) = run_on(&bpf, "bench_meter_seq", per, &cpus)?;
+        }
+        let (packets, failed) = counted(&bpf)?;
+        ensure!(
+            packets == per as u64 * parts as u64 && failed == 0,
+            "trace run: the meter counted {packets} of {} packets ({failed} insert failures)",
+            per as u64 * parts as u64
+        );
+    }
+
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:6.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "uplink size, in the kernel's loop (BPF_PROG_TEST_RUN repeat over a sequence, no syscall between packets; each CPU alone, lowest of {trials}, then all {} at once):",
+        cpus.len()
+    );
+    println!(
+        "  flow map: {flows} flows, {} MB of kernel memory ({:.0} B a flow with its buckets)",
+        map_bytes / 1_000_000,
+        map_bytes as f64 / flows as f64
+    );
+    let cols: Vec<String> = cpus.iter().map(|c| format!("cpu{c}")).collect();
+    println!(
+        "  {:<62} {:>w$}   at once: per CPU, and wall-clock ns per packet of all",
+        "ns/packet",
+        cols.iter()
+            .map(|c| format!("{c:>6}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        w = 7 * cpus.len() - 1
+    );
+    let row = |name: String, f: &Figure| {
+        println!(
+            "  {name:<62} {}   {}   {:6.1}",
+            list(&f.alone),
+            list(&f.together),
+            f.wall
+        )
+    };
+    row("(a) PASS: the loop itself".into(), &pass);
+    row(
+        format!("(f) floor: a random read of {} MB", map_bytes / 1_000_000),
+        &floor,
+    );
+    row(
+        "(l) floor, latency: each read waits for the last".into(),
+        &chain,
+    );
+    row("(h) hot: one flow".into(), &hot);
+    row(
+        format!("(s) spread: uniform over {flows} warm flows"),
+        &spread,
+    );
+    row(
+        format!("(t) trace-shaped: {trace_len} packets, map empty at the start"),
+        &trace,
+    );
+    println!(
+        "  the trace: {flows} flows, {:.0} % of them a single packet, the top 0.3 % carrying {:.0} % of packets",
+        tr.single_share * 100.0,
+        tr.top_share * 100.0
+    );
+    // Each CPU against its own floor: the ratio that does not depend on where the
+    // hypervisor placed a virtual CPU's memory.
+    let ratio = |s: &Figure, f: &Figure| {
+        s.alone
+            .iter()
+            .zip(&f.alone)
+            .map(|(s, f)| s / f)
+            .fold(0.0, f64::max)
+    };
+    let s_f = ratio(&spread, &floor);
+    let s_l = ratio(&spread, &chain);
+    println!(
+        "  spread / floor (worst CPU): {s_f:.2} against independent reads, {s_l:.2} against one miss's latency (target <= 2: {})",
+        if s_l <= 2.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  trace-shaped: {:.1} ns/packet on the slowest CPU, {:.1} on the fastest (target <= 100: {})",
+        trace.worst(),
+        trace.best(),
+        if trace.worst() <= 100.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    Ok(())
+}
