@@ -130,6 +130,18 @@ struct Round {
     edge_rate: f64,
     node_rate: f64,
     rss_mib: Vec<f64>,
+    /// Per node: hosts profiled and MiB its detection tables hold, after the drain.
+    profiled: Vec<(u64, u64)>,
+}
+
+/// Hosts profiled and table MiB from the last statistics line of a node's log.
+fn stats_line(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().rev().find(|l| l.contains("hosts profiled"))?;
+    let before = |needle: &str| -> Option<u64> {
+        let end = line.find(needle)?;
+        line[..end].split_whitespace().last()?.parse().ok()
+    };
+    Some((before(" hosts profiled")?, before(" MiB), highest")?))
 }
 
 fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Result<Round> {
@@ -210,7 +222,7 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
             Command::new(&bin)
                 .args(["central", "--nats", &url, "--shards", &SHARDS.to_string()])
                 .args(["--node", &format!("bench-{n}"), "--internal", "10.0.0.0/8"])
-                .args(["--stats-interval", "5"])
+                .args(["--stats-interval", "1"])
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(File::create(&nlog)?)
@@ -235,6 +247,26 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
     }
     let node_secs = t.elapsed().as_secs_f64();
     let rss_mib = procs.iter().map(|p| peak_rss_mib(p.0.id())).collect();
+    // Each node's next statistics line after an evaluation that came after the drain
+    // (the line reports the shards as of the last evaluation, every 10 s): the hosts it
+    // profiles and the bytes its tables hold.
+    std::thread::sleep(Duration::from_secs(11));
+    let mut profiled = Vec::new();
+    for l in &logs {
+        let lines = |text: &str| text.matches("hosts profiled").count();
+        let before = lines(&std::fs::read_to_string(l)?);
+        let t = Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(l)?;
+            if lines(&text) > before || t.elapsed() > Duration::from_secs(10) {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        profiled.push(
+            stats_line(&text).with_context(|| format!("no statistics line in {}", l.display()))?,
+        );
+    }
     drop(procs);
     drop(server);
     Ok(Round {
@@ -242,6 +274,7 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
         edge_rate: published as f64 / edge_secs,
         node_rate: published as f64 / node_secs,
         rss_mib,
+        profiled,
     })
 }
 
@@ -272,6 +305,13 @@ fn main() -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" / ")
         );
+        for (i, (&rss, &(hosts, tables))) in r.rss_mib.iter().zip(&r.profiled).enumerate() {
+            println!(
+                "  node {i}: {hosts} hosts profiled, peak RSS {:.1} KB a host (target <= 20), its detection tables {:.1} KB a host",
+                rss * 1048.576 / hosts.max(1) as f64,
+                tables as f64 * 1048.576 / hosts.max(1) as f64
+            );
+        }
         rounds.push(r);
     }
     let (one, two) = (&rounds[0], &rounds[1]);

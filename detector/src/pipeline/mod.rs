@@ -43,8 +43,8 @@ use crate::flow::dedup::{Dedup, DedupStats};
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
 /// Flows the duplicate marker tracks at most (over all shards).
 pub const DEDUP_MAX_FLOWS: usize = 4_000_000;
-/// Batches a shard's queue holds before it counts as behind.
-const SHARD_QUEUE: usize = 256;
+/// Batches a shard's queue holds before it counts as behind (by default).
+pub const SHARD_QUEUE: usize = 256;
 /// Batches the sink thread's queue holds (shards wait when it is full).
 const SINK_QUEUE: usize = 1024;
 /// How long a finishing pipeline lets the webhook's queue drain.
@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     pub when_behind: WhenBehind,
     /// Flows the duplicate marker tracks, over all shards.
     pub dedup_flows: usize,
+    /// Batches a shard's queue holds before it counts as behind (the sources' batches:
+    /// a few hundred records from the meter, thousands from an edge).
+    pub shard_queue: usize,
 }
 
 impl PipelineConfig {
@@ -80,6 +83,7 @@ impl PipelineConfig {
             workers: workers.unwrap_or(cpus).max(1),
             when_behind,
             dedup_flows: DEDUP_MAX_FLOWS,
+            shard_queue: SHARD_QUEUE,
         }
     }
 }
@@ -132,6 +136,8 @@ struct ShardReport {
     engine: EngineStats,
     hosts: usize,
     max_hosts: usize,
+    /// Bytes its engine's and duplicate marker's tables hold on the heap.
+    table_bytes: usize,
 }
 
 /// Where sources hand their records over: cheap to clone, one per source thread.
@@ -289,6 +295,7 @@ fn shard_worker(
                     engine: engine.stats.clone(),
                     hosts: engine.hosts(),
                     max_hosts: engine.max_hosts(),
+                    table_bytes: engine.heap_bytes() + dedup.heap_bytes(),
                 });
             }
         }
@@ -365,7 +372,7 @@ impl Pipeline {
         let mut senders = Vec::with_capacity(n);
         let mut shard_threads = Vec::with_capacity(n);
         for i in 0..n {
-            let (tx, rx) = sync_channel(SHARD_QUEUE);
+            let (tx, rx) = sync_channel(cfg.shard_queue.max(1));
             let dedup = Dedup::new(DEDUP_WINDOW, cfg.dedup_flows.div_ceil(n));
             let engine = Engine::new(shard_cfg.clone());
             let sinks = has_sinks.then(|| sink_tx.clone());
@@ -567,7 +574,7 @@ impl Pipeline {
             })
             .collect();
         format!(
-            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows the full duplicate table forgot early, {} not marked or profiled because detection was behind); detection on {} workers: {} hosts profiled ({} records of hosts beyond the limit), highest scores (threshold {:.1}): [{}], {}; {}",
+            "exported {} records ({} packets, {} bytes, {} marked duplicate, {} flows the full duplicate table forgot early, {} not marked or profiled because detection was behind); detection on {} workers: {} hosts profiled ({} records of hosts beyond the limit, tables {} MiB), highest scores (threshold {:.1}): [{}], {}; {}",
             c.records.load(Ordering::Relaxed),
             c.packets.load(Ordering::Relaxed),
             c.bytes.load(Ordering::Relaxed),
@@ -577,6 +584,7 @@ impl Pipeline {
             self.workers(),
             sum(|r| r.hosts as u64),
             sum(|r| r.engine.hosts_over_limit),
+            sum(|r| r.table_bytes as u64) >> 20,
             self.score_threshold,
             highest.join(", "),
             self.alarms.describe(),
@@ -627,6 +635,7 @@ impl Pipeline {
             workers: self.workers() as u64,
             hosts_profiled: sum(|r| r.hosts as u64),
             max_hosts: sum(|r| r.max_hosts as u64),
+            table_bytes: sum(|r| r.table_bytes as u64),
             engine: self.engine_stats(),
             score_threshold: self.score_threshold,
             sinks,
@@ -725,6 +734,8 @@ pub struct PipelineStats {
     pub hosts_profiled: u64,
     /// Hosts the engines may profile (`--max-hosts`).
     pub max_hosts: u64,
+    /// Bytes the detection tables (profiles, duplicate marker) hold on the heap.
+    pub table_bytes: u64,
     pub engine: EngineStats,
     pub score_threshold: f64,
     pub sinks: Vec<crate::export::SinkCounters>,

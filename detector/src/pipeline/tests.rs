@@ -101,6 +101,7 @@ fn run(workers: usize, stream: &[(u64, Vec<FlowRecord>)]) -> (Vec<String>, Vec<S
         workers,
         when_behind: WhenBehind::Wait,
         dedup_flows: 100_000,
+        shard_queue: super::SHARD_QUEUE,
     };
     let detect = DetectConfig {
         eval_interval: Duration::from_secs(10),
