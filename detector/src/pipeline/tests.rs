@@ -246,3 +246,30 @@ fn flow_starts_reach_detection_only_and_change_no_verdict() {
         assert_eq!(sorted_sources(a), sorted_sources(b), "the alarms differ");
     }
 }
+
+/// Internal hosts of one network spread over the workers: no worker idles while
+/// another takes every host (a hash whose high bits barely moved for addresses that
+/// differ in their last bytes sent 10.0.0.0/17 to one of two workers).
+#[test]
+fn hosts_of_one_network_spread_over_the_workers() {
+    let cfg = DetectConfig {
+        internal: vec!["10.0.0.0/8".parse().expect("cidr")],
+        ..DetectConfig::default()
+    };
+    let peer = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 1));
+    for n in [2usize, 3, 4, 8] {
+        let mut per = vec![0usize; n];
+        for i in 0..20_000u32 {
+            let host = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let r = FlowRecord::new(host, 51413, peer, 443, 6);
+            per[super::shard_of(&cfg, &r, n)] += 1;
+        }
+        let fair = 20_000 / n;
+        for (w, &k) in per.iter().enumerate() {
+            assert!(
+                k > fair * 9 / 10 && k < fair * 11 / 10,
+                "{n} workers: worker {w} got {k} of 20000 hosts ({per:?})"
+            );
+        }
+    }
+}
