@@ -26,7 +26,7 @@ fn main() {
             .values()
             .map(|s| {
                 format!(
-                    "dg={} tpl={} opt={} rec={} err={:?} notpl={} gaps={} lost={} skip={}",
+                    "dg={} tpl={} opt={} rec={} err={:?} notpl={} gaps={} lost={} skip={} compiled={}/{} parser={}",
                     s.datagrams,
                     s.templates,
                     s.options_records,
@@ -35,7 +35,10 @@ fn main() {
                     s.no_template,
                     s.sequence_gaps,
                     s.sequence_lost,
-                    s.skipped_records
+                    s.skipped_records,
+                    s.fast_datagrams,
+                    s.fast_records,
+                    s.slow_records
                 )
             })
             .collect();

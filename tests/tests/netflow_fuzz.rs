@@ -189,7 +189,64 @@ fn a_flood_of_garbage_from_many_sources_stays_bounded() {
         "{parsers} parser scopes"
     );
     assert!(
+        dec.compiled_scopes() <= parsers,
+        "{} compiled scopes",
+        dec.compiled_scopes()
+    );
+    assert!(
         dec.global.over_exporter_limit > 0,
         "the exporter limit was never reached"
     );
+}
+
+/// Counters per exporter without the two decoding paths' own.
+fn counters_but_paths(
+    d: &Decoder,
+) -> Vec<(IpAddr, detector::sources::netflow::decode::ExporterStats)> {
+    let mut v: Vec<_> = d
+        .exporters()
+        .iter()
+        .map(|(ip, s)| {
+            let mut s = s.clone();
+            s.fast_datagrams = 0;
+            s.fast_records = 0;
+            s.slow_records = 0;
+            (*ip, s)
+        })
+        .collect();
+    v.sort_by_key(|(ip, _)| *ip);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// Mutants decode alike with templates compiled and by netflow_parser alone: the
+    /// datagrams before a seed (its templates, mostly), the mutant, then the seed again,
+    /// through both; the same records, counters and early data.
+    #[test]
+    fn mutated_datagrams_decode_alike_on_both_paths(
+        seed in any::<prop::sample::Index>(),
+        context in 0usize..8,
+        muts in proptest::collection::vec(mutation(), 0..6),
+    ) {
+        let seeds = seeds();
+        let i = seed.index(seeds.len());
+        let mutant = apply(seeds[i].clone(), &muts);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 2055);
+        let mut fast = Decoder::new(DecodeLimits::default(), vec![]);
+        let mut slow = Decoder::with_fast_path(DecodeLimits::default(), vec![], false);
+        let stream = seeds[i.saturating_sub(context)..=i]
+            .iter()
+            .chain([&mutant, &seeds[i]]);
+        for dg in stream {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            fast.decode(from, dg, at, &mut got);
+            slow.decode(from, dg, at, &mut want);
+            prop_assert_eq!(got, want);
+        }
+        prop_assert_eq!(counters_but_paths(&fast), counters_but_paths(&slow));
+        prop_assert_eq!(fast.pending(), slow.pending());
+    }
 }

@@ -523,3 +523,125 @@ fn a_listener_parsing_on_three_threads_decodes_as_one_decoder_does() {
     let d = decoder.lock().unwrap();
     assert_eq!(d.describe_exporters(), one.describe_exporters());
 }
+
+/// Per exporter counters without the two paths' own (which differ by design).
+fn counters_but_paths(
+    d: &Decoder,
+) -> BTreeMap<IpAddr, detector::sources::netflow::decode::ExporterStats> {
+    d.exporters()
+        .iter()
+        .map(|(ip, s)| {
+            let mut s = s.clone();
+            assert_eq!(
+                s.fast_records + s.slow_records,
+                s.records,
+                "{ip}: paths add up"
+            );
+            s.fast_datagrams = 0;
+            s.fast_records = 0;
+            s.slow_records = 0;
+            (*ip, s)
+        })
+        .collect()
+}
+
+/// Records through the decoder with compiled templates and through netflow_parser alone
+/// (`what` names the stream): identical records, counters and early data. Returns the
+/// records and datagrams the compiled path took.
+fn same_on_both_paths(
+    what: &str,
+    mut feed: impl FnMut(&mut Decoder, &mut Vec<FlowRecord>),
+) -> (u64, u64) {
+    let mut fast = Decoder::new(DecodeLimits::default(), vec![]);
+    let mut slow = Decoder::with_fast_path(DecodeLimits::default(), vec![], false);
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    feed(&mut fast, &mut got);
+    feed(&mut slow, &mut want);
+    assert_eq!(got.len(), want.len(), "{what}: record count");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "{what}: record {i}");
+    }
+    assert_eq!(
+        counters_but_paths(&fast),
+        counters_but_paths(&slow),
+        "{what}"
+    );
+    assert_eq!(fast.global, slow.global, "{what}");
+    assert_eq!(fast.pending(), slow.pending(), "{what}: early data");
+    assert!(
+        slow.exporters().values().all(|s| s.fast_datagrams == 0),
+        "{what}: netflow_parser alone took the compiled path"
+    );
+    fast.exporters().values().fold((0, 0), |(r, d), s| {
+        (r + s.fast_records, d + s.fast_datagrams)
+    })
+}
+
+/// Every NetFlow/IPFIX capture of the testdata, and every raw datagram file (`.dat`) in
+/// one stream (in name order, and templates first), decoded with compiled templates
+/// equal netflow_parser's decoding record for record, with the same counters.
+#[test]
+fn compiled_templates_decode_as_netflow_parser_does() {
+    use std::time::{Duration, SystemTime};
+    let dir = need_testdata!();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("netflow dir lists")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let (mut fast_records, mut fast_datagrams, mut captures) = (0, 0, 0);
+    for f in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pcap" || e == "pcapng"))
+    {
+        let (r, d) = same_on_both_paths(&f.display().to_string(), |dec, out| {
+            decode_capture(f, None, dec, |r| out.extend(r)).expect("capture reads");
+        });
+        fast_records += r;
+        fast_datagrams += d;
+        captures += 1;
+    }
+    // The raw payloads (the same devices' datagrams, without the made-up headers), from
+    // one exporter: templates redefined from file to file, data before its template.
+    let mut raw: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dat"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            (name, std::fs::read(p).expect("datagram reads"))
+        })
+        .collect();
+    let from: std::net::SocketAddr = "192.0.2.7:2055".parse().unwrap();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for order in ["name", "templates first"] {
+        if order != "name" {
+            raw.sort_by_key(|(name, _)| !name.contains("tpl"));
+        }
+        let (r, d) = same_on_both_paths(&format!(".dat files, {order}"), |dec, out| {
+            for (_, dg) in &raw {
+                dec.decode(from, dg, at, out);
+            }
+        });
+        fast_records += r;
+        fast_datagrams += d;
+    }
+    // Every capture's datagrams from one exporter, in one stream.
+    let all = all_datagrams(&dir);
+    let (r, d) = same_on_both_paths("every capture in one stream", |dec, out| {
+        for dg in &all {
+            dec.decode(from, dg, at, out);
+        }
+    });
+    fast_records += r;
+    fast_datagrams += d;
+    eprintln!(
+        "{captures} captures and {} raw datagrams: {fast_records} records of {fast_datagrams} datagrams took the compiled path",
+        raw.len()
+    );
+    assert!(captures > 50, "{captures} captures");
+    // Most data datagrams of the testdata come after their template in their capture.
+    assert!(
+        fast_records > 2000 && fast_datagrams > 700,
+        "the compiled path took {fast_records} records of {fast_datagrams} datagrams"
+    );
+}

@@ -41,7 +41,7 @@ impl Rng {
     }
     /// Uniform in [0, n).
     fn below(&mut self, n: u64) -> u64 {
-        ((self.next() >> 11) as u128 * n as u128 >> 53) as u64
+        (((self.next() >> 11) as u128 * n as u128) >> 53) as u64
     }
     /// Uniform in (0, 1].
     fn unit(&mut self) -> f64 {

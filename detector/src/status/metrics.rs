@@ -265,7 +265,7 @@ fn ingest(f: &Families, s: &State) {
         &crate::sources::netflow::decode::ExporterStats,
         &crate::sources::netflow::decode::PendingStats,
     ) -> u64;
-    let families: [(&str, &str, Get); 12] = [
+    let families: [(&str, &str, Get); 13] = [
         (
             "detector_netflow_datagrams_total",
             "Datagrams received from the exporter.",
@@ -326,6 +326,11 @@ fn ingest(f: &Families, s: &State) {
             "Datagrams or sets that could not be decoded, over every kind.",
             |e, _| e.error_total(),
         ),
+        (
+            "detector_netflow_compiled_datagrams_total",
+            "Datagrams decoded by the templates compiled for their data sets (not by netflow_parser).",
+            |e, _| e.fast_datagrams,
+        ),
     ];
     for (name, help, get) in families {
         f.counter(
@@ -344,6 +349,15 @@ fn ingest(f: &Families, s: &State) {
         exporters.iter().flat_map(|(l, (ip, e, _))| {
             [("v5", e.v5), ("v9", e.v9), ("ipfix", e.ipfix)]
                 .map(|(v, n)| ([l.clone(), ip.to_string(), v.to_string()], n))
+        }),
+    );
+    f.counter(
+        "detector_netflow_path_records_total",
+        "Flow records by decoder: compiled (templates compiled for their data sets) or parser (netflow_parser).",
+        ["listener", "exporter", "path"],
+        exporters.iter().flat_map(|(l, (ip, e, _))| {
+            [("compiled", e.fast_records), ("parser", e.slow_records)]
+                .map(|(p, n)| ([l.clone(), ip.to_string(), p.to_string()], n))
         }),
     );
     f.counter(
@@ -408,6 +422,11 @@ fn pipeline(f: &Families, s: &State) {
         "detector_hosts_profiled",
         "Internal hosts profiled by detection now.",
         p.hosts_profiled as f64,
+    );
+    f.gauge1(
+        "detector_detection_table_bytes",
+        "Bytes the detection tables (host profiles, duplicate marker) hold on the heap.",
+        p.table_bytes as f64,
     );
     f.gauge1(
         "detector_hosts_limit",

@@ -135,6 +135,9 @@ fn a_scrape_carries_every_part_with_its_labels() {
     });
     let mut e = ExporterStats {
         records: 77,
+        fast_datagrams: 3,
+        fast_records: 70,
+        slow_records: 7,
         ..ExporterStats::default()
     };
     e.errors.insert("parse", 2);
@@ -155,6 +158,9 @@ fn a_scrape_carries_every_part_with_its_labels() {
         "detector_netflow_kernel_drops_total{listener=\"127.0.0.1:2055\"} 4",
         "detector_netflow_records_total{exporter=\"10.0.0.9\",listener=\"127.0.0.1:2055\"} 77",
         "detector_netflow_errors_total{exporter=\"10.0.0.9\",kind=\"parse\",listener=\"127.0.0.1:2055\"} 2",
+        "detector_netflow_path_records_total{exporter=\"10.0.0.9\",listener=\"127.0.0.1:2055\",path=\"compiled\"} 70",
+        "detector_netflow_path_records_total{exporter=\"10.0.0.9\",listener=\"127.0.0.1:2055\",path=\"parser\"} 7",
+        "detector_netflow_compiled_datagrams_total{exporter=\"10.0.0.9\",listener=\"127.0.0.1:2055\"} 3",
         "detector_start_time_seconds 1800000000",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");

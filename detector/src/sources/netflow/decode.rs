@@ -5,6 +5,10 @@
 //! - Templates are scoped per exporter address and observation domain (v9 source id,
 //!   IPFIX observation domain) by netflow_parser's `AutoScopedParser`; data arriving
 //!   before its template is held (bounded) and decoded when the template arrives.
+//! - Data sets of templates netflow_parser learned are decoded by a decoder compiled
+//!   from each template (`compiled.rs`, [`FastParser`]) into the same [`Message`];
+//!   everything else goes to netflow_parser. Each exporter counts its datagrams and
+//!   records by path.
 //! - Options data carrying a sampling interval (v9/IPFIX fields 34 and 50, IPFIX 305/306
 //!   and 309/310; the v5 header) sets the interval of that exporter's domain: records
 //!   keep their raw counts and the interval, and estimates are the product.
@@ -26,6 +30,7 @@ use netflow_parser::{
     AutoScopedParser, NetflowPacket, NetflowParser, ParseResult, PendingFlowsConfig,
 };
 
+pub use super::compiled::FastParser;
 use super::record::*;
 use crate::flow::{Direction, FlowRecord, Origin};
 
@@ -75,6 +80,14 @@ pub struct ExporterStats {
     pub options_records: u64,
     /// Templates and options templates received.
     pub templates: u64,
+    /// Datagrams decoded by a template compiled for them (`compiled.rs`) rather than by
+    /// netflow_parser.
+    pub fast_datagrams: u64,
+    /// Flow records from those datagrams.
+    pub fast_records: u64,
+    /// Flow records decoded by netflow_parser (everything the compiled templates do not
+    /// take: v5, templates, options, early data, the unusual and the malformed).
+    pub slow_records: u64,
 }
 
 impl ExporterStats {
@@ -117,7 +130,7 @@ pub use crate::flow::Cidr;
 
 /// The decoder of every exporter.
 pub struct Decoder {
-    parser: AutoScopedParser,
+    parser: FastParser,
     limits: DecodeLimits,
     allow: Vec<Cidr>,
     // Fx-hashed: looked up for every record (a million a second at full rate).
@@ -130,7 +143,7 @@ pub struct Decoder {
     /// IPFIX systemInitTimeMilliseconds per scope, for records timed in sysUpTime.
     init_time_ms: FxHashMap<(SocketAddr, u32), u64>,
     /// Parsers on other threads whose early data this decoder reports.
-    shared: Vec<Arc<Mutex<AutoScopedParser>>>,
+    shared: Vec<Arc<Mutex<FastParser>>>,
     pub global: GlobalStats,
 }
 
@@ -224,8 +237,15 @@ pub fn template_sets(data: &[u8]) -> Option<Vec<u8>> {
 
 impl Decoder {
     pub fn new(limits: DecodeLimits, allow: Vec<Cidr>) -> Self {
+        Self::with_fast_path(limits, allow, true)
+    }
+
+    /// A decoder that decodes data sets of compiled templates itself (`fast`), or one
+    /// that leaves every datagram to netflow_parser: the reference the compiled path is
+    /// held equal to.
+    pub fn with_fast_path(limits: DecodeLimits, allow: Vec<Cidr>, fast: bool) -> Self {
         Self {
-            parser: new_parser(&limits),
+            parser: FastParser::new(&limits, fast),
             limits,
             allow,
             exporters: FxHashMap::default(),
@@ -251,8 +271,14 @@ impl Decoder {
             self.sequences.len(),
             self.sampling.len(),
             self.init_time_ms.len(),
-            self.parser.source_count(),
+            self.parser.parser().source_count(),
         )
+    }
+
+    /// Template scopes the compiled path keeps (at most one per scope netflow_parser
+    /// keeps: [`Self::table_sizes`]).
+    pub fn compiled_scopes(&self) -> usize {
+        self.parser.compiled_scopes()
     }
 
     /// The limits this decoder was built with.
@@ -282,9 +308,9 @@ impl Decoder {
                 add(k.addr.ip(), info);
             }
         };
-        read(&self.parser);
+        read(self.parser.parser());
         for p in &self.shared {
-            read(&p.lock().unwrap_or_else(|e| e.into_inner()));
+            read(p.lock().unwrap_or_else(|e| e.into_inner()).parser());
         }
         out
     }
@@ -300,8 +326,7 @@ impl Decoder {
         if !self.admit(from, data.len()) {
             return;
         }
-        let result = self.parser.parse_from_source(from, data);
-        let message = Message::from_parse(from, result, received);
+        let message = self.parser.parse(from, data, received);
         self.apply(from, message, received, false, out);
     }
 
@@ -328,7 +353,7 @@ impl Decoder {
 
     /// Lets [`Self::pending`] report the early data held by parsers on other threads
     /// (a listener that parses one exporter's datagrams in parallel).
-    pub fn share_parsers(&mut self, parsers: Vec<Arc<Mutex<AutoScopedParser>>>) {
+    pub fn share_parsers(&mut self, parsers: Vec<Arc<Mutex<FastParser>>>) {
         self.shared = parsers;
     }
 
@@ -350,6 +375,7 @@ impl Decoder {
             error,
             trailing,
             body,
+            fast,
         } = message;
         if !learned {
             if let Some(kind) = error {
@@ -391,11 +417,18 @@ impl Decoder {
         let scope = ctx.scope();
         // Counted once for the message, not looked up again for every record.
         let before = out.len();
+        // The scope's own interval, looked up once for the message's records that name no
+        // sampler (until options in the message set it).
+        let mut scope_interval = None;
         for e in b.events {
             match e {
                 Event::Flow(mut r, sampler) => {
                     if r.sampling == 0 {
-                        r.sampling = self.interval_of(&scope, sampler);
+                        r.sampling = match sampler {
+                            Some(_) => self.interval_of(&scope, sampler),
+                            None => *scope_interval
+                                .get_or_insert_with(|| self.interval_of(&scope, None)),
+                        };
                     }
                     out.push(r);
                 }
@@ -412,6 +445,7 @@ impl Decoder {
                     init_ms,
                     sampler,
                 } => {
+                    scope_interval = None;
                     if let Some(ms) = init_ms {
                         self.remember(&scope, ms, |d| &mut d.init_time_ms);
                     }
@@ -429,7 +463,15 @@ impl Decoder {
                 }
             }
         }
-        self.stats(from).records += (out.len() - before) as u64;
+        let stats = self.stats(from);
+        let records = (out.len() - before) as u64;
+        stats.records += records;
+        if fast {
+            stats.fast_datagrams += 1;
+            stats.fast_records += records;
+        } else {
+            stats.slow_records += records;
+        }
     }
 
     /// The sampling interval of a record of `scope` that does not carry its own: its
@@ -455,7 +497,7 @@ impl Decoder {
             .into_iter()
             .map(|(ip, s, p)| {
                 format!(
-                    "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {}",
+                    "exporter {ip}: datagrams {} bytes {} records {} (v5 {} v9 {} ipfix {}) templates {} options {} errors {:?} no-template {} held {} late-decoded {} dropped-early {} sequence gaps {} lost {} skipped {} compiled {} datagrams {} records, parser {} records",
                     s.datagrams,
                     s.bytes,
                     s.records,
@@ -471,7 +513,10 @@ impl Decoder {
                     p.dropped,
                     s.sequence_gaps,
                     s.sequence_lost,
-                    s.skipped_records
+                    s.skipped_records,
+                    s.fast_datagrams,
+                    s.fast_records,
+                    s.slow_records
                 )
             })
             .collect()
@@ -548,16 +593,18 @@ pub struct Message {
     trailing: bool,
     /// The first export message, if one was parsed.
     body: Option<Body>,
+    /// Decoded by a compiled template (`compiled.rs`), not by netflow_parser.
+    fast: bool,
 }
 
-struct Body {
+pub(super) struct Body {
     /// 5, 9 or 10 (IPFIX); 0 for a version this decoder does not handle.
     version: u16,
     /// v9 source id or IPFIX observation domain (0 for v5).
     domain: u32,
     seq: u32,
     /// What this message adds to its sequence: records for v5 and IPFIX, 1 for v9.
-    units: u32,
+    pub(super) units: u32,
     export_ms: u64,
     sys_up_time: Option<u32>,
     events: Vec<Event>,
@@ -565,7 +612,7 @@ struct Body {
     options_records: u64,
     no_template: u64,
     skipped: u64,
-    errors: Vec<&'static str>,
+    pub(super) errors: Vec<&'static str>,
 }
 
 /// One record of a message, in order (options change the sampling of later records).
@@ -596,12 +643,34 @@ impl Message {
             error: result.error.as_ref().map(error_kind),
             trailing: packets.next().is_some(),
             body,
+            fast: false,
         }
+    }
+
+    /// A whole export message decoded by a compiled template.
+    pub(super) fn compiled(body: Body) -> Self {
+        Self {
+            error: None,
+            trailing: false,
+            body: Some(body),
+            fast: true,
+        }
+    }
+
+    /// Whether the compiled path decoded it.
+    pub fn is_fast(&self) -> bool {
+        self.fast
     }
 }
 
 impl Body {
-    fn new(version: u16, domain: u32, seq: u32, export_ms: u64, up: Option<u32>) -> Self {
+    pub(super) fn new(
+        version: u16,
+        domain: u32,
+        seq: u32,
+        export_ms: u64,
+        up: Option<u32>,
+    ) -> Self {
         Self {
             version,
             domain,
@@ -778,7 +847,7 @@ impl Body {
         }
     }
 
-    fn ctx(&self, from: SocketAddr, received: SystemTime) -> Ctx {
+    pub(super) fn ctx(&self, from: SocketAddr, received: SystemTime) -> Ctx {
         Ctx {
             from,
             domain: self.domain,
@@ -788,27 +857,44 @@ impl Body {
         }
     }
 
-    /// One data record: a flow when it has addresses (timed now unless its times wait
-    /// for the exporter's init time), else counted as skipped.
+    /// One data record decoded by netflow_parser.
     fn record<'a>(&mut self, ctx: &Ctx, fields: impl Iterator<Item = (u16, &'a FieldValue)>) {
         let mut r = RawRecord::default();
         for (id, v) in fields {
             r.set(id, v);
         }
-        if r.addresses().is_none() {
+        self.push_record(ctx, &r);
+    }
+
+    /// One data record's fields, taken (by either path): a flow when it has addresses
+    /// (timed now unless its times wait for the exporter's init time), else counted as
+    /// skipped.
+    pub(super) fn push_record(&mut self, ctx: &Ctx, r: &RawRecord) {
+        let Some(addresses) = r.addresses() else {
             self.skipped += 1;
             return;
-        }
+        };
+        self.push_flow(ctx, r, addresses);
         // A biflow (RFC 5103) is two flows: the reverse one from the other end.
-        let reverse = r.reverse();
-        for r in std::iter::once(r).chain(reverse) {
-            if r.needs_init_time(ctx) {
-                self.events.push(Event::Raw(Box::new(r)));
-            } else {
-                let sampler = r.sampler;
-                self.events.push(Event::Flow(r.flow(ctx, None), sampler));
-            }
+        if let Some(reverse) = r.reverse()
+            && let Some(addresses) = reverse.addresses()
+        {
+            self.push_flow(ctx, &reverse, addresses);
         }
+    }
+
+    fn push_flow(&mut self, ctx: &Ctx, r: &RawRecord, addresses: (IpAddr, IpAddr)) {
+        if r.needs_init_time(ctx) {
+            self.events.push(Event::Raw(Box::new(r.clone())));
+        } else {
+            let flow = r.flow_between(addresses, ctx, None);
+            self.events.push(Event::Flow(flow, r.sampler));
+        }
+    }
+
+    /// Room for `n` more records.
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.events.reserve(n);
     }
 
     /// One options data record: the sampling interval (fields 34/50, or 305/306 packet

@@ -17,9 +17,7 @@ use std::time::{Duration, SystemTime};
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use netflow_parser::AutoScopedParser;
-
-use super::decode::{self, Admission, Cidr, DecodeLimits, Decoder, Message, template_sets};
+use super::decode::{Admission, Cidr, DecodeLimits, Decoder, FastParser, Message, template_sets};
 use crate::flow::Emit;
 
 /// Default receive buffer requested for each listener socket (`--netflow-rcvbuf`).
@@ -160,7 +158,7 @@ impl Listener {
         for i in 0..parsers {
             let (tx, rx) = sync_channel::<Chunk>(CHANNEL_CHUNKS);
             let (ptx, prx) = sync_channel::<Parsed>(CHANNEL_CHUNKS);
-            let parser = Arc::new(Mutex::new(decode::new_parser(limits)));
+            let parser = Arc::new(Mutex::new(FastParser::new(limits, true)));
             shared.push(parser.clone());
             to_parsers.push(tx);
             from_parsers.push(prx);
@@ -296,22 +294,17 @@ fn deal_loop(
     }
 }
 
-/// Parses the chunks dealt to this thread with its own parser.
-fn parse_loop(
-    parser: Arc<Mutex<AutoScopedParser>>,
-    chunks: Receiver<Chunk>,
-    out: SyncSender<Parsed>,
-) {
+/// Parses the chunks dealt to this thread with its own parser (its compiled templates
+/// learn from the template copies as its parser does).
+fn parse_loop(parser: Arc<Mutex<FastParser>>, chunks: Receiver<Chunk>, out: SyncSender<Parsed>) {
     while let Ok(chunk) = chunks.recv() {
         let mut p = parser.lock().unwrap_or_else(|e| e.into_inner());
         let items = chunk
             .items
             .into_iter()
             .map(|it| {
-                let message = (it.job != Job::Skip).then(|| {
-                    let result = p.parse_from_source(it.from, &it.data);
-                    Message::from_parse(it.from, result, chunk.received)
-                });
+                let message =
+                    (it.job != Job::Skip).then(|| p.parse(it.from, &it.data, chunk.received));
                 (it.from, it.len, it.job, message)
             })
             .collect();

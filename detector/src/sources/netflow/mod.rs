@@ -2,6 +2,7 @@
 //! listener around it.
 
 pub mod capture;
+mod compiled;
 pub mod decode;
 pub mod listener;
 mod record;

@@ -29,8 +29,77 @@ impl Ctx {
     }
 }
 
+/// One field's value as [`RawRecord::set`] reads it: a number, an address, a time, or a
+/// sampled frame's bytes. Implemented by netflow_parser's decoded values (the general
+/// path) and by the compiled decoder's view of the wire bytes (`compiled.rs`), so what
+/// a field means is written once, here.
+pub(super) trait FieldView {
+    /// The value as an unsigned number, if it is one (times in milliseconds).
+    fn num(&self) -> Option<u64>;
+    /// The value as an address, if it is one.
+    fn addr(&self) -> Option<IpAddr>;
+    /// The value as a time in milliseconds, if it is one.
+    fn time_ms(&self) -> Option<u64>;
+    /// The raw bytes of an octet-array value.
+    fn frame(&self) -> Option<&[u8]>;
+}
+
+impl FieldView for &FieldValue {
+    fn num(&self) -> Option<u64> {
+        num(self)
+    }
+    fn addr(&self) -> Option<IpAddr> {
+        addr(self)
+    }
+    fn time_ms(&self) -> Option<u64> {
+        time_ms(self)
+    }
+    fn frame(&self) -> Option<&[u8]> {
+        match self {
+            FieldValue::Vec(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// Whether [`RawRecord::set`] reads field `id` at all (for every other id it does
+/// nothing): the fields a compiled template keeps.
+pub(super) fn used(id: u16) -> bool {
+    matches!(
+        id,
+        1 | 2
+            | 4..=8
+            | 10..=12
+            | 14
+            | 21..=24
+            | 27
+            | 28
+            | 32
+            | 34
+            | 48
+            | 50
+            | 58
+            | 61
+            | 85
+            | 86
+            | 139
+            | 150..=159
+            | 243
+            | 302
+            | 315
+            | REV_BYTES
+            | REV_PACKETS
+            | REV_TCP_FLAGS
+            | REV_BYTES_TOTAL
+            | REV_PACKETS_TOTAL
+    )
+}
+
+/// dataLinkFrameSection (RFC 7133): a sampled frame, read by [`RawRecord::frame_section`].
+pub(super) const FRAME_SECTION: u16 = 315;
+
 /// The fields of one data record that make a flow.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct RawRecord {
     pub(super) src4: Option<IpAddr>,
     pub(super) dst4: Option<IpAddr>,
@@ -87,54 +156,61 @@ impl RawRecord {
         }
     }
 
-    pub(super) fn set(&mut self, id: u16, v: &FieldValue) {
+    /// Takes field `id` of the record (fields later in the template overwrite earlier
+    /// ones, except where said).
+    pub(super) fn set(&mut self, id: u16, v: impl FieldView) {
         match id {
-            1 => self.bytes = num(v),
-            2 => self.packets = num(v),
-            23 => self.out_bytes = num(v),
-            24 => self.out_packets = num(v),
-            85 if self.bytes.is_none() => self.bytes = num(v),
-            86 if self.packets.is_none() => self.packets = num(v),
-            4 => self.protocol = num(v).unwrap_or(0) as u8,
-            5 => self.tos = num(v).unwrap_or(0) as u8,
-            6 => self.tcp_flags = num(v).unwrap_or(0) as u8,
-            7 => self.src_port = num(v).unwrap_or(0) as u16,
-            11 => self.dst_port = num(v).unwrap_or(0) as u16,
-            8 => self.src4 = addr(v),
-            12 => self.dst4 = addr(v),
-            27 => self.src6 = addr(v),
-            28 => self.dst6 = addr(v),
-            10 => self.input = num(v).unwrap_or(0) as u32,
-            14 => self.output = num(v).unwrap_or(0) as u32,
-            32 | 139 => self.icmp = num(v).map(|n| n as u16),
-            34 | 50 => self.sampling = num(v).map(|n| n.clamp(1, u32::MAX as u64) as u32),
-            48 | 302 => self.sampler = num(v),
+            1 => self.bytes = v.num(),
+            2 => self.packets = v.num(),
+            // Egress counters stand in for the ingress ones a record lacks.
+            23 => {
+                self.out_bytes = v.num();
+                if self.bytes.is_none() {
+                    self.bytes = self.out_bytes;
+                }
+            }
+            24 => {
+                self.out_packets = v.num();
+                if self.packets.is_none() {
+                    self.packets = self.out_packets;
+                }
+            }
+            85 if self.bytes.is_none() => self.bytes = v.num(),
+            86 if self.packets.is_none() => self.packets = v.num(),
+            4 => self.protocol = v.num().unwrap_or(0) as u8,
+            5 => self.tos = v.num().unwrap_or(0) as u8,
+            6 => self.tcp_flags = v.num().unwrap_or(0) as u8,
+            7 => self.src_port = v.num().unwrap_or(0) as u16,
+            11 => self.dst_port = v.num().unwrap_or(0) as u16,
+            8 => self.src4 = v.addr(),
+            12 => self.dst4 = v.addr(),
+            27 => self.src6 = v.addr(),
+            28 => self.dst6 = v.addr(),
+            10 => self.input = v.num().unwrap_or(0) as u32,
+            14 => self.output = v.num().unwrap_or(0) as u32,
+            32 | 139 => self.icmp = v.num().map(|n| n as u16),
+            34 | 50 => self.sampling = v.num().map(|n| n.clamp(1, u32::MAX as u64) as u32),
+            48 | 302 => self.sampler = v.num(),
             // dataLinkFrameSection (RFC 7133): the sampled frame's own headers.
-            315 => {
-                if let FieldValue::Vec(b) = v {
+            FRAME_SECTION => {
+                if let Some(b) = v.frame() {
                     self.frame_section(b);
                 }
             }
-            REV_BYTES => self.rev_bytes = num(v),
-            REV_PACKETS => self.rev_packets = num(v),
-            REV_BYTES_TOTAL if self.rev_bytes.is_none() => self.rev_bytes = num(v),
-            REV_PACKETS_TOTAL if self.rev_packets.is_none() => self.rev_packets = num(v),
-            REV_TCP_FLAGS => self.rev_tcp_flags = num(v).unwrap_or(0) as u8,
-            58 | 243 if self.vlan == 0 => self.vlan = num(v).unwrap_or(0) as u16,
-            61 => self.direction = num(v),
-            21 => self.last_uptime = time_ms(v),
-            22 => self.first_uptime = time_ms(v),
-            150 | 152 | 154 | 156 => self.first_abs_ms = time_ms(v),
-            151 | 153 | 155 | 157 => self.last_abs_ms = time_ms(v),
-            158 => self.first_delta_us = num(v),
-            159 => self.last_delta_us = num(v),
+            REV_BYTES => self.rev_bytes = v.num(),
+            REV_PACKETS => self.rev_packets = v.num(),
+            REV_BYTES_TOTAL if self.rev_bytes.is_none() => self.rev_bytes = v.num(),
+            REV_PACKETS_TOTAL if self.rev_packets.is_none() => self.rev_packets = v.num(),
+            REV_TCP_FLAGS => self.rev_tcp_flags = v.num().unwrap_or(0) as u8,
+            58 | 243 if self.vlan == 0 => self.vlan = v.num().unwrap_or(0) as u16,
+            61 => self.direction = v.num(),
+            21 => self.last_uptime = v.time_ms(),
+            22 => self.first_uptime = v.time_ms(),
+            150 | 152 | 154 | 156 => self.first_abs_ms = v.time_ms(),
+            151 | 153 | 155 | 157 => self.last_abs_ms = v.time_ms(),
+            158 => self.first_delta_us = v.num(),
+            159 => self.last_delta_us = v.num(),
             _ => {}
-        }
-        if self.bytes.is_none() && self.out_bytes.is_some() && id == 23 {
-            self.bytes = self.out_bytes;
-        }
-        if self.packets.is_none() && self.out_packets.is_some() && id == 24 {
-            self.packets = self.out_packets;
         }
     }
 
@@ -296,10 +372,20 @@ impl RawRecord {
     /// The flow record (call only when [`Self::addresses`] has them); `sampling` 0 when
     /// the record does not carry its interval.
     pub(super) fn flow(&self, ctx: &Ctx, init_ms: Option<u64>) -> FlowRecord {
-        let (src, dst) = self.addresses().unwrap_or((
+        let addresses = self.addresses().unwrap_or((
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         ));
+        self.flow_between(addresses, ctx, init_ms)
+    }
+
+    /// [`Self::flow`] with the record's [`Self::addresses`] already taken.
+    pub(super) fn flow_between(
+        &self,
+        (src, dst): (IpAddr, IpAddr),
+        ctx: &Ctx,
+        init_ms: Option<u64>,
+    ) -> FlowRecord {
         let (first, last) = self.times(ctx, init_ms);
         let icmp = self.protocol == 1 || self.protocol == 58;
         let dst_port = if icmp && self.dst_port == 0 {
@@ -476,7 +562,10 @@ pub(super) fn time_ms(v: &FieldValue) -> Option<u64> {
     const NTP_TO_UNIX: u64 = 2_208_988_800;
     match v {
         FieldValue::Duration(DurationValue::Millis { value, .. }) => Some(*value),
-        FieldValue::Duration(DurationValue::Seconds { value, .. }) => Some(value * 1000),
+        // Saturating: an 8-byte seconds field may hold anything.
+        FieldValue::Duration(DurationValue::Seconds { value, .. }) => {
+            Some(value.saturating_mul(1000))
+        }
         FieldValue::Duration(DurationValue::MicrosNtp { seconds, fraction })
         | FieldValue::Duration(DurationValue::NanosNtp { seconds, fraction }) => Some(
             (*seconds as u64).saturating_sub(NTP_TO_UNIX) * 1000
