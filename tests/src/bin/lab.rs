@@ -29,6 +29,10 @@ struct Args {
     /// Working directory (wiped first): logs, torrents, exports.
     #[arg(long, default_value = "/tmp/detector-lab")]
     dir: PathBuf,
+    /// The meter's 1-in-N packet sampling (1: every packet); sampled, the scorecard holds
+    /// the targets of detection under sampling.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    sampling: u32,
     /// The agent binary (default: the one built beside this binary).
     #[arg(long)]
     detector: Option<PathBuf>,
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         dir: args.dir,
         detector,
         scripts: tests::workspace_root().join("tests/lab"),
+        sampling: args.sampling,
     };
     match lab::run(&cfg) {
         Ok(card) => {

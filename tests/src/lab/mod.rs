@@ -106,6 +106,9 @@ pub struct LabConfig {
     pub detector: PathBuf,
     /// Directory holding torrent.py and benign.py.
     pub scripts: PathBuf,
+    /// The meter's 1-in-N packet sampling (`detector run --sampling N`); 1: every packet.
+    /// Sampled, the targets are those of detection under sampling (see `score`).
+    pub sampling: u32,
 }
 
 /// Each peer's upload limit (bytes/s): throttled, as clients are, so that no peer stands
@@ -1113,6 +1116,8 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             // What the scorecard reads every host's score from, as an operator would.
             "--http",
             STATUS_ADDR,
+            "--sampling",
+            cfg.sampling.max(1),
         ],
     ))?;
     wait_for(
