@@ -24,6 +24,8 @@ use crate::flow::{FlowRecord, WallClock, monotonic_ns, record_from_delta};
 use crate::pipeline::{Pipeline, PipelineConfig, WhenBehind, build};
 use crate::sources::netflow::decode::DecodeLimits;
 use crate::sources::netflow::listener::Listener;
+use crate::sources::sflow::decode::{SflowLimits, SflowTimeouts};
+use crate::sources::sflow::listener::SflowListener;
 use crate::sources::xdp::{self, KernelCounters, LoadOptions, XdpSource};
 use crate::status::Status;
 use detector_common::counter;
@@ -295,6 +297,9 @@ async fn ring_ready(
 struct Ingest {
     listeners: Vec<Listener>,
     drops_logged: Vec<u64>,
+    /// sFlow listeners (`--sflow-listen`), and their kernel drops as last logged.
+    sflow: Vec<SflowListener>,
+    sflow_drops_logged: Vec<u64>,
 }
 
 impl Ingest {
@@ -305,6 +310,16 @@ impl Ingest {
             if drops > *logged {
                 warn!(
                     "listener {}: the kernel dropped {drops} datagrams so far (receive buffer full; raise --netflow-rcvbuf, or more --workers)",
+                    l.addr
+                );
+                *logged = drops;
+            }
+        }
+        for (l, logged) in self.sflow.iter().zip(&mut self.sflow_drops_logged) {
+            let drops = l.kernel_drops();
+            if drops > *logged {
+                warn!(
+                    "sflow listener {}: the kernel dropped {drops} datagrams so far (receive buffer full; raise --netflow-rcvbuf)",
                     l.addr
                 );
                 *logged = drops;
@@ -325,9 +340,27 @@ impl Ingest {
             rejected += d.global.rejected;
             over += d.global.over_exporter_limit;
         }
-        parts.push(format!(
-            "rejected by --exporter-allow {rejected}, over the exporter limit {over}"
-        ));
+        if !self.listeners.is_empty() {
+            parts.push(format!(
+                "rejected by --exporter-allow {rejected}, over the exporter limit {over}"
+            ));
+        }
+        for l in &self.sflow {
+            let d = l.decoder.lock().unwrap_or_else(|p| p.into_inner());
+            let g = &d.global;
+            parts.push(format!(
+                "sflow listener {}: kernel drops {} rejected by --exporter-allow {} over the source limit {} header errors {:?} flows {} over the flow limit {} over the interface limit {}",
+                l.addr,
+                l.kernel_drops(),
+                g.rejected,
+                g.over_source_limit,
+                g.errors,
+                d.flows(),
+                g.over_flow_limit,
+                g.over_interface_limit
+            ));
+            parts.extend(d.describe_sources());
+        }
         parts.join("; ")
     }
 
@@ -353,10 +386,36 @@ impl Ingest {
             .collect()
     }
 
-    /// Stops reading (after the sockets are empty) and waits for the decoder threads.
+    fn sflow_status(&self) -> Vec<crate::status::SflowStatus> {
+        let mut room = crate::status::metrics::SFLOW_INTERFACES;
+        self.sflow
+            .iter()
+            .map(|l| {
+                let d = l.decoder.lock().unwrap_or_else(|p| p.into_inner());
+                let all = d.interfaces();
+                let interfaces: Vec<_> = all.iter().take(room).map(|(k, c)| (*k, *c)).collect();
+                room -= interfaces.len();
+                crate::status::SflowStatus {
+                    addr: Some(l.addr),
+                    kernel_drops: l.kernel_drops(),
+                    global: d.global.clone(),
+                    flows: d.flows() as u64,
+                    sources: d.source_stats(),
+                    interfaces_left_out: (all.len() - interfaces.len()) as u64,
+                    interfaces,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops reading (after the sockets are empty) and waits for the decoder threads
+    /// (the sFlow listeners hand over every flow they hold).
     fn stop(&mut self, stop: &AtomicBool) {
         stop.store(true, Ordering::Relaxed);
         for l in &mut self.listeners {
+            l.join();
+        }
+        for l in &mut self.sflow {
             l.join();
         }
     }
@@ -525,7 +584,44 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ingest = Some(Ingest {
             listeners,
             drops_logged: vec![0; n],
+            sflow: Vec::new(),
+            sflow_drops_logged: Vec::new(),
         });
+    }
+    if !args.sflow_listen.is_empty() {
+        let timeouts = SflowTimeouts {
+            active: Duration::from_secs(args.active_timeout),
+            inactive: Duration::from_secs(args.inactive_timeout),
+        };
+        let i = ingest.get_or_insert_with(|| Ingest {
+            listeners: Vec::new(),
+            drops_logged: Vec::new(),
+            sflow: Vec::new(),
+            sflow_drops_logged: Vec::new(),
+        });
+        for addr in &args.sflow_listen {
+            let l = SflowListener::start(
+                *addr,
+                args.netflow_rcvbuf,
+                SflowLimits::default(),
+                timeouts,
+                &args.exporter_allow,
+                &input,
+                &stop,
+            )?;
+            info!(
+                "receiving sFlow on {} (receive buffer {} bytes; flows cut at {} s active, {} s inactive)",
+                l.addr, l.rcvbuf, args.active_timeout, args.inactive_timeout
+            );
+            if l.rcvbuf < args.netflow_rcvbuf {
+                warn!(
+                    "sflow listener {}: asked for a {} byte receive buffer, the kernel granted {} (net.core.rmem_max): run with CAP_NET_ADMIN or `sysctl -w net.core.rmem_max={}`",
+                    l.addr, args.netflow_rcvbuf, l.rcvbuf, args.netflow_rcvbuf
+                );
+            }
+            i.sflow.push(l);
+            i.sflow_drops_logged.push(0);
+        }
     }
 
     let (mut meter, mut ring) = match &args.iface {
@@ -580,11 +676,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         }
                     };
                     let listeners = ingest.as_ref().map(Ingest::status).unwrap_or_default();
+                    let sflow = ingest.as_ref().map(Ingest::sflow_status).unwrap_or_default();
                     status.update(|s| {
                         if let Some(m) = meter {
                             s.meter = m;
                         }
                         s.listeners = listeners;
+                        s.sflow = sflow;
                     });
                 }
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {

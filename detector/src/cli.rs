@@ -20,6 +20,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing RunArgs would save nothing worth the churn"
+)]
 pub enum Command {
     /// Meter an interface and/or collect NetFlow/IPFIX, and export the flows.
     Run(RunArgs),
@@ -62,12 +66,13 @@ impl DrainArg {
 #[derive(Debug, Args)]
 #[command(group(
     clap::ArgGroup::new("source")
-        .args(["iface", "netflow_listen"])
+        .args(["iface", "netflow_listen", "sflow_listen"])
         .required(true)
         .multiple(true)
 ))]
 pub struct RunArgs {
-    /// Interface to meter (XDP on ingress, TC on egress). Optional with --netflow-listen.
+    /// Interface to meter (XDP on ingress, TC on egress). Optional with --netflow-listen
+    /// or --sflow-listen.
     #[arg(long, value_name = "IFACE")]
     pub iface: Option<String>,
 
@@ -75,12 +80,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     pub netflow_listen: Vec<SocketAddr>,
 
-    /// Accept NetFlow only from these sources (repeatable CIDR, e.g. 10.0.0.0/8); others
+    /// Receive sFlow v5 on ADDR:PORT (repeatable), e.g. 0.0.0.0:6343: flow samples
+    /// aggregated into flows with --active-timeout and --inactive-timeout.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub sflow_listen: Vec<SocketAddr>,
+
+    /// Accept NetFlow and sFlow only from these sources (repeatable CIDR, e.g. 10.0.0.0/8); others
     /// are dropped and counted. Default: every source.
     #[arg(long, value_name = "CIDR")]
     pub exporter_allow: Vec<Cidr>,
 
-    /// Receive buffer of each NetFlow listener, in bytes.
+    /// Receive buffer of each NetFlow and sFlow listener, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = crate::sources::netflow::listener::DEFAULT_RCVBUF)]
     pub netflow_rcvbuf: usize,
 
@@ -431,6 +441,24 @@ mod tests {
         assert_eq!(a.netflow_listen.len(), 2);
         assert!(a.exporter_allow[0].contains("192.0.2.7".parse().unwrap()));
         assert!(!a.exporter_allow[0].contains("192.0.3.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_sflow_collector_needs_no_interface() {
+        let cli = Cli::try_parse_from([
+            "detector",
+            "run",
+            "--sflow-listen",
+            "127.0.0.1:6343",
+            "--sflow-listen",
+            "[::1]:6343",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.iface.is_none() && a.netflow_listen.is_empty());
+        assert_eq!(a.sflow_listen.len(), 2);
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub fn encode(s: &State) -> String {
     }
     meter(&f, s);
     ingest(&f, s);
+    sflow(&f, s);
     pipeline(&f, s);
     let mut out = Vec::new();
     TextEncoder::new()
@@ -379,6 +380,232 @@ fn ingest(f: &Families, s: &State) {
             .iter()
             .map(|(l, (ip, _, p))| ([l.clone(), ip.to_string()], p.held as f64)),
     );
+}
+
+/// Interfaces whose sFlow counters are shown, over all listeners (the cardinality of
+/// each interface family); the rest are counted in
+/// `detector_sflow_interfaces_left_out`.
+pub const SFLOW_INTERFACES: usize = 512;
+
+fn sflow(f: &Families, s: &State) {
+    if s.sflow.is_empty() {
+        return;
+    }
+    let listener = |l: &super::SflowStatus| l.addr.map_or(String::new(), |a| a.to_string());
+    let per_listener = |get: fn(&super::SflowStatus) -> u64| -> Vec<([String; 1], u64)> {
+        s.sflow.iter().map(|l| ([listener(l)], get(l))).collect()
+    };
+    f.counter(
+        "detector_sflow_kernel_drops_total",
+        "Datagrams the kernel dropped because the sFlow listener's receive buffer was full.",
+        ["listener"],
+        per_listener(|l| l.kernel_drops),
+    );
+    f.counter(
+        "detector_sflow_rejected_datagrams_total",
+        "sFlow datagrams from senders outside --exporter-allow.",
+        ["listener"],
+        per_listener(|l| l.global.rejected),
+    );
+    f.counter(
+        "detector_sflow_over_source_limit_datagrams_total",
+        "sFlow datagrams dropped because the source limit was reached.",
+        ["listener"],
+        per_listener(|l| l.global.over_source_limit),
+    );
+    f.counter(
+        "detector_sflow_over_flow_limit_packets_total",
+        "Sampled packets exported as flows of their own because the flow table was full.",
+        ["listener"],
+        per_listener(|l| l.global.over_flow_limit),
+    );
+    f.counter(
+        "detector_sflow_over_interface_limit_total",
+        "Interface counter records not kept because the interface limit was reached.",
+        ["listener"],
+        per_listener(|l| l.global.over_interface_limit),
+    );
+    f.counter(
+        "detector_sflow_header_errors_total",
+        "sFlow datagrams whose header could not be read, by kind.",
+        ["listener", "kind"],
+        s.sflow.iter().flat_map(|l| {
+            l.global
+                .errors
+                .iter()
+                .map(|(k, n)| ([listener(l), k.to_string()], *n))
+                .collect::<Vec<_>>()
+        }),
+    );
+    f.gauge(
+        "detector_sflow_flows",
+        "Flows aggregated from sFlow samples now.",
+        ["listener"],
+        s.sflow.iter().map(|l| ([listener(l)], l.flows as f64)),
+    );
+    f.gauge(
+        "detector_sflow_interfaces_left_out",
+        "Interfaces with counters that /metrics does not show (over its limit).",
+        ["listener"],
+        s.sflow
+            .iter()
+            .map(|l| ([listener(l)], l.interfaces_left_out as f64)),
+    );
+    let label = |(agent, sub): &crate::sources::sflow::decode::SourceKey| format!("{agent}/{sub}");
+    let sources: Vec<_> = s
+        .sflow
+        .iter()
+        .flat_map(|l| l.sources.iter().map(move |x| (listener(l), x)))
+        .collect();
+    type Get = fn(&crate::sources::sflow::decode::SourceStats) -> u64;
+    let families: [(&str, &str, Get); 13] = [
+        (
+            "detector_sflow_datagrams_total",
+            "Datagrams received from the sFlow source.",
+            |e| e.datagrams,
+        ),
+        (
+            "detector_sflow_received_bytes_total",
+            "Bytes of the datagrams received from the sFlow source.",
+            |e| e.bytes,
+        ),
+        (
+            "detector_sflow_flow_samples_total",
+            "Flow samples received.",
+            |e| e.flow_samples,
+        ),
+        (
+            "detector_sflow_counter_samples_total",
+            "Counter samples received.",
+            |e| e.counter_samples,
+        ),
+        (
+            "detector_sflow_other_samples_total",
+            "Samples of other formats (counted, unused).",
+            |e| e.other_samples,
+        ),
+        (
+            "detector_sflow_packets_total",
+            "Flow samples that gave an IP packet of a flow.",
+            |e| e.packets,
+        ),
+        (
+            "detector_sflow_not_ip_samples_total",
+            "Flow samples without a readable IPv4/IPv6 packet.",
+            |e| e.not_ip,
+        ),
+        (
+            "detector_sflow_records_total",
+            "Flow records made from the source's samples.",
+            |e| e.records,
+        ),
+        (
+            "detector_sflow_lost_datagrams_total",
+            "Datagrams lost (gaps in the datagram sequence).",
+            |e| e.lost_datagrams,
+        ),
+        (
+            "detector_sflow_sequence_resets_total",
+            "Times the datagram sequence went back (restart, reordering).",
+            |e| e.sequence_resets,
+        ),
+        (
+            "detector_sflow_lost_samples_total",
+            "Flow samples lost (gaps in the data sources' sample sequences).",
+            |e| e.lost_samples,
+        ),
+        (
+            "detector_sflow_agent_drops_total",
+            "Packets the agent selected and dropped for lack of resources (its drops counter).",
+            |e| e.agent_drops,
+        ),
+        (
+            "detector_sflow_errors_total",
+            "Bad datagrams of the source, all kinds (by kind: detector_sflow_errors_by_kind_total).",
+            |e| e.error_total(),
+        ),
+    ];
+    for (name, help, get) in families {
+        f.counter(
+            name,
+            help,
+            ["listener", "source"],
+            sources
+                .iter()
+                .map(|(l, (k, e))| ([l.clone(), label(k)], get(e))),
+        );
+    }
+    f.counter(
+        "detector_sflow_errors_by_kind_total",
+        "Bad datagrams of the source, by kind.",
+        ["listener", "source", "kind"],
+        sources.iter().flat_map(|(l, (k, e))| {
+            e.errors
+                .iter()
+                .map(|(kind, n)| ([l.clone(), label(k), kind.to_string()], *n))
+                .collect::<Vec<_>>()
+        }),
+    );
+    let interfaces: Vec<_> = s
+        .sflow
+        .iter()
+        .flat_map(|l| l.interfaces.iter().map(move |x| (listener(l), x)))
+        .take(SFLOW_INTERFACES)
+        .collect();
+    type IfGet = fn(&crate::sources::sflow::decode::IfCounters) -> u64;
+    let ifs: [(&str, &str, IfGet); 8] = [
+        (
+            "detector_sflow_if_in_octets",
+            "ifInOctets as the agent last reported it.",
+            |c| c.in_octets,
+        ),
+        (
+            "detector_sflow_if_in_packets",
+            "Packets received (unicast, multicast, broadcast) as last reported.",
+            |c| c.in_packets,
+        ),
+        (
+            "detector_sflow_if_in_errors",
+            "ifInErrors as last reported.",
+            |c| c.in_errors,
+        ),
+        (
+            "detector_sflow_if_in_discards",
+            "ifInDiscards as last reported.",
+            |c| c.in_discards,
+        ),
+        (
+            "detector_sflow_if_out_octets",
+            "ifOutOctets as last reported.",
+            |c| c.out_octets,
+        ),
+        (
+            "detector_sflow_if_out_packets",
+            "Packets sent (unicast, multicast, broadcast) as last reported.",
+            |c| c.out_packets,
+        ),
+        (
+            "detector_sflow_if_out_errors",
+            "ifOutErrors as last reported.",
+            |c| c.out_errors,
+        ),
+        (
+            "detector_sflow_if_out_discards",
+            "ifOutDiscards as last reported.",
+            |c| c.out_discards,
+        ),
+    ];
+    // The agent's counters, as it sent them: gauges (they wrap and reset with it).
+    for (name, help, get) in ifs {
+        f.gauge(
+            name,
+            help,
+            ["listener", "source", "ifindex"],
+            interfaces
+                .iter()
+                .map(|(l, ((k, i), c))| ([l.clone(), label(k), i.to_string()], get(c) as f64)),
+        );
+    }
 }
 
 fn pipeline(f: &Families, s: &State) {

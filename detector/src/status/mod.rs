@@ -81,6 +81,28 @@ pub struct ListenerStatus {
     pub exporters: Vec<(IpAddr, ExporterStats, PendingStats)>,
 }
 
+/// An sFlow listener's counters.
+#[derive(Clone, Debug, Default)]
+pub struct SflowStatus {
+    pub addr: Option<SocketAddr>,
+    /// Datagrams the kernel dropped (receive buffer full).
+    pub kernel_drops: u64,
+    pub global: crate::sources::sflow::decode::GlobalStats,
+    /// Flows being aggregated now.
+    pub flows: u64,
+    pub sources: Vec<(
+        crate::sources::sflow::decode::SourceKey,
+        crate::sources::sflow::decode::SourceStats,
+    )>,
+    /// Generic interface counters by (source, ifIndex), at most
+    /// [`metrics::SFLOW_INTERFACES`] of them; `interfaces_left_out` more not shown.
+    pub interfaces: Vec<(
+        (crate::sources::sflow::decode::SourceKey, u32),
+        crate::sources::sflow::decode::IfCounters,
+    )>,
+    pub interfaces_left_out: u64,
+}
+
 /// One host as `/api/hosts` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct HostStatus {
@@ -111,6 +133,7 @@ pub struct State {
     pub started: Option<SystemTime>,
     pub meter: Option<MeterStatus>,
     pub listeners: Vec<ListenerStatus>,
+    pub sflow: Vec<SflowStatus>,
     pub pipeline: PipelineStats,
     /// Open alarms by host: the last event raised or updated for each.
     pub alarms: BTreeMap<IpAddr, AlarmEvent>,

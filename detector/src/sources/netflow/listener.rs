@@ -24,7 +24,7 @@ use crate::flow::Emit;
 pub const DEFAULT_RCVBUF: usize = 32 << 20;
 /// Datagrams read with one system call, decoded before their records are handed over
 /// (fewer when the socket runs dry first).
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 /// How often a blocked reader wakes to see whether it should stop.
 const WAKE: Duration = Duration::from_millis(100);
 
@@ -54,14 +54,14 @@ fn bind_hint(e: &io::Error) -> &'static str {
     }
 }
 
-/// One bound socket of a listener.
-struct Bound {
-    sock: UdpSocket,
+/// One bound socket of a listener (the sFlow listener binds its sockets the same way).
+pub(crate) struct Bound {
+    pub(crate) sock: UdpSocket,
     /// Receive buffer the kernel granted.
-    rcvbuf: usize,
+    pub(crate) rcvbuf: usize,
 }
 
-fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
+pub(crate) fn bind_one(addr: SocketAddr, rcvbuf: usize) -> Result<Bound, ListenError> {
     let opt = |source| ListenError::Option { addr, source };
     let sock =
         Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(opt)?;
@@ -351,7 +351,7 @@ fn convert_loop<E: Emit>(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Par
 }
 
 /// One `recvmmsg`; 0 when the wait ended without a datagram (or on an error, logged).
-fn recv_or_zero(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
+pub(crate) fn recv_or_zero(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
     match batch.recv(sock.as_fd().as_raw_fd()) {
         Ok(n) => n,
         Err(e)
@@ -412,7 +412,7 @@ const CONTROL_WORDS: usize = 4;
 
 /// Buffers for `recvmmsg`: one datagram buffer, source address and control buffer a
 /// message, the headers pointing into them rebuilt before each call.
-struct RecvBatch {
+pub(crate) struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     control: Vec<u64>,
@@ -421,7 +421,7 @@ struct RecvBatch {
 }
 
 impl RecvBatch {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(n: usize) -> Self {
         // SAFETY: these C structs are plain integers and pointers; all-zero is valid.
         let (addr, iov, hdr) = unsafe {
             (
@@ -476,7 +476,7 @@ impl RecvBatch {
 
     /// Message `i` of the last [`Self::recv`]: its source, its bytes, and the socket's
     /// drop counter when the kernel attached it.
-    fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8], Option<u64>) {
+    pub(crate) fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8], Option<u64>) {
         let h = &self.hdrs[i];
         let len = (h.msg_len as usize).min(DATAGRAM_MAX);
         let data = &self.bufs[i * DATAGRAM_MAX..i * DATAGRAM_MAX + len];

@@ -5,4 +5,4 @@ pub mod capture;
 mod compiled;
 pub mod decode;
 pub mod listener;
-mod record;
+pub(crate) mod record;

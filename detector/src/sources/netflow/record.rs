@@ -98,6 +98,42 @@ pub(super) fn used(id: u16) -> bool {
 /// dataLinkFrameSection (RFC 7133): a sampled frame, read by [`RawRecord::frame_section`].
 pub(super) const FRAME_SECTION: u16 = 315;
 
+/// The flow fields of one sampled frame (sFlow's raw packet header record), read as
+/// [`RawRecord::frame_section`] reads an IPFIX dataLinkFrameSection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    pub(crate) src_port: u16,
+    /// ICMP/ICMPv6: `type << 8 | code`.
+    pub(crate) dst_port: u16,
+    pub(crate) protocol: u8,
+    pub(crate) tcp_flags: u8,
+    pub(crate) tos: u8,
+    /// Outer VLAN id, 0 if untagged.
+    pub(crate) vlan: u16,
+    /// The (outer) IP packet's length from its header.
+    pub(crate) ip_len: u64,
+}
+
+/// An Ethernet frame's flow fields, when it holds an IPv4 or IPv6 packet.
+pub(crate) fn read_frame(b: &[u8]) -> Option<Frame> {
+    let mut r = RawRecord::default();
+    r.frame_section(b);
+    let (src, dst) = r.addresses()?;
+    Some(Frame {
+        src,
+        dst,
+        src_port: if r.icmp.is_some() { 0 } else { r.src_port },
+        dst_port: r.icmp.unwrap_or(r.dst_port),
+        protocol: r.protocol,
+        tcp_flags: r.tcp_flags,
+        tos: r.tos,
+        vlan: r.vlan,
+        ip_len: r.bytes.unwrap_or(0),
+    })
+}
+
 /// The fields of one data record that make a flow.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct RawRecord {

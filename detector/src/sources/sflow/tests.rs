@@ -1,0 +1,354 @@
+//! The decoder on hand-made datagrams: packets into flows, sequences, counters, limits,
+//! and bad input (truncated, wrong version, huge counts).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+
+use super::decode::{Decoder, SflowLimits, SflowTimeouts};
+use crate::flow::{FlowRecord, Origin};
+
+/// Builds sFlow v5 datagrams (XDR: big-endian 32-bit words, opaque data padded to 4).
+#[derive(Default)]
+struct Dgram {
+    words: Vec<u8>,
+    samples: u32,
+}
+
+fn put(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_be_bytes());
+}
+
+/// An Ethernet/IPv4/TCP frame's first bytes, `vlans` tags in front of IPv4.
+fn frame(vlans: &[u16], ip_len: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    for v in vlans {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0x10];
+    ip.extend_from_slice(&ip_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 192, 0, 2, 9]);
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&6881u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&51413u16.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = flags;
+    f.extend_from_slice(&tcp);
+    f
+}
+
+impl Dgram {
+    /// A flow sample with one raw packet header record.
+    fn flow(mut self, seq: u32, rate: u32, drops: u32, input: u32, hdr: &[u8]) -> Self {
+        let mut rec = Vec::new();
+        put(&mut rec, 1); // Ethernet
+        put(&mut rec, hdr.len() as u32 + 4); // frame length (with FCS)
+        put(&mut rec, 4); // stripped
+        put(&mut rec, hdr.len() as u32);
+        rec.extend_from_slice(hdr);
+        rec.resize(rec.len().div_ceil(4) * 4, 0);
+        let mut s = Vec::new();
+        put(&mut s, seq);
+        put(&mut s, 3); // source id: ifIndex 3
+        put(&mut s, rate);
+        put(&mut s, seq * rate); // pool
+        put(&mut s, drops);
+        put(&mut s, input);
+        put(&mut s, 7);
+        put(&mut s, 1); // one record
+        put(&mut s, 1); // raw packet header
+        put(&mut s, rec.len() as u32);
+        s.extend_from_slice(&rec);
+        put(&mut self.words, 1); // flow sample
+        put(&mut self.words, s.len() as u32);
+        self.words.extend_from_slice(&s);
+        self.samples += 1;
+        self
+    }
+
+    /// A counter sample with one generic interface record.
+    fn counters(mut self, if_index: u32, in_octets: u64, out_octets: u64) -> Self {
+        let mut r = Vec::new();
+        put(&mut r, if_index);
+        put(&mut r, 6);
+        r.extend_from_slice(&1_000_000_000u64.to_be_bytes());
+        put(&mut r, 1);
+        put(&mut r, 3);
+        r.extend_from_slice(&in_octets.to_be_bytes());
+        for x in [10, 1, 1, 2, 3, 0] {
+            put(&mut r, x); // in ucast, mcast, bcast, discards, errors, unknown
+        }
+        r.extend_from_slice(&out_octets.to_be_bytes());
+        for x in [20, 0, 0, 4, 5, 0] {
+            put(&mut r, x); // out ucast, mcast, bcast, discards, errors, promisc
+        }
+        let mut s = Vec::new();
+        put(&mut s, 1);
+        put(&mut s, if_index);
+        put(&mut s, 1);
+        put(&mut s, 1); // generic interface
+        put(&mut s, r.len() as u32);
+        s.extend_from_slice(&r);
+        put(&mut self.words, 2);
+        put(&mut self.words, s.len() as u32);
+        self.words.extend_from_slice(&s);
+        self.samples += 1;
+        self
+    }
+
+    fn build(&self, seq: u32) -> Vec<u8> {
+        let mut d = Vec::new();
+        for x in [5, 1, 0xc000_0201, 7, seq, 1000, self.samples] {
+            put(&mut d, x);
+        }
+        d.extend_from_slice(&self.words);
+        d
+    }
+}
+
+fn from() -> SocketAddr {
+    "192.0.2.1:40000".parse().unwrap()
+}
+
+fn t(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
+}
+
+fn decoder() -> Decoder {
+    Decoder::new(SflowLimits::default(), SflowTimeouts::default(), Vec::new())
+}
+
+fn all(d: &mut Decoder) -> Vec<FlowRecord> {
+    let mut out = Vec::new();
+    d.flush(&mut out);
+    out
+}
+
+#[test]
+fn samples_of_one_flow_make_one_sampled_record_of_the_agent() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    let dg = Dgram::default()
+        .flow(1, 10, 0, 5, &frame(&[100, 200], 1000, 0x10))
+        .flow(2, 10, 0, 5, &frame(&[100, 200], 500, 0x18));
+    d.decode(from(), &dg.build(1), t(0), &mut out);
+    assert!(out.is_empty());
+    let r = all(&mut d);
+    assert_eq!(r.len(), 1);
+    let r = &r[0];
+    assert_eq!(
+        (r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol),
+        (
+            "10.0.0.1".parse::<IpAddr>().unwrap(),
+            "192.0.2.9".parse().unwrap(),
+            6881,
+            51413,
+            6
+        )
+    );
+    assert_eq!((r.packets, r.bytes, r.sampling), (2, 1500, 10));
+    assert_eq!((r.est_packets(), r.est_bytes()), (20, 15000));
+    assert_eq!(
+        (r.vlan, r.vlan_inner, r.ifindex, r.tos, r.tcp_flags),
+        (100, 200, 5, 0x10, 0x18)
+    );
+    assert_eq!(
+        r.origin,
+        Origin::Exporter {
+            addr: "192.0.2.1:0".parse().unwrap(),
+            domain: 7
+        }
+    );
+    let s = &d.source_stats()[0].1;
+    assert_eq!(
+        (s.datagrams, s.flow_samples, s.packets, s.records),
+        (1, 2, 2, 1)
+    );
+}
+
+#[test]
+fn flows_end_at_the_inactive_and_active_timeouts_and_at_fin() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    let one = |seq| {
+        Dgram::default()
+            .flow(seq, 1, 0, 1, &frame(&[], 100, 0x10))
+            .build(seq)
+    };
+    d.decode(from(), &one(1), t(0), &mut out);
+    d.expire(t(14), &mut out);
+    assert!(out.is_empty());
+    d.expire(t(15), &mut out);
+    assert_eq!(out.len(), 1, "inactive timeout");
+    out.clear();
+    // A packet every 10 s: the active timeout (60 s) cuts the flow.
+    for i in 0..7 {
+        d.decode(from(), &one(2 + i), t(100 + 10 * u64::from(i)), &mut out);
+        d.expire(t(100 + 10 * u64::from(i)), &mut out);
+    }
+    assert_eq!(out.len(), 1, "active timeout");
+    assert_eq!(out[0].packets, 7);
+    out.clear();
+    let fin = Dgram::default()
+        .flow(9, 1, 0, 1, &frame(&[], 100, 0x11))
+        .build(9);
+    d.decode(from(), &fin, t(300), &mut out);
+    d.expire(t(300), &mut out);
+    assert_eq!(out.len(), 1, "FIN");
+    assert_eq!(d.flows(), 0);
+}
+
+#[test]
+fn sequence_gaps_and_agent_drops_are_counted() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    let f = frame(&[], 100, 0x10);
+    d.decode(
+        from(),
+        &Dgram::default().flow(1, 1, 0, 1, &f).build(1),
+        t(0),
+        &mut out,
+    );
+    // Datagrams 2-4 lost; samples 2-5 lost; the agent dropped 3.
+    d.decode(
+        from(),
+        &Dgram::default().flow(6, 1, 3, 1, &f).build(5),
+        t(1),
+        &mut out,
+    );
+    // The agent restarted.
+    d.decode(
+        from(),
+        &Dgram::default().flow(7, 1, 3, 1, &f).build(0),
+        t(2),
+        &mut out,
+    );
+    let s = &d.source_stats()[0].1;
+    assert_eq!(
+        (
+            s.lost_datagrams,
+            s.lost_samples,
+            s.agent_drops,
+            s.sequence_resets
+        ),
+        (3, 4, 3, 1)
+    );
+}
+
+#[test]
+fn interface_counters_are_kept_per_source_and_interface() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    let dg = Dgram::default().counters(3, 1000, 2000).counters(4, 1, 2);
+    d.decode(from(), &dg.build(1), t(0), &mut out);
+    let i = d.interfaces();
+    assert_eq!(i.len(), 2);
+    let c = i[&(("192.0.2.1".parse().unwrap(), 7), 3)];
+    assert_eq!(
+        (c.in_octets, c.in_packets, c.in_discards, c.in_errors),
+        (1000, 12, 2, 3)
+    );
+    assert_eq!(
+        (c.out_octets, c.out_packets, c.out_discards, c.out_errors),
+        (2000, 20, 4, 5)
+    );
+    assert_eq!(d.source_stats()[0].1.counter_samples, 2);
+}
+
+#[test]
+fn bad_datagrams_are_counted_by_kind() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    let good = Dgram::default()
+        .flow(1, 1, 0, 1, &frame(&[], 100, 0x10))
+        .build(1);
+    let mut v4 = good.clone();
+    v4[3] = 4;
+    d.decode(from(), &v4, t(0), &mut out);
+    d.decode(from(), &good[..10], t(0), &mut out);
+    d.decode(from(), &good[..good.len() - 8], t(0), &mut out);
+    let mut huge = good.clone();
+    huge[24..28].copy_from_slice(&u32::MAX.to_be_bytes());
+    d.decode(from(), &huge, t(0), &mut out);
+    assert_eq!(d.global.errors.get("version"), Some(&1));
+    assert_eq!(d.global.errors.get("truncated"), Some(&1));
+    let s = &d.source_stats()[0].1;
+    assert_eq!(s.errors.get("truncated"), Some(&1));
+    assert_eq!(s.errors.get("too_many_samples"), Some(&1));
+    assert_eq!(s.datagrams, 2);
+    assert!(out.is_empty() && d.flows() == 0);
+}
+
+#[test]
+fn the_allow_list_and_the_limits_bound_what_is_kept() {
+    let allow = vec!["198.51.100.0/24".parse().unwrap()];
+    let mut d = Decoder::new(SflowLimits::default(), SflowTimeouts::default(), allow);
+    let mut out = Vec::new();
+    let good = Dgram::default()
+        .flow(1, 1, 0, 1, &frame(&[], 100, 0x10))
+        .build(1);
+    d.decode(from(), &good, t(0), &mut out);
+    assert_eq!(d.global.rejected, 1);
+    let limits = SflowLimits {
+        max_sources: 1,
+        max_flows: 1,
+        max_interfaces: 1,
+        ..SflowLimits::default()
+    };
+    let mut d = Decoder::new(limits, SflowTimeouts::default(), Vec::new());
+    let mut other = good.clone();
+    other[15] = 8; // another sub-agent
+    d.decode(from(), &good, t(0), &mut out);
+    d.decode(from(), &other, t(0), &mut out);
+    assert_eq!(d.global.over_source_limit, 1);
+    let two = Dgram::default()
+        .flow(2, 1, 0, 1, &frame(&[], 100, 0x10))
+        .flow(3, 1, 0, 2, &frame(&[], 100, 0x10))
+        .counters(1, 1, 1)
+        .counters(2, 1, 1);
+    d.decode(from(), &two.build(2), t(0), &mut out);
+    assert_eq!((d.global.over_flow_limit, out.len()), (1, 1));
+    assert_eq!(
+        (d.global.over_interface_limit, d.interfaces().len()),
+        (1, 1)
+    );
+    assert_eq!(d.flows(), 1);
+}
+
+proptest! {
+    /// Any bytes, and any corruption of a good datagram: no panic, every datagram
+    /// counted once (as a source's datagram, or a header error).
+    #[test]
+    fn never_panics_and_counts_every_datagram(
+        junk in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut d = decoder();
+        let mut out = Vec::new();
+        let mut good = Dgram::default()
+            .flow(1, 10, 0, 1, &frame(&[7], 100, 0x10))
+            .counters(3, 1, 2)
+            .build(1);
+        for (i, b) in &flips {
+            let i = i.index(good.len());
+            good[i] ^= b;
+        }
+        let cut = cut.index(good.len() + 1);
+        let mut sent = 0u64;
+        for dg in junk.iter().map(Vec::as_slice).chain([&good[..], &good[..cut]]) {
+            d.decode(from(), dg, t(0), &mut out);
+            sent += 1;
+        }
+        d.expire(t(100), &mut out);
+        let counted: u64 = d.source_stats().iter().map(|(_, s)| s.datagrams).sum::<u64>()
+            + d.global.errors.values().sum::<u64>();
+        prop_assert_eq!(counted, sent);
+        let packets: u64 = d.source_stats().iter().map(|(_, s)| s.packets).sum();
+        prop_assert_eq!(out.iter().map(|r| r.packets).sum::<u64>(), packets);
+    }
+}
