@@ -592,6 +592,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let timeouts = SflowTimeouts {
             active: Duration::from_secs(args.active_timeout),
             inactive: Duration::from_secs(args.inactive_timeout),
+            // Detection hears of sampled flows as they start and grow, as of the meter's.
+            // (--live-interval 0: starts only.)
+            live: Some(match args.live_interval {
+                0 => Duration::MAX,
+                s => Duration::from_secs(s),
+            }),
         };
         let i = ingest.get_or_insert_with(|| Ingest {
             listeners: Vec::new(),

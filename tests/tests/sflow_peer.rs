@@ -4,7 +4,9 @@
 //!
 //! - 1:1: every flow sample of the datagrams, as tshark decodes them (written to a pcap),
 //!   is one the agent counted; the agent's flows (`--flows-json`) hold exactly the
-//!   capture's IP packets and IP bytes (tshark's dissection of the capture).
+//!   capture's IP packets and IP bytes (tshark's dissection of the capture); and, key by
+//!   key (addresses, protocol, ports), the agent's flows hold the packets and IP bytes of
+//!   the samples tshark decodes with that key.
 //! - 1:10: pmacctd samples each packet with probability 1/10, so the number sampled is
 //!   binomial; the agent's scaled totals must be within 5 standard deviations of the
 //!   capture's: packets within 5 x 10 x sqrt(n x 0.1 x 0.9), bytes within
@@ -13,7 +15,8 @@
 //!
 //! Skips with a message when `../shared` is absent or pmacctd is not installed.
 
-use std::net::UdpSocket;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +30,12 @@ use tests::netns::{Guarded, free_udp_port, wait_for_text};
 
 const CAPTURE: &str = "pcap/p2p/nDPI__gnutella.pcap";
 
+/// A flow key: (source, destination, protocol, source port, destination port); ports 0
+/// but for TCP/UDP, and ICMP's destination port `type << 8 | code` (as the agent keys it).
+type Key = (IpAddr, IpAddr, u8, u16, u16);
+/// (packets, IP bytes) per key.
+type ByKey = BTreeMap<Key, (u64, u64)>;
+
 struct Run {
     datagrams: Vec<Vec<u8>>,
     /// (packets, bytes) over the flow records: as exported (scaled).
@@ -34,6 +43,8 @@ struct Run {
     bytes: u64,
     /// Sampling intervals the records carried.
     sampling: Vec<u64>,
+    /// Unscaled (packets, bytes) of the records per flow key.
+    by_key: ByKey,
     log: String,
 }
 
@@ -110,10 +121,28 @@ fn run(pcap: &Path, rate: u32, dir: &Path) -> Run {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(st.success(), "{log}");
     let (mut packets, mut bytes, mut sampling) = (0, 0, Vec::new());
+    let mut by_key = ByKey::new();
     for line in std::fs::read_to_string(&json).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         packets += v["packets"].as_u64().unwrap();
         bytes += v["bytes"].as_u64().unwrap();
+        let addr = |f: &str| -> IpAddr {
+            v[f].as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{f}: {line}"))
+        };
+        let num = |f: &str| v[f].as_u64().unwrap_or_else(|| panic!("{f}: {line}"));
+        let key = (
+            addr("src_addr"),
+            addr("dst_addr"),
+            num("protocol") as u8,
+            num("src_port") as u16,
+            num("dst_port") as u16,
+        );
+        let raw = |f: &str, scaled: &str| v[f].as_u64().unwrap_or_else(|| num(scaled));
+        let e = by_key.entry(key).or_insert((0, 0));
+        e.0 += raw("raw_packets", "packets");
+        e.1 += raw("raw_bytes", "bytes");
         let n = v["sampling"].as_u64().unwrap_or(0);
         if !sampling.contains(&n) {
             sampling.push(n);
@@ -125,6 +154,7 @@ fn run(pcap: &Path, rate: u32, dir: &Path) -> Run {
         packets,
         bytes,
         sampling,
+        by_key,
         log,
     }
 }
@@ -210,6 +240,106 @@ fn tshark_samples(pcap: &Path) -> (u64, Vec<u64>, u64) {
     (flows, seqs, counters)
 }
 
+/// A field of a tshark JSON tree (with `--no-duplicate-keys` a repeated field is an
+/// array: its first occurrence), as a number or address.
+fn field<T: std::str::FromStr>(tree: &serde_json::Value, name: &str) -> Option<T> {
+    let v = &tree[name];
+    let v = v.as_array().and_then(|a| a.first()).unwrap_or(v);
+    v.as_str()?.parse().ok()
+}
+
+/// The first (outermost) occurrence of a layer in a tshark JSON tree.
+fn layer<'a>(tree: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    let v = tree.get(name)?;
+    Some(v.as_array().and_then(|a| a.first()).unwrap_or(v))
+}
+
+/// tshark's decode of every flow sample's raw packet header, aggregated by flow key:
+/// (packets, IP bytes: `ip.len`, or `ipv6.plen` + 40); and the number of samples.
+fn tshark_flows(pcap: &Path) -> (ByKey, u64) {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args([
+            "-d",
+            "udp.port==6343,sflow",
+            "-T",
+            "json",
+            "--no-duplicate-keys",
+        ])
+        .output()
+        .expect("run tshark");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let (mut by_key, mut samples) = (ByKey::new(), 0);
+    for (i, frame) in frames.iter().enumerate() {
+        let sflow = &frame["_source"]["layers"]["sflow"];
+        let sflow = sflow
+            .as_object()
+            .unwrap_or_else(|| panic!("frame {}: no sflow layer", i + 1));
+        for (name, sample) in sflow {
+            if !name.starts_with("Flow sample") {
+                continue;
+            }
+            samples += 1;
+            let what = || format!("frame {}, {name}: {sample:#}", i + 1);
+            let tree = &sample["Raw packet header"]["sflow_245.header_tree"];
+            let (src, dst, mut proto, len) = if let Some(ip) = layer(tree, "ip") {
+                (
+                    field(ip, "ip.src"),
+                    field(ip, "ip.dst"),
+                    field(ip, "ip.proto"),
+                    field(ip, "ip.len"),
+                )
+            } else if let Some(ip) = layer(tree, "ipv6") {
+                (
+                    field(ip, "ipv6.src"),
+                    field(ip, "ipv6.dst"),
+                    field(ip, "ipv6.nxt"),
+                    field::<u64>(ip, "ipv6.plen").map(|n| n + 40),
+                )
+            } else {
+                panic!("no IP packet in the sample: {}", what());
+            };
+            let (mut sport, mut dport) = (0, 0);
+            if let Some(t) = layer(tree, "tcp") {
+                proto = Some(6);
+                sport = field(t, "tcp.srcport").unwrap_or_else(|| panic!("{}", what()));
+                dport = field(t, "tcp.dstport").unwrap_or_else(|| panic!("{}", what()));
+            } else if let Some(t) = layer(tree, "udp") {
+                proto = Some(17);
+                sport = field(t, "udp.srcport").unwrap_or_else(|| panic!("{}", what()));
+                dport = field(t, "udp.dstport").unwrap_or_else(|| panic!("{}", what()));
+            } else {
+                for (p, l) in [(1, "icmp"), (58, "icmpv6")] {
+                    if let Some(t) = layer(tree, l) {
+                        proto = Some(p);
+                        let n = |f: &str| -> u16 {
+                            field(t, &format!("{l}.{f}")).unwrap_or_else(|| panic!("{}", what()))
+                        };
+                        dport = n("type") << 8 | n("code");
+                    }
+                }
+            }
+            let key = (
+                src.unwrap_or_else(|| panic!("{}", what())),
+                dst.unwrap_or_else(|| panic!("{}", what())),
+                proto.unwrap_or_else(|| panic!("{}", what())),
+                sport,
+                dport,
+            );
+            let e = by_key.entry(key).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += len.unwrap_or_else(|| panic!("{}", what()));
+        }
+    }
+    (by_key, samples)
+}
+
 /// The number after `key ` in the agent's final statistics line.
 fn stat(log: &str, key: &str) -> u64 {
     let line = log
@@ -273,6 +403,28 @@ fn pmacct_sflow_at_one_to_one_gives_every_packet_and_byte_of_the_capture() {
     assert_eq!(stat(&r.log, "lost samples"), 0, "{}", r.log);
     assert!(r.log.contains("errors {}"), "{}", r.log);
     assert_eq!(flows, stat(&r.log, "packets") + stat(&r.log, "not-ip"));
+    // (c) Key by key, the agent's flows hold the packets and IP bytes of tshark's samples.
+    let (decoded, samples) = tshark_flows(&sflow_pcap);
+    assert_eq!(samples, flows, "tshark's two decodes disagree");
+    let keys: std::collections::BTreeSet<&Key> = decoded.keys().chain(r.by_key.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let (t, a) = (decoded.get(k), r.by_key.get(k));
+            (t != a).then(|| format!("{k:?}: tshark (packets, bytes) {t:?}, agent {a:?}"))
+        })
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} of {} flow keys differ; the first:\n{}",
+        diffs.len(),
+        decoded.len(),
+        diffs[..diffs.len().min(20)].join("\n")
+    );
+    eprintln!(
+        "1:1: {} flow keys, {samples} samples: tshark's decode and the agent's flows agree",
+        decoded.len()
+    );
     // (b) The flows hold a packet for each sample pmacctd sent, and the capture's IP
     // packets and bytes but for the few pmacctd did not sample at all (5 of the 3,882
     // of this capture): each missing packet at most the capture's largest.

@@ -28,7 +28,7 @@ use flowparser_sflow::flow_records::FlowRecord as SflowRecord;
 use flowparser_sflow::{CounterRecord, SflowError, SflowParser, SflowSample};
 use rustc_hash::FxHashMap;
 
-use crate::flow::{Cidr, Direction, FlowRecord, Origin};
+use crate::flow::{Cidr, Direction, FlowRecord, Live, Origin};
 use crate::sources::netflow::record::read_frame;
 
 /// An sFlow source: agent address and sub-agent id.
@@ -68,6 +68,11 @@ pub struct SflowTimeouts {
     pub active: Duration,
     /// A flow without a packet for this long is exported.
     pub inactive: Duration,
+    /// Live flows, as the meter's: detection hears of each flow when its first sample
+    /// arrives (a detection-only start record carrying that packet), then of its growth
+    /// every this often, instead of only when it is exported, which for a long flow is
+    /// the active timeout later. None: detection sees the exported records only.
+    pub live: Option<Duration>,
 }
 
 impl Default for SflowTimeouts {
@@ -75,6 +80,7 @@ impl Default for SflowTimeouts {
         Self {
             active: Duration::from_secs(60),
             inactive: Duration::from_secs(15),
+            live: None,
         }
     }
 }
@@ -192,6 +198,12 @@ struct Agg {
     last: SystemTime,
     tcp_flags: u8,
     tos: u8,
+    /// Live flows: whether detection was told of the flow's start, what it was told of
+    /// so far, and when last.
+    announced: bool,
+    told_packets: u64,
+    told_bytes: u64,
+    told_at: SystemTime,
 }
 
 /// One sampled packet, as a flow sample gives it.
@@ -548,6 +560,7 @@ impl Decoder {
                 output: head.output,
                 sampling: head.sampling.max(1),
             };
+            let live = self.timeouts.live.is_some();
             let agg = Agg {
                 packets: 1,
                 bytes: p.bytes,
@@ -555,6 +568,10 @@ impl Decoder {
                 last: received,
                 tcp_flags: p.tcp_flags,
                 tos: p.tos,
+                announced: live,
+                told_packets: if live { 1 } else { 0 },
+                told_bytes: if live { p.bytes } else { 0 },
+                told_at: received,
             };
             let full = self.flows.len() >= limits.max_flows;
             match self.flows.get_mut(&fk) {
@@ -565,12 +582,25 @@ impl Decoder {
                     a.tcp_flags |= p.tcp_flags;
                 }
                 None if !full => {
+                    if live {
+                        // Detection hears of the flow now, with its first packet.
+                        out.push(FlowRecord {
+                            live: Live::Start,
+                            ..record(&fk, &agg)
+                        });
+                    }
                     self.flows.insert(fk, agg);
                 }
                 None => {
                     self.global.over_flow_limit += 1;
                     src.stats.records += 1;
-                    out.push(record(&fk, &agg));
+                    out.push(record(
+                        &fk,
+                        &Agg {
+                            announced: false,
+                            ..agg
+                        },
+                    ));
                 }
             }
         }
@@ -592,6 +622,18 @@ impl Decoder {
                 if let Some(s) = sources.get_mut(&k.source) {
                     s.stats.records += 1;
                 }
+            } else if let Some(every) = t.live
+                && a.packets > a.told_packets
+                && age(a.told_at) >= every
+            {
+                // Detection only: the packets and bytes since it was last told.
+                out.push(FlowRecord {
+                    packets: a.packets - a.told_packets,
+                    bytes: a.bytes - a.told_bytes,
+                    live: Live::Grow,
+                    ..record(k, a)
+                });
+                (a.told_packets, a.told_bytes, a.told_at) = (a.packets, a.bytes, now);
             }
             !done
         });
@@ -731,6 +773,15 @@ fn record(k: &FlowKey, a: &Agg) -> FlowRecord {
         origin: Origin::Exporter {
             addr: SocketAddr::new(k.source.0, 0),
             domain: k.source.1,
+        },
+        // Exported, a flow detection heard of as it ran counts what it was not told.
+        live: if a.announced {
+            Live::Continued {
+                told_packets: a.told_packets,
+                told_bytes: a.told_bytes,
+            }
+        } else {
+            Live::Whole
         },
         ..FlowRecord::new(k.src, k.src_port, k.dst, k.dst_port, k.protocol)
     }

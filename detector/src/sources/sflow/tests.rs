@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 
 use super::decode::{Decoder, SflowLimits, SflowTimeouts};
-use crate::flow::{FlowRecord, Origin};
+use crate::flow::{FlowRecord, Live, Origin};
 
 /// Builds sFlow v5 datagrams (XDR: big-endian 32-bit words, opaque data padded to 4).
 #[derive(Default)]
@@ -351,4 +351,50 @@ proptest! {
         let packets: u64 = d.source_stats().iter().map(|(_, s)| s.packets).sum();
         prop_assert_eq!(out.iter().map(|r| r.packets).sum::<u64>(), packets);
     }
+}
+
+/// Live flows: detection hears of a flow with its first sample (a detection-only start
+/// record), then of its growth every interval, and the exported record counts only what
+/// it was not told; over the three, detection counts the flow once and every packet and
+/// byte once, and the export is the same record as without live reports.
+#[test]
+fn live_reports_tell_detection_early_and_count_everything_once() {
+    let timeouts = SflowTimeouts {
+        live: Some(Duration::from_secs(10)),
+        ..SflowTimeouts::default()
+    };
+    let mut live = Decoder::new(SflowLimits::default(), timeouts, Vec::new());
+    let mut plain = decoder();
+    let (mut out, mut plain_out) = (Vec::new(), Vec::new());
+    // A sample every 5 s for 50 s, 100 bytes each, 1 in 10.
+    for i in 0..11u32 {
+        let dg = Dgram::default()
+            .flow(i + 1, 10, 0, 1, &frame(&[], 100, 0x10))
+            .build(i + 1);
+        let at = t(5 * u64::from(i));
+        live.decode(from(), &dg, at, &mut out);
+        live.expire(at, &mut out);
+        plain.decode(from(), &dg, at, &mut plain_out);
+        plain.expire(at, &mut plain_out);
+        if i == 0 {
+            assert_eq!(out.len(), 1, "the start, with the first sample");
+            assert_eq!(out[0].live, Live::Start);
+            assert_eq!((out[0].packets, out[0].bytes), (1, 100));
+        }
+    }
+    live.flush(&mut out);
+    plain.flush(&mut plain_out);
+    let grows = out.iter().filter(|r| r.live == Live::Grow).count();
+    assert!(grows >= 4, "growth every 10 s over 50 s: {grows}");
+    let exported: Vec<&FlowRecord> = out.iter().filter(|r| !r.live.detection_only()).collect();
+    assert_eq!(exported.len(), 1);
+    assert_eq!(plain_out.len(), 1);
+    let (e, p) = (exported[0], &plain_out[0]);
+    assert_eq!((e.packets, e.bytes, e.sampling), (p.packets, p.bytes, 10));
+    assert_eq!((e.packets, e.bytes), (11, 1100));
+    // What detection counts: the flow once, packets and bytes once, scaled.
+    let flows = out.iter().filter(|r| !r.live.continues()).count();
+    let packets: u64 = out.iter().map(|r| r.new_packets()).sum();
+    let bytes: u64 = out.iter().map(|r| r.new_bytes()).sum();
+    assert_eq!((flows, packets, bytes), (1, 110, 11_000));
 }
