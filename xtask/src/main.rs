@@ -115,7 +115,8 @@ const APT_PACKAGES: &[&str] = &[
     "transmission-daemon",
     "transmission-cli",
     "tcpdump",
-    // `cargo xtask bench agent`: pmacct's nfacctd, a second collector to compare with.
+    // pmacct: nfacctd, a second collector for `cargo xtask bench agent`; pmacctd with its
+    // sfprobe plugin, the sFlow exporter of the sFlow tests and the lab through sFlow.
     "pmacct",
     // `cargo xtask package` and its check: systemd-analyze verify.
     "systemd",

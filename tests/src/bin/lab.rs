@@ -33,6 +33,10 @@ struct Args {
     /// the targets of detection under sampling.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
     sampling: u32,
+    /// See the uplink through sFlow (pmacctd's sfprobe sampling 1 in --sampling) instead
+    /// of the XDP meter.
+    #[arg(long)]
+    sflow: bool,
     /// The agent binary (default: the one built beside this binary).
     #[arg(long)]
     detector: Option<PathBuf>,
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         detector,
         scripts: tests::workspace_root().join("tests/lab"),
         sampling: args.sampling,
+        sflow: args.sflow,
     };
     match lab::run(&cfg) {
         Ok(card) => {

@@ -109,7 +109,14 @@ pub struct LabConfig {
     /// The meter's 1-in-N packet sampling (`detector run --sampling N`); 1: every packet.
     /// Sampled, the targets are those of detection under sampling (see `score`).
     pub sampling: u32,
+    /// See the uplink through sFlow instead of the meter: pmacct's `pmacctd` with its
+    /// `sfprobe` plugin samples the uplink 1 in `sampling` and sends sFlow v5 to the
+    /// agent's `--sflow-listen` (no XDP meter, no softflowd: the agent sees nothing else).
+    pub sflow: bool,
 }
+
+/// Where the agent receives the lab's sFlow.
+const SFLOW_ADDR: &str = "127.0.0.1:6343";
 
 /// Each peer's upload limit (bytes/s): throttled, as clients are, so that no peer stands
 /// out among the network's top senders.
@@ -405,6 +412,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("curl", "curl"),
     ("softflowd", "softflowd"),
+    ("pmacctd", "pmacct"),
     ("nfcapd", "nfdump"),
     ("nfdump", "nfdump"),
     ("ethtool", "ethtool"),
@@ -1089,64 +1097,93 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     ))?;
     let alarms = dir.join("alarms.jsonl");
     let flows = dir.join("flows.jsonl");
-    let mut agent = l.start(&l.tool(
-        GW,
-        "agent",
-        &cfg.detector.display().to_string(),
-        args![
-            "run",
-            "--iface",
-            UPLINK,
-            "--xdp-mode",
-            "native",
-            "--export",
-            "127.0.0.1:9996",
-            "--netflow-listen",
-            "127.0.0.1:9995",
-            "--alarms-json",
-            alarms.display(),
-            "--flows-json",
-            flows.display(),
-            "--stats-interval",
-            10,
-            // Long flows are exported only every 5 minutes: detection must not wait
-            // for exports (it learns of each flow as it starts).
-            "--active-timeout",
-            300,
-            // What the scorecard reads every host's score from, as an operator would.
-            "--http",
-            STATUS_ADDR,
-            "--sampling",
-            cfg.sampling.max(1),
-        ],
-    ))?;
+    let mut agent = l.start(
+        &l.tool(
+            GW,
+            "agent",
+            &cfg.detector.display().to_string(),
+            [
+                if cfg.sflow {
+                    args!["run", "--sflow-listen", SFLOW_ADDR]
+                } else {
+                    args![
+                        "run",
+                        "--iface",
+                        UPLINK,
+                        "--xdp-mode",
+                        "native",
+                        "--sampling",
+                        cfg.sampling.max(1)
+                    ]
+                },
+                args![
+                    "--export",
+                    "127.0.0.1:9996",
+                    "--netflow-listen",
+                    "127.0.0.1:9995",
+                    "--alarms-json",
+                    alarms.display(),
+                    "--flows-json",
+                    flows.display(),
+                    "--stats-interval",
+                    10,
+                    // Long flows are exported only every 5 minutes: detection must not wait
+                    // for exports (it learns of each flow as it starts).
+                    "--active-timeout",
+                    300,
+                    // What the scorecard reads every host's score from, as an operator would.
+                    "--http",
+                    STATUS_ADDR,
+                ],
+            ]
+            .concat(),
+        ),
+    )?;
     wait_for(
         &mut agent,
-        &format!("metering {UPLINK}"),
+        &if cfg.sflow {
+            "receiving sFlow".to_string()
+        } else {
+            format!("metering {UPLINK}")
+        },
         Duration::from_secs(30),
     )?;
     // softflowd 1.1 keeps its pid and control files under /var/run (see the softflowd
     // test): a killed run may have left them.
     let _ = fs::remove_file("/var/run/softflowd.pid");
     let _ = fs::remove_file("/var/run/softflowd.ctl");
-    let mut softflowd = l.start(&l.tool(
-        GW,
-        "softflowd",
-        "softflowd",
-        args![
-            "-d",
-            "-i",
-            LAN_BRIDGE,
-            "-n",
-            "127.0.0.1:9995",
-            "-v",
-            9,
-            "-t",
-            "maxlife=60",
-            "-t",
-            "general=15",
-        ],
-    ))?;
+    let mut softflowd = if cfg.sflow {
+        // A switch's sFlow agent on the uplink, sampling 1 in N.
+        let conf = dir.join("pmacctd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "daemonize: false\npcap_interface: {UPLINK}\nplugins: sfprobe\nsfprobe_receiver: {SFLOW_ADDR}\nsfprobe_agentip: 127.0.0.1\nsampling_rate: {}\npidfile: {}\n",
+                cfg.sampling.max(1),
+                dir.join("pmacctd.pid").display()
+            ),
+        )?;
+        l.start(&l.tool(GW, "pmacctd", "pmacctd", args!["-f", conf.display()]))?
+    } else {
+        l.start(&l.tool(
+            GW,
+            "softflowd",
+            "softflowd",
+            args![
+                "-d",
+                "-i",
+                LAN_BRIDGE,
+                "-n",
+                "127.0.0.1:9995",
+                "-v",
+                9,
+                "-t",
+                "maxlife=60",
+                "-t",
+                "general=15",
+            ],
+        ))?
+    };
     let counters_start = topology::uplink_counters()?;
 
     // The internal hosts, each started at its planned offset.

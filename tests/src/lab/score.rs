@@ -71,14 +71,16 @@ struct Totals {
 
 /// Packets and bytes by direction (ingress, egress) of the agent's own records.
 /// Raw counts, then estimates (raw x the sampling interval; the same unsampled).
-fn exported_totals(flows_json: &Path) -> Result<([Totals; 2], [Totals; 2])> {
+/// `all`: every record (the lab seen through sFlow has no local records), else only
+/// the local meter's.
+fn exported_totals(flows_json: &Path, all: bool) -> Result<([Totals; 2], [Totals; 2])> {
     let text = std::fs::read_to_string(flows_json)
         .with_context(|| format!("reading {}", flows_json.display()))?;
     let mut raw = [Totals::default(); 2];
     let mut est = [Totals::default(); 2];
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).context("flow record")?;
-        if v["source"] != "local" {
+        if !all && v["source"] != "local" {
             continue;
         }
         let i = usize::from(v["direction"] == "egress");
@@ -455,7 +457,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     };
 
     // The export against the interface and against nfdump.
-    let (exported, estimated) = exported_totals(inp.flows_json)?;
+    let sflow = inp.cfg.sflow;
+    let (mut exported, mut estimated) = exported_totals(inp.flows_json, sflow)?;
     let nf = nfdump_totals(inp.nfcapd_dir)?;
     // The local meter exports under source id 0 (records relayed from softflowd go out
     // under source id 1); nfcapd numbers exporters itself (SysID), and `nfdump -E` says
@@ -463,7 +466,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     let local = local_sysids(inp.nfcapd_dir)?;
     let mut nf_local = [Totals::default(); 2];
     for (sysid, t) in &nf {
-        if local.contains(sysid) {
+        if sflow || local.contains(sysid) {
             for i in 0..2 {
                 nf_local[i].packets += t[i].packets;
                 nf_local[i].bytes += t[i].bytes;
@@ -471,10 +474,26 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         }
     }
     let [rx_p, rx_b, tx_p, tx_b] = inp.uplink;
-    let dirs = [
-        ("ingress", rx_p, rx_b, 0usize),
-        ("egress", tx_p, tx_b, 1usize),
+    let l3 =
+        |i: usize, p: u64, b: u64| b.saturating_sub(super::topology::L2_HEADER_IN_COUNTERS[i] * p);
+    let mut dirs = vec![
+        ("ingress", rx_p, rx_b, l3(0, rx_p, rx_b), 0usize),
+        ("egress", tx_p, tx_b, l3(1, tx_p, tx_b), 1usize),
     ];
+    if sflow {
+        // sFlow samples carry no direction: both directions as one.
+        for t in [&mut exported, &mut estimated, &mut nf_local] {
+            t[0].packets += t[1].packets;
+            t[0].bytes += t[1].bytes;
+        }
+        dirs = vec![(
+            "both",
+            rx_p + tx_p,
+            rx_b + tx_b,
+            l3(0, rx_p, rx_b) + l3(1, tx_p, tx_b),
+            0,
+        )];
+    }
     let mut export_ok = inp.agent_clean;
     let mut export_json = serde_json::Map::new();
     writeln!(
@@ -493,8 +512,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             String::new()
         }
     )?;
-    for (d, p, b, i) in dirs {
-        let l3 = b.saturating_sub(super::topology::L2_HEADER_IN_COUNTERS[i] * p);
+    for (d, p, b, l3, i) in dirs {
         let ok = if sampled {
             // nfcapd keeps what it was sent (raw counts and the interval) or scales it.
             let nf_same = (nf_local[i].packets == exported[i].packets
@@ -560,7 +578,12 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "targets{}: every P2P host within {within_secs:.0} s: {}; kind {P2P_KIND} for each: {}; no benign host alarmed: {}; every benign margin >= {MIN_MARGIN:.0}: {}; one alarm per P2P host: {}; {}: {}",
         if sampled {
             format!(
-                " (the meter sampling 1 packet in {sampling}: kind and margins reported, not required)"
+                " ({} 1 packet in {sampling}: kind and margins reported, not required)",
+                if sflow {
+                    "seen through sFlow, pmacctd's sfprobe sampling"
+                } else {
+                    "the meter sampling"
+                }
             )
         } else {
             String::new()
@@ -618,6 +641,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "peers": inp.cfg.peers,
         "seed": inp.cfg.seed,
         "sampling": sampling,
+        "sflow": sflow,
         "score_threshold": threshold,
         "evaluations": inp.peaks.evaluations,
         "hosts": hosts_json,
