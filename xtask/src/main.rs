@@ -43,7 +43,8 @@ enum Task {
     /// The lab: a real BitTorrent swarm and real benign servers and clients in network
     /// namespaces, the agent on the uplink, and a labelled scorecard.
     Lab {
-        /// Arguments for the lab: --duration SECS, --peers N, --seed N, --scorecard PATH.
+        /// Arguments for the lab: --duration SECS, --peers N, --seed N, --scorecard PATH,
+        /// --sampling N, --sflow.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
