@@ -22,9 +22,6 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use detector_common::DIRECTION_INGRESS;
-
-use crate::{FrameLen, meter, parse::Frame};
 
 #[map]
 static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -104,17 +101,5 @@ pub fn bench_meter_seq(ctx: XdpContext) -> u32 {
             core::ptr::copy_nonoverlapping(port.as_ptr(), p.add(SRC_PORT), 2);
         }
     }
-    let f = Frame {
-        data: ctx.data(),
-        end: ctx.data_end(),
-    };
-    meter(
-        &f,
-        ctx.ingress_ifindex() as u32,
-        DIRECTION_INGRESS,
-        FrameLen::Xdp(ctx.ctx),
-        0,
-        1,
-    );
-    xdp_action::XDP_PASS
+    crate::ingress(&ctx)
 }

@@ -140,72 +140,45 @@ fn transmission_replayed_with_its_ports_remapped_is_still_bittorrent(
 #[test]
 #[ignore = "privileged: run by `cargo xtask test` as root"]
 fn lab_under_sampling_alarms_every_p2p_host_and_no_benign_one() {
-    if let Err(e) = lab::check_tools() {
-        panic!("{e:#}");
-    }
-    for n in [10u32, 100] {
-        let dir = tests::workspace_root().join(format!("target/lab-test-1in{n}"));
-        let cfg = LabConfig {
-            duration: Duration::from_secs(150),
-            peers: 200,
-            seed: 1,
-            dir,
-            detector: tests::detector_bin(),
-            scripts: tests::workspace_root().join("tests/lab"),
-            sampling: n,
-            sflow: false,
-        };
-        let card = lab::run(&cfg).unwrap_or_else(|e| panic!("the lab at 1:{n} failed: {e:#}"));
-        println!("sampling 1 in {n}:\n{}", card.table());
-        let path = tests::workspace_root().join(format!("target/lab-scorecard-1in{n}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&card.json).unwrap()).unwrap();
-        let t = &card.json["targets"];
-        for (target, what) in [
-            ("zero_benign_alarmed", "a benign host alarmed"),
-            (
-                "p2p_within_target",
-                "a P2P host was not alarmed within 120 s",
-            ),
-            ("one_alarm_per_p2p_host", "not one alarm per P2P host"),
-            ("export_equals_interface", "the export's estimates are off"),
-        ] {
-            assert_eq!(t[target], true, "1 in {n}: {what}:\n{}", card.table());
-        }
-        assert!(card.pass, "1 in {n}:\n{}", card.table());
-    }
+    sampled_labs(false);
 }
 
 /// The same through sFlow, as a switch would show the uplink: pmacct's `pmacctd` with
 /// its `sfprobe` plugin samples the gateway's uplink 1 in 10, then 1 in 100, and sends
 /// sFlow v5 to the agent's `--sflow-listen` (no XDP meter, no softflowd): the same
-/// targets as under the meter's sampling, the estimates against both directions of the
-/// uplink at once (sFlow samples carry no direction); scorecards kept as
-/// target/lab-scorecard-sflow-1inN.json.
+/// targets, the estimates against both directions of the uplink at once (sFlow samples
+/// carry no direction); scorecards kept as target/lab-scorecard-sflow-1inN.json.
 #[test]
 #[ignore = "privileged: run by `cargo xtask test` as root"]
 fn lab_through_sflow_alarms_every_p2p_host_and_no_benign_one() {
+    sampled_labs(true);
+}
+
+/// The lab for 150 s at 1:10 and at 1:100, through the meter's sampling or through
+/// sFlow, and the targets of detection under sampling.
+fn sampled_labs(sflow: bool) {
     if let Err(e) = lab::check_tools() {
         panic!("{e:#}");
     }
+    let via = if sflow { "sflow-" } else { "" };
     for n in [10u32, 100] {
-        let dir = tests::workspace_root().join(format!("target/lab-test-sflow-1in{n}"));
         let cfg = LabConfig {
             duration: Duration::from_secs(150),
             peers: 200,
             seed: 1,
-            dir,
+            dir: tests::workspace_root().join(format!("target/lab-test-{via}1in{n}")),
             detector: tests::detector_bin(),
             scripts: tests::workspace_root().join("tests/lab"),
             sampling: n,
-            sflow: true,
+            sflow,
         };
-        let card = lab::run(&cfg)
-            .unwrap_or_else(|e| panic!("the lab through sFlow at 1:{n} failed: {e:#}"));
-        println!("through sFlow, sampling 1 in {n}:\n{}", card.table());
-        let path = tests::workspace_root().join(format!("target/lab-scorecard-sflow-1in{n}.json"));
+        let what = format!("{}sampling 1 in {n}", if sflow { "sFlow, " } else { "" });
+        let card = lab::run(&cfg).unwrap_or_else(|e| panic!("the lab ({what}) failed: {e:#}"));
+        println!("{what}:\n{}", card.table());
+        let path = tests::workspace_root().join(format!("target/lab-scorecard-{via}1in{n}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&card.json).unwrap()).unwrap();
         let t = &card.json["targets"];
-        for (target, what) in [
+        for (target, failed) in [
             ("zero_benign_alarmed", "a benign host alarmed"),
             (
                 "p2p_within_target",
@@ -214,8 +187,8 @@ fn lab_through_sflow_alarms_every_p2p_host_and_no_benign_one() {
             ("one_alarm_per_p2p_host", "not one alarm per P2P host"),
             ("export_equals_interface", "the export's estimates are off"),
         ] {
-            assert_eq!(t[target], true, "sFlow 1 in {n}: {what}:\n{}", card.table());
+            assert_eq!(t[target], true, "{what}: {failed}:\n{}", card.table());
         }
-        assert!(card.pass, "sFlow 1 in {n}:\n{}", card.table());
+        assert!(card.pass, "{what}:\n{}", card.table());
     }
 }
