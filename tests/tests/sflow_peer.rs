@@ -26,13 +26,15 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-use tests::netns::{Guarded, free_udp_port, wait_for_text};
+use tests::netns::{Guarded, free_udp_port, sh, wait_for_text};
+use tests::tshark::{Packet, Tuple, totals};
 
 const CAPTURE: &str = "pcap/p2p/nDPI__gnutella.pcap";
 
-/// A flow key: (source, destination, protocol, source port, destination port); ports 0
-/// but for TCP/UDP, and ICMP's destination port `type << 8 | code` (as the agent keys it).
-type Key = (IpAddr, IpAddr, u8, u16, u16);
+/// A flow key as the capture's truth keys it (`tests::tshark::Tuple`: protocol, source,
+/// source port, destination, destination port; ICMP's destination port `type << 8 |
+/// code`, as the agent keys it).
+type Key = Tuple;
 /// (packets, IP bytes) per key.
 type ByKey = BTreeMap<Key, (u64, u64)>;
 
@@ -133,10 +135,10 @@ fn run(pcap: &Path, rate: u32, dir: &Path) -> Run {
         };
         let num = |f: &str| v[f].as_u64().unwrap_or_else(|| panic!("{f}: {line}"));
         let key = (
-            addr("src_addr"),
-            addr("dst_addr"),
             num("protocol") as u8,
+            addr("src_addr"),
             num("src_port") as u16,
+            addr("dst_addr"),
             num("dst_port") as u16,
         );
         let raw = |f: &str, scaled: &str| v[f].as_u64().unwrap_or_else(|| num(scaled));
@@ -194,10 +196,11 @@ fn write_pcap(datagrams: &[Vec<u8>], path: &Path) {
 
 /// tshark's sFlow decode: (flow samples, their sequence numbers, counter samples).
 fn tshark_samples(pcap: &Path) -> (u64, Vec<u64>, u64) {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args([
+    let out = sh(
+        "tshark",
+        &[
+            "-r",
+            pcap.to_str().unwrap(),
             "-d",
             "udp.port==6343,sflow",
             "-T",
@@ -210,13 +213,7 @@ fn tshark_samples(pcap: &Path) -> (u64, Vec<u64>, u64) {
             "sflow.flow_sample.sequence_number",
             "-e",
             "sflow.counters_sample.sequence_number",
-        ])
-        .output()
-        .expect("run tshark");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     let (mut flows, mut seqs, mut counters) = (0, Vec::new(), 0);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -257,25 +254,20 @@ fn layer<'a>(tree: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::
 /// tshark's decode of every flow sample's raw packet header, aggregated by flow key:
 /// (packets, IP bytes: `ip.len`, or `ipv6.plen` + 40); and the number of samples.
 fn tshark_flows(pcap: &Path) -> (ByKey, u64) {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args([
+    let out = sh(
+        "tshark",
+        &[
+            "-r",
+            pcap.to_str().unwrap(),
             "-d",
             "udp.port==6343,sflow",
             "-T",
             "json",
             "--no-duplicate-keys",
-        ])
-        .output()
-        .expect("run tshark");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     let frames: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let (mut by_key, mut samples) = (ByKey::new(), 0);
+    let mut sampled = Vec::new();
     for (i, frame) in frames.iter().enumerate() {
         let sflow = &frame["_source"]["layers"]["sflow"];
         let sflow = sflow
@@ -285,7 +277,6 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64) {
             if !name.starts_with("Flow sample") {
                 continue;
             }
-            samples += 1;
             let what = || format!("frame {}, {name}: {sample:#}", i + 1);
             let tree = &sample["Raw packet header"]["sflow_245.header_tree"];
             let (src, dst, mut proto, len) = if let Some(ip) = layer(tree, "ip") {
@@ -325,19 +316,19 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64) {
                     }
                 }
             }
-            let key = (
-                src.unwrap_or_else(|| panic!("{}", what())),
-                dst.unwrap_or_else(|| panic!("{}", what())),
-                proto.unwrap_or_else(|| panic!("{}", what())),
-                sport,
-                dport,
-            );
-            let e = by_key.entry(key).or_insert((0, 0));
-            e.0 += 1;
-            e.1 += len.unwrap_or_else(|| panic!("{}", what()));
+            sampled.push(Packet {
+                tuple: (
+                    proto.unwrap_or_else(|| panic!("{}", what())),
+                    src.unwrap_or_else(|| panic!("{}", what())),
+                    sport,
+                    dst.unwrap_or_else(|| panic!("{}", what())),
+                    dport,
+                ),
+                bytes: len.unwrap_or_else(|| panic!("{}", what())),
+            });
         }
     }
-    (by_key, samples)
+    (totals(&sampled), sampled.len() as u64)
 }
 
 /// The number after `key ` in the agent's final statistics line.
