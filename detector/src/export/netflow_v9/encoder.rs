@@ -127,20 +127,28 @@ impl V9Encoder {
 
     /// Encodes `records` into as many datagrams as needed (none if there are no records
     /// and templates are not due).
-    pub fn encode(&mut self, records: &[FlowRecord], now: SystemTime) -> Vec<Bytes> {
+    pub fn encode<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a FlowRecord>,
+        now: SystemTime,
+    ) -> Vec<Bytes> {
         let mut out = Vec::new();
-        let mut i = 0;
+        let mut records = records.into_iter().peekable();
         loop {
             let with_templates = self.templates_due(now);
-            if i >= records.len() && !with_templates {
+            if records.peek().is_none() && !with_templates {
                 break;
             }
             let mut dg = Datagram::start(self, now);
             if with_templates {
                 dg.put_templates(self.cfg.source_id, self.cfg.sampling_interval);
             }
-            while i < records.len() && dg.try_put_record(&records[i], self, self.cfg.max_payload) {
-                i += 1;
+            // A record always fits an empty datagram (max_payload >= HEADER_LEN + 512).
+            while let Some(r) = records.peek() {
+                if !dg.try_put_record(r, self, self.cfg.max_payload) {
+                    break;
+                }
+                records.next();
             }
             // v9 counts export packets, IPFIX the data records before each message.
             let step = match self.cfg.format {
@@ -155,7 +163,7 @@ impl V9Encoder {
             } else if let Some(n) = self.packets_since_templates.as_mut() {
                 *n += 1;
             }
-            if i >= records.len() {
+            if records.peek().is_none() {
                 break;
             }
         }

@@ -6,7 +6,8 @@ pub mod layout;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::SystemTime;
 
-use log::warn;
+use bytes::Bytes;
+use log::{info, warn};
 
 use super::Sink;
 use crate::flow::FlowRecord;
@@ -39,17 +40,39 @@ struct Collector {
     failures: u64,
 }
 
+/// The most observation domains (v9 source ids) the relay opens for distinct sampling
+/// intervals; records of further intervals go out unsampled with scaled counts.
+pub const MAX_RELAY_DOMAINS: usize = 16;
+
+/// One observation domain of relayed records, all sampled 1 in `interval`.
+struct Relay {
+    interval: u32,
+    encoder: V9Encoder,
+}
+
 /// Encodes once per cycle and sends the same datagrams to every collector.
 ///
 /// Records of the local meter go out under `--source-id` with the meter's sampling
-/// interval announced and raw counts; records relayed from other exporters go out under
-/// `--source-id + 1` with counts already scaled by their exporters' sampling intervals
-/// (announced interval 1), so a collector scales neither twice.
+/// interval announced and raw counts. Records relayed from other exporters (NetFlow,
+/// IPFIX, sFlow) go out with their raw counts under an observation domain per sampling
+/// interval, each announcing its interval in the sampling options record (RFC 3954
+/// SAMPLING_INTERVAL in v9, RFC 5477 samplingPacketInterval/Space in IPFIX), which is
+/// the only way collectors such as nfcapd take a sampling rate: per exporter and domain.
+/// Unsampled relayed records take `--source-id + 1`; each further interval, in the
+/// order the intervals are first seen, the next id, up to [`MAX_RELAY_DOMAINS`]; past
+/// that bound records go out under `--source-id + 1` with counts already scaled (interval
+/// 1 announced), counted and logged, so a collector never scales twice nor misses a
+/// scale.
 pub struct V9Sink {
     encoder: V9Encoder,
-    relay: V9Encoder,
+    cfg: V9Config,
+    boot: SystemTime,
+    /// The unsampled relay domain first, then one per interval in order of first sight.
+    relays: Vec<Relay>,
     collectors: Vec<Collector>,
     records: u64,
+    /// Relayed records exported scaled because every relay domain was taken.
+    rescaled: u64,
 }
 
 impl V9Sink {
@@ -75,23 +98,109 @@ impl V9Sink {
                 })
             })
             .collect::<Result<_, ExportError>>()?;
-        let relay_cfg = V9Config {
-            source_id: cfg.source_id.wrapping_add(1),
-            sampling_interval: 1,
-            scale_counts: true,
-            ..cfg.clone()
-        };
-        Ok(Self {
-            encoder: V9Encoder::new(cfg, boot),
-            relay: V9Encoder::new(relay_cfg, boot),
+        let mut sink = Self {
+            encoder: V9Encoder::new(cfg.clone(), boot),
+            cfg,
+            boot,
+            relays: Vec::new(),
             collectors,
             records: 0,
-        })
+            rescaled: 0,
+        };
+        // The unsampled domain scales counts: it also carries the overflow.
+        sink.open_relay(1, true);
+        Ok(sink)
+    }
+
+    fn open_relay(&mut self, interval: u32, scale_counts: bool) -> usize {
+        let cfg = V9Config {
+            source_id: self
+                .cfg
+                .source_id
+                .wrapping_add(1 + self.relays.len() as u32),
+            sampling_interval: interval,
+            scale_counts,
+            ..self.cfg.clone()
+        };
+        self.relays.push(Relay {
+            interval,
+            encoder: V9Encoder::new(cfg, self.boot),
+        });
+        self.relays.len() - 1
+    }
+
+    /// The relay domain for records sampled 1 in `interval`: the unsampled one (which
+    /// scales) when every domain is taken.
+    fn relay_for(&mut self, interval: u32) -> usize {
+        let interval = interval.max(1);
+        if let Some(i) = self.relays.iter().position(|r| r.interval == interval) {
+            return i;
+        }
+        if self.relays.len() < MAX_RELAY_DOMAINS {
+            let i = self.open_relay(interval, false);
+            info!(
+                "export: records sampled 1 in {interval} relayed under source id {}",
+                self.cfg.source_id.wrapping_add(i as u32 + 1)
+            );
+            return i;
+        }
+        0
     }
 
     /// Datagrams that could not be sent, over all collectors.
     pub fn failures(&self) -> u64 {
         self.collectors.iter().map(|c| c.failures).sum()
+    }
+
+    /// Relayed records exported with scaled counts because every relay domain was taken.
+    pub fn rescaled(&self) -> u64 {
+        self.rescaled
+    }
+
+    /// This cycle's datagrams: the meter's records, then each relay domain's.
+    fn encode(&mut self, records: &[FlowRecord], now: SystemTime) -> Vec<Bytes> {
+        let is_local = |r: &FlowRecord| r.origin == crate::flow::Origin::Local;
+        let mut datagrams = self
+            .encoder
+            .encode(records.iter().filter(|r| is_local(r)), now);
+        // Which domain each relayed record goes to; one pass per domain that has any.
+        let mut domain = Vec::new();
+        let mut used = vec![false; MAX_RELAY_DOMAINS];
+        let mut overflow = 0;
+        for r in records.iter().filter(|r| !is_local(r)) {
+            let i = self.relay_for(r.sampling);
+            if i == 0 && r.sampling > 1 {
+                overflow += 1;
+            }
+            used[i] = true;
+            domain.push(i);
+        }
+        if overflow > 0 {
+            if self.rescaled == 0 || (self.rescaled + overflow).ilog2() > self.rescaled.ilog2() {
+                warn!(
+                    "export: more than {} sampling intervals among relayed records; {} records \
+                     so far exported with scaled counts under source id {}",
+                    MAX_RELAY_DOMAINS - 1,
+                    self.rescaled + overflow,
+                    self.cfg.source_id.wrapping_add(1)
+                );
+            }
+            self.rescaled += overflow;
+        }
+        for (i, relay) in self.relays.iter_mut().enumerate() {
+            if used[i] {
+                let mut of = domain.iter();
+                let mine = records
+                    .iter()
+                    .filter(|r| !is_local(r))
+                    .filter(|_| of.next() == Some(&i));
+                datagrams.extend(relay.encoder.encode(mine, now));
+            } else if relay.encoder.next_sequence() > 0 {
+                // Templates (and sampling options) refreshed while a domain is idle.
+                datagrams.extend(relay.encoder.encode(&[], now));
+            }
+        }
+        datagrams
     }
 }
 
@@ -106,23 +215,7 @@ impl Sink for V9Sink {
     }
 
     fn send(&mut self, records: &[FlowRecord], now: SystemTime) {
-        let is_local = |r: &FlowRecord| r.origin == crate::flow::Origin::Local;
-        let mut datagrams;
-        if records.iter().all(is_local) {
-            datagrams = self.encoder.encode(records, now);
-            if self.relay.next_sequence() > 0 {
-                datagrams.extend(self.relay.encode(&[], now));
-            }
-        } else if !records.iter().any(is_local) {
-            // Only relayed records (a NetFlow ingest without a meter): no copy.
-            datagrams = self.encoder.encode(&[], now);
-            datagrams.extend(self.relay.encode(records, now));
-        } else {
-            let (local, relayed): (Vec<FlowRecord>, Vec<FlowRecord>) =
-                records.iter().cloned().partition(is_local);
-            datagrams = self.encoder.encode(&local, now);
-            datagrams.extend(self.relay.encode(&relayed, now));
-        }
+        let datagrams = self.encode(records, now);
         self.records += records.len() as u64;
         for c in &mut self.collectors {
             for dg in &datagrams {
@@ -160,11 +253,29 @@ impl Sink for V9Sink {
             .iter()
             .map(|c| format!("{} sent={} failed={}", c.addr, c.sent, c.failures))
             .collect();
+        let domains: Vec<_> = self
+            .relays
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.encoder.next_sequence() > 0)
+            .map(|(i, r)| {
+                format!(
+                    "source id {} 1:{}",
+                    self.cfg.source_id.wrapping_add(i as u32 + 1),
+                    r.interval
+                )
+            })
+            .collect();
         format!(
-            "netflow v9: {} records, sequence {}; {}",
+            "netflow v9: {} records, sequence {}; relayed: [{}], {} rescaled; {}",
             self.records,
             self.encoder.next_sequence(),
+            domains.join(", "),
+            self.rescaled,
             per.join("; ")
         )
     }
 }
+
+#[cfg(test)]
+mod tests;
