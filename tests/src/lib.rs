@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests: a frame builder for BPF_PROG_TEST_RUN tables,
 //! and network-namespace plumbing for the end-to-end tests.
 
+pub mod collectors;
 pub mod export;
 pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod remap;
+pub mod sflow;
 pub mod tshark;
 
 use std::path::PathBuf;

@@ -222,3 +222,21 @@ pub fn free_udp_port() -> u16 {
         .expect("bind a UDP port")
         .port()
 }
+
+/// Asks for a receive buffer of `bytes` on a UDP socket (past `net.core.rmem_max` when
+/// root), so a test's relay or collector does not drop a burst it reads a little late.
+pub fn grow_receive_buffer(socket: &std::net::UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    let set = |opt| unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 {
+        set(libc::SO_RCVBUF);
+    }
+}

@@ -7,9 +7,10 @@
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use tests::collectors::Nfcapd;
 use tests::netns::sh;
 
 fn capture() -> Option<PathBuf> {
@@ -24,46 +25,6 @@ fn free_port() -> u16 {
         .and_then(|s| s.local_addr())
         .expect("a free port")
         .port()
-}
-
-struct Nfcapd {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Nfcapd {
-    fn start(dir: PathBuf, port: u16) -> Self {
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("nfcapd")
-            .arg("-w")
-            .arg(&dir)
-            .args(["-p", &port.to_string(), "-b", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nfcapd (package nfdump)");
-        std::thread::sleep(Duration::from_millis(500));
-        Self { child, dir }
-    }
-
-    /// Stops nfcapd (it writes its file) and returns nfdump's (flows, packets, bytes)
-    /// and the sequence failures nfcapd counted.
-    fn totals(mut self) -> ((u64, u64, u64), u64) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let out = sh("nfdump", &["-R", self.dir.to_str().unwrap(), "-I"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let get = |k: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {k} in nfdump -I: {text}"))
-        };
-        (
-            (get("Flows:"), get("Packets:"), get("Bytes:")),
-            get("Sequence failures:"),
-        )
-    }
 }
 
 /// Writes `datagrams` (sent from 127.0.0.1:`from` to 127.0.0.1:`to`) as a pcap of raw

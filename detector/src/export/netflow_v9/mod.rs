@@ -165,7 +165,7 @@ impl V9Sink {
             .encode(records.iter().filter(|r| is_local(r)), now);
         // Which domain each relayed record goes to; one pass per domain that has any.
         let mut domain = Vec::new();
-        let mut used = vec![false; MAX_RELAY_DOMAINS];
+        let mut used = [false; MAX_RELAY_DOMAINS];
         let mut overflow = 0;
         for r in records.iter().filter(|r| !is_local(r)) {
             let i = self.relay_for(r.sampling);

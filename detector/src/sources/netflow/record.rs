@@ -257,7 +257,7 @@ impl RawRecord {
     /// code. The frame counts as one packet of its (outer) IP length unless the record
     /// says otherwise.
     pub(super) fn frame_section(&mut self, b: &[u8]) {
-        use etherparse::{LaxNetSlice, LaxSlicedPacket};
+        use etherparse::{Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket};
         if b.len() < 14 {
             return;
         }
@@ -313,7 +313,16 @@ impl RawRecord {
                 }
                 Some(LaxNetSlice::Ipv6(v6)) => {
                     let h = v6.header();
-                    let first = !v6.payload().fragmented;
+                    // The first fragment (offset 0) carries the transport header and
+                    // is keyed with its ports, as IPv4's is and the XDP meter keys it;
+                    // only later fragments have none. The offset is read from the
+                    // header's bytes (RFC 8200: the top 13 bits of bytes 2-3):
+                    // etherparse 0.18's fragment_offset() and payload().fragmented
+                    // take the M flag for offset bits (etherparse issue #150).
+                    let first = !v6.extensions().clone().into_iter().any(|e| {
+                        matches!(e, Ipv6ExtensionSlice::Fragment(f)
+                            if u16::from_be_bytes([f.slice()[2], f.slice()[3]]) >> 3 != 0)
+                    });
                     (
                         u64::from(h.payload_length()) + 40,
                         v6.payload().clone(),

@@ -338,15 +338,24 @@ pub fn packet_of(records: &[SflowRecord]) -> Option<Packet> {
     });
     if p.is_none() {
         p = records.iter().find_map(|r| {
-            let port = |p: u32, proto: u32| {
-                if matches!(proto, 1 | 58) { 0 } else { p as u16 }
+            // ICMP: the record's "or equivalent" ports hold type and code (as sflowtool
+            // reads them); the agent keys ICMP as raw headers do, type << 8 | code in
+            // the destination port.
+            let icmp = |proto: u32| matches!(proto, 1 | 58);
+            let port = |p: u32, proto: u32| if icmp(proto) { 0 } else { p as u16 };
+            let dport = |sp: u32, dp: u32, proto: u32| {
+                if icmp(proto) {
+                    ((sp & 0xff) << 8 | (dp & 0xff)) as u16
+                } else {
+                    dp as u16
+                }
             };
             match r {
                 SflowRecord::SampledIpv4(s) => Some(Packet {
                     src: IpAddr::V4(s.src_ip),
                     dst: IpAddr::V4(s.dst_ip),
                     src_port: port(s.src_port, s.protocol),
-                    dst_port: s.dst_port as u16,
+                    dst_port: dport(s.src_port, s.dst_port, s.protocol),
                     protocol: s.protocol as u8,
                     tcp_flags: s.tcp_flags as u8,
                     tos: s.tos as u8,
@@ -358,7 +367,7 @@ pub fn packet_of(records: &[SflowRecord]) -> Option<Packet> {
                     src: IpAddr::V6(s.src_ip),
                     dst: IpAddr::V6(s.dst_ip),
                     src_port: port(s.src_port, s.protocol),
-                    dst_port: s.dst_port as u16,
+                    dst_port: dport(s.src_port, s.dst_port, s.protocol),
                     protocol: s.protocol as u8,
                     tcp_flags: s.tcp_flags as u8,
                     tos: s.priority as u8,

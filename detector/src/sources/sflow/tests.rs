@@ -398,3 +398,41 @@ fn live_reports_tell_detection_early_and_count_everything_once() {
     let bytes: u64 = out.iter().map(|r| r.new_bytes()).sum();
     assert_eq!((flows, packets, bytes), (1, 110, 11_000));
 }
+
+/// IPv6 fragments in a raw header (header protocol 12): the first fragment (offset 0,
+/// more fragments) carries the UDP header and is keyed with its ports, as IPv4's first
+/// fragment is; a later one (offset 185) has none. etherparse 0.18 reads the M flag as
+/// an offset bit, which made every first fragment portless.
+#[test]
+fn ipv6_first_fragments_keep_their_ports_and_later_ones_have_none() {
+    use flowparser_sflow::flow_records::{FlowRecord as SflowRecord, RawPacketHeader};
+    let packet = |offset_m: u16, payload: &[u8]| {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(8 + 1000u16).to_be_bytes());
+        p.extend_from_slice(&[44, 64]);
+        for a in ["2001:db8::1", "2001:db8::2"] {
+            p.extend_from_slice(&a.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        }
+        p.extend_from_slice(&[17, 0]);
+        p.extend_from_slice(&offset_m.to_be_bytes());
+        p.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+        p.extend_from_slice(payload);
+        let rec = SflowRecord::RawPacketHeader(RawPacketHeader {
+            header_protocol: 12,
+            frame_length: 1048,
+            stripped: 0,
+            header_length: p.len() as u32,
+            header: p,
+        });
+        super::decode::packet_of(&[rec]).expect("an IPv6 packet")
+    };
+    let udp = [0x1b, 0x58, 0x1b, 0x59, 0x03, 0xe8, 0, 0];
+    let first = packet(1, &udp);
+    assert_eq!(
+        (first.protocol, first.src_port, first.dst_port),
+        (17, 7000, 7001)
+    );
+    assert_eq!(first.bytes, 1048);
+    let later = packet(185 << 3, &udp);
+    assert_eq!((later.protocol, later.src_port, later.dst_port), (17, 0, 0));
+}
