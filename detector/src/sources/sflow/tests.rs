@@ -436,3 +436,50 @@ fn ipv6_first_fragments_keep_their_ports_and_later_ones_have_none() {
     let later = packet(185 << 3, &udp);
     assert_eq!((later.protocol, later.src_port, later.dst_port), (17, 0, 0));
 }
+
+/// A sampled IPv4 or IPv6 record carries ICMP's type and code in its "or equivalent"
+/// source and destination ports (as sflowtool reads them); the agent keys ICMP as it
+/// does a raw header's: source port 0, destination port type << 8 | code.
+#[test]
+fn icmp_in_sampled_records_is_keyed_by_type_and_code() {
+    use flowparser_sflow::flow_records::{FlowRecord as SflowRecord, SampledIpv4, SampledIpv6};
+    let v4 = SflowRecord::SampledIpv4(SampledIpv4 {
+        length: 84,
+        protocol: 1,
+        src_ip: "192.0.2.1".parse().unwrap(),
+        dst_ip: "198.51.100.2".parse().unwrap(),
+        src_port: 8,
+        dst_port: 0,
+        tcp_flags: 0,
+        tos: 0,
+    });
+    let p = super::decode::packet_of(&[v4]).expect("an IPv4 packet");
+    assert_eq!(
+        (p.protocol, p.src_port, p.dst_port, p.bytes),
+        (1, 0, 8 << 8, 84)
+    );
+    let v6 = SflowRecord::SampledIpv6(SampledIpv6 {
+        length: 104,
+        protocol: 58,
+        src_ip: "2001:db8::1".parse().unwrap(),
+        dst_ip: "2001:db8::2".parse().unwrap(),
+        src_port: 1,
+        dst_port: 4,
+        tcp_flags: 0,
+        priority: 0,
+    });
+    let p = super::decode::packet_of(&[v6]).expect("an IPv6 packet");
+    assert_eq!((p.protocol, p.src_port, p.dst_port), (58, 0, 1 << 8 | 4));
+    let udp = SflowRecord::SampledIpv4(SampledIpv4 {
+        length: 60,
+        protocol: 17,
+        src_ip: "192.0.2.1".parse().unwrap(),
+        dst_ip: "198.51.100.2".parse().unwrap(),
+        src_port: 53000,
+        dst_port: 53,
+        tcp_flags: 0,
+        tos: 0,
+    });
+    let p = super::decode::packet_of(&[udp]).expect("an IPv4 packet");
+    assert_eq!((p.src_port, p.dst_port), (53000, 53));
+}
