@@ -148,7 +148,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub sampling: u32,
 
-    /// NetFlow v9 source ID (observation domain) of the export.
+    /// NetFlow v9 source ID (observation domain) of the meter's records; relayed
+    /// records take the next ids, one per sampling interval.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub source_id: u32,
 
@@ -297,7 +298,8 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "N", default_value_t = detector_common::DEFAULT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..=1 << 26))]
     pub map_size: u32,
 
-    /// NetFlow v9 source ID of the export.
+    /// NetFlow v9 source ID (observation domain) of the meter's records; relayed
+    /// records take the next ids, one per sampling interval.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub source_id: u32,
 
