@@ -489,9 +489,17 @@ impl HostProfile {
                 }
                 // Whether a connection completed is known from its export, not its start.
                 if host_is_src && !r.live.detection_only() && r.tcp_flags & 0x02 != 0 {
-                    p.tcp_attempts = p.tcp_attempts.saturating_add(1);
+                    // Under 1-in-N sampling a short flow (a failed attempt is a SYN and
+                    // its retries) is seen about one time in N: one seen stands for N.
+                    // A long connection is seen whatever N, and counts once.
+                    let weight = if r.packets <= 2 {
+                        u16::try_from(r.sampling.max(1)).unwrap_or(u16::MAX)
+                    } else {
+                        1
+                    };
+                    p.tcp_attempts = p.tcp_attempts.saturating_add(weight);
                     if r.tcp_flags & 0x10 == 0 {
-                        p.tcp_failed = p.tcp_failed.saturating_add(1);
+                        p.tcp_failed = p.tcp_failed.saturating_add(weight);
                     }
                 }
             }

@@ -1153,3 +1153,66 @@ fn a_scanner_is_vetoed_from_its_probes_starts_and_a_listening_port_is_not() {
         .collect();
     assert_eq!(guard_of(&listener), None);
 }
+
+/// Under 1-in-N sampling a scan's probes (a SYN each, answered by a reset) are seen one
+/// time in N: each one seen stands for N attempts, so the `port_scan` guard holds for
+/// the scan sampled 1 in 10 as it does unsampled, while a swarm sampled the same way
+/// (its data in scaled) is still no scanner.
+#[test]
+fn the_port_scan_guard_estimates_attempts_under_sampling() {
+    let guard_of = |records: &[FlowRecord]| {
+        let mut p = profile::HostProfile::new(4096);
+        for r in records {
+            p.add(r, r.src_addr == host());
+        }
+        evidence::evaluate(
+            &mut p,
+            &evidence::Thresholds::default(),
+            &std::collections::HashSet::new(),
+            5.0,
+        )
+        .guard
+    };
+    // A connect scan from ephemeral ports (no one port probing a target several times):
+    // 120 probes, 3 ports of each of 40 hosts, every one failed.
+    let probes: Vec<FlowRecord> = (0..120u32)
+        .map(|i| {
+            rec(
+                host(),
+                40_000 + i as u16,
+                ext(i / 3),
+                [22, 80, 443][i as usize % 3],
+                6,
+                1,
+                44,
+                0x02,
+                i as u64 / 10,
+            )
+        })
+        .collect();
+    assert_eq!(guard_of(&probes), Some("port_scan"), "unsampled");
+    let sampled: Vec<FlowRecord> = probes
+        .iter()
+        .step_by(10)
+        .map(|r| FlowRecord {
+            sampling: 10,
+            ..r.clone()
+        })
+        .collect();
+    assert_eq!(
+        sampled.len(),
+        12,
+        "fewer than the guard's 20 attempts unscaled"
+    );
+    assert_eq!(guard_of(&sampled), Some("port_scan"), "sampled 1 in 10");
+    let swarm: Vec<FlowRecord> = torrent(host(), 0)
+        .into_iter()
+        .step_by(10)
+        .map(|r| FlowRecord { sampling: 10, ..r })
+        .collect();
+    assert_ne!(
+        guard_of(&swarm),
+        Some("port_scan"),
+        "a swarm sampled 1 in 10"
+    );
+}
