@@ -177,11 +177,8 @@ pub fn score(
     let (flows, bytes_in) = (a.flows, a.bytes_in);
     let total = a.bytes_in + a.bytes_out;
     let (attempts, failed) = (a.tcp_attempts, a.tcp_failed);
-    let failed_share = if attempts > 0 {
-        failed as f64 / attempts as f64
-    } else {
-        0.0
-    };
+    let failed_share = share(failed, attempts);
+    let extra = a.tcp_failed_extra;
     let distinct_remote = a.remote_ports.len() as u64;
     let high_share = if distinct_remote == 0 {
         0.0
@@ -240,8 +237,8 @@ pub fn score(
     fire(p2p_port as f64 >= t.p2p_port_peers, P2P_PORT_WEIGHT);
     let guard = Guards {
         bytes_in,
-        attempts,
-        failed_share,
+        attempts: attempts + extra,
+        failed_share: share(failed + extra, attempts + extra),
         probing,
         listen_port,
         listen_ips: u64::from(listen_ips),
@@ -259,11 +256,22 @@ pub fn score(
     (score, guard)
 }
 
+/// `part` over `whole`, 0 when there is no whole.
+fn share(part: u64, whole: u64) -> f64 {
+    if whole > 0 {
+        part as f64 / whole as f64
+    } else {
+        0.0
+    }
+}
+
 /// What the look-alike guards look at, from the aggregates ([`score`]) or the walk
 /// ([`evaluate`]), which agree.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Guards {
     pub bytes_in: u64,
+    /// Outbound TCP attempts and the share that failed, each failed attempt seen under
+    /// 1-in-N sampling standing for N ([`super::profile::PeerStat::tcp_failed_extra`]).
     pub attempts: u64,
     pub failed_share: f64,
     /// The busiest local port carries many port pairs per peer (a scan's probes).
@@ -422,7 +430,7 @@ pub fn evaluate(
     let mut top = 0u64;
     let mut remote_ports: Vec<u16> = Vec::with_capacity(p.peers.len() * 2);
     let mut tcp_udp = 0u64;
-    let (mut attempts, mut failed) = (0u64, 0u64);
+    let (mut attempts, mut failed, mut extra) = (0u64, 0u64, 0u64);
     let mut udp_small = 0u64;
     let mut p2p_port = 0u64;
     // (local port, remote address, remote port) of every peer's connections.
@@ -454,6 +462,7 @@ pub fn evaluate(
         }
         attempts += u64::from(s.tcp_attempts);
         failed += u64::from(s.tcp_failed);
+        extra += u64::from(s.tcp_failed_extra);
         if s.udp_packets > 0 && (s.udp_bytes as f64 / s.udp_packets as f64) < t.udp_small_size {
             udp_small += 1;
         }
@@ -504,11 +513,7 @@ pub fn evaluate(
     } else {
         0.0
     };
-    let failed_share = if attempts > 0 {
-        failed as f64 / attempts as f64
-    } else {
-        0.0
-    };
+    let failed_share = share(failed, attempts);
     let many = peers as f64 >= t.peers;
     let evidence = vec![
         ev("external_peers", peers as f64, t.peers, many, 2.0),
@@ -602,8 +607,8 @@ pub fn evaluate(
     let probing = busy_listener && listen_port > 1024 && ip_port_ratio >= PROBE_PORTS_PER_PEER;
     let guards = Guards {
         bytes_in: m.bytes_in,
-        attempts,
-        failed_share,
+        attempts: attempts + extra,
+        failed_share: share(failed + extra, attempts + extra),
         probing,
         listen_port,
         listen_ips: listen_ips as u64,

@@ -57,6 +57,8 @@ pub struct Aggregates {
     pub tcp_udp: u64,
     pub tcp_attempts: u64,
     pub tcp_failed: u64,
+    /// The further failed attempts sampled ones stand for ([`PeerStat::tcp_failed_extra`]).
+    pub tcp_failed_extra: u64,
     /// Peers whose non-service UDP datagrams are small on average.
     pub udp_small: u64,
     /// Peers at or below the throttled rate.
@@ -93,6 +95,7 @@ struct Contribution {
     tcp_udp: u64,
     tcp_attempts: u64,
     tcp_failed: u64,
+    tcp_failed_extra: u64,
     udp_small: u64,
     throttled: u64,
     p2p_port: u64,
@@ -111,6 +114,7 @@ impl PeerStat {
             tcp_udp: u64::from(self.tcp && self.udp),
             tcp_attempts: u64::from(self.tcp_attempts),
             tcp_failed: u64::from(self.tcp_failed),
+            tcp_failed_extra: u64::from(self.tcp_failed_extra),
             // The same expressions as the full evaluation, so both agree exactly.
             udp_small: u64::from(
                 self.udp_packets > 0
@@ -194,6 +198,7 @@ impl Aggregates {
         f(&mut self.tcp_udp, c.tcp_udp);
         f(&mut self.tcp_attempts, c.tcp_attempts);
         f(&mut self.tcp_failed, c.tcp_failed);
+        f(&mut self.tcp_failed_extra, c.tcp_failed_extra);
         f(&mut self.udp_small, c.udp_small);
         f(&mut self.throttled, c.throttled);
         f(&mut self.p2p_port, c.p2p_port);
@@ -269,6 +274,10 @@ pub struct PeerStat {
     /// completed (saturating).
     pub tcp_attempts: u16,
     pub tcp_failed: u16,
+    /// Under 1-in-N sampling, the N - 1 further attempts each short failed attempt seen
+    /// stands for (a SYN and its retry are seen about one time in N): what the
+    /// `port_scan` guard adds to the attempts seen (saturating).
+    pub tcp_failed_extra: u16,
     pub tcp: bool,
     pub udp: bool,
     /// OR of the payload hint flags of the peer's flows.
@@ -295,6 +304,7 @@ impl PeerStat {
             flows: 0,
             tcp_attempts: 0,
             tcp_failed: 0,
+            tcp_failed_extra: 0,
             tcp: false,
             udp: false,
             hints: 0,
@@ -489,17 +499,17 @@ impl HostProfile {
                 }
                 // Whether a connection completed is known from its export, not its start.
                 if host_is_src && !r.live.detection_only() && r.tcp_flags & 0x02 != 0 {
-                    // Under 1-in-N sampling a short flow (a failed attempt is a SYN and
-                    // its retries) is seen about one time in N: one seen stands for N.
-                    // A long connection is seen whatever N, and counts once.
-                    let weight = if r.packets <= 2 {
-                        u16::try_from(r.sampling.max(1)).unwrap_or(u16::MAX)
-                    } else {
-                        1
-                    };
-                    p.tcp_attempts = p.tcp_attempts.saturating_add(weight);
+                    p.tcp_attempts = p.tcp_attempts.saturating_add(1);
                     if r.tcp_flags & 0x10 == 0 {
-                        p.tcp_failed = p.tcp_failed.saturating_add(weight);
+                        p.tcp_failed = p.tcp_failed.saturating_add(1);
+                        // Under 1-in-N sampling a failed attempt (a SYN and its retry)
+                        // is seen about one time in N: for the port_scan guard one seen
+                        // stands for N. The failed-connection rule keeps what was seen:
+                        // a sampled SYN of a connection that completed looks failed too.
+                        if r.packets <= 2 {
+                            let more = u16::try_from(r.sampling.max(1) - 1).unwrap_or(u16::MAX);
+                            p.tcp_failed_extra = p.tcp_failed_extra.saturating_add(more);
+                        }
                     }
                 }
             }

@@ -1205,6 +1205,24 @@ fn the_port_scan_guard_estimates_attempts_under_sampling() {
         "fewer than the guard's 20 attempts unscaled"
     );
     assert_eq!(guard_of(&sampled), Some("port_scan"), "sampled 1 in 10");
+    // The failed-connection rule keeps what was seen (a sampled SYN of a connection
+    // that completed looks failed too): 12 attempts do not fire it.
+    let mut p = profile::HostProfile::new(4096);
+    for r in &sampled {
+        p.add(r, true);
+    }
+    let v = evidence::evaluate(
+        &mut p,
+        &evidence::Thresholds::default(),
+        &std::collections::HashSet::new(),
+        5.0,
+    );
+    let rule = v
+        .evidence
+        .iter()
+        .find(|e| e.rule == "failed_connection_share")
+        .expect("the rule is evaluated");
+    assert!(!rule.fired, "{rule:?}");
     let swarm: Vec<FlowRecord> = torrent(host(), 0)
         .into_iter()
         .step_by(10)
