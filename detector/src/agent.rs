@@ -473,12 +473,18 @@ fn start_evaluator(
                     let stats = pipeline.stats();
                     let evaluated = stats.engine.evaluations != evaluations;
                     evaluations = stats.engine.evaluations;
-                    let top = evaluated.then(|| pipeline.explain(crate::status::TOP_HOSTS));
+                    // The top hosts and the open alarms, with their drill-downs.
+                    let top = evaluated.then(|| {
+                        pipeline.explain_detailed(
+                            crate::status::TOP_HOSTS,
+                            crate::status::detail::DETAIL_HOSTS,
+                        )
+                    });
                     status.update(|s| {
                         s.pipeline = stats;
                         s.apply_events(&events);
                         if let Some(top) = top {
-                            s.evaluated(now, top);
+                            s.evaluated_detailed(now, top);
                         }
                     });
                 }
@@ -505,7 +511,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sampling_interval: args.sampling,
         ..V9Config::default()
     };
-    let (detect, alarms) = build::detection(&args.detect.options())?;
+    let (detect, mut alarms) = build::detection(&args.detect.options())?;
+    if let Some(name) = &args.agent_name {
+        // `observer.name` of the ECS alarms (a reload keeps it).
+        alarms.encoder.observer.name = name.clone();
+    }
     let mut sinks = build::sinks(
         &args.export,
         args.flows_json.as_deref(),
@@ -534,21 +544,45 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sinks.push(Box::new(sink));
     }
     let cfg = PipelineConfig::new(args.workers.map(|w| w as usize), WhenBehind::Shed);
-    let pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
+    let mut pipeline = Pipeline::new(&cfg, sinks, detect, alarms);
     let input = pipeline.input();
+    // Operators' decisions: read now, kept across reloads (SIGHUP leaves them be).
+    let decisions = Arc::new(crate::status::decisions::Store::for_run(
+        args.decisions.as_deref(),
+        args.detect.config.as_deref(),
+        SystemTime::now(),
+    )?);
+    pipeline.set_decisions(decisions.clone());
 
     let status = match build::http_listen(args.http, &args.detect.options())? {
         Some(addr) => {
+            // TLS and authentication (--http-config), checked before anything binds.
+            let web = build::http_config(args.http_config.as_deref(), &args.detect.options())?;
             let listener = crate::status::server::bind(addr).await?;
-            let status = Arc::new(Status::new(boot));
+            let status = Arc::new(Status::new(boot).with_decisions(decisions.clone()));
+            let local = listener.local_addr().unwrap_or(addr);
             info!(
-                "status on http://{}/ (also /metrics, /api/alarms, /api/hosts?top=N)",
-                listener.local_addr().unwrap_or(addr)
+                "status on {}://{local}/ (also /metrics, /api/alarms, /api/hosts?top=N); {}",
+                web.scheme(),
+                web.describe().trim_end().replace('\n', "; ")
             );
-            crate::status::server::spawn(listener, status.clone());
+            if !web.authenticates() && !local.ip().is_loopback() {
+                warn!(
+                    "--http on {local} without authentication: whoever reaches the port reads the alarms and the hosts (and writes, from outside a browser); give --http-config with basic_auth_users or bearer_tokens, or bind 127.0.0.1"
+                );
+            }
+            crate::status::server::serve(listener, status.clone(), &web);
             Some(status)
         }
-        None => None,
+        None => {
+            if let Some(f) = &args.http_config {
+                bail!(
+                    "--http-config {} is given without --http: add --http [ADDR:]PORT (or [http] listen in --config)",
+                    f.display()
+                );
+            }
+            None
+        }
     };
 
     let stop = Arc::new(AtomicBool::new(false));

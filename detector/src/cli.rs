@@ -33,7 +33,8 @@ pub enum Command {
     /// Run a capture file through the real XDP program (or its NetFlow datagrams through
     /// the decoder, with --netflow), on the capture's own clock.
     Replay(ReplayArgs),
-    /// Validate a configuration file and print the effective configuration.
+    /// Validate a configuration file and print the effective configuration (a .yml or
+    /// .yaml file: an --http-config file, and what it sets).
     CheckConfig {
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
@@ -161,10 +162,17 @@ pub struct RunArgs {
     pub detect: DetectArgs,
 
     /// Serve Prometheus metrics (/metrics), the open alarms (/api/alarms), the top hosts
-    /// (/api/hosts?top=N) and a live status page (/) on ADDR:PORT, e.g. 127.0.0.1:9750.
-    /// Off by default; also `[http] listen` in the configuration file.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    /// (/api/hosts?top=N) and a live status page (/) on ADDR:PORT, or PORT (:PORT) on
+    /// 127.0.0.1, e.g. 9750 or 0.0.0.0:9750. Off by default; also `[http] listen` in the
+    /// configuration file.
+    #[arg(long, value_name = "[ADDR]:PORT", value_parser = crate::status::access::parse_http_listen)]
     pub http: Option<SocketAddr>,
+
+    /// TLS and authentication of --http: a YAML file with Prometheus' web configuration
+    /// keys (tls_server_config, basic_auth_users) and bearer_tokens, bearer_tokens_file,
+    /// metrics_open; also `[http] config` in the configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub http_config: Option<PathBuf>,
 
     /// Resend NetFlow v9 templates every N datagrams.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
@@ -207,6 +215,12 @@ pub struct RunArgs {
     /// bytes. Default: the host name.
     #[arg(long, value_name = "NAME")]
     pub agent_name: Option<String>,
+
+    /// File of the operators' decisions (acknowledged alarms, suppressed hosts and
+    /// networks, taken on the status page or its API), kept across restarts and reloads.
+    /// Default: decisions.json beside --config; without --config, in memory only.
+    #[arg(long, value_name = "FILE")]
+    pub decisions: Option<PathBuf>,
 }
 
 /// Detection and alarm settings shared by `run` and `replay`; flags override the file.
@@ -220,6 +234,12 @@ pub struct DetectArgs {
     /// logged as readable lines too.
     #[arg(long, value_name = "PATH")]
     pub alarms_json: Option<String>,
+
+    /// Format of the alarm events in --alarms-json and the webhook's bodies: the
+    /// detector's own JSON (native, the default) or Elastic Common Schema 8.x (ecs) for
+    /// a SIEM; also `[sinks] alarm_format` in the configuration file.
+    #[arg(long, value_enum, value_name = "native|ecs")]
+    pub alarm_format: Option<crate::export::ecs::AlarmFormat>,
 
     /// Internal network (repeatable CIDR); replaces the configured list.
     #[arg(long, value_name = "CIDR")]
@@ -244,6 +264,7 @@ impl DetectArgs {
         crate::pipeline::build::DetectOptions {
             config: self.config.clone(),
             alarms_json: self.alarms_json.clone(),
+            alarm_format: self.alarm_format,
             internal: self.internal.clone(),
             syslog: self.syslog.clone(),
             webhook: self.webhook.clone(),
@@ -461,6 +482,28 @@ mod tests {
         };
         assert!(a.iface.is_none() && a.netflow_listen.is_empty());
         assert_eq!(a.sflow_listen.len(), 2);
+    }
+
+    #[test]
+    fn the_alarm_format_is_native_unless_asked() {
+        use crate::export::ecs::AlarmFormat;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["detector", "run", "--iface", "eth0"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).map(|c| c.command) {
+                Ok(Command::Run(a)) => Ok(a.detect.alarm_format),
+                Ok(_) => panic!(),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(parse(&["--alarm-format", "ecs"]), Ok(Some(AlarmFormat::Ecs)));
+        assert_eq!(
+            parse(&["--alarm-format", "native"]),
+            Ok(Some(AlarmFormat::Native))
+        );
+        let e = parse(&["--alarm-format", "cef"]).unwrap_err();
+        assert!(e.contains("native") && e.contains("ecs"), "{e}");
     }
 
     #[test]

@@ -100,15 +100,31 @@ impl Default for Detection {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Http {
-    /// `ADDR:PORT` to serve /metrics, /api/alarms, /api/hosts and the status page on.
+    /// `ADDR:PORT` (or `PORT`, on 127.0.0.1) to serve /metrics, /api/alarms, /api/hosts
+    /// and the status page on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// The server's TLS and authentication: a YAML file (`--http-config` wins over it),
+    /// relative to this file's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 impl Http {
     /// The address to listen on, if any.
     pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
-        self.listen.as_deref().and_then(|a| a.parse().ok())
+        self.listen
+            .as_deref()
+            .and_then(|a| crate::status::access::parse_http_listen(a).ok())
+    }
+
+    /// `config`, relative to the directory of the configuration file at `file`.
+    pub fn config_path(&self, file: &Path) -> Option<std::path::PathBuf> {
+        let c = Path::new(self.config.as_deref()?);
+        Some(match file.parent() {
+            Some(dir) if c.is_relative() => dir.join(c),
+            _ => c.to_path_buf(),
+        })
     }
 }
 
@@ -117,6 +133,9 @@ impl Http {
 pub struct Sinks {
     /// One JSON object per alarm event to this path (`-` for stdout).
     pub alarms_json: Option<String>,
+    /// The format of the alarms file's events and the webhook's bodies: `native` or
+    /// `ecs` (Elastic Common Schema); `--alarm-format` wins.
+    pub alarm_format: crate::export::ecs::AlarmFormat,
     pub syslog: Option<SyslogSink>,
     pub webhook: Option<WebhookSink>,
 }
@@ -211,9 +230,12 @@ impl FileConfig {
             return Err(err(
                 "http.listen",
                 format!(
-                    "'{a}' is not ADDR:PORT; give an address and a port, e.g. \"127.0.0.1:9750\""
+                    "'{a}' is not ADDR:PORT; give an address and a port, e.g. \"127.0.0.1:9750\", or a port (on 127.0.0.1), e.g. \"9750\""
                 ),
             ));
+        }
+        if let Some(web) = self.http.config_path(Path::new(path)) {
+            crate::status::access::WebConfig::load(&web).map_err(|e| err("http.config", e.to_string()))?;
         }
         self.cidrs(&self.allow.hosts, "allow.hosts", path)?;
         let d = &self.detection;
@@ -333,11 +355,13 @@ external_peers = 40.0
 score = 8.0
 [sinks]
 alarms_json = "/tmp/alarms.json"
+alarm_format = "ecs"
 syslog = { address = "udp://127.0.0.1:514" }
 webhook = { url = "http://127.0.0.1:8080/alarms" }
 "#,
         )
         .unwrap();
+        assert_eq!(c.sinks.alarm_format, crate::export::ecs::AlarmFormat::Ecs);
         let d = c.detect_config();
         assert_eq!(d.window, Duration::from_secs(600));
         assert_eq!(d.consecutive, 2);
@@ -421,6 +445,13 @@ webhook = { url = "http://127.0.0.1:8080/alarms" }
             .to_string();
         assert!(
             e.contains("sinks.syslog.address") && e.contains("udp://"),
+            "{e}"
+        );
+        let e = load("[sinks]\nalarm_format = \"cef\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("alarm_format") && e.contains("native") && e.contains("ecs"),
             "{e}"
         );
         let e = load("[thresholds]\npeers = \"many\"\n")

@@ -53,6 +53,16 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(detector::agent::run(args))),
         Command::Replay(args) => detector::replay::replay(args.options()),
         Command::Central(args) => detector::scaleout::central::run(&args.options()),
+        // A YAML file is an --http-config file.
+        Command::CheckConfig { file }
+            if file
+                .extension()
+                .is_some_and(|e| e == "yml" || e == "yaml") =>
+        {
+            detector::status::access::WebConfig::load(&file)
+                .map(|c| print!("{}", c.describe()))
+                .map_err(anyhow::Error::from)
+        }
         Command::CheckConfig { file } => detector::config::FileConfig::load(&file)
             .map(|c| print!("{}", c.to_toml()))
             .map_err(anyhow::Error::from),

@@ -2,6 +2,7 @@
 //! and network-namespace plumbing for the end-to-end tests.
 
 pub mod collectors;
+pub mod drilldown;
 pub mod export;
 pub mod frames;
 pub mod lab;

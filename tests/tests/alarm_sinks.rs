@@ -41,6 +41,8 @@ fn event(n: u32) -> AlarmEvent {
             weight: 2.0,
         }],
         exporters: vec!["local".into()],
+        suppressed: None,
+        acknowledged: None,
     }
 }
 
@@ -223,7 +225,7 @@ fn rsyslog_receives_the_alarm_over_udp_and_tcp() {
             let text = std::fs::read_to_string(&out).unwrap_or_default();
             if text.contains(&e.id) {
                 assert!(
-                    text.contains("p2p@32473"),
+                    text.contains("detector@32473"),
                     "{proto}: structured data missing: {text}"
                 );
                 assert!(text.contains("host 10.0.0.7"), "{proto}: {text}");

@@ -70,7 +70,74 @@ fn lab_scorecard_meets_its_targets() {
         card.table()
     );
     assert!(card.pass);
+    drilldown_shows_what_the_api_says(&card.json, &dir);
     transmission_replayed_with_its_ports_remapped_is_still_bittorrent(&card.json, &dir);
+}
+
+/// The host drill-down (issue #24) on real traffic: the views of the `leech` BitTorrent
+/// client and of the `web` server, rendered by Chromium while the agent ran, show the
+/// figures of the agent's `/api/hosts/{ip}` of the same evaluation; the client's peers
+/// are many, none among the network's top 10 senders, on many remote ports; the server's
+/// clients come to its port 80 or 443 and its guard holds. Screenshots are kept as
+/// target/test-artifacts/lab-host-NAME.png.
+fn drilldown_shows_what_the_api_says(card: &serde_json::Value, dir: &std::path::Path) {
+    use tests::lab::drilldown;
+    let artifacts = tests::workspace_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    for name in drilldown::HOSTS {
+        let addr = card["hosts"]
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["host"] == *name))
+            .and_then(|h| h["addr"].as_str())
+            .expect("the host's address")
+            .to_string();
+        let read = |ext: &str| {
+            let p = drilldown::path(dir, name, ext);
+            std::fs::read(&p)
+                .unwrap_or_else(|e| panic!("{}: {e} (the lab's drill-down)", p.display()))
+        };
+        let api: serde_json::Value = serde_json::from_slice(&read("json")).unwrap();
+        let dom = String::from_utf8(read("html")).unwrap();
+        tests::drilldown::page_matches_api(&dom, &api, &addr, true);
+        let png = read("png");
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{name}: a screenshot"
+        );
+        std::fs::write(artifacts.join(format!("lab-host-{name}.png")), &png).unwrap();
+        let d = &api["detail"];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap();
+        match *name {
+            "leech" => {
+                assert_eq!(api["alarmed"], true, "{api}");
+                assert!(n(&d["peers"]) >= 25, "{d}");
+                assert_eq!(d["peers_in_top10_senders"], 0, "{d}");
+                assert_eq!(n(&d["peers_outside_top10_senders"]), n(&d["peers"]));
+                assert!(n(&d["remote_ports"]["distinct"]) >= 20, "{d}");
+                assert!(n(&d["flows"]) >= 60, "{d}");
+            }
+            _ => {
+                assert_eq!(api["alarmed"], false, "{api}");
+                let top = n(&d["local_ports"]["top"][0]["port"]);
+                assert!(top == 80 || top == 443, "{d}");
+                assert!(
+                    n(&d["direction"]["inbound_peers"]) > n(&d["direction"]["outbound_peers"]),
+                    "{d}"
+                );
+                let server = api["guards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|g| g["guard"] == "server_on_well_known_port")
+                    .unwrap();
+                assert_eq!(server["holds"], true, "{server}");
+            }
+        }
+        eprintln!(
+            "lab: drill-down of {name} ({addr}): {} peers, {} flows, score {}",
+            d["peers"], d["flows"], api["score"]
+        );
+    }
 }
 
 /// The lab's BitTorrent traffic as a capture: the Transmission host's uplink frames,

@@ -122,7 +122,8 @@ const APT_PACKAGES: &[&str] = &[
     // `cargo xtask package` and its check: systemd-analyze verify.
     "systemd",
     // The `--http` test: promtool and a Prometheus server scrape /metrics, headless
-    // Chromium renders the status page.
+    // Chromium renders the status page. promtool also checks and tests the shipped
+    // alerting rules (the dashboards test, the package check).
     "prometheus",
     "chromium",
     // Scale-out: the JetStream server edges publish to and detector nodes consume from.

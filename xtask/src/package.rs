@@ -1,9 +1,10 @@
 //! `cargo xtask package`: a Debian package of the agent, built with dpkg-deb from a
 //! staged tree: the binary, a systemd unit that runs it with capabilities instead of
 //! root, a default configuration in /etc/detector (a conffile), /etc/default/detector
-//! for the run arguments, and the man page generated from the CLI. `check` installs it
-//! with dpkg, verifies the unit with systemd-analyze and runs the installed binary's
-//! check-config on the shipped configuration, then purges it.
+//! for the run arguments, the man page generated from the CLI, and a Grafana dashboard
+//! and Prometheus alerting rules in /usr/share/detector. `check` installs it with dpkg,
+//! verifies the unit with systemd-analyze, runs the installed binary's check-config on
+//! the shipped configuration and promtool on the installed rules, then purges it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,45 @@ const FILES: &[(&str, &str, u32)] = &[
     ("default", "etc/default/detector", 0o644),
     ("postinst", "DEBIAN/postinst", 0o755),
     ("postrm", "DEBIAN/postrm", 0o755),
+    // The Grafana dashboard and the Prometheus alerting rules (with their unit tests).
+    (
+        "grafana/detector-dashboard.json",
+        "usr/share/detector/grafana/detector-dashboard.json",
+        0o644,
+    ),
+    (
+        "prometheus/detector-rules.yml",
+        "usr/share/detector/prometheus/detector-rules.yml",
+        0o644,
+    ),
+    (
+        "prometheus/detector-rules.test.yml",
+        "usr/share/detector/prometheus/detector-rules.test.yml",
+        0o644,
+    ),
 ];
+
+/// The installed alerting rules and their unit tests.
+const RULES: &str = "/usr/share/detector/prometheus/detector-rules.yml";
+const RULES_TEST: &str = "/usr/share/detector/prometheus/detector-rules.test.yml";
+
+/// `promtool ARGS` (Debian's `prometheus`): Ok, or an error with what it said.
+fn promtool(args: &[&str]) -> Result<()> {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .context("promtool (package prometheus; `cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "promtool {} failed ({}):\n{}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
 
 fn output(cmd: &mut Command) -> Result<Vec<u8>> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -119,7 +158,8 @@ fn dir_size(dir: &Path) -> Result<u64> {
 
 /// Installs `deb`, checks what it installed, and purges it (leaving the machine as it
 /// was): the unit passes `systemd-analyze verify`, the installed binary accepts the
-/// shipped configuration, the man page and conffiles are in place.
+/// shipped configuration, the man page and conffiles are in place, and the installed
+/// alerting rules pass `promtool check rules` and their unit tests.
 pub fn check(deb: &Path) -> Result<()> {
     if Path::new("/usr/bin/detector").exists()
         && output(Command::new("dpkg").args(["-s", "detector"])).is_err()
@@ -157,6 +197,9 @@ pub fn check(deb: &Path) -> Result<()> {
             "/lib/systemd/system/detector.service",
             "/etc/detector/detector.toml",
             "/usr/share/man/man1/detector.1.gz",
+            "/usr/share/detector/grafana/detector-dashboard.json",
+            RULES,
+            RULES_TEST,
         ] {
             if !listing.lines().any(|l| l == f) {
                 bail!("the package does not install {f}");
@@ -164,6 +207,10 @@ pub fn check(deb: &Path) -> Result<()> {
         }
         output(Command::new("getent").args(["passwd", "detector"]))
             .context("postinst created no `detector` user")?;
+        say("package: promtool checks and tests the installed alerting rules");
+        promtool(&["check", "rules", RULES]).context("the shipped Prometheus rules do not load")?;
+        promtool(&["test", "rules", RULES_TEST])
+            .context("the shipped Prometheus rules fail their unit tests")?;
         Ok(())
     })();
     say("package: purging it again");

@@ -48,6 +48,13 @@ pub struct AlarmEvent {
     /// stands).
     pub guards: Vec<String>,
     pub exporters: Vec<String>,
+    /// The operator's suppression of the host (see [`super::decisions`]): the event is
+    /// logged, not sent to the sinks (but for the end of an alarm they saw begin).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<super::decisions::Suppressed>,
+    /// The operator's acknowledgement of the alarm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<super::decisions::Acknowledged>,
 }
 
 impl AlarmEvent {
@@ -137,5 +144,7 @@ pub(super) fn event(
         evidence: v.evidence.clone(),
         guards: v.guard_evidence.clone(),
         exporters: p.sources().map(|o| o.label()).collect(),
+        suppressed: None,
+        acknowledged: None,
     }
 }

@@ -7,7 +7,9 @@
 
 pub mod alarm;
 pub mod config;
+pub mod decisions;
 pub mod dense;
+pub mod detail;
 pub mod evidence;
 pub mod kind;
 pub mod opening;

@@ -382,6 +382,18 @@ pub struct HostProfile {
     oldest_ms: u64,
     pub agg: Aggregates,
     limits: Limits,
+    /// What the host exchanged since this profile began, never expiring (see [`Totals`]).
+    pub totals: Totals,
+}
+
+/// Running totals of a host since its profile began: every record's flows and bytes,
+/// peers beyond the held ones included. They only grow (the host drill-down's rates
+/// over time are their differences between evaluations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub flows: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 impl HostProfile {
@@ -405,6 +417,7 @@ impl HostProfile {
                 ..Aggregates::default()
             },
             limits,
+            totals: Totals::default(),
         }
     }
 
@@ -440,6 +453,15 @@ impl HostProfile {
         };
         self.last_seen = self.last_seen.max(r.last);
         self.note_source(r);
+        let t = &mut self.totals;
+        if host_is_src {
+            t.bytes_out = t.bytes_out.saturating_add(r.new_bytes());
+        } else {
+            t.bytes_in = t.bytes_in.saturating_add(r.new_bytes());
+        }
+        if !r.live.continues() {
+            t.flows += 1;
+        }
         let stamp = stamp_of(unix_ms(r.last));
         let held = self.peers.len();
         let (pos, fresh) = match self.peers.position(&peer) {

@@ -18,6 +18,8 @@ pub struct AlarmSink {
     /// Sees the events first and may rewrite them (`detector central`: one alarm per
     /// host and episode across nodes; published to the `alarms` subject).
     pub relay: Option<Relay>,
+    /// How events are written to the JSON file and the webhook (`--alarm-format`).
+    pub encoder: super::ecs::AlarmEncoder,
     pub written: u64,
     pub errors: u64,
     /// Events handed to the sinks.
@@ -40,6 +42,7 @@ impl AlarmSink {
             syslog: None,
             webhook: None,
             relay: None,
+            encoder: super::ecs::AlarmEncoder::default(),
             written: 0,
             errors: 0,
             events: 0,
@@ -56,7 +59,7 @@ impl AlarmSink {
             _ => events,
         };
         if let Some(w) = &self.webhook {
-            w.send(events);
+            w.send_encoded(events.iter().map(|e| self.encoder.encode(e)));
         }
         for e in events {
             self.events += 1;
@@ -65,8 +68,8 @@ impl AlarmSink {
             }
             warn!("{}", e.log_line());
             if let Some(out) = self.out.as_mut() {
-                let r = serde_json::to_writer(&mut *out, e)
-                    .map_err(io::Error::from)
+                let r = out
+                    .write_all(self.encoder.encode(e).as_bytes())
                     .and_then(|_| out.write_all(b"\n"))
                     .and_then(|_| out.flush());
                 match r {
@@ -85,6 +88,8 @@ impl AlarmSink {
         if self.relay.is_none() {
             self.relay = old.relay.take();
         }
+        // The observer's name comes from the command line, which a reload keeps.
+        self.encoder.observer = old.encoder.observer.clone();
         self.events += old.events;
         self.written += old.written;
         self.errors += old.errors;

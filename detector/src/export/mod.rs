@@ -1,6 +1,7 @@
 //! Sinks: where flow records go.
 
 pub mod alarms;
+pub mod ecs;
 pub mod json;
 pub mod netflow_v9;
 pub mod syslog;

@@ -140,10 +140,19 @@ impl WebhookSink {
         self.shared.ready.notify_all();
     }
 
-    /// Queues the events; never blocks.
+    /// Queues the events (native JSON); never blocks.
     pub fn send(&self, events: &[AlarmEvent]) {
+        self.send_encoded(
+            events
+                .iter()
+                .map(|e| serde_json::to_string(e).expect("serialisable")),
+        );
+    }
+
+    /// Queues bodies already encoded (`--alarm-format`); never blocks.
+    pub fn send_encoded(&self, bodies: impl IntoIterator<Item = String>) {
         let mut q = self.shared.queue.lock().expect("webhook queue");
-        for e in events {
+        for body in bodies {
             if q.len() >= self.capacity {
                 q.pop_front();
                 let n = self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -151,7 +160,7 @@ impl WebhookSink {
                     warn!("webhook queue full: {n} alarm events dropped so far");
                 }
             }
-            q.push_back(serde_json::to_string(e).expect("serialisable"));
+            q.push_back(body);
         }
         self.shared.ready.notify_one();
     }

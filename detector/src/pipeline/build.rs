@@ -18,6 +18,8 @@ pub struct DetectOptions {
     pub config: Option<std::path::PathBuf>,
     /// Alarm events as JSON lines to this path (`-` for stdout).
     pub alarms_json: Option<String>,
+    /// Their format, and the webhook's (none: the file's `[sinks] alarm_format`).
+    pub alarm_format: Option<crate::export::ecs::AlarmFormat>,
     /// Internal networks (replace the configured list when not empty).
     pub internal: Vec<crate::sources::netflow::decode::Cidr>,
     /// Syslog address (`udp://`, `tcp://`, `unix://`).
@@ -71,6 +73,24 @@ pub fn http_listen(
     })
 }
 
+/// The `--http-config` file, else the configuration file's `[http] config`, loaded and
+/// checked; none: no TLS, no authentication.
+pub fn http_config(
+    flag: Option<&std::path::Path>,
+    a: &DetectOptions,
+) -> Result<crate::status::access::WebConfig> {
+    use crate::status::access::WebConfig;
+    let path = match (flag, &a.config) {
+        (Some(p), _) => Some(p.to_path_buf()),
+        (None, Some(c)) => crate::config::FileConfig::load(c)?.http.config_path(c),
+        (None, None) => None,
+    };
+    Ok(match path {
+        Some(p) => WebConfig::load(&p)?,
+        None => WebConfig::default(),
+    })
+}
+
 /// The detection settings and alarm sinks from `--config` and the flags (which win).
 pub fn detection(
     a: &DetectOptions,
@@ -98,6 +118,7 @@ pub fn detection(
                 json.as_deref().unwrap_or("(none)")
             )
         })?;
+    alarms.encoder.format = a.alarm_format.unwrap_or(file.sinks.alarm_format);
     let syslog = a
         .syslog
         .clone()

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::warn;
 
+use crate::detect::detail::HostDetail;
 use crate::detect::evidence::Verdict;
 use crate::detect::{AlarmEvent, DetectConfig, Engine, EngineStats, EvalSchedule, TopSenders};
 use crate::export::Sink;
@@ -114,6 +115,13 @@ enum ToShard {
         top: Arc<TopSenders>,
         n: usize,
         reply: SyncSender<Vec<(IpAddr, Verdict)>>,
+    },
+    /// The same and up to `alarmed` alarmed hosts beyond them, each with its drill-down.
+    Detail {
+        top: Arc<TopSenders>,
+        n: usize,
+        alarmed: usize,
+        reply: SyncSender<Vec<(IpAddr, Verdict, HostDetail)>>,
     },
 }
 
@@ -285,6 +293,14 @@ fn shard_worker(
             ToShard::Explain { top, n, reply } => {
                 let _ = reply.send(engine.explain(&top, n));
             }
+            ToShard::Detail {
+                top,
+                n,
+                alarmed,
+                reply,
+            } => {
+                let _ = reply.send(engine.explain_detailed(&top, n, alarmed));
+            }
             ToShard::Evaluate { now, top, reply } => {
                 let events = engine.evaluate_with(now, &top);
                 let mut scores = engine.last_scores();
@@ -348,6 +364,9 @@ pub struct Pipeline {
     /// What the bounded tables turned away, as last logged: flows the duplicate table
     /// forgot early, records of hosts beyond the profiled limit.
     limits_logged: (u64, u64),
+    /// Operators' decisions: alarm events of suppressed hosts are marked and kept from
+    /// the alarm sinks (`run`; see [`Self::set_decisions`]).
+    decisions: Option<Arc<crate::status::decisions::Store>>,
 }
 
 impl Pipeline {
@@ -409,6 +428,7 @@ impl Pipeline {
             reports: Vec::new(),
             last_top: Arc::default(),
             limits_logged: (0, 0),
+            decisions: None,
         }
     }
 
@@ -430,6 +450,13 @@ impl Pipeline {
         alarms.succeed(&mut self.alarms);
         self.alarms = alarms;
         let _ = self.input.sinks.send(ToSinks::Reopen);
+    }
+
+    /// Marks the alarm events with the operators' decisions from now on: those of a
+    /// suppressed host are logged and kept from the alarm sinks (see
+    /// [`crate::detect::decisions`]); suppressions over are dropped at each tick.
+    pub fn set_decisions(&mut self, store: Arc<crate::status::decisions::Store>) {
+        self.decisions = Some(store);
     }
 
     /// Opens the output files again (SIGHUP without a configuration file).
@@ -461,16 +488,26 @@ impl Pipeline {
     /// evaluation interval has passed (or always with `force`), every shard is evaluated
     /// and the alarm events are sent. Records handed over before this call are all
     /// counted in the evaluation (each shard's queue is in order).
-    /// Returns the events it sent.
+    /// Returns the events of the evaluation (marked with the operators' decisions, those
+    /// of suppressed hosts included).
     pub fn tick(&mut self, now: SystemTime, force: bool) -> Vec<AlarmEvent> {
         for s in self.input.shards.iter() {
             let _ = s.send(ToShard::Expire(now));
         }
+        if let Some(d) = &self.decisions {
+            d.tick(now);
+        }
         if !self.schedule.due(now, force) {
             return Vec::new();
         }
-        let events = self.evaluate(now);
-        self.alarms.send(&events);
+        let mut events = self.evaluate(now);
+        match &self.decisions {
+            Some(d) => {
+                let deliver = d.route(&mut events, now);
+                self.alarms.send(&deliver);
+            }
+            None => self.alarms.send(&events),
+        }
         self.log_limits();
         events
     }
@@ -614,6 +651,30 @@ impl Pipeline {
             .collect();
         all.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
         all.truncate(n);
+        all
+    }
+
+    /// [`Self::explain`] with each host's drill-down, and beyond the `n` hosts up to
+    /// `alarmed` hosts with an open alarm: for the status page, which can show any of
+    /// them. Highest score first over the shards, ties to the lower address.
+    pub fn explain_detailed(&self, n: usize, alarmed: usize) -> Vec<(IpAddr, Verdict, HostDetail)> {
+        let mut replies = Vec::new();
+        for s in self.input.shards.iter() {
+            let (tx, rx) = sync_channel(1);
+            let _ = s.send(ToShard::Detail {
+                top: self.last_top.clone(),
+                n,
+                alarmed,
+                reply: tx,
+            });
+            replies.push(rx);
+        }
+        let mut all: Vec<(IpAddr, Verdict, HostDetail)> = replies
+            .iter()
+            .filter_map(|rx| rx.recv().ok())
+            .flatten()
+            .collect();
+        all.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
         all
     }
 

@@ -150,6 +150,7 @@ pub fn encode(s: &State) -> String {
     ingest(&f, s);
     sflow(&f, s);
     pipeline(&f, s);
+    http_refused(&f, s);
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&f.registry.gather(), &mut out)
@@ -750,5 +751,18 @@ fn pipeline(f: &Families, s: &State) {
         "Alarm writes, sends or delivery attempts that failed, by alarm sink.",
         ["sink"],
         failed,
+    );
+}
+
+/// The `--http` server's refusals (see [`super::access`]).
+fn http_refused(f: &Families, s: &State) {
+    f.counter(
+        "detector_http_refused_total",
+        "Requests and connections the --http server refused, by reason.",
+        ["reason"],
+        super::access::REASONS
+            .iter()
+            .zip(s.http_refused)
+            .map(|(r, n)| ([r.to_string()], n)),
     );
 }

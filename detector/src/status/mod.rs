@@ -8,8 +8,12 @@
 //! ([`server`]) only reads it, so a scrape never waits on the meter or the engines.
 //! [`State`] is plain data with pure updates (`now` is an argument), unit-tested here.
 
+pub mod access;
+pub mod decisions;
+pub mod detail;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +39,9 @@ pub const TOP_HOSTS: usize = 50;
 #[derive(Default)]
 pub struct Status {
     state: Mutex<State>,
+    /// The operators' decisions (acknowledgements, suppressions): their own lock, shared
+    /// with the evaluator that marks alarm events with them.
+    pub decisions: std::sync::Arc<decisions::Store>,
 }
 
 impl Status {
@@ -44,7 +51,14 @@ impl Status {
                 started: Some(started),
                 ..State::default()
             }),
+            decisions: Default::default(),
         }
+    }
+
+    /// Takes decisions into `store` (in memory by default).
+    pub fn with_decisions(mut self, store: std::sync::Arc<decisions::Store>) -> Self {
+        self.decisions = store;
+        self
     }
 
     pub fn update(&self, f: impl FnOnce(&mut State)) {
@@ -148,6 +162,10 @@ pub struct State {
     pub history: BTreeMap<IpAddr, VecDeque<Point>>,
     /// Hosts raised in this run whose history is kept.
     pub alarmed: BTreeSet<IpAddr>,
+    /// Requests and connections the `--http` server refused, by [`access::Reason`].
+    pub http_refused: [u64; access::REASONS.len()],
+    /// The host drill-downs (`/api/hosts/{ip}`; bounded, see [`detail`]).
+    pub drill: detail::Drill,
 }
 
 fn unix_secs(t: SystemTime) -> f64 {

@@ -1,5 +1,6 @@
 //! The `--http` server: `/metrics` (Prometheus), `/api/alarms`, `/api/hosts?top=N`,
-//! `/api/history` (JSON) and `/`, one self-contained page that shows them live. It runs
+//! `/api/hosts/{ip}` (a host's drill-down), `/api/history` (JSON) and `/` (also as
+//! `/host/{ip}`), one self-contained page that shows them live. It runs
 //! on the agent's main runtime and only reads the [`Status`] snapshot.
 
 use std::net::SocketAddr;
@@ -42,21 +43,63 @@ pub fn router(status: Arc<Status>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/alarms", get(alarms))
         .route("/api/hosts", get(hosts))
+        // The host drill-down: its JSON, and the page opened on the host's view.
+        .route("/api/hosts/{ip}", get(super::detail::host))
+        .route("/host/{ip}", get(|| async { Html(PAGE) }))
         .route("/api/history", get(history))
+        // Operators' decisions: acknowledge an alarm, suppress a host or network.
+        .merge(super::decisions::routes())
         .with_state(status)
 }
 
-/// Serves until the runtime ends; an error is logged.
+/// Serves until the runtime ends, without TLS nor authentication (but with the
+/// cross-site checks of [`super::access`]); an error is logged.
 pub fn spawn(listener: tokio::net::TcpListener, status: Arc<Status>) {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(status)).await {
-            log::warn!("the --http server stopped: {e}");
+    serve(listener, status, &super::access::WebConfig::default());
+}
+
+/// Serves until the runtime ends, as the `--http-config` file says (TLS,
+/// authentication); an error is logged. Every request passes [`super::access::guard`]
+/// first, before routing: whatever [`router`] holds, and a path it does not.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    status: Arc<Status>,
+    web: &super::access::WebConfig,
+) {
+    use axum::serve::ListenerExt;
+    use super::access::{Guard, Refusals, guard};
+    let refusals = Arc::new(Refusals::new(status.clone()));
+    let layer = axum::middleware::from_fn_with_state(
+        Arc::new(Guard::new(web, refusals.clone())),
+        guard,
+    );
+    let app = router(status)
+        .layer(layer)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    match &web.tls {
+        Some(tls) => match super::tls::TlsListener::new(listener, tls.clone(), refusals) {
+            Ok(l) => {
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l.tap_io(|_| ()), app).await {
+                        log::warn!("the --http server stopped: {e}");
+                    }
+                });
+            }
+            Err(e) => log::warn!("the --http server did not start: {e}"),
+        },
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    log::warn!("the --http server stopped: {e}");
+                }
+            });
         }
-    });
+    }
 }
 
 async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
-    let body = s.read(super::metrics::encode);
+    let mut body = s.read(super::metrics::encode);
+    body.push_str(&s.decisions.metrics(std::time::SystemTime::now()));
     (
         [(header::CONTENT_TYPE, super::metrics::content_type())],
         body,
@@ -64,7 +107,10 @@ async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
 }
 
 async fn alarms(State(s): State<Arc<Status>>) -> impl IntoResponse {
-    Json(s.read(|st| st.alarms_json()))
+    let mut v = s.read(|st| st.alarms_json());
+    s.decisions
+        .decorate_alarms(&mut v, std::time::SystemTime::now());
+    Json(v)
 }
 
 #[derive(Deserialize)]
@@ -74,7 +120,10 @@ struct HostsQuery {
 
 async fn hosts(State(s): State<Arc<Status>>, Query(q): Query<HostsQuery>) -> impl IntoResponse {
     let top = q.top.unwrap_or(10).min(TOP_HOSTS);
-    Json(s.read(|st| st.hosts_json(top)))
+    let mut v = s.read(|st| st.hosts_json(top));
+    s.decisions
+        .decorate_hosts(&mut v, std::time::SystemTime::now());
+    Json(v)
 }
 
 async fn history(State(s): State<Arc<Status>>) -> impl IntoResponse {

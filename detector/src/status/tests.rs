@@ -35,6 +35,8 @@ fn event(host: IpAddr, state: AlarmState, score: f64) -> AlarmEvent {
         top_peer_share: 0.1,
         evidence: Vec::new(),
         exporters: vec!["local".into()],
+        suppressed: None,
+        acknowledged: None,
     }
 }
 

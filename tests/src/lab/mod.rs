@@ -6,6 +6,7 @@
 //! Every process it starts runs in a namespace it created; on exit, on Ctrl-C and on
 //! failure, the processes are killed and the namespaces removed.
 
+pub mod drilldown;
 pub mod plan;
 pub mod procs;
 pub mod score;
@@ -1283,6 +1284,18 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             ));
         }
         thread::sleep(Duration::from_millis(250));
+    }
+
+    // The host drill-down of a BitTorrent client and a server, rendered while the agent
+    // runs and the traffic flows (the lab test checks it; a failure here is only told).
+    if cfg.sampling <= 1 && !cfg.sflow && crate::drilldown::chromium_path().is_some() {
+        let hosts: Vec<(&str, String)> = drilldown::HOSTS
+            .iter()
+            .map(|h| (*h, topo.host(h).addr.to_string()))
+            .collect();
+        if let Err(e) = drilldown::capture(&dir, &hosts) {
+            say(&format!("drill-down: {e:#}"));
+        }
     }
 
     // Stop the traffic, let the uplink go quiet, read its counters, then stop the meter

@@ -1,0 +1,608 @@
+//! Operators' decisions under `run --http` (issue #24): a torrent-shaped host's flows
+//! are sent to the agent as NetFlow v9 over loopback until it alarms; then
+//! - the alarm is acknowledged through the API and `/api/alarms` shows who and why, the
+//!   alarm still open;
+//! - the host's /32 is suppressed: its next alarm event (an update) is marked
+//!   `suppressed` in `/api/alarms`, logged, and not written to `--alarms-json`, while
+//!   the host is still profiled and listed by `/api/hosts`;
+//! - a suppression with a short `for` expires; `/metrics` counts the decisions (checked
+//!   by promtool);
+//! - a SIGHUP reload keeps the decisions; so does a restart with the same decisions file
+//!   (`decisions.json` beside the configuration): the host's new alarm is marked
+//!   suppressed (and keeps its acknowledgement), not written to the file;
+//! - removing the suppression ends it, and the file says so.
+//!
+//! No BPF: runs unprivileged.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use detector::export::netflow_v9::{V9Config, V9Encoder};
+use detector::flow::FlowRecord;
+use serde_json::{Value, json};
+
+const HOST: &str = "10.9.0.5";
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn peer(i: u32) -> IpAddr {
+    // External by default (outside the private and shared ranges).
+    IpAddr::V4(Ipv4Addr::from(0xc633_0000 + i))
+}
+
+fn rec(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    proto: u8,
+    bytes: u64,
+    at: SystemTime,
+) -> FlowRecord {
+    FlowRecord {
+        packets: 30,
+        bytes,
+        first: at - Duration::from_secs(5),
+        last: at,
+        tcp_flags: if proto == 6 { 0x18 } else { 0 },
+        ..FlowRecord::new(src, sport, dst, dport, proto)
+    }
+}
+
+/// A BitTorrent client's flows with peers `from..to`: throttled peers on high ports, its
+/// listening port 51413 on TCP and UDP, peers met both ways.
+fn torrent(host: IpAddr, from: u32, to: u32, at: SystemTime) -> Vec<FlowRecord> {
+    let mut v = Vec::new();
+    for i in from..to {
+        let p = peer(i);
+        let rport = 10_000 + (i * 577 % 50_000) as u16;
+        if i % 2 == 0 {
+            v.push(rec(p, rport, host, 51413, 6, 50_000, at));
+            v.push(rec(host, 51413, p, rport, 6, 2_000, at));
+        } else {
+            let local = 40_000 + (i % 20_000) as u16;
+            v.push(rec(host, local, p, rport, 6, 2_000, at));
+            v.push(rec(p, rport, host, local, 6, 50_000, at));
+        }
+        if i % 3 == 0 {
+            v.push(rec(host, 51413, p, rport, 17, 180, at));
+            v.push(rec(p, rport, host, 51413, 17, 200, at));
+        }
+    }
+    v
+}
+
+/// Sends NetFlow v9 to the agent's listener.
+struct Exporter {
+    sock: UdpSocket,
+    to: SocketAddr,
+    enc: V9Encoder,
+}
+
+impl Exporter {
+    fn new(port: u16) -> Self {
+        Self {
+            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            to: format!("127.0.0.1:{port}").parse().unwrap(),
+            enc: V9Encoder::new(
+                V9Config::default(),
+                SystemTime::now() - Duration::from_secs(600),
+            ),
+        }
+    }
+
+    fn send(&mut self, records: &[FlowRecord]) {
+        for dg in self.enc.encode(records, SystemTime::now()) {
+            self.sock.send_to(&dg, self.to).unwrap();
+        }
+    }
+}
+
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, nf_port: u16, config: &Path, log: &str) -> Self {
+        let log = dir.join(log);
+        let child = Command::new(tests::detector_bin())
+            .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
+            .arg("--config")
+            .arg(config)
+            .arg("--alarms-json")
+            .arg(dir.join("alarms.json"))
+            .arg("--flows-json")
+            .arg(dir.join("flows.json"))
+            .args(["--stats-interval", "0", "--workers", "2"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let a = Self {
+            child: Some(child),
+            log,
+        };
+        wait_for("the listener", Duration::from_secs(20), || {
+            a.log_text()
+                .contains("receiving NetFlow/IPFIX")
+                .then_some(())
+        });
+        a
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGINT, and waits for the agent to end.
+    fn stop(&mut self) {
+        self.signal(libc::SIGINT);
+        let mut c = self.child.take().unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        while c.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < end, "the agent did not stop");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn get(url: &str) -> Option<String> {
+    ureq::get(url)
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
+}
+
+fn json_get(url: &str) -> Value {
+    serde_json::from_str(&get(url).unwrap_or_else(|| panic!("GET {url}"))).unwrap()
+}
+
+/// A request's status and JSON body, whatever the status.
+fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let code = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
+    )
+}
+
+fn post(url: &str, body: Value) -> (u16, Value) {
+    answer(
+        ureq::post(url)
+            .timeout(Duration::from_secs(10))
+            .send_json(body),
+    )
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The open alarm of `HOST`.
+fn alarm_of_host(base: &str) -> Option<Value> {
+    json_get(&format!("{base}/api/alarms"))["alarms"]
+        .as_array()?
+        .iter()
+        .find(|a| a["host"] == HOST)
+        .cloned()
+}
+
+fn alarm_lines(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("alarms.json"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The page as headless Chromium renders it (Debian's `chromium`; `cargo xtask setup`
+/// installs it).
+fn render(dir: &Path, base: &str) -> String {
+    let chromium = ["/usr/bin/chromium", "/usr/local/bin/chromium"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("chromium is not installed (cargo xtask setup installs it)");
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg(format!("{base}/"))
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn acknowledge_suppress_expire_and_keep_across_restarts() {
+    let dir = std::env::temp_dir().join(format!("detector-decisions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (nf_port, http_port) = (tests::netns::free_udp_port(), free_tcp_port());
+    let config = dir.join("detector.toml");
+    // Evaluate every second, raise at the first evaluation over the threshold, update at
+    // most every second, never clear during the test.
+    std::fs::write(
+        &config,
+        format!(
+            "[detection]\nwindow_secs = 120\neval_interval_secs = 1\nconsecutive = 1\nupdate_interval_secs = 1\nclear_after_secs = 600\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"
+        ),
+    )
+    .unwrap();
+    let decisions = dir.join("decisions.json");
+    let base = format!("http://127.0.0.1:{http_port}");
+    let host: IpAddr = HOST.parse().unwrap();
+
+    let mut agent = Agent::start(&dir, nf_port, &config, "agent1.log");
+    assert!(
+        agent.log_text().contains(&format!(
+            "operators' decisions kept in {}",
+            decisions.display()
+        )),
+        "{}",
+        agent.log_text()
+    );
+    wait_for("the HTTP server", Duration::from_secs(20), || {
+        get(&format!("{base}/metrics"))
+    });
+    let mut exporter = Exporter::new(nf_port);
+    for _ in 0..2 {
+        exporter.send(&torrent(host, 0, 80, SystemTime::now()));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let alarm = wait_for("the host's alarm", Duration::from_secs(30), || {
+        alarm_of_host(&base)
+    });
+    let id = alarm["id"].as_str().unwrap().to_string();
+    assert_eq!(alarm["acknowledged"], Value::Null, "{alarm}");
+    assert_eq!(alarm["suppressed"], Value::Null, "{alarm}");
+    wait_for(
+        "the raise in --alarms-json",
+        Duration::from_secs(10),
+        || {
+            alarm_lines(&dir)
+                .iter()
+                .any(|l| l["id"] == id.as_str() && l["state"] == "raised")
+                .then_some(())
+        },
+    );
+
+    // Acknowledged: who and why on /api/alarms; the alarm stays open.
+    let (code, v) = post(
+        &format!("{base}/api/alarms/{id}/ack"),
+        json!({"note": "known seedbox, ticket 42", "by": "alice"}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["acknowledged"]["by"], "alice", "{v}");
+    let (code, v) = post(
+        &format!("{base}/api/alarms/0000000000000000/ack"),
+        json!({"by": "alice"}),
+    );
+    assert_eq!(code, 404, "an alarm not open: {v}");
+    let (code, v) = post(&format!("{base}/api/alarms/{id}/ack"), json!({"note": "x"}));
+    assert_eq!(code, 400, "no author: {v}");
+    assert!(v["error"].as_str().unwrap().contains("by"), "{v}");
+    let alarm = alarm_of_host(&base).expect("still open");
+    assert_eq!(alarm["acknowledged"]["by"], "alice", "{alarm}");
+    assert_eq!(alarm["acknowledged"]["note"], "known seedbox, ticket 42");
+
+    // Suppressed for good, with a note; refused without one or with a bad network.
+    let (code, sup) = post(
+        &format!("{base}/api/suppressions"),
+        json!({"cidr": format!("{HOST}/32"), "until": null, "note": "sanctioned Linux mirror", "by": "bob"}),
+    );
+    assert_eq!(code, 201, "{sup}");
+    assert_eq!(sup["cidr"], format!("{HOST}/32"));
+    assert_eq!(sup["until"], Value::Null);
+    let sid = sup["id"].as_str().unwrap().to_string();
+    let (code, v) = post(
+        &format!("{base}/api/suppressions"),
+        json!({"cidr": "10.9.0.0/40", "note": "x", "by": "bob"}),
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = post(
+        &format!("{base}/api/suppressions"),
+        json!({"cidr": "10.9.0.0/24", "by": "bob"}),
+    );
+    assert_eq!(code, 400, "a note is needed: {v}");
+    // A short one, over in 2 s.
+    let (code, short) = post(
+        &format!("{base}/api/suppressions"),
+        json!({"cidr": "10.77.0.0/16", "for": "2s", "note": "lab for a moment", "by": "carol"}),
+    );
+    assert_eq!(code, 201, "{short}");
+    assert!(short["until"].is_string(), "{short}");
+    assert_eq!(
+        json_get(&format!("{base}/api/suppressions"))["suppressions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Anything an evaluation under way sent before the decision is written by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    let written = alarm_lines(&dir).len();
+
+    // The host grows (240 more peers): its update is marked suppressed, logged, and not
+    // written; the host is still profiled and listed.
+    exporter.send(&torrent(host, 80, 320, SystemTime::now()));
+    let updated = wait_for("the suppressed update", Duration::from_secs(30), || {
+        alarm_of_host(&base).filter(|a| a["state"] == "updated")
+    });
+    assert_eq!(updated["id"], id.as_str());
+    assert_eq!(updated["suppressed"]["by"], "bob", "{updated}");
+    assert_eq!(updated["suppressed"]["id"], sid.as_str());
+    assert_eq!(updated["suppressed"]["note"], "sanctioned Linux mirror");
+    assert_eq!(updated["acknowledged"]["by"], "alice", "{updated}");
+    assert_eq!(updated["sent_to_sinks"], true, "its raise was: {updated}");
+    assert!(updated["peers"].as_u64().unwrap() >= 300, "{updated}");
+    wait_for(
+        "the suppressed update logged",
+        Duration::from_secs(10),
+        || {
+            agent
+                .log_text()
+                .lines()
+                .any(|l| {
+                    l.contains("suppressed (not sent to the alarm sinks")
+                        && l.contains(&format!("alarm {id} updated"))
+                })
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = alarm_lines(&dir);
+    assert_eq!(lines.len(), written, "nothing more written: {lines:?}");
+    assert!(!lines.iter().any(|l| l["state"] == "updated"), "{lines:?}");
+    let hosts = json_get(&format!("{base}/api/hosts?top=5"));
+    let listed = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == HOST)
+        .unwrap_or_else(|| panic!("the suppressed host is still listed: {hosts}"));
+    assert_eq!(listed["alarmed"], true, "{listed}");
+    assert_eq!(listed["suppressed"]["by"], "bob", "{listed}");
+    assert!(
+        listed["peers"].as_u64().unwrap() >= 300,
+        "still profiled: {listed}"
+    );
+
+    // The short suppression is over.
+    wait_for(
+        "the short suppression to end",
+        Duration::from_secs(10),
+        || {
+            let list = json_get(&format!("{base}/api/suppressions"));
+            let ids: Vec<&str> = list["suppressions"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["id"].as_str())
+                .collect();
+            (ids == [sid.as_str()]).then_some(())
+        },
+    );
+    let metrics = wait_for("the expiry counted", Duration::from_secs(10), || {
+        let m = get(&format!("{base}/metrics"))?;
+        (metric(&m, "detector_suppressions_expired_total") == Some(1.0)).then_some(m)
+    });
+    for (name, want) in [
+        (
+            "detector_operator_decisions_total{action=\"acknowledge\"}",
+            1.0,
+        ),
+        (
+            "detector_operator_decisions_total{action=\"suppress\"}",
+            2.0,
+        ),
+        ("detector_operator_decisions_total{action=\"remove\"}", 0.0),
+        ("detector_suppressions_active", 1.0),
+        ("detector_acknowledged_alarms", 1.0),
+    ] {
+        assert_eq!(metric(&metrics, name), Some(want), "{name}:\n{metrics}");
+    }
+    assert!(
+        metric(&metrics, "detector_suppressed_alarm_events_total").unwrap() >= 1.0,
+        "{metrics}"
+    );
+    if let Err(e) = tests::promtool_check(&metrics) {
+        panic!("promtool check metrics: {e}");
+    }
+    let log = agent.log_text();
+    for needle in [
+        "decision: \"alice\" acknowledged alarm",
+        "decision: \"bob\" suppressed 10.9.0.5/32 for good",
+        "sanctioned Linux mirror",
+        "decision: suppression s2 of 10.77.0.0/16 until",
+    ] {
+        assert!(log.contains(needle), "{needle} not logged:\n{log}");
+    }
+
+    // A reload keeps the decisions.
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload", Duration::from_secs(10), || {
+        agent.log_text().contains("SIGHUP: reloaded").then_some(())
+    });
+    let list = json_get(&format!("{base}/api/suppressions"));
+    assert_eq!(list["suppressions"][0]["id"], sid.as_str(), "{list}");
+    assert_eq!(alarm_of_host(&base).unwrap()["acknowledged"]["by"], "alice");
+
+    // A restart reads them back from the file.
+    agent.stop();
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&decisions).unwrap()).unwrap();
+    assert_eq!(file["suppressions"].as_array().unwrap().len(), 1, "{file}");
+    assert_eq!(
+        file["suppressions"][0]["cidr"],
+        format!("{HOST}/32"),
+        "{file}"
+    );
+    assert_eq!(file["acknowledgements"][0]["by"], "alice", "{file}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "no temporary file left: {left:?}");
+    let written = alarm_lines(&dir).len();
+
+    let agent = Agent::start(&dir, nf_port, &config, "agent2.log");
+    wait_for("the HTTP server", Duration::from_secs(20), || {
+        get(&format!("{base}/metrics"))
+    });
+    let list = json_get(&format!("{base}/api/suppressions"));
+    assert_eq!(list["suppressions"][0]["id"], sid.as_str(), "{list}");
+    assert_eq!(list["suppressions"][0]["by"], "bob", "{list}");
+    let mut exporter = Exporter::new(nf_port);
+    for _ in 0..2 {
+        exporter.send(&torrent(host, 0, 80, SystemTime::now()));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let again = wait_for(
+        "the host's alarm after the restart",
+        Duration::from_secs(30),
+        || alarm_of_host(&base),
+    );
+    assert_ne!(again["id"], id.as_str(), "a new alarm");
+    assert_eq!(again["sent_to_sinks"], false, "{again}");
+    assert_eq!(again["suppressed"]["by"], "bob", "{again}");
+    assert_eq!(
+        again["acknowledged"]["by"], "alice",
+        "the acknowledgement went to the host's new alarm: {again}"
+    );
+    let new_id = again["id"].as_str().unwrap().to_string();
+    wait_for(
+        "the suppressed raise logged",
+        Duration::from_secs(10),
+        || {
+            agent
+                .log_text()
+                .lines()
+                .any(|l| {
+                    l.contains("suppressed (not sent")
+                        && l.contains(&format!("alarm {new_id} raised"))
+                })
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(alarm_lines(&dir).len(), written, "the raise is not written");
+
+    // The page, rendered by a real browser: the alarm's decisions and buttons, the
+    // suppression with its remove button.
+    let dom = render(&dir, &base);
+    let row_start = dom
+        .find(&format!("<tr class=\"alarm\" data-host=\"{HOST}\">"))
+        .unwrap_or_else(|| panic!("no alarm row for {HOST}:\n{dom}"));
+    let row = &dom[row_start..row_start + dom[row_start..].find("</tr>").unwrap()];
+    for needle in [
+        "class=\"decision\"",
+        "acknowledged by alice: known seedbox, ticket 42",
+        "by bob: sanctioned Linux mirror",
+        "class=\"d-pick-ack\"",
+        "class=\"d-pick-suppress\"",
+    ] {
+        assert!(
+            row.contains(needle),
+            "{needle} not in the alarm's row:\n{row}"
+        );
+    }
+    let sup_row = dom
+        .find(&format!(
+            "<tr class=\"suppression\" data-id=\"{sid}\" data-cidr=\"{HOST}/32\">"
+        ))
+        .unwrap_or_else(|| panic!("no suppression row:\n{dom}"));
+    assert!(
+        dom[sup_row..].contains("class=\"d-remove\""),
+        "its remove button"
+    );
+
+    // Removed: over at once, and the file says so.
+    let del = |by: &str| {
+        answer(
+            ureq::delete(&format!("{base}/api/suppressions/{sid}?by={by}"))
+                .timeout(Duration::from_secs(10))
+                .call(),
+        )
+    };
+    let (code, v) = del("dave");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["id"], sid.as_str());
+    let (code, _) = del("dave");
+    assert_eq!(code, 404, "already removed");
+    let list = json_get(&format!("{base}/api/suppressions"));
+    assert_eq!(list["suppressions"], json!([]), "{list}");
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&decisions).unwrap()).unwrap();
+    assert_eq!(file["suppressions"], json!([]), "{file}");
+    assert_eq!(alarm_of_host(&base).unwrap()["suppressed"], Value::Null);
+    assert!(
+        agent
+            .log_text()
+            .contains("decision: \"dave\" removed suppression"),
+        "{}",
+        agent.log_text()
+    );
+
+    // The page carries the decision forms.
+    let page = get(&format!("{base}/")).unwrap();
+    for needle in ["id=\"decide\"", "/api/suppressions", "decisionCell"] {
+        assert!(page.contains(needle), "{needle} not on the page");
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
