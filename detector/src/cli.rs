@@ -497,7 +497,10 @@ mod tests {
             }
         };
         assert_eq!(parse(&[]), Ok(None));
-        assert_eq!(parse(&["--alarm-format", "ecs"]), Ok(Some(AlarmFormat::Ecs)));
+        assert_eq!(
+            parse(&["--alarm-format", "ecs"]),
+            Ok(Some(AlarmFormat::Ecs))
+        );
         assert_eq!(
             parse(&["--alarm-format", "native"]),
             Ok(Some(AlarmFormat::Native))

@@ -235,7 +235,8 @@ impl FileConfig {
             ));
         }
         if let Some(web) = self.http.config_path(Path::new(path)) {
-            crate::status::access::WebConfig::load(&web).map_err(|e| err("http.config", e.to_string()))?;
+            crate::status::access::WebConfig::load(&web)
+                .map_err(|e| err("http.config", e.to_string()))?;
         }
         self.cidrs(&self.allow.hosts, "allow.hosts", path)?;
         let d = &self.detection;

@@ -55,9 +55,7 @@ fn main() -> ExitCode {
         Command::Central(args) => detector::scaleout::central::run(&args.options()),
         // A YAML file is an --http-config file.
         Command::CheckConfig { file }
-            if file
-                .extension()
-                .is_some_and(|e| e == "yml" || e == "yaml") =>
+            if file.extension().is_some_and(|e| e == "yml" || e == "yaml") =>
         {
             detector::status::access::WebConfig::load(&file)
                 .map(|c| print!("{}", c.describe()))

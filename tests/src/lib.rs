@@ -1,10 +1,13 @@
 //! Helpers shared by the integration tests: a frame builder for BPF_PROG_TEST_RUN tables,
-//! and network-namespace plumbing for the end-to-end tests.
+//! network-namespace plumbing for the end-to-end tests, and the live agent with its HTTP
+//! clients for the tests of what it serves.
 
+pub mod agent;
 pub mod collectors;
 pub mod drilldown;
 pub mod export;
 pub mod frames;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod remap;

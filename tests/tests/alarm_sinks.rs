@@ -3,7 +3,6 @@
 //! and counts them; a real rsyslog (Debian) receives the RFC 5424 message over UDP and
 //! TCP (privileged: rsyslogd is run as root by `cargo xtask test`).
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpListener};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -13,6 +12,7 @@ use detector::detect::evidence::Evidence;
 use detector::detect::{AlarmEvent, AlarmState};
 use detector::export::syslog::{SyslogAddr, SyslogSink};
 use detector::export::webhook::WebhookSink;
+use tests::http::{free_tcp_port, post_receiver, serve_post};
 
 fn event(n: u32) -> AlarmEvent {
     AlarmEvent {
@@ -69,56 +69,10 @@ fn received_ids(bodies: &Mutex<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
-/// A minimal HTTP receiver: answers 200 to every POST and keeps the bodies.
-fn receiver(listener: TcpListener, bodies: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(s) = conn else { continue };
-            serve(s, &bodies);
-        }
-    });
-}
-
-/// Reads one POST from `s`, keeps its body, answers 200.
-fn serve<S: Read + Write>(mut s: S, bodies: &Mutex<Vec<String>>) {
-    {
-        {
-            let mut r = BufReader::new(&mut s);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; len];
-            // A connection that never made a request (a refused handshake) keeps nothing.
-            if len > 0 && r.read_exact(&mut body).is_ok() {
-                bodies
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&body).into());
-            }
-        }
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        let _ = s.flush();
-    }
-}
-
 #[test]
 fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
     // A port nobody listens on yet.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_tcp_port();
     let url = format!("http://127.0.0.1:{port}/alarms");
     let sink = WebhookSink::new(url.clone(), Duration::from_secs(2), 1, 100, None).unwrap();
     let start = Instant::now();
@@ -134,7 +88,7 @@ fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
     assert_eq!(sink.queued(), 3);
     // The endpoint comes up: everything queued is delivered, in order.
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    receiver(
+    post_receiver(
         TcpListener::bind(("127.0.0.1", port)).unwrap(),
         bodies.clone(),
     );
@@ -149,11 +103,7 @@ fn the_webhook_delivers_after_the_endpoint_was_down_and_bounds_its_queue() {
     );
 
     // A bounded queue: with the endpoint unreachable, the oldest events are dropped.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_tcp_port();
     let small = WebhookSink::new(
         format!("http://127.0.0.1:{dead}/"),
         Duration::from_secs(1),
@@ -203,11 +153,7 @@ fn rsyslog_receives_the_alarm_over_udp_and_tcp() {
     let dir = std::env::temp_dir().join(format!("detector-rsyslog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for proto in ["udp", "tcp"] {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_tcp_port();
         let (mut rs, out) = rsyslog(&dir, proto, port);
         std::thread::sleep(Duration::from_millis(800));
         let addr = format!("127.0.0.1:{port}");
@@ -353,7 +299,7 @@ fn tls_receiver(
             let (config, bodies) = (config.clone(), bodies.clone());
             std::thread::spawn(move || {
                 let server = rustls::ServerConnection::new(config).unwrap();
-                serve(rustls::StreamOwned::new(server, tcp), &bodies);
+                serve_post(rustls::StreamOwned::new(server, tcp), &bodies);
             });
         }
     });
@@ -406,11 +352,7 @@ fn https_webhooks_trust_the_given_ca_and_refuse_what_they_cannot_serve_at_start(
 /// bounded time and what stays is counted.
 #[test]
 fn retries_back_off_and_what_stays_at_exit_is_counted() {
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_tcp_port();
     let mut sink = WebhookSink::new(
         format!("http://127.0.0.1:{dead}/"),
         Duration::from_secs(1),

@@ -23,14 +23,16 @@
 //! No BPF: runs unprivileged; `cargo xtask setup` installs prometheus (promtool).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
 
-use detector::export::netflow_v9::{V9Config, V9Encoder};
-use detector::flow::FlowRecord;
 use serde_json::Value;
+use tests::agent::{
+    Exporter, agent_command, scratch, spawn_agent, start_prometheus, torrent, write_config,
+};
+use tests::http::{free_tcp_port, get, prom_query as query};
 use tests::sflow::{SampleHead, SampledIp, datagram, flow_sample, sampled_ip};
 
 const HOST: &str = "10.9.0.5";
@@ -548,62 +550,10 @@ fn dashboard_imports_anywhere() {
 // ---------------------------------------------------------------------------------------
 // The live agent.
 
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(url: &str) -> Option<String> {
-    ureq::get(url)
-        .timeout(Duration::from_secs(5))
-        .call()
-        .ok()?
-        .into_string()
-        .ok()
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Prometheus's instant query API: the result, or its error.
-fn query(prom: &str, expr: &str) -> Result<Vec<Value>, String> {
-    let url = format!("{prom}/api/v1/query");
-    let resp = ureq::get(&url)
-        .query("query", expr)
-        .timeout(Duration::from_secs(5))
-        .call();
-    let body: Value = match resp {
-        Ok(r) => r.into_json().map_err(|e| e.to_string())?,
-        Err(ureq::Error::Status(_, r)) => r.into_json().map_err(|e| e.to_string())?,
-        Err(e) => return Err(e.to_string()),
-    };
-    if body["status"] != "success" {
-        return Err(format!("{}: {}", body["errorType"], body["error"]));
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
+/// [`tests::agent::wait_for`] at this test's own pace: every 250 ms, each a scrape or a
+/// query of Prometheus.
+fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    tests::agent::wait_for_every(what, timeout, Duration::from_millis(250), f)
 }
 
 /// Metric families and the label names of their samples, from the text format.
@@ -662,59 +612,6 @@ fn meter_families() -> String {
         ..State::default()
     };
     metrics::encode(&state)
-}
-
-fn peer(i: u32) -> IpAddr {
-    // Two documentation networks: external by default.
-    let base = if i < 200 {
-        0xcb00_7100
-    } else {
-        0xc633_6400 - 200
-    };
-    IpAddr::V4(Ipv4Addr::from(base + i))
-}
-
-#[allow(clippy::too_many_arguments, reason = "a test record builder")]
-fn rec(
-    src: IpAddr,
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-    proto: u8,
-    packets: u64,
-    bytes: u64,
-    at: SystemTime,
-) -> FlowRecord {
-    FlowRecord {
-        packets,
-        bytes,
-        first: at - Duration::from_secs(5),
-        last: at,
-        tcp_flags: if proto == 6 { 0x18 } else { 0 },
-        ..FlowRecord::new(src, sport, dst, dport, proto)
-    }
-}
-
-/// A BitTorrent client's flows (as in the `--http` test): 80 peers on high ports, its
-/// listening port 51413 on TCP and UDP, peers met both ways.
-fn torrent(host: IpAddr, at: SystemTime) -> Vec<FlowRecord> {
-    let mut v = Vec::new();
-    for i in 0..80u32 {
-        let p = peer(i);
-        let rport = 10_000 + (i as u16 * 577) % 50_000;
-        if i % 2 == 0 {
-            v.push(rec(p, rport, host, 51413, 6, 40, 50_000, at));
-            v.push(rec(host, 51413, p, rport, 6, 30, 2_000, at));
-        } else {
-            v.push(rec(host, 40_000 + i as u16, p, rport, 6, 30, 2_000, at));
-            v.push(rec(p, rport, host, 40_000 + i as u16, 6, 40, 50_000, at));
-        }
-        if i % 3 == 0 {
-            v.push(rec(host, 51413, p, rport, 17, 2, 180, at));
-            v.push(rec(p, rport, host, 51413, 17, 2, 200, at));
-        }
-    }
-    v
 }
 
 /// sFlow from agent 192.0.2.3: datagrams 1, 2 and 5 (two lost on the way), then one whose
@@ -779,67 +676,36 @@ fn printed_labels(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_metric_the_dashboard_and_rules_name_is_served() {
-    let dir = std::env::temp_dir().join(format!("detector-dashboards-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("dashboards");
     let (nf_port, sflow_port) = (tests::netns::free_udp_port(), tests::netns::free_udp_port());
     let (http_port, prom_port, closed_port) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let config = dir.join("detector.toml");
-    std::fs::write(
-        &config,
-        "[detection]\nwindow_secs = 120\neval_interval_secs = 1\nconsecutive = 1\n",
-    )
-    .unwrap();
-    let agent = Command::new(tests::detector_bin())
-        .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
-        .args(["--sflow-listen", &format!("127.0.0.1:{sflow_port}")])
-        .args(["--http", &format!("127.0.0.1:{http_port}")])
-        .arg("--config")
-        .arg(&config)
-        .arg("--flows-json")
-        .arg(dir.join("flows.json"))
-        .arg("--alarms-json")
-        .arg(dir.join("alarms.json"))
-        // Nobody listens there: the webhook's families appear, its attempts fail.
-        .args([
-            "--webhook",
-            &format!("http://127.0.0.1:{closed_port}/alarms"),
-        ])
-        .args(["--stats-interval", "0", "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _agent = Killed(agent);
+    let config = write_config(&dir, "");
+    let _agent = spawn_agent(
+        agent_command(&dir, nf_port, &config, &dir.join("agent.log"))
+            .args(["--sflow-listen", &format!("127.0.0.1:{sflow_port}")])
+            .args(["--http", &format!("127.0.0.1:{http_port}")])
+            .arg("--alarms-json")
+            .arg(dir.join("alarms.json"))
+            // Nobody listens there: the webhook's families appear, its attempts fail.
+            .args([
+                "--webhook",
+                &format!("http://127.0.0.1:{closed_port}/alarms"),
+            ]),
+    );
     let base = format!("http://127.0.0.1:{http_port}");
     wait_for("the agent's HTTP server", Duration::from_secs(30), || {
         get(&format!("{base}/metrics"))
     });
 
     // A real Prometheus with the shipped rules scrapes the agent every second.
-    let prom_dir = dir.join("prometheus");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    let prom_cfg = prom_dir.join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
+    let _prometheus = start_prometheus(
+        &dir.join("prometheus"),
+        &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: detector\n    static_configs:\n      - targets: ['127.0.0.1:{http_port}']\n",
             rules_file().display()
         ),
-    )
-    .unwrap();
-    let prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_cfg.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            prom_dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(prom_dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .expect("prometheus (package prometheus; cargo xtask setup installs it)");
-    let _prometheus = Killed(prometheus);
+        prom_port,
+    );
     let prom = format!("http://127.0.0.1:{prom_port}");
     // The alert needs a scrape from before the alarm.
     wait_for(
@@ -857,15 +723,10 @@ fn every_metric_the_dashboard_and_rules_name_is_served() {
 
     // NetFlow: the torrent's flows twice, and datagrams that do not decode.
     let host: IpAddr = HOST.parse().unwrap();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let to: SocketAddr = format!("127.0.0.1:{nf_port}").parse().unwrap();
-    let boot = SystemTime::now() - Duration::from_secs(600);
-    let mut enc = V9Encoder::new(V9Config::default(), boot);
+    let mut exporter = Exporter::new(nf_port);
     for _ in 0..2 {
         let now = SystemTime::now();
-        for dg in enc.encode(&torrent(host, now), now) {
-            sock.send_to(&dg, to).unwrap();
-        }
+        exporter.send(&torrent(host, now), now);
         std::thread::sleep(Duration::from_secs(1));
     }
     for junk in [
@@ -874,12 +735,12 @@ fn every_metric_the_dashboard_and_rules_name_is_served() {
             0, 7, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ],
     ] {
-        sock.send_to(&junk, to).unwrap();
+        exporter.sock.send_to(&junk, exporter.to).unwrap();
     }
     // sFlow.
     let sflow_to: SocketAddr = format!("127.0.0.1:{sflow_port}").parse().unwrap();
     for dg in sflow_datagrams() {
-        sock.send_to(&dg, sflow_to).unwrap();
+        exporter.sock.send_to(&dg, sflow_to).unwrap();
     }
 
     let needed_live = [

@@ -12,25 +12,17 @@
 //!
 //! No BPF: runs unprivileged, like `status_http`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
 
-use detector::export::netflow_v9::{V9Config, V9Encoder};
 use detector::flow::FlowRecord;
+use tests::agent::{Exporter, agent_command, scratch, spawn_agent, wait_for, write_config};
 use tests::drilldown::{chromium, page_matches_api};
+use tests::http::{free_tcp_port, get, json};
 
 const TORRENT: &str = "10.9.0.5";
 const CLIENT: &str = "10.9.0.6";
 const SERVERS: u32 = 30;
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn peer(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i)) // 203.0.113.0/24
@@ -92,84 +84,33 @@ fn client(host: IpAddr, at: SystemTime) -> Vec<FlowRecord> {
     v
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(url: &str) -> Option<String> {
-    ureq::get(url)
-        .timeout(Duration::from_secs(5))
-        .call()
-        .ok()?
-        .into_string()
-        .ok()
-}
-
-fn json(url: &str) -> serde_json::Value {
-    serde_json::from_str(&get(url).unwrap_or_else(|| panic!("GET {url}"))).unwrap()
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn api_and_page_drill_into_a_torrent_host_and_a_web_client() {
-    let dir = std::env::temp_dir().join(format!("detector-drill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("drill");
     let (nf_port, http_port) = (tests::netns::free_udp_port(), free_tcp_port());
-    let config = dir.join("detector.toml");
-    std::fs::write(
+    let config = write_config(
+        &dir,
+        &format!("\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"),
+    );
+    let _agent = spawn_agent(&mut agent_command(
+        &dir,
+        nf_port,
         &config,
-        format!(
-            "[detection]\nwindow_secs = 120\neval_interval_secs = 1\nconsecutive = 1\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"
-        ),
-    )
-    .unwrap();
-    let agent = Command::new(tests::detector_bin())
-        .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
-        .arg("--config")
-        .arg(&config)
-        .args(["--flows-json", "/dev/null", "--stats-interval", "0"])
-        .args(["--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _agent = Killed(agent);
+        &dir.join("agent.log"),
+    ));
     let base = format!("http://127.0.0.1:{http_port}");
     wait_for("the agent's HTTP server", Duration::from_secs(20), || {
         get(&format!("{base}/metrics"))
     });
 
     let (t_host, c_host): (IpAddr, IpAddr) = (TORRENT.parse().unwrap(), CLIENT.parse().unwrap());
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let to: SocketAddr = format!("127.0.0.1:{nf_port}").parse().unwrap();
-    let mut enc = V9Encoder::new(
-        V9Config::default(),
-        SystemTime::now() - Duration::from_secs(600),
-    );
+    let mut exporter = Exporter::new(nf_port);
     let mut sent = 0u64;
     for _ in 0..2 {
         let now = SystemTime::now();
         let records = [torrent(t_host, now), client(c_host, now)].concat();
         sent += records.len() as u64;
-        for dg in enc.encode(&records, now) {
-            sock.send_to(&dg, to).unwrap();
-        }
+        exporter.send(&records, now);
         std::thread::sleep(Duration::from_secs(2));
     }
     wait_for("every record counted", Duration::from_secs(20), || {

@@ -21,41 +21,25 @@
 //! No BPF: the agent runs as a NetFlow collector that receives nothing. Tests skip (with
 //! a message) where curl, openssl or prometheus is missing.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use tests::agent::{find_tool, scratch, start_prometheus};
+use tests::http::{free_tcp_port, prom_value};
+use tests::netns::Guarded;
 
 const PASSWORD: &str = "wonderland";
 const TOKEN: &str = "s3cret-bearer-token";
 const FILE_TOKEN: &str = "another-token-from-the-file";
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn have(tool: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).exists())
-}
-
 /// Whether every tool is here; a message names the missing ones.
 fn tools(test: &str, names: &[&str]) -> bool {
-    let missing: Vec<&str> = names.iter().copied().filter(|t| !have(t)).collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|t| find_tool(t).is_none())
+        .collect();
     if !missing.is_empty() {
         eprintln!(
             "skipping {test}: {} not installed (apt-get install {})",
@@ -64,13 +48,6 @@ fn tools(test: &str, names: &[&str]) -> bool {
         );
     }
     missing.is_empty()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("detector-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -162,7 +139,7 @@ fn write_web_config(dir: &Path, extra: &str) -> PathBuf {
 
 /// The agent as a NetFlow collector with `args`; its log in `dir/agent.log`, waited on
 /// until the status server is up.
-fn start_agent(dir: &Path, args: &[&str], up: &str) -> (Killed, PathBuf) {
+fn start_agent(dir: &Path, args: &[&str], up: &str) -> (Guarded, PathBuf) {
     let log = dir.join("agent.log");
     let nf = format!("127.0.0.1:{}", tests::netns::free_udp_port());
     let child = Command::new(tests::detector_bin())
@@ -172,7 +149,7 @@ fn start_agent(dir: &Path, args: &[&str], up: &str) -> (Killed, PathBuf) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let agent = Killed(child);
+    let agent = Guarded::new("detector", child);
     tests::netns::wait_for_text(&log, up, Duration::from_secs(20));
     (agent, log)
 }
@@ -432,41 +409,17 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
         )
     };
     let prom_dir = dir.join("prometheus");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    let prom_cfg = prom_dir.join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
+    let _prometheus = start_prometheus(
+        &prom_dir,
+        &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{}{}",
             job("detector", PASSWORD),
             job("wrong_password", "not-it")
         ),
-    )
-    .unwrap();
-    let prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_cfg.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            prom_dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(prom_dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _prometheus = Killed(prometheus);
-    let query = |q: &str| -> Option<String> {
-        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
-        let body = ureq::get(&url)
-            .query("query", q)
-            .timeout(Duration::from_secs(5))
-            .call()
-            .ok()?
-            .into_string()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        Some(v["data"]["result"][0]["value"][1].as_str()?.to_string())
-    };
+        prom_port,
+    );
+    let prom = format!("http://127.0.0.1:{prom_port}");
+    let query = |q: &str| prom_value(&prom, q);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (up, wrong) = loop {
         let (up, wrong) = (

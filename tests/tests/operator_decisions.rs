@@ -14,47 +14,26 @@
 //!
 //! No BPF: runs unprivileged.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
 
-use detector::export::netflow_v9::{V9Config, V9Encoder};
 use detector::flow::FlowRecord;
 use serde_json::{Value, json};
+use tests::agent::{
+    Exporter, agent_command, rec, scratch, spawn_agent, tool, wait_for, write_config,
+};
+use tests::http::{free_tcp_port, get, json as json_get};
+use tests::netns::Guarded;
 
 const HOST: &str = "10.9.0.5";
 
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+// Not `tests::agent::torrent`: peers `from..to` (the host grows during the test) from
+// another network, 30 packets a flow.
 fn peer(i: u32) -> IpAddr {
     // External by default (outside the private and shared ranges).
     IpAddr::V4(Ipv4Addr::from(0xc633_0000 + i))
-}
-
-fn rec(
-    src: IpAddr,
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-    proto: u8,
-    bytes: u64,
-    at: SystemTime,
-) -> FlowRecord {
-    FlowRecord {
-        packets: 30,
-        bytes,
-        first: at - Duration::from_secs(5),
-        last: at,
-        tcp_flags: if proto == 6 { 0x18 } else { 0 },
-        ..FlowRecord::new(src, sport, dst, dport, proto)
-    }
 }
 
 /// A BitTorrent client's flows with peers `from..to`: throttled peers on high ports, its
@@ -65,86 +44,55 @@ fn torrent(host: IpAddr, from: u32, to: u32, at: SystemTime) -> Vec<FlowRecord> 
         let p = peer(i);
         let rport = 10_000 + (i * 577 % 50_000) as u16;
         if i % 2 == 0 {
-            v.push(rec(p, rport, host, 51413, 6, 50_000, at));
-            v.push(rec(host, 51413, p, rport, 6, 2_000, at));
+            v.push(rec(p, rport, host, 51413, 6, 30, 50_000, at));
+            v.push(rec(host, 51413, p, rport, 6, 30, 2_000, at));
         } else {
             let local = 40_000 + (i % 20_000) as u16;
-            v.push(rec(host, local, p, rport, 6, 2_000, at));
-            v.push(rec(p, rport, host, local, 6, 50_000, at));
+            v.push(rec(host, local, p, rport, 6, 30, 2_000, at));
+            v.push(rec(p, rport, host, local, 6, 30, 50_000, at));
         }
         if i % 3 == 0 {
-            v.push(rec(host, 51413, p, rport, 17, 180, at));
-            v.push(rec(p, rport, host, 51413, 17, 200, at));
+            v.push(rec(host, 51413, p, rport, 17, 30, 180, at));
+            v.push(rec(p, rport, host, 51413, 17, 30, 200, at));
         }
     }
     v
 }
 
-/// Sends NetFlow v9 to the agent's listener.
-struct Exporter {
-    sock: UdpSocket,
-    to: SocketAddr,
-    enc: V9Encoder,
-}
-
-impl Exporter {
-    fn new(port: u16) -> Self {
-        Self {
-            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
-            to: format!("127.0.0.1:{port}").parse().unwrap(),
-            enc: V9Encoder::new(
-                V9Config::default(),
-                SystemTime::now() - Duration::from_secs(600),
-            ),
-        }
-    }
-
-    fn send(&mut self, records: &[FlowRecord]) {
-        for dg in self.enc.encode(records, SystemTime::now()) {
-            self.sock.send_to(&dg, self.to).unwrap();
-        }
-    }
-}
-
+/// The agent, with its log.
 struct Agent {
-    child: Option<Child>,
+    agent: Guarded,
     log: PathBuf,
 }
 
 impl Agent {
     fn start(dir: &Path, nf_port: u16, config: &Path, log: &str) -> Self {
         let log = dir.join(log);
-        let child = Command::new(tests::detector_bin())
-            .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
-            .arg("--config")
-            .arg(config)
-            .arg("--alarms-json")
-            .arg(dir.join("alarms.json"))
-            .arg("--flows-json")
-            .arg(dir.join("flows.json"))
-            .args(["--stats-interval", "0", "--workers", "2"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let a = Self {
-            child: Some(child),
-            log,
-        };
-        wait_for("the listener", Duration::from_secs(20), || {
-            a.log_text()
-                .contains("receiving NetFlow/IPFIX")
-                .then_some(())
-        });
-        a
+        let agent = spawn_agent(
+            agent_command(dir, nf_port, config, &log)
+                .arg("--alarms-json")
+                .arg(dir.join("alarms.json")),
+        );
+        tests::netns::wait_for_text(&log, "receiving NetFlow/IPFIX", Duration::from_secs(20));
+        Self { agent, log }
     }
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until a line of the log holds every one of `needles`.
+    fn wait_logged(&self, what: &str, needles: &[&str]) {
+        wait_for(what, Duration::from_secs(10), || {
+            self.log_text()
+                .lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+                .then_some(())
+        });
+    }
+
     fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
+        if let Some(c) = &self.agent.child {
             // SAFETY: signals our own child.
             unsafe { libc::kill(c.id() as i32, sig) };
         }
@@ -152,36 +100,9 @@ impl Agent {
 
     /// SIGINT, and waits for the agent to end.
     fn stop(&mut self) {
-        self.signal(libc::SIGINT);
-        let mut c = self.child.take().unwrap();
-        let end = Instant::now() + Duration::from_secs(30);
-        while c.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < end, "the agent did not stop");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.agent
+            .stop(nix::sys::signal::Signal::SIGINT, Duration::from_secs(30));
     }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn get(url: &str) -> Option<String> {
-    ureq::get(url)
-        .timeout(Duration::from_secs(5))
-        .call()
-        .ok()?
-        .into_string()
-        .ok()
-}
-
-fn json_get(url: &str) -> Value {
-    serde_json::from_str(&get(url).unwrap_or_else(|| panic!("GET {url}"))).unwrap()
 }
 
 /// A request's status and JSON body, whatever the status.
@@ -207,17 +128,6 @@ fn post(url: &str, body: Value) -> (u16, Value) {
     )
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The open alarm of `HOST`.
 fn alarm_of_host(base: &str) -> Option<Value> {
     json_get(&format!("{base}/api/alarms"))["alarms"]
@@ -238,12 +148,7 @@ fn alarm_lines(dir: &Path) -> Vec<Value> {
 /// The page as headless Chromium renders it (Debian's `chromium`; `cargo xtask setup`
 /// installs it).
 fn render(dir: &Path, base: &str) -> String {
-    let chromium = ["/usr/bin/chromium", "/usr/local/bin/chromium"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .expect("chromium is not installed (cargo xtask setup installs it)");
-    let out = Command::new(chromium)
+    let out = Command::new(tool("chromium"))
         .args([
             "--headless",
             "--no-sandbox",
@@ -271,20 +176,16 @@ fn metric(metrics: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn acknowledge_suppress_expire_and_keep_across_restarts() {
-    let dir = std::env::temp_dir().join(format!("detector-decisions-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("decisions");
     let (nf_port, http_port) = (tests::netns::free_udp_port(), free_tcp_port());
-    let config = dir.join("detector.toml");
     // Evaluate every second, raise at the first evaluation over the threshold, update at
     // most every second, never clear during the test.
-    std::fs::write(
-        &config,
-        format!(
-            "[detection]\nwindow_secs = 120\neval_interval_secs = 1\nconsecutive = 1\nupdate_interval_secs = 1\nclear_after_secs = 600\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"
+    let config = write_config(
+        &dir,
+        &format!(
+            "update_interval_secs = 1\nclear_after_secs = 600\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"
         ),
-    )
-    .unwrap();
+    );
     let decisions = dir.join("decisions.json");
     let base = format!("http://127.0.0.1:{http_port}");
     let host: IpAddr = HOST.parse().unwrap();
@@ -303,7 +204,7 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
     });
     let mut exporter = Exporter::new(nf_port);
     for _ in 0..2 {
-        exporter.send(&torrent(host, 0, 80, SystemTime::now()));
+        exporter.send(&torrent(host, 0, 80, SystemTime::now()), SystemTime::now());
         std::thread::sleep(Duration::from_secs(2));
     }
     let alarm = wait_for("the host's alarm", Duration::from_secs(30), || {
@@ -381,7 +282,10 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
 
     // The host grows (240 more peers): its update is marked suppressed, logged, and not
     // written; the host is still profiled and listed.
-    exporter.send(&torrent(host, 80, 320, SystemTime::now()));
+    exporter.send(
+        &torrent(host, 80, 320, SystemTime::now()),
+        SystemTime::now(),
+    );
     let updated = wait_for("the suppressed update", Duration::from_secs(30), || {
         alarm_of_host(&base).filter(|a| a["state"] == "updated")
     });
@@ -392,19 +296,12 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
     assert_eq!(updated["acknowledged"]["by"], "alice", "{updated}");
     assert_eq!(updated["sent_to_sinks"], true, "its raise was: {updated}");
     assert!(updated["peers"].as_u64().unwrap() >= 300, "{updated}");
-    wait_for(
+    agent.wait_logged(
         "the suppressed update logged",
-        Duration::from_secs(10),
-        || {
-            agent
-                .log_text()
-                .lines()
-                .any(|l| {
-                    l.contains("suppressed (not sent to the alarm sinks")
-                        && l.contains(&format!("alarm {id} updated"))
-                })
-                .then_some(())
-        },
+        &[
+            "suppressed (not sent to the alarm sinks",
+            &format!("alarm {id} updated"),
+        ],
     );
     std::thread::sleep(Duration::from_secs(1));
     let lines = alarm_lines(&dir);
@@ -510,7 +407,7 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
     assert_eq!(list["suppressions"][0]["by"], "bob", "{list}");
     let mut exporter = Exporter::new(nf_port);
     for _ in 0..2 {
-        exporter.send(&torrent(host, 0, 80, SystemTime::now()));
+        exporter.send(&torrent(host, 0, 80, SystemTime::now()), SystemTime::now());
         std::thread::sleep(Duration::from_secs(2));
     }
     let again = wait_for(
@@ -526,19 +423,9 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
         "the acknowledgement went to the host's new alarm: {again}"
     );
     let new_id = again["id"].as_str().unwrap().to_string();
-    wait_for(
+    agent.wait_logged(
         "the suppressed raise logged",
-        Duration::from_secs(10),
-        || {
-            agent
-                .log_text()
-                .lines()
-                .any(|l| {
-                    l.contains("suppressed (not sent")
-                        && l.contains(&format!("alarm {new_id} raised"))
-                })
-                .then_some(())
-        },
+        &["suppressed (not sent", &format!("alarm {new_id} raised")],
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(alarm_lines(&dir).len(), written, "the raise is not written");

@@ -11,107 +11,19 @@
 //!
 //! Unprivileged (rsyslogd runs as the test's user); `cargo xtask setup` installs rsyslog.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use detector::export::netflow_v9::{V9Config, V9Encoder};
-use detector::flow::FlowRecord;
 use serde_json::Value;
+use tests::agent::{
+    Exporter, agent_command, scratch, spawn_agent, torrent, wait_for, write_config,
+};
 use tests::netns::Guarded;
 
 const HOST: &str = "10.9.0.6";
-
-fn peer(i: u32) -> IpAddr {
-    // Two documentation networks: external by default.
-    let base = if i < 200 {
-        0xcb00_7100
-    } else {
-        0xc633_6400 - 200
-    };
-    IpAddr::V4(Ipv4Addr::from(base + i))
-}
-
-#[allow(clippy::too_many_arguments, reason = "a test record builder")]
-fn rec(
-    src: IpAddr,
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-    proto: u8,
-    packets: u64,
-    bytes: u64,
-    at: SystemTime,
-) -> FlowRecord {
-    FlowRecord {
-        packets,
-        bytes,
-        first: at - Duration::from_secs(5),
-        last: at,
-        tcp_flags: if proto == 6 { 0x18 } else { 0 },
-        ..FlowRecord::new(src, sport, dst, dport, proto)
-    }
-}
-
-/// A BitTorrent client's flows over a few seconds: 80 throttled peers on high ports,
-/// its listening port 51413 on TCP and UDP, peers met both ways.
-fn torrent(host: IpAddr, at: SystemTime) -> Vec<FlowRecord> {
-    let mut v = Vec::new();
-    for i in 0..80u32 {
-        let p = peer(i);
-        let rport = 10_000 + (i as u16 * 577) % 50_000;
-        if i % 2 == 0 {
-            v.push(rec(p, rport, host, 51413, 6, 40, 50_000, at));
-            v.push(rec(host, 51413, p, rport, 6, 30, 2_000, at));
-        } else {
-            v.push(rec(host, 40_000 + i as u16, p, rport, 6, 30, 2_000, at));
-            v.push(rec(p, rport, host, 40_000 + i as u16, 6, 40, 50_000, at));
-        }
-        if i % 3 == 0 {
-            v.push(rec(host, 51413, p, rport, 17, 2, 180, at));
-            v.push(rec(p, rport, host, 51413, 17, 2, 200, at));
-        }
-    }
-    v
-}
-
-/// An HTTP receiver: answers 200 to every POST and keeps the bodies.
-fn webhook_receiver(bodies: Arc<Mutex<Vec<String>>>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let mut r = BufReader::new(&mut s);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; len];
-            if len > 0 && r.read_exact(&mut body).is_ok() {
-                bodies
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&body).into());
-            }
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
-    port
-}
 
 /// rsyslogd on 127.0.0.1:`port` (UDP), parsing RFC 5424 structured data with
 /// `mmpstrucdata` and writing, per message, `APP-NAME MSGID {parsed JSON}` to the file
@@ -152,17 +64,6 @@ input(type="imudp" address="127.0.0.1" port="{port}" ruleset="siem")
         .spawn()
         .expect("rsyslogd (package rsyslog; cargo xtask setup installs it)");
     (Guarded::new("rsyslogd", child), out)
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn time(v: &Value, name: &str) -> SystemTime {
@@ -288,52 +189,31 @@ fn check_ecs(doc: &Value) {
 
 #[test]
 fn ecs_alarms_and_rfc_5424_structured_data_reach_real_receivers() {
-    let dir = std::env::temp_dir().join(format!("detector-siem-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("siem");
     let (nf_port, syslog_port) = (tests::netns::free_udp_port(), tests::netns::free_udp_port());
     let (mut rsyslogd, parsed) = rsyslog(&dir, syslog_port);
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    let hook_port = webhook_receiver(bodies.clone());
-    let config = dir.join("detector.toml");
+    let hook = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_port = hook.local_addr().unwrap().port();
+    tests::http::post_receiver(hook, bodies.clone());
     // Evaluate every second and raise at the first evaluation over the threshold.
-    std::fs::write(
-        &config,
-        "[detection]\nwindow_secs = 120\neval_interval_secs = 1\nconsecutive = 1\n",
-    )
-    .unwrap();
+    let config = write_config(&dir, "");
     let alarms = dir.join("alarms.json");
-    let agent = Command::new(tests::detector_bin())
-        .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
-        .arg("--config")
-        .arg(&config)
-        .arg("--alarms-json")
-        .arg(&alarms)
-        .args(["--alarm-format", "ecs", "--agent-name", "sensor-7"])
-        .args(["--syslog", &format!("udp://127.0.0.1:{syslog_port}")])
-        .args(["--webhook", &format!("http://127.0.0.1:{hook_port}/alarms")])
-        .arg("--flows-json")
-        .arg(dir.join("flows.json"))
-        .args(["--stats-interval", "0", "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _agent = Guarded::new("detector", agent);
+    let _agent = spawn_agent(
+        agent_command(&dir, nf_port, &config, &dir.join("agent.log"))
+            .arg("--alarms-json")
+            .arg(&alarms)
+            .args(["--alarm-format", "ecs", "--agent-name", "sensor-7"])
+            .args(["--syslog", &format!("udp://127.0.0.1:{syslog_port}")])
+            .args(["--webhook", &format!("http://127.0.0.1:{hook_port}/alarms")]),
+    );
 
     // The torrent's flows, a batch every 2 s, until the alarm is written.
     let host: IpAddr = HOST.parse().unwrap();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let to: SocketAddr = format!("127.0.0.1:{nf_port}").parse().unwrap();
-    let mut enc = V9Encoder::new(
-        V9Config::default(),
-        SystemTime::now() - Duration::from_secs(600),
-    );
+    let mut exporter = Exporter::new(nf_port);
     let raised = wait_for("the ECS alarm line", Duration::from_secs(60), || {
         let now = SystemTime::now();
-        for dg in enc.encode(&torrent(host, now), now) {
-            sock.send_to(&dg, to).unwrap();
-        }
+        exporter.send(&torrent(host, now), now);
         let end = Instant::now() + Duration::from_secs(2);
         while Instant::now() < end {
             let text = std::fs::read_to_string(&alarms).unwrap_or_default();

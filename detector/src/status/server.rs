@@ -66,13 +66,11 @@ pub fn serve(
     status: Arc<Status>,
     web: &super::access::WebConfig,
 ) {
-    use axum::serve::ListenerExt;
     use super::access::{Guard, Refusals, guard};
+    use axum::serve::ListenerExt;
     let refusals = Arc::new(Refusals::new(status.clone()));
-    let layer = axum::middleware::from_fn_with_state(
-        Arc::new(Guard::new(web, refusals.clone())),
-        guard,
-    );
+    let layer =
+        axum::middleware::from_fn_with_state(Arc::new(Guard::new(web, refusals.clone())), guard);
     let app = router(status)
         .layer(layer)
         .into_make_service_with_connect_info::<SocketAddr>();
