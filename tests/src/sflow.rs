@@ -185,3 +185,32 @@ pub fn write_sflow_pcap(path: &Path, datagrams: &[Vec<u8>]) {
     let packets = udp_packets((lo, 50_000), (lo, SFLOW_PORT), datagrams);
     write_pcap(path, LINKTYPE_RAW, &packets);
 }
+
+/// The agent's last statistics line with sFlow sources in it.
+pub fn last_stats(log: &str) -> &str {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("sflow agent"))
+        .unwrap_or_else(|| panic!("no sflow statistics in the log:\n{log}"))
+}
+
+/// The statistics of agent/sub-agent `source` in the agent's last statistics line.
+pub fn source_stats<'a>(log: &'a str, source: &str) -> &'a str {
+    let line = last_stats(log);
+    line.split("; ")
+        .find(|p| p.starts_with(&format!("sflow agent {source}:")))
+        .unwrap_or_else(|| panic!("no statistics of {source}: {line}"))
+}
+
+/// The number after the first `key ` in `stats` (a statistics line or a part of one).
+pub fn stat(stats: &str, key: &str) -> u64 {
+    let at = stats
+        .find(&format!("{key} "))
+        .unwrap_or_else(|| panic!("{key}: {stats}"));
+    stats[at + key.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{key}: {stats}"))
+}

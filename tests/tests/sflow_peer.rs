@@ -32,6 +32,7 @@ use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use tests::collectors::{Nfacctd, Nfcapd};
 use tests::netns::{Guarded, free_udp_port, grow_receive_buffer, sh, wait_for_text};
+use tests::sflow::{last_stats, stat};
 use tests::tshark::{Packet, Tuple, totals};
 
 const CAPTURE: &str = "pcap/p2p/nDPI__gnutella.pcap";
@@ -385,24 +386,6 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
     (totals(&sampled), sampled.len() as u64, not_ip)
 }
 
-/// The number after `key ` in the agent's final statistics line.
-fn stat(log: &str, key: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("sflow agent"))
-        .unwrap_or_else(|| panic!("no sflow statistics in the log:\n{log}"));
-    let at = line
-        .find(&format!("{key} "))
-        .unwrap_or_else(|| panic!("{key}: {line}"));
-    line[at + key.len() + 1..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 fn setup(name: &str) -> Option<(PathBuf, PathBuf)> {
     let Some(data) = tests::shared_testdata() else {
         eprintln!("skipped: ../shared/testdata is absent");
@@ -452,7 +435,7 @@ fn one_to_one(pcap: &Path, dir: &Path) -> Result<String, String> {
         }
     };
     // (a) Every sample tshark decodes the agent counted, none lost, none left out.
-    let got = |k: &str| stat(&r.log, k);
+    let got = |k: &str| stat(last_stats(&r.log), k);
     check(
         got("datagrams") == r.datagrams.len() as u64,
         format!(

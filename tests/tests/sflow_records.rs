@@ -37,7 +37,8 @@ use tests::frames::{
 use tests::netns::{Guarded, free_udp_port, sh, wait_for_text};
 use tests::sflow::{
     HEADER_ETHERNET, HEADER_IPV4, HEADER_IPV6, SampleHead, SampledIp, Tagged, datagram,
-    expanded_flow_sample, flow_sample, mpls, raw_header, sampled_ip, write_sflow_pcap,
+    expanded_flow_sample, flow_sample, mpls, raw_header, sampled_ip, source_stats, stat,
+    write_sflow_pcap,
 };
 
 /// (protocol, src, src port, dst, dst port), ICMP's destination port `type << 8 | code`.
@@ -670,32 +671,6 @@ fn run_agent(datagrams: &[Vec<u8>], dir: &Path) -> (String, String) {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(st.success(), "agent: {st}\n{log}");
     (std::fs::read_to_string(&json).unwrap_or_default(), log)
-}
-
-/// The agent's final statistics of agent/sub-agent `source`: its part of the last
-/// statistics line.
-fn source_stats<'a>(log: &'a str, source: &str) -> &'a str {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("sflow agent"))
-        .unwrap_or_else(|| panic!("no sflow statistics in the log:\n{log}"));
-    line.split("; ")
-        .find(|p| p.starts_with(&format!("sflow agent {source}:")))
-        .unwrap_or_else(|| panic!("no statistics of {source}: {line}"))
-}
-
-/// The number after the first `key ` in a source's statistics.
-fn stat(stats: &str, key: &str) -> u64 {
-    let at = stats
-        .find(&format!("{key} "))
-        .unwrap_or_else(|| panic!("{key}: {stats}"));
-    stats[at + key.len() + 1..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("{key}: {stats}"))
 }
 
 #[test]

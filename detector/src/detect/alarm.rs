@@ -57,6 +57,36 @@ pub struct AlarmEvent {
     pub acknowledged: Option<super::decisions::Acknowledged>,
 }
 
+#[cfg(test)]
+impl AlarmEvent {
+    /// An event for tests: host, state and score given, the rest plausible and fixed
+    /// (80 peers, 200 flows, no evidence, no exporter).
+    pub(crate) fn sample(host: IpAddr, state: AlarmState, score: f64) -> Self {
+        Self {
+            id: format!("{host}"),
+            state,
+            host,
+            kind: "p2p",
+            kind_evidence: Vec::new(),
+            guards: Vec::new(),
+            score,
+            at: String::new(),
+            first_seen: String::new(),
+            last_seen: String::new(),
+            window_secs: 300,
+            peers: 80,
+            flows: 200,
+            bytes_in: 1,
+            bytes_out: 1,
+            top_peer_share: 0.1,
+            evidence: Vec::new(),
+            exporters: Vec::new(),
+            suppressed: None,
+            acknowledged: None,
+        }
+    }
+}
+
 impl AlarmEvent {
     /// The same event as one readable log line.
     pub fn log_line(&self) -> String {

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::evidence::{self, Verdict};
+use super::evidence::Verdict;
 use super::profile::{HostProfile, Totals};
 use super::{Engine, TopSenders};
 
@@ -265,13 +265,7 @@ impl Engine {
         n: usize,
         alarmed: usize,
     ) -> Vec<(IpAddr, Verdict, HostDetail)> {
-        let mut order: Vec<(f64, IpAddr, usize, bool)> = self
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(i, (ip, h))| (h.last.0, *ip, i, h.alarm.is_some()))
-            .collect();
-        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut order = self.ranked();
         let beyond: Vec<_> = order
             .iter()
             .skip(n)
@@ -285,15 +279,8 @@ impl Engine {
         order
             .into_iter()
             .map(|(_, ip, i, _)| {
-                let h = self.hosts.at_mut(i);
-                let mut v = evidence::evaluate(
-                    &mut h.profile,
-                    &self.cfg.thresholds,
-                    &top.top10,
-                    window_min,
-                );
-                v.peak = h.peak;
-                let d = extract(&mut h.profile, &top.top10, window_min);
+                let v = self.verdict_at(i, top);
+                let d = extract(&mut self.hosts.at_mut(i).profile, &top.top10, window_min);
                 (ip, v, d)
             })
             .collect()

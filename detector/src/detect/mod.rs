@@ -259,29 +259,36 @@ impl Engine {
     /// evaluated in full against the top senders `top`: score, vetoing guard, every
     /// rule's value and threshold.
     pub fn explain(&mut self, top: &TopSenders, n: usize) -> Vec<(IpAddr, Verdict)> {
-        let mut order: Vec<(f64, IpAddr, usize)> = self
+        let mut order = self.ranked();
+        order.truncate(n);
+        order
+            .into_iter()
+            .map(|(_, ip, i, _)| (ip, self.verdict_at(i, top)))
+            .collect()
+    }
+
+    /// Every host as (last score, address, position, has an open alarm), highest score
+    /// first, ties to the lower address.
+    pub(super) fn ranked(&self) -> Vec<(f64, IpAddr, usize, bool)> {
+        let mut order: Vec<(f64, IpAddr, usize, bool)> = self
             .hosts
             .iter()
             .enumerate()
-            .map(|(i, (ip, h))| (h.last.0, *ip, i))
+            .map(|(i, (ip, h))| (h.last.0, *ip, i, h.alarm.is_some()))
             .collect();
         order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        order.truncate(n);
-        let window_min = self.cfg.window.as_secs_f64() / 60.0;
         order
-            .into_iter()
-            .map(|(_, ip, i)| {
-                let h = self.hosts.at_mut(i);
-                let mut v = evidence::evaluate(
-                    &mut h.profile,
-                    &self.cfg.thresholds,
-                    &top.top10,
-                    window_min,
-                );
-                v.peak = h.peak;
-                (ip, v)
-            })
-            .collect()
+    }
+
+    /// The host at position `i` evaluated in full against the top senders `top`, with
+    /// its peak.
+    pub(super) fn verdict_at(&mut self, i: usize, top: &TopSenders) -> Verdict {
+        let window_min = self.cfg.window.as_secs_f64() / 60.0;
+        let h = self.hosts.at_mut(i);
+        let mut v =
+            evidence::evaluate(&mut h.profile, &self.cfg.thresholds, &top.top10, window_min);
+        v.peak = h.peak;
+        v
     }
 
     /// Each tracked host's last score and the guard that vetoed it, highest first.

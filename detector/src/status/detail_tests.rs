@@ -65,26 +65,8 @@ fn detail(peers: u64, flows: u64, bytes_in: u64, bytes_out: u64) -> HostDetail {
 
 fn alarm(host: IpAddr) -> AlarmEvent {
     AlarmEvent {
-        id: format!("{host}"),
-        state: AlarmState::Raised,
-        host,
-        kind: "p2p",
-        kind_evidence: Vec::new(),
-        guards: Vec::new(),
-        score: 9.0,
-        at: String::new(),
-        first_seen: String::new(),
-        last_seen: String::new(),
-        window_secs: 300,
-        peers: 80,
-        flows: 200,
-        bytes_in: 1,
-        bytes_out: 1,
-        top_peer_share: 0.1,
-        evidence: Vec::new(),
         exporters: vec!["local".into()],
-        suppressed: None,
-        acknowledged: None,
+        ..AlarmEvent::sample(host, AlarmState::Raised, 9.0)
     }
 }
 

@@ -17,26 +17,8 @@ fn ip(n: u32) -> IpAddr {
 
 fn event(host: IpAddr, state: AlarmState, score: f64) -> AlarmEvent {
     AlarmEvent {
-        id: format!("{host}"),
-        state,
-        host,
-        kind: "p2p",
-        kind_evidence: Vec::new(),
-        guards: Vec::new(),
-        score,
-        at: String::new(),
-        first_seen: String::new(),
-        last_seen: String::new(),
-        window_secs: 300,
-        peers: 80,
-        flows: 200,
-        bytes_in: 1,
-        bytes_out: 1,
-        top_peer_share: 0.1,
-        evidence: Vec::new(),
         exporters: vec!["local".into()],
-        suppressed: None,
-        acknowledged: None,
+        ..AlarmEvent::sample(host, state, score)
     }
 }
 

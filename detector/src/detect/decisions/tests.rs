@@ -22,25 +22,7 @@ fn cidr(s: &str) -> Cidr {
 fn event(id: &str, host: IpAddr, state: AlarmState) -> AlarmEvent {
     AlarmEvent {
         id: id.into(),
-        state,
-        host,
-        kind: "p2p",
-        kind_evidence: Vec::new(),
-        guards: Vec::new(),
-        score: 9.0,
-        at: String::new(),
-        first_seen: String::new(),
-        last_seen: String::new(),
-        window_secs: 300,
-        peers: 80,
-        flows: 200,
-        bytes_in: 1,
-        bytes_out: 1,
-        top_peer_share: 0.1,
-        evidence: Vec::new(),
-        exporters: Vec::new(),
-        suppressed: None,
-        acknowledged: None,
+        ..AlarmEvent::sample(host, state, 9.0)
     }
 }
 
