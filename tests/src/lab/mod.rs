@@ -885,6 +885,58 @@ fn cert_chain(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a run writes at its peak (measured: 2.3 GB), with room to spare.
+const LAB_DISK_BYTES: u64 = 3 << 30;
+
+/// Files at least this large in a lab's folder are payload (torrent content, web
+/// downloads, their partial copies), rewritten by every run.
+const PAYLOAD_BYTES: u64 = 4 << 20;
+
+/// Removes a lab run's payload when the run ends: a run writes about 2.3 GB of torrent
+/// content and downloads, and five runs in one test pass filled a CI machine's disk. What
+/// a person reads after a run stays: logs, the agent's flows and alarms (`.jsonl`), the
+/// capture kept for replay (`.pcap`), nfcapd's files, the scorecard, screenshots.
+struct ShedPayloads(PathBuf);
+
+impl Drop for ShedPayloads {
+    fn drop(&mut self) {
+        fn walk(dir: &Path, freed: &mut u64) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let Ok(kind) = e.file_type() else { continue };
+                let path = e.path();
+                if kind.is_dir() {
+                    walk(&path, freed);
+                    continue;
+                }
+                let keep = matches!(
+                    path.extension().and_then(|x| x.to_str()),
+                    Some("pcap" | "jsonl" | "log")
+                );
+                // Apparent size decides (a preallocated download is sparse); what is freed
+                // is what the file held on disk.
+                let Ok(meta) = e.metadata() else { continue };
+                if kind.is_file()
+                    && !keep
+                    && meta.len() >= PAYLOAD_BYTES
+                    && fs::remove_file(&path).is_ok()
+                {
+                    *freed += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+                }
+            }
+        }
+        let mut freed = 0;
+        walk(&self.0, &mut freed);
+        say(&format!(
+            "removed {} MB of payload (on disk) from {} (logs, flows, alarms, captures kept)",
+            freed >> 20,
+            self.0.display()
+        ));
+    }
+}
+
 /// Runs the lab and returns its scorecard. Everything is torn down before it returns.
 pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     check_tools()?;
@@ -894,6 +946,21 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     }
     fs::create_dir_all(dir)?;
     let dir = fs::canonicalize(dir)?;
+    let st = nix::sys::statvfs::statvfs(&dir)
+        .with_context(|| format!("reading free space under {}", dir.display()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < LAB_DISK_BYTES {
+        bail!(
+            "the lab needs about {} GB free under {} for its torrents and downloads, and {} MB are \
+             free: free some space (`cargo clean`, or old target/lab-* folders) and run it again",
+            LAB_DISK_BYTES >> 30,
+            dir.display(),
+            free >> 20
+        );
+    }
+    // Declared before the processes and namespaces, so dropped after them: whether the
+    // run passes or fails, the payloads go and the evidence stays.
+    let _shed = ShedPayloads(dir.clone());
     let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
     let plan = Plan::new(cfg.seed, cfg.peers, &names);
     let content = prepare(cfg, &dir, &plan)?;
