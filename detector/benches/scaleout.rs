@@ -86,6 +86,9 @@ fn jsz(monitor: u16) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The record stream's batches and how many of them the shards' durable consumers have
+/// still to deliver or to see acknowledged (the stream keeps batches by age: consumed
+/// ones stay).
 fn flow_state(monitor: u16) -> Result<(u64, u64)> {
     let j = jsz(monitor)?;
     let s = j["account_details"]
@@ -93,16 +96,26 @@ fn flow_state(monitor: u16) -> Result<(u64, u64)> {
         .into_iter()
         .flatten()
         .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
-        .find(|s| s["name"] == "DETECTOR_FLOWS")
+        .find(|s| s["name"] == "DETECTOR_RECORDS")
         .cloned()
         .unwrap_or_default();
-    let pending: u64 = s["consumer_detail"]
+    let consumers: Vec<&serde_json::Value> = s["consumer_detail"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|c| c["num_ack_pending"].as_u64().unwrap_or(0))
+        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("shard-")))
+        .collect();
+    let mut left: u64 = consumers
+        .iter()
+        .map(|c| {
+            c["num_pending"].as_u64().unwrap_or(0) + c["num_ack_pending"].as_u64().unwrap_or(0)
+        })
         .sum();
-    Ok((s["state"]["messages"].as_u64().unwrap_or(0), pending))
+    // A shard whose consumer is not made yet has everything left.
+    if consumers.len() < SHARDS as usize {
+        left = left.max(1);
+    }
+    Ok((s["state"]["messages"].as_u64().unwrap_or(0), left))
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -236,8 +249,8 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
     }
     let t = Instant::now();
     loop {
-        let (messages, pending) = flow_state(monitor)?;
-        if messages == 0 && pending == 0 {
+        let (messages, left) = flow_state(monitor)?;
+        if messages > 0 && left == 0 {
             break;
         }
         if t.elapsed() > Duration::from_secs(900) {

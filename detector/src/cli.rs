@@ -198,8 +198,10 @@ pub struct RunArgs {
     pub workers: Option<u32>,
 
     /// Edge mode: also publish every record (after local duplicate marking) to NATS
-    /// JetStream at URL, on `flows.<shard>` by internal host, for `detector central`.
-    #[arg(long, value_name = "URL")]
+    /// JetStream at URL, on `records.<shard>` by internal host, for `detector central`.
+    /// Several servers of a cluster: comma-separated (streams it makes get as many
+    /// replicas as URLs, up to 3).
+    #[arg(long, value_name = "URL[,URL...]")]
     pub nats: Option<String>,
 
     /// Shards of the flows on NATS: the same count on every edge and node.
@@ -360,9 +362,15 @@ impl ReplayArgs {
 /// `detector central`.
 #[derive(Debug, Args)]
 pub struct CentralArgs {
-    /// NATS server URL (JetStream on), e.g. nats://127.0.0.1:4222.
-    #[arg(long, value_name = "URL")]
+    /// NATS server URL (JetStream on), e.g. nats://127.0.0.1:4222; several servers of a
+    /// cluster comma-separated (nats://a:4222,nats://b:4222,nats://c:4222).
+    #[arg(long, value_name = "URL[,URL...]")]
     pub nats: String,
+
+    /// Replicas of the streams and key-value buckets this node makes when they do not
+    /// exist yet (3 on a three-server cluster). Default: as many as --nats URLs, up to 3.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_replicas: Option<u64>,
 
     /// Shards the flows are split in: the same count on every edge and node.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -394,6 +402,7 @@ impl CentralArgs {
     pub fn options(&self) -> crate::scaleout::central::CentralOptions {
         crate::scaleout::central::CentralOptions {
             nats: self.nats.clone(),
+            replicas: self.nats_replicas.map(|r| r as usize),
             shards: self.shards,
             node: self.node.clone(),
             lease_secs: self.lease_secs,

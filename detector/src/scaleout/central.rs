@@ -1,4 +1,4 @@
-//! A detector node (`detector central --nats URL --shards N`).
+//! A detector node (`detector central --nats URL[,URL...] --shards N`).
 //!
 //! Leases: every `lease/3` the node renews its heartbeat (`node.NAME`) and the shards it
 //! owns (`shard.S`, value its name) in the lease bucket, whose entries expire after
@@ -9,9 +9,15 @@
 //!
 //! Consumers: one durable pull consumer per shard (`shard-S`, explicit acks). A batch is
 //! acknowledged (and the server's confirmation awaited) once its records are in this
-//! node's pipeline; a batch delivered to a node that died unacknowledged is delivered
-//! again after the ack wait to the shard's next owner. So no batch is lost, and none is
-//! in two profiles: the dead node's profiles died with it.
+//! node's pipeline. The record stream keeps batches by age, acknowledged or not
+//! ([`super::KEEP`]), so a node that takes a shard over first rebuilds the profiles the
+//! previous owner held: it reads the durable's last delivered sequence D, replays the
+//! shard's batches from the start of the detection window (JetStream delivery by start
+//! time, an ephemeral consumer without acks) up to D, then goes on with the durable,
+//! acknowledging without counting the batches up to D it delivers again (those the dead
+//! node held unacknowledged: replayed already). Batches this node holds from an earlier
+//! time it owned the shard (it gave the shard away and takes it back) are skipped in the
+//! replay: each batch is in this node's profiles once.
 //!
 //! Alarms: the pipeline's events pass through the open-alarm bucket before the sinks: a
 //! host whose episode another node raised keeps that alarm's id (the event becomes an
@@ -30,15 +36,18 @@ use futures_util::StreamExt;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::{Names, bucket, connect, ensure, wire};
+use super::{Bus, Names, bucket, connect, ensure, wire};
 use crate::detect::{AlarmEvent, AlarmState};
 use crate::pipeline::{Input, Pipeline, PipelineConfig, WhenBehind, build};
 
 /// What a `detector central` node does (the command line gives it).
 #[derive(Clone, Debug)]
 pub struct CentralOptions {
-    /// NATS server URL (JetStream on).
+    /// NATS server URLs (JetStream on), comma-separated.
     pub nats: String,
+    /// Replicas of the streams and buckets this node makes (None: as many as URLs, up
+    /// to 3).
+    pub replicas: Option<usize>,
     /// Shards the flows are split in: the same count on every edge and node.
     pub shards: u32,
     /// This node's name in leases and logs (default: host name and process id).
@@ -74,6 +83,18 @@ pub struct NodeCounters {
     /// Batches delivered again to this node after a failed acknowledgement (acknowledged
     /// again, not counted twice).
     pub redelivered_skipped: AtomicU64,
+    /// Takeovers' replays: records and batches taken into the pipeline from the start of
+    /// the window.
+    pub replayed_records: AtomicU64,
+    pub replayed_batches: AtomicU64,
+    /// Batches the replay skipped: this node held them already (an earlier ownership).
+    pub replay_held: AtomicU64,
+    /// Batches the durable delivered that were replayed already (or older than the
+    /// window): acknowledged, not counted again.
+    pub replayed_skipped: AtomicU64,
+    /// Replays cut short by NATS errors after their retries (the profiles miss the rest
+    /// of that window).
+    pub replay_errors: AtomicU64,
 }
 
 /// The value kept per open alarm in the open-alarm bucket.
@@ -96,6 +117,15 @@ const OPEN_ALARM_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The shards this node holds now (kept by the leaser, read by the relay).
 type OwnedSet = Arc<std::sync::Mutex<std::collections::BTreeSet<u32>>>;
+
+/// Per shard, the stream sequences whose batches this node's pipeline holds: one range
+/// per time it owned the shard (every batch of the shard between the two ends is in its
+/// profiles). A replay skips them.
+type Held = Arc<std::sync::Mutex<std::collections::HashMap<u32, Vec<HeldRange>>>>;
+
+/// Ranges of [`Held`] kept per shard (the oldest go first; a range older than the
+/// window no replay reaches anyway).
+const HELD_RANGES: usize = 16;
 
 /// Runs the pipeline's events through the open-alarm bucket (one alarm per host and
 /// episode across nodes) and publishes them to the `alarms` subject.
@@ -287,29 +317,45 @@ fn key_safe(name: &str) -> String {
 
 pub fn run(args: &CentralOptions) -> Result<()> {
     let (detect, mut alarms) = build::detection(&args.detect)?;
+    let window = detect.window;
     let node = key_safe(&args.node.clone().unwrap_or_else(default_node));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    info!("node {node}: connecting to {}", args.nats);
-    let js = rt.block_on(connect(&args.nats));
+    let bus = {
+        let urls = Bus::new(&args.nats, 1).list().len();
+        Bus::new(&args.nats, args.replicas.unwrap_or(urls.min(3)))
+    };
+    info!(
+        "node {node}: connecting to {} (streams and buckets it makes: {} replicas)",
+        bus.urls, bus.replicas
+    );
+    let js = rt.block_on(connect(&bus));
     let want_ttl = Duration::from_secs(args.lease_secs);
     // NATS may come up after the node: keep trying, except on a setting no retry fixes.
-    let (leases, open, ttl) = rt.block_on(async {
+    let (leases, open, ttl, keep) = rt.block_on(async {
         let mut logged: Option<Instant> = None;
         loop {
             let setup = async {
-                ensure(&js, args.shards).await?;
-                let leases = bucket(&js, Names::LEASE_BUCKET, Some(want_ttl)).await?;
-                let open = bucket(&js, Names::ALARM_BUCKET, Some(OPEN_ALARM_TTL)).await?;
+                ensure(&js, args.shards, bus.replicas).await?;
+                let leases = bucket(&js, Names::LEASE_BUCKET, Some(want_ttl), bus.replicas).await?;
+                let open =
+                    bucket(&js, Names::ALARM_BUCKET, Some(OPEN_ALARM_TTL), bus.replicas).await?;
+                let keep = js
+                    .get_stream(Names::RECORDS_STREAM)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .cached_info()
+                    .config
+                    .max_age;
                 let ttl = leases
                     .status()
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .max_age();
-                Ok::<_, super::EnsureError>((leases, open, ttl))
+                Ok::<_, super::EnsureError>((leases, open, ttl, keep))
             };
             match setup.await {
                 Ok(x) => break Ok(x),
@@ -317,7 +363,7 @@ pub fn run(args: &CentralOptions) -> Result<()> {
                 Err(e) => {
                     if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                         logged = Some(Instant::now());
-                        warn!("node {node}: NATS {}: {e} (retrying)", args.nats);
+                        warn!("node {node}: NATS {}: {e} (retrying)", bus.urls);
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -330,6 +376,18 @@ pub fn run(args: &CentralOptions) -> Result<()> {
             ttl.as_secs()
         );
     }
+    // A takeover replays the window: what the stream no longer keeps cannot be.
+    let replay = if !keep.is_zero() && keep < window {
+        warn!(
+            "node {node}: the record stream keeps {} s, the detection window is {} s: a takeover replays the last {} s only",
+            keep.as_secs(),
+            window.as_secs(),
+            keep.as_secs()
+        );
+        keep
+    } else {
+        window
+    };
     let counters = Arc::new(NodeCounters::default());
     let owned: OwnedSet = Arc::default();
     let mut relay = Relay {
@@ -364,10 +422,13 @@ pub fn run(args: &CentralOptions) -> Result<()> {
         shards: args.shards,
         ttl,
         ack_wait: Duration::from_secs(args.ack_wait_secs),
+        replay,
         feed,
         counters: counters.clone(),
         stop: stop.clone(),
         owned,
+        held: Held::default(),
+        stopping: Default::default(),
     };
     let leasing = rt.spawn(leaser.run());
     {
@@ -417,7 +478,7 @@ pub fn run(args: &CentralOptions) -> Result<()> {
 fn describe(c: &NodeCounters) -> String {
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     format!(
-        "owns {} shards ({} taken, {} given back, {} lost); consumed {} records in {} batches ({} malformed, {} delivered again after a failed acknowledgement and not counted again); alarms: {} episodes continued from another node, {} events of hosts no longer held, {} not published, {} open-alarm bucket errors",
+        "owns {} shards ({} taken, {} given back, {} lost); consumed {} records in {} batches ({} malformed, {} delivered again after a failed acknowledgement and not counted again); takeovers replayed {} records in {} batches ({} batches held already, {} delivered again after the replay and not counted again, {} replays cut short); alarms: {} episodes continued from another node, {} events of hosts no longer held, {} not published, {} open-alarm bucket errors",
         l(&c.owned_shards),
         l(&c.shards_taken),
         l(&c.shards_given),
@@ -426,6 +487,11 @@ fn describe(c: &NodeCounters) -> String {
         l(&c.batches),
         l(&c.malformed),
         l(&c.redelivered_skipped),
+        l(&c.replayed_records),
+        l(&c.replayed_batches),
+        l(&c.replay_held),
+        l(&c.replayed_skipped),
+        l(&c.replay_errors),
         l(&c.episodes_continued),
         l(&c.not_owner_events),
         l(&c.alarm_publish_errors),
@@ -440,10 +506,15 @@ struct Leaser {
     shards: u32,
     ttl: Duration,
     ack_wait: Duration,
+    /// How far back a takeover replays (the detection window, or what the stream keeps).
+    replay: Duration,
     feed: tokio::sync::mpsc::Sender<Feed>,
     counters: Arc<NodeCounters>,
     stop: Arc<AtomicBool>,
     owned: OwnedSet,
+    held: Held,
+    /// Consumers of shards whose lease was lost, until they have stopped.
+    stopping: std::sync::Mutex<BTreeMap<u32, tokio::task::JoinHandle<()>>>,
 }
 
 /// A shard this node owns: its lease's revision and its consumer.
@@ -465,6 +536,12 @@ impl Leaser {
         loop {
             tick.tick().await;
             if self.stop.load(Ordering::SeqCst) {
+                // From here the node speaks for no shard (what the pipeline still says
+                // at its end goes to the local sinks only).
+                if let Ok(mut set) = self.owned.lock() {
+                    set.clear();
+                }
+                self.counters.owned_shards.store(0, Ordering::Relaxed);
                 let handovers: Vec<_> = std::mem::take(&mut owned)
                     .into_iter()
                     .map(|(shard, o)| self.give_back(shard, o))
@@ -510,6 +587,10 @@ impl Leaser {
             {
                 Ok(r) => o.revision = r,
                 Err(e) => {
+                    if let Some(r) = self.still_mine(*shard, &me).await {
+                        o.revision = r;
+                        continue;
+                    }
                     warn!(
                         "node {}: lost the lease of shard {shard} ({e}): stopping its consumer",
                         self.node
@@ -522,6 +603,11 @@ impl Leaser {
             if let Some(o) = owned.remove(&shard) {
                 o.stop.store(true, Ordering::SeqCst);
                 self.counters.shards_lost.fetch_add(1, Ordering::Relaxed);
+                // Not taken again by this node before this consumer has stopped (two
+                // of its consumers of one shard could count a batch twice).
+                if let Ok(mut st) = self.stopping.lock() {
+                    st.insert(shard, o.task);
+                }
             }
         }
         // Without the count of live nodes, hold what is held: no rebalancing.
@@ -549,19 +635,30 @@ impl Leaser {
             if owned.contains_key(&shard) {
                 continue;
             }
-            if let Ok(revision) = self.leases.create(lease_key(shard), me.clone()).await {
+            if let Ok(mut st) = self.stopping.lock() {
+                st.retain(|_, t| !t.is_finished());
+                if st.contains_key(&shard) {
+                    continue;
+                }
+            }
+            if let Some(revision) = self.claim(shard, &me).await {
                 info!("node {}: took shard {shard}", self.node);
                 self.counters.shards_taken.fetch_add(1, Ordering::Relaxed);
                 let stop = Arc::new(AtomicBool::new(false));
-                let task = tokio::spawn(consume(
-                    self.js.clone(),
-                    shard,
-                    self.ack_wait,
-                    self.feed.clone(),
-                    self.counters.clone(),
-                    stop.clone(),
-                    self.node.clone(),
-                ));
+                let task = tokio::spawn(
+                    ShardConsumer {
+                        js: self.js.clone(),
+                        shard,
+                        ack_wait: self.ack_wait,
+                        replay: self.replay,
+                        feed: self.feed.clone(),
+                        c: self.counters.clone(),
+                        stop: stop.clone(),
+                        node: self.node.clone(),
+                        held: self.held.clone(),
+                    }
+                    .run(),
+                );
                 owned.insert(
                     shard,
                     Owned {
@@ -573,6 +670,57 @@ impl Leaser {
             }
         }
         Ok(())
+    }
+
+    /// Takes a shard's lease if it is free: its key missing, or not renewed for twice the
+    /// lease time by the server's clock (the server expires entries late after the
+    /// bucket's leader changed: a dead node's leases were seen to outlive their age by
+    /// 15 s), replaced on its revision (so only if no one renewed it meanwhile).
+    async fn claim(&self, shard: u32, me: &Bytes) -> Option<u64> {
+        let key = lease_key(shard);
+        match self.leases.create(&key, me.clone()).await {
+            Ok(r) => return Some(r),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(_) => return None,
+        }
+        let en = self.leases.entry(&key).await.ok()??;
+        let age = SystemTime::now()
+            .duration_since(SystemTime::from(en.created))
+            .ok()?;
+        if age < self.ttl * 2 {
+            return None;
+        }
+        let r = self
+            .leases
+            .update(&key, me.clone(), en.revision)
+            .await
+            .ok()?;
+        info!(
+            "node {}: the lease of shard {shard} ({}) was not renewed for {:.1} s: taking it",
+            self.node,
+            String::from_utf8_lossy(&en.value),
+            age.as_secs_f64()
+        );
+        Some(r)
+    }
+
+    /// After a renewal refused for its revision: the lease's new revision when the entry
+    /// still names this node (a renewal whose answer was lost when a server went, during
+    /// a leader change, had landed), renewed again under it, or when no one holds the
+    /// key (it expired while the cluster was electing a leader) and this node gets it
+    /// back; None when another node holds it (or NATS does not answer). The shard's
+    /// consumer goes on: no replay, nothing counted again.
+    async fn still_mine(&self, shard: u32, me: &Bytes) -> Option<u64> {
+        let key = lease_key(shard);
+        match self.leases.entry(&key).await.ok()? {
+            Some(en) if en.operation == kv::Operation::Put => {
+                if en.value != *me {
+                    return None;
+                }
+                self.leases.update(&key, me.clone(), en.revision).await.ok()
+            }
+            _ => self.leases.create(&key, me.clone()).await.ok(),
+        }
     }
 
     /// Stops the shard's consumer, then frees its lease (in that order: never two
@@ -598,13 +746,16 @@ impl Leaser {
     /// Nodes with a live heartbeat, or none when the bucket cannot be read.
     async fn live_nodes(&self) -> Option<usize> {
         let mut keys = self.leases.keys().await.ok()?;
-        let mut n = 0;
+        // A key written again while the listing runs comes twice: count names, not
+        // keys (counted twice, a node gave shards back, and took them again next round).
+        let mut nodes = std::collections::HashSet::new();
         while let Some(k) = keys.next().await {
-            if k.ok()?.starts_with("node.") {
-                n += 1;
+            let k = k.ok()?;
+            if k.starts_with("node.") {
+                nodes.insert(k);
             }
         }
-        Some(n)
+        Some(nodes.len())
     }
 }
 
@@ -639,123 +790,451 @@ fn feeder(input: Input, mut rx: tokio::sync::mpsc::Receiver<Feed>) {
     }
 }
 
-/// Consumes shard `shard` until `stop`: each batch decoded into the pipeline (by the
-/// feeder thread), then acknowledged (awaiting the server's confirmation).
-async fn consume(
+/// Batches a takeover's replay fetches at once.
+const REPLAY_FETCH: usize = 64;
+/// Times a replay cut short by NATS starts again (from the batch after the last one it
+/// took) before it gives up.
+const REPLAY_RETRIES: u32 = 3;
+
+/// One of [`Held`]'s ranges: an ownership period's, by its id.
+#[derive(Clone, Copy, Debug)]
+struct HeldRange {
+    id: u64,
+    lo: u64,
+    hi: u64,
+}
+
+impl HeldRange {
+    fn contains(&self, seq: u64) -> bool {
+        self.lo <= seq && seq <= self.hi
+    }
+}
+
+/// Numbers ownership periods (unique in the process).
+static PERIODS: AtomicU64 = AtomicU64::new(1);
+
+/// Starts an ownership period of `shard`: its range of held batches, empty; the oldest
+/// range goes beyond [`HELD_RANGES`]. Returns the period's id.
+fn open_period(held: &Held, shard: u32) -> u64 {
+    let id = PERIODS.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut h) = held.lock() {
+        let v = h.entry(shard).or_default();
+        v.push(HeldRange {
+            id,
+            lo: u64::MAX,
+            hi: 0,
+        });
+        if v.len() > HELD_RANGES {
+            v.remove(0);
+        }
+    }
+    id
+}
+
+/// The batch `seq` of `shard` is in the pipeline: period `id`'s range grows to it.
+fn note(held: &Held, shard: u32, id: u64, seq: u64) {
+    if let Ok(mut h) = held.lock()
+        && let Some(r) = h
+            .get_mut(&shard)
+            .and_then(|v| v.iter_mut().rev().find(|r| r.id == id))
+    {
+        r.lo = r.lo.min(seq);
+        r.hi = r.hi.max(seq);
+    }
+}
+
+/// Whether the pipeline holds the batch `seq` of `shard` (from any ownership period).
+fn holds(held: &Held, shard: u32, seq: u64) -> bool {
+    held.lock().is_ok_and(|h| {
+        h.get(&shard)
+            .is_some_and(|v| v.iter().any(|r| r.contains(seq)))
+    })
+}
+
+/// How a replay ended.
+enum Replayed {
+    /// Up to the durable's last delivered batch, or the end of the stream.
+    Done,
+    /// Cut short by NATS errors (the profiles miss the rest of the window).
+    Partial,
+    /// The feeder is gone: the node is stopping.
+    Gone,
+}
+
+/// A replay's running tally.
+#[derive(Default)]
+struct Tally {
+    records: u64,
+    batches: u64,
+    held: u64,
+    malformed: u64,
+    /// The sequence after the last batch seen (where a retry starts).
+    next: Option<u64>,
+}
+
+/// The consumer of one shard this node owns, until `stop`.
+struct ShardConsumer {
     js: jetstream::Context,
     shard: u32,
     ack_wait: Duration,
+    replay: Duration,
     feed: tokio::sync::mpsc::Sender<Feed>,
     c: Arc<NodeCounters>,
     stop: Arc<AtomicBool>,
     node: String,
-) {
-    let mut logged: Option<Instant> = None;
-    let mut warn_once = |msg: String| {
-        if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            logged = Some(Instant::now());
-            warn!("node {node}: shard {shard}: {msg}");
-        }
-    };
-    let mut pull: Option<consumer::Consumer<consumer::pull::Config>> = None;
-    // Stream sequences of batches emitted whose acknowledgement failed.
-    let mut unacked: std::collections::HashSet<u64> = Default::default();
-    while !stop.load(Ordering::SeqCst) {
-        let cons = match &pull {
-            Some(p) => p,
-            None => {
-                let made = async {
-                    let stream = js.get_stream(Names::FLOWS_STREAM).await?;
-                    let name = Names::consumer(shard);
-                    let cons = stream
-                        .get_or_create_consumer(
-                            &name,
-                            consumer::pull::Config {
-                                durable_name: Some(name.clone()),
-                                filter_subject: Names::flows(shard),
-                                ack_policy: consumer::AckPolicy::Explicit,
-                                ack_wait,
-                                max_ack_pending: 10_000,
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                    anyhow::Ok(cons)
-                };
-                match made.await {
-                    Ok(p) => pull.insert(p),
-                    Err(e) => {
-                        warn_once(format!("consumer: {e:#}"));
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
+    held: Held,
+}
+
+impl ShardConsumer {
+    /// Hands a batch to the feeder thread: its records' count, or why it did not decode;
+    /// None when the feeder is gone (the node stops).
+    async fn emit(&self, payload: Bytes) -> Option<Result<usize, wire::WireError>> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.feed.send(Feed { payload, done }).await.ok()?;
+        result.await.ok()
+    }
+
+    /// Starts an ownership period of the shard (see [`open_period`]).
+    fn open_period(&self) -> u64 {
+        open_period(&self.held, self.shard)
+    }
+
+    /// The batch `seq` is in the pipeline (see [`note`]).
+    fn note(&self, id: u64, seq: u64) {
+        note(&self.held, self.shard, id, seq);
+    }
+
+    /// Whether the pipeline holds the batch `seq` (see [`holds`]).
+    fn holds(&self, seq: u64) -> bool {
+        holds(&self.held, self.shard, seq)
+    }
+
+    /// Replays the shard's batches from the start of the window up to `upto` (the
+    /// durable's last delivered sequence) into the pipeline, skipping those this node
+    /// holds; retried from where it stopped after a NATS error.
+    async fn replay(&self, stream: &jetstream::stream::Stream, upto: u64, period: u64) -> Replayed {
+        let started = Instant::now();
+        let from = SystemTime::now()
+            .checked_sub(self.replay)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut t = Tally::default();
+        let mut errors = 0;
+        let end = loop {
+            let policy = match t.next {
+                None => consumer::DeliverPolicy::ByStartTime {
+                    start_time: time::OffsetDateTime::from(from),
+                },
+                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: seq,
+                },
+            };
+            match self.replay_from(stream, policy, upto, period, &mut t).await {
+                Ok(r) => break Some(r),
+                Err(e) => {
+                    errors += 1;
+                    warn!(
+                        "node {}: shard {}: replay: {e:#}{}",
+                        self.node,
+                        self.shard,
+                        if errors > REPLAY_RETRIES {
+                            " (giving up: the profiles miss the rest of the window)"
+                        } else {
+                            " (retrying)"
+                        }
+                    );
+                    if errors > REPLAY_RETRIES {
+                        self.c.replay_errors.fetch_add(1, Ordering::Relaxed);
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        self.c
+            .replayed_records
+            .fetch_add(t.records, Ordering::Relaxed);
+        self.c
+            .replayed_batches
+            .fetch_add(t.batches, Ordering::Relaxed);
+        self.c.replay_held.fetch_add(t.held, Ordering::Relaxed);
+        info!(
+            "node {}: shard {}: replayed {} records in {} batches from the last {} s (up to stream sequence {upto}; {} batches held already, {} malformed) in {} ms",
+            self.node,
+            self.shard,
+            t.records,
+            t.batches,
+            self.replay.as_secs(),
+            t.held,
+            t.malformed,
+            started.elapsed().as_millis()
+        );
+        end.unwrap_or(Replayed::Partial)
+    }
+
+    /// One attempt of [`Self::replay`], from `policy`'s start.
+    async fn replay_from(
+        &self,
+        stream: &jetstream::stream::Stream,
+        policy: consumer::DeliverPolicy,
+        upto: u64,
+        period: u64,
+        t: &mut Tally,
+    ) -> Result<Replayed> {
+        let mut cons = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: Names::records(self.shard),
+                deliver_policy: policy,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("making the replay's consumer")?;
+        let name = cons.cached_info().name.clone();
+        let left = cons.cached_info().num_pending;
+        let r = self.replay_messages(&mut cons, left, upto, period, t).await;
+        // It would go by itself after a minute without use.
+        let _ = stream.delete_consumer(&name).await;
+        r
+    }
+
+    async fn replay_messages(
+        &self,
+        cons: &mut consumer::Consumer<consumer::pull::Config>,
+        mut left: u64,
+        upto: u64,
+        period: u64,
+        t: &mut Tally,
+    ) -> Result<Replayed> {
+        while left > 0 {
+            let mut batch = cons
+                .fetch()
+                .max_messages(REPLAY_FETCH)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("fetching")?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                got += 1;
+                let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq > upto {
+                    return Ok(Replayed::Done);
+                }
+                if self.holds(seq) {
+                    t.held += 1;
+                } else {
+                    match self.emit(m.payload.clone()).await {
+                        None => return Ok(Replayed::Gone),
+                        Some(Ok(n)) => {
+                            t.records += n as u64;
+                            t.batches += 1;
+                        }
+                        // Counted by the node that consumed it first.
+                        Some(Err(_)) => t.malformed += 1,
                     }
                 }
-            }
-        };
-        let mut batch = match cons
-            .fetch()
-            .max_messages(FETCH_BATCHES)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                warn_once(format!("fetch: {e}"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        while let Some(m) = batch.next().await {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    warn_once(format!("message: {e}"));
-                    break;
-                }
-            };
-            let seq = m.info().map_or(0, |i| i.stream_sequence);
-            if unacked.remove(&seq) {
-                // Emitted already, its acknowledgement failed: acknowledge, do not count
-                // it again.
-                c.redelivered_skipped.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = m.double_ack().await {
-                    unacked.insert(seq);
-                    warn_once(format!("acknowledging: {e} (the batch comes again)"));
-                }
-                continue;
-            }
-            let (done, result) = tokio::sync::oneshot::channel();
-            let sent = feed.send(Feed {
-                payload: m.payload.clone(),
-                done,
-            });
-            // The feeder is gone only when the node stops: the batch stays unacknowledged
-            // and comes again to the shard's next owner.
-            if sent.await.is_err() {
-                return;
-            }
-            let Ok(decoded) = result.await else {
-                return;
-            };
-            match decoded {
-                Ok(n) => {
-                    c.records.fetch_add(n as u64, Ordering::Relaxed);
-                    c.batches.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    c.malformed.fetch_add(1, Ordering::Relaxed);
-                    warn_once(format!("a batch on {} did not decode: {e}", m.subject));
+                self.note(period, seq);
+                t.next = Some(seq + 1);
+                left = pending;
+                if seq == upto || pending == 0 {
+                    return Ok(Replayed::Done);
                 }
             }
-            if let Err(e) = m.double_ack().await {
-                // Bounded: beyond it, a batch whose acknowledgement keeps failing could
-                // be counted twice on this node (and the counter would say so).
-                if unacked.len() < 100_000 {
-                    unacked.insert(seq);
-                }
-                warn_once(format!("acknowledging: {e} (the batch comes again)"));
+            if got == 0 {
+                // Nothing came although the server counted some: the stream aged them
+                // out meanwhile.
+                return Ok(Replayed::Done);
             }
         }
+        Ok(Replayed::Done)
+    }
+
+    /// Consumes the shard until `stop`: first the replay of the window up to what the
+    /// durable delivered before, then each batch the durable delivers, decoded into the
+    /// pipeline (by the feeder thread) and acknowledged (awaiting the server's
+    /// confirmation).
+    async fn run(self) {
+        let (shard, node) = (self.shard, self.node.clone());
+        let mut logged: Option<Instant> = None;
+        let mut warn_once = |msg: String| {
+            if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                logged = Some(Instant::now());
+                warn!("node {node}: shard {shard}: {msg}");
+            }
+        };
+        let mut period = self.open_period();
+        let mut pull: Option<consumer::Consumer<consumer::pull::Config>> = None;
+        // The durable's last delivered batch when this node took the shard: batches up to
+        // it are replayed (or older than the window), never counted again.
+        let mut floor: Option<u64> = None;
+        // Stream sequences of batches emitted whose acknowledgement failed.
+        let mut unacked: std::collections::HashSet<u64> = Default::default();
+        while !self.stop.load(Ordering::SeqCst) {
+            let cons = match &pull {
+                Some(p) => p,
+                None => {
+                    let made = async {
+                        let stream = self.js.get_stream(Names::RECORDS_STREAM).await?;
+                        let name = Names::consumer(shard);
+                        let mut cons = stream
+                            .get_or_create_consumer(
+                                &name,
+                                consumer::pull::Config {
+                                    durable_name: Some(name.clone()),
+                                    filter_subject: Names::records(shard),
+                                    ack_policy: consumer::AckPolicy::Explicit,
+                                    ack_wait: self.ack_wait,
+                                    max_ack_pending: 10_000,
+                                    ..Default::default()
+                                },
+                            )
+                            .await?;
+                        let delivered = cons.info().await?.delivered.stream_sequence;
+                        anyhow::Ok((stream, cons, delivered))
+                    };
+                    match made.await {
+                        Ok((stream, p, delivered)) => {
+                            if floor.is_none() {
+                                if delivered > 0 {
+                                    match self.replay(&stream, delivered, period).await {
+                                        Replayed::Done => {}
+                                        // The range must not claim what the replay missed.
+                                        Replayed::Partial => period = self.open_period(),
+                                        Replayed::Gone => return,
+                                    }
+                                }
+                                floor = Some(delivered);
+                            }
+                            pull.insert(p)
+                        }
+                        Err(e) => {
+                            warn_once(format!("consumer: {e:#}"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let mut batch = match cons
+                .fetch()
+                .max_messages(FETCH_BATCHES)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    warn_once(format!("fetch: {e}"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            while let Some(m) = batch.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn_once(format!("message: {e}"));
+                        break;
+                    }
+                };
+                let seq = m.info().map_or(0, |i| i.stream_sequence);
+                if seq <= floor.unwrap_or(0) {
+                    // Delivered to the previous owner, which died before acknowledging:
+                    // the replay took it in.
+                    self.c.replayed_skipped.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = m.double_ack().await {
+                        warn_once(format!("acknowledging: {e} (the batch comes again)"));
+                    }
+                    continue;
+                }
+                if unacked.remove(&seq) {
+                    // Emitted already, its acknowledgement failed: acknowledge, do not count
+                    // it again.
+                    self.c.redelivered_skipped.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = m.double_ack().await {
+                        unacked.insert(seq);
+                        warn_once(format!("acknowledging: {e} (the batch comes again)"));
+                    }
+                    continue;
+                }
+                // The feeder is gone only when the node stops: the batch stays
+                // unacknowledged and comes again to the shard's next owner.
+                let Some(decoded) = self.emit(m.payload.clone()).await else {
+                    return;
+                };
+                self.note(period, seq);
+                match decoded {
+                    Ok(n) => {
+                        self.c.records.fetch_add(n as u64, Ordering::Relaxed);
+                        self.c.batches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.c.malformed.fetch_add(1, Ordering::Relaxed);
+                        warn_once(format!("a batch on {} did not decode: {e}", m.subject));
+                    }
+                }
+                if let Err(e) = m.double_ack().await {
+                    // Bounded: beyond it, a batch whose acknowledgement keeps failing could
+                    // be counted twice on this node (and the counter would say so).
+                    if unacked.len() < 100_000 {
+                        unacked.insert(seq);
+                    }
+                    warn_once(format!("acknowledging: {e} (the batch comes again)"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_ranges_cover_each_ownership_period_and_nothing_between() {
+        let held = Held::default();
+        // Shard 3 owned, its batches 10 to 20 taken in (replayed or consumed).
+        let first = open_period(&held, 3);
+        assert!(!holds(&held, 3, 10), "an empty period holds nothing");
+        for seq in [10, 12, 15, 20] {
+            note(&held, 3, first, seq);
+        }
+        // Given away; others consumed 21 to 40; taken back: its replay skips 10..=20.
+        let second = open_period(&held, 3);
+        assert!(holds(&held, 3, 10) && holds(&held, 3, 17) && holds(&held, 3, 20));
+        assert!(!holds(&held, 3, 9) && !holds(&held, 3, 21) && !holds(&held, 3, 40));
+        assert!(
+            !holds(&held, 4, 15),
+            "another shard's sequences are not held"
+        );
+        for seq in 21..=45 {
+            note(&held, 3, second, seq);
+        }
+        assert!(holds(&held, 3, 40) && !holds(&held, 3, 46));
+        // Each period's notes grow its own range only.
+        let ranges: Vec<(u64, u64)> = held.lock().unwrap()[&3]
+            .iter()
+            .map(|r| (r.lo, r.hi))
+            .collect();
+        assert_eq!(ranges, [(10, 20), (21, 45)]);
+    }
+
+    #[test]
+    fn the_oldest_held_range_goes_first() {
+        let held = Held::default();
+        let oldest = open_period(&held, 0);
+        note(&held, 0, oldest, 1);
+        for i in 0..HELD_RANGES as u64 {
+            let id = open_period(&held, 0);
+            note(&held, 0, id, 100 + i);
+        }
+        assert!(!holds(&held, 0, 1), "the oldest range was dropped");
+        assert!(holds(&held, 0, 100) && holds(&held, 0, 100 + HELD_RANGES as u64 - 1));
+        assert_eq!(held.lock().unwrap()[&0].len(), HELD_RANGES);
     }
 }

@@ -1,6 +1,7 @@
-//! Edge mode (`detector run ... --nats URL`): a record sink that publishes every record
-//! (after local duplicate marking) to JetStream, on `flows.<shard>` by internal host, in
-//! batches of the [`wire`] encoding.
+//! Edge mode (`detector run ... --nats URL[,URL...]`): a record sink that publishes every
+//! record (after local duplicate marking) to JetStream, on `records.<shard>` by internal
+//! host, in batches of the [`wire`] encoding. Given several server URLs (a cluster), it
+//! makes missing streams and buckets with as many replicas as URLs, up to 3.
 //!
 //! The sink thread never waits on the network: batches go through a bounded queue
 //! (`--nats-buffer` batches) to a publisher thread, which publishes each one and waits
@@ -19,7 +20,7 @@ use log::{info, warn};
 use tokio::sync::mpsc;
 
 use super::wire::{self, AgentName};
-use super::{Names, shard_of};
+use super::{Bus, Names, shard_of};
 use crate::detect::DetectConfig;
 use crate::export::{Sink, SinkCounters};
 use crate::flow::FlowRecord;
@@ -81,10 +82,11 @@ impl NatsSink {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let counters = Arc::new(EdgeCounters::default());
         let c = counters.clone();
-        let u = url.to_string();
+        let bus = Bus::new(url, 1);
+        let bus = Bus::new(url, bus.list().len().min(3));
         let publisher = std::thread::Builder::new()
             .name("nats-edge".into())
-            .spawn(move || publish_loop(&u, shards, rx, &c))?;
+            .spawn(move || publish_loop(&bus, shards, rx, &c))?;
         Ok(Self {
             agent: AgentName::new(agent),
             shards,
@@ -144,7 +146,7 @@ impl Sink for NatsSink {
             for chunk in recs.chunks(BATCH_RECORDS) {
                 self.seq += 1;
                 let batch = Batch {
-                    subject: Names::flows(shard as u32),
+                    subject: Names::records(shard as u32),
                     id: format!("{}-{}-{}", self.agent, self.epoch, self.seq),
                     payload: wire::encode(&self.agent, chunk),
                     records: chunk.len() as u64,
@@ -211,7 +213,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// How long a batch is retried: under the stream's duplicate window (120 s).
 const RETRY_FOR: Duration = Duration::from_secs(100);
 
-fn publish_loop(url: &str, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeCounters) {
+fn publish_loop(bus: &Bus, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeCounters) {
+    let url = bus.urls.as_str();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -223,7 +226,7 @@ fn publish_loop(url: &str, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeC
         }
     };
     rt.block_on(async {
-        let js = super::connect(url).await;
+        let js = super::connect(bus).await;
         let mut ready = false;
         let mut closed_at: Option<Instant> = None;
         let mut logged: Option<Instant> = None;
@@ -244,7 +247,7 @@ fn publish_loop(url: &str, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeC
                     break;
                 }
                 if !ready {
-                    match super::ensure(&js, shards).await {
+                    match super::ensure(&js, shards, bus.replicas).await {
                         Ok(()) => ready = true,
                         Err(e) => {
                             c.publish_errors.fetch_add(1, Ordering::Relaxed);

@@ -2,17 +2,20 @@
 //! internal host, and detector nodes (`detector central`) consume the shards, one node
 //! per shard at a time.
 //!
-//! - `wire`: the records' encoding on the `flows.<shard>` subjects (versioned).
+//! - `wire`: the records' encoding on the `records.<shard>` subjects (versioned).
 //! - `edge`: the record sink of `detector run --nats URL`.
-//! - `central`: a detector node: leases, consumers, the shared pipeline, alarms.
+//! - `central`: a detector node: leases, consumers, the takeover's replay, the shared
+//!   pipeline, alarms.
 //!
-//! What lives in JetStream: the stream `DETECTOR_FLOWS` (subjects `flows.*`, work-queue
-//! retention: a batch is deleted once a node acknowledged it), the stream
+//! What lives in JetStream: the stream `DETECTOR_RECORDS` (subjects `records.*`, kept by
+//! age, [`KEEP`]: acknowledged batches stay, so a node that takes a shard over replays
+//! the detection window of it from the start of the window), the stream
 //! `DETECTOR_ALARMS` (subject `alarms`), and three key-value buckets: `detector-config`
 //! (the shard count every edge and node must agree on), `detector-leases` (which node owns
 //! which shard; entries expire unless renewed) and `detector-alarms` (the open alarm of
 //! each host, so a node that takes a shard over continues its episode instead of raising
-//! it again).
+//! it again). Streams and buckets are made with the replicas asked for (`--nats-replicas`,
+//! 3 on a three-server cluster).
 
 pub mod central;
 pub mod edge;
@@ -28,15 +31,15 @@ use async_nats::jetstream::{self, kv, stream};
 pub struct Names;
 
 impl Names {
-    pub const FLOWS_STREAM: &str = "DETECTOR_FLOWS";
+    pub const RECORDS_STREAM: &str = "DETECTOR_RECORDS";
     pub const ALARMS_STREAM: &str = "DETECTOR_ALARMS";
     pub const ALARMS_SUBJECT: &str = "alarms";
     pub const CONFIG_BUCKET: &str = "detector-config";
     pub const LEASE_BUCKET: &str = "detector-leases";
     pub const ALARM_BUCKET: &str = "detector-alarms";
 
-    pub fn flows(shard: u32) -> String {
-        format!("flows.{shard}")
+    pub fn records(shard: u32) -> String {
+        format!("records.{shard}")
     }
 
     /// The durable consumer of a shard.
@@ -45,19 +48,57 @@ impl Names {
     }
 }
 
-/// A JetStream context on `url`; the client reconnects by itself, and keeps trying when
-/// the server is not up yet.
-pub async fn connect(url: &str) -> jetstream::Context {
+/// How long the record stream keeps a batch (acknowledged or not): at least a detection
+/// window (the default 5 minutes; a node whose window is longer says so at start and
+/// replays what is kept), and room for a node to fall behind; beyond it, batches no node
+/// consumed in time are gone (nats-server's monitoring shows the consumer's first
+/// sequence move past them).
+pub const KEEP: Duration = Duration::from_secs(15 * 60);
+
+/// What an edge or a node needs to reach JetStream.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    /// Server URLs, comma-separated (`nats://a:4222,nats://b:4222`): the client tries
+    /// them in turn and learns the rest of the cluster from the server.
+    pub urls: String,
+    /// Replicas of the streams and buckets this process makes (1, or 3 on a cluster;
+    /// what exists already is used as it is).
+    pub replicas: usize,
+}
+
+impl Bus {
+    pub fn new(urls: &str, replicas: usize) -> Self {
+        Self {
+            urls: urls.to_string(),
+            replicas: replicas.max(1),
+        }
+    }
+
+    /// The URLs, one by one.
+    pub fn list(&self) -> Vec<String> {
+        self.urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// A JetStream context on the bus's servers; the client reconnects by itself (to any of
+/// them), and keeps trying when none is up yet.
+pub async fn connect(bus: &Bus) -> jetstream::Context {
+    let urls = bus.list();
     let client = loop {
         match async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(urls.clone())
             .await
         {
             Ok(c) => break c,
             Err(e) => {
-                log::warn!("NATS {url}: {e} (retrying)");
+                log::warn!("NATS {}: {e} (retrying)", bus.urls);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -74,33 +115,40 @@ pub enum EnsureError {
     Nats(#[from] anyhow::Error),
 }
 
-/// Makes (or finds) the flow and alarm streams, and checks that `shards` is the shard
+/// Makes (or finds) the record and alarm streams, and checks that `shards` is the shard
 /// count every other edge and node uses (the first one to come records it).
-pub async fn ensure(js: &jetstream::Context, shards: u32) -> Result<(), EnsureError> {
+pub async fn ensure(
+    js: &jetstream::Context,
+    shards: u32,
+    replicas: usize,
+) -> Result<(), EnsureError> {
     js.get_or_create_stream(stream::Config {
-        name: Names::FLOWS_STREAM.into(),
-        subjects: vec!["flows.*".into()],
-        retention: stream::RetentionPolicy::WorkQueue,
+        name: Names::RECORDS_STREAM.into(),
+        subjects: vec!["records.*".into()],
+        // Kept by age, acknowledged or not: a takeover replays the window from here.
+        retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         // A retried publish within this window is stored once.
         duplicate_window: Duration::from_secs(120),
-        max_age: Duration::from_secs(24 * 3600),
+        max_age: KEEP,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))
-    .with_context(|| format!("making the stream {}", Names::FLOWS_STREAM))?;
+    .with_context(|| format!("making the stream {}", Names::RECORDS_STREAM))?;
     js.get_or_create_stream(stream::Config {
         name: Names::ALARMS_STREAM.into(),
         subjects: vec![Names::ALARMS_SUBJECT.into()],
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(30 * 24 * 3600),
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))
     .with_context(|| format!("making the stream {}", Names::ALARMS_STREAM))?;
-    let cfg = bucket(js, Names::CONFIG_BUCKET, None).await?;
+    let cfg = bucket(js, Names::CONFIG_BUCKET, None, replicas).await?;
     let want = shards.to_string();
     match cfg.create("shards", want.clone().into()).await {
         Ok(_) => Ok(()),
@@ -130,6 +178,7 @@ pub async fn bucket(
     js: &jetstream::Context,
     name: &str,
     ttl: Option<Duration>,
+    replicas: usize,
 ) -> Result<kv::Store> {
     if let Ok(b) = js.get_key_value(name).await {
         return Ok(b);
@@ -139,6 +188,7 @@ pub async fn bucket(
         history: 1,
         max_age: ttl.unwrap_or_default(),
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -170,6 +220,18 @@ pub fn shard_of_name(name: &str, n: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bus_lists_each_url_of_a_comma_separated_list() {
+        let bus = Bus::new(" nats://a:4222, nats://b:4222,,nats://c:4222 ", 0);
+        assert_eq!(
+            bus.list(),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        // At least one replica.
+        assert_eq!(bus.replicas, 1);
+        assert_eq!(Bus::new("nats://a:4222", 3).list(), ["nats://a:4222"]);
+    }
 
     #[test]
     fn shards_are_stable_and_spread() {

@@ -1,4 +1,4 @@
-//! The records' encoding on the `flows.<shard>` subjects: one message is one batch from
+//! The records' encoding on the `records.<shard>` subjects: one message is one batch from
 //! one edge agent. Versioned, little-endian, fixed-size records (no allocation to decode
 //! a record, no schema to agree on beyond the version byte).
 //!
