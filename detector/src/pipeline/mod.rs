@@ -199,9 +199,18 @@ impl Input {
             return;
         }
         let route = self.route.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut parts: Vec<Vec<FlowRecord>> = (0..n).map(|_| Vec::new()).collect();
-        for r in records {
-            parts[shard_of(&route, &r, n)].push(r);
+        // Each part sized once (a part grown record by record is copied at every step).
+        let to: Vec<u32> = records
+            .iter()
+            .map(|r| shard_of(&route, r, n) as u32)
+            .collect();
+        let mut sizes = vec![0usize; n];
+        for &i in &to {
+            sizes[i as usize] += 1;
+        }
+        let mut parts: Vec<Vec<FlowRecord>> = sizes.into_iter().map(Vec::with_capacity).collect();
+        for (r, i) in records.into_iter().zip(to) {
+            parts[i as usize].push(r);
         }
         for (i, part) in parts.into_iter().enumerate() {
             if !part.is_empty() {

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The target (issue #21): records/s sustained for 60 s with nothing lost, detection
+/// and a v9 re-export on, the sender on the same machine.
+const TARGET_RATE: u64 = 2_000_000;
 /// A data datagram counts as full (what a loaded exporter sends) from this many records.
 const FULL_RECORDS: u32 = 20;
 /// Captures left out of the set: loopback-only traffic (127.0.0.1 on both ends).
@@ -900,10 +903,11 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
     }
     let agent_sustained = confirmed.iter().map(|c| c.1).max().unwrap_or(0);
     println!(
-        "agent >= 1,000,000 records/s for {confirm_secs} s with nothing lost: {} (best sustained {})",
-        if agent_sustained >= 1_000_000 && confirm_secs >= 60 {
+        "agent >= {} records/s for {confirm_secs} s with nothing lost: {} (best sustained {})",
+        thousands(TARGET_RATE),
+        if agent_sustained >= TARGET_RATE && confirm_secs >= 60 {
             "met"
-        } else if agent_sustained >= 1_000_000 {
+        } else if agent_sustained >= TARGET_RATE {
             "met only for the shortened duration"
         } else {
             "not met"
@@ -934,5 +938,24 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
         ),
         _ => println!("agent >= nfcapd: nfcapd not measured"),
     }
+    // The ratios of this run (the machine's speed varies from run to run; the ratios
+    // much less): the agent's best 10 s rate against each collector's.
+    let ratio = |who: Receiver| match best.iter().find(|(w, _)| *w == who) {
+        Some((_, Ok(b))) if b.rate > 0 => format!(
+            "{:.2}{}",
+            agent_best as f64 / b.rate as f64,
+            if b.sender_limited {
+                " (the collector was sender-limited: at most)"
+            } else {
+                ""
+            }
+        ),
+        _ => "not measured".into(),
+    };
+    println!(
+        "ratios in this run (10 s trials): agent / nfcapd {}, agent / nfacctd {}",
+        ratio(Receiver::Nfcapd),
+        ratio(Receiver::Nfacctd)
+    );
     Ok(())
 }

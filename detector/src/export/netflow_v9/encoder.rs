@@ -181,6 +181,8 @@ struct Datagram {
     /// Offset and template id of the open data flowset.
     open: Option<(usize, u16)>,
     layout: &'static Layout,
+    /// The layout's IPv4 and IPv6 record lengths (summed once, not for every record).
+    record_lens: (usize, usize),
 }
 
 impl Datagram {
@@ -213,6 +215,7 @@ impl Datagram {
             data_records: 0,
             open: None,
             layout,
+            record_lens: (record_len(layout.v4), record_len(layout.v6)),
         }
     }
 
@@ -300,9 +303,9 @@ impl Datagram {
     /// Appends a record if it fits (with the padding its flowset may need).
     fn try_put_record(&mut self, r: &FlowRecord, enc: &V9Encoder, max: usize) -> bool {
         let (template, len) = if r.is_ipv4() {
-            (TEMPLATE_IPV4, record_len(self.layout.v4))
+            (TEMPLATE_IPV4, self.record_lens.0)
         } else {
-            (TEMPLATE_IPV6, record_len(self.layout.v6))
+            (TEMPLATE_IPV6, self.record_lens.1)
         };
         let needs_header = self.open.map(|(_, t)| t) != Some(template);
         let pad_open = if needs_header {
@@ -328,45 +331,61 @@ impl Datagram {
         } else {
             (r.bytes, r.packets)
         };
-        let b = &mut self.buf;
-        b.put_u64(bytes);
-        b.put_u64(packets);
-        match enc.cfg.format {
-            ExportFormat::V9 => {
-                b.put_u32(enc.uptime_ms(r.first));
-                b.put_u32(enc.uptime_ms(r.last));
-            }
-            ExportFormat::Ipfix => {
-                b.put_u64(unix_ms(r.first));
-                b.put_u64(unix_ms(r.last));
-            }
-        }
-        match (r.src_addr, r.dst_addr) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                b.put_slice(&s.octets());
-                b.put_slice(&d.octets());
-            }
-            (s, d) => {
-                b.put_slice(&to_v6(s));
-                b.put_slice(&to_v6(d));
-            }
-        }
-        b.put_u16(r.src_port);
-        b.put_u16(r.dst_port);
-        b.put_u8(r.protocol);
-        b.put_u8(r.tos);
-        b.put_u8(r.tcp_flags);
-        b.put_u8(r.direction.netflow_value());
+        // The record is written into a buffer of its own at offsets known when compiled,
+        // and appended at once: one capacity check instead of one for each of its
+        // sixteen fields.
+        let mut rec = [0u8; 96];
         let (input, output) = match r.direction {
             crate::flow::Direction::Ingress => (r.ifindex, 0),
             crate::flow::Direction::Egress => (0, r.ifindex),
         };
-        b.put_u32(input);
-        b.put_u32(output);
-        b.put_u16(r.vlan);
+        let mut tail = [0u8; 20];
+        tail[0..2].copy_from_slice(&r.src_port.to_be_bytes());
+        tail[2..4].copy_from_slice(&r.dst_port.to_be_bytes());
+        tail[4..8].copy_from_slice(&[r.protocol, r.tos, r.tcp_flags, r.direction.netflow_value()]);
+        tail[8..12].copy_from_slice(&input.to_be_bytes());
+        tail[12..16].copy_from_slice(&output.to_be_bytes());
+        tail[16..18].copy_from_slice(&r.vlan.to_be_bytes());
         // ICMP type and code (type * 256 + code), which collectors read from this field
         // rather than from the destination port.
-        b.put_u16(if r.is_icmp() { r.dst_port } else { 0 });
+        tail[18..20].copy_from_slice(&(if r.is_icmp() { r.dst_port } else { 0 }).to_be_bytes());
+        let counts = (bytes, packets);
+        let n = match (enc.cfg.format, r.src_addr, r.dst_addr) {
+            (ExportFormat::V9, IpAddr::V4(s), IpAddr::V4(d)) => fill(
+                &mut rec,
+                counts,
+                enc.uptime_ms(r.first).to_be_bytes(),
+                enc.uptime_ms(r.last).to_be_bytes(),
+                (s.octets(), d.octets()),
+                &tail,
+            ),
+            (ExportFormat::V9, s, d) => fill(
+                &mut rec,
+                counts,
+                enc.uptime_ms(r.first).to_be_bytes(),
+                enc.uptime_ms(r.last).to_be_bytes(),
+                (to_v6(s), to_v6(d)),
+                &tail,
+            ),
+            (ExportFormat::Ipfix, IpAddr::V4(s), IpAddr::V4(d)) => fill(
+                &mut rec,
+                counts,
+                unix_ms(r.first).to_be_bytes(),
+                unix_ms(r.last).to_be_bytes(),
+                (s.octets(), d.octets()),
+                &tail,
+            ),
+            (ExportFormat::Ipfix, s, d) => fill(
+                &mut rec,
+                counts,
+                unix_ms(r.first).to_be_bytes(),
+                unix_ms(r.last).to_be_bytes(),
+                (to_v6(s), to_v6(d)),
+                &tail,
+            ),
+        };
+        debug_assert_eq!(n, len);
+        self.buf.put_slice(&rec[..n]);
         self.count += 1;
         self.data_records += 1;
         true
@@ -381,6 +400,30 @@ impl Datagram {
         self.buf[2..4].copy_from_slice(&word.to_be_bytes());
         self.buf.freeze()
     }
+}
+
+/// Writes a data record into `out` (the template's field order: counts, times of `T`
+/// bytes each, addresses of `A` bytes each, then the 20 bytes from the ports on) and
+/// returns its length; every offset is a constant once `T` and `A` are known.
+#[inline(always)]
+fn fill<const T: usize, const A: usize>(
+    out: &mut [u8; 96],
+    (bytes, packets): (u64, u64),
+    first: [u8; T],
+    last: [u8; T],
+    (src, dst): ([u8; A], [u8; A]),
+    tail: &[u8; 20],
+) -> usize {
+    out[0..8].copy_from_slice(&bytes.to_be_bytes());
+    out[8..16].copy_from_slice(&packets.to_be_bytes());
+    out[16..16 + T].copy_from_slice(&first);
+    out[16 + T..16 + 2 * T].copy_from_slice(&last);
+    let at = 16 + 2 * T;
+    out[at..at + A].copy_from_slice(&src);
+    out[at + A..at + 2 * A].copy_from_slice(&dst);
+    let at = at + 2 * A;
+    out[at..at + 20].copy_from_slice(tail);
+    at + 20
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

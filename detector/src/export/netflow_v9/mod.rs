@@ -204,6 +204,71 @@ impl V9Sink {
     }
 }
 
+/// Most datagrams one `sendmmsg` takes (the kernel's UIO_MAXIOV).
+const SEND_BATCH: usize = 1024;
+
+/// Sends `datagrams` to `addr` in order with as few system calls as `sendmmsg` allows
+/// (a datagram a call cost the sink thread about a tenth of its time); returns how many
+/// went, and tells `failed` the error of each one that did not.
+fn send_all(
+    socket: &UdpSocket,
+    addr: SocketAddr,
+    datagrams: &[Bytes],
+    mut failed: impl FnMut(std::io::Error),
+) -> u64 {
+    use std::os::fd::AsRawFd;
+    let to = socket2::SockAddr::from(addr);
+    let mut sent = 0;
+    for chunk in datagrams.chunks(SEND_BATCH) {
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|d| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        let mut hdrs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: a C struct of integers and pointers; all-zero is valid.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = to.len();
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        let mut at = 0;
+        while at < hdrs.len() {
+            // SAFETY: every header points at `to` and at an iovec of a datagram of
+            // `chunk`, all of which outlive the call; the count is that of the headers
+            // from `at` on.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    hdrs[at..].as_mut_ptr(),
+                    (hdrs.len() - at) as libc::c_uint,
+                    0,
+                )
+            };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The datagram at `at` failed: count it and go on with the next.
+                failed(e);
+                at += 1;
+            } else {
+                sent += rc as u64;
+                at += rc as usize;
+            }
+        }
+    }
+    sent
+}
+
 impl Sink for V9Sink {
     fn name(&self) -> String {
         let addrs: Vec<_> = self.collectors.iter().map(|c| c.addr.to_string()).collect();
@@ -218,20 +283,13 @@ impl Sink for V9Sink {
         let datagrams = self.encode(records, now);
         self.records += records.len() as u64;
         for c in &mut self.collectors {
-            for dg in &datagrams {
-                match c.socket.send_to(dg, c.addr) {
-                    Ok(_) => c.sent += 1,
-                    Err(e) => {
-                        c.failures += 1;
-                        if c.failures.is_power_of_two() {
-                            warn!(
-                                "export to {} failed ({e}); {} datagrams lost so far",
-                                c.addr, c.failures
-                            );
-                        }
-                    }
+            let (addr, failures) = (c.addr, &mut c.failures);
+            c.sent += send_all(&c.socket, addr, &datagrams, |e| {
+                *failures += 1;
+                if failures.is_power_of_two() {
+                    warn!("export to {addr} failed ({e}); {failures} datagrams lost so far");
                 }
-            }
+            });
         }
     }
 

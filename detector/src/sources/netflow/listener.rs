@@ -24,7 +24,7 @@ use crate::flow::Emit;
 pub const DEFAULT_RCVBUF: usize = 32 << 20;
 /// Datagrams read with one system call, decoded before their records are handed over
 /// (fewer when the socket runs dry first).
-pub(crate) const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 /// How often a blocked reader wakes to see whether it should stop.
 const WAKE: Duration = Duration::from_millis(100);
 
@@ -345,9 +345,18 @@ fn convert_loop<E: Emit>(decoder: Arc<Mutex<Decoder>>, parsers: Vec<Receiver<Par
         }
         drop(dec);
         if !records.is_empty() {
-            input.emit(std::mem::take(&mut records), chunk.received);
+            input.emit(hand_over(&mut records), chunk.received);
         }
     }
+}
+
+/// The records gathered for a hand-over, leaving in their place an empty vector of the
+/// same capacity: the next read's records then go in without growing it step by step
+/// (each step a copy of every record so far: a tenth of the decoder's instructions when
+/// the vector started empty for every read).
+pub fn hand_over<T>(records: &mut Vec<T>) -> Vec<T> {
+    let cap = records.capacity();
+    std::mem::replace(records, Vec::with_capacity(cap))
 }
 
 /// One `recvmmsg`; 0 when the wait ended without a datagram (or on an error, logged).
@@ -397,7 +406,7 @@ fn read_loop<E: Emit>(
             }
             drop(dec);
             if !records.is_empty() {
-                input.emit(std::mem::take(&mut records), received);
+                input.emit(hand_over(&mut records), received);
             }
         } else if stop.load(Ordering::Relaxed) {
             return;

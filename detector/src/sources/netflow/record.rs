@@ -194,6 +194,7 @@ impl RawRecord {
 
     /// Takes field `id` of the record (fields later in the template overwrite earlier
     /// ones, except where said).
+    #[inline(always)]
     pub(super) fn set(&mut self, id: u16, v: impl FieldView) {
         match id {
             1 => self.bytes = v.num(),
