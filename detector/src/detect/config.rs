@@ -28,7 +28,8 @@ pub struct DetectConfig {
     pub thresholds: Thresholds,
     /// Hosts tracked at most (beyond: records counted and dropped).
     pub max_hosts: usize,
-    /// Peers held in full per host (beyond: counted in a sketch).
+    /// Peers held in full per host, at most [`super::profile::MAX_PEERS`] (beyond:
+    /// counted in a sketch).
     pub max_peers: usize,
 }
 

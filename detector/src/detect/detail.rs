@@ -161,7 +161,8 @@ pub fn extract(p: &mut HostProfile, top_senders: &HashSet<IpAddr>, window_min: f
     let mut remote: HashMap<u16, u64> = HashMap::new();
     let mut local: HashMap<u16, u64> = HashMap::new();
     let mut by_bytes: Vec<(u64, IpAddr, usize)> = Vec::with_capacity(p.peers.len());
-    for (i, (ip, s)) in p.peers.iter().enumerate() {
+    for (i, (key, s)) in p.peers.iter().enumerate() {
+        let ip = &key.ip();
         d.flows += u64::from(s.flows);
         d.bytes_in += s.bytes_in;
         d.bytes_out += s.bytes_out;

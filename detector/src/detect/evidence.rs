@@ -207,7 +207,9 @@ pub fn score(
         let top_ok = share(p.agg.top) <= t.top_peer_share
             || (!p.agg.top_exact && share(p.top_exact()) <= t.top_peer_share);
         fire(top_ok, 1.0);
-        let in_top = top_senders.iter().any(|ip| p.peers.contains_key(ip));
+        let in_top = top_senders
+            .iter()
+            .any(|ip| p.peers.contains_key(&super::profile::PeerAddr::new(*ip)));
         fire(!in_top, TOP10_WEIGHT);
         // The median of the held peers' rates is at or below the threshold when more
         // than half of them are.
@@ -438,7 +440,8 @@ pub fn evaluate(
     let mut in_top = false;
     let mut kind = super::kind::KindSignals::default();
     let (mut realtime, mut web_only, mut bt_opening) = (0u64, 0u64, 0u64);
-    for (ip, s) in p.peers.iter() {
+    for (key, s) in p.peers.iter() {
+        let ip = &key.ip();
         kind.add_peer(s.hints, s.ports());
         kind.add_opening(s.open_out, s.open_in);
         realtime += u64::from(s.realtime());

@@ -31,7 +31,8 @@ use profile::HostProfile;
 struct HostState {
     profile: HostProfile,
     over: u32,
-    alarm: Option<Alarm>,
+    /// Boxed: most hosts never have one, and a host's state is held for every host.
+    alarm: Option<Box<Alarm>>,
     /// The last evaluation's score and guard, for reports.
     last: (f64, Option<&'static str>),
     /// The highest score of an evaluation no guard vetoed, for reports.
@@ -605,7 +606,7 @@ impl Engine {
                         sc.now,
                         cfg,
                     ));
-                    h.alarm = Some(alarm);
+                    h.alarm = Some(Box::new(alarm));
                 }
                 Some(a) if suspect => {
                     a.last_over = sc.now;

@@ -7,18 +7,61 @@
 //! without walking its peers ([`super::evidence::score`]); the full walk
 //! ([`super::evidence::evaluate`]) is only made for the evidence of an alarm event.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
-use super::dense::DenseMap;
+use super::dense::{Chunked, DenseMap};
 use super::opening::Opening;
-use super::ports::PortTable;
+use super::ports::{PortCounts, PortTable};
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 
 use crate::flow::FlowRecord;
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
+
+/// The most peers a profile holds in full, whatever its `max_peers`: the per-port counts
+/// are 16 bits ([`PortCounts`]), and 8,191 peers of [`PORTS_PER_PEER`] pairs make at most
+/// 65,528 pairs on one port.
+pub const MAX_PEERS: usize = 8191;
+
+/// A host's peers: chunks of entries (growing never leaves a buffer behind), an index of
+/// 4-byte slots, each peer stamped with when it was last seen (see [`stamp_of`]).
+pub type Peers = DenseMap<PeerAddr, PeerStat, u32, u32, Chunked<(PeerAddr, PeerStat)>>;
+
+/// A peer's address as its host's table keys it: 16 bytes with no alignment, so that an
+/// entry is 96 bytes where an [`IpAddr`] (17 bytes, padded to 24 before the 80-byte
+/// [`PeerStat`]) made it 104. An IPv6 address is itself; an IPv4 address a.b.c.d is
+/// ff00::a.b.c.d, a multicast address, which is never a peer
+/// ([`super::DetectConfig::usable`]), so the two never meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr([u8; 16]);
+
+impl PeerAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(a) => Self(a.octets()),
+            IpAddr::V4(a) => {
+                let mut b = [0; 16];
+                b[0] = 0xff;
+                b[12..].copy_from_slice(&a.octets());
+                Self(b)
+            }
+        }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        match self.0 {
+            [0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d] => {
+                IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+            }
+            b => IpAddr::V6(Ipv6Addr::from(b)),
+        }
+    }
+}
+
+// A peer's entry in its host's table: the key and the 80 bytes below.
+const _: () = assert!(std::mem::size_of::<(PeerAddr, PeerStat)>() == 96);
 
 /// The default of the rules' `udp_small_size` (bytes): DHT messages are smaller.
 pub const DEFAULT_UDP_SMALL_SIZE: f64 = 300.0;
@@ -72,9 +115,9 @@ pub struct Aggregates {
     /// Peers whose connection opened with a handshake of BitTorrent's sizes, plain or
     /// encrypted ([`PeerStat::opening`]).
     pub bt_opening: u64,
-    /// (local, remote) port pairs by remote port (the second count unused);
-    /// `high_ports` counts the ports above 1024.
-    pub remote_ports: PortTable,
+    /// (local, remote) port pairs by remote port; `high_ports` counts the ports above
+    /// 1024.
+    pub remote_ports: PortCounts,
     pub high_ports: u64,
     /// Per local port: peers with a pair on it, and pairs on it.
     pub local_ports: PortTable,
@@ -208,7 +251,7 @@ impl Aggregates {
     }
 
     fn add_pair(&mut self, local: u16, remote: u16, new_local_for_peer: bool) {
-        let (pairs, _) = self.remote_ports.update(remote, |n, _| *n += 1);
+        let pairs = self.remote_ports.update(remote, |n| *n += 1);
         if pairs == 1 && remote > 1024 {
             self.high_ports += 1;
         }
@@ -224,9 +267,9 @@ impl Aggregates {
     }
 
     fn remove_pair(&mut self, local: u16, remote: u16, last_local_for_peer: bool) {
-        let (pairs, _) = self
+        let pairs = self
             .remote_ports
-            .update(remote, |n, _| *n = n.saturating_sub(1));
+            .update(remote, |n| *n = n.saturating_sub(1));
         if pairs == 0 && remote > 1024 {
             self.high_ports -= 1;
         }
@@ -365,9 +408,10 @@ fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
 pub struct HostProfile {
     /// The peers, stamped with when each was last seen: whole seconds since the UNIX
     /// epoch, rounded up (see [`stamp_of`]).
-    pub peers: DenseMap<IpAddr, PeerStat, u32>,
+    pub peers: Peers,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
+    /// At most [`MAX_PEERS`].
     max_peers: usize,
     /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
     /// The first source inline (most hosts have one), the others beside it.
@@ -405,7 +449,7 @@ impl HostProfile {
         Self {
             peers: DenseMap::default(),
             overflow: None,
-            max_peers,
+            max_peers: max_peers.min(MAX_PEERS),
             first_source: None,
             more_sources: Vec::new(),
             first_seen: SystemTime::UNIX_EPOCH,
@@ -427,7 +471,8 @@ impl HostProfile {
 
     /// Starts fetching what [`Self::add`] will touch for this peer and port pair.
     pub fn prefetch(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
-        self.peers.prefetch(peer);
+        self.peers.prefetch(&PeerAddr::new(*peer));
+        self.peers.prefetch_directory();
         self.peers.prefetch_end();
         self.agg.remote_ports.prefetch(remote_port);
         self.agg.local_ports.prefetch(local_port);
@@ -435,7 +480,7 @@ impl HostProfile {
 
     /// Starts fetching the entries [`Self::add`] will update (after [`Self::prefetch`]).
     pub fn prefetch_entries(&self, peer: &IpAddr) {
-        self.peers.prefetch_entry(peer);
+        self.peers.prefetch_entry(&PeerAddr::new(*peer));
     }
 
     /// Adds a record in which `host` (internal) talks with `peer` (external).
@@ -464,7 +509,9 @@ impl HostProfile {
         }
         let stamp = stamp_of(unix_ms(r.last));
         let held = self.peers.len();
-        let (pos, fresh) = match self.peers.position(&peer) {
+        let key = PeerAddr::new(peer);
+        debug_assert_eq!(key.ip(), peer, "a multicast peer");
+        let (pos, fresh) = match self.peers.position(&key) {
             Some(pos) => (pos, false),
             None if held >= self.max_peers => {
                 let hll = self.overflow.get_or_insert_with(|| {
@@ -476,10 +523,7 @@ impl HostProfile {
                 hll.insert(&peer);
                 return;
             }
-            None => (
-                self.peers.insert_stamped(peer, PeerStat::new(), stamp),
-                true,
-            ),
+            None => (self.peers.insert_stamped(key, PeerStat::new(), stamp), true),
         };
         let seen = self.peers.stamp_mut(pos);
         *seen = (*seen).max(stamp);
@@ -648,13 +692,15 @@ impl HostProfile {
     /// Starts fetching the index slots where these peers would be.
     pub fn prefetch_peers(&self, peers: &[IpAddr]) {
         for p in peers {
-            self.peers.prefetch(p);
+            self.peers.prefetch(&PeerAddr::new(*p));
         }
     }
 
-    /// Starts fetching the first stamps, which [`Self::expiring`] reads.
+    /// Starts fetching the first stamps, which [`Self::expiring`] reads, and the chunk
+    /// pointers, which removing the leaving peers reads.
     pub fn prefetch_stamps(&self) {
         self.peers.prefetch_stamps();
+        self.peers.prefetch_directory();
     }
 
     /// Memory back after peers expired.
@@ -704,5 +750,35 @@ impl HostProfile {
             .map(|h| h.count() as u64)
             .unwrap_or(0);
         self.peers.len() as u64 + extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::DetectConfig;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every usable address (IPv6, IPv4, IPv4-mapped IPv6) comes back from its key,
+        /// and an IPv4 address and an IPv6 one never share a key: the IPv6 address whose
+        /// bytes the IPv4 key takes is one no peer can have.
+        #[test]
+        fn peer_keys_are_the_addresses(a in any::<[u8; 16]>(), b in any::<[u8; 4]>()) {
+            let six = IpAddr::V6(Ipv6Addr::from(a));
+            let four = IpAddr::V4(Ipv4Addr::from(b));
+            let mapped = IpAddr::V6(Ipv4Addr::from(b).to_ipv6_mapped());
+            for ip in [six, four, mapped] {
+                if DetectConfig::usable(ip) {
+                    prop_assert_eq!(PeerAddr::new(ip).ip(), ip);
+                }
+            }
+            if DetectConfig::usable(six) {
+                prop_assert_ne!(PeerAddr::new(six), PeerAddr::new(four));
+            }
+            prop_assert_ne!(PeerAddr::new(mapped), PeerAddr::new(four));
+            let taken = IpAddr::V6(Ipv6Addr::from(PeerAddr::new(four).0));
+            prop_assert!(!DetectConfig::usable(taken));
+        }
     }
 }
