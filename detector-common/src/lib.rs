@@ -44,6 +44,14 @@ pub const BENCH_FLOOR_MAP: &str = "BENCH_FLOOR";
 /// ... and each CPU's position in the sequence.
 pub const BENCH_POS_MAP: &str = "BENCH_POS";
 
+/// ... and the open-addressed slot table the `bench_slots_seq` probe meters into
+/// ([`FlowSlot`]s; memory-mappable, so userspace reads it without a syscall).
+pub const BENCH_SLOTS_MAP: &str = "BENCH_SLOTS";
+/// Globals (read-only data) of the slot table: its slot count minus one (a power of two
+/// minus one) and the seed of [`slot::hash`].
+pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
+pub const SLOT_SEED_GLOBAL: &str = "SLOT_SEED";
+
 /// Flows each kernel flow map (IPv4, IPv6) holds in the compiled object and under
 /// `replay`; `run` sizes them for an uplink (see [`UPLINK_MAP_SIZE`]).
 pub const DEFAULT_MAP_SIZE: u32 = 262_144;
@@ -189,6 +197,67 @@ pub struct FlowStats {
     /// payload byte leaves the kernel. Filled in the bytes that were padding: a flow's
     /// entry stays 40 bytes.
     pub opening: [u8; 4],
+}
+
+/// One flow of an open-addressed flow table: one 64-byte cache line holding the control
+/// word, the key and the counters, so that a packet of a known flow touches one line
+/// (issue #21; the kernel's hash map touches a bucket and a 128-byte element).
+///
+/// The control word is `fingerprint << FP_SHIFT | distance << DIST_SHIFT | state` (see
+/// [`slot`]); a slot is claimed by compare-and-swap of the control word from
+/// [`slot::EMPTY`] to [`slot::BUSY`], its key and first-packet fields written, then the
+/// word set to [`slot::LIVE`]. The counters are added to atomically, as in the hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSlot {
+    pub ctrl: u32,
+    pub key: FlowKey4,
+    pub stats: FlowStats,
+}
+
+/// The control word and hash of [`FlowSlot`]s.
+pub mod slot {
+    /// The state: the low two bits.
+    pub const STATE_MASK: u32 = 3;
+    /// Free (all of the slot is zero).
+    pub const EMPTY: u32 = 0;
+    /// Claimed by an insert that is writing the key.
+    pub const BUSY: u32 = 1;
+    /// A flow: key and counters valid.
+    pub const LIVE: u32 = 2;
+    /// Removed by userspace, waiting for a grace period before it is freed.
+    pub const ZOMBIE: u32 = 3;
+    /// The probe distance from the flow's home slot: bits 2-4.
+    pub const DIST_SHIFT: u32 = 2;
+    /// The hash's fingerprint: bits 5-31.
+    pub const FP_SHIFT: u32 = 5;
+    /// Slots looked at from a flow's home slot before the flow goes to the overflow path.
+    pub const PROBES: u32 = 8;
+
+    /// The hash of a [`super::FlowKey4`] read as five native-endian words.
+    #[inline(always)]
+    pub const fn hash(w: &[u32; 5], seed: u64) -> u64 {
+        let a = (w[0] as u64 | (w[1] as u64) << 32) ^ seed;
+        let b = w[2] as u64 | (w[3] as u64) << 32;
+        let mut h = a.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ b.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+            ^ (w[4] as u64);
+        h ^= h >> 29;
+        h = h.wrapping_mul(0x1656_67b1_9e37_79f9);
+        h ^ (h >> 32)
+    }
+
+    /// The home slot of hash `h` in a table of `mask + 1` slots.
+    #[inline(always)]
+    pub const fn home(h: u64, mask: u32) -> u32 {
+        h as u32 & mask
+    }
+
+    /// The fingerprint of hash `h` (27 bits, independent of the home slot's bits).
+    #[inline(always)]
+    pub const fn fingerprint(h: u64) -> u32 {
+        (h >> 37) as u32
+    }
 }
 
 /// The opening sizes of [`FlowStats::opening`].
@@ -377,6 +446,7 @@ mod user {
     unsafe impl aya::Pod for super::NewFlowEvent {}
     unsafe impl aya::Pod for super::ExportMark {}
     unsafe impl aya::Pod for super::DrainState {}
+    unsafe impl aya::Pod for super::FlowSlot {}
 }
 
 #[cfg(test)]
@@ -450,6 +520,46 @@ mod tests {
         assert_eq!(offset_of!(FlowStats, hints), 34);
         assert_eq!(offset_of!(FlowStats, announced), 35);
         assert_eq!(offset_of!(FlowStats, opening), 36);
+    }
+
+    #[test]
+    fn flow_slot_is_one_cache_line_without_implicit_padding() {
+        assert_eq!(size_of::<FlowSlot>(), 64);
+        assert_eq!(offset_of!(FlowSlot, ctrl), 0);
+        assert_eq!(offset_of!(FlowSlot, key), 4);
+        assert_eq!(offset_of!(FlowSlot, stats), 24);
+        // The fingerprint fills the bits above the state and the distance.
+        assert_eq!(
+            slot::fingerprint(u64::MAX) << slot::FP_SHIFT >> slot::FP_SHIFT,
+            slot::fingerprint(u64::MAX)
+        );
+        const { assert!(slot::PROBES <= 1 << (slot::FP_SHIFT - slot::DIST_SHIFT)) };
+    }
+
+    #[test]
+    fn slot_hash_spreads_neighbouring_keys() {
+        // Keys that differ in one port or one address bit land in different homes of a
+        // 2^21-slot table and differ in fingerprint: the benchmark's keys are such keys.
+        let mask = (1u32 << 21) - 1;
+        let mut homes = [0u32; 64];
+        for (i, h) in homes.iter_mut().enumerate() {
+            let w = [
+                0x0a40_0000u32.to_be(),
+                0xc612_0101u32.to_be(),
+                i as u32 | 443 << 16,
+                0,
+                6,
+            ];
+            *h = slot::home(slot::hash(&w, 7), mask);
+        }
+        homes.sort_unstable();
+        assert!(homes.windows(2).all(|p| p[0] != p[1]), "{homes:?}");
+        let w = [1, 2, 3, 4, 5];
+        assert_ne!(slot::hash(&w, 1), slot::hash(&w, 2));
+        assert_ne!(
+            slot::fingerprint(slot::hash(&w, 1)),
+            slot::fingerprint(slot::hash(&[1, 2, 3, 4, 4], 1))
+        );
     }
 
     #[test]

@@ -87,6 +87,7 @@ use detector_common::{
 
 mod bench;
 mod parse;
+mod slots;
 use parse::{Frame, Packet, parse, payload_hints};
 
 /// 1-in-N sampling; 0 or 1 accounts every packet. Set by the loader.
@@ -144,14 +145,32 @@ fn count(c: &mut CounterBlock, idx: u32, n: u64) {
 
 /// Adds one packet (or `segs` GSO segments) to its flow, or to the overflow ring.
 #[inline(always)]
-fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs: u32) {
+fn account(
+    c: &mut CounterBlock,
+    pkt: &Packet,
+    ifindex: u32,
+    direction: u8,
+    segs: u32,
+    table: Table,
+) {
     let now = now_ns();
     let packets = segs as u64;
     let bytes = pkt.ip_len as u64 + (segs as u64 - 1) * pkt.hdr_len as u64;
     if pkt.fragment != 0 {
         count(c, counter::FRAGMENTS, packets);
     }
-    let added = if pkt.v4 != 0 {
+    let added = if pkt.v4 != 0
+        && table == Table::BenchSlots
+        && slots::add(
+            &bench::BENCH_SLOTS,
+            &pkt.key4(direction),
+            pkt,
+            packets,
+            bytes,
+            now,
+        ) {
+        true
+    } else if pkt.v4 != 0 {
         add_to_flow(
             c,
             &FLOWS4,
@@ -287,8 +306,19 @@ fn update<K>(
     let Some(v) = map.get_ptr_mut(key) else {
         return false;
     };
-    // SAFETY: a pointer to the entry's value, valid for this program run (RCU); the
-    // counters are only changed through atomic operations, as every CPU shares them.
+    // SAFETY: a pointer to the entry's value, valid for this program run (RCU).
+    unsafe { update_stats(v, pkt, packets, bytes, now) };
+    true
+}
+
+/// [`update`] on a flow's counters wherever they live (a hash-map entry, a slot).
+///
+/// # Safety
+/// `v` points to a flow's counters, valid for this program run; the counters are only
+/// changed through atomic operations, as every CPU shares them.
+#[inline(always)]
+unsafe fn update_stats(v: *mut FlowStats, pkt: &Packet, packets: u64, bytes: u64, now: u64) {
+    // SAFETY: see the function's contract.
     unsafe {
         // A plain read: fetching the old value in the add needs BPF v3 atomics, and "one
         // of the flow's first packets" need not be exact.
@@ -327,7 +357,6 @@ fn update<K>(
             }
         }
     }
-    true
 }
 
 #[inline(always)]
@@ -365,7 +394,14 @@ impl FrameLen {
 }
 
 #[inline(always)]
-fn meter(f: &Frame, ifindex: u32, direction: u8, len: FrameLen, vlan_tci: u16, segs: u32) {
+fn meter(
+    f: &Frame,
+    ifindex: u32,
+    direction: u8,
+    len: FrameLen,
+    (vlan_tci, segs): (u16, u32),
+    table: Table,
+) {
     let Some(c) = COUNTERS.get_ptr_mut(direction as u32) else {
         return;
     };
@@ -391,6 +427,7 @@ fn meter(f: &Frame, ifindex: u32, direction: u8, len: FrameLen, vlan_tci: u16, s
                 ifindex,
                 direction,
                 if segs == 0 { 1 } else { segs },
+                table,
             );
         }
         Err(reason) => {
@@ -407,9 +444,23 @@ pub fn flow_ingress(ctx: XdpContext) -> u32 {
     ingress(&ctx)
 }
 
-/// What `flow_ingress` does (the benchmark's sequence-driven program calls it too).
+/// Where IPv4 flows are counted: the kernel hash map `FLOWS4` (the agent's meter), or
+/// first the benchmark's slot table (`bench_slots_seq`, issue #21), `FLOWS4` for what
+/// does not fit. A constant at each call, so the meter's code has no test for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    HashMap,
+    BenchSlots,
+}
+
+/// What `flow_ingress` does (the benchmark's sequence-driven programs call it too).
 #[inline(always)]
 fn ingress(ctx: &XdpContext) -> u32 {
+    ingress_into(ctx, Table::HashMap)
+}
+
+#[inline(always)]
+fn ingress_into(ctx: &XdpContext, table: Table) -> u32 {
     let f = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
@@ -419,8 +470,8 @@ fn ingress(ctx: &XdpContext) -> u32 {
         ctx.ingress_ifindex() as u32,
         DIRECTION_INGRESS,
         FrameLen::Xdp(ctx.ctx),
-        0,
-        1,
+        (0, 1),
+        table,
     );
     xdp_action::XDP_PASS
 }
@@ -455,7 +506,14 @@ pub fn flow_egress(ctx: TcContext) -> i32 {
     } else {
         0
     };
-    meter(&f, ifindex, DIRECTION_EGRESS, FrameLen::Skb(len), tci, segs);
+    meter(
+        &f,
+        ifindex,
+        DIRECTION_EGRESS,
+        FrameLen::Skb(len),
+        (tci, segs),
+        Table::HashMap,
+    );
     TC_ACT_OK
 }
 
