@@ -7,7 +7,9 @@
 //!   (b) one that parses to the 5-tuple with the meter's parser and stops, (c) the flow
 //!   meter itself on a map warmed with 64k flows; then the uplink-size run over a
 //!   million warm flows. Prints the figures and the ratios; the target is (c) <= 1.5 x (b).
-//! - `ingest`: NetFlow ingest against nfcapd on the same datagrams.
+//! - `ingest`: NetFlow ingest against nfcapd on the same datagrams; with `--in-process N`,
+//!   N records through the decoder, the pipeline and the v9 re-export in this process,
+//!   one thread a stage (for instruction counts under callgrind).
 //! - `engine`: the detection engine's throughput and memory.
 
 #[path = "micro/uplink.rs"]
@@ -88,6 +90,13 @@ pub struct IngestBenchArgs {
     /// Trials per receiver at most.
     #[arg(long, default_value_t = 10)]
     pub trials: u32,
+    /// Instead of the loopback trials: this many records of new flows, as the agent's
+    /// own v9 export carries them, decoded and passed through the pipeline (one shard,
+    /// duplicate marking, detection, a v9 re-export) in this process, one thread a
+    /// stage. Run it under `valgrind --tool=callgrind --separate-threads=yes` for
+    /// instruction counts a record by stage that do not depend on the machine's load.
+    #[arg(long)]
+    pub in_process: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -477,6 +486,10 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
 pub fn ingest(args: IngestBenchArgs) -> Result<()> {
     use std::process::{Command, Stdio};
 
+    if let Some(records) = args.in_process {
+        return ingest_in_process(records);
+    }
+
     let data = args
         .testdata
         .clone()
@@ -621,6 +634,131 @@ pub fn ingest(args: IngestBenchArgs) -> Result<()> {
         "ratio detector / nfcapd: {:.2} (target >= 2)",
         results[0] as f64 / results[1].max(1) as f64
     );
+    Ok(())
+}
+
+/// `ingest --in-process N`: N records of new flows (4,096 internal hosts of 10.0.0.0/16,
+/// each record a new external peer and port) encoded by the agent's own v9 encoder
+/// (about 26 records a datagram, as `bench agent --part ingest` sends), then, timed
+/// apart from that: a decoder thread (`nfdecode`) decodes them in reads of
+/// [`detector::sources::netflow::listener::BATCH`]-sized groups as the listener does and
+/// hands them to a one-shard pipeline (`shard-0`: duplicate marking and detection) whose
+/// sink thread (`sinks`) re-exports them as v9 to a socket nobody reads.
+fn ingest_in_process(records: u64) -> Result<()> {
+    use detector::export::netflow_v9::{V9Config, V9Encoder, V9Sink};
+    use detector::flow::{Direction, FlowRecord};
+    use detector::pipeline::{Pipeline, PipelineConfig, WhenBehind};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::time::{Duration, SystemTime};
+
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let mut enc = V9Encoder::new(V9Config::default(), base);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut datagrams = Vec::new();
+    let chunk = 2600u64;
+    let mut made = 0;
+    while made < records {
+        let n = chunk.min(records - made);
+        let recs: Vec<FlowRecord> = (made..made + n)
+            .map(|i| {
+                let x = next();
+                let host = IpAddr::V4(Ipv4Addr::new(10, 0, (i % 16) as u8, (i / 16 % 256) as u8));
+                let peer = IpAddr::V4(Ipv4Addr::from(0xc612_0000u32.wrapping_add(x as u32 >> 8)));
+                let (hp, pp) = (
+                    1024 + (x >> 40) as u16 % 60000,
+                    1024 + (x >> 20) as u16 % 60000,
+                );
+                let mut r = if x & 1 == 0 {
+                    FlowRecord::new(host, hp, peer, pp, if x & 2 == 0 { 6 } else { 17 })
+                } else {
+                    FlowRecord::new(peer, pp, host, hp, if x & 2 == 0 { 6 } else { 17 })
+                };
+                r.packets = 1 + (x >> 50) % 40;
+                r.bytes = r.packets * (60 + (x >> 30) % 1400);
+                let at = base + Duration::from_millis(i / 2000);
+                r.first = at;
+                r.last = at + Duration::from_millis((x >> 10) % 3000);
+                r.direction = if x & 4 == 0 {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                r.ifindex = 2;
+                r
+            })
+            .collect();
+        let now = base + Duration::from_millis((made + n) / 2000 + 3000);
+        datagrams.extend(
+            enc.encode(&recs, now)
+                .into_iter()
+                .map(|b| (b.to_vec(), now)),
+        );
+        made += n;
+    }
+    println!(
+        "in-process ingest: {records} records in {} datagrams ({:.1} records a datagram)",
+        datagrams.len(),
+        records as f64 / datagrams.len() as f64
+    );
+
+    let nobody = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let sink = V9Sink::new(&[nobody.local_addr()?], V9Config::default(), base)?;
+    let detect = detector::detect::DetectConfig::default();
+    let alarms = detector::export::alarms::AlarmSink::open(None)?;
+    let pipeline = Pipeline::new(
+        &PipelineConfig::new(Some(1), WhenBehind::Wait),
+        vec![Box::new(sink)],
+        detect,
+        alarms,
+    );
+    let input = pipeline.input();
+    let started = std::time::Instant::now();
+    let decoder = std::thread::Builder::new()
+        .name("nfdecode".into())
+        .spawn(move || {
+            let from = SocketAddr::from(([127, 0, 0, 1], 9995));
+            let mut dec =
+                detector::sources::netflow::decode::Decoder::new(Default::default(), vec![]);
+            let mut out = Vec::new();
+            let mut decoded = 0u64;
+            for read in datagrams.chunks(detector::sources::netflow::listener::BATCH) {
+                let received = read[read.len() - 1].1;
+                for (d, _) in read {
+                    dec.decode(from, d, received, &mut out);
+                }
+                decoded += out.len() as u64;
+                input.emit(
+                    detector::sources::netflow::listener::hand_over(&mut out),
+                    received,
+                );
+            }
+            decoded
+        })?;
+    let decoded = decoder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    let end = base + Duration::from_millis(records / 2000 + 4000);
+    let finished = pipeline.finish(end);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "decoded {decoded} records; pipeline: {} records, {} sink failures; {:.2} s ({:.0} records/s, not a figure to compare: no sockets on the way in)",
+        finished.records,
+        finished.sink_failures,
+        secs,
+        decoded as f64 / secs
+    );
+    if decoded != records || finished.records != records {
+        bail!(
+            "records lost on the way: {records} encoded, {decoded} decoded, {} through the pipeline",
+            finished.records
+        );
+    }
     Ok(())
 }
 
@@ -831,6 +969,24 @@ pub fn engine(args: EngineBenchArgs) -> Result<()> {
         if flat { "met" } else { "not met, they grew" },
         t_lo >> 20,
         t_hi >> 20
+    );
+    // What `bench scaleout` prints for a node: the process's peak resident memory
+    // (VmHWM, the duplicate table and everything else included) per host.
+    let peak_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!(
+        "peak resident memory {} MiB = {:.1} KB per host tracked at the end ({} hosts; the duplicate table {:.1} KB of it per host); the engine's tables {:.1} KB per host",
+        peak_kib >> 10,
+        peak_kib as f64 * 1.024 / engine.hosts().max(1) as f64,
+        engine.hosts(),
+        dedup.heap_bytes() as f64 / 1e3 / engine.hosts().max(1) as f64,
+        engine.heap_bytes() as f64 / 1e3 / engine.hosts().max(1) as f64,
     );
     Ok(())
 }
