@@ -201,3 +201,15 @@ pub fn start_prometheus(dir: &Path, config: &str, port: u16) -> Guarded {
         .unwrap();
     Guarded::new("prometheus", child)
 }
+
+/// The number after `prefix` in the last line of `log` holding it (a statistics line's
+/// count).
+pub fn last_number(log: &Path, prefix: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let at = text.rfind(prefix)?;
+    text[at + prefix.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tests::agent::last_number;
 use tests::frames::{ETH_P_IP, ethernet, frame, ipv4, tcp, udp};
 use tests::netns::{Guarded, Netns, sh, wait_for_text};
 
@@ -165,17 +166,6 @@ fn count(log: &Path, needle: &str) -> usize {
         .unwrap_or_default()
         .matches(needle)
         .count()
-}
-
-/// The number after `prefix` in the last line of `log` that holds it.
-fn last_number(log: &Path, prefix: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let at = text.rfind(prefix)?;
-    text[at + prefix.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[test]

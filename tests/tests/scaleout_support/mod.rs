@@ -6,7 +6,7 @@
 #![allow(dead_code, reason = "each test file uses its own part of the helpers")]
 
 use std::fs::File;
-use std::net::{IpAddr, TcpListener};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
@@ -22,14 +22,7 @@ pub const EVAL_SECS: u64 = 2;
 pub const CONFIG: &str =
     "[detection]\nwindow_secs = 120\neval_interval_secs = 2\nconsecutive = 2\n";
 
-/// A TCP port of 127.0.0.1 free now.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use tests::http::free_tcp_port;
 
 /// A nats-server's ports and files.
 #[derive(Clone, Debug)]
@@ -222,16 +215,7 @@ pub fn time_of(e: &Value, field: &str) -> SystemTime {
         .unwrap_or_else(|err| panic!("{field} of {e}: {err}"))
 }
 
-/// The number after `prefix` in the last line of `log` holding it.
-pub fn last_number(log: &Path, prefix: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let at = text.rfind(prefix)?;
-    text[at + prefix.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
+pub use tests::agent::last_number;
 
 /// Every number after `prefix` in `log`, in order.
 pub fn numbers(log: &Path, prefix: &str) -> Vec<u64> {
