@@ -16,12 +16,6 @@ const PORT_SHIFT: u32 = 47;
 const B_BITS: u32 = 24;
 const COUNT_MAX: u32 = (1 << 23) - 1;
 
-#[derive(Clone, Debug, Default)]
-pub struct PortTable {
-    slots: Vec<Slot>,
-    len: usize,
-}
-
 #[inline]
 fn home(port: u16, mask: usize) -> usize {
     // Fibonacci hashing: neighbouring ports land far apart.
@@ -47,239 +41,244 @@ fn counts_of(s: Slot) -> (u32, u32) {
     )
 }
 
-impl PortTable {
-    /// Ports held.
-    pub fn len(&self) -> usize {
-        self.len
+/// 0 is empty; otherwise port << 16 | count, the count at least 1 (a port whose count
+/// falls to 0 is removed).
+type Slot32 = u32;
+
+/// A slot of one of the tables: 0 is empty, any other value names its port.
+trait PortSlot: Copy + Default + PartialEq {
+    fn port(self) -> u16;
+}
+
+impl PortSlot for Slot {
+    #[inline]
+    fn port(self) -> u16 {
+        port_of(self)
+    }
+}
+
+impl PortSlot for Slot32 {
+    #[inline]
+    fn port(self) -> u16 {
+        (self >> 16) as u16
+    }
+}
+
+/// What both tables share: the slots, open addressing with linear probing from the
+/// port's home, at most half full, removal by shifting back.
+#[derive(Clone, Debug, Default)]
+struct Slots<S> {
+    slots: Vec<S>,
+    len: usize,
+}
+
+impl<S: PortSlot> Slots<S> {
+    fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<S>()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes the table holds on the heap.
-    pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
-    }
-
-    /// The slot of `port` (Ok) or the empty slot where it would go (Err).
+    /// The slot of `port` (Ok) or the empty slot where it would go (Err); the table must
+    /// have slots.
     #[inline]
     fn find(&self, port: u16) -> Result<usize, usize> {
         let mask = self.slots.len() - 1;
         let mut i = home(port, mask);
         loop {
             let s = self.slots[i];
-            if s == 0 {
+            if s == S::default() {
                 return Err(i);
             }
-            if port_of(s) == port {
+            if s.port() == port {
                 return Ok(i);
             }
             i = (i + 1) & mask;
         }
     }
 
-    pub fn get(&self, port: u16) -> Option<(u32, u32)> {
+    /// The slot holding `port`, if any.
+    #[inline]
+    fn get(&self, port: u16) -> Option<S> {
         if self.slots.is_empty() {
             return None;
         }
-        self.find(port).ok().map(|i| counts_of(self.slots[i]))
+        self.find(port).ok().map(|i| self.slots[i])
+    }
+
+    /// Where `port` is, or would go, with room for one more port.
+    #[inline]
+    fn place(&mut self, port: u16) -> Result<usize, usize> {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.rehash((self.slots.len() * 2).max(8));
+        }
+        self.find(port)
+    }
+
+    /// Writes slot `i`, which held `was` (empty or not): `Some` a new value, `None` the
+    /// port removed.
+    #[inline]
+    fn set(&mut self, i: usize, was: bool, to: Option<S>) {
+        match (was, to) {
+            (true, None) => {
+                self.len -= 1;
+                super::dense::clear_linear(&mut self.slots, i, |s: S, mask| home(s.port(), mask));
+            }
+            (_, Some(s)) => {
+                if !was {
+                    self.len += 1;
+                }
+                self.slots[i] = s;
+            }
+            (false, None) => {}
+        }
+    }
+
+    fn rehash(&mut self, cap: usize) {
+        let old = std::mem::replace(&mut self.slots, vec![S::default(); cap]);
+        let mask = cap - 1;
+        for s in old.into_iter().filter(|&s| s != S::default()) {
+            let mut i = home(s.port(), mask);
+            while self.slots[i] != S::default() {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = s;
+        }
+    }
+
+    fn shrink(&mut self) {
+        let want = ((self.len + 1) * 2).next_power_of_two().max(8);
+        if want * 2 <= self.slots.len() {
+            self.rehash(want);
+        }
+    }
+
+    #[inline]
+    fn prefetch(&self, port: u16) {
+        if !self.slots.is_empty() {
+            let i = home(port, self.slots.len() - 1);
+            crate::mem::prefetch(&self.slots[i]);
+        }
+    }
+
+    fn held(&self) -> impl Iterator<Item = S> + '_ {
+        self.slots.iter().copied().filter(|&s| s != S::default())
+    }
+}
+
+/// Two counts per port, in 8-byte slots (see the module's documentation).
+#[derive(Clone, Debug, Default)]
+pub struct PortTable(Slots<Slot>);
+
+impl PortTable {
+    /// Ports held.
+    pub fn len(&self) -> usize {
+        self.0.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+
+    /// Bytes the table holds on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+
+    pub fn get(&self, port: u16) -> Option<(u32, u32)> {
+        self.0.get(port).map(counts_of)
     }
 
     /// Applies `f` to the counts of `port` (0, 0 when absent) and returns what it left;
     /// a port whose counts both fall to 0 is removed.
     #[inline]
     pub fn update(&mut self, port: u16, f: impl FnOnce(&mut u32, &mut u32)) -> (u32, u32) {
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow();
-        }
-        let (i, (mut a, mut b)) = match self.find(port) {
-            Ok(i) => (i, counts_of(self.slots[i])),
-            Err(i) => (i, (0, 0)),
+        let (i, was) = match self.0.place(port) {
+            Ok(i) => (i, true),
+            Err(i) => (i, false),
         };
-        let was = self.slots[i] != 0;
+        let (mut a, mut b) = if was {
+            counts_of(self.0.slots[i])
+        } else {
+            (0, 0)
+        };
         f(&mut a, &mut b);
-        match (was, a == 0 && b == 0) {
-            (true, true) => {
-                self.len -= 1;
-                self.clear(i);
-            }
-            (_, false) => {
-                if !was {
-                    self.len += 1;
-                }
-                self.slots[i] = pack(port, a, b);
-            }
-            (false, true) => {}
-        }
+        let to = (a != 0 || b != 0).then(|| pack(port, a, b));
+        self.0.set(i, was, to);
         (a, b)
-    }
-
-    /// Empties slot `i`.
-    fn clear(&mut self, i: usize) {
-        super::dense::clear_linear(&mut self.slots, i, |s, mask| home(port_of(s), mask));
-    }
-
-    fn grow(&mut self) {
-        let cap = (self.slots.len() * 2).max(8);
-        self.rehash(cap);
-    }
-
-    fn rehash(&mut self, cap: usize) {
-        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
-        let mask = cap - 1;
-        for s in old.into_iter().filter(|&s| s != 0) {
-            let mut i = home(port_of(s), mask);
-            while self.slots[i] != 0 {
-                i = (i + 1) & mask;
-            }
-            self.slots[i] = s;
-        }
     }
 
     /// Gives memory back when the table is twice the size an insert would give it.
     pub fn shrink(&mut self) {
-        let want = ((self.len + 1) * 2).next_power_of_two().max(8);
-        if want * 2 <= self.slots.len() {
-            self.rehash(want);
-        }
+        self.0.shrink();
     }
 
     /// Asks the CPU to fetch the slot where `port` would be found.
     #[inline]
     pub fn prefetch(&self, port: u16) {
-        if !self.slots.is_empty() {
-            let i = home(port, self.slots.len() - 1);
-            crate::mem::prefetch(&self.slots[i]);
-        }
+        self.0.prefetch(port);
     }
 
     /// (port, first count, second count) for each port held.
     pub fn iter(&self) -> impl Iterator<Item = (u16, u32, u32)> + '_ {
-        self.slots.iter().filter(|&&s| s != 0).map(|&s| {
+        self.0.held().map(|s| {
             let (a, b) = counts_of(s);
             (port_of(s), a, b)
         })
     }
 }
 
-/// 0 is empty; otherwise port << 16 | count, the count at least 1 (a port whose count
-/// falls to 0 is removed).
-type Slot32 = u32;
-
 /// One count per port, in 4-byte slots (see the module's documentation).
 #[derive(Clone, Debug, Default)]
-pub struct PortCounts {
-    slots: Vec<Slot32>,
-    len: usize,
-}
+pub struct PortCounts(Slots<Slot32>);
 
 impl PortCounts {
     /// Ports held.
     pub fn len(&self) -> usize {
-        self.len
+        self.0.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.0.len == 0
     }
 
     /// Bytes the table holds on the heap.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot32>()
-    }
-
-    /// The slot of `port` (Ok) or the empty slot where it would go (Err).
-    #[inline]
-    fn find(&self, port: u16) -> Result<usize, usize> {
-        let mask = self.slots.len() - 1;
-        let mut i = home(port, mask);
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return Err(i);
-            }
-            if (s >> 16) as u16 == port {
-                return Ok(i);
-            }
-            i = (i + 1) & mask;
-        }
+        self.0.heap_bytes()
     }
 
     pub fn get(&self, port: u16) -> Option<u32> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        self.find(port).ok().map(|i| self.slots[i] & 0xffff)
+        self.0.get(port).map(|s| s & 0xffff)
     }
 
     /// Applies `f` to the count of `port` (0 when absent) and returns what it left; a
     /// port whose count falls to 0 is removed. The count must stay below 65,536.
     #[inline]
     pub fn update(&mut self, port: u16, f: impl FnOnce(&mut u32)) -> u32 {
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.rehash((self.slots.len() * 2).max(8));
-        }
-        let (i, mut n) = match self.find(port) {
-            Ok(i) => (i, self.slots[i] & 0xffff),
-            Err(i) => (i, 0),
+        let (i, was) = match self.0.place(port) {
+            Ok(i) => (i, true),
+            Err(i) => (i, false),
         };
-        let was = self.slots[i] != 0;
+        let mut n = if was { self.0.slots[i] & 0xffff } else { 0 };
         f(&mut n);
         assert!(n <= 0xffff, "a port count of {n} (at most 65,535)");
-        match (was, n == 0) {
-            (true, true) => {
-                self.len -= 1;
-                super::dense::clear_linear(&mut self.slots, i, |s, mask| {
-                    home((s >> 16) as u16, mask)
-                });
-            }
-            (_, false) => {
-                if !was {
-                    self.len += 1;
-                }
-                self.slots[i] = (u32::from(port) << 16) | n;
-            }
-            (false, true) => {}
-        }
+        self.0
+            .set(i, was, (n != 0).then(|| (u32::from(port) << 16) | n));
         n
-    }
-
-    fn rehash(&mut self, cap: usize) {
-        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
-        let mask = cap - 1;
-        for s in old.into_iter().filter(|&s| s != 0) {
-            let mut i = home((s >> 16) as u16, mask);
-            while self.slots[i] != 0 {
-                i = (i + 1) & mask;
-            }
-            self.slots[i] = s;
-        }
     }
 
     /// Gives memory back when the table is twice the size an insert would give it.
     pub fn shrink(&mut self) {
-        let want = ((self.len + 1) * 2).next_power_of_two().max(8);
-        if want * 2 <= self.slots.len() {
-            self.rehash(want);
-        }
+        self.0.shrink();
     }
 
     /// Asks the CPU to fetch the slot where `port` would be found.
     #[inline]
     pub fn prefetch(&self, port: u16) {
-        if !self.slots.is_empty() {
-            let i = home(port, self.slots.len() - 1);
-            crate::mem::prefetch(&self.slots[i]);
-        }
+        self.0.prefetch(port);
     }
 
     /// (port, count) for each port held.
     pub fn iter(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
-        self.slots
-            .iter()
-            .filter(|&&s| s != 0)
-            .map(|&s| ((s >> 16) as u16, s & 0xffff))
+        self.0.held().map(|s| (s.port(), s & 0xffff))
     }
 }
 
