@@ -18,14 +18,15 @@ pub fn chromium_path() -> Option<PathBuf> {
 /// namespace (as root).
 pub fn chromium(netns: Option<&str>, profile: &Path, url: &str, extra: &[&str]) -> Command {
     let exe = chromium_path().expect("chromium is not installed (cargo xtask setup installs it)");
-    let mut c = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
+    // Headless Chromium was seen to hang for good on a loaded machine (a lab run's
+    // drill-down, 16 minutes): each run is killed after 60 s, and the callers' checks
+    // (an empty page, no screenshot) say so.
+    let mut c = Command::new("timeout");
+    c.args(["-k", "5", "60"]);
+    if let Some(ns) = netns {
+        c.args(["ip", "netns", "exec", ns]);
+    }
+    c.arg(exe);
     c.args([
         "--headless",
         "--no-sandbox",
