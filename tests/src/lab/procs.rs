@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
 pub struct Proc {
@@ -53,6 +53,14 @@ impl Proc {
             );
         }
         Ok(())
+    }
+
+    /// Sends `sig` to the process itself, not its group (a status request such as
+    /// pmacctd's SIGUSR1, which its plugin processes would not expect).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        kill(Pid::from_raw(child.id() as i32), sig)
+            .with_context(|| format!("signalling {} ({sig})", self.name))
     }
 
     /// Sends `sig` to the process group and waits up to `timeout`, then kills the group.
