@@ -88,9 +88,70 @@ struct Sides {
     host_is_src: bool,
 }
 
+/// The internal networks as masks, compiled from [`DetectConfig::internal`]: answers
+/// [`DetectConfig::is_internal`] with a few integer compares where each [`Cidr`] check
+/// canonicalises the address and builds its mask again (twice a record, the engine's
+/// own largest cost after the profiles'). An IPv4-mapped IPv6 address is its IPv4
+/// address, as [`Cidr::contains`] takes it.
+///
+/// [`Cidr`]: crate::flow::cidr::Cidr
+/// [`Cidr::contains`]: crate::flow::cidr::Cidr::contains
+#[derive(Clone, Debug, Default)]
+struct Internal {
+    /// (network & mask, mask) of each IPv4 prefix.
+    v4: Vec<(u32, u32)>,
+    /// The same of each IPv6 prefix.
+    v6: Vec<(u128, u128)>,
+}
+
+impl Internal {
+    fn new(cfg: &DetectConfig) -> Self {
+        let mut n = Self::default();
+        for c in &cfg.internal {
+            match c.addr {
+                IpAddr::V4(a) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(c.len)).unwrap_or(0);
+                    n.v4.push((u32::from(a) & mask, mask));
+                }
+                IpAddr::V6(a) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(c.len)).unwrap_or(0);
+                    n.v6.push((u128::from(a) & mask, mask));
+                }
+            }
+        }
+        n
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4_contains(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => self.v4_contains(u32::from(v4)),
+                None => {
+                    let a = u128::from(a);
+                    self.v6.iter().any(|&(net, mask)| a & mask == net)
+                }
+            },
+        }
+    }
+
+    #[inline]
+    fn v4_contains(&self, a: u32) -> bool {
+        self.v4.iter().any(|&(net, mask)| a & mask == net)
+    }
+}
+
 /// The detection engine.
 pub struct Engine {
     cfg: DetectConfig,
+    /// `cfg.internal`, compiled.
+    internal: Internal,
+    /// Buffers of [`Self::observe_batch`], kept from batch to batch.
+    batch_sides: Vec<Option<Sides>>,
+    batch_found: Vec<Option<usize>>,
+    /// Records' end times in whole seconds, for the profiles' stamps.
+    last_clock: crate::flow::seconds::SecondClock,
     /// A dense map, so that a host's state can be fetched ahead of its records.
     hosts: dense::DenseMap<IpAddr, HostState>,
     /// Bytes each external address sent into the network, and when it last did.
@@ -147,6 +208,10 @@ impl Engine {
         Self {
             limits,
             schedule: EvalSchedule::new(cfg.eval_interval),
+            internal: Internal::new(&cfg),
+            batch_sides: Vec::new(),
+            batch_found: Vec::new(),
+            last_clock: Default::default(),
             cfg,
             hosts: dense::DenseMap::default(),
             senders: dense::DenseMap::default(),
@@ -165,6 +230,7 @@ impl Engine {
             window_min: cfg.window.as_secs_f64() / 60.0,
         };
         self.schedule.set_interval(cfg.eval_interval);
+        self.internal = Internal::new(&cfg);
         self.cfg = cfg;
     }
 
@@ -310,7 +376,9 @@ impl Engine {
     /// state, the peer's and ports' index slots, then their entries.
     pub fn observe_batch(&mut self, records: &[FlowRecord]) {
         const D: usize = 4;
-        let keys: Vec<Option<Sides>> = records.iter().map(|r| self.sides(r)).collect();
+        let mut keys = std::mem::take(&mut self.batch_sides);
+        keys.clear();
+        keys.extend(records.iter().map(|r| self.sides(r)));
         // Duplicates only note their source: nothing to fetch for them.
         let at = |i: usize| {
             keys.get(i)
@@ -321,7 +389,9 @@ impl Engine {
         // The host's position, once looked up for the lookahead (hosts are only appended
         // while records come in, so a position found stays right; one not found yet is
         // looked up again).
-        let mut found: Vec<Option<usize>> = vec![None; records.len()];
+        let mut found = std::mem::take(&mut self.batch_found);
+        found.clear();
+        found.resize(records.len(), None);
         for (i, r) in records.iter().enumerate() {
             if let Some(k) = at(i + 4 * D) {
                 self.hosts.prefetch(&k.host);
@@ -352,13 +422,15 @@ impl Engine {
             }
             self.observe_found(r, keys[i], found[i]);
         }
+        self.batch_sides = keys;
+        self.batch_found = found;
     }
 
     /// Which side of `r` is the internal host (None unless exactly one is).
     fn sides(&self, r: &FlowRecord) -> Option<Sides> {
         match (
-            self.cfg.is_internal(r.src_addr),
-            self.cfg.is_internal(r.dst_addr),
+            self.internal.contains(r.src_addr),
+            self.internal.contains(r.dst_addr),
         ) {
             (true, false) => Some(Sides {
                 host: r.src_addr,
@@ -399,7 +471,7 @@ impl Engine {
             ..
         }) = sides
         else {
-            if self.cfg.is_internal(r.src_addr) {
+            if self.internal.contains(r.src_addr) {
                 self.stats.both_internal += 1;
             } else {
                 self.stats.neither_internal += 1;
@@ -455,7 +527,8 @@ impl Engine {
                 e.1 = e.1.max(r.last);
             }
         }
-        h.profile.add(r, host_is_src);
+        let stamp = self.last_clock.ms_secs_up(r.last).min(u64::from(u32::MAX)) as u32;
+        h.profile.add_stamped(r, host_is_src, stamp);
     }
 
     /// Evaluates when `eval_interval` has passed since the last evaluation (or always
@@ -669,3 +742,69 @@ impl Engine {
 mod tests;
 #[cfg(test)]
 mod tests_behaviour;
+
+#[cfg(test)]
+mod internal_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn addr() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            // Near the default networks' edges.
+            (
+                prop::sample::select(vec![10u8, 100, 172, 192, 9, 11]),
+                any::<[u8; 3]>()
+            )
+                .prop_map(|(a, [b, c, d])| IpAddr::V4(Ipv4Addr::new(a, b, c, d))),
+            any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            (0xfc00u16..0xfe00, any::<u64>()).prop_map(|(h, l)| IpAddr::V6(Ipv6Addr::from(
+                (u128::from(h) << 112) | u128::from(l)
+            ))),
+            // IPv4-mapped: the IPv4 address, as `Cidr::contains` takes it.
+            any::<u32>().prop_map(|a| IpAddr::V6(Ipv4Addr::from(a).to_ipv6_mapped())),
+            prop::sample::select(vec![10u32 << 24 | 7, 0xc0a8_0101, 0x0808_0808])
+                .prop_map(|a| IpAddr::V6(Ipv4Addr::from(a).to_ipv6_mapped())),
+        ]
+    }
+
+    fn prefix() -> impl Strategy<Value = crate::flow::Cidr> {
+        prop_oneof![
+            (any::<u32>(), 0u8..=32).prop_map(|(a, len)| crate::flow::Cidr {
+                addr: IpAddr::V4(Ipv4Addr::from(a)),
+                len,
+            }),
+            (any::<u128>(), 0u8..=128).prop_map(|(a, len)| crate::flow::Cidr {
+                addr: IpAddr::V6(Ipv6Addr::from(a)),
+                len,
+            }),
+            // A mapped prefix: never matches, as `Cidr::contains` canonicalises first.
+            (any::<u32>(), 96u8..=128).prop_map(|(a, len)| crate::flow::Cidr {
+                addr: IpAddr::V6(Ipv4Addr::from(a).to_ipv6_mapped()),
+                len,
+            }),
+        ]
+    }
+
+    proptest! {
+        /// The compiled networks answer as `DetectConfig::is_internal` (each `Cidr`)
+        /// does, for the default networks and for any prefixes.
+        #[test]
+        fn compiled_networks_answer_as_is_internal(
+            extra in proptest::collection::vec(prefix(), 0..6),
+            defaults in any::<bool>(),
+            ips in proptest::collection::vec(addr(), 1..40),
+        ) {
+            let mut cfg = DetectConfig::default();
+            if !defaults {
+                cfg.internal.clear();
+            }
+            cfg.internal.extend(extra);
+            let compiled = Internal::new(&cfg);
+            for ip in ips {
+                prop_assert_eq!(compiled.contains(ip), cfg.is_internal(ip), "{}", ip);
+            }
+        }
+    }
+}

@@ -485,6 +485,12 @@ impl HostProfile {
 
     /// Adds a record in which `host` (internal) talks with `peer` (external).
     pub fn add(&mut self, r: &FlowRecord, host_is_src: bool) {
+        self.add_stamped(r, host_is_src, stamp_of(unix_ms(r.last)));
+    }
+
+    /// [`Self::add`] with the record's stamp, `stamp_of(unix_ms(r.last))`, already
+    /// taken (the engine converts times with a [`crate::flow::seconds::SecondClock`]).
+    pub fn add_stamped(&mut self, r: &FlowRecord, host_is_src: bool, stamp: u32) {
         let peer = if host_is_src { r.dst_addr } else { r.src_addr };
         let (local_port, remote_port) = if host_is_src {
             (r.src_port, r.dst_port)
@@ -507,7 +513,6 @@ impl HostProfile {
         if !r.live.continues() {
             t.flows += 1;
         }
-        let stamp = stamp_of(unix_ms(r.last));
         let held = self.peers.len();
         let key = PeerAddr::new(peer);
         debug_assert_eq!(key.ip(), peer, "a multicast peer");

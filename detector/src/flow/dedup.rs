@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use foldhash::quality::RandomState;
 use rustc_hash::FxHashMap;
 
+use super::seconds::SecondClock;
 use super::{FlowRecord, Origin};
 
 const WAYS: usize = 4;
@@ -65,6 +66,9 @@ pub struct Dedup {
     len: usize,
     /// Expiry walks the table at most every tenth of the window.
     next_expire: Option<SystemTime>,
+    /// Records' start and end times in whole seconds (see [`SecondClock`]).
+    first_clock: SecondClock,
+    last_clock: SecondClock,
     pub stats: DedupStats,
 }
 
@@ -81,12 +85,6 @@ fn secs_down(t: SystemTime) -> u32 {
         .map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32)
 }
 
-fn secs_up(t: SystemTime) -> u32 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| {
-        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).min(u64::from(u32::MAX)) as u32
-    })
-}
-
 impl Dedup {
     /// A table of `max_flows` slots (rounded up to whole buckets, a power of two of them).
     pub fn new(window: Duration, max_flows: usize) -> Self {
@@ -100,6 +98,8 @@ impl Dedup {
             owner_ids: FxHashMap::default(),
             len: 0,
             next_expire: None,
+            first_clock: SecondClock::default(),
+            last_clock: SecondClock::default(),
             stats: DedupStats::default(),
         }
     }
@@ -173,7 +173,12 @@ impl Dedup {
         };
         // The low bits chose the bucket; the tag is from the high 48 (never 0).
         let tag = (h >> 16).max(1);
-        let (first, last) = (secs_down(r.first), secs_up(r.last));
+        // As secs_down and secs_up, without a conversion when the second is the last one's.
+        let clamp = |s: u64| s.min(u64::from(u32::MAX)) as u32;
+        let (first, last) = (
+            clamp(self.first_clock.secs_down(r.first)),
+            clamp(self.last_clock.secs_up(r.last)),
+        );
         let (window, slack) = (self.window_s, self.slack_s);
         let mask = self.buckets.len() - 1;
         let bucket = &mut self.buckets[h as usize & mask].0;

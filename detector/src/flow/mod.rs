@@ -3,6 +3,7 @@
 
 mod cidr;
 pub mod dedup;
+pub mod seconds;
 pub mod table;
 
 pub use cidr::Cidr;

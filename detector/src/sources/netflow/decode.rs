@@ -420,6 +420,18 @@ impl Decoder {
         // The scope's own interval, looked up once for the message's records that name no
         // sampler (until options in the message set it).
         let mut scope_interval = None;
+        // The flows ahead of every event, taken whole (see `Body::flows`).
+        let mut flows = b.flows;
+        for &(i, id) in &b.samplers {
+            let r = &mut flows[i as usize];
+            if r.sampling == 0 {
+                r.sampling = self.interval_of(&scope, Some(id));
+            }
+        }
+        for r in flows.iter_mut().filter(|r| r.sampling == 0) {
+            r.sampling = *scope_interval.get_or_insert_with(|| self.interval_of(&scope, None));
+        }
+        out.append(&mut flows);
         for e in b.events {
             match e {
                 Event::Flow(mut r, sampler) => {
@@ -607,6 +619,12 @@ pub(super) struct Body {
     pub(super) units: u32,
     export_ms: u64,
     sys_up_time: Option<u32>,
+    /// The message's first flows, before any other event (an options record, a flow
+    /// waiting for its exporter's init time): appended to the output whole, where each
+    /// event is moved on its own. Once an event is held, flows are events too.
+    flows: Vec<FlowRecord>,
+    /// (position in `flows`, sampler id) of those that name a sampler.
+    samplers: Vec<(u32, u64)>,
     events: Vec<Event>,
     templates: u64,
     options_records: u64,
@@ -678,6 +696,8 @@ impl Body {
             units: 0,
             export_ms,
             sys_up_time: up,
+            flows: Vec::new(),
+            samplers: Vec::new(),
             events: Vec::new(),
             templates: 0,
             options_records: 0,
@@ -885,16 +905,35 @@ impl Body {
 
     fn push_flow(&mut self, ctx: &Ctx, r: &RawRecord, addresses: (IpAddr, IpAddr)) {
         if r.needs_init_time(ctx) {
+            self.flows_into_events();
             self.events.push(Event::Raw(Box::new(r.clone())));
+        } else if self.events.is_empty() {
+            if let Some(id) = r.sampler {
+                self.samplers.push((self.flows.len() as u32, id));
+            }
+            self.flows.push(r.flow_between(addresses, ctx, None));
         } else {
             let flow = r.flow_between(addresses, ctx, None);
             self.events.push(Event::Flow(flow, r.sampler));
         }
     }
 
+    /// Moves the flows held ahead of the events into them (an event follows), in order.
+    fn flows_into_events(&mut self) {
+        if self.flows.is_empty() {
+            return;
+        }
+        let mut named = self.samplers.drain(..).peekable();
+        let flows = self.flows.drain(..).enumerate().map(|(i, f)| {
+            let id = named.next_if(|&(at, _)| at as usize == i).map(|(_, id)| id);
+            Event::Flow(f, id)
+        });
+        self.events.extend(flows);
+    }
+
     /// Room for `n` more records.
     pub(super) fn reserve(&mut self, n: usize) {
-        self.events.reserve(n);
+        self.flows.reserve(n);
     }
 
     /// One options data record: the sampling interval (fields 34/50, or 305/306 packet
@@ -926,6 +965,7 @@ impl Body {
         };
         let interval = n.map(|n| n.clamp(1, u32::MAX as u64) as u32);
         if interval.is_some() || init_ms.is_some() {
+            self.flows_into_events();
             self.events.push(Event::Options {
                 interval,
                 init_ms,
