@@ -26,6 +26,12 @@ pub trait Sink {
     fn reopen(&mut self) {}
     /// Its counters, for `/metrics` and the status page.
     fn counters(&self) -> SinkCounters;
+    /// Whether it takes detection-only records too (flow starts and growth: the NATS
+    /// edge, whose detector nodes detect from them); every other sink gets exported
+    /// records only.
+    fn wants_live(&self) -> bool {
+        false
+    }
 }
 
 /// What a record sink did so far.

@@ -273,3 +273,242 @@ fn hosts_of_one_network_spread_over_the_workers() {
         }
     }
 }
+
+/// Batches as a sink got them, with the time.
+type Batches = Vec<(SystemTime, Vec<FlowRecord>)>;
+
+/// A sink that keeps each batch it is sent, with the time, and takes detection-only
+/// records (as the NATS edge's).
+struct KeepLive(Arc<Mutex<Batches>>);
+
+impl Sink for KeepLive {
+    fn name(&self) -> String {
+        "keep-live".into()
+    }
+    fn counters(&self) -> crate::export::SinkCounters {
+        crate::export::SinkCounters::default()
+    }
+    fn send(&mut self, records: &[FlowRecord], now: SystemTime) {
+        if !records.is_empty() {
+            self.0.lock().unwrap().push((now, records.to_vec()));
+        }
+    }
+    fn describe(&self) -> String {
+        String::new()
+    }
+    fn wants_live(&self) -> bool {
+        true
+    }
+}
+
+/// Scale-out edges (live flows across the cluster): a sink that wants detection-only
+/// records (the NATS edge's) gets every start and growth report with the exported
+/// records, while another sink of the same pipeline still gets the exported records
+/// only; and a second pipeline fed what the live sink got, through the scale-out wire
+/// encoding (a detector node), raises the edge's own alarm at the same evaluation, long
+/// before any of the host's flows is exported. A node fed the exported records alone (the
+/// earlier release) does not alarm before the exports.
+#[test]
+fn a_live_sink_gets_what_detection_gets_and_a_node_fed_it_alarms_as_early() {
+    use crate::scaleout::wire;
+    let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
+    let quiet = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+    let peer = |i: u32| IpAddr::V4(Ipv4Addr::from(0xc612_0100 + i));
+    let flow = |i: u32, proto: u8| {
+        let mut r = FlowRecord::new(
+            peer(i),
+            10_000 + (i * 577 % 50_000) as u16,
+            host,
+            40_123,
+            proto,
+        );
+        r.first = t(2 * u64::from(i / 6));
+        r.last = r.first;
+        r.tcp_flags = if proto == 6 { 0x02 } else { 0 };
+        r
+    };
+    // 40 s of a swarm: six new peers every 2 s (a TCP and a UDP flow each, started),
+    // each flow's growth told every 10 s; nothing of the host is exported until t = 42
+    // (as at an active timeout), when every flow is (continued: its start and growth
+    // were told). A quiet host's exports run beside it.
+    let mut stream: Vec<(u64, Vec<FlowRecord>)> = Vec::new();
+    let (mut starts, mut grows) = (0usize, 0usize);
+    let mut told_of = std::collections::BTreeMap::new();
+    for b in 0..20u64 {
+        let at = 2 * b;
+        let mut recs = Vec::new();
+        for i in (6 * b as u32)..(6 * b as u32 + 6) {
+            for proto in [6, 17] {
+                recs.push(FlowRecord {
+                    live: Live::Start,
+                    ..flow(i, proto)
+                });
+                starts += 1;
+            }
+        }
+        if at % 10 == 8 {
+            for i in 0..(6 * b as u32) {
+                for proto in [6, 17] {
+                    let mut g = flow(i, proto);
+                    g.packets = 20;
+                    g.bytes = 20 * 700;
+                    g.last = t(at);
+                    g.live = Live::Grow;
+                    recs.push(g);
+                    grows += 1;
+                    *told_of.entry((i, proto)).or_insert(0u64) += 20;
+                }
+            }
+        }
+        let mut q = FlowRecord::new(
+            quiet,
+            40_000,
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            443,
+            6,
+        );
+        q.packets = 10;
+        q.bytes = 9_000;
+        q.first = t(at);
+        q.last = t(at);
+        q.tcp_flags = 0x1b;
+        recs.push(q);
+        stream.push((at, recs));
+    }
+    // The exports: what was told and 5 packets more of each flow.
+    let (mut truth_bytes, mut exports) = (0u64, Vec::new());
+    for i in 0..120u32 {
+        for proto in [6, 17] {
+            let told = told_of.get(&(i, proto)).copied().unwrap_or(0);
+            let mut r = flow(i, proto);
+            r.packets = told + 5;
+            r.bytes = r.packets * 700;
+            r.last = t(41);
+            r.live = Live::Continued {
+                told_packets: told,
+                told_bytes: told * 700,
+            };
+            truth_bytes += r.bytes;
+            exports.push(r);
+        }
+    }
+    stream.push((42, exports));
+    let detect = DetectConfig {
+        eval_interval: Duration::from_secs(2),
+        window: Duration::from_secs(120),
+        ..DetectConfig::default()
+    };
+    let cfg = PipelineConfig {
+        workers: 2,
+        when_behind: WhenBehind::Wait,
+        dedup_flows: 100_000,
+        shard_queue: super::SHARD_QUEUE,
+    };
+    // The edge: its own detection, a plain sink and a live one.
+    let plain = Arc::new(Mutex::new(Vec::new()));
+    let live = Arc::new(Mutex::new(Vec::new()));
+    let mut edge = Pipeline::new(
+        &cfg,
+        vec![
+            Box::new(Keep(plain.clone())),
+            Box::new(KeepLive(live.clone())),
+        ],
+        detect.clone(),
+        AlarmSink::open(None).unwrap(),
+    );
+    let mut edge_events = Vec::new();
+    for (at, recs) in &stream {
+        edge.emit(recs.clone(), t(*at));
+        edge_events.extend(edge.tick(t(*at), false));
+    }
+    let edge_done = edge.finish(t(43));
+    let plain = plain.lock().unwrap().clone();
+    let live = live.lock().unwrap().clone();
+    assert_eq!(
+        plain.len(),
+        20 + 240,
+        "the plain sink got the exported records only"
+    );
+    assert!(!plain.iter().any(|r| r.live.detection_only()));
+    let told = |k: fn(&Live) -> bool| {
+        live.iter()
+            .flat_map(|(_, v)| v)
+            .filter(|r| k(&r.live))
+            .count()
+    };
+    assert_eq!(told(|l| *l == Live::Start), starts);
+    assert_eq!(told(|l| *l == Live::Grow), grows);
+    assert_eq!(told(|l| *l == Live::Whole), 20);
+    assert_eq!(told(|l| matches!(l, Live::Continued { .. })), 240);
+    let raised_at = |events: &[AlarmEvent]| {
+        events
+            .iter()
+            .find(|e| e.host == host && e.state == crate::detect::AlarmState::Raised)
+            .map(|e| e.at.clone())
+    };
+    let edge_raised = raised_at(&edge_events).expect("the edge alarms from the starts");
+    assert!(edge_raised < crate::flow::rfc3339(t(41)), "{edge_raised}");
+    assert!(!edge_events.iter().any(|e| e.host == quiet));
+
+    // Nodes: fed at the same moments through the wire encoding, the live sink's batches,
+    // or the exported records alone.
+    let node = |batches: Batches| {
+        let mut p = Pipeline::new(
+            &cfg,
+            Vec::new(),
+            detect.clone(),
+            AlarmSink::open(None).unwrap(),
+        );
+        let agent = wire::AgentName::new("edge-1");
+        let mut events = Vec::new();
+        let mut next = batches.into_iter().peekable();
+        for (at, _) in &stream {
+            while let Some((_, recs)) = next.next_if(|(when, _)| *when <= t(*at)) {
+                let msg = wire::encode(&agent, &recs.iter().collect::<Vec<_>>());
+                p.emit(wire::decode(&msg).unwrap().1, t(*at));
+            }
+            events.extend(p.tick(t(*at), false));
+        }
+        (events, p.finish(t(43)))
+    };
+    // Each flow counted once, its bytes once, at the edge and at the node: the truth
+    // of what was sent (240 flows of 120 peers).
+    let measures = |done: &Finished| {
+        let (_, v) = done
+            .hosts
+            .iter()
+            .find(|(h, _)| *h == host)
+            .expect("the host is explained");
+        (v.measures.flows, v.measures.peers, v.measures.bytes_in)
+    };
+    assert_eq!(measures(&edge_done), (240, 120, truth_bytes));
+    let (node_events, node_done) = node(live.clone());
+    assert_eq!(measures(&node_done), (240, 120, truth_bytes));
+    assert_eq!(
+        raised_at(&node_events).as_deref(),
+        Some(edge_raised.as_str()),
+        "the node raised at another evaluation than the edge"
+    );
+    let exported: Batches = live
+        .iter()
+        .map(|(at, v)| {
+            (
+                *at,
+                v.iter()
+                    .filter(|r| !r.live.detection_only())
+                    .map(|r| FlowRecord {
+                        live: Live::Whole,
+                        ..r.clone()
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    // Fed the exported records alone (the earlier release: wire version 1 has no live
+    // flows), a node hears of the host at t = 42 only.
+    let (late, _) = node(exported);
+    assert!(
+        raised_at(&late).is_none_or(|at| at > crate::flow::rfc3339(t(41))),
+        "exported records alone raised the alarm before the exports"
+    );
+}

@@ -1,6 +1,9 @@
 //! Edge mode (`detector run ... --nats URL[,URL...]`): a record sink that publishes every
 //! record (after local duplicate marking) to JetStream, on `records.<shard>` by internal
-//! host, in batches of the [`wire`] encoding. Given several server URLs (a cluster), it
+//! host, in batches of the [`wire`] encoding. It takes the detection-only records too
+//! (live flows: the starts and growth reports of flows still open, which no other sink
+//! sees), so detector nodes detect from them as this agent's own detection does, before
+//! the flows' exports. Given several server URLs (a cluster), it
 //! makes missing streams and buckets with as many replicas as URLs, up to 3.
 //!
 //! The sink thread never waits on the network: batches go through a bounded queue
@@ -25,13 +28,15 @@ use crate::detect::DetectConfig;
 use crate::export::{Sink, SinkCounters};
 use crate::flow::FlowRecord;
 
-/// Records per message at most (a message of about 216 KB, under NATS's 1 MB default).
+/// Records per message at most (a message of about 256 KB, under NATS's 1 MB default).
 pub const BATCH_RECORDS: usize = 2_000;
 
 /// What the edge did so far.
 #[derive(Debug, Default)]
 pub struct EdgeCounters {
     pub published_records: AtomicU64,
+    /// Of them, live flows' starts and growth reports (detection-only records).
+    pub published_live: AtomicU64,
     pub published_batches: AtomicU64,
     /// Records shed: the queue was full (NATS unreachable or slow), or left unsent at exit.
     pub shed_records: AtomicU64,
@@ -44,6 +49,8 @@ struct Batch {
     id: String,
     payload: Bytes,
     records: u64,
+    /// Of them, detection-only records.
+    live: u64,
 }
 
 pub struct NatsSink {
@@ -150,6 +157,7 @@ impl Sink for NatsSink {
                     id: format!("{}-{}-{}", self.agent, self.epoch, self.seq),
                     payload: wire::encode(&self.agent, chunk),
                     records: chunk.len() as u64,
+                    live: chunk.iter().filter(|r| r.live.detection_only()).count() as u64,
                 };
                 let n = batch.records;
                 match self.tx.as_ref().map(|tx| tx.try_send(batch)) {
@@ -168,8 +176,9 @@ impl Sink for NatsSink {
     fn describe(&self) -> String {
         let c = &self.counters;
         format!(
-            "nats: {} records in {} batches published, {} shed, {} publish errors",
+            "nats: {} records ({} live flow reports) in {} batches published, {} shed, {} publish errors",
             c.published_records.load(Ordering::Relaxed),
+            c.published_live.load(Ordering::Relaxed),
             c.published_batches.load(Ordering::Relaxed),
             c.shed_records.load(Ordering::Relaxed),
             c.publish_errors.load(Ordering::Relaxed)
@@ -178,6 +187,12 @@ impl Sink for NatsSink {
 
     fn failures(&self) -> u64 {
         self.counters.shed_records.load(Ordering::Relaxed)
+    }
+
+    /// Flow starts and growth reports: the nodes' detection needs them to alarm as
+    /// early as this agent's.
+    fn wants_live(&self) -> bool {
+        true
     }
 
     fn counters(&self) -> SinkCounters {
@@ -263,6 +278,7 @@ fn publish_loop(bus: &Bus, shards: u32, mut rx: mpsc::Receiver<Batch>, c: &EdgeC
                         Ok(()) => {
                             c.published_records
                                 .fetch_add(batch.records, Ordering::Relaxed);
+                            c.published_live.fetch_add(batch.live, Ordering::Relaxed);
                             c.published_batches.fetch_add(1, Ordering::Relaxed);
                             break;
                         }

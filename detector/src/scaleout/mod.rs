@@ -2,8 +2,11 @@
 //! internal host, and detector nodes (`detector central`) consume the shards, one node
 //! per shard at a time.
 //!
-//! - `wire`: the records' encoding on the `records.<shard>` subjects (versioned).
-//! - `edge`: the record sink of `detector run --nats URL`.
+//! - `wire`: the records' encoding on the `records.<shard>` subjects (versioned; version
+//!   2 carries live flows: starts, growth reports and continued exports).
+//! - `edge`: the record sink of `detector run --nats URL`, the one sink that takes the
+//!   detection-only records of live flows, so nodes detect from them as a single agent
+//!   does (a node's pipeline counts them with the same code).
 //! - `central`: a detector node: leases, consumers, the takeover's replay, the shared
 //!   pipeline, alarms.
 //!

@@ -126,6 +126,12 @@ const UPLOAD_RATE: u64 = 24 * 1024;
 /// The agent's status endpoint, in the gateway's namespace.
 const STATUS_ADDR: &str = "127.0.0.1:9180";
 
+/// The lab's nats-server (JetStream), in the gateway's namespace: the agent publishes to
+/// it as an edge (`--nats`), and one detector node (`detector central`) alarms from it,
+/// so the scorecard has the time to alarm through edge -> JetStream -> node beside the
+/// agent's (issue #25).
+const NATS_URL: &str = "nats://127.0.0.1:4250";
+
 /// Reads the agent's `/api/hosts` (every host it scored, with vetoes) into `peaks`.
 /// The agent evaluates every 10 s; reading every 2 s sees each evaluation.
 fn poll_scores(peaks: &mut score::Peaks) {
@@ -417,6 +423,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nfcapd", "nfdump"),
     ("nfdump", "nfdump"),
     ("ethtool", "ethtool"),
+    ("nats-server", "nats-server"),
 ];
 
 /// Names what is missing and how to get it.
@@ -1163,6 +1170,47 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             4 << 20
         ],
     ))?;
+    // A detector node on the agent's records through JetStream (the unsampled XDP lab;
+    // the sampled and sFlow variants leave it out): nats-server with its store in the
+    // lab's directory, then the node, holding a shard before the agent starts.
+    let central_alarms = dir.join("central.alarms.jsonl");
+    let mut central = if cfg.sflow || cfg.sampling > 1 {
+        None
+    } else {
+        let mut nats = l.start(&l.tool(
+            GW,
+            "nats-server",
+            "nats-server",
+            args![
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                4250,
+                "-sd",
+                dir.join("jetstream").display()
+            ],
+        ))?;
+        wait_for(&mut nats, "Server is ready", Duration::from_secs(30))?;
+        let mut node = l.start(&l.tool(
+            GW,
+            "central",
+            &cfg.detector.display().to_string(),
+            args![
+                "central",
+                "--nats",
+                NATS_URL,
+                "--node",
+                "lab-node",
+                "--alarms-json",
+                central_alarms.display(),
+                "--stats-interval",
+                10
+            ],
+        ))?;
+        wait_for(&mut node, "took shard", Duration::from_secs(30))?;
+        Some((nats, node))
+    };
     let alarms = dir.join("alarms.jsonl");
     let flows = dir.join("flows.jsonl");
     let mut agent = l.start(
@@ -1203,6 +1251,11 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
                     "--http",
                     STATUS_ADDR,
                 ],
+                if central.is_some() {
+                    args!["--nats", NATS_URL, "--agent-name", "lab-gw"]
+                } else {
+                    Vec::new()
+                },
             ]
             .concat(),
         ),
@@ -1279,6 +1332,11 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         pos: 0,
         seen: Vec::new(),
     };
+    let mut central_tail = AlarmTail {
+        path: central_alarms.clone(),
+        pos: 0,
+        seen: Vec::new(),
+    };
     let mut aria_first: Option<f64> = None;
     // The Transmission host's traffic on the uplink, from its start to CAPTURE_SECS
     // after its first payload byte, for replay.
@@ -1340,6 +1398,10 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             p.check()?;
         }
         agent.check()?;
+        if let Some((nats, node)) = central.as_mut() {
+            nats.check()?;
+            node.check()?;
+        }
         softflowd.check()?;
         nfcapd.check()?;
         if aria_first.is_none()
@@ -1350,6 +1412,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
             aria_first = Some(unix_now());
         }
         tail.poll();
+        central_tail.poll();
         if last_poll.elapsed() >= Duration::from_secs(2) {
             last_poll = Instant::now();
             poll_scores(&mut peaks);
@@ -1409,6 +1472,14 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
     thread::sleep(Duration::from_secs(1));
     let agent_clean = agent.stop(Signal::SIGTERM, Duration::from_secs(60));
     tail.poll();
+    // The node has had the agent's last batches; then it and nats-server stop.
+    if let Some((nats, node)) = central.as_mut() {
+        thread::sleep(Duration::from_secs(1));
+        central_tail.poll();
+        node.stop(Signal::SIGTERM, Duration::from_secs(30));
+        nats.stop(Signal::SIGTERM, Duration::from_secs(10));
+        central_tail.poll();
+    }
     thread::sleep(Duration::from_secs(1));
     nfcapd.stop(Signal::SIGTERM, Duration::from_secs(20));
     let uplink: [u64; 4] = std::array::from_fn(|i| counters_end[i] - counters_start[i]);
@@ -1430,6 +1501,7 @@ pub fn run(cfg: &LabConfig) -> Result<Scorecard> {
         hosts: &topo.hosts,
         first_p2p: &first,
         alarms: &tail.seen,
+        central_alarms: central.is_some().then_some(&central_tail.seen[..]),
         uplink,
         flows_json: &flows,
         nfcapd_dir: &nfdir,

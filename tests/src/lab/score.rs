@@ -25,6 +25,9 @@ pub struct Inputs<'a> {
     /// First payload byte of each P2P host (UNIX seconds), if it moved any.
     pub first_p2p: &'a [(&'static str, Option<f64>)],
     pub alarms: &'a [AlarmSeen],
+    /// The alarm events of the detector node fed by the agent through JetStream (the
+    /// agent an edge), when the lab ran one.
+    pub central_alarms: Option<&'a [AlarmSeen]>,
     /// Uplink interface counter deltas: packets and bytes in, then out.
     pub uplink: [u64; 4],
     pub flows_json: &'a Path,
@@ -77,6 +80,15 @@ pub const DETECT_WITHIN_SECS_SAMPLED: f64 = 120.0;
 /// count, whose estimate has a standard deviation of sqrt(n (N - 1)) packets, and at
 /// most 1,514 times that in bytes (no packet is larger on this uplink).
 pub const SAMPLED_EXPORT_SIGMAS: f64 = 5.0;
+
+/// When an event happened: its `at` (the evaluation's time), else when the lab read it.
+fn event_at(a: &AlarmSeen) -> f64 {
+    a.event["at"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(a.at, |d| d.as_secs_f64())
+}
 
 pub struct Scorecard {
     pub json: Value,
@@ -264,12 +276,13 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     let mut table = String::new();
     writeln!(
         table,
-        "{:<12} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  evidence / note",
+        "{:<12} {:<15} {:<7} {:<8} {:>9} {:>7} {:>6} {:<10} {:>6} {:>6} {:>5}  evidence / note",
         "host",
         "address",
         "label",
         "alarmed",
         "detect_s",
+        "node_s",
         "score",
         "kind",
         "peak",
@@ -282,6 +295,11 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
     let mut detect_times = Vec::new();
     let mut within = true;
     let mut one_each = true;
+    // The detector node's (through JetStream): its times, every P2P host within the
+    // target, benign hosts it alarmed.
+    let mut central_times = Vec::new();
+    let mut central_within = inp.central_alarms.is_some();
+    let mut central_fp = 0u32;
     for (name, _, label) in HOSTS {
         let host = inp.hosts.iter().find(|h| h.name == *name).context("host")?;
         let addr = host.addr.to_string();
@@ -317,6 +335,15 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         });
         let detect = match (raised_at, first_p2p) {
             (Some(r), Some(f)) => Some(r - f),
+            _ => None,
+        };
+        let central_raised = inp.central_alarms.and_then(|seen| {
+            seen.iter().find(|a| {
+                a.event["host"] == addr.as_str() && is_p2p(&a.event) && a.event["state"] == "raised"
+            })
+        });
+        let central_detect = match (central_raised, first_p2p) {
+            (Some(r), Some(f)) => Some(event_at(r) - f),
             _ => None,
         };
         let alarmed = raised.is_some();
@@ -366,10 +393,22 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
                 if ids.len() != 1 {
                     one_each = false;
                 }
+                if inp.central_alarms.is_some() {
+                    match central_detect {
+                        Some(d) => {
+                            central_times.push(d);
+                            central_within &= d <= within_secs;
+                        }
+                        None => central_within = false,
+                    }
+                }
             }
             Label::Benign => {
                 if alarmed {
                     fp += 1;
+                }
+                if central_raised.is_some() {
+                    central_fp += 1;
                 }
             }
         }
@@ -418,7 +457,7 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         let note = notes.join("; ");
         writeln!(
             table,
-            "{:<12} {:<15} {:<7} {:<8} {:>9} {:>6} {:<10} {:>6} {:>6} {:>5}  {}{}",
+            "{:<12} {:<15} {:<7} {:<8} {:>9} {:>7} {:>6} {:<10} {:>6} {:>6} {:>5}  {}{}",
             name,
             addr,
             label.as_str(),
@@ -428,6 +467,11 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
                 "no".into()
             },
             detect.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
+            match (central_detect, central_raised) {
+                (Some(d), _) => format!("{d:.1}"),
+                (None, Some(_)) => "yes".into(),
+                (None, None) => "-".into(),
+            },
             score.map(|s| format!("{s:.1}")).unwrap_or("-".into()),
             kind,
             format!("{peak:.1}"),
@@ -450,6 +494,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
             "first_p2p_byte": first_p2p,
             "raised_at": raised_at,
             "seconds_to_detect": detect,
+            "central_seconds_to_detect": central_detect,
+            "central_alarmed": central_raised.is_some(),
             "score": score,
             "kind": kind,
             "kind_evidence": kind_why,
@@ -634,11 +680,23 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         writeln!(table, "{note}")?;
     }
     let zero_benign = fp == 0;
-    let pass = within && zero_benign && one_each && export_ok && right_kind && margins_ok;
+    // The node must meet the agent's time target; with no node run, nothing to meet.
+    let central_ok = inp.central_alarms.is_none() || central_within;
+    let pass =
+        within && zero_benign && one_each && export_ok && right_kind && margins_ok && central_ok;
     writeln!(
         table,
         "\nprecision {precision:.2}  recall {recall:.2}  time to detect: mean {mean_detect:.1} s, max {max_detect:.1} s"
     )?;
+    if inp.central_alarms.is_some() {
+        let max = central_times.iter().copied().fold(f64::NAN, f64::max);
+        let mean = central_times.iter().sum::<f64>() / central_times.len().max(1) as f64;
+        writeln!(
+            table,
+            "detector node (the agent an edge -> JetStream -> node; node_s): time to detect: mean {mean:.1} s, max {max:.1} s; every P2P host alarmed by the node within {within_secs:.0} s of its first payload byte: {}; benign hosts it alarmed: {central_fp}",
+            yes(central_within)
+        )?;
+    }
     writeln!(
         table,
         "targets{}: every P2P host within {within_secs:.0} s: {}; kind {P2P_KIND} for each: {}; no benign host alarmed: {}; every benign margin >= {MIN_MARGIN:.0}: {}; one alarm per P2P host: {}; {}: {}",
@@ -725,6 +783,8 @@ pub fn build(inp: Inputs) -> Result<Scorecard> {
         "captures": captures_json,
         "targets": {
             "p2p_within_target": within,
+            "p2p_central_within_target": inp.central_alarms.map(|_| central_within),
+            "central_benign_alarmed": inp.central_alarms.map(|_| central_fp),
             "target_secs": within_secs,
             "zero_benign_alarmed": zero_benign,
             "p2p_kind_right": right_kind,
