@@ -8,6 +8,7 @@
 //! acknowledged by JetStream per second. Then the nodes (`detector central`, the release
 //! binary) start on the full stream; their rate is records consumed per second, from the
 //! first lease taken to the stream drained (nats-server's monitoring endpoint says when).
+//! `DETECTOR_BIN=PATH` runs the nodes from another build (to compare two, alternately).
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -143,6 +144,9 @@ struct Round {
     edge_rate: f64,
     node_rate: f64,
     rss_mib: Vec<f64>,
+    /// Per node, its peak RSS after the evaluation that followed the drain (an evaluation
+    /// takes memory too; a node evaluates every 10 s while it ingests).
+    peak_mib: Vec<f64>,
     /// Per node: hosts profiled and MiB its detection tables hold, after the drain.
     profiled: Vec<(u64, u64)>,
 }
@@ -226,7 +230,11 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
     let edge_secs = t.elapsed().as_secs_f64();
 
     // Nodes on the full stream.
-    let bin = workspace().join("target/release/detector");
+    // Another build to compare with this one: $DETECTOR_BIN.
+    let bin = std::env::var_os("DETECTOR_BIN").map_or_else(
+        || workspace().join("target/release/detector"),
+        PathBuf::from,
+    );
     let mut procs = Vec::new();
     let mut logs = Vec::new();
     for n in 0..nodes {
@@ -280,6 +288,7 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
             stats_line(&text).with_context(|| format!("no statistics line in {}", l.display()))?,
         );
     }
+    let peak_mib = procs.iter().map(|p| peak_rss_mib(p.0.id())).collect();
     drop(procs);
     drop(server);
     Ok(Round {
@@ -287,6 +296,7 @@ fn round(nodes: usize, total: usize, edges: usize, hosts: u32, dir: &Path) -> Re
         edge_rate: published as f64 / edge_secs,
         node_rate: published as f64 / node_secs,
         rss_mib,
+        peak_mib,
         profiled,
     })
 }
@@ -312,17 +322,25 @@ fn main() -> Result<()> {
             r.nodes,
             r.edge_rate,
             r.node_rate,
-            r.rss_mib
+            r.peak_mib
                 .iter()
                 .map(|m| format!("{m:.0}"))
                 .collect::<Vec<_>>()
                 .join(" / ")
         );
-        for (i, (&rss, &(hosts, tables))) in r.rss_mib.iter().zip(&r.profiled).enumerate() {
+        for (i, ((&drained, &peak), &(hosts, tables))) in r
+            .rss_mib
+            .iter()
+            .zip(&r.peak_mib)
+            .zip(&r.profiled)
+            .enumerate()
+        {
+            let per_host = |mib: f64| mib * 1048.576 / hosts.max(1) as f64;
             println!(
-                "  node {i}: {hosts} hosts profiled, peak RSS {:.1} KB a host (target <= 20), its detection tables {:.1} KB a host",
-                rss * 1048.576 / hosts.max(1) as f64,
-                tables as f64 * 1048.576 / hosts.max(1) as f64
+                "  node {i}: {hosts} hosts profiled, peak RSS {:.1} KB a host (target <= 20; {:.1} when the stream was drained, before an evaluation), its detection tables {:.1} KB a host",
+                per_host(peak),
+                per_host(drained),
+                per_host(tables as f64)
             );
         }
         rounds.push(r);

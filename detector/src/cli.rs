@@ -393,6 +393,12 @@ pub struct CentralArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub stats_interval: u64,
 
+    /// Flows the node's duplicate table remembers (the same flow reported through two
+    /// edges counts once), 16 bytes each; when it is full, the flow idle the longest
+    /// gives way (counted and logged). Edges mark their own sources' duplicates first.
+    #[arg(long, value_name = "N", default_value_t = crate::scaleout::central::DEDUP_FLOWS as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
+    pub dedup_flows: u64,
+
     #[command(flatten)]
     pub detect: DetectArgs,
 }
@@ -408,6 +414,7 @@ impl CentralArgs {
             lease_secs: self.lease_secs,
             ack_wait_secs: self.ack_wait_secs,
             stats_interval: self.stats_interval,
+            dedup_flows: self.dedup_flows as usize,
             detect: self.detect.options(),
         }
     }

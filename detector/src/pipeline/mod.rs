@@ -273,11 +273,14 @@ fn shard_of(cfg: &DetectConfig, r: &FlowRecord, n: usize) -> usize {
 }
 
 /// One shard: a duplicate marker and an engine for the hosts routed to it.
+/// `keep_live`: a sink takes detection-only records too ([`Sink::wants_live`]): they go
+/// on to the sink thread, which gives them to that sink only.
 fn shard_worker(
     mut dedup: Dedup,
     mut engine: Engine,
     rx: Receiver<ToShard>,
     sinks: Option<SyncSender<ToSinks>>,
+    keep_live: bool,
 ) {
     while let Ok(msg) = rx.recv() {
         match msg {
@@ -287,8 +290,10 @@ fn shard_worker(
                 // Without a record sink (`detector central`), the records end here
                 // rather than queue for a thread that would only drop them.
                 if let Some(sinks) = &sinks {
-                    // Flow starts are for detection only.
-                    records.retain(|r| !r.live.detection_only());
+                    // Flow starts are for detection only (and a sink that wants them).
+                    if !keep_live {
+                        records.retain(|r| !r.live.detection_only());
+                    }
                     if sinks.send(ToSinks::Records(records, now)).is_err() {
                         return;
                     }
@@ -331,12 +336,27 @@ fn shard_worker(
 
 /// The sink thread: every record, in the order its shard sent it. Returns the sinks'
 /// failures (writes or sends that failed).
+/// Detection-only records (sent on when a sink wants them) reach only the sinks that
+/// want them; the others get the batch's exported records.
 fn sink_worker(mut sinks: Vec<Box<dyn Sink + Send>>, rx: Receiver<ToSinks>) -> u64 {
+    let wants: Vec<bool> = sinks.iter().map(|s| s.wants_live()).collect();
+    // Without such a sink, the shards sent exported records only.
+    let any_wants = wants.contains(&true);
+    let mut exported = Vec::new();
     while let Ok(msg) = rx.recv() {
         match msg {
             ToSinks::Records(records, now) => {
-                for s in &mut sinks {
-                    s.send(&records, now);
+                let live = any_wants && records.iter().any(|r| r.live.detection_only());
+                if live {
+                    exported.clear();
+                    exported.extend(records.iter().filter(|r| !r.live.detection_only()).cloned());
+                }
+                for (s, &w) in sinks.iter_mut().zip(&wants) {
+                    if live && !w {
+                        s.send(&exported, now);
+                    } else {
+                        s.send(&records, now);
+                    }
                 }
             }
             ToSinks::Describe(reply) => {
@@ -376,6 +396,8 @@ pub struct Pipeline {
     /// Operators' decisions: alarm events of suppressed hosts are marked and kept from
     /// the alarm sinks (`run`; see [`Self::set_decisions`]).
     decisions: Option<Arc<crate::status::decisions::Store>>,
+    /// Flows the shards' duplicate tables hold, together.
+    dedup_capacity: usize,
 }
 
 impl Pipeline {
@@ -387,6 +409,7 @@ impl Pipeline {
     ) -> Self {
         let n = cfg.workers.max(1);
         let has_sinks = !sinks.is_empty();
+        let keep_live = sinks.iter().any(|s| s.wants_live());
         let sink_names = sinks.iter().map(|s| s.name()).collect();
         let (sink_tx, sink_rx) = sync_channel(SINK_QUEUE);
         let sink_thread = std::thread::Builder::new()
@@ -401,9 +424,11 @@ impl Pipeline {
         shard_cfg.max_hosts = detect.max_hosts.div_ceil(n);
         let mut senders = Vec::with_capacity(n);
         let mut shard_threads = Vec::with_capacity(n);
+        let mut dedup_capacity = 0;
         for i in 0..n {
             let (tx, rx) = sync_channel(cfg.shard_queue.max(1));
             let dedup = Dedup::new(DEDUP_WINDOW, cfg.dedup_flows.div_ceil(n));
+            dedup_capacity += dedup.capacity();
             let engine = Engine::new(shard_cfg.clone());
             let sinks = has_sinks.then(|| sink_tx.clone());
             shard_threads.push(
@@ -411,7 +436,7 @@ impl Pipeline {
                     .name(format!("shard-{i}"))
                     .spawn(move || {
                         crate::privileges::drop_thread_capabilities();
-                        shard_worker(dedup, engine, rx, sinks)
+                        shard_worker(dedup, engine, rx, sinks, keep_live)
                     })
                     .expect("spawn a shard thread"),
             );
@@ -438,7 +463,14 @@ impl Pipeline {
             last_top: Arc::default(),
             limits_logged: (0, 0),
             decisions: None,
+            dedup_capacity,
         }
+    }
+
+    /// Flows the shards' duplicate tables hold, together (`dedup_flows` rounded up to
+    /// whole tables).
+    pub fn dedup_capacity(&self) -> usize {
+        self.dedup_capacity
     }
 
     /// Takes a reloaded configuration without losing anything held: routing, every

@@ -58,6 +58,8 @@ pub struct CentralOptions {
     pub ack_wait_secs: u64,
     /// Seconds between two logs of the node's counters.
     pub stats_interval: u64,
+    /// Flows the duplicate table remembers, over all the pipeline's workers.
+    pub dedup_flows: usize,
     pub detect: crate::pipeline::build::DetectOptions,
 }
 
@@ -315,7 +317,28 @@ fn key_safe(name: &str) -> String {
         .collect()
 }
 
+/// Asks the kernel for no transparent huge pages in this process from now on
+/// (`PR_SET_THP_DISABLE`): a node holds tens of thousands of small per-host tables spread
+/// over its heap, and a huge page made resident for a few of them holds 2 MiB
+/// (`cargo xtask bench scaleout`: about 3 KB a host of 27 at 20,000 hosts; the records'
+/// rate did not drop). Says what it did, in a line for the log.
+fn no_huge_pages() -> std::result::Result<&'static str, std::io::Error> {
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and changes a flag of this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok("transparent huge pages off for this process (PR_SET_THP_DISABLE)")
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub fn run(args: &CentralOptions) -> Result<()> {
+    match no_huge_pages() {
+        Ok(what) => info!("{what}"),
+        Err(e) => warn!(
+            "could not turn transparent huge pages off for this process: {e} (the node holds more memory than it uses)"
+        ),
+    }
     let (detect, mut alarms) = build::detection(&args.detect)?;
     let window = detect.window;
     let node = key_safe(&args.node.clone().unwrap_or_else(default_node));
@@ -405,6 +428,7 @@ pub fn run(args: &CentralOptions) -> Result<()> {
     // workers busy, and a long one only holds memory.
     let mut cfg = PipelineConfig::new(None, WhenBehind::Wait);
     cfg.shard_queue = CENTRAL_SHARD_QUEUE;
+    cfg.dedup_flows = args.dedup_flows;
     let mut pipeline = Pipeline::new(&cfg, Vec::new(), detect, alarms);
     let (feed, feed_rx) = tokio::sync::mpsc::channel(FEED_QUEUE);
     let feeding = {
@@ -449,8 +473,10 @@ pub fn run(args: &CentralOptions) -> Result<()> {
         });
     }
     info!(
-        "node {node}: detecting over {} shards (lease {} s)",
-        args.shards, args.lease_secs
+        "node {node}: detecting over {} shards (lease {} s); duplicate table: {} flows",
+        args.shards,
+        args.lease_secs,
+        pipeline.dedup_capacity()
     );
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::SeqCst) {
@@ -758,6 +784,13 @@ impl Leaser {
         Some(nodes.len())
     }
 }
+
+/// Flows a node's duplicate table remembers by default (`--dedup-flows`): 16 MiB, a
+/// quarter of an agent's ([`crate::pipeline::DEDUP_MAX_FLOWS`]). A node marks only the
+/// copies that reach it through two edges (each edge marked its own sources' copies
+/// first), and its memory goes to the hosts' profiles: at 20,000 hosts the agent's 64 MiB
+/// table was 3.4 KB a host of the 20 a node may hold.
+pub const DEDUP_FLOWS: usize = 1 << 20;
 
 /// Batches each shard consumer fetches at once.
 const FETCH_BATCHES: usize = 4;
@@ -1194,6 +1227,35 @@ impl ShardConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_sizes_its_duplicate_table_by_dedup_flows() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["detector", "central", "--nats", "nats://127.0.0.1:4222"];
+            args.extend_from_slice(extra);
+            crate::cli::Cli::try_parse_from(args).map(|c| match c.command {
+                crate::cli::Command::Central(a) => a.options(),
+                _ => panic!("not `central`"),
+            })
+        };
+        // 16 MiB of 16-byte slots by default.
+        assert_eq!(parse(&[]).unwrap().dedup_flows, 1 << 20);
+        let o = parse(&["--dedup-flows", "10000"]).unwrap();
+        assert_eq!(o.dedup_flows, 10_000);
+        assert!(parse(&["--dedup-flows", "10"]).is_err());
+        // Two workers of 5,000 flows each: 1,250 buckets of four, rounded up to 2,048.
+        let mut cfg = PipelineConfig::new(Some(2), WhenBehind::Wait);
+        cfg.dedup_flows = o.dedup_flows;
+        let p = Pipeline::new(
+            &cfg,
+            Vec::new(),
+            crate::detect::DetectConfig::default(),
+            crate::export::alarms::AlarmSink::open(None).unwrap(),
+        );
+        assert_eq!(p.dedup_capacity(), 2 * 2048 * 4);
+        p.finish(SystemTime::now());
+    }
 
     #[test]
     fn held_ranges_cover_each_ownership_period_and_nothing_between() {
