@@ -150,16 +150,27 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
     }
     to.send(&burst_recs, burst_from);
     let (sent, peers) = (sent + burst_recs.len() as u64, peers + burst);
-    let last = wait_for(
-        "an update of the alarm after the burst",
-        Duration::from_secs(30),
-        || {
-            events()
-                .into_iter()
-                .rev()
-                .find(|e| s::time_of(e, "at") > burst_from)
-        },
-    );
+    // The latest update (by its time, across the nodes' files) once it holds every peer,
+    // or after 30 s: an evaluation just after the burst may precede some of its records
+    // (seen in a CI check at load 80: 68 of 69 peers), and one that never gets there
+    // lost a record; more would be counted twice.
+    let expected = u64::from(peers);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let latest = events()
+            .into_iter()
+            .filter(|e| s::time_of(e, "at") > burst_from)
+            .max_by_key(|e| s::time_of(e, "at"));
+        match latest {
+            Some(e) if e["peers"].as_u64() >= Some(expected) || Instant::now() > deadline => {
+                break e;
+            }
+            None if Instant::now() > deadline => {
+                panic!("no update of the alarm within 30 s of the burst")
+            }
+            _ => thread::sleep(Duration::from_millis(250)),
+        }
+    };
     eprintln!(
         "{sent} records sent ({peers} peers of the host); three nodes restarted one by one in {:.1} s; the update after the burst: {} peers, {} flows",
         rolled.as_secs_f64(),

@@ -59,19 +59,32 @@ pub fn capture(dir: &Path, hosts: &[(&str, String)]) -> Result<()> {
             .with_context(|| format!("no page of {name} of the same evaluation as its API"))?;
         fs::write(path(dir, name, "json"), serde_json::to_string_pretty(&api)?)?;
         fs::write(path(dir, name, "html"), &dom)?;
+        // Up to three tries: on a loaded machine a Chromium run may be killed at its
+        // time limit before it writes the screenshot (seen at load 100).
         let shot = path(dir, name, "png");
-        chromium(
-            Some(GW),
-            &profile,
-            &page_url,
-            &[&format!("--screenshot={}", shot.display())],
-        )
-        .output()
-        .context("running chromium")?;
-        say(&format!(
-            "drill-down of {name} ({addr}) rendered: {}",
-            shot.display()
-        ));
+        for attempt in 1..=3 {
+            let _ = fs::remove_file(&shot);
+            let out = chromium(
+                Some(GW),
+                &profile,
+                &page_url,
+                &[&format!("--screenshot={}", shot.display())],
+            )
+            .output()
+            .context("running chromium")?;
+            let written = fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+            if out.status.success() && written > 0 {
+                say(&format!(
+                    "drill-down of {name} ({addr}) rendered: {}",
+                    shot.display()
+                ));
+                break;
+            }
+            say(&format!(
+                "drill-down of {name}: no screenshot from Chromium ({}, {written} bytes written; attempt {attempt} of 3)",
+                out.status
+            ));
+        }
     }
     Ok(())
 }
