@@ -170,3 +170,43 @@ impl Rng {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
+
+/// Sends raw Ethernet frames out of `dev` (AF_PACKET), from the calling thread's
+/// namespace (as root), pausing 1 ms every 64 frames so that a veth's queue keeps up.
+pub fn send_frames(dev: &str, frames: &[Vec<u8>]) {
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: plain libc calls on a socket this function owns and closes.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        assert!(ifindex > 0, "no interface {dev}");
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        );
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        for (i, f) in frames.iter().enumerate() {
+            let n = libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+            if i % 64 == 63 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        libc::close(fd);
+    }
+}

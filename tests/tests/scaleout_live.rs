@@ -28,7 +28,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::frames::{ETH_P_IP, ethernet, frame, ipv4, tcp, udp};
+use tests::frames::{ETH_P_IP, ethernet, frame, ipv4, send_frames, tcp, udp};
 use tests::netns::{Guarded, Netns, sh, wait_for_text};
 
 const TORRENT_HOST: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 5);
@@ -49,46 +49,6 @@ fn scratch() -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Sends raw Ethernet frames out of `dev` (AF_PACKET), from the calling thread's
-/// namespace.
-fn send_frames(dev: &str, frames: &[Vec<u8>]) {
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: plain libc calls on a socket this function owns and closes.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        assert!(ifindex > 0, "no interface {dev}");
-        let fd = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from((libc::ETH_P_ALL as u16).to_be()),
-        );
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_halen = 6;
-        for (i, f) in frames.iter().enumerate() {
-            let n = libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
-            if i % 64 == 63 {
-                thread::sleep(Duration::from_millis(1));
-            }
-        }
-        libc::close(fd);
-    }
 }
 
 fn peer(i: u32) -> Ipv4Addr {
