@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use super::evidence::Thresholds;
+use super::profile::PeerAddr;
 use crate::flow::Cidr;
 
 /// Detection settings.
@@ -74,6 +75,46 @@ fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast() || v4.octets()[3] == 255)
 }
 
+/// One external sender in a shard's snapshot: its address, its bytes into the shard's
+/// hosts and when it last sent, in 32 bytes (an `(IpAddr, u64, SystemTime)` is 48, and a
+/// central node holds one per sender per shard at the peak of an evaluation). The time
+/// is kept in nanoseconds since the epoch, so nothing is rounded (times before the
+/// epoch are taken as the epoch, times after 2554 as 2554). The address round-trips
+/// through [`PeerAddr`] since a sender is never multicast (`DetectConfig::usable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SenderEntry {
+    addr: PeerAddr,
+    bytes: u64,
+    last_ns: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SenderEntry>() == 32);
+
+impl SenderEntry {
+    pub fn new(ip: IpAddr, bytes: u64, last: SystemTime) -> Self {
+        let last_ns = last
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Self {
+            addr: PeerAddr::new(ip),
+            bytes,
+            last_ns,
+        }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn last(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.last_ns)
+    }
+}
+
 /// The network's top 10 external senders over the window, merged over the shards of
 /// an engine split by internal host (each shard sees a sender's bytes into its own
 /// hosts), and the senders idle for the whole window, which every shard forgets.
@@ -91,14 +132,14 @@ impl TopSenders {
     /// address order, so the sum allocates nothing beyond the snapshots themselves (a
     /// map summing them was two thirds of a central node's peak at 20,000 hosts).
     pub fn from_shards(
-        shards: impl IntoIterator<Item = Vec<(IpAddr, u64, SystemTime)>>,
+        shards: impl IntoIterator<Item = Vec<SenderEntry>>,
         now: SystemTime,
         window: Duration,
     ) -> Self {
-        let runs: Vec<Vec<(IpAddr, u64, SystemTime)>> = shards
+        let runs: Vec<Vec<SenderEntry>> = shards
             .into_iter()
             .map(|mut s| {
-                s.sort_unstable_by_key(|e| e.0);
+                s.sort_unstable_by_key(SenderEntry::ip);
                 s
             })
             .collect();
@@ -111,23 +152,23 @@ impl TopSenders {
             let next = runs
                 .iter()
                 .zip(&at)
-                .filter_map(|(run, &i)| run.get(i).map(|e| e.0))
+                .filter_map(|(run, &i)| run.get(i).map(SenderEntry::ip))
                 .min();
             let Some(ip) = next else { break };
+            let key = PeerAddr::new(ip);
             let mut bytes = 0u64;
-            let mut last = SystemTime::UNIX_EPOCH;
-            let mut first = true;
+            let mut last_ns = 0u64;
             for (run, i) in runs.iter().zip(at.iter_mut()) {
-                while let Some(&(a, b, l)) = run.get(*i) {
-                    if a != ip {
+                while let Some(e) = run.get(*i) {
+                    if e.addr != key {
                         break;
                     }
-                    bytes += b;
-                    last = if first { l } else { last.max(l) };
-                    first = false;
+                    bytes += e.bytes;
+                    last_ns = last_ns.max(e.last_ns);
                     *i += 1;
                 }
             }
+            let last = SystemTime::UNIX_EPOCH + Duration::from_nanos(last_ns);
             if now.duration_since(last).unwrap_or_default() < window {
                 let key = (Reverse(bytes), ip);
                 if best.len() < 10 || best.last().is_some_and(|worst| key < *worst) {
@@ -213,7 +254,10 @@ mod tests {
         ) {
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now);
             let window = Duration::from_secs(window);
-            let got = TopSenders::from_shards(shards.clone(), now, window);
+            let entries = shards
+                .iter()
+                .map(|s| s.iter().map(|&(ip, b, l)| SenderEntry::new(ip, b, l)).collect());
+            let got = TopSenders::from_shards(entries, now, window);
             let want = reference(shards, now, window);
             prop_assert_eq!(got.top10, want.top10);
             prop_assert_eq!(got.idle, want.idle);
@@ -227,10 +271,10 @@ mod tests {
         // Senders 0..12 send 100 bytes each; sender 20 sends 60 in each of two shards
         // (120: first), so the nine lowest of the ties 0..12 make the rest.
         let a: Vec<_> = (0..12)
-            .map(|n| (ip(n), 100, t))
-            .chain([(ip(20), 60, t)])
+            .map(|n| SenderEntry::new(ip(n), 100, t))
+            .chain([SenderEntry::new(ip(20), 60, t)])
             .collect();
-        let b = vec![(ip(20), 60, t)];
+        let b = vec![SenderEntry::new(ip(20), 60, t)];
         let top = TopSenders::from_shards([b, a], t, Duration::from_secs(300));
         let want: HashSet<IpAddr> = (0..9).map(ip).chain([ip(20)]).collect();
         assert_eq!(top.top10, want);

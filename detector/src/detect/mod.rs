@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use crate::flow::FlowRecord;
 use alarm::{Alarm, alarm_id, event};
 pub use alarm::{AlarmEvent, AlarmState};
-pub use config::{DetectConfig, TopSenders};
+pub use config::{DetectConfig, SenderEntry, TopSenders};
 use evidence::{Thresholds, Verdict};
 use profile::HostProfile;
 
@@ -547,10 +547,10 @@ impl Engine {
 
     /// Phase one of an evaluation split over shards: every external sender this engine
     /// has seen, with its bytes into the network and when it last sent.
-    pub fn senders_snapshot(&self) -> Vec<(IpAddr, u64, SystemTime)> {
+    pub fn senders_snapshot(&self) -> Vec<SenderEntry> {
         self.senders
             .iter()
-            .map(|(ip, (b, last))| (*ip, *b, *last))
+            .map(|(ip, (b, last))| SenderEntry::new(*ip, *b, *last))
             .collect()
     }
 

@@ -102,7 +102,7 @@ struct InputCounters {
 enum ToShard {
     Records(Vec<FlowRecord>, SystemTime),
     Expire(SystemTime),
-    Senders(SyncSender<Vec<(IpAddr, u64, SystemTime)>>),
+    Senders(SyncSender<Vec<crate::detect::SenderEntry>>),
     Evaluate {
         now: SystemTime,
         top: Arc<TopSenders>,
