@@ -10,8 +10,10 @@ pub mod frames;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod release;
 pub mod remap;
 pub mod sflow;
+pub mod sflow_switch;
 pub mod tshark;
 
 use std::path::PathBuf;

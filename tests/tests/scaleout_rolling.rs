@@ -1,20 +1,23 @@
-//! A rolling restart: three detector nodes restarted one at a time (SIGTERM, then the
-//! binary started again under the same name) while an edge publishes a BitTorrent-like
-//! host's growing swarm and a few benign hosts. Shards move away from each stopping node
-//! and back to it when it returns (each move a replay of the window, skipping what the
-//! taker holds already): no record is lost, none is counted twice, and the host keeps one
-//! alarm, raised once.
+//! A rolling upgrade: three detector nodes and an edge of the previous release
+//! ([`tests::release::PREVIOUS`], built from git once) run while the edge publishes a
+//! BitTorrent-like host's growing swarm and a few benign hosts; once the host's alarm is
+//! up, the nodes are upgraded one at a time (SIGTERM, then the binary of this tree started
+//! under the same name), then the edge (in the README's order). Shards move away from
+//! each stopping node and back to it when it returns (each move a replay of the window,
+//! skipping what the taker holds already), old and new nodes share the leases and the
+//! alarm's state meanwhile: no record is lost, none is counted twice, and the host keeps
+//! one alarm, raised once.
 //!
-//! The truth: the records the test sent (the host's flows: four per peer), the edge's
-//! count of what it published, nats-server's monitoring endpoint (batches stored, the
+//! The truth: the records the test sent (the host's flows: four per peer), the edges'
+//! count of what they published, nats-server's monitoring endpoint (batches stored, the
 //! durable consumers drained), and the host's alarm events, whose `flows` and `peers` are
 //! what the profile of its current owner holds.
 
 mod scaleout_support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +30,10 @@ const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
 #[test]
 #[ignore = "several processes and a nats-server for a minute: run by `cargo xtask test` with the privileged tests"]
-fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
+fn a_rolling_upgrade_loses_no_record_and_raises_no_second_alarm() {
+    // Built before anything starts: the first run builds it (minutes), later ones reuse it.
+    let old = tests::release::previous_detector();
+    let new = tests::detector_bin();
     let dir = scratch("scaleout-rolling");
     // Updates every evaluation: the last one says what the host's owner holds at the end.
     std::fs::write(
@@ -39,9 +45,9 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
     let _server = server.start(&[]);
     let url = server.url();
     let log = |n: &str| dir.join(format!("{n}.log"));
-    let start = |n: &str| s::node(&dir, n, &url, SHARDS, &[]);
+    let start = |bin: &std::path::Path, n: &str| s::node_of(bin, &dir, n, &url, SHARDS, &[]);
     let mut nodes: Vec<Option<tests::netns::Guarded>> =
-        NODES.iter().map(|n| Some(start(n))).collect();
+        NODES.iter().map(|n| Some(start(&old, n))).collect();
     let all_held = || {
         let held: Vec<_> = NODES.iter().map(|n| s::holds(&log(n))).collect();
         held.iter().all(|h| h.len() == 2) && held.iter().map(|h| h.len()).sum::<usize>() == 6
@@ -52,18 +58,26 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
         || all_held().then_some(()),
     );
     let nf = tests::netns::free_udp_port();
-    let mut edge = s::edge(&dir, "router-1", nf, &url, SHARDS);
+    let edge_log = |n: &str| dir.join(format!("router-1.{n}.log"));
+    let mut old_edge = s::edge_of(&old, &dir, "router-1", nf, &url, SHARDS);
 
-    // A new peer of the host and a flow of each benign host every second.
+    // A new peer of the host and a flow of each benign host every second; held (the gate
+    // taken) while the edge is upgraded, and a new exporter (templates first) after it.
     let sent = Arc::new(AtomicU64::new(0));
     let peers = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Mutex::new(0u32));
     let feeder = {
-        let (sent, peers, stop) = (sent.clone(), peers.clone(), stop.clone());
+        let (sent, peers, stop, gate) = (sent.clone(), peers.clone(), stop.clone(), gate.clone());
         thread::spawn(move || {
             let mut to = Exporter::new(nf);
+            let mut epoch = 0;
             while !stop.load(Ordering::SeqCst) {
                 let t = Instant::now();
+                let g = gate.lock().unwrap();
+                if *g != epoch {
+                    (to, epoch) = (Exporter::new(nf), *g);
+                }
                 let now = SystemTime::now();
                 let i = peers.load(Ordering::SeqCst);
                 let mut recs = s::peer_records(HOST, i, now);
@@ -75,6 +89,7 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
                 to.send(&recs, now);
                 sent.fetch_add(recs.len() as u64, Ordering::SeqCst);
                 peers.store(i + 1, Ordering::SeqCst);
+                drop(g);
                 thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
             }
         })
@@ -92,8 +107,8 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
             .then_some(())
     });
 
-    // One node at a time: stopped (it hands its shards back), started again, and the
-    // next only once the shards are shared again.
+    // One node at a time: stopped (it hands its shards back), started again by the new
+    // binary, and the next only once the shards are shared again.
     let t0 = Instant::now();
     for (i, n) in NODES.iter().enumerate() {
         let st = nodes[i]
@@ -122,14 +137,32 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
                 (others == SHARDS as usize).then_some(())
             },
         );
-        nodes[i] = Some(start(n));
+        nodes[i] = Some(start(&new, n));
         wait_for(
             "the shards to be shared again",
             Duration::from_secs(60),
             || all_held().then_some(()),
         );
     }
+    // Then the edge: the exporter held, the old edge publishes what it received and stops
+    // (its log kept), the new one listens on the same port.
+    let mut edge = {
+        let mut g = gate.lock().unwrap();
+        let held = sent.load(Ordering::SeqCst);
+        wait_for(
+            "the old edge to publish every record",
+            Duration::from_secs(30),
+            || (s::published(&log("router-1")) == held).then_some(()),
+        );
+        let st = old_edge.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
+        assert!(st.success(), "the old edge exited with {st}");
+        std::fs::rename(log("router-1"), edge_log("before-upgrade")).unwrap();
+        let e = s::edge_of(&new, &dir, "router-1", nf, &url, SHARDS);
+        *g += 1;
+        e
+    };
     let rolled = t0.elapsed();
+    let old_published = s::published(&edge_log("before-upgrade"));
     thread::sleep(Duration::from_secs(4));
     stop.store(true, Ordering::SeqCst);
     feeder.join().unwrap();
@@ -172,7 +205,7 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
         }
     };
     eprintln!(
-        "{sent} records sent ({peers} peers of the host); three nodes restarted one by one in {:.1} s; the update after the burst: {} peers, {} flows",
+        "{sent} records sent ({peers} peers of the host), {old_published} of them to the previous release's edge; three nodes and the edge upgraded one by one in {:.1} s; the update after the burst: {} peers, {} flows",
         rolled.as_secs_f64(),
         last["peers"],
         last["flows"]
@@ -184,15 +217,16 @@ fn a_rolling_restart_loses_no_record_and_raises_no_second_alarm() {
         "the profile of {HOST} after the restarts: {last:#}"
     );
 
-    // The edge published every record, and the stream stored each batch once.
+    // The edges published every record, and the stream stored each batch once.
     wait_for(
-        "the edge to publish every record",
+        "the new edge to publish every record",
         Duration::from_secs(30),
-        || (s::published(&log("router-1")) == sent).then_some(()),
+        || (old_published + s::published(&log("router-1")) == sent).then_some(()),
     );
     let st = edge.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
     assert!(st.success(), "the edge exited with {st}");
-    let batches = s::last_number(&log("router-1"), "records published in ").unwrap();
+    let batches = s::last_number(&edge_log("before-upgrade"), "records published in ").unwrap()
+        + s::last_number(&log("router-1"), "records published in ").unwrap();
     // Every shard's durable consumer delivered and saw acknowledged every batch.
     let drained = wait_for("the consumers to drain", Duration::from_secs(60), || {
         let j = server.jsz()?;

@@ -129,11 +129,23 @@ pub fn stream<'a>(j: &'a Value, name: &str) -> Option<&'a Value> {
 /// `detector central` on `urls` (comma-separated), its log in `dir/NAME.log`, its
 /// alarms in `dir/NAME.alarms.jsonl`.
 pub fn node(dir: &Path, name: &str, urls: &str, shards: u32, more: &[&str]) -> Guarded {
+    node_of(&tests::detector_bin(), dir, name, urls, shards, more)
+}
+
+/// [`node`] run by the binary `bin` (another release's, in an upgrade).
+pub fn node_of(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    urls: &str,
+    shards: u32,
+    more: &[&str],
+) -> Guarded {
     let config = dir.join("detector.toml");
     if !config.exists() {
         std::fs::write(&config, CONFIG).unwrap();
     }
-    let child = Command::new(tests::detector_bin())
+    let child = Command::new(bin)
         .args(["central", "--nats", urls, "--shards", &shards.to_string()])
         .args(["--node", name, "--lease-secs", "2", "--ack-wait-secs", "2"])
         .arg("--config")
@@ -152,12 +164,24 @@ pub fn node(dir: &Path, name: &str, urls: &str, shards: u32, more: &[&str]) -> G
 /// An edge: `detector run` collecting NetFlow on `127.0.0.1:nf_port` and publishing every
 /// record to `urls`, as agent `name`; its log in `dir/NAME.log`.
 pub fn edge(dir: &Path, name: &str, nf_port: u16, urls: &str, shards: u32) -> Guarded {
+    edge_of(&tests::detector_bin(), dir, name, nf_port, urls, shards)
+}
+
+/// [`edge`] run by the binary `bin` (another release's, in an upgrade).
+pub fn edge_of(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    nf_port: u16,
+    urls: &str,
+    shards: u32,
+) -> Guarded {
     let config = dir.join("detector.toml");
     if !config.exists() {
         std::fs::write(&config, CONFIG).unwrap();
     }
     let log = dir.join(format!("{name}.log"));
-    let child = Command::new(tests::detector_bin())
+    let child = Command::new(bin)
         .args(["run", "--netflow-listen", &format!("127.0.0.1:{nf_port}")])
         .args(["--nats", urls, "--nats-shards", &shards.to_string()])
         .args([
