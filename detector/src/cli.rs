@@ -67,7 +67,7 @@ impl DrainArg {
 #[derive(Debug, Args)]
 #[command(group(
     clap::ArgGroup::new("source")
-        .args(["iface", "netflow_listen", "sflow_listen"])
+        .args(["iface", "netflow_listen", "sflow_listen", "config"])
         .required(true)
         .multiple(true)
 ))]
@@ -425,6 +425,25 @@ impl RunArgs {
     pub fn pin_base(&self) -> Option<std::path::PathBuf> {
         (self.pin_path != "none" && !self.pin_path.is_empty())
             .then(|| std::path::PathBuf::from(&self.pin_path))
+    }
+}
+
+impl RunArgs {
+    /// `--netflow-listen` and `--sflow-listen`, each else the configuration file's
+    /// `[netflow] listen` and `[sflow] listen`; an error if no source is left.
+    pub fn with_file_listeners(mut self) -> Result<Self, crate::config::ConfigError> {
+        let Some(path) = &self.detect.config else {
+            return Ok(self);
+        };
+        let file = crate::config::FileConfig::load(path)?;
+        self.netflow_listen = file.netflow.or_flags(&self.netflow_listen);
+        self.sflow_listen = file.sflow.or_flags(&self.sflow_listen);
+        if self.iface.is_none() && self.netflow_listen.is_empty() && self.sflow_listen.is_empty() {
+            return Err(crate::config::ConfigError::NoSource {
+                path: path.display().to_string(),
+            });
+        }
+        Ok(self)
     }
 }
 

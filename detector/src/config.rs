@@ -27,6 +27,10 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    #[error(
+        "{path} names no source and no flag does: give --iface, --netflow-listen or --sflow-listen, or `listen` in the file's [netflow] or [sflow] section, e.g. [sflow] listen = [\"0.0.0.0:6343\"]"
+    )]
+    NoSource { path: String },
 }
 
 /// The file, as written. Every section and key is optional.
@@ -39,6 +43,8 @@ pub struct FileConfig {
     pub thresholds: Thresholds,
     pub sinks: Sinks,
     pub http: Http,
+    pub netflow: Listen,
+    pub sflow: Listen,
     /// What the file says in an outdated way (logged when it is loaded; `check-config`
     /// prints them).
     #[serde(skip)]
@@ -125,6 +131,33 @@ impl Http {
             Some(dir) if c.is_relative() => dir.join(c),
             _ => c.to_path_buf(),
         })
+    }
+}
+
+/// The NetFlow/IPFIX (`[netflow]`) or sFlow (`[sflow]`) listeners of `run`
+/// (`--netflow-listen`, `--sflow-listen` win over them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// `ADDR:PORT`s to receive on, e.g. `["0.0.0.0:2055"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<String>,
+}
+
+impl Listen {
+    /// The addresses of `listen` (the ones that parse: `validate` refused the file
+    /// otherwise).
+    pub fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listen.iter().filter_map(|a| a.parse().ok()).collect()
+    }
+
+    /// The addresses given by flag, else the file's.
+    pub fn or_flags(&self, flags: &[std::net::SocketAddr]) -> Vec<std::net::SocketAddr> {
+        if flags.is_empty() {
+            self.addrs()
+        } else {
+            flags.to_vec()
+        }
     }
 }
 
@@ -233,6 +266,23 @@ impl FileConfig {
                     "'{a}' is not ADDR:PORT; give an address and a port, e.g. \"127.0.0.1:9750\", or a port (on 127.0.0.1), e.g. \"9750\""
                 ),
             ));
+        }
+        for (key, l, port) in [
+            ("netflow.listen", &self.netflow, 2055),
+            ("sflow.listen", &self.sflow, 6343),
+        ] {
+            if let Some(a) = l
+                .listen
+                .iter()
+                .find(|a| a.parse::<std::net::SocketAddr>().is_err())
+            {
+                return Err(err(
+                    key,
+                    format!(
+                        "'{a}' is not ADDR:PORT; give an address and a port, e.g. \"0.0.0.0:{port}\" or \"[::]:{port}\""
+                    ),
+                ));
+            }
         }
         if let Some(web) = self.http.config_path(Path::new(path)) {
             crate::status::access::WebConfig::load(&web)
@@ -459,5 +509,116 @@ webhook = { url = "http://127.0.0.1:8080/alarms" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("peers"), "{e}");
+    }
+
+    #[test]
+    fn listeners_are_read_printed_back_and_lose_to_the_flags() {
+        let c = load(
+            "[netflow]\nlisten = [\"0.0.0.0:2055\", \"[::1]:4739\"]\n[sflow]\nlisten = [\"127.0.0.1:6343\"]\n",
+        )
+        .unwrap();
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(c.netflow.addrs(), [a("0.0.0.0:2055"), a("[::1]:4739")]);
+        assert_eq!(c.sflow.addrs(), [a("127.0.0.1:6343")]);
+        // The file's list when no flag is given; the flags' alone when one is.
+        assert_eq!(c.sflow.or_flags(&[]), [a("127.0.0.1:6343")]);
+        assert_eq!(
+            c.netflow.or_flags(&[a("10.0.0.1:9995")]),
+            [a("10.0.0.1:9995")]
+        );
+        // `check-config` prints them, and what it prints reads back the same.
+        let printed = c.to_toml();
+        assert!(
+            printed.contains("[netflow]\nlisten = [\n    \"0.0.0.0:2055\",")
+                && printed.contains("[sflow]\nlisten = [\"127.0.0.1:6343\"]"),
+            "{printed}"
+        );
+        let back: FileConfig = toml::from_str(&printed).unwrap();
+        assert_eq!(back, c);
+        // Unset, they are not printed and name nothing.
+        let none = load("").unwrap();
+        assert!(!none.to_toml().contains("listen"), "{}", none.to_toml());
+        assert!(none.sflow.or_flags(&[]).is_empty());
+    }
+
+    #[test]
+    fn run_takes_the_files_listeners_unless_a_flag_gives_them() {
+        use clap::Parser;
+        let dir = std::env::temp_dir().join(format!("detector-cfg-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (both, none) = (dir.join("both.toml"), dir.join("none.toml"));
+        std::fs::write(
+            &both,
+            "[netflow]\nlisten = [\"127.0.0.1:2055\"]\n[sflow]\nlisten = [\"127.0.0.1:6343\"]\n",
+        )
+        .unwrap();
+        std::fs::write(&none, "[detection]\nwindow_secs = 600\n").unwrap();
+        let run = |args: &[&str]| match crate::cli::Cli::try_parse_from(
+            ["detector", "run"].iter().chain(args),
+        )
+        .map_err(|e| e.to_string())?
+        .command
+        {
+            crate::cli::Command::Run(a) => a.with_file_listeners().map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        };
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let f = both.to_str().unwrap();
+        // The file alone is a source.
+        let r = run(&["--config", f]).unwrap();
+        assert_eq!(r.netflow_listen, [a("127.0.0.1:2055")]);
+        assert_eq!(r.sflow_listen, [a("127.0.0.1:6343")]);
+        // A flag wins over its key; the other key still holds.
+        let r = run(&["--config", f, "--sflow-listen", "127.0.0.1:7000"]).unwrap();
+        assert_eq!(r.sflow_listen, [a("127.0.0.1:7000")]);
+        assert_eq!(r.netflow_listen, [a("127.0.0.1:2055")]);
+        // Without the file, the flags as they are.
+        let r = run(&["--netflow-listen", "127.0.0.1:9995"]).unwrap();
+        assert_eq!(r.netflow_listen, [a("127.0.0.1:9995")]);
+        assert!(r.sflow_listen.is_empty());
+        // A file with no listener and no flag: no source, said so with the fix.
+        let e = run(&["--config", none.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.contains("names no source") && e.contains("--sflow-listen") && e.contains("[sflow]"),
+            "{e}"
+        );
+        // Neither file nor flag: clap's error, as before.
+        let e = run(&[]).unwrap_err();
+        assert!(
+            e.contains("--iface") && e.contains("--netflow-listen"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn listener_errors_name_the_key_and_the_fix() {
+        let e = load("[sflow]\nlisten = [\"6343\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sflow.listen")
+                && e.contains("'6343' is not ADDR:PORT")
+                && e.contains("0.0.0.0:6343"),
+            "{e}"
+        );
+        let e = load("[netflow]\nlisten = [\"0.0.0.0:2055\", \"host:2055\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("netflow.listen") && e.contains("'host:2055'") && e.contains("0.0.0.0:2055"),
+            "{e}"
+        );
+        let e = load("[sflow]\nlistens = [\"0.0.0.0:6343\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `listens`") && e.contains("`listen`"),
+            "{e}"
+        );
+        let e = load("[sflow]\nlisten = \"0.0.0.0:6343\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen") && e.contains("sequence"), "{e}");
     }
 }

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(detector::agent::run(args))),
+            .and_then(|rt| {
+                let args = args.with_file_listeners()?;
+                rt.block_on(detector::agent::run(args))
+            }),
         Command::Replay(args) => detector::replay::replay(args.options()),
         Command::Central(args) => detector::scaleout::central::run(&args.options()),
         // A YAML file is an --http-config file.

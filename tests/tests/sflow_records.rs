@@ -1,5 +1,5 @@
 //! What switches send that the pmacct peer (`sflow_peer.rs`) does not: hand-built sFlow
-//! v5 datagrams (`tests::sflow`, per sflow.org/sflow_version_5.txt) with expanded flow
+//! v5 datagrams (`tests::sflow_switch`, per sflow.org/sflow_version_5.txt) with expanded flow
 //! samples (format 3) beside compact ones, sampled IPv4 (record 3) and IPv6 (record 4)
 //! records instead of raw headers, an IPv6 agent and sub-agent ids other than 0, and raw
 //! headers of 802.1Q and QinQ frames, an MPLS label stack, IPv6 with hop-by-hop, routing
@@ -22,323 +22,21 @@
 //!   counts, per agent and sub-agent, the datagrams and flow samples (expanded ones among
 //!   them) tshark decodes, each a packet, with no errors, no non-IP sample and no loss.
 //!
-//! Skips with a message when tshark is not installed.
+//! - Interface counters: compact and expanded counter samples from two agents reach a
+//!   live /metrics as sent, the listener taken from the configuration file.
+//!
+//! The tshark test skips with a message when tshark is not installed.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::net::{IpAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tests::frames::{
-    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, ethernet, icmp, ipv4, ipv6, tcp, udp,
-};
 use tests::netns::{Guarded, free_udp_port, sh, wait_for_text};
-use tests::sflow::{
-    HEADER_ETHERNET, HEADER_IPV4, HEADER_IPV6, SampleHead, SampledIp, Tagged, datagram,
-    expanded_flow_sample, flow_sample, mpls, raw_header, sampled_ip, source_stats, stat,
-    write_sflow_pcap,
-};
-
-/// (protocol, src, src port, dst, dst port), ICMP's destination port `type << 8 | code`.
-type Tuple = (u8, IpAddr, u16, IpAddr, u16);
-
-/// One flow sample as built, or as tshark decodes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Sample {
-    agent: IpAddr,
-    sub_agent: u32,
-    expanded: bool,
-    rate: u32,
-    /// Raw header (true) or sampled IPv4/IPv6 record.
-    raw: bool,
-    tuple: Tuple,
-    /// IP length.
-    bytes: u64,
-    /// Outer and inner VLAN ids of a raw header (0: none).
-    vlans: (u16, u16),
-    /// Input ifIndex (compact samples pack it with its format, expanded ones do not).
-    input: u32,
-}
-
-/// The inner packet of a sample, as built.
-enum Inner {
-    /// A raw header record of this protocol, of this frame (or IP packet), snapped at
-    /// 128 bytes.
-    Raw(u32, Vec<u8>),
-    Sampled(SampledIp),
-}
-
-struct Spec {
-    expanded: bool,
-    rate: u32,
-    /// ifIndex: the data source and the input interface.
-    ifindex: u32,
-    inner: Inner,
-    tuple: Tuple,
-    bytes: u64,
-    vlans: (u16, u16),
-}
-
-const SNAP: usize = 128;
-
-fn v4(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn v6(s: &str) -> Ipv6Addr {
-    s.parse().unwrap()
-}
-
-/// An Ethernet frame (with `tags`) of an IPv4 packet.
-fn eth4(tags: &[(u16, u16)], ip: &[u8]) -> Vec<u8> {
-    [ethernet(tags, ETH_P_IP), ip.to_vec()].concat()
-}
-
-fn eth6(tags: &[(u16, u16)], ip: &[u8]) -> Vec<u8> {
-    [ethernet(tags, ETH_P_IPV6), ip.to_vec()].concat()
-}
-
-/// A TCP segment header with `n` bytes of payload.
-fn tcp_n(sp: u16, dp: u16, n: usize) -> Vec<u8> {
-    [tcp(sp, dp, 0x18), vec![0xab; n]].concat()
-}
-
-fn udp_n(sp: u16, dp: u16, n: usize) -> Vec<u8> {
-    [udp(sp, dp, n), vec![0xcd; n]].concat()
-}
-
-/// A raw-header sample: (expanded, rate, ifIndex), the header's protocol and packet,
-/// and what should be read from it.
-fn raw(
-    (expanded, rate, ifindex): (bool, u32, u32),
-    protocol: u32,
-    frame: Vec<u8>,
-    tuple: Tuple,
-    bytes: usize,
-    vlans: (u16, u16),
-) -> Spec {
-    Spec {
-        expanded,
-        rate,
-        ifindex,
-        inner: Inner::Raw(protocol, frame),
-        tuple,
-        bytes: bytes as u64,
-        vlans,
-    }
-}
-
-/// A sampled-IP sample: (expanded, rate, ifIndex) and the record.
-fn sampled((expanded, rate, ifindex): (bool, u32, u32), s: SampledIp) -> Spec {
-    Spec {
-        expanded,
-        rate,
-        ifindex,
-        tuple: (
-            s.protocol as u8,
-            s.src,
-            s.src_port as u16,
-            s.dst,
-            s.dst_port as u16,
-        ),
-        bytes: u64::from(s.length),
-        vlans: (0, 0),
-        inner: Inner::Sampled(s),
-    }
-}
-
-/// The agents (address, sub-agent) and their datagrams' samples: ((expanded, rate,
-/// ifIndex), inner packet, then what tshark and the agent should read: tuple, IP length,
-/// VLANs).
-#[rustfmt::skip]
-fn specs() -> Vec<(IpAddr, u32, Vec<Vec<Spec>>)> {
-    let a4 = IpAddr::V4(v4("192.0.2.1"));
-    let a6 = IpAddr::V6(v6("2001:db8::a"));
-    let ip4 = |s: &str| IpAddr::V4(v4(s));
-    let ip6 = |s: &str| IpAddr::V6(v6(s));
-    let (e, c) = (true, false);
-
-    // Agent 192.0.2.1, sub-agent 0: raw headers of IPv4 packets, expanded and compact.
-    let (s, d) = (v4("10.0.0.1"), v4("10.0.0.2"));
-    let tcp_big = ipv4(s, d, 6, 0, 0x4000, &[], &tcp_n(40001, 443, 1400));
-    let tcp_small = ipv4(s, d, 6, 0, 0x4000, &[], &tcp_n(40001, 443, 200));
-    let t_tcp = (6, ip4("10.0.0.1"), 40001, ip4("10.0.0.2"), 443);
-    let dot1q = ipv4(v4("10.0.1.1"), v4("10.0.1.2"), 17, 0, 0, &[], &udp_n(5353, 53, 100));
-    let qinq = ipv4(v4("10.0.2.1"), v4("10.0.2.2"), 6, 0, 0, &[], &tcp_n(1234, 80, 500));
-    let labelled = ipv4(v4("10.0.3.1"), v4("10.0.3.2"), 17, 0, 0, &[], &udp_n(4000, 4001, 300));
-    let ping = ipv4(v4("10.0.4.1"), v4("10.0.4.2"), 1, 0, 0, &[], &[icmp(8, 0), vec![0; 56]].concat());
-    let bare4 = ipv4(v4("10.0.5.1"), v4("10.0.5.2"), 17, 0, 0, &[], &udp_n(123, 123, 48));
-    // A later fragment (offset 185 x 8 bytes) of a UDP datagram: no ports.
-    let later4 = ipv4(v4("10.0.6.1"), v4("10.0.6.2"), 17, 0, 185, &[], &[0xee; 300]);
-    let source0 = vec![vec![
-        raw((e, 1, 1), HEADER_ETHERNET, eth4(&[], &tcp_big), t_tcp, tcp_big.len(), (0, 0)),
-        raw((e, 1, 1), HEADER_ETHERNET, eth4(&[], &tcp_small), t_tcp, tcp_small.len(), (0, 0)),
-        raw((e, 10, 2), HEADER_ETHERNET, eth4(&[(ETH_P_8021Q, 100)], &dot1q),
-            (17, ip4("10.0.1.1"), 5353, ip4("10.0.1.2"), 53), dot1q.len(), (100, 0)),
-        raw((c, 256, 3), HEADER_ETHERNET, eth4(&[(ETH_P_8021AD, 200), (ETH_P_8021Q, 300)], &qinq),
-            (6, ip4("10.0.2.1"), 1234, ip4("10.0.2.2"), 80), qinq.len(), (200, 300)),
-        raw((c, 10, 4), HEADER_ETHERNET, [ethernet(&[], 0x8847), mpls(&[1000, 2000]), labelled.clone()].concat(),
-            (17, ip4("10.0.3.1"), 4000, ip4("10.0.3.2"), 4001), labelled.len(), (0, 0)),
-        raw((e, 256, 5), HEADER_ETHERNET, eth4(&[], &ping),
-            (1, ip4("10.0.4.1"), 0, ip4("10.0.4.2"), 8 << 8), ping.len(), (0, 0)),
-        raw((e, 10, 6), HEADER_IPV4, bare4.clone(),
-            (17, ip4("10.0.5.1"), 123, ip4("10.0.5.2"), 123), bare4.len(), (0, 0)),
-        raw((c, 1, 1), HEADER_ETHERNET, eth4(&[], &later4),
-            (17, ip4("10.0.6.1"), 0, ip4("10.0.6.2"), 0), later4.len(), (0, 0)),
-    ]];
-
-    // Agent 192.0.2.1, sub-agent 7: sampled IPv4 and IPv6 records.
-    let rec = |length, protocol, src, dst, src_port, dst_port| SampledIp {
-        length,
-        protocol,
-        src,
-        dst,
-        src_port,
-        dst_port,
-        tcp_flags: if protocol == 6 { 0x10 } else { 0 },
-        tos: 0,
-    };
-    let source7 = vec![vec![
-        sampled((e, 1, 11), rec(1500, 6, ip4("10.1.0.1"), ip4("10.1.0.2"), 50000, 22)),
-        sampled((e, 1, 11), rec(40, 6, ip4("10.1.0.1"), ip4("10.1.0.2"), 50000, 22)),
-        sampled((c, 10, 12), rec(576, 17, ip4("10.1.1.1"), ip4("10.1.1.2"), 5000, 5001)),
-        sampled((e, 256, 13), rec(1280, 17, ip6("2001:db8:1::1"), ip6("2001:db8:1::2"), 6000, 6001)),
-        sampled((c, 10, 14), rec(60, 6, ip6("2001:db8:2::1"), ip6("2001:db8:2::2"), 443, 50001)),
-    ]];
-
-    // Agent 2001:db8::a, sub-agent 3: raw headers of IPv6 packets, two datagrams.
-    let (s, d) = (v6("2001:db8:3::1"), v6("2001:db8:3::2"));
-    // Hop-by-hop, routing (segment routing) and fragment (first fragment) headers.
-    let chain = [hop_by_hop(), srh(d), first_fragment()];
-    let ext_big = ipv6_chain(s, d, &chain, 6, &tcp_n(33000, 443, 1200));
-    let ext_small = ipv6_chain(s, d, &chain, 6, &tcp_n(33000, 443, 800));
-    let t_ext = (6, ip6("2001:db8:3::1"), 33000, ip6("2001:db8:3::2"), 443);
-    let hbh = ipv6(v6("2001:db8:4::1"), v6("2001:db8:4::2"), 0, &[Ext::HopByHop], 17, &udp_n(546, 547, 100));
-    let (s, d) = (v6("2001:db8:5::1"), v6("2001:db8:5::2"));
-    let frag = ipv6_chain(s, d, &[first_fragment()], 17, &udp_n(7000, 7001, 1400));
-    // The datagram's later fragment (offset 185): no ports.
-    let later6 = ipv6(s, d, 0, &[Ext::Fragment { offset: 185, more: false }], 17, &[0xee; 300]);
-    let ping6 = ipv6(v6("2001:db8:6::1"), v6("2001:db8:6::2"), 0, &[], 58, &[icmp(128, 0), vec![0; 56]].concat());
-    let bare6 = ipv6(v6("2001:db8:7::1"), v6("2001:db8:7::2"), 0, &[Ext::DestOpts], 17, &udp_n(8000, 8001, 200));
-    let source3 = vec![
-        vec![
-            raw((e, 10, 21), HEADER_ETHERNET, eth6(&[], &ext_big), t_ext, ext_big.len(), (0, 0)),
-            raw((e, 1, 22), HEADER_ETHERNET, eth6(&[], &hbh),
-                (17, ip6("2001:db8:4::1"), 546, ip6("2001:db8:4::2"), 547), hbh.len(), (0, 0)),
-            raw((c, 256, 23), HEADER_ETHERNET, eth6(&[(ETH_P_8021Q, 42)], &frag),
-                (17, ip6("2001:db8:5::1"), 7000, ip6("2001:db8:5::2"), 7001), frag.len(), (42, 0)),
-            raw((e, 1, 24), HEADER_ETHERNET, eth6(&[], &ping6),
-                (58, ip6("2001:db8:6::1"), 0, ip6("2001:db8:6::2"), 128 << 8), ping6.len(), (0, 0)),
-        ],
-        vec![
-            raw((e, 10, 21), HEADER_ETHERNET, eth6(&[], &ext_small), t_ext, ext_small.len(), (0, 0)),
-            raw((c, 256, 23), HEADER_ETHERNET, eth6(&[(ETH_P_8021Q, 42)], &later6),
-                (17, ip6("2001:db8:5::1"), 0, ip6("2001:db8:5::2"), 0), later6.len(), (42, 0)),
-            raw((e, 10, 25), HEADER_IPV6, bare6.clone(),
-                (17, ip6("2001:db8:7::1"), 8000, ip6("2001:db8:7::2"), 8001), bare6.len(), (0, 0)),
-        ],
-    ];
-    vec![(a4, 0, source0), (a4, 7, source7), (a6, 3, source3)]
-}
-
-/// The datagrams, in sending order, and the samples they carry, as built.
-fn build() -> (Vec<Vec<u8>>, Vec<Sample>) {
-    let (mut datagrams, mut built) = (Vec::new(), Vec::new());
-    for (agent, sub_agent, dgrams) in specs() {
-        // Each data source's sample sequence counts up from 1, with no gap.
-        let mut next: BTreeMap<u32, u32> = BTreeMap::new();
-        for (i, specs) in dgrams.iter().enumerate() {
-            let mut samples: Vec<Tagged> = Vec::new();
-            for s in specs {
-                let seq = next.entry(s.ifindex).or_insert(1);
-                let head = SampleHead {
-                    sequence: *seq,
-                    source_type: 0,
-                    source_index: s.ifindex,
-                    rate: s.rate,
-                    pool: *seq * s.rate,
-                    drops: 0,
-                    input: s.ifindex,
-                    output: 100,
-                };
-                *seq += 1;
-                let record = match &s.inner {
-                    Inner::Raw(protocol, frame) => raw_header(*protocol, frame, SNAP),
-                    Inner::Sampled(r) => sampled_ip(r),
-                };
-                samples.push(if s.expanded {
-                    expanded_flow_sample(&head, &[record])
-                } else {
-                    flow_sample(&head, &[record])
-                });
-                built.push(Sample {
-                    agent,
-                    sub_agent,
-                    expanded: s.expanded,
-                    rate: s.rate,
-                    raw: matches!(s.inner, Inner::Raw(..)),
-                    tuple: s.tuple,
-                    bytes: s.bytes,
-                    vlans: s.vlans,
-                    input: s.ifindex,
-                });
-            }
-            datagrams.push(datagram(
-                agent,
-                sub_agent,
-                i as u32 + 1,
-                60_000 + i as u32,
-                &samples,
-            ));
-        }
-    }
-    (datagrams, built)
-}
-
-/// An IPv6 packet with extension headers `exts` ((number, bytes), each with its next
-/// header field filled in here) in front of `payload` of protocol `proto`.
-fn ipv6_chain(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    exts: &[(u8, Vec<u8>)],
-    proto: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut chain = Vec::new();
-    for (i, (_, bytes)) in exts.iter().enumerate() {
-        let mut b = bytes.clone();
-        b[0] = exts.get(i + 1).map_or(proto, |e| e.0);
-        chain.extend(b);
-    }
-    chain.extend_from_slice(payload);
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(chain.len() as u16).to_be_bytes());
-    h.push(exts.first().map_or(proto, |e| e.0));
-    h.push(64);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    [h, chain].concat()
-}
-
-/// Hop-by-hop options (number 0): a PadN option, 8 bytes.
-fn hop_by_hop() -> (u8, Vec<u8>) {
-    (0, vec![0, 0, 1, 4, 0, 0, 0, 0])
-}
-
-/// A segment routing header (routing type 4, RFC 8754; number 43) with one segment,
-/// `segment`, none left.
-fn srh(segment: Ipv6Addr) -> (u8, Vec<u8>) {
-    let mut h = vec![0, 2, 4, 0, 0, 0, 0, 0];
-    h.extend_from_slice(&segment.octets());
-    (43, h)
-}
-
-/// A fragment header (number 44) of the first fragment (offset 0, more fragments).
-fn first_fragment() -> (u8, Vec<u8>) {
-    (44, vec![0, 0, 0, 1, 0x12, 0x34, 0x56, 0x78])
-}
+use tests::sflow::{datagram, source_stats, stat, write_sflow_pcap};
+use tests::sflow_switch::{Sample, Tuple, build};
 
 /// The first (outermost) occurrence of a key in a tshark JSON tree (with
 /// `--no-duplicate-keys` a repeated key holds an array).
@@ -759,5 +457,184 @@ fn switch_sflow_decodes_as_tshark_decodes_it() {
         want.len(),
         started.elapsed()
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The `detector_sflow_if_*` series of a /metrics page: (name, listener, source,
+/// ifIndex) to value.
+fn if_series(metrics: &str) -> BTreeMap<(String, String, String, String), f64> {
+    let mut m = BTreeMap::new();
+    for line in metrics.lines() {
+        if !line.starts_with("detector_sflow_if_") {
+            continue;
+        }
+        let (name, rest) = line.split_once('{').unwrap_or_else(|| panic!("{line}"));
+        let (labels, value) = rest.rsplit_once("} ").unwrap_or_else(|| panic!("{line}"));
+        let labels: BTreeMap<&str, &str> = labels
+            .split(',')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("{line}"));
+                (k, v.trim_matches('"'))
+            })
+            .collect();
+        assert_eq!(labels.len(), 3, "{line}");
+        m.insert(
+            (
+                name.to_string(),
+                labels["listener"].to_string(),
+                labels["source"].to_string(),
+                labels["ifindex"].to_string(),
+            ),
+            value.parse().unwrap_or_else(|_| panic!("{line}")),
+        );
+    }
+    m
+}
+
+/// Interface counters sent by two agents, in compact and expanded counter samples (an
+/// ifIndex above 2^24 only the expanded form can carry, octets above 2^32), are on a live
+/// /metrics as sent: each of the eight `detector_sflow_if_*` gauges of each interface
+/// holds the value in the last datagram (packets: unicast + multicast + broadcast), and
+/// no other interface is shown. The agent takes its listener from the configuration
+/// file's `[sflow] listen`, with no `--sflow-listen` flag, and its statistics count every
+/// counter sample and datagram sent.
+#[test]
+fn interface_counters_reach_metrics_as_sent_with_the_listener_from_the_file() {
+    use tests::sflow::{IfCounters, counter_sample, if_counters};
+    let dir = tests::agent::scratch("sflow-ifcounters");
+    let (port, http) = (free_udp_port(), tests::http::free_tcp_port());
+    let config = dir.join("detector.toml");
+    std::fs::write(
+        &config,
+        format!("[sflow]\nlisten = [\"127.0.0.1:{port}\"]\n"),
+    )
+    .unwrap();
+    let log = dir.join("agent.log");
+    let child = Command::new(tests::detector_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .args(["--stats-interval", "0"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let mut agent = Guarded::new("detector", child);
+    wait_for_text(&log, "receiving sFlow", Duration::from_secs(20));
+
+    let a4: IpAddr = "192.0.2.1".parse().unwrap();
+    let a6: IpAddr = "2001:db8::a".parse().unwrap();
+    let c = |if_index: u32, base: u32| IfCounters {
+        if_index,
+        speed: 10_000_000_000,
+        in_octets: 5_000_000_000 + u64::from(base),
+        in_ucast: base + 1,
+        in_multicast: base + 2,
+        in_broadcast: base + 3,
+        in_discards: base + 4,
+        in_errors: base + 5,
+        out_octets: 7_000_000_000 + u64::from(base),
+        out_ucast: base + 11,
+        out_multicast: base + 12,
+        out_broadcast: base + 13,
+        out_discards: base + 14,
+        out_errors: base + 15,
+    };
+    // Agent a4: ifIndex 3 twice (the second report is the one shown) and 4, compact;
+    // agent a6 sub-agent 3: ifIndex 70000, expanded.
+    let (first3, last3, if4, big) = (c(3, 100), c(3, 900), c(4, 40), c(70_000, 7));
+    let datagrams = [
+        datagram(
+            a4,
+            0,
+            1,
+            1000,
+            &[
+                counter_sample(false, 1, 3, &[if_counters(&first3)]),
+                counter_sample(false, 1, 4, &[if_counters(&if4)]),
+            ],
+        ),
+        datagram(
+            a6,
+            3,
+            1,
+            1000,
+            &[counter_sample(true, 1, 70_000, &[if_counters(&big)])],
+        ),
+        datagram(
+            a4,
+            0,
+            2,
+            2000,
+            &[counter_sample(false, 2, 3, &[if_counters(&last3)])],
+        ),
+    ];
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for d in &datagrams {
+        sock.send_to(d, ("127.0.0.1", port)).unwrap();
+        // In order: the last report of ifIndex 3 is the second one.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let listener = format!("127.0.0.1:{port}");
+    let mut want = BTreeMap::new();
+    for (source, x) in [
+        ("192.0.2.1/0", &last3),
+        ("192.0.2.1/0", &if4),
+        ("2001:db8::a/3", &big),
+    ] {
+        let sum = |a: u32, b: u32, c: u32| u64::from(a) + u64::from(b) + u64::from(c);
+        for (name, v) in [
+            ("in_octets", x.in_octets),
+            (
+                "in_packets",
+                sum(x.in_ucast, x.in_multicast, x.in_broadcast),
+            ),
+            ("in_errors", u64::from(x.in_errors)),
+            ("in_discards", u64::from(x.in_discards)),
+            ("out_octets", x.out_octets),
+            (
+                "out_packets",
+                sum(x.out_ucast, x.out_multicast, x.out_broadcast),
+            ),
+            ("out_errors", u64::from(x.out_errors)),
+            ("out_discards", u64::from(x.out_discards)),
+        ] {
+            want.insert(
+                (
+                    format!("detector_sflow_if_{name}"),
+                    listener.clone(),
+                    source.to_string(),
+                    x.if_index.to_string(),
+                ),
+                v as f64,
+            );
+        }
+    }
+    let url = format!("http://127.0.0.1:{http}/metrics");
+    // Gauges as last sent, and nothing else: waits for them, then says what differs.
+    let end = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let got = tests::http::get(&url)
+            .map(|m| if_series(&m))
+            .unwrap_or_default();
+        if got == want || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(got, want, "/metrics (left) against what was sent");
+    assert_eq!(want.len(), 24);
+    let st = agent.stop(Signal::SIGTERM, Duration::from_secs(20));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "agent: {st}\n{log}");
+    for (source, datagrams, counters) in [("192.0.2.1/0", 2, 3), ("2001:db8::a/3", 1, 1)] {
+        let st = source_stats(&log, source);
+        assert_eq!(stat(st, "datagrams"), datagrams, "{source}: {st}");
+        assert_eq!(stat(st, "counter samples"), counters, "{source}: {st}");
+        assert_eq!(stat(st, "flow samples"), 0, "{source}: {st}");
+        assert_eq!(stat(st, "lost datagrams"), 0, "{source}: {st}");
+        assert!(st.contains("errors {}"), "{st}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -742,6 +742,8 @@ impl Engine {
 mod tests;
 #[cfg(test)]
 mod tests_behaviour;
+#[cfg(test)]
+mod tests_sampling;
 
 #[cfg(test)]
 mod internal_tests {

@@ -258,7 +258,7 @@ impl RawRecord {
     /// code. The frame counts as one packet of its (outer) IP length unless the record
     /// says otherwise.
     pub(super) fn frame_section(&mut self, b: &[u8]) {
-        use etherparse::{Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket};
+        use etherparse::{LaxNetSlice, LaxSlicedPacket};
         if b.len() < 14 {
             return;
         }
@@ -320,10 +320,31 @@ impl RawRecord {
                     // header's bytes (RFC 8200: the top 13 bits of bytes 2-3):
                     // etherparse 0.18's fragment_offset() and payload().fragmented
                     // take the M flag for offset bits (etherparse issue #150).
-                    let first = !v6.extensions().clone().into_iter().any(|e| {
-                        matches!(e, Ipv6ExtensionSlice::Fragment(f)
-                            if u16::from_be_bytes([f.slice()[2], f.slice()[3]]) >> 3 != 0)
-                    });
+                    // The kept extension bytes are walked here, bounds-checked:
+                    // etherparse 0.18.2's iterator over them follows the last kept
+                    // header's next-header field into bytes a cut chain does not have
+                    // (an unchecked read past the slice), as a sampled header cut by
+                    // its snap length is.
+                    let first = {
+                        let ext = v6.extensions();
+                        let mut rest = ext.slice();
+                        let mut next = ext.first_header().map_or(255, |n| n.0);
+                        let mut first = true;
+                        while rest.len() >= 8 {
+                            let size = match next {
+                                0 | 43 | 60 => (usize::from(rest[1]) + 1) * 8,
+                                44 => {
+                                    first &= u16::from_be_bytes([rest[2], rest[3]]) >> 3 == 0;
+                                    8
+                                }
+                                51 => (usize::from(rest[1]) + 2) * 4,
+                                _ => break,
+                            };
+                            next = rest[0];
+                            rest = rest.get(size..).unwrap_or_default();
+                        }
+                        first
+                    };
                     (
                         u64::from(h.payload_length()) + 40,
                         v6.payload().clone(),

@@ -483,3 +483,32 @@ fn icmp_in_sampled_records_is_keyed_by_type_and_code() {
     let p = super::decode::packet_of(&[udp]).expect("an IPv4 packet");
     assert_eq!((p.src_port, p.dst_port), (53000, 53));
 }
+
+/// A raw IPv6 header (header protocol 12) whose extension chain the snap length cut:
+/// hop-by-hop options, then a routing header of which only 4 bytes were sampled. The
+/// packet is still read (addresses, the IP length), with no ports, and nothing reads
+/// past the sampled bytes.
+#[test]
+fn an_ipv6_extension_chain_cut_by_the_snap_length_is_read_without_ports() {
+    use flowparser_sflow::flow_records::{FlowRecord as SflowRecord, RawPacketHeader};
+    for cut in [0usize, 1, 2, 4, 7] {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(8 + 24 + 8u16).to_be_bytes());
+        p.extend_from_slice(&[0, 64]); // hop-by-hop first
+        for a in ["2001:db8::1", "2001:db8::2"] {
+            p.extend_from_slice(&a.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        }
+        p.extend_from_slice(&[43, 0, 1, 4, 0, 0, 0, 0]); // hop-by-hop, next: routing
+        p.extend_from_slice(&[17, 2, 4, 0, 0, 0, 0, 0][..cut]); // routing, cut
+        let rec = SflowRecord::RawPacketHeader(RawPacketHeader {
+            header_protocol: 12,
+            frame_length: 84,
+            stripped: 4,
+            header_length: p.len() as u32,
+            header: p,
+        });
+        let got = super::decode::packet_of(&[rec]).expect("an IPv6 packet");
+        assert_eq!((got.src_port, got.dst_port), (0, 0), "cut at {cut}");
+        assert_eq!(got.bytes, 80, "cut at {cut}");
+    }
+}
