@@ -331,7 +331,14 @@ impl Ingest {
         let mut parts: Vec<String> = self
             .listeners
             .iter()
-            .map(|l| format!("listener {}: kernel drops {}", l.addr, l.kernel_drops()))
+            .map(|l| {
+                format!(
+                    "listener {}: kernel drops {}, {}",
+                    l.addr,
+                    l.kernel_drops(),
+                    l.read_stats.describe()
+                )
+            })
             .collect();
         let (mut rejected, mut over) = (0, 0);
         for d in self.listeners.iter().flat_map(|l| &l.decoders) {

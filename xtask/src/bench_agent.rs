@@ -61,6 +61,10 @@ pub struct AgentArgs {
     /// Short durations, for a smoke run (meter window 20 s, ingest trials 3 s).
     #[arg(long)]
     quick: bool,
+    /// Ingest: skip the searches (and nfcapd, nfacctd) and run the agent once at this
+    /// many records/s for --ingest-secs (to look at its stalls at a given rate).
+    #[arg(long)]
+    ingest_rate: Option<u64>,
 }
 
 /// Runs the benchmark with the agent binary `bin`.

@@ -117,8 +117,11 @@ const APT_PACKAGES: &[&str] = &[
     "transmission-cli",
     "tcpdump",
     // pmacct: nfacctd, a second collector for `cargo xtask bench agent`; pmacctd with its
-    // sfprobe plugin, the sFlow exporter of the sFlow tests and the lab through sFlow.
+    // sfprobe plugin, the sFlow exporter of the sFlow tests and the lab through sFlow;
+    // sfacctd, an independent sFlow decoder the sFlow tests compare against.
     "pmacct",
+    // sfcapd, nfdump's sFlow collector: the other independent sFlow decoder.
+    "nfdump-sflow",
     // `cargo xtask package` and its check: systemd-analyze verify.
     "systemd",
     // The `--http` test: promtool and a Prometheus server scrape /metrics, headless

@@ -556,6 +556,8 @@ fn nfacctd_count(file: &Path) -> Result<(u64, &'static str)> {
     Ok((sum, name))
 }
 
+/// `by_second`: the agent logs its reader's and decoder's figures every second, printed
+/// after the trial.
 fn trial(
     bin: &Path,
     set: &[Datagram],
@@ -563,6 +565,7 @@ fn trial(
     rate: u64,
     secs: u64,
     tmp: &Path,
+    by_second: bool,
 ) -> Result<Trial> {
     let port = free_udp_port()?;
     let dir = tmp.join(format!("ingest-{port}"));
@@ -577,7 +580,15 @@ fn trial(
             Command::new(bin)
                 .args(["run", "--netflow-listen", &format!("127.0.0.1:{port}")])
                 .args(["--export", &format!("127.0.0.1:{}", sink.port)])
-                .args(["--workers", &w.to_string(), "--stats-interval", "0"]),
+                .args(["--workers", &w.to_string(), "--stats-interval", "0"])
+                .env(
+                    "RUST_LOG",
+                    if by_second {
+                        "info,detector::sources::netflow::listener=debug"
+                    } else {
+                        "info"
+                    },
+                ),
             log,
         )?,
         Receiver::Nfcapd => Proc::spawn(
@@ -616,6 +627,11 @@ fn trial(
         Receiver::Agent(_) => {
             proc.stop(SIGINT, Duration::from_secs(60))?;
             let text = proc.log_text();
+            if by_second {
+                for l in text.lines().filter(|l| l.contains("] reader: ")) {
+                    println!("    {}", l.split("] ").nth(1).unwrap_or(l));
+                }
+            }
             let line = text
                 .lines()
                 .rev()
@@ -637,6 +653,17 @@ fn trial(
                 && g > 0
             {
                 let _ = write!(note, " sequence gaps {g}");
+            }
+            // How the agent's reading and decoding threads kept up (their longest stalls).
+            if let (Some(a), Some(b)) = (line.find("reader: "), line.find("decoder: longest read "))
+                && let Some(e) = line[b..].find(" ms)")
+            {
+                let _ = write!(
+                    note,
+                    "{}{}",
+                    if note.is_empty() { "" } else { "; " },
+                    &line[a..b + e + 4]
+                );
             }
             let _ = write!(note, "{}{cpu}", if note.is_empty() { "" } else { "; " });
             (got, got == sent.records && drops == 0 && kdrops == 0)
@@ -771,7 +798,7 @@ fn search(
     let (mut good, mut bad) = (0u64, None::<u64>);
     let (mut rate, mut steps) = (START, 0);
     for _ in 0..MAX_TRIALS {
-        let t = trial(bin, set, who, rate, secs, tmp)?;
+        let t = trial(bin, set, who, rate, secs, tmp, false)?;
         print_trial(who, &t);
         let achieved = t.sent.rate().min(rate);
         if t.ok {
@@ -827,6 +854,19 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
         bytes / set.len()
     );
 
+    if let Some(rate) = args.ingest_rate {
+        for &w in &args.workers {
+            let who = Receiver::Agent(w);
+            println!(
+                "  -- {who}: {} records/s for {} s (--ingest-rate)",
+                thousands(rate),
+                args.ingest_secs
+            );
+            let t = trial(bin, &set, who, rate, args.ingest_secs, tmp, true)?;
+            print_trial(who, &t);
+        }
+        return Ok(());
+    }
     let mut receivers: Vec<Receiver> = args.workers.iter().map(|&w| Receiver::Agent(w)).collect();
     receivers.push(Receiver::Nfcapd);
     receivers.push(Receiver::Nfacctd);
@@ -856,7 +896,7 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
         // Up to four attempts, 10 % lower each time a trial loses (a long run meets the
         // machine's slow moments, which short trials may miss).
         let mut rate = b.rate;
-        let mut t = trial(bin, &set, *who, rate, confirm_secs, tmp)?;
+        let mut t = trial(bin, &set, *who, rate, confirm_secs, tmp, false)?;
         print_trial(*who, &t);
         for _ in 0..3 {
             if t.ok {
@@ -864,7 +904,7 @@ pub(super) fn run(bin: &Path, args: &AgentArgs, tmp: &Path) -> Result<()> {
             }
             rate = rate * 9 / 10;
             println!("  -- {who}: 10 % lower: {} records/s", thousands(rate));
-            t = trial(bin, &set, *who, rate, confirm_secs, tmp)?;
+            t = trial(bin, &set, *who, rate, confirm_secs, tmp, false)?;
             print_trial(*who, &t);
         }
         confirmed.push((*w, if t.ok { t.sent.rate().min(rate) } else { 0 }, t.ok));

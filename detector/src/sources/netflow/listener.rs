@@ -1,8 +1,11 @@
 //! The UDP socket NetFlow/IPFIX arrives on (`--netflow-listen`), one per address, read
 //! with `recvmmsg` (up to 32 datagrams a call) into a large receive buffer whose kernel
-//! drop counter (SO_RXQ_OVFL) comes with the datagrams. With `--workers 1` one thread
-//! reads, decodes and hands records to the pipeline. With more, the parsing (most of the
-//! cost of a record) runs on that many threads, even for a single exporter: see
+//! drop counter (SO_RXQ_OVFL) comes with the datagrams. The reading thread only reads:
+//! with `--workers 1` it hands each read's datagrams to one decoding thread through a
+//! queue bounded in bytes ([`QUEUE_BYTES`]), so that a decoder slowed down for a moment
+//! (the machine busy with evaluations, a table growing) delays records instead of
+//! letting the socket overflow. With more workers, the parsing (most of the cost of a
+//! record) runs on that many threads, even for a single exporter: see
 //! [`Listener::start`].
 
 use std::io;
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,6 +30,15 @@ pub const DEFAULT_RCVBUF: usize = 32 << 20;
 pub const BATCH: usize = 32;
 /// How often a blocked reader wakes to see whether it should stop.
 const WAKE: Duration = Duration::from_millis(100);
+/// Datagram bytes read but not yet decoded, at most (`--workers 1`): beyond it the reader
+/// waits, and the socket's buffer (whose overflow the kernel counts) takes the rest.
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// Reads queued to the decoding thread at most (whatever their size).
+const QUEUE_READS: usize = 1 << 16;
+/// Emptied reads kept for reuse by the reading thread.
+const SPARE_READS: usize = 64;
+/// How long a reader waiting for room in the queue sleeps between looks.
+const ROOM_POLL: Duration = Duration::from_micros(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -95,8 +107,63 @@ pub struct Listener {
     pub decoders: Vec<Arc<Mutex<Decoder>>>,
     /// Threads that parse datagrams (1: the reading thread does all the work).
     pub parsers: usize,
+    /// How the reading and decoding kept up (see [`ReadStats`]).
+    pub read_stats: Arc<ReadStats>,
     drops: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// How a listener's reading thread kept up with its socket, and its decoding thread with
+/// the reader (`--workers 1`): the longest moments either spent away from its work. A
+/// reader away from `recvmmsg` longer than the socket's buffer lasts at the arrival rate
+/// loses datagrams (the kernel counts them).
+#[derive(Default)]
+pub struct ReadStats {
+    /// Longest time between two reads (the reader busy, or not scheduled; not counting
+    /// its waits for room in the queue), in us.
+    pub longest_gap_us: AtomicU64,
+    /// Time the reader waited for room in the queue to the decoder, in us.
+    pub waited_us: AtomicU64,
+    /// Most datagram bytes queued to the decoder at once.
+    pub queue_peak: AtomicU64,
+    /// Longest time the decoder spent on one read's datagrams (decode and hand-over), in us.
+    pub longest_decode_us: AtomicU64,
+    /// Datagram bytes queued now.
+    queued: AtomicU64,
+    /// The decoder's time on reads and its longest read since the reader's last
+    /// per-second summary, in us.
+    busy_us: AtomicU64,
+    busy_longest_us: AtomicU64,
+    /// Of that, the time in the hand-over to the pipeline (which waits when the sinks'
+    /// queue is full), in us.
+    emit_us: AtomicU64,
+    /// Longest hand-over of one read's records, in us.
+    pub longest_emit_us: AtomicU64,
+    /// Queue bound in bytes when not [`QUEUE_BYTES`] (0), for the tests.
+    limit: AtomicU64,
+}
+
+impl ReadStats {
+    fn limit(&self) -> u64 {
+        match self.limit.load(Ordering::Relaxed) {
+            0 => QUEUE_BYTES as u64,
+            n => n,
+        }
+    }
+
+    /// `reader: longest gap 0.4 ms, queue peak 1.2 MB, waited 0 ms; decoder: longest read 3.1 ms`.
+    pub fn describe(&self) -> String {
+        let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
+        format!(
+            "reader: longest gap {:.1} ms, queue peak {:.1} MB of {} MB, waited for room {:.1} ms; decoder: longest read {:.1} ms (hand-over {:.1} ms)",
+            ms(&self.longest_gap_us),
+            self.queue_peak.load(Ordering::Relaxed) as f64 / 1e6,
+            QUEUE_BYTES >> 20,
+            ms(&self.waited_us),
+            ms(&self.longest_decode_us),
+            ms(&self.longest_emit_us),
+        )
+    }
 }
 
 impl Listener {
@@ -129,6 +196,7 @@ impl Listener {
             rcvbuf: bound.rcvbuf,
             decoders: Vec::new(),
             parsers,
+            read_stats: Arc::default(),
             drops: Vec::new(),
             threads: Vec::new(),
         };
@@ -147,10 +215,20 @@ impl Listener {
         l.decoders.push(dec.clone());
         l.drops.push(drops.clone());
         let (input, stop) = (input.clone(), stop.clone());
+        let stats = l.read_stats.clone();
         if parsers == 1 {
+            let (tx, rx) = sync_channel::<Read>(QUEUE_READS);
+            let (spare_tx, spare_rx) = sync_channel::<Read>(SPARE_READS);
+            let s = stats.clone();
+            l.threads.push(spawn(
+                format!("nfdecode-{port}"),
+                Box::new(move || decode_loop(rx, spare_tx, dec, input, s)),
+            )?);
             l.threads.push(spawn(
                 format!("netflow-{port}"),
-                Box::new(move || read_loop(bound.sock, dec, drops, input, stop)),
+                Box::new(move || {
+                    receive_loop(bound.sock, drops, tx, spare_rx, stop, stats);
+                }),
             )?);
             return Ok(l);
         }
@@ -177,7 +255,7 @@ impl Listener {
         let admission = Admission::new(limits, allow.to_vec());
         l.threads.push(spawn(
             format!("netflow-{port}"),
-            Box::new(move || deal_loop(bound.sock, drops, admission, to_parsers, stop)),
+            Box::new(move || deal_loop(bound.sock, drops, admission, to_parsers, stop, stats)),
         )?);
         Ok(l)
     }
@@ -238,12 +316,16 @@ fn deal_loop(
     mut admission: Admission,
     parsers: Vec<SyncSender<Chunk>>,
     stop: Arc<AtomicBool>,
+    stats: Arc<ReadStats>,
 ) {
     let mut batch = RecvBatch::new(BATCH);
     let mut learn: Vec<Vec<Item>> = parsers.iter().map(|_| Vec::new()).collect();
     let mut next = 0;
+    let mut gaps = Gaps::new();
     loop {
+        gaps.before_read(&stats);
         let n = recv_or_zero(&mut batch, &sock);
+        gaps.after_read();
         if n == 0 {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -378,39 +460,199 @@ pub(crate) fn recv_or_zero(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
     }
 }
 
-/// Reads, decodes and hands over until `stop` is set and the socket is empty.
-fn read_loop<E: Emit>(
+/// One read's datagrams, copied out of the receive buffers for the decoding thread.
+#[derive(Default)]
+struct Read {
+    received: Option<SystemTime>,
+    bytes: Vec<u8>,
+    /// Each datagram's source and where its bytes end in `bytes`.
+    ends: Vec<(SocketAddr, usize)>,
+}
+
+/// The reading thread's time away from `recvmmsg`, and a per-second summary in the
+/// debug log (`RUST_LOG=detector::sources::netflow::listener=debug`).
+struct Gaps {
+    returned: Option<Instant>,
+    second: Instant,
+    /// Over the current second: time away from reads, the longest such time, reads.
+    away: Duration,
+    longest: Duration,
+    reads: u64,
+    /// Over the current second: time waiting for room in the queue (not counted away).
+    waited: Duration,
+}
+
+impl Gaps {
+    fn new() -> Self {
+        Self {
+            returned: None,
+            second: Instant::now(),
+            away: Duration::ZERO,
+            longest: Duration::ZERO,
+            reads: 0,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Just before a read: the time since the last one returned counts as a gap.
+    fn before_read(&mut self, stats: &ReadStats) {
+        let now = Instant::now();
+        if let Some(r) = self.returned.take() {
+            let gap = now - r;
+            self.away += gap;
+            self.longest = self.longest.max(gap);
+            self.reads += 1;
+            stats
+                .longest_gap_us
+                .fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
+        }
+        if now - self.second >= Duration::from_secs(1) {
+            let busy = stats.busy_us.swap(0, Ordering::Relaxed);
+            let busy_longest = stats.busy_longest_us.swap(0, Ordering::Relaxed);
+            let emit = stats.emit_us.swap(0, Ordering::Relaxed);
+            if self.reads > 0 {
+                log::debug!(
+                    "reader: {} reads in {:.0} ms, away from reading {:.1} ms (longest {:.2} ms), waited for room {:.1} ms, queued to the decoder {:.1} MB; decoder busy {:.1} ms (longest read {:.2} ms), of which hand-over {:.1} ms",
+                    self.reads,
+                    (now - self.second).as_secs_f64() * 1e3,
+                    self.away.as_secs_f64() * 1e3,
+                    self.longest.as_secs_f64() * 1e3,
+                    self.waited.as_secs_f64() * 1e3,
+                    stats.queued.load(Ordering::Relaxed) as f64 / 1e6,
+                    busy as f64 / 1e3,
+                    busy_longest as f64 / 1e3,
+                    emit as f64 / 1e3,
+                );
+            }
+            self.waited = Duration::ZERO;
+            self.second = now;
+            self.away = Duration::ZERO;
+            self.longest = Duration::ZERO;
+            self.reads = 0;
+        }
+    }
+
+    fn after_read(&mut self) {
+        self.returned = Some(Instant::now());
+    }
+
+    /// The reader waited `d` for room in the queue: not a gap of its own making.
+    fn waited(&mut self, d: Duration, stats: &ReadStats) {
+        self.waited += d;
+        if let Some(r) = &mut self.returned {
+            *r += d;
+        }
+        stats
+            .waited_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Reads datagrams and queues each read's to the decoding thread (`--workers 1`), until
+/// `stop` is set and the socket is empty. Waits while [`QUEUE_BYTES`] are queued.
+fn receive_loop(
     sock: UdpSocket,
-    decoder: Arc<Mutex<Decoder>>,
     drops: Arc<AtomicU64>,
-    input: E,
+    queue: SyncSender<Read>,
+    spare: Receiver<Read>,
     stop: Arc<AtomicBool>,
+    stats: Arc<ReadStats>,
 ) {
     let mut batch = RecvBatch::new(BATCH);
-    let mut records = Vec::new();
+    let mut gaps = Gaps::new();
     loop {
+        gaps.before_read(&stats);
         // One system call waits (up to WAKE) for the first datagram and takes whatever
         // else is queued, up to BATCH.
         let n = recv_or_zero(&mut batch, &sock);
-        if n > 0 {
-            let received = SystemTime::now();
-            let mut dec = decoder.lock().unwrap_or_else(|p| p.into_inner());
-            for i in 0..n {
-                let (from, data, d) = batch.get(i);
-                if let Some(d) = d {
-                    drops.store(d, Ordering::Relaxed);
-                }
-                if let Some(from) = from {
-                    dec.decode(from, data, received, &mut records);
-                }
+        gaps.after_read();
+        if n == 0 {
+            if stop.load(Ordering::Relaxed) {
+                return;
             }
-            drop(dec);
-            if !records.is_empty() {
-                input.emit(hand_over(&mut records), received);
+            continue;
+        }
+        let mut read = spare.try_recv().unwrap_or_default();
+        read.received = Some(SystemTime::now());
+        read.bytes.clear();
+        read.ends.clear();
+        for i in 0..n {
+            let (from, data, d) = batch.get(i);
+            if let Some(d) = d {
+                drops.store(d, Ordering::Relaxed);
             }
-        } else if stop.load(Ordering::Relaxed) {
+            if let Some(from) = from {
+                read.bytes.extend_from_slice(data);
+                read.ends.push((from, read.bytes.len()));
+            }
+        }
+        let len = read.bytes.len() as u64;
+        if len == 0 {
+            continue;
+        }
+        // Room for it (a read larger than the whole queue goes in alone).
+        let mut waited = None;
+        while stats.queued.load(Ordering::Relaxed) > 0
+            && stats.queued.load(Ordering::Relaxed) + len > stats.limit()
+        {
+            waited.get_or_insert_with(Instant::now);
+            std::thread::sleep(ROOM_POLL);
+        }
+        if let Some(w) = waited {
+            gaps.waited(w.elapsed(), &stats);
+        }
+        let queued = stats.queued.fetch_add(len, Ordering::Relaxed) + len;
+        stats.queue_peak.fetch_max(queued, Ordering::Relaxed);
+        if queue.send(read).is_err() {
             return;
         }
+    }
+}
+
+/// Decodes the reads queued by the reading thread and hands their records over, until
+/// the reader is done; returns the emptied reads for reuse.
+fn decode_loop<E: Emit>(
+    queue: Receiver<Read>,
+    spare: SyncSender<Read>,
+    decoder: Arc<Mutex<Decoder>>,
+    input: E,
+    stats: Arc<ReadStats>,
+) {
+    // Room is made even if this thread ends early (a panic): the reader must not wait
+    // for it forever.
+    struct Release(Arc<ReadStats>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.queued.store(0, Ordering::Relaxed);
+        }
+    }
+    let _release = Release(stats.clone());
+    let mut records = Vec::new();
+    while let Ok(read) = queue.recv() {
+        let started = Instant::now();
+        let received = read.received.unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut dec = decoder.lock().unwrap_or_else(|p| p.into_inner());
+        let mut start = 0;
+        for &(from, end) in &read.ends {
+            dec.decode(from, &read.bytes[start..end], received, &mut records);
+            start = end;
+        }
+        drop(dec);
+        if !records.is_empty() {
+            let emitting = Instant::now();
+            input.emit(hand_over(&mut records), received);
+            let took = emitting.elapsed().as_micros() as u64;
+            stats.emit_us.fetch_add(took, Ordering::Relaxed);
+            stats.longest_emit_us.fetch_max(took, Ordering::Relaxed);
+        }
+        stats
+            .queued
+            .fetch_sub(read.bytes.len() as u64, Ordering::Relaxed);
+        let took = started.elapsed().as_micros() as u64;
+        stats.longest_decode_us.fetch_max(took, Ordering::Relaxed);
+        stats.busy_us.fetch_add(took, Ordering::Relaxed);
+        stats.busy_longest_us.fetch_max(took, Ordering::Relaxed);
+        let _ = spare.try_send(read);
     }
 }
 
@@ -530,5 +772,92 @@ fn sockaddr(a: &libc::sockaddr_storage) -> Option<SocketAddr> {
             )))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::FlowRecord;
+    use std::net::IpAddr;
+
+    /// Collects what the listener hands over.
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<FlowRecord>>>);
+
+    impl Emit for Collect {
+        fn emit(&self, records: Vec<FlowRecord>, _now: SystemTime) {
+            self.0.lock().unwrap().extend(records);
+        }
+    }
+
+    /// A NetFlow v5 datagram (sequence `seq`) of records from 10.0.`d`.`j` to
+    /// 192.0.2.1, j = 1..=`n`.
+    fn v5(d: u8, n: u8, seq: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&5u16.to_be_bytes());
+        b.extend_from_slice(&u16::from(n).to_be_bytes());
+        b.extend_from_slice(&1_000u32.to_be_bytes()); // uptime, ms
+        b.extend_from_slice(&1_800_000_000u32.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&seq.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0]); // engine, sampling
+        for j in 1..=n {
+            b.extend_from_slice(&[10, 0, d, j]);
+            b.extend_from_slice(&[192, 0, 2, 1]);
+            b.extend_from_slice(&[0; 4]); // next hop
+            b.extend_from_slice(&[0; 4]); // interfaces
+            b.extend_from_slice(&3u32.to_be_bytes()); // packets
+            b.extend_from_slice(&300u32.to_be_bytes()); // bytes
+            b.extend_from_slice(&500u32.to_be_bytes()); // first
+            b.extend_from_slice(&900u32.to_be_bytes()); // last
+            b.extend_from_slice(&40_000u16.to_be_bytes());
+            b.extend_from_slice(&6_881u16.to_be_bytes());
+            b.extend_from_slice(&[0, 0x18, 6, 0]); // pad, flags, TCP, tos
+            b.extend_from_slice(&[0; 8]); // AS, masks, pad
+        }
+        b
+    }
+
+    /// With one parser, the reader queues each read to the decoding thread; with a
+    /// queue too small for two reads it waits for each to be decoded. Every record
+    /// sent comes out, in the order sent, and nothing is dropped on the way.
+    #[test]
+    fn one_parser_hands_every_datagram_over_in_order_through_a_full_queue() {
+        let collect = Collect::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut l = Listener::start(
+            "127.0.0.1:0".parse().unwrap(),
+            4 << 20,
+            1,
+            &DecodeLimits::default(),
+            &[],
+            &collect,
+            &stop,
+        )
+        .unwrap();
+        l.read_stats.limit.store(1, Ordering::Relaxed);
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (datagrams, per) = (200u32, 5u8);
+        let mut seq = 0;
+        for d in 0..datagrams {
+            tx.send_to(&v5(d as u8, per, seq), l.addr).unwrap();
+            seq += u32::from(per);
+        }
+        let want = datagrams as usize * per as usize;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while collect.0.lock().unwrap().len() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        l.join();
+        assert_eq!(l.kernel_drops(), 0);
+        let got = collect.0.lock().unwrap();
+        let sources: Vec<IpAddr> = got.iter().map(|r| r.src_addr).collect();
+        let sent: Vec<IpAddr> = (0..datagrams)
+            .flat_map(|d| (1..=per).map(move |j| IpAddr::from([10, 0, d as u8, j])))
+            .collect();
+        assert_eq!(sources, sent);
+        assert!(l.read_stats.queue_peak.load(Ordering::Relaxed) > 0);
     }
 }
