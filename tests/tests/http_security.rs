@@ -11,6 +11,9 @@
 //! - a write from another site (`Origin: http://evil.example`, `Sec-Fetch-Site:
 //!   cross-site`, a form's content type without either header): 403 even with valid
 //!   credentials; every refusal counted on /metrics and logged once a minute a reason;
+//! - `metrics_open: true`: GET and HEAD of /metrics answer without credentials, while
+//!   the API, the page and every write (an acknowledgement, a suppression, a POST to
+//!   /metrics) are still 401; `metrics_open: false`: /metrics without credentials is 401;
 //! - a real Prometheus (Debian's `prometheus`) scrapes /metrics over TLS with basic
 //!   authentication: `up == 1` by its query API, `up == 0` for a job with a wrong password;
 //! - without `--http-config`: `--http PORT` binds 127.0.0.1; cross-site writes and Host
@@ -375,6 +378,108 @@ fn tls_and_authentication_guard_reads_and_writes() {
     let r = curl(&["--cacert", ca, "-u", &alice, &url]);
     assert_eq!(r.exit, 60, "the old CA no longer verifies it: {r:?}");
     tests::netns::wait_for_text(&log, "read again (changed)", Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_open_leaves_only_get_metrics_without_credentials() {
+    if !tools(
+        "metrics_open_leaves_only_get_metrics_without_credentials",
+        &["openssl", "curl", "sha256sum"],
+    ) {
+        return;
+    }
+    let dir = scratch("http-metrics-open");
+    make_certificates(&dir);
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let alice = format!("alice:{PASSWORD}");
+    for open in [true, false] {
+        let web = write_web_config(&dir, &format!("metrics_open: {open}\n"));
+        let port = free_tcp_port();
+        let (agent, log) = start_agent(
+            &dir,
+            &[
+                "--http",
+                &format!("127.0.0.1:{port}"),
+                "--http-config",
+                web.to_str().unwrap(),
+            ],
+            &format!("status on https://127.0.0.1:{port}/"),
+        );
+        let req = |method: &str, path: &str, extra: &[&str]| {
+            let url = format!("https://127.0.0.1:{port}{path}");
+            let mut args = vec!["--cacert", ca, "-X", method];
+            args.extend_from_slice(extra);
+            args.push(&url);
+            curl(&args)
+        };
+        let scrape = req("GET", "/metrics", &[]);
+        if open {
+            // Open: the agent's metrics, to anyone (HEAD too).
+            assert_eq!(scrape.code, 200, "metrics_open: {scrape:?}");
+            assert!(
+                scrape
+                    .body
+                    .contains("detector_http_refused_total{reason=\"unauthenticated\"} 0"),
+                "{scrape:?}"
+            );
+            let head = curl(&[
+                "--cacert",
+                ca,
+                "-I",
+                &format!("https://127.0.0.1:{port}/metrics"),
+            ]);
+            assert_eq!(head.code, 200, "HEAD /metrics: {head:?}");
+        } else {
+            assert_eq!(scrape.code, 401, "metrics_open: false: {scrape:?}");
+            assert!(
+                scrape.headers.contains("www-authenticate: basic"),
+                "{scrape:?}"
+            );
+        }
+        // Everything else still needs credentials: the API, the page, and every write,
+        // to /metrics too.
+        let json = ["-H", "Content-Type: application/json"];
+        let refused = [
+            req("GET", "/api/alarms", &[]),
+            req("GET", "/api/hosts", &[]),
+            req("GET", "/api/suppressions", &[]),
+            req("GET", "/", &[]),
+            req(
+                "POST",
+                "/api/alarms/0000000000000000/ack",
+                &[&json[..], &["-d", r#"{"note":"x","by":"mallory"}"#]].concat(),
+            ),
+            req(
+                "POST",
+                "/api/suppressions",
+                &[
+                    &json[..],
+                    &["-d", r#"{"cidr":"10.0.0.0/8","note":"x","by":"mallory"}"#],
+                ]
+                .concat(),
+            ),
+            req("POST", "/metrics", &[]),
+        ];
+        for r in &refused {
+            assert_eq!(r.code, 401, "metrics_open: {open}: {r:?}");
+            assert!(r.body.contains("Authentication required"), "{r:?}");
+        }
+        // With a password the API answers, and nothing was decided above.
+        let r = req("GET", "/api/suppressions", &["-u", &alice]);
+        assert_eq!(r.code, 200, "{r:?}");
+        let list: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(list["suppressions"], serde_json::json!([]), "{list}");
+        // Every refusal counted (the scrape without credentials among them when closed),
+        // the open scrapes not.
+        let metrics = req("GET", "/metrics", &["-u", &alice]).body;
+        let want = refused.len() as u64 + u64::from(!open);
+        assert_eq!(counter(&metrics, "unauthenticated"), want, "{metrics}");
+        drop(agent);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains("decision:"), "nothing decided:\n{text}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -10,7 +10,13 @@
 //! - a SIGHUP reload keeps the decisions; so does a restart with the same decisions file
 //!   (`decisions.json` beside the configuration): the host's new alarm is marked
 //!   suppressed (and keeps its acknowledgement), not written to the file;
-//! - removing the suppression ends it, and the file says so.
+//! - removing the suppression ends it, and the file says so;
+//! - the page's own forms, driven in headless Chromium (Debian's `chromium`, over the
+//!   DevTools protocol with `headless_chrome`) behind basic authentication: the alarm
+//!   acknowledged and the host suppressed for 8 hours, each with a note typed, then the
+//!   suppression removed with its button; `/api`, `decisions.json`, the log and
+//!   `/metrics` show each decision by the logged-in user (not the name typed in "by");
+//!   a screenshot in `target/test-artifacts/decisions-page.png`.
 //!
 //! No BPF: runs unprivileged.
 
@@ -22,7 +28,8 @@ use std::time::{Duration, SystemTime};
 use detector::flow::FlowRecord;
 use serde_json::{Value, json};
 use tests::agent::{
-    Exporter, agent_command, rec, scratch, spawn_agent, tool, wait_for, write_config,
+    Exporter, agent_command, rec, scratch, spawn_agent, tool, wait_for, wait_for_every,
+    write_config,
 };
 use tests::http::{free_tcp_port, get, json as json_get};
 use tests::netns::Guarded;
@@ -490,6 +497,383 @@ fn acknowledge_suppress_expire_and_keep_across_restarts() {
     for needle in ["id=\"decide\"", "/api/suppressions", "decisionCell"] {
         assert!(page.contains(needle), "{needle} not on the page");
     }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// The page's own forms, driven in headless Chromium over the DevTools protocol.
+
+const USER: &str = "alice";
+const PASSWORD: &str = "wonderland";
+const ACK_NOTE: &str = "seen on the page, ticket 77";
+const SUPPRESS_NOTE: &str = "lab machine, suppressed from the page";
+
+/// `Authorization: Basic` with alice's password.
+fn basic() -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    format!("Basic {b64}")
+}
+
+/// `GET url` as alice: the JSON body of a 200.
+fn get_as_alice(url: &str) -> Value {
+    let (code, v) = answer(
+        ureq::get(url)
+            .set("Authorization", &basic())
+            .timeout(Duration::from_secs(10))
+            .call(),
+    );
+    assert_eq!(code, 200, "GET {url}: {v}");
+    v
+}
+
+/// `/metrics` as alice.
+fn metrics_as_alice(base: &str) -> String {
+    ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &basic())
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
+/// Debian's `chromium` (headless, no sandbox: the tests run as root), driven by
+/// `headless_chrome`; killed when dropped.
+fn launch_chromium(profile: &Path) -> headless_chrome::Browser {
+    let opts = headless_chrome::LaunchOptions::default_builder()
+        .path(Some(tool("chromium")))
+        .headless(true)
+        .sandbox(false)
+        .window_size(Some((1400, 1000)))
+        .user_data_dir(Some(profile.to_path_buf()))
+        .idle_browser_timeout(Duration::from_secs(120))
+        .args(vec![std::ffi::OsStr::new("--disable-gpu")])
+        .build()
+        .unwrap();
+    headless_chrome::Browser::new(opts).expect("launch chromium")
+}
+
+/// A string the page computes (a JavaScript expression).
+fn page_text(tab: &headless_chrome::Tab, expr: &str) -> String {
+    let v = tab.evaluate(expr, false).expect(expr).value;
+    match v {
+        Some(Value::String(s)) => s,
+        other => panic!("{expr}: {other:?}"),
+    }
+}
+
+/// Records every click event the page receives (capture phase, before its own handlers),
+/// for [`click`] to know its click arrived; the page is otherwise untouched.
+const CLICK_RECORDER: &str = "window.__clicked = []; window.addEventListener('click', e => window.__clicked.push(e.target), true)";
+
+/// How many of the clicks the page received reached `selector` (or an element in it).
+fn clicks_on(tab: &headless_chrome::Tab, selector: &str) -> u64 {
+    let sel = serde_json::to_string(selector).unwrap();
+    let expr = format!("window.__clicked.filter(t => t.closest({sel}) !== null).length");
+    tab.evaluate(&expr, false)
+        .expect(&expr)
+        .value
+        .and_then(|v| v.as_u64())
+        .unwrap_or_else(|| panic!("{expr}: no count"))
+}
+
+/// Clicks the element `selector` with the mouse, at its middle, until one click has
+/// reached it. The page rebuilds its tables every 2 s: a row's button may be replaced
+/// between the press and the release (no click: they were on two elements); it is then
+/// found and clicked again. A click that arrived is never repeated.
+///
+/// The element is found, brought into view and its middle checked to be its own (not
+/// covered) in one script, which the page's refresh cannot interleave with (and not with
+/// `Element::click`, whose steps take a second and wait 20 s on an element replaced in
+/// between).
+fn click(tab: &headless_chrome::Tab, selector: &str) {
+    let before = clicks_on(tab, selector);
+    let sel = serde_json::to_string(selector).unwrap();
+    let locate = format!(
+        "(() => {{
+            const e = document.querySelector({sel});
+            if (!e) return '';
+            let r = e.getBoundingClientRect();
+            if (r.top < 0 || r.bottom > innerHeight) {{
+                e.scrollIntoView({{ block: 'center' }});
+                r = e.getBoundingClientRect();
+            }}
+            const x = r.left + r.width / 2, y = r.top + r.height / 2;
+            const hit = document.elementFromPoint(x, y);
+            return hit && e.contains(hit) ? `${{x}} ${{y}}` : '';
+        }})()"
+    );
+    wait_for_every(
+        &format!("a click to reach {selector}"),
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            let at = page_text(tab, &locate);
+            let (x, y) = at.split_once(' ')?;
+            let point = headless_chrome::browser::tab::point::Point {
+                x: x.parse().unwrap(),
+                y: y.parse().unwrap(),
+            };
+            tab.click_point(point).unwrap();
+            // The page has handled the mouse events when the protocol answers.
+            (clicks_on(tab, selector) > before).then_some(())
+        },
+    );
+}
+
+/// Waits until the form field `id` holds `want` (a button filled it).
+fn wait_field(tab: &headless_chrome::Tab, id: &str, want: &str) {
+    let expr = format!("document.getElementById('{id}').value");
+    wait_for(
+        &format!("#{id} to hold {want:?}"),
+        Duration::from_secs(5),
+        || (page_text(tab, &expr) == want).then_some(()),
+    );
+}
+
+/// The page's answer to a decision, once it says `expect` (or an error): `#d-result`'s
+/// class (`ok`, `err`) and text.
+fn decision_result(tab: &headless_chrome::Tab, expect: &str) -> (String, String) {
+    wait_for(
+        &format!("the page to say {expect:?}"),
+        Duration::from_secs(10),
+        || {
+            // Both at once: the page sets them together.
+            let both = page_text(
+                tab,
+                "(r => r.className + '\\n' + r.textContent)(document.getElementById('d-result'))",
+            );
+            let (class, text) = both.split_once('\n').unwrap();
+            (class == "err" || text.starts_with(expect))
+                .then(|| (class.to_string(), text.to_string()))
+        },
+    )
+}
+
+#[test]
+fn the_page_acknowledges_suppresses_and_removes_through_its_own_forms() {
+    let dir = scratch("decisions-page");
+    let (nf_port, http_port) = (tests::netns::free_udp_port(), free_tcp_port());
+    // Basic authentication (bcrypt), as in Prometheus' web configuration file: who did it
+    // is the user the browser logged in as.
+    std::fs::write(
+        dir.join("web.yml"),
+        format!(
+            "basic_auth_users:\n  {USER}: '{}'\n",
+            bcrypt::hash(PASSWORD, 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "update_interval_secs = 1\nclear_after_secs = 600\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\nconfig = \"web.yml\"\n"
+        ),
+    );
+    let decisions = dir.join("decisions.json");
+    let base = format!("http://127.0.0.1:{http_port}");
+    let host: IpAddr = HOST.parse().unwrap();
+    let agent = Agent::start(&dir, nf_port, &config, "agent.log");
+    wait_for("the HTTP server", Duration::from_secs(20), || {
+        ureq::get(&format!("{base}/metrics"))
+            .set("Authorization", &basic())
+            .call()
+            .ok()
+    });
+    let mut exporter = Exporter::new(nf_port);
+    for _ in 0..2 {
+        exporter.send(&torrent(host, 0, 80, SystemTime::now()), SystemTime::now());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let alarm = wait_for("the host's alarm", Duration::from_secs(30), || {
+        get_as_alice(&format!("{base}/api/alarms"))["alarms"]
+            .as_array()?
+            .iter()
+            .find(|a| a["host"] == HOST)
+            .cloned()
+    });
+    let id = alarm["id"].as_str().unwrap().to_string();
+    assert_eq!(alarm["acknowledged"], Value::Null, "{alarm}");
+
+    // The browser answers the server's challenge with alice's password, as a person
+    // would in its dialog; the page's own requests then carry it.
+    let browser = launch_chromium(&dir.join("chromium"));
+    let tab = browser.new_tab().unwrap();
+    tab.set_default_timeout(Duration::from_secs(20));
+    tab.enable_fetch(None, Some(true)).unwrap();
+    tab.authenticate(Some(USER.into()), Some(PASSWORD.into()))
+        .unwrap();
+    tab.navigate_to(&format!("{base}/"))
+        .unwrap()
+        .wait_until_navigated()
+        .unwrap();
+    tab.evaluate(CLICK_RECORDER, false).unwrap();
+    let row = format!("tr.alarm[data-host=\"{HOST}\"]");
+    tab.wait_for_element(&format!("{row} button.d-pick-ack"))
+        .expect("the alarm's acknowledge button");
+
+    // Acknowledge: the alarm's button fills the form, a note is typed, the form's
+    // button sends it. The "by" field is left empty: the login says who.
+    click(&tab, &format!("{row} button.d-pick-ack"));
+    wait_field(&tab, "d-alarm", &id);
+    tab.wait_for_element("#d-note")
+        .unwrap()
+        .type_into(ACK_NOTE)
+        .unwrap();
+    click(&tab, "#d-ack");
+    let (class, text) = decision_result(&tab, &format!("alarm {id} acknowledged"));
+    assert_eq!(class, "ok", "the page says: {text}");
+
+    // Suppress the host for 8 hours: its button fills the host's /32; another note
+    // (the field cleared first); a name typed in "by" that is not the login's.
+    click(&tab, &format!("{row} button.d-pick-suppress"));
+    wait_field(&tab, "d-cidr", &format!("{HOST}/32"));
+    wait_field(&tab, "d-alarm", &id);
+    // Cleared and chosen by script: typing appends, and a <select>'s list is not keyboard
+    // driven here.
+    tab.evaluate(
+        "document.getElementById('d-note').value = ''; document.getElementById('d-for').value = '8h'",
+        false,
+    )
+    .unwrap();
+    tab.wait_for_element("#d-note")
+        .unwrap()
+        .type_into(SUPPRESS_NOTE)
+        .unwrap();
+    tab.wait_for_element("#d-by")
+        .unwrap()
+        .type_into("mallory")
+        .unwrap();
+    let asked = SystemTime::now();
+    click(&tab, "#d-suppress");
+    let (class, text) = decision_result(&tab, &format!("{HOST}/32 suppressed until "));
+    let answered = SystemTime::now();
+    assert_eq!(class, "ok", "the page says: {text}");
+
+    // The page shows both decisions on the alarm's row and the suppression in its table.
+    let sup_row = format!("tr.suppression[data-cidr=\"{HOST}/32\"]");
+    let decided = wait_for("the decisions on the page", Duration::from_secs(10), || {
+        let cell = page_text(
+            &tab,
+            &format!("(document.querySelector('{row} td.decision') || {{}}).textContent || ''"),
+        );
+        let listed = page_text(
+            &tab,
+            &format!("(document.querySelector('{sup_row}') || {{}}).textContent || ''"),
+        );
+        (cell.contains(SUPPRESS_NOTE) && !listed.is_empty()).then_some((cell, listed))
+    });
+    assert!(
+        decided
+            .0
+            .contains(&format!("acknowledged by {USER}: {ACK_NOTE}")),
+        "{decided:?}"
+    );
+    assert!(
+        decided.0.contains(&format!("by {USER}: {SUPPRESS_NOTE}")),
+        "{decided:?}"
+    );
+    assert!(
+        decided.1.contains(USER) && decided.1.contains(SUPPRESS_NOTE),
+        "{decided:?}"
+    );
+    let artifacts = tests::workspace_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let png = tab
+        .capture_screenshot(
+            headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption::Png,
+            None,
+            None,
+            true,
+        )
+        .unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
+    std::fs::write(artifacts.join("decisions-page.png"), &png).unwrap();
+
+    // The API: both decisions on the alarm, by the login (not the name typed), with the
+    // notes typed; the suppression's end 8 hours after it was asked for.
+    let alarm = get_as_alice(&format!("{base}/api/alarms"))["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["host"] == HOST)
+        .cloned()
+        .expect("still open");
+    assert_eq!(alarm["id"], id.as_str(), "{alarm}");
+    assert_eq!(alarm["acknowledged"]["by"], USER, "{alarm}");
+    assert_eq!(alarm["acknowledged"]["note"], ACK_NOTE, "{alarm}");
+    assert_eq!(alarm["suppressed"]["by"], USER, "{alarm}");
+    assert_eq!(alarm["suppressed"]["note"], SUPPRESS_NOTE, "{alarm}");
+    assert_eq!(alarm["suppressed"]["cidr"], format!("{HOST}/32"), "{alarm}");
+    let list = get_as_alice(&format!("{base}/api/suppressions"));
+    let sups = list["suppressions"].as_array().unwrap();
+    assert_eq!(sups.len(), 1, "{list}");
+    let until = humantime::parse_rfc3339_weak(sups[0]["until"].as_str().unwrap()).unwrap();
+    // (Kept to the millisecond.)
+    let eight_hours = Duration::from_secs(8 * 3600);
+    let slack = Duration::from_millis(1);
+    assert!(
+        until + slack >= asked + eight_hours && until <= answered + eight_hours,
+        "until {until:?}: not 8 hours after the click ({asked:?}) nor the answer ({answered:?})"
+    );
+    let sid = sups[0]["id"].as_str().unwrap().to_string();
+    // The file beside the configuration, and the log.
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&decisions).unwrap()).unwrap();
+    assert_eq!(file["acknowledgements"][0]["by"], USER, "{file}");
+    assert_eq!(file["acknowledgements"][0]["note"], ACK_NOTE, "{file}");
+    assert_eq!(file["suppressions"][0]["by"], USER, "{file}");
+    assert_eq!(file["suppressions"][0]["note"], SUPPRESS_NOTE, "{file}");
+    assert_eq!(
+        file["suppressions"][0]["cidr"],
+        format!("{HOST}/32"),
+        "{file}"
+    );
+    let log = agent.log_text();
+    for needle in [
+        format!("decision: \"{USER}\" acknowledged alarm {id}"),
+        format!("decision: \"{USER}\" suppressed {HOST}/32 until"),
+    ] {
+        assert!(log.contains(&needle), "{needle} not logged:\n{log}");
+    }
+    assert!(!log.contains("mallory"), "{log}");
+
+    // Remove, with the suppression's own button.
+    click(&tab, &format!("{sup_row} button.d-remove"));
+    let (class, text) = decision_result(&tab, &format!("suppression of {HOST}/32 removed"));
+    assert_eq!(class, "ok", "the page says: {text}");
+    let list = get_as_alice(&format!("{base}/api/suppressions"));
+    assert_eq!(list["suppressions"], json!([]), "{list}");
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&decisions).unwrap()).unwrap();
+    assert_eq!(file["suppressions"], json!([]), "{file}");
+    assert!(
+        agent
+            .log_text()
+            .contains(&format!("decision: \"{USER}\" removed suppression {sid}")),
+        "{}",
+        agent.log_text()
+    );
+    let metrics = metrics_as_alice(&base);
+    for (name, want) in [
+        (
+            "detector_operator_decisions_total{action=\"acknowledge\"}",
+            1.0,
+        ),
+        (
+            "detector_operator_decisions_total{action=\"suppress\"}",
+            1.0,
+        ),
+        ("detector_operator_decisions_total{action=\"remove\"}", 1.0),
+        ("detector_suppressions_active", 0.0),
+        ("detector_acknowledged_alarms", 1.0),
+    ] {
+        assert_eq!(metric(&metrics, name), Some(want), "{name}:\n{metrics}");
+    }
+    drop(tab);
+    drop(browser);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

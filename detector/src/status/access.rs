@@ -1220,6 +1220,43 @@ mod tests {
     }
 
     #[test]
+    fn metrics_open_spares_only_reads_of_metrics() {
+        let users = format!(
+            "basic_auth_users:\n  alice: '{}'\n",
+            bcrypt::hash("wonderland", 4).unwrap()
+        );
+        let host = ("host", "127.0.0.1:9750");
+        let json = ("content-type", "application/json");
+        let refused = Err((401, "unauthenticated"));
+        for open in [true, false] {
+            let g = guard(&from_yaml(&format!("{users}metrics_open: {open}\n")).unwrap());
+            let scrape = if open { Ok(()) } else { refused };
+            assert_eq!(
+                verdict(&g, request("GET", "/metrics", &[host])),
+                scrape,
+                "metrics_open: {open}"
+            );
+            assert_eq!(verdict(&g, request("HEAD", "/metrics", &[host])), scrape);
+            // Not a path that starts like it, nor the API, nor any write.
+            for (method, path) in [
+                ("GET", "/metrics/x"),
+                ("GET", "/api/alarms"),
+                ("GET", "/"),
+                ("POST", "/metrics"),
+                ("POST", "/api/alarms/0123456789abcdef/ack"),
+                ("POST", "/api/suppressions"),
+                ("DELETE", "/api/suppressions/s1"),
+            ] {
+                assert_eq!(
+                    verdict(&g, request(method, path, &[host, json])),
+                    refused,
+                    "{method} {path} with metrics_open: {open}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn refusals_are_counted_by_reason_and_logged_once_a_minute() {
         let r = Refusals::new(Arc::new(Status::new(std::time::SystemTime::now())));
         for _ in 0..3 {
