@@ -17,6 +17,24 @@
 //!   the raw counts by the interval the agent announces and must count exactly the
 //!   agent's estimates.
 //!
+//! - The same datagrams (the relay sends each one to all three) go to two independent
+//!   sFlow collectors, pmacct's `sfacctd` (renormalising, print plugin by 5-tuple) and
+//!   nfdump's `sfcapd`, at 1:1 for every capture and at 1:10 and 1:100. Key by key:
+//!   sfcapd holds the agent's packets, raw at 1:1 and scaled by the sampling rate at
+//!   1:N, exactly; sfacctd the agent's packets at 1:1, and at 1:N each sample scaled by
+//!   the effective rate pmacct derives (growth of the sample pool over growth of the
+//!   sequence number since the source's previous sample; the sampling rate for the first
+//!   one), computed here from tshark's decode of the same datagrams. Two documented
+//!   design differences: both collectors count a sample's frame length as the record
+//!   states it (Ethernet header and FCS included) where the agent, as NetFlow does,
+//!   counts IP bytes, so their bytes are checked against tshark's frame lengths of the
+//!   key's samples; and neither keys ICMP by type and code as the agent does (sfacctd
+//!   leaves the ports 0, nfdump keeps type and code apart), so ICMP and ICMPv6 keys are
+//!   compared with ports 0. At 1:N sfacctd's total, another estimator, must be within
+//!   the agent's 5 standard deviations of the capture. The relay paces each collector by
+//!   its socket's receive queue, and its socket must have dropped nothing
+//!   (`/proc/net/udp`).
+//!
 //! Skips with a message when `../shared` is absent or pmacctd is not installed.
 
 use std::collections::BTreeMap;
@@ -30,10 +48,10 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-use tests::collectors::{Nfacctd, Nfcapd};
+use tests::collectors::{Nfacctd, Nfcapd, Sfacctd, udp_socket_queue, wait_for_udp_queue};
 use tests::netns::{Guarded, free_udp_port, grow_receive_buffer, sh, wait_for_text};
 use tests::sflow::{last_stats, stat};
-use tests::tshark::{Packet, Tuple, totals};
+use tests::tshark::Tuple;
 
 const CAPTURE: &str = "pcap/p2p/nDPI__gnutella.pcap";
 
@@ -56,6 +74,15 @@ struct Run {
     log: String,
     /// (packets, bytes) the collector counted, when the agent exported to one.
     collected: Option<(u64, u64)>,
+    /// What sfacctd and sfcapd counted per key from the same datagrams, and sfcapd's
+    /// sequence failures.
+    peers: Peers,
+}
+
+struct Peers {
+    sfacctd: ByKey,
+    sfcapd: ByKey,
+    sfcapd_sequence_failures: u64,
 }
 
 /// A collector the agent re-exports to: NetFlow v9 to nfacctd (renormalising), or
@@ -71,9 +98,13 @@ enum Collector {
     Nfcapd(Nfcapd),
 }
 
-/// pmacctd replays `pcap` at 1:`rate` through a relay to an agent; the agent's flows.
+/// pmacctd replays `pcap` at 1:`rate` through a relay to an agent, sfacctd and sfcapd;
+/// the agent's flows and what the two collectors counted.
 fn run(pcap: &Path, rate: u32, dir: &Path, export: Option<Export>) -> Run {
     let agent_port = free_udp_port();
+    let (sfacctd_port, sfcapd_port) = (free_udp_port(), free_udp_port());
+    let sfacctd = Sfacctd::start(&dir.join("sfacctd"), sfacctd_port);
+    let sfcapd = Nfcapd::start_sfcapd(dir.join("sfcapd"), sfcapd_port);
     let export_port = free_udp_port();
     let collector = export.map(|e| match e {
         Export::V9ToNfacctd => {
@@ -125,6 +156,14 @@ fn run(pcap: &Path, rate: u32, dir: &Path, export: Option<Export>) -> Run {
                 match relay.recv(&mut buf) {
                     Ok(n) => {
                         relay.send_to(&buf[..n], ("127.0.0.1", agent_port)).unwrap();
+                        // The collectors keep the default receive buffer (about 200
+                        // KiB; net.core.rmem_max caps what they may ask for, and they
+                        // cannot force more as the agent does): send to each once its
+                        // queue holds under 64 KiB, so none overflows.
+                        for port in [sfacctd_port, sfcapd_port] {
+                            wait_for_udp_queue(port, 64 << 10, Duration::from_secs(10));
+                            relay.send_to(&buf[..n], ("127.0.0.1", port)).unwrap();
+                        }
                         kept.lock().unwrap().push(buf[..n].to_vec());
                     }
                     Err(_) if done.load(Ordering::Relaxed) => return,
@@ -162,6 +201,11 @@ fn run(pcap: &Path, rate: u32, dir: &Path, export: Option<Export>) -> Run {
     std::thread::sleep(Duration::from_millis(500));
     done.store(true, Ordering::Relaxed);
     relay_thread.join().unwrap();
+    // Every datagram reached the collectors: their sockets dropped none.
+    for (name, port) in [("sfacctd", sfacctd_port), ("sfcapd", sfcapd_port)] {
+        let (_, drops) = udp_socket_queue(port).unwrap_or_else(|| panic!("{name}'s socket"));
+        assert_eq!(drops, 0, "{name}'s socket dropped datagrams");
+    }
     std::thread::sleep(Duration::from_millis(300));
     let st = agent.stop(Signal::SIGTERM, Duration::from_secs(20));
     let log = std::fs::read_to_string(&log).unwrap();
@@ -202,7 +246,14 @@ fn run(pcap: &Path, rate: u32, dir: &Path, export: Option<Export>) -> Run {
             (p, b)
         }
     });
+    let (sfcapd, sfcapd_sequence_failures) = sfcapd.by_key();
+    let peers = Peers {
+        sfacctd: sfacctd.by_key(),
+        sfcapd,
+        sfcapd_sequence_failures,
+    };
     Run {
+        peers,
         collected,
         datagrams,
         packets,
@@ -303,10 +354,106 @@ fn layer<'a>(tree: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::
     Some(v.as_array().and_then(|a| a.first()).unwrap_or(v))
 }
 
+/// One flow sample as tshark decodes it.
+struct Sample {
+    /// The flow key of its raw packet header; None for a frame without IP.
+    key: Option<Key>,
+    /// IP bytes (`ip.len`, or `ipv6.plen` + 40).
+    ip_bytes: u64,
+    /// The frame length the record states (FCS included).
+    frame: u64,
+    /// Data source (class, index), sequence number, sample pool, sampling rate.
+    source: (u64, u64),
+    sequence: u64,
+    pool: u64,
+    rate: u64,
+}
+
 /// tshark's decode of every flow sample's raw packet header, aggregated by flow key:
 /// (packets, IP bytes: `ip.len`, or `ipv6.plen` + 40); the number of IP samples, and of
 /// samples of frames that carry no IP packet.
-fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
+fn tshark_flows(samples: &[Sample]) -> (ByKey, u64, u64) {
+    let mut by_key = ByKey::new();
+    let (mut ip, mut not_ip) = (0, 0);
+    for s in samples {
+        match s.key {
+            Some(k) => {
+                ip += 1;
+                let e = by_key.entry(k).or_insert((0, 0));
+                e.0 += 1;
+                e.1 += s.ip_bytes;
+            }
+            None => not_ip += 1,
+        }
+    }
+    (by_key, ip, not_ip)
+}
+
+/// `by_key` with the ports of ICMP and ICMPv6 keys 0, as sfacctd and sfcapd key them.
+fn icmp_without_ports(by_key: &ByKey) -> ByKey {
+    let mut out = ByKey::new();
+    for (&(proto, src, sport, dst, dport), &(p, b)) in by_key {
+        let k = if matches!(proto, 1 | 58) {
+            (proto, src, 0, dst, 0)
+        } else {
+            (proto, src, sport, dst, dport)
+        };
+        let e = out.entry(k).or_insert((0, 0));
+        e.0 += p;
+        e.1 += b;
+    }
+    out
+}
+
+/// What sfcapd and sfacctd must count from tshark's samples, per key (ICMP without
+/// ports), in frame bytes: sfcapd each sample scaled by its sampling rate; sfacctd by
+/// pmacct's effective rate, the growth of the data source's sample pool over the growth
+/// of its sequence number since the source's previous sample, or the sampling rate for
+/// the source's first sample (or when pool or sequence did not grow).
+fn peers_expected(samples: &[Sample]) -> (ByKey, ByKey) {
+    let (mut sfcapd, mut sfacctd) = (ByKey::new(), ByKey::new());
+    let mut last: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+    for s in samples {
+        let effective = match last.get(&s.source) {
+            Some(&(seq, pool)) if s.sequence > seq && s.pool > pool => {
+                (s.pool - pool) / (s.sequence - seq)
+            }
+            _ => s.rate,
+        };
+        let grew = last
+            .get(&s.source)
+            .is_none_or(|&(seq, pool)| s.sequence > seq && s.pool > pool);
+        if grew {
+            last.insert(s.source, (s.sequence, s.pool));
+        }
+        let Some(k) = s.key else { continue };
+        for (m, n) in [(&mut sfcapd, s.rate), (&mut sfacctd, effective)] {
+            let e = m.entry(k).or_insert((0, 0));
+            e.0 += n;
+            e.1 += n * s.frame;
+        }
+    }
+    (icmp_without_ports(&sfcapd), icmp_without_ports(&sfacctd))
+}
+
+/// Keys where `a` and `b` differ, one line each.
+fn key_diffs(what: &str, a: &ByKey, b: &ByKey) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&Key> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k), b.get(k));
+            (x != y).then(|| format!("{k:?}: {what} {x:?} vs {y:?}"))
+        })
+        .collect()
+}
+
+/// Packets (the first of each pair) per key.
+fn packets_only(by_key: &ByKey) -> BTreeMap<Key, u64> {
+    by_key.iter().map(|(k, v)| (*k, v.0)).collect()
+}
+
+/// tshark's decode of every flow sample of the datagrams in `pcap`.
+fn tshark_flow_samples(pcap: &Path) -> Vec<Sample> {
     let out = sh(
         "tshark",
         &[
@@ -320,7 +467,7 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
         ],
     );
     let frames: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let (mut sampled, mut not_ip) = (Vec::new(), 0);
+    let mut sampled = Vec::new();
     for (i, frame) in frames.iter().enumerate() {
         let sflow = &frame["_source"]["layers"]["sflow"];
         let sflow = sflow
@@ -331,7 +478,23 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
                 continue;
             }
             let what = || format!("frame {}, {name}: {sample:#}", i + 1);
-            let tree = &sample["Raw packet header"]["sflow_245.header_tree"];
+            let num = |tree: &serde_json::Value, f: &str| -> u64 {
+                field(tree, f).unwrap_or_else(|| panic!("{f}: {}", what()))
+            };
+            let header = &sample["Raw packet header"];
+            let mut s = Sample {
+                key: None,
+                ip_bytes: 0,
+                frame: num(header, "sflow_245.header.frame_length"),
+                source: (
+                    num(sample, "sflow.flow_sample.source_id_class"),
+                    num(sample, "sflow.flow_sample.index"),
+                ),
+                sequence: num(sample, "sflow.flow_sample.sequence_number"),
+                pool: num(sample, "sflow.flow_sample.sample_pool"),
+                rate: num(sample, "sflow.flow_sample.sampling_rate"),
+            };
+            let tree = &header["sflow_245.header_tree"];
             let (src, dst, mut proto, len) = if let Some(ip) = layer(tree, "ip") {
                 (
                     field(ip, "ip.src"),
@@ -348,7 +511,7 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
                 )
             } else {
                 // An ARP or other non-IP frame: the agent counts it as not-ip.
-                not_ip += 1;
+                sampled.push(s);
                 continue;
             };
             let (mut sport, mut dport) = (0, 0);
@@ -371,19 +534,80 @@ fn tshark_flows(pcap: &Path) -> (ByKey, u64, u64) {
                     }
                 }
             }
-            sampled.push(Packet {
-                tuple: (
-                    proto.unwrap_or_else(|| panic!("{}", what())),
-                    src.unwrap_or_else(|| panic!("{}", what())),
-                    sport,
-                    dst.unwrap_or_else(|| panic!("{}", what())),
-                    dport,
-                ),
-                bytes: len.unwrap_or_else(|| panic!("{}", what())),
-            });
+            s.key = Some((
+                proto.unwrap_or_else(|| panic!("{}", what())),
+                src.unwrap_or_else(|| panic!("{}", what())),
+                sport,
+                dst.unwrap_or_else(|| panic!("{}", what())),
+                dport,
+            ));
+            s.ip_bytes = len.unwrap_or_else(|| panic!("{}", what()));
+            sampled.push(s);
         }
     }
-    (totals(&sampled), sampled.len() as u64, not_ip)
+    // serde_json orders a datagram's samples by name ("Flow sample, seq 10" before
+    // "..., seq 9"): put each source's samples back in the order it numbered and sent
+    // them, the order a collector sees them in.
+    sampled.sort_by_key(|s| (s.source, s.sequence));
+    sampled
+}
+
+/// sfacctd's and sfcapd's counts against what tshark's decode of the same datagrams
+/// makes them (`peers_expected`) and, key by key, sfcapd's packets against the agent's
+/// (raw counts scaled by `rate`), and at 1:1 sfacctd's too; what differs.
+fn check_peers(r: &Run, samples: &[Sample], rate: u64) -> Vec<String> {
+    let mut bad = Vec::new();
+    let (sfcapd, sfacctd) = peers_expected(samples);
+    let scaled: ByKey = r
+        .by_key
+        .iter()
+        .map(|(k, &(p, b))| (*k, (p * rate, b * rate)))
+        .collect();
+    let agent = packets_only(&icmp_without_ports(&scaled));
+    let mut compare = |what: &str, diffs: Vec<String>| {
+        if !diffs.is_empty() {
+            bad.push(format!(
+                "{what}: {} keys differ; the first:\n{}",
+                diffs.len(),
+                diffs[..diffs.len().min(10)].join("\n")
+            ));
+        }
+    };
+    compare(
+        "sfcapd vs tshark (packets x rate, frame bytes x rate)",
+        key_diffs("sfcapd, tshark", &r.peers.sfcapd, &sfcapd),
+    );
+    compare(
+        "sfacctd vs tshark (packets x effective rate, frame bytes x effective rate)",
+        key_diffs("sfacctd, tshark", &r.peers.sfacctd, &sfacctd),
+    );
+    let packets =
+        |m: &BTreeMap<Key, u64>| -> ByKey { m.iter().map(|(k, v)| (*k, (*v, 0))).collect() };
+    compare(
+        "sfcapd vs agent packets",
+        key_diffs(
+            "sfcapd, agent packets",
+            &packets(&packets_only(&r.peers.sfcapd)),
+            &packets(&agent),
+        ),
+    );
+    if rate == 1 {
+        compare(
+            "sfacctd vs agent packets",
+            key_diffs(
+                "sfacctd, agent packets",
+                &packets(&packets_only(&r.peers.sfacctd)),
+                &packets(&agent),
+            ),
+        );
+    }
+    if r.peers.sfcapd_sequence_failures != 0 {
+        bad.push(format!(
+            "sfcapd counted {} sequence failures",
+            r.peers.sfcapd_sequence_failures
+        ));
+    }
+    bad
 }
 
 fn setup(name: &str) -> Option<(PathBuf, PathBuf)> {
@@ -466,7 +690,8 @@ fn one_to_one(pcap: &Path, dir: &Path) -> Result<String, String> {
     check(r.log.contains("errors {}"), "decode errors".into());
     // (c) Key by key, the agent's flows hold the packets and IP bytes of tshark's
     // samples; the samples of frames without IP are the agent's not-ip.
-    let (decoded, samples, not_ip) = tshark_flows(&sflow_pcap);
+    let decoded_samples = tshark_flow_samples(&sflow_pcap);
+    let (decoded, samples, not_ip) = tshark_flows(&decoded_samples);
     check(
         samples + not_ip == flows,
         format!("tshark's two decodes disagree: {samples} + {not_ip} vs {flows}"),
@@ -496,6 +721,10 @@ fn one_to_one(pcap: &Path, dir: &Path) -> Result<String, String> {
             diffs[..diffs.len().min(10)].join("\n")
         ),
     );
+    // (d) sfacctd and sfcapd, fed the same datagrams, agree with tshark and the agent.
+    for b in check_peers(&r, &decoded_samples, 1) {
+        check(false, b);
+    }
     // (b) Against the capture: pmacctd samples every IP packet it reads at 1:1 but
     // the last few of a capture (2 to 8 here, whatever the capture's size), so the flows
     // hold at most the capture's IP packets and bytes, and all but at most 10 packets.
@@ -518,8 +747,13 @@ fn one_to_one(pcap: &Path, dir: &Path) -> Result<String, String> {
     if bad.is_empty() {
         std::fs::remove_dir_all(&dir).ok();
         Ok(format!(
-            "{name}: {} flow keys, {samples} samples (+{not_ip} not IP) of {n} IP packets agree",
-            decoded.len()
+            "{name}: {} flow keys, {samples} samples (+{not_ip} not IP) of {n} IP packets \
+             agree; sfacctd and sfcapd {} and {} keys, {} and {} packets agree",
+            decoded.len(),
+            r.peers.sfacctd.len(),
+            r.peers.sfcapd.len(),
+            r.peers.sfacctd.values().map(|v| v.0).sum::<u64>(),
+            r.peers.sfcapd.values().map(|v| v.0).sum::<u64>(),
         ))
     } else {
         Err(format!("{name}:\n  {}\n{}", bad.join("\n  "), r.log))
@@ -588,13 +822,37 @@ fn sampled(rate: u32, export: Export) {
         "{export:?}: the collector's (packets, bytes) vs the agent's estimates\n{}",
         r.log
     );
+    // sfacctd and sfcapd, fed the same datagrams: sfcapd's packets are the agent's
+    // estimates key by key, sfacctd's each sample scaled by pmacct's effective rate
+    // (checked against tshark's decode of the pools and sequence numbers); sfacctd's
+    // total, a different estimator, must be as close to the capture as the agent's.
+    let sflow_pcap = dir.join(format!("sflow-{rate}.pcap"));
+    write_pcap(&r.datagrams, &sflow_pcap);
+    let decoded = tshark_flow_samples(&sflow_pcap);
+    let bad = check_peers(&r, &decoded, u64::from(rate));
+    assert!(bad.is_empty(), "1:{rate}:\n{}", bad.join("\n"));
+    let total = |m: &ByKey| m.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+    let (sfcapd, sfacctd) = (total(&r.peers.sfcapd), total(&r.peers.sfacctd));
+    assert_eq!(sfcapd.0, r.packets, "sfcapd's packets vs the agent's");
+    let dq = sfacctd.0 as f64 - n;
+    assert!(
+        dq.abs() <= 5.0 * sd_packets,
+        "sfacctd's packets {} vs {n} (sd {sd_packets:.0})",
+        sfacctd.0
+    );
     eprintln!(
         "1:{rate}: packets {} vs {n} ({:+.2} sd), bytes {} vs {bytes} ({:+.2} sd); \
-         {export:?} counted the same",
+         {export:?} counted the same; sfcapd packets {}, frame bytes {}; sfacctd \
+         packets {} ({:+.2} sd), frame bytes {}",
         r.packets,
         dp / sd_packets,
         r.bytes,
-        db / sd_bytes
+        db / sd_bytes,
+        sfcapd.0,
+        sfcapd.1,
+        sfacctd.0,
+        dq / sd_packets,
+        sfacctd.1,
     );
     std::fs::remove_dir_all(&dir).ok();
 }
