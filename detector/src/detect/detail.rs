@@ -171,7 +171,7 @@ pub fn extract(p: &mut HostProfile, top_senders: &HashSet<IpAddr>, window_min: f
         d.udp_peers += u64::from(s.udp);
         d.tcp_and_udp_peers += u64::from(s.tcp && s.udp);
         by_bytes.push((s.bytes_in + s.bytes_out, *ip, i));
-        let pairs = s.ports();
+        let pairs = p.pairs(s);
         for (k, &(l, r)) in pairs.iter().enumerate() {
             // Each port once per peer.
             if !pairs[..k].iter().any(|&(_, r2)| r2 == r) {
@@ -201,14 +201,14 @@ pub fn extract(p: &mut HostProfile, top_senders: &HashSet<IpAddr>, window_min: f
             top10_sender: top_senders.contains(&ip),
             tcp: s.tcp,
             udp: s.udp,
-            ports: s.ports().iter().take(PAIRS_PER_PEER).copied().collect(),
+            ports: p.pairs(s).iter().take(PAIRS_PER_PEER).copied().collect(),
         });
     }
     d.other_peers = by_bytes.len().saturating_sub(TOP_PEERS) as u64;
     d.other_bytes = by_bytes.iter().skip(TOP_PEERS).map(|x| x.0).sum();
     for (_, s) in p.peers.iter() {
         let (mut has_in, mut has_out) = (false, false);
-        for &(l, r) in s.ports() {
+        for &(l, r) in p.pairs(s).iter() {
             if inbound(l, r, local.get(&l).copied().unwrap_or(0)) {
                 has_in = true;
                 d.direction.inbound_pairs += 1;

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::HostProfile;
+use super::profile::{HostProfile, PeerStat};
 
 /// Thresholds and weights of the rules; defaults in [`Thresholds::default`]. In the
 /// configuration each threshold's key is its rule's name in the alarm's evidence
@@ -442,10 +442,11 @@ pub fn evaluate(
     let (mut realtime, mut web_only, mut bt_opening) = (0u64, 0u64, 0u64);
     for (key, s) in p.peers.iter() {
         let ip = &key.ip();
-        kind.add_peer(s.hints, s.ports());
+        let pairs = p.pairs(s);
+        kind.add_peer(s.hints, &pairs);
         kind.add_opening(s.open_out, s.open_in);
-        realtime += u64::from(s.realtime());
-        web_only += u64::from(s.web_only());
+        realtime += u64::from(s.realtime(&pairs));
+        web_only += u64::from(PeerStat::web_only(&pairs));
         bt_opening += u64::from(s.opening().is_bittorrent());
         m.flows += u64::from(s.flows);
         m.bytes_in += s.bytes_in;
@@ -453,14 +454,14 @@ pub fn evaluate(
         let total = s.bytes_in + s.bytes_out;
         top = top.max(total);
         per_peer_rate.push(total as f64 / window_min.max(1.0));
-        for &(l, r) in s.ports() {
+        for &(l, r) in pairs.iter() {
             remote_ports.push(r);
             endpoints.push((l, *ip, r));
         }
         if s.tcp && s.udp {
             tcp_udp += 1;
         }
-        if s.on_p2p_port() {
+        if PeerStat::on_p2p_port(&pairs) {
             p2p_port += 1;
         }
         attempts += u64::from(s.tcp_attempts);

@@ -19,6 +19,10 @@ use crate::flow::FlowRecord;
 
 /// At most this many (local, remote) port pairs are kept per peer.
 const PORTS_PER_PEER: usize = 8;
+/// The first pairs, kept in the peer's entry; the others in its host's [`MorePairs`]
+/// (most peers have one or two: a peer's entry is 80 bytes with its key, not 96).
+const INLINE_PAIRS: usize = 3;
+const MORE_PAIRS: usize = PORTS_PER_PEER - INLINE_PAIRS;
 
 /// The most peers a profile holds in full, whatever its `max_peers`: the per-port counts
 /// are 16 bits ([`PortCounts`]), and 8,191 peers of [`PORTS_PER_PEER`] pairs make at most
@@ -30,8 +34,8 @@ pub const MAX_PEERS: usize = 8191;
 pub type Peers = DenseMap<PeerAddr, PeerStat, u32, u32, Chunked<(PeerAddr, PeerStat)>>;
 
 /// A peer's address as its host's table keys it: 16 bytes with no alignment, so that an
-/// entry is 96 bytes where an [`IpAddr`] (17 bytes, padded to 24 before the 80-byte
-/// [`PeerStat`]) made it 104. An IPv6 address is itself; an IPv4 address a.b.c.d is
+/// entry is 80 bytes where an [`IpAddr`] (17 bytes, padded to 24 before the 64-byte
+/// [`PeerStat`]) would make it 88. An IPv6 address is itself; an IPv4 address a.b.c.d is
 /// ff00::a.b.c.d, a multicast address, which is never a peer
 /// ([`super::DetectConfig::usable`]), so the two never meet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,8 +64,8 @@ impl PeerAddr {
     }
 }
 
-// A peer's entry in its host's table: the key and the 80 bytes below.
-const _: () = assert!(std::mem::size_of::<(PeerAddr, PeerStat)>() == 96);
+// A peer's entry in its host's table: the key and the 64 bytes below.
+const _: () = assert!(std::mem::size_of::<(PeerAddr, PeerStat)>() == 80);
 
 /// The default of the rules' `udp_small_size` (bytes): DHT messages are smaller.
 pub const DEFAULT_UDP_SMALL_SIZE: f64 = 300.0;
@@ -148,7 +152,8 @@ struct Contribution {
 }
 
 impl PeerStat {
-    fn contribution(&self, lim: &Limits) -> Contribution {
+    /// `pairs`: this peer's port pairs ([`HostProfile::pairs`]).
+    fn contribution(&self, pairs: &[(u16, u16)], lim: &Limits) -> Contribution {
         let total = self.bytes_in + self.bytes_out;
         Contribution {
             flows: u64::from(self.flows),
@@ -164,9 +169,9 @@ impl PeerStat {
                     && (self.udp_bytes as f64 / self.udp_packets as f64) < lim.udp_small_size,
             ),
             throttled: u64::from(total as f64 / lim.window_min.max(1.0) <= lim.peer_bytes_per_min),
-            p2p_port: u64::from(self.on_p2p_port()),
-            realtime: u64::from(self.realtime()),
-            web_only: u64::from(self.web_only()),
+            p2p_port: u64::from(Self::on_p2p_port(pairs)),
+            realtime: u64::from(self.realtime(pairs)),
+            web_only: u64::from(Self::web_only(pairs)),
             bt_opening: u64::from(self.opening().is_bittorrent()),
         }
     }
@@ -177,18 +182,15 @@ impl PeerStat {
     /// direction within [`REALTIME_SYMMETRY`] times the other. A BitTorrent peer is
     /// none of these: its transfers are large packets one way (TCP or uTP), its DHT
     /// contacts a few datagrams each. Name servers and time servers are services, not
-    /// sessions.
-    pub fn realtime(&self) -> bool {
+    /// sessions. `pairs`: this peer's port pairs ([`HostProfile::pairs`]).
+    pub fn realtime(&self, pairs: &[(u16, u16)]) -> bool {
         let (a, b) = (
             self.bytes_in.min(self.bytes_out),
             self.bytes_in.max(self.bytes_out),
         );
         self.udp
             && !self.tcp
-            && !self
-                .ports()
-                .iter()
-                .any(|&(_, r)| matches!(r, 53 | 123 | 853))
+            && !pairs.iter().any(|&(_, r)| matches!(r, 53 | 123 | 853))
             && u64::from(self.packets) >= REALTIME_MIN_PACKETS
             && a + b <= REALTIME_MAX_MEAN_BYTES * u64::from(self.packets)
             && a * REALTIME_SYMMETRY >= b
@@ -196,10 +198,10 @@ impl PeerStat {
 
     /// Every port pair seen with this peer is a web port on its side ([`WEB_PORTS`])
     /// and an ephemeral one (above 1024) on the host's: the host is the peer's client.
-    pub fn web_only(&self) -> bool {
-        self.nports > 0
-            && self
-                .ports()
+    /// `pairs`: a peer's port pairs ([`HostProfile::pairs`]).
+    pub fn web_only(pairs: &[(u16, u16)]) -> bool {
+        !pairs.is_empty()
+            && pairs
                 .iter()
                 .all(|&(l, r)| l > 1024 && WEB_PORTS.contains(&r))
     }
@@ -209,9 +211,10 @@ impl PeerStat {
         Opening::of(self.open_out, self.open_in)
     }
 
-    /// Whether one of its (local, remote) port pairs is a P2P family's well-known port.
-    pub fn on_p2p_port(&self) -> bool {
-        self.ports().iter().any(|&(l, r)| {
+    /// Whether one of a peer's (local, remote) port pairs ([`HostProfile::pairs`]) is a
+    /// P2P family's well-known port.
+    pub fn on_p2p_port(pairs: &[(u16, u16)]) -> bool {
+        pairs.iter().any(|&(l, r)| {
             super::kind::family_of_port(l).is_some() || super::kind::family_of_port(r).is_some()
         })
     }
@@ -299,8 +302,9 @@ impl Aggregates {
     }
 }
 
-/// One external peer of an internal host: 80 bytes, no allocation of its own (when it
-/// was last seen is kept beside it, see [`HostProfile::peers`]).
+/// One external peer of an internal host: 64 bytes, no allocation of its own (when it
+/// was last seen is kept beside it, see [`HostProfile::peers`]; its port pairs beyond
+/// the first [`INLINE_PAIRS`] in its host's [`MorePairs`]).
 #[derive(Clone, Debug)]
 pub struct PeerStat {
     /// Bytes the peer sent to the host.
@@ -330,11 +334,14 @@ pub struct PeerStat {
     /// each way, host to peer and peer to host; 0 until seen (see [`Opening`]).
     pub open_out: u8,
     pub open_in: u8,
-    ports: [(u16, u16); PORTS_PER_PEER],
+    ports: [(u16, u16); INLINE_PAIRS],
+    /// Its slot in its host's [`MorePairs`] + 1, or 0 while it has no more than
+    /// [`INLINE_PAIRS`] pairs.
+    more: u32,
 }
 
 // The size the documentation above states.
-const _: () = assert!(std::mem::size_of::<PeerStat>() == 80);
+const _: () = assert!(std::mem::size_of::<PeerStat>() == 64);
 
 impl PeerStat {
     fn new() -> Self {
@@ -354,13 +361,76 @@ impl PeerStat {
             nports: 0,
             open_out: 0,
             open_in: 0,
-            ports: [(0, 0); PORTS_PER_PEER],
+            ports: [(0, 0); INLINE_PAIRS],
+            more: 0,
         }
     }
 
-    /// (local port, remote port) pairs seen, the first few.
-    pub fn ports(&self) -> &[(u16, u16)] {
-        &self.ports[..usize::from(self.nports)]
+    /// (local port, remote port) pairs seen, the first [`PORTS_PER_PEER`] in the order
+    /// seen; `more` is its host's [`MorePairs`].
+    fn pairs(&self, more: Option<&MorePairs>) -> Pairs {
+        let n = usize::from(self.nports);
+        let mut p = [(0, 0); PORTS_PER_PEER];
+        let inline = n.min(INLINE_PAIRS);
+        p[..inline].copy_from_slice(&self.ports[..inline]);
+        if n > INLINE_PAIRS {
+            let slot = more
+                .and_then(|m| m.slots.get((self.more as usize).wrapping_sub(1)))
+                .expect("a peer with more than its inline pairs has a slot");
+            p[INLINE_PAIRS..n].copy_from_slice(&slot[..n - INLINE_PAIRS]);
+        }
+        Pairs { n: self.nports, p }
+    }
+}
+
+/// A peer's port pairs, copied out of its entry and its host's [`MorePairs`]
+/// ([`HostProfile::pairs`]); derefs to the pairs in the order seen.
+#[derive(Clone, Copy, Debug)]
+pub struct Pairs {
+    n: u8,
+    p: [(u16, u16); PORTS_PER_PEER],
+}
+
+impl std::ops::Deref for Pairs {
+    type Target = [(u16, u16)];
+    fn deref(&self) -> &[(u16, u16)] {
+        &self.p[..usize::from(self.n)]
+    }
+}
+
+/// A host's peers' port pairs beyond their first [`INLINE_PAIRS`]: a slot of
+/// [`MORE_PAIRS`] for each such peer ([`PeerStat::more`]), freed slots reused.
+#[derive(Debug, Default)]
+struct MorePairs {
+    slots: Vec<[(u16, u16); MORE_PAIRS]>,
+    free: Vec<u32>,
+}
+
+impl MorePairs {
+    /// A slot for a peer: its [`PeerStat::more`] value.
+    fn take(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(i) => i + 1,
+            None => {
+                self.slots.push([(0, 0); MORE_PAIRS]);
+                u32::try_from(self.slots.len()).expect("at most MAX_PEERS slots")
+            }
+        }
+    }
+
+    fn give_back(&mut self, more: u32) {
+        if more != 0 {
+            self.free.push(more - 1);
+        }
+    }
+
+    fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<[(u16, u16); MORE_PAIRS]>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
     }
 }
 
@@ -390,10 +460,9 @@ fn service_udp_port(port: u16) -> bool {
     )
 }
 
-/// Takes an expiring peer out of the aggregates.
-fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat) {
-    agg.apply(&p.contribution(limits), false);
-    let ports = p.ports();
+/// Takes an expiring peer (with its port pairs) out of the aggregates.
+fn remove_from(agg: &mut Aggregates, limits: &Limits, p: &PeerStat, ports: &[(u16, u16)]) {
+    agg.apply(&p.contribution(ports, limits), false);
     for (i, &(l, r)) in ports.iter().enumerate() {
         let last_local = !ports[i + 1..].iter().any(|&(l2, _)| l2 == l);
         agg.remove_pair(l, r, last_local);
@@ -411,6 +480,8 @@ pub struct HostProfile {
     pub peers: Peers,
     /// Distinct peers beyond `peers` (counted, not held).
     overflow: Option<Box<HyperLogLogPlus<IpAddr, std::hash::RandomState>>>,
+    /// The port pairs of peers that have more than [`INLINE_PAIRS`].
+    more_pairs: Option<Box<MorePairs>>,
     /// At most [`MAX_PEERS`].
     max_peers: usize,
     /// Sources (exporters, the local meter) whose records fed this profile, at most 16.
@@ -449,6 +520,7 @@ impl HostProfile {
         Self {
             peers: DenseMap::default(),
             overflow: None,
+            more_pairs: None,
             max_peers: max_peers.min(MAX_PEERS),
             first_source: None,
             more_sources: Vec::new(),
@@ -467,6 +539,12 @@ impl HostProfile {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// A held peer's (local port, remote port) pairs, the first [`PORTS_PER_PEER`] in
+    /// the order seen.
+    pub fn pairs(&self, p: &PeerStat) -> Pairs {
+        p.pairs(self.more_pairs.as_deref())
     }
 
     /// Starts fetching what [`Self::add`] will touch for this peer and port pair.
@@ -533,10 +611,11 @@ impl HostProfile {
         let seen = self.peers.stamp_mut(pos);
         *seen = (*seen).max(stamp);
         let p = self.peers.at_mut(pos);
+        let mut pairs = p.pairs(self.more_pairs.as_deref());
         let before = if fresh {
             Contribution::default()
         } else {
-            p.contribution(&self.limits)
+            p.contribution(&pairs, &self.limits)
         };
         self.oldest_ms = self.oldest_ms.min(stamp_ms(stamp));
         let bytes = r.new_bytes();
@@ -596,13 +675,23 @@ impl HostProfile {
             _ => {}
         }
         let n = usize::from(p.nports);
-        if n < PORTS_PER_PEER && !p.ports[..n].contains(&(local_port, remote_port)) {
-            let new_local = !p.ports[..n].iter().any(|&(l, _)| l == local_port);
-            p.ports[n] = (local_port, remote_port);
+        if n < PORTS_PER_PEER && !pairs.contains(&(local_port, remote_port)) {
+            let new_local = !pairs.iter().any(|&(l, _)| l == local_port);
+            if n < INLINE_PAIRS {
+                p.ports[n] = (local_port, remote_port);
+            } else {
+                let more = self.more_pairs.get_or_insert_with(Box::default);
+                if n == INLINE_PAIRS {
+                    p.more = more.take();
+                }
+                more.slots[p.more as usize - 1][n - INLINE_PAIRS] = (local_port, remote_port);
+            }
             p.nports += 1;
+            pairs.p[n] = (local_port, remote_port);
+            pairs.n += 1;
             self.agg.add_pair(local_port, remote_port, new_local);
         }
-        let after = p.contribution(&self.limits);
+        let after = p.contribution(&pairs, &self.limits);
         self.agg.apply(&before, false);
         self.agg.apply(&after, true);
         self.agg.top = self.agg.top.max(p.bytes_in + p.bytes_out);
@@ -664,7 +753,11 @@ impl HostProfile {
     /// Removes the peer at `pos` (from [`Self::expiring`]) and its share of the sums.
     pub fn remove_expired(&mut self, pos: usize) {
         let (_, p) = self.peers.remove_at(pos);
-        remove_from(&mut self.agg, &self.limits, &p);
+        let pairs = p.pairs(self.more_pairs.as_deref());
+        remove_from(&mut self.agg, &self.limits, &p, &pairs);
+        if let Some(m) = &mut self.more_pairs {
+            m.give_back(p.more);
+        }
     }
 
     /// The last step of an expiry: `oldest` is from [`Self::expiring`].
@@ -687,7 +780,7 @@ impl HostProfile {
         self.peers.prefetch_slot_at(pos);
         self.peers.prefetch_slot_at(tail);
         if pos < self.peers.len() {
-            for &(l, r) in self.peers.at(pos).1.ports() {
+            for &(l, r) in self.pairs(self.peers.at(pos).1).iter() {
                 self.agg.remote_ports.prefetch(r);
                 self.agg.local_ports.prefetch(l);
             }
@@ -718,6 +811,9 @@ impl HostProfile {
         }
         // Give memory back once most of the window has rolled out.
         self.peers.shrink();
+        if self.more_pairs.as_ref().is_some_and(|m| m.in_use() == 0) {
+            self.more_pairs = None;
+        }
         if self.peers.len() < self.max_peers / 2 {
             self.overflow = None;
         }
@@ -744,6 +840,10 @@ impl HostProfile {
             + self.agg.remote_ports.heap_bytes()
             + self.agg.local_ports.heap_bytes()
             + self.more_sources.capacity() * std::mem::size_of::<crate::flow::Origin>()
+            + self
+                .more_pairs
+                .as_ref()
+                .map_or(0, |m| std::mem::size_of::<MorePairs>() + m.heap_bytes())
             + self.overflow.as_ref().map_or(0, |_| 16 << 10)
     }
 
@@ -784,6 +884,55 @@ mod tests {
             prop_assert_ne!(PeerAddr::new(mapped), PeerAddr::new(four));
             let taken = IpAddr::V6(Ipv6Addr::from(PeerAddr::new(four).0));
             prop_assert!(!DetectConfig::usable(taken));
+        }
+
+        /// A peer's port pairs, its first three in its entry and the others in its
+        /// host's slots, are the first [`PORTS_PER_PEER`] distinct pairs seen with it in
+        /// the order seen, held in a plain map beside the profile, through records and
+        /// expiries that free slots and reuse them; once no peer has more than three,
+        /// the slots are gone.
+        #[test]
+        fn port_pairs_are_the_first_seen_in_order(
+            ops in proptest::collection::vec((0u8..8, 0u16..4, 0u16..6, 0u64..4, any::<bool>()), 1..300),
+        ) {
+            use std::collections::HashMap;
+            let window = Duration::from_secs(10);
+            let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+            let mut p = HostProfile::new(1000);
+            // Peer -> (last second seen, its pairs).
+            let mut model: HashMap<IpAddr, (u64, Vec<(u16, u16)>)> = HashMap::new();
+            let mut now = 0u64;
+            for (peer, local, remote, step, outbound) in ops {
+                now += step;
+                let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + now);
+                let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, peer));
+                let (local, remote) = (6881 + local, 40_000 + remote);
+                let mut r = if outbound {
+                    FlowRecord::new(host, local, ip, remote, 17)
+                } else {
+                    FlowRecord::new(ip, remote, host, local, 17)
+                };
+                (r.first, r.last, r.packets, r.bytes) = (at, at, 1, 100);
+                p.expire(at, window);
+                model.retain(|_, (last, _)| now - *last < window.as_secs());
+                p.add(&r, outbound);
+                let (last, pairs) = model.entry(ip).or_default();
+                *last = now;
+                if pairs.len() < PORTS_PER_PEER && !pairs.contains(&(local, remote)) {
+                    pairs.push((local, remote));
+                }
+                prop_assert_eq!(p.peers.len(), model.len());
+                for (k, s) in p.peers.iter() {
+                    prop_assert_eq!(&*p.pairs(s), model[&k.ip()].1.as_slice());
+                }
+                let more = model.values().filter(|(_, v)| v.len() > INLINE_PAIRS).count();
+                let slots = p.more_pairs.as_ref().map_or(0, |m| m.in_use());
+                prop_assert_eq!(slots, more);
+            }
+            let end = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + now + 60);
+            p.expire(end, window);
+            prop_assert!(p.peers.is_empty());
+            prop_assert!(p.more_pairs.is_none(), "slots left after every peer expired");
         }
     }
 }
