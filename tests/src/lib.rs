@@ -9,6 +9,7 @@ pub mod export;
 pub mod frames;
 pub mod http;
 pub mod lab;
+pub mod mutate;
 pub mod netns;
 pub mod release;
 pub mod remap;

@@ -13,6 +13,7 @@ use detector::sources::capture::Capture;
 use detector::sources::netflow::capture::udp_in_frame;
 use detector::sources::netflow::decode::{DecodeLimits, Decoder};
 use proptest::prelude::*;
+use tests::mutate::{Mutation, apply};
 
 fn seeds() -> &'static Vec<Vec<u8>> {
     static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
@@ -77,14 +78,6 @@ fn own_datagrams() -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[derive(Clone, Debug)]
-enum Mutation {
-    Flip(usize, u8),
-    Truncate(usize),
-    Insert(usize, Vec<u8>),
-    SetU16(usize, u16),
-}
-
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
@@ -103,31 +96,6 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-fn apply(mut d: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
-    for m in muts {
-        let n = d.len().max(1);
-        match m {
-            Mutation::Flip(i, b) => {
-                if !d.is_empty() {
-                    d[i % n] ^= b;
-                }
-            }
-            Mutation::Truncate(i) => d.truncate(i % n),
-            Mutation::Insert(i, v) => {
-                let at = i % (d.len() + 1);
-                d.splice(at..at, v.iter().copied());
-            }
-            Mutation::SetU16(i, v) => {
-                if d.len() >= 2 {
-                    let at = i % (d.len() - 1);
-                    d[at..at + 2].copy_from_slice(&v.to_be_bytes());
-                }
-            }
-        }
-    }
-    d
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -138,7 +106,7 @@ proptest! {
         source in 0u8..8,
     ) {
         let seeds = seeds();
-        let d = apply(seeds[seed.index(seeds.len())].clone(), &muts);
+        let d = apply(seeds[seed.index(seeds.len())].clone(), &muts, &[]);
         let mut dec = Decoder::new(DecodeLimits::default(), vec![]);
         let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, source)), 2055);
         let mut out = Vec::new();
@@ -232,7 +200,7 @@ proptest! {
     ) {
         let seeds = seeds();
         let i = seed.index(seeds.len());
-        let mutant = apply(seeds[i].clone(), &muts);
+        let mutant = apply(seeds[i].clone(), &muts, &[]);
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 2055);
         let mut fast = Decoder::new(DecodeLimits::default(), vec![]);

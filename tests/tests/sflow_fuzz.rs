@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use detector::flow::FlowRecord;
 use detector::sources::sflow::decode::{Decoder, SflowLimits, SflowTimeouts};
 use proptest::prelude::*;
+use tests::mutate::{Mutation, apply};
 use tests::sflow::{IfCounters, counter_sample, datagram, if_counters};
 
 fn seeds() -> &'static Vec<Vec<u8>> {
@@ -56,22 +57,6 @@ fn seeds() -> &'static Vec<Vec<u8>> {
     })
 }
 
-#[derive(Clone, Debug)]
-enum Mutation {
-    Flip(usize, u8),
-    Truncate(usize),
-    Insert(usize, Vec<u8>),
-    /// XDR's lengths, counts, formats and rates are 32-bit words.
-    SetU32(usize, u32),
-    /// Bytes `at..at+len` of another seed put at `to`.
-    Splice {
-        from: usize,
-        at: usize,
-        len: usize,
-        to: usize,
-    },
-}
-
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
@@ -96,40 +81,6 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), any::<usize>(), 1usize..200, any::<usize>())
             .prop_map(|(from, at, len, to)| Mutation::Splice { from, at, len, to }),
     ]
-}
-
-fn apply(mut d: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
-    let seeds = seeds();
-    for m in muts {
-        let n = d.len().max(1);
-        match m {
-            Mutation::Flip(i, b) => {
-                if !d.is_empty() {
-                    d[i % n] ^= b;
-                }
-            }
-            Mutation::Truncate(i) => d.truncate(i % n),
-            Mutation::Insert(i, v) => {
-                let at = i % (d.len() + 1);
-                d.splice(at..at, v.iter().copied());
-            }
-            Mutation::SetU32(i, v) => {
-                // On a word boundary, where XDR puts its fields.
-                if d.len() >= 4 {
-                    let at = (i % (d.len() / 4)) * 4;
-                    d[at..at + 4].copy_from_slice(&v.to_be_bytes());
-                }
-            }
-            Mutation::Splice { from, at, len, to } => {
-                let src = &seeds[from % seeds.len()];
-                let a = at % src.len();
-                let piece = &src[a..(a + len).min(src.len())];
-                let to = to % (d.len() + 1);
-                d.splice(to..to, piece.iter().copied());
-            }
-        }
-    }
-    d
 }
 
 fn at(s: u64) -> SystemTime {
@@ -174,7 +125,7 @@ proptest! {
     ) {
         let seeds = seeds();
         let original = &seeds[seed.index(seeds.len())];
-        let mutant = apply(original.clone(), &muts);
+        let mutant = apply(original.clone(), &muts, seeds);
         let timeouts = SflowTimeouts {
             live: live.then_some(Duration::from_secs(10)),
             ..SflowTimeouts::default()
