@@ -1,6 +1,9 @@
 //! Mutations of a datagram for the decoders' fuzz tests (`netflow_fuzz`, `sflow_fuzz`):
 //! each test draws the kinds that suit its format (NetFlow's 16-bit fields, sFlow's
-//! 32-bit XDR words, pieces of other seeds) and applies them here.
+//! 32-bit XDR words, pieces of other seeds) beside the byte edits every format gets
+//! ([`byte_edits`]), and applies them here.
+
+use proptest::prelude::*;
 
 /// One change to a datagram; indexes are reduced modulo the datagram's length.
 #[derive(Clone, Debug)]
@@ -22,6 +25,20 @@ pub enum Mutation {
         len: usize,
         to: usize,
     },
+}
+
+/// What every format's fuzz test draws: flipped bits, a cut, inserted bytes (equally
+/// likely; weigh it 3 beside a test's own kinds to keep each kind's share).
+pub fn byte_edits() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(i, v)| Mutation::Insert(i, v)),
+    ]
 }
 
 /// `d` with `muts` applied in order; a splice takes its piece from `seeds`.

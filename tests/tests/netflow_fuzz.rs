@@ -13,7 +13,7 @@ use detector::sources::capture::Capture;
 use detector::sources::netflow::capture::udp_in_frame;
 use detector::sources::netflow::decode::{DecodeLimits, Decoder};
 use proptest::prelude::*;
-use tests::mutate::{Mutation, apply};
+use tests::mutate::{Mutation, apply, byte_edits};
 
 fn seeds() -> &'static Vec<Vec<u8>> {
     static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
@@ -80,15 +80,9 @@ fn own_datagrams() -> Vec<Vec<u8>> {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        any::<usize>().prop_map(Mutation::Truncate),
-        (
-            any::<usize>(),
-            proptest::collection::vec(any::<u8>(), 1..16)
-        )
-            .prop_map(|(i, v)| Mutation::Insert(i, v)),
+        3 => byte_edits(),
         // Lengths, counts, ids: the 16-bit fields parsers trust.
-        (
+        1 => (
             any::<usize>(),
             prop_oneof![Just(0u16), Just(1), Just(0xffff), any::<u16>()]
         )

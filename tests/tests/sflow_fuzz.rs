@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use detector::flow::FlowRecord;
 use detector::sources::sflow::decode::{Decoder, SflowLimits, SflowTimeouts};
 use proptest::prelude::*;
-use tests::mutate::{Mutation, apply};
+use tests::mutate::{Mutation, apply, byte_edits};
 use tests::sflow::{IfCounters, counter_sample, datagram, if_counters};
 
 fn seeds() -> &'static Vec<Vec<u8>> {
@@ -59,14 +59,8 @@ fn seeds() -> &'static Vec<Vec<u8>> {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        any::<usize>().prop_map(Mutation::Truncate),
-        (
-            any::<usize>(),
-            proptest::collection::vec(any::<u8>(), 1..16)
-        )
-            .prop_map(|(i, v)| Mutation::Insert(i, v)),
-        (
+        3 => byte_edits(),
+        1 => (
             any::<usize>(),
             prop_oneof![
                 Just(0u32),
@@ -78,7 +72,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
             ]
         )
             .prop_map(|(i, v)| Mutation::SetU32(i, v)),
-        (any::<usize>(), any::<usize>(), 1usize..200, any::<usize>())
+        1 => (any::<usize>(), any::<usize>(), 1usize..200, any::<usize>())
             .prop_map(|(from, at, len, to)| Mutation::Splice { from, at, len, to }),
     ]
 }
