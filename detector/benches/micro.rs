@@ -97,6 +97,12 @@ pub struct IngestBenchArgs {
     /// instruction counts a record by stage that do not depend on the machine's load.
     #[arg(long)]
     pub in_process: Option<u64>,
+    /// With `--in-process`: the internal hosts the records are spread over (at most
+    /// 4,096). Fewer hosts fill their profiles: with more than `max_peers` (4,096) new
+    /// peers each, later records only count the peer, as in `bench agent`'s ingest,
+    /// whose few hosts meet new peers in every cycle.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub hosts: u64,
 }
 
 #[derive(Debug, Args)]
@@ -487,7 +493,7 @@ pub fn ingest(args: IngestBenchArgs) -> Result<()> {
     use std::process::{Command, Stdio};
 
     if let Some(records) = args.in_process {
-        return ingest_in_process(records);
+        return ingest_in_process(records, args.hosts);
     }
 
     let data = args
@@ -638,13 +644,13 @@ pub fn ingest(args: IngestBenchArgs) -> Result<()> {
 }
 
 /// `ingest --in-process N`: N records of new flows (4,096 internal hosts of 10.0.0.0/16,
-/// each record a new external peer and port) encoded by the agent's own v9 encoder
+/// or `--hosts`; each record a new external peer and port) encoded by the agent's own v9 encoder
 /// (about 26 records a datagram, as `bench agent --part ingest` sends), then, timed
 /// apart from that: a decoder thread (`nfdecode`) decodes them in reads of
 /// [`detector::sources::netflow::listener::BATCH`]-sized groups as the listener does and
 /// hands them to a one-shard pipeline (`shard-0`: duplicate marking and detection) whose
 /// sink thread (`sinks`) re-exports them as v9 to a socket nobody reads.
-fn ingest_in_process(records: u64) -> Result<()> {
+fn ingest_in_process(records: u64, hosts: u64) -> Result<()> {
     use detector::export::netflow_v9::{V9Config, V9Encoder, V9Sink};
     use detector::flow::{Direction, FlowRecord};
     use detector::pipeline::{Pipeline, PipelineConfig, WhenBehind};
@@ -668,7 +674,8 @@ fn ingest_in_process(records: u64) -> Result<()> {
         let recs: Vec<FlowRecord> = (made..made + n)
             .map(|i| {
                 let x = next();
-                let host = IpAddr::V4(Ipv4Addr::new(10, 0, (i % 16) as u8, (i / 16 % 256) as u8));
+                let h = i % hosts;
+                let host = IpAddr::V4(Ipv4Addr::new(10, 0, (h % 16) as u8, (h / 16 % 256) as u8));
                 let peer = IpAddr::V4(Ipv4Addr::from(0xc612_0000u32.wrapping_add(x as u32 >> 8)));
                 let (hp, pp) = (
                     1024 + (x >> 40) as u16 % 60000,

@@ -487,6 +487,9 @@ impl<K: Hash + Eq, V, S, I: Slot, E: Store<(K, V)>> DenseMap<K, V, S, I, E> {
 
     /// Inserts a key known to be absent, with its stamp; returns its position. Panics
     /// beyond [`Slot::MAX_ENTRIES`] entries (the caller bounds its table below that).
+    /// Always inlined: a call of its own for every new peer when the profile's code
+    /// around it grew.
+    #[inline(always)]
     pub fn insert_stamped(&mut self, k: K, v: V, stamp: S) -> usize {
         let pos = self.len();
         assert!(

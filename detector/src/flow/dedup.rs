@@ -16,6 +16,7 @@
 //! tag in a bucket with a probability of about 2^-42 a record.
 
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use foldhash::quality::RandomState;
@@ -123,22 +124,44 @@ impl Dedup {
         self.buckets.len() * std::mem::size_of::<Bucket>()
     }
 
+    /// The hash of a record's flow key (addresses, ports, protocol), from three words
+    /// rather than field by field (each address with its variant, each port and the
+    /// protocol on their own): with the ring of [`Self::mark_batch`], 25 instructions a
+    /// record fewer (callgrind, `micro ingest --in-process`). An IPv4 address and an IPv6
+    /// one of the same bits stay apart (their kinds are in the last word).
+    #[inline]
     fn hash(&self, r: &FlowRecord) -> u64 {
-        self.hasher
-            .hash_one((r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.protocol))
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => (u128::from(a.to_bits()), 1u64),
+            IpAddr::V6(a) => (a.to_bits(), 0),
+        };
+        let ((src, src_v4), (dst, dst_v4)) = (bits(r.src_addr), bits(r.dst_addr));
+        let rest = u64::from(r.src_port)
+            | u64::from(r.dst_port) << 16
+            | u64::from(r.protocol) << 32
+            | src_v4 << 40
+            | dst_v4 << 41;
+        self.hasher.hash_one((src, dst, rest))
     }
 
     /// [`Self::mark`] for each record, asking for each one's bucket a few records ahead
     /// (with millions of flows, the table is not in the cache).
     pub fn mark_batch(&mut self, records: &mut [FlowRecord]) {
         const D: usize = 4;
-        let hashes: Vec<u64> = records.iter().map(|r| self.hash(r)).collect();
+        // The hashes of the records from `i` to `i + D`, in a ring (not a vector
+        // allocated for every batch).
+        let mut ring = [0u64; D + 1];
         let mask = self.buckets.len() - 1;
+        for (i, r) in records.iter().take(D).enumerate() {
+            ring[i] = self.hash(r);
+        }
         for i in 0..records.len() {
-            if let Some(&h) = hashes.get(i + D) {
+            if let Some(ahead) = records.get(i + D) {
+                let h = self.hash(ahead);
+                ring[(i + D) % (D + 1)] = h;
                 crate::mem::prefetch(&self.buckets[h as usize & mask]);
             }
-            self.mark_hashed(&mut records[i], hashes[i]);
+            self.mark_hashed(&mut records[i], ring[i % (D + 1)]);
         }
     }
 

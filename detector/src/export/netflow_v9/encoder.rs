@@ -334,7 +334,6 @@ impl Datagram {
         // The record is written into a buffer of its own at offsets known when compiled,
         // and appended at once: one capacity check instead of one for each of its
         // sixteen fields.
-        let mut rec = [0u8; 96];
         let (input, output) = match r.direction {
             crate::flow::Direction::Ingress => (r.ifindex, 0),
             crate::flow::Direction::Egress => (0, r.ifindex),
@@ -352,7 +351,7 @@ impl Datagram {
         let counts = (bytes, packets);
         let n = match (enc.cfg.format, r.src_addr, r.dst_addr) {
             (ExportFormat::V9, IpAddr::V4(s), IpAddr::V4(d)) => fill(
-                &mut rec,
+                &mut self.buf,
                 counts,
                 enc.uptime_ms(r.first).to_be_bytes(),
                 enc.uptime_ms(r.last).to_be_bytes(),
@@ -360,7 +359,7 @@ impl Datagram {
                 &tail,
             ),
             (ExportFormat::V9, s, d) => fill(
-                &mut rec,
+                &mut self.buf,
                 counts,
                 enc.uptime_ms(r.first).to_be_bytes(),
                 enc.uptime_ms(r.last).to_be_bytes(),
@@ -368,7 +367,7 @@ impl Datagram {
                 &tail,
             ),
             (ExportFormat::Ipfix, IpAddr::V4(s), IpAddr::V4(d)) => fill(
-                &mut rec,
+                &mut self.buf,
                 counts,
                 unix_ms(r.first).to_be_bytes(),
                 unix_ms(r.last).to_be_bytes(),
@@ -376,7 +375,7 @@ impl Datagram {
                 &tail,
             ),
             (ExportFormat::Ipfix, s, d) => fill(
-                &mut rec,
+                &mut self.buf,
                 counts,
                 unix_ms(r.first).to_be_bytes(),
                 unix_ms(r.last).to_be_bytes(),
@@ -385,7 +384,6 @@ impl Datagram {
             ),
         };
         debug_assert_eq!(n, len);
-        self.buf.put_slice(&rec[..n]);
         self.count += 1;
         self.data_records += 1;
         true
@@ -402,18 +400,20 @@ impl Datagram {
     }
 }
 
-/// Writes a data record into `out` (the template's field order: counts, times of `T`
+/// Appends a data record to `buf` (the template's field order: counts, times of `T`
 /// bytes each, addresses of `A` bytes each, then the 20 bytes from the ports on) and
 /// returns its length; every offset is a constant once `T` and `A` are known.
 #[inline(always)]
 fn fill<const T: usize, const A: usize>(
-    out: &mut [u8; 96],
+    buf: &mut BytesMut,
     (bytes, packets): (u64, u64),
     first: [u8; T],
     last: [u8; T],
     (src, dst): ([u8; A], [u8; A]),
     tail: &[u8; 20],
 ) -> usize {
+    let mut rec = [0u8; 96];
+    let out = &mut rec;
     out[0..8].copy_from_slice(&bytes.to_be_bytes());
     out[8..16].copy_from_slice(&packets.to_be_bytes());
     out[16..16 + T].copy_from_slice(&first);
@@ -423,6 +423,8 @@ fn fill<const T: usize, const A: usize>(
     out[at + A..at + 2 * A].copy_from_slice(&dst);
     let at = at + 2 * A;
     out[at..at + 20].copy_from_slice(tail);
+    // A constant length once `T` and `A` are known: copied inline, not by a call.
+    buf.put_slice(&rec[..at + 20]);
     at + 20
 }
 

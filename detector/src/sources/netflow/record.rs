@@ -175,20 +175,19 @@ impl RawRecord {
     /// The flow's addresses. Templates may carry both IPv4 and IPv6 address fields (one
     /// pair zero, or IPv4 inside an SRv6/IPv6 transport): the IPv4 pair wins when it is
     /// set, as nfacctd does, else the IPv6 pair.
+    /// Pair by pair, so that a record with its IPv4 pair set looks at nothing else.
+    #[inline]
     pub(super) fn addresses(&self) -> Option<(IpAddr, IpAddr)> {
         let set = |a: Option<IpAddr>| a.filter(|x| !x.is_unspecified());
-        match (
-            set(self.src4),
-            set(self.dst4),
-            set(self.src6),
-            set(self.dst6),
-        ) {
-            (Some(s), Some(d), ..) => Some((s, d)),
-            (.., Some(s), Some(d)) => Some((s, d)),
-            _ => match (self.src4.or(self.src6), self.dst4.or(self.dst6)) {
-                (Some(s), Some(d)) => Some((s, d)),
-                _ => None,
-            },
+        if let (Some(s), Some(d)) = (set(self.src4), set(self.dst4)) {
+            return Some((s, d));
+        }
+        if let (Some(s), Some(d)) = (set(self.src6), set(self.dst6)) {
+            return Some((s, d));
+        }
+        match (self.src4.or(self.src6), self.dst4.or(self.dst6)) {
+            (Some(s), Some(d)) => Some((s, d)),
+            _ => None,
         }
     }
 
