@@ -81,7 +81,7 @@ use aya_ebpf::{
 };
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
-    ExportMark, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
+    ExportMark, FlowKey, FlowKey4, FlowSlot, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
     OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
 };
 
@@ -103,6 +103,20 @@ static LIVE_FLOWS: u32 = 0;
 /// signatures of [`hint`] (`--payload-hints`). Set by the loader.
 #[unsafe(no_mangle)]
 static PAYLOAD_HINTS: u32 = 0;
+
+/// Non-zero: IPv4 flows are counted in `FLOWS4_SLOTS` first, `FLOWS4` taking those whose
+/// slots are all taken. Set by the loader.
+#[unsafe(no_mangle)]
+static FLOW_SLOTS: u32 = 0;
+
+/// The meter's slot table of IPv4 flows (see the `slots` module). Sized by the loader.
+#[map]
+static FLOWS4_SLOTS: Array<FlowSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The seed of `FLOWS4_SLOTS`'s hash, kept here by userspace so that it is pinned with the
+/// table; the programs read the seed from `SLOT_SEED` (see the `slots` module).
+#[map]
+static SLOT_SEED_MAP: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static FLOWS4: HashMap<FlowKey4, FlowStats> =
@@ -159,12 +173,21 @@ fn account(
     if pkt.fragment != 0 {
         count(c, counter::FRAGMENTS, packets);
     }
+    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+    let slots_on =
+        table == Table::BenchSlots || unsafe { core::ptr::read_volatile(&FLOW_SLOTS) } != 0;
     let added = if pkt.v4 != 0
-        && table == Table::BenchSlots
+        && slots_on
         && slots::add(
-            &bench::BENCH_SLOTS,
+            c,
+            if table == Table::BenchSlots {
+                &bench::BENCH_SLOTS
+            } else {
+                &FLOWS4_SLOTS
+            },
             &pkt.key4(direction),
             pkt,
+            (ifindex, direction),
             packets,
             bytes,
             now,
@@ -243,19 +266,7 @@ fn add_to_flow<K>(
     if update(map, key, pkt, packets, bytes, now) {
         return true;
     }
-    // Live flows: the start is announced if there is room in the ring; the entry says
-    // whether it was, so that userspace counts the flow once either way.
-    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
-    let live = unsafe { core::ptr::read_volatile(&LIVE_FLOWS) } != 0;
-    let mut event = if live {
-        let e = NEW_FLOWS.reserve::<NewFlowEvent>(0);
-        if e.is_none() {
-            count(c, counter::NEW_FLOWS_DROPPED, packets);
-        }
-        e
-    } else {
-        None
-    };
+    let mut event = announce(c, packets);
     let fresh = FlowStats {
         packets,
         bytes,
@@ -268,8 +279,45 @@ fn add_to_flow<K>(
         opening: [pkt.opening, 0, 0, 0],
     };
     let r = map.insert(key, fresh, BPF_NOEXIST as u64);
+    announced(&mut event, r.is_ok(), pkt, (ifindex, direction), bytes, now);
+    match r {
+        Ok(()) => true,
+        // Another CPU created the key between our lookup and insert: add to it.
+        Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
+        Err(_) => false,
+    }
+}
+
+/// Live flows: a reserved announcement of a new flow if there is room in the ring (the
+/// new entry says whether it was, so that userspace counts the flow once either way).
+#[inline(always)]
+fn announce(
+    c: &mut CounterBlock,
+    packets: u64,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<NewFlowEvent>> {
+    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+    if unsafe { core::ptr::read_volatile(&LIVE_FLOWS) } == 0 {
+        return None;
+    }
+    let e = NEW_FLOWS.reserve::<NewFlowEvent>(0);
+    if e.is_none() {
+        count(c, counter::NEW_FLOWS_DROPPED, packets);
+    }
+    e
+}
+
+/// Sends the announcement [`announce`] reserved if the flow was `inserted`, else drops it.
+#[inline(always)]
+fn announced(
+    event: &mut Option<aya_ebpf::maps::ring_buf::RingBufEntry<NewFlowEvent>>,
+    inserted: bool,
+    pkt: &Packet,
+    (ifindex, direction): (u32, u8),
+    bytes: u64,
+    now: u64,
+) {
     if let Some(mut e) = event.take() {
-        if r.is_ok() {
+        if inserted {
             e.write(NewFlowEvent {
                 ts_ns: now,
                 key: pkt.key(ifindex, direction),
@@ -281,12 +329,6 @@ fn add_to_flow<K>(
         } else {
             e.discard(0);
         }
-    }
-    match r {
-        Ok(()) => true,
-        // Another CPU created the key between our lookup and insert: add to it.
-        Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
-        Err(_) => false,
     }
 }
 

@@ -360,6 +360,7 @@ fn spread(flows: u32) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
+        flow_slots: false,
     })?;
     for p in ["bench_pass", XDP_PROGRAM] {
         load(&mut bpf, p)?;
@@ -418,6 +419,7 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
+        flow_slots: false,
     })?;
     for p in ["bench_pass", "bench_parse", XDP_PROGRAM] {
         load(&mut bpf, p)?;
