@@ -1172,3 +1172,115 @@ fn slot_flows_evicted_while_packets_arrive_on_both_cpus_are_exported_exactly_onc
         .unwrap();
     assert!(after.is_empty(), "left in the maps: {after:?}");
 }
+
+/// Pinned state from the release before the slot table (its directory has no
+/// `FLOWS4_SLOTS` nor `SLOT_SEED_MAP`; its programs count IPv4 flows in `FLOWS4`): the next
+/// agent adopts `FLOWS4` with its flows, creates and pins the slot table beside it, and at
+/// exit every packet counted before and after the upgrade is exported once. Then a third
+/// agent reuses the pinned slot table, with its seed, and finds the same flows in it.
+#[test]
+#[ignore = "privileged: run by `cargo xtask test` as root"]
+fn pinned_state_without_a_slot_table_upgrades_and_the_table_is_reused_after() {
+    use detector::flow::monotonic_ns;
+    use detector::flow::table::{Delta, Timeouts};
+    use detector::sources::xdp::{XdpSource, load_pinned, pin::PinDir};
+    let base = std::path::PathBuf::from(format!("/tmp/detector-slots-pin-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let m = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&base)
+        .status()
+        .unwrap();
+    assert!(m.success(), "mount bpffs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(base.clone());
+    let opts = |flow_slots| LoadOptions {
+        map_size: 4096,
+        sampling: 1,
+        payload_hints: false,
+        live_flows: false,
+        flow_slots,
+    };
+    let load = |flow_slots: bool| {
+        let dir = PinDir::open(&base, "lo").unwrap();
+        let mut bpf = load_pinned(opts(flow_slots), Some(&dir)).unwrap();
+        let x: &mut Xdp = bpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+        x.load().unwrap();
+        (bpf, dir)
+    };
+    let send = |bpf: &Ebpf, ports: std::ops::Range<u16>, sent: &mut HashMap<u16, u64>| {
+        let x: &Xdp = bpf.program(XDP_PROGRAM).unwrap().try_into().unwrap();
+        for p in ports {
+            let ip = ipv4(A4, B4, 17, 0, 0, &[], &udp(p, 53, 0));
+            for _ in 0..1 + p % 3 {
+                assert_eq!(
+                    run_xdp_once(x, &frame(&[&ethernet(&[], ETH_P_IP), &ip])),
+                    XDP_PASS
+                );
+                *sent.entry(p).or_default() += 1;
+            }
+        }
+    };
+    let mut sent = HashMap::new();
+    // The old release: FLOWS4 only, and no slot table pinned.
+    {
+        let (bpf, dir) = load(false);
+        send(&bpf, 1000..1100, &mut sent);
+        std::fs::remove_file(dir.map(FLOWS4_SLOTS_MAP)).unwrap();
+        std::fs::remove_file(dir.map(detector_common::SLOT_SEED_MAP)).unwrap();
+        // Killed: nothing drained, the pins stay.
+    }
+    let timeouts = Timeouts::from_secs(60, 15);
+    let mut out: Vec<Delta> = Vec::new();
+    // The upgrade: FLOWS4 adopted, the slot table created and pinned.
+    {
+        let (mut bpf, dir) = load(true);
+        assert!(dir.map(FLOWS4_SLOTS_MAP).exists());
+        // New packets of the old flows are counted in the slot table (a flow is looked
+        // for there first), their old counts stay in FLOWS4: both are exported.
+        send(&bpf, 1050..1150, &mut sent);
+        let in_slots = {
+            let a: Array<_, FlowSlot> =
+                Array::try_from(bpf.map(FLOWS4_SLOTS_MAP).unwrap()).unwrap();
+            assert_eq!(a.len(), detector_common::slot::slots_for(4096));
+            a.iter()
+                .filter(|s| s.as_ref().unwrap().ctrl & slot::STATE_MASK == slot::LIVE)
+                .count()
+        };
+        assert_eq!(in_slots, 100, "the new packets' flows in the slot table");
+        let mut source = XdpSource::with_mode(&mut bpf, timeouts, LOOPBACK_IFINDEX, None).unwrap();
+        source.keep_pinned_state(monotonic_ns()).unwrap();
+        source.scan(monotonic_ns(), &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        // Killed again, with flows in both.
+    }
+    // A third agent: the same slot table and seed, so the same flows are found again.
+    {
+        let (mut bpf, dir) = load(true);
+        send(&bpf, 1100..1150, &mut sent);
+        let a: Array<_, FlowSlot> = Array::try_from(bpf.map(FLOWS4_SLOTS_MAP).unwrap()).unwrap();
+        let live = a
+            .iter()
+            .filter(|s| s.as_ref().unwrap().ctrl & slot::STATE_MASK == slot::LIVE)
+            .count();
+        assert_eq!(live, 100, "no flow inserted twice: the seed was kept");
+        let mut source = XdpSource::with_mode(&mut bpf, timeouts, LOOPBACK_IFINDEX, None).unwrap();
+        source.keep_pinned_state(monotonic_ns()).unwrap();
+        source.flush(&mut out).unwrap();
+        dir.remove().unwrap();
+    }
+    let mut got: HashMap<u16, u64> = HashMap::new();
+    for d in &out {
+        *got.entry(d.key.src_port).or_default() += d.packets;
+    }
+    assert_eq!(got, sent, "every packet before and after the upgrade, once");
+}
