@@ -44,9 +44,6 @@ pub const BENCH_FLOOR_MAP: &str = "BENCH_FLOOR";
 /// ... and each CPU's position in the sequence.
 pub const BENCH_POS_MAP: &str = "BENCH_POS";
 
-/// ... and the open-addressed slot table the `bench_slots_seq` probe meters into
-/// ([`FlowSlot`]s; memory-mappable, so userspace reads it without a syscall).
-pub const BENCH_SLOTS_MAP: &str = "BENCH_SLOTS";
 /// Globals (read-only data) of the slot table: its slot count minus one (a power of two
 /// minus one) and the seed of [`slot::hash`].
 pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";

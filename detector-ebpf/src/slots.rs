@@ -2,7 +2,7 @@
 //! (issue #21): a packet of a known flow touches one cache line (the slot holds the
 //! control word, the key and the counters), where the kernel's hash map touches the
 //! bucket and then the element. The meter counts IPv4 flows in `FLOWS4_SLOTS` first
-//! (when the loader sets `FLOW_SLOTS`); the benchmark's `bench_slots_seq` in its own.
+//! (when the loader sets `FLOW_SLOTS`, as the agent does).
 //!
 //! A flow lives in one of the [`slot::PROBES`] slots that follow its home slot (the hash
 //! of its key). A packet reads the control words in that order: a LIVE slot whose
