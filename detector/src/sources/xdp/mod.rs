@@ -609,6 +609,11 @@ impl XdpSource {
     /// maps as they are, for the next agent (`--keep-attached`).
     pub fn flush_userspace(&mut self, out: &mut Vec<Delta>) {
         let from = out.len();
+        // Flows this agent moved to RETIRING: their last packets, then TOMBSTONE (the
+        // next agent could not tell what was exported of them).
+        if let Some(s) = &mut self.slots4 {
+            s.finish_retiring(out, true);
+        }
         for (key, stats) in std::mem::take(&mut self.overflow) {
             out.extend(self.overflow_table.evict(&key, &stats));
         }

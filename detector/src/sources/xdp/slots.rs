@@ -236,7 +236,7 @@ impl SlotFlows {
 
     /// Finishes the retired flows past [`GRACE`] (all of them with `wait`, sleeping out
     /// the grace): what they counted since their export, then TOMBSTONE.
-    fn finish_retiring(&mut self, out: &mut Vec<Delta>, wait: bool) {
+    pub fn finish_retiring(&mut self, out: &mut Vec<Delta>, wait: bool) {
         if wait && let Some(last) = self.retiring.iter().map(|r| r.since).max() {
             let left = GRACE.saturating_sub(last.elapsed());
             std::thread::sleep(left);
