@@ -680,10 +680,17 @@ pub fn final_check(k: &KernelCounters, drain: &DrainCounters) -> Result<u64, Str
 }
 
 impl XdpSource {
-    /// Kernel memory of the IPv4 and IPv6 flow maps, in bytes.
+    /// Kernel memory of the IPv4 flow stores (the slot table with the flow map) and of
+    /// the IPv6 flow map, in bytes.
     pub fn map_kernel_bytes(&self) -> (Option<u64>, Option<u64>) {
+        let slots = self
+            .slots4
+            .as_ref()
+            .map_or(Some(0), |s| s.mem.kernel_bytes());
         (
-            map_kernel_bytes(self.flows4.map.map()),
+            map_kernel_bytes(self.flows4.map.map())
+                .zip(slots)
+                .map(|(m, s)| m + s),
             map_kernel_bytes(self.flows6.map.map()),
         )
     }

@@ -84,6 +84,11 @@ impl SlotMemory {
         }
     }
 
+    /// The kernel memory of the map (fdinfo `memlock`), if it is a map.
+    pub fn kernel_bytes(&self) -> Option<u64> {
+        self._map.as_ref().and_then(super::map_kernel_bytes)
+    }
+
     pub fn cap(&self) -> usize {
         self.cap
     }
