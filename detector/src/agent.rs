@@ -109,7 +109,7 @@ impl Meter {
                 sampling: args.sampling,
                 payload_hints: args.payload_hints,
                 live_flows: true,
-                flow_slots: true,
+                flow_slots: xdp::FLOW_SLOTS_HERE,
             },
             pins.as_ref(),
         )?;
