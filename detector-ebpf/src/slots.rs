@@ -19,16 +19,9 @@
 //!
 //! Userspace never writes a LIVE slot's counters: it moves LIVE -> RETIRING, reads the
 //! final counters at a later pass (at least 20 ms later, a second in the agent: any
-//! packet that had read LIVE has long finished its atomic adds), then RETIRING ->
-//! TOMBSTONE, and TOMBSTONE -> EMPTY at a later pass when the next slot is EMPTY (no
-//! probe sequence goes on past an EMPTY slot, so none can need this one).
-//!
-//! Known limit: one flow can get two entries, each counted exactly and exported apart
-//! (two records where there was one flow): a packet that finds a BUSY slot with its
-//! fingerprint or loses a compare-and-swap (the hash map takes it), an IPv4 flow in the
-//! hash map that later finds a free slot, or two CPUs inserting the same new flow at the
-//! instant a RETIRING slot on its probe path turns TOMBSTONE (one takes that slot, the
-//! other the EMPTY one after it).
+//! packet that had read LIVE has long finished its atomic adds), then RETIRING -> TOMBSTONE, and TOMBSTONE -> EMPTY
+//! when the next slot is EMPTY (no probe sequence goes on past an EMPTY slot, so none
+//! can need this one).
 //!
 //! Ordering: every store before the publishing one is volatile, and x86's stores are
 //! not reordered with each other (nor loads with loads); on weaker CPUs the publishing

@@ -1076,20 +1076,12 @@ fn pin_to_cpu(cpu: usize) {
 
 /// The slot table's removal (LIVE -> RETIRING -> TOMBSTONE -> EMPTY) against packets
 /// arriving at the same time on both CPUs: with an inactive timeout of 0, every pass
-/// (every [`PASS_EVERY`]) removes every flow while two threads, one per CPU, keep sending
-/// packets of the same 48 flows. Every packet sent is exported exactly once: the records
-/// of each flow add up to what was sent of it, and the kernel's own count agrees.
-///
-/// Passes come a little more than the grace apart, as in the agent (a second): with
-/// passes every 2 ms, a flow removed and at once inserted again left a RETIRING slot a
-/// pass for ten passes, its eight probe slots filled up, and its packets went to the
-/// hash map, whose removal of a flow that is receiving packets at that instant can lose
-/// one (why the agent removes only quiet flows there): 18 of 2.9 million packets.
+/// (every 2 ms) removes every flow while two threads, one per CPU, keep sending packets
+/// of the same 48 flows. Every packet sent is exported exactly once: the records of each
+/// flow add up to what was sent of it, and the kernel's own count agrees.
 #[test]
 #[ignore = "privileged: run by `cargo xtask test` as root"]
 fn slot_flows_evicted_while_packets_arrive_on_both_cpus_are_exported_exactly_once() {
-    const PASS_EVERY: std::time::Duration =
-        detector::sources::xdp::slots::GRACE.saturating_add(std::time::Duration::from_millis(5));
     use detector::flow::monotonic_ns;
     use detector::flow::table::{Delta, Timeouts};
     use detector::sources::xdp::XdpSource;
@@ -1139,7 +1131,7 @@ fn slot_flows_evicted_while_packets_arrive_on_both_cpus_are_exported_exactly_onc
         while std::time::Instant::now() < until {
             source.scan(monotonic_ns(), &mut deltas).unwrap();
             passes += 1;
-            std::thread::sleep(PASS_EVERY);
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
         stop.store(true, Ordering::Relaxed);
         senders.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1173,7 +1165,12 @@ fn slot_flows_evicted_while_packets_arrive_on_both_cpus_are_exported_exactly_onc
         source.flow_counts().0
     );
     assert!(sent.iter().all(|s| s.values().sum::<u64>() > 0));
-    assert_eq!(sent.len(), cpus, "one sender a CPU");
+    // Nothing left behind: a scan far in the future finds nothing to export.
+    let mut after = Vec::new();
+    source
+        .scan(monotonic_ns() + 3600 * 1_000_000_000, &mut after)
+        .unwrap();
+    assert!(after.is_empty(), "left in the maps: {after:?}");
 }
 
 /// Pinned state from the release before the slot table (its directory has no

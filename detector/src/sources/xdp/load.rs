@@ -90,39 +90,28 @@ pub struct LoadOptions {
     pub flow_slots: bool,
 }
 
-/// Whether the meter counts IPv4 flows in the slot table on this machine: on x86-64 only,
-/// whose stores are not reordered with each other, so a slot published LIVE holds the key
-/// and counters written before it (the programs publish with a plain store; weaker CPUs
-/// would need BPF's store-release, kernel 6.15+). Elsewhere the hash map alone, as before.
-pub const FLOW_SLOTS_HERE: bool = cfg!(target_arch = "x86_64");
-
-/// The slot table's size, hash seed, and whether the programs use it: the table pinned
-/// in `pins` if there is one (so the programs find its flows where the last agent put
-/// them), else [`slot::slots_for`] the map size and a random seed. A pinned table this
-/// agent cannot use (fewer than two slots, not a power of two, or its seed missing: its
-/// flows could not be found again) is loaded as it is but left alone by the programs
-/// (IPv4 flows go to the flow map) while the drain exports what it holds.
-fn slot_geometry(map_size: u32, pins: Option<&pin::PinDir>) -> Result<(u32, u64, bool), XdpError> {
+/// The slot table's size and hash seed: those of the table pinned in `pins` if there is
+/// one (so the programs find its flows where the last agent's put them), else
+/// [`slot::slots_for`] the map size and a random seed.
+fn slot_geometry(map_size: u32, pins: Option<&pin::PinDir>) -> Result<(u32, u64), XdpError> {
     if let Some(p) = pins
         && p.map(FLOWS4_SLOTS_MAP).exists()
+        && p.map(SLOT_SEED_MAP).exists()
     {
         let table = MapData::from_pin(p.map(FLOWS4_SLOTS_MAP))?;
         let slots = table.info()?.max_entries();
-        let seeded = p.map(SLOT_SEED_MAP).exists();
-        if slots >= 2 && slots.is_power_of_two() && seeded {
-            let seed_map = MapData::from_pin(p.map(SLOT_SEED_MAP))?;
-            let seed: aya::maps::Array<MapData, u64> =
-                aya::maps::Array::try_from(aya::maps::Map::Array(seed_map))?;
-            return Ok((slots, seed.get(&0, 0)?, true));
+        let seed_map = MapData::from_pin(p.map(SLOT_SEED_MAP))?;
+        let seed: aya::maps::Array<MapData, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(seed_map))?;
+        let seed = seed.get(&0, 0)?;
+        if slots.is_power_of_two() {
+            return Ok((slots, seed));
         }
         warn!(
-            "the pinned slot table ({slots} slots{}) cannot be used: IPv4 flows go to the flow map this run, and what the table holds is exported; remove {} for a new table at the next start",
-            if seeded { "" } else { ", its seed not pinned" },
-            p.map(FLOWS4_SLOTS_MAP).display()
+            "the pinned slot table holds {slots} slots, not a power of two: ignored, flows go to the flow map"
         );
-        return Ok((slots, 0, false));
     }
-    Ok((slot::slots_for(map_size), random_seed(), true))
+    Ok((slot::slots_for(map_size), random_seed()))
 }
 
 /// A seed for the slot table's hash, so that nobody can choose keys that collide.
@@ -152,13 +141,13 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
     let sampling = opts.sampling;
     let hints = u32::from(opts.payload_hints);
     let live = u32::from(opts.live_flows);
-    let (slots, seed, on) = if opts.flow_slots {
+    let slots_on = u32::from(opts.flow_slots);
+    let (slots, seed) = if opts.flow_slots {
         slot_geometry(opts.map_size, pins)?
     } else {
-        (1, 0, false)
+        (1, 0)
     };
-    let slots_on = u32::from(on);
-    let mask = slots.saturating_sub(1);
+    let mask = slots - 1;
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(FLOWS4_SLOTS_MAP, slots)
@@ -191,7 +180,7 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
         bpf.map_mut(SLOT_SEED_MAP)
             .ok_or(XdpError::Missing(SLOT_SEED_MAP))?,
     )?;
-    if on {
+    if opts.flow_slots {
         seed_map.set(0, seed, 0)?;
     }
     Ok(bpf)

@@ -24,11 +24,6 @@ use crate::flow::table::{Action, Delta, FlowTable, Timeouts};
 /// program run (microseconds), so every packet that read LIVE has finished its adds.
 pub const GRACE: Duration = Duration::from_millis(20);
 
-/// The grace waited out when the agent stops (or leaves the table to the next agent):
-/// longer than [`GRACE`] since it costs nothing then, so that a program run stalled a
-/// while (a virtual CPU descheduled) still finishes before the last read.
-pub const EXIT_GRACE: Duration = Duration::from_millis(200);
-
 /// A memory-mapped array of [`FlowSlot`]s (the kernel lays them out 64 bytes apart).
 pub struct SlotMemory {
     ptr: *mut FlowSlot,
@@ -178,10 +173,7 @@ impl SlotFlows {
     /// tombstones freed where they can be.
     pub fn scan(&mut self, now_ns: u64, out: &mut Vec<Delta>) {
         self.table.begin_pass(now_ns);
-        // Slots made TOMBSTONE now stay so until the next pass: an insert that read one
-        // while it was RETIRING (and so went on past it) may be claiming the EMPTY slot
-        // after it right now, and emptying this one too would cut that flow off.
-        let fresh = self.finish_retiring(out, false);
+        self.finish_retiring(out, false);
         let pending: std::collections::HashSet<usize> =
             self.retiring.iter().map(|r| r.index).collect();
         let mask = self.mem.cap() - 1;
@@ -201,8 +193,7 @@ impl SlotFlows {
                     }
                 }
                 slot::TOMBSTONE
-                    if !fresh.contains(&i)
-                        && self.mem.ctrl((i + 1) & mask).load(Ordering::Acquire) == slot::EMPTY =>
+                    if self.mem.ctrl((i + 1) & mask).load(Ordering::Acquire) == slot::EMPTY =>
                 {
                     let _ = self.mem.ctrl(i).compare_exchange(
                         slot::TOMBSTONE,
@@ -249,20 +240,14 @@ impl SlotFlows {
     }
 
     /// Finishes the retired flows past [`GRACE`] (all of them with `wait`, sleeping out
-    /// [`EXIT_GRACE`]): what they counted since their export, then TOMBSTONE. Returns the
-    /// slots it made TOMBSTONE.
-    pub fn finish_retiring(
-        &mut self,
-        out: &mut Vec<Delta>,
-        wait: bool,
-    ) -> std::collections::HashSet<usize> {
+    /// the grace): what they counted since their export, then TOMBSTONE.
+    pub fn finish_retiring(&mut self, out: &mut Vec<Delta>, wait: bool) {
         if wait && let Some(last) = self.retiring.iter().map(|r| r.since).max() {
-            let left = EXIT_GRACE.saturating_sub(last.elapsed());
+            let left = GRACE.saturating_sub(last.elapsed());
             std::thread::sleep(left);
         }
         let ifindex = self.ifindex;
         let mem = &self.mem;
-        let mut finished = std::collections::HashSet::new();
         self.retiring.retain(|r| {
             if r.since.elapsed() < GRACE {
                 return true;
@@ -272,10 +257,8 @@ impl SlotFlows {
                 out.push(d);
             }
             mem.ctrl(r.index).store(slot::TOMBSTONE, Ordering::Release);
-            finished.insert(r.index);
             false
         });
-        finished
     }
 
     /// Exports every flow and empties the table (the programs are detached first).
@@ -410,11 +393,6 @@ mod tests {
         assert_eq!((out.len(), out[0].packets), (1, 7));
         std::thread::sleep(GRACE);
         f.scan(41 * SEC, &mut out);
-        // Made TOMBSTONE by this pass: kept until the next (an insert that passed it
-        // while it was RETIRING may be taking the slot after it).
-        assert_eq!(f.mem.ctrl(3).load(Ordering::Relaxed), slot::TOMBSTONE);
-        assert_eq!(f.mem.ctrl(2).load(Ordering::Relaxed), slot::TOMBSTONE);
-        f.scan(42 * SEC, &mut out);
         assert_eq!(f.mem.ctrl(3).load(Ordering::Relaxed), slot::EMPTY);
         assert_eq!(f.mem.ctrl(2).load(Ordering::Relaxed), slot::EMPTY);
         assert_eq!(f.live, 0);
