@@ -16,10 +16,11 @@
 mod uplink;
 
 use anyhow::{Context, Result, bail};
+use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::{Args, Parser, Subcommand};
 use detector::sources::xdp::{LoadOptions, XDP_PROGRAM, load_object};
-use detector_common::FlowKey4;
+use detector_common::{FLOWS4_MAP, FlowKey4, FlowStats};
 
 /// The agent's allocator, as in the product binary (the engine's figures depend on it).
 #[global_allocator]
@@ -315,12 +316,19 @@ fn warm_key(i: u32) -> FlowKey4 {
     }
 }
 
-/// Warms `n` distinct flows: one packet of each through the meter, which inserts it
-/// where the agent's meter would (the slot table, the flow map for flows whose slots are
-/// taken).
+/// Inserts `n` distinct flows into the IPv4 flow map.
 fn warm(bpf: &mut aya::Ebpf, n: u32) -> Result<()> {
+    let mut flows: BpfHashMap<_, FlowKey4, FlowStats> =
+        BpfHashMap::try_from(bpf.map_mut(FLOWS4_MAP).context("flow map")?)?;
+    let value = FlowStats {
+        packets: 1,
+        bytes: 100,
+        first_ns: 1,
+        last_ns: 1,
+        ..FlowStats::default()
+    };
     for i in 0..n {
-        run_once(bpf, XDP_PROGRAM, &warm_frame(i), 1)?;
+        flows.insert(warm_key(i), value, 0)?;
     }
     Ok(())
 }
@@ -358,7 +366,6 @@ fn spread(flows: u32) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
-        flow_slots: true,
     })?;
     for p in ["bench_pass", XDP_PROGRAM] {
         load(&mut bpf, p)?;
@@ -417,7 +424,6 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
-        flow_slots: true,
     })?;
     for p in ["bench_pass", "bench_parse", XDP_PROGRAM] {
         load(&mut bpf, p)?;

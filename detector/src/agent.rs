@@ -109,7 +109,6 @@ impl Meter {
                 sampling: args.sampling,
                 payload_hints: args.payload_hints,
                 live_flows: true,
-                flow_slots: true,
             },
             pins.as_ref(),
         )?;

@@ -6,7 +6,6 @@
 pub mod clock;
 mod load;
 pub mod pin;
-pub mod slots;
 mod sys;
 
 pub use load::*;
@@ -18,8 +17,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use detector_common::{
     CLOCK_MAP, COUNTERS_MAP, CounterBlock, DRAIN_STATE_MAP, DrainState, EXPORTED_MAP, ExportMark,
-    FLOWS4_MAP, FLOWS4_SLOTS_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_MAP,
-    NewFlowEvent, OVERFLOW_MAP, OverflowEvent, counter,
+    FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_MAP, NewFlowEvent,
+    OVERFLOW_MAP, OverflowEvent, counter,
 };
 use log::warn;
 
@@ -281,8 +280,6 @@ impl<K: MapKey + Default> KernelFlows<K> {
 
 /// The attached meter's maps and the export bookkeeping for them.
 pub struct XdpSource {
-    /// The slot table of IPv4 flows, when the object was loaded with it.
-    slots4: Option<slots::SlotFlows>,
     flows4: KernelFlows<FlowKey4>,
     flows6: KernelFlows<FlowKey>,
     counters: PerCpuArray<MapData, CounterBlock>,
@@ -351,14 +348,6 @@ impl XdpSource {
             }
         });
         let flows4 = KernelFlows::new(map4, timeouts, ifindex, mode)?;
-        let slots4 = match take(FLOWS4_SLOTS_MAP)? {
-            aya::maps::Map::Array(m) if m.info()?.max_entries() > 1 => Some(slots::SlotFlows::new(
-                slots::SlotMemory::map(m).map_err(XdpError::Slots)?,
-                timeouts,
-                ifindex,
-            )),
-            _ => None,
-        };
         let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex, mode)?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
@@ -369,7 +358,6 @@ impl XdpSource {
         Ok(Self {
             bookkeeping,
             persist: None,
-            slots4,
             flows4,
             flows6,
             counters,
@@ -406,17 +394,9 @@ impl XdpSource {
             ..Adoption::default()
         };
         let marks: Vec<(FlowKey, ExportMark)> = exported.iter().collect::<Result<_, _>>()?;
-        let in_slots = self
-            .slots4
-            .as_ref()
-            .map(|s| s.live_flows())
-            .unwrap_or_default();
         for (key, mark) in marks {
             let (live, table) = match key.narrow() {
-                Some(k4) => match (in_slots.get(&k4), &mut self.slots4) {
-                    (Some(s), Some(slots)) => (Some(*s), &mut slots.table),
-                    _ => (self.flows4.map.get(&k4, 0).ok(), &mut self.flows4.table),
-                },
+                Some(k4) => (self.flows4.map.get(&k4, 0).ok(), &mut self.flows4.table),
                 None => (self.flows6.map.get(&key, 0).ok(), &mut self.flows6.table),
             };
             match live {
@@ -432,9 +412,6 @@ impl XdpSource {
         }
         self.flows4.table.keep_journal();
         self.flows6.table.keep_journal();
-        if let Some(s) = &mut self.slots4 {
-            s.table.keep_journal();
-        }
         self.persist = Some(Persist {
             exported,
             state,
@@ -448,11 +425,7 @@ impl XdpSource {
     fn persist(&mut self) {
         let Some(p) = &mut self.persist else { return };
         let mut last: HashMap<FlowKey, Option<ExportMark>> = HashMap::new();
-        let slots = self.slots4.as_mut().map(|s| &mut s.table);
-        for table in [&mut self.flows4.table, &mut self.flows6.table]
-            .into_iter()
-            .chain(slots)
-        {
+        for table in [&mut self.flows4.table, &mut self.flows6.table] {
             for (key, mark) in table.take_journal() {
                 last.insert(key, mark);
             }
@@ -573,9 +546,6 @@ impl XdpSource {
     }
 
     fn scan_all(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        if let Some(s) = &mut self.slots4 {
-            s.scan(now_ns, out);
-        }
         self.flows4.scan(now_ns, &mut self.drain, out)?;
         self.flows6.scan(now_ns, &mut self.drain, out)?;
         self.overflow_table.begin_pass(now_ns);
@@ -609,11 +579,6 @@ impl XdpSource {
     /// maps as they are, for the next agent (`--keep-attached`).
     pub fn flush_userspace(&mut self, out: &mut Vec<Delta>) {
         let from = out.len();
-        // Flows this agent moved to RETIRING: their last packets, then TOMBSTONE (the
-        // next agent could not tell what was exported of them).
-        if let Some(s) = &mut self.slots4 {
-            s.finish_retiring(out, true);
-        }
         for (key, stats) in std::mem::take(&mut self.overflow) {
             out.extend(self.overflow_table.evict(&key, &stats));
         }
@@ -622,9 +587,6 @@ impl XdpSource {
     }
 
     fn flush_all(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {
-        if let Some(s) = &mut self.slots4 {
-            s.flush(out);
-        }
         self.flows4.flush(&mut self.drain, out)?;
         self.flows6.flush(&mut self.drain, out)?;
         for (key, stats) in std::mem::take(&mut self.overflow) {
@@ -638,8 +600,7 @@ impl XdpSource {
     /// overflow table.
     pub fn flow_counts(&self) -> (usize, usize) {
         (
-            self.slots4.as_ref().map_or(0, |s| s.live)
-                + self.flows4.last_pass_len.max(self.flows4.pass_seen)
+            self.flows4.last_pass_len.max(self.flows4.pass_seen)
                 + self.flows6.last_pass_len.max(self.flows6.pass_seen),
             self.overflow.len(),
         )
@@ -680,17 +641,10 @@ pub fn final_check(k: &KernelCounters, drain: &DrainCounters) -> Result<u64, Str
 }
 
 impl XdpSource {
-    /// Kernel memory of the IPv4 flow stores (the slot table with the flow map) and of
-    /// the IPv6 flow map, in bytes.
+    /// Kernel memory of the IPv4 and IPv6 flow maps, in bytes.
     pub fn map_kernel_bytes(&self) -> (Option<u64>, Option<u64>) {
-        let slots = self
-            .slots4
-            .as_ref()
-            .map_or(Some(0), |s| s.mem.kernel_bytes());
         (
-            map_kernel_bytes(self.flows4.map.map())
-                .zip(slots)
-                .map(|(m, s)| m + s),
+            map_kernel_bytes(self.flows4.map.map()),
             map_kernel_bytes(self.flows6.map.map()),
         )
     }
