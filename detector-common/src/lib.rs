@@ -44,13 +44,20 @@ pub const BENCH_FLOOR_MAP: &str = "BENCH_FLOOR";
 /// ... and each CPU's position in the sequence.
 pub const BENCH_POS_MAP: &str = "BENCH_POS";
 
-/// ... and the open-addressed slot table the `bench_slots_seq` probe meters into
-/// ([`FlowSlot`]s; memory-mappable, so userspace reads it without a syscall).
-pub const BENCH_SLOTS_MAP: &str = "BENCH_SLOTS";
 /// Globals (read-only data) of the slot table: its slot count minus one (a power of two
 /// minus one) and the seed of [`slot::hash`].
 pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
 pub const SLOT_SEED_GLOBAL: &str = "SLOT_SEED";
+/// Global (read-only data): non-zero to count IPv4 flows in [`FLOWS4_SLOTS_MAP`] first
+/// (the agent's meter, issue #21), `FLOWS4` taking only the flows whose slots are taken.
+pub const FLOW_SLOTS_GLOBAL: &str = "FLOW_SLOTS";
+/// The meter's slot table of IPv4 flows: an open-addressed, memory-mappable array of
+/// [`FlowSlot`]s (see [`slot`]), sized at load time to a power of two at least twice
+/// the flow map size.
+pub const FLOWS4_SLOTS_MAP: &str = "FLOWS4_SLOTS";
+/// One-entry array holding the seed of [`FLOWS4_SLOTS_MAP`]'s hash, pinned with it so
+/// that the next agent finds the flows where the last one put them.
+pub const SLOT_SEED_MAP: &str = "SLOT_SEED_MAP";
 
 /// Flows each kernel flow map (IPv4, IPv6) holds in the compiled object and under
 /// `replay`; `run` sizes them for an uplink (see [`UPLINK_MAP_SIZE`]).
@@ -205,8 +212,11 @@ pub struct FlowStats {
 ///
 /// The control word is `fingerprint << FP_SHIFT | distance << DIST_SHIFT | state` (see
 /// [`slot`]); a slot is claimed by compare-and-swap of the control word from
-/// [`slot::EMPTY`] to [`slot::BUSY`], its key and first-packet fields written, then the
-/// word set to [`slot::LIVE`]. The counters are added to atomically, as in the hash map.
+/// [`slot::EMPTY`] (or [`slot::TOMBSTONE`]) to [`slot::BUSY`], its key and counters
+/// written, then the word set to [`slot::LIVE`]. The counters are added to atomically,
+/// as in the hash map. Userspace removes a flow in two steps, LIVE -> RETIRING (by
+/// compare-and-swap), then at its next pass RETIRING -> TOMBSTONE after reading the final
+/// counters; a TOMBSTONE becomes EMPTY again when the slot after it is EMPTY.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowSlot {
@@ -217,20 +227,25 @@ pub struct FlowSlot {
 
 /// The control word and hash of [`FlowSlot`]s.
 pub mod slot {
-    /// The state: the low two bits.
-    pub const STATE_MASK: u32 = 3;
-    /// Free (all of the slot is zero).
+    /// The state: the low three bits.
+    pub const STATE_MASK: u32 = 7;
+    /// Free (never used, or freed by userspace; ends a probe sequence).
     pub const EMPTY: u32 = 0;
-    /// Claimed by an insert that is writing the key.
+    /// Claimed by an insert that is writing the key and counters.
     pub const BUSY: u32 = 1;
     /// A flow: key and counters valid.
     pub const LIVE: u32 = 2;
-    /// Removed by userspace, waiting for a grace period before it is freed.
-    pub const ZOMBIE: u32 = 3;
-    /// The probe distance from the flow's home slot: bits 2-4.
-    pub const DIST_SHIFT: u32 = 2;
-    /// The hash's fingerprint: bits 5-31.
-    pub const FP_SHIFT: u32 = 5;
+    /// Being removed by userspace: packets no longer count into it (a packet of its flow
+    /// inserts the flow again further on); its final counters are read at the next pass,
+    /// when no packet that saw it LIVE can still be adding to it.
+    pub const RETIRING: u32 = 3;
+    /// Removed: free for an insert, but probe sequences go on past it (the whole word is
+    /// this value: no fingerprint).
+    pub const TOMBSTONE: u32 = 4;
+    /// The probe distance from the flow's home slot: bits 3-5.
+    pub const DIST_SHIFT: u32 = 3;
+    /// The hash's fingerprint: bits 6-31.
+    pub const FP_SHIFT: u32 = 6;
     /// Slots looked at from a flow's home slot before the flow goes to the overflow path.
     pub const PROBES: u32 = 8;
 
@@ -253,10 +268,21 @@ pub mod slot {
         h as u32 & mask
     }
 
-    /// The fingerprint of hash `h` (27 bits, independent of the home slot's bits).
+    /// The fingerprint of hash `h` (26 bits, independent of the home slot's bits).
     #[inline(always)]
     pub const fn fingerprint(h: u64) -> u32 {
-        (h >> 37) as u32
+        (h >> 38) as u32
+    }
+
+    /// Slots of a table for `flows` flows: a power of two at least twice as many (load
+    /// factor at most 0.5), at least 2.
+    pub const fn slots_for(flows: u32) -> u32 {
+        let want = (flows as u64) * 2;
+        let mut n = 2u64;
+        while n < want {
+            n *= 2;
+        }
+        if n > 1 << 31 { 1 << 31 } else { n as u32 }
     }
 }
 
@@ -534,6 +560,27 @@ mod tests {
             slot::fingerprint(u64::MAX)
         );
         const { assert!(slot::PROBES <= 1 << (slot::FP_SHIFT - slot::DIST_SHIFT)) };
+    }
+
+    #[test]
+    fn slot_tables_are_powers_of_two_at_half_load_at_most() {
+        assert_eq!(slot::slots_for(0), 2);
+        assert_eq!(slot::slots_for(1), 2);
+        assert_eq!(slot::slots_for(3), 8);
+        assert_eq!(slot::slots_for(65_536), 131_072);
+        assert_eq!(slot::slots_for(1_000_000), 1 << 21);
+        assert_eq!(slot::slots_for(u32::MAX), 1 << 31);
+        // The states fit under the distance, and a tombstone carries nothing else.
+        for s in [
+            slot::EMPTY,
+            slot::BUSY,
+            slot::LIVE,
+            slot::RETIRING,
+            slot::TOMBSTONE,
+        ] {
+            assert_eq!(s & slot::STATE_MASK, s);
+        }
+        assert_eq!(slot::STATE_MASK + 1, 1 << slot::DIST_SHIFT);
     }
 
     #[test]

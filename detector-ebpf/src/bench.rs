@@ -15,9 +15,8 @@
 //! - [`bench_meter_seq`]: writes flow `i`'s source address and port into the frame (an
 //!   IPv4 TCP frame from the benchmark: address `10.64.0.0 + (i >> 8)`, port `i & 0xffff`)
 //!   and meters it with the agent's own code, as `flow_ingress` does.
-//! - [`bench_slots_seq`]: the same, with IPv4 flows counted in an open-addressed table
-//!   of one-cache-line slots (`BENCH_SLOTS`, see the `slots` module) instead of the
-//!   kernel hash map, which takes only the flows whose slots are all taken.
+//!   With the slot table on (the loader's `FLOW_SLOTS`, as in the agent), IPv4 flows go
+//!   to `FLOWS4_SLOTS` first; off, to the kernel hash map alone (the reference).
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -25,7 +24,6 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use detector_common::FlowSlot;
 
 /// The sequence: entry 0 its length, then the indices. u64 entries: an array map's
 /// elements are 8 bytes apart in memory whatever their size, and userspace writes them
@@ -35,10 +33,6 @@ static BENCH_SEQ: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 static BENCH_FLOOR: Array<u64> = Array::with_max_entries(1, 0);
-
-/// The slot table of [`bench_slots_seq`].
-#[map]
-pub(crate) static BENCH_SLOTS: Array<FlowSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Per CPU: the position in the sequence (slot 0) and the last value the chained floor
 /// read (slot 1).
@@ -101,15 +95,6 @@ const SRC_PORT: usize = 14 + 20;
 pub fn bench_meter_seq(ctx: XdpContext) -> u32 {
     write_flow(&ctx);
     crate::ingress(&ctx)
-}
-
-/// The same meter with IPv4 flows counted in `BENCH_SLOTS`, an open-addressed table of
-/// 64-byte slots (see the `slots` module), and in `FLOWS4` only when a flow's slots are
-/// all taken: what the meter would cost with one cache line per flow.
-#[xdp]
-pub fn bench_slots_seq(ctx: XdpContext) -> u32 {
-    write_flow(&ctx);
-    crate::ingress_into(&ctx, crate::Table::BenchSlots)
 }
 
 /// Writes the address and port of flow `BENCH_SEQ[...]` into the frame.

@@ -2,7 +2,25 @@
 //!
 //! # Map design
 //!
-//! - `FLOWS4` and `FLOWS6`: `BPF_MAP_TYPE_HASH` maps keyed by the flow identity
+//! - `FLOWS4_SLOTS` (issue #21): IPv4 flows are counted here first. An open-addressed
+//!   table of 64-byte [`FlowSlot`]s (a control word with state, probe distance and hash
+//!   fingerprint, the 20-byte [`FlowKey4`], the 40-byte [`FlowStats`]: one cache line) in
+//!   a `BPF_F_MMAPABLE` array of a power of two at least twice `--map-size` slots (load
+//!   factor at most 0.5; 134 MB allocated at load for 2^21 slots), a flow within
+//!   `slot::PROBES` (8) slots of its home slot: a packet of a known flow touches one
+//!   line, where the hash map touches a bucket and then a 128-byte element. Inserted by
+//!   compare-and-swap of the control word, counted with the same atomic adds as the hash
+//!   map; a flow that finds no free slot (or meets an insert of a flow with its
+//!   fingerprint in progress on another CPU) goes to `FLOWS4`, exactly as before, so the
+//!   table is bounded and loses nothing. The seed of its hash is random, kept in
+//!   `SLOT_SEED_MAP` and pinned with it. Userspace maps the table and reads the slots in
+//!   place; it removes a flow by moving its slot LIVE -> RETIRING (packets pass it by and
+//!   insert their flow afresh), exports it, and at a pass at least 20 ms later exports
+//!   what packets already in flight added, then marks it TOMBSTONE (free for inserts,
+//!   passed by lookups), which becomes EMPTY when the slot after it is EMPTY (see the
+//!   `slots` module). The loader's `FLOW_SLOTS` turns the table off (`FLOWS4` alone).
+//! - `FLOWS4` (the IPv4 flows the slot table has no room for) and `FLOWS6`:
+//!   `BPF_MAP_TYPE_HASH` maps keyed by the flow identity
 //!   (addresses, ports, protocol, VLANs, direction, ifindex) -- [`FlowKey4`] (20 bytes, no
 //!   ifindex: one object meters one interface) for IPv4 and [`FlowKey`] (48 bytes) for
 //!   IPv6, because the kernel hashes and compares the whole key on every packet -- valued
@@ -28,7 +46,7 @@
 //!   delete could still write into the removed entry; removing only quiet flows makes
 //!   that all but impossible, and the agent compares counted and exported packets at
 //!   exit.) At exit, with the programs detached, `BPF_MAP_LOOKUP_AND_DELETE_BATCH` empties
-//!   the maps.
+//!   the maps, and every live slot of the slot table is exported and emptied.
 //! - Overflow path: when inserting a new flow fails (map full), the packet's contribution
 //!   (key, IP length, flags, ToS, time) goes into the `OVERFLOW` ring buffer; userspace
 //!   aggregates those into flows of its own and exports them like the others. When the
@@ -81,7 +99,7 @@ use aya_ebpf::{
 };
 use detector_common::{
     COUNTERS_LEN, CounterBlock, DEFAULT_MAP_SIZE, DIRECTION_EGRESS, DIRECTION_INGRESS, DrainState,
-    ExportMark, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
+    ExportMark, FlowKey, FlowKey4, FlowSlot, FlowStats, NEW_FLOWS_RING_BYTES, NewFlowEvent,
     OVERFLOW_RING_BYTES, OverflowEvent, counter, hint,
 };
 
@@ -103,6 +121,20 @@ static LIVE_FLOWS: u32 = 0;
 /// signatures of [`hint`] (`--payload-hints`). Set by the loader.
 #[unsafe(no_mangle)]
 static PAYLOAD_HINTS: u32 = 0;
+
+/// Non-zero: IPv4 flows are counted in `FLOWS4_SLOTS` first, `FLOWS4` taking those whose
+/// slots are all taken. Set by the loader.
+#[unsafe(no_mangle)]
+static FLOW_SLOTS: u32 = 0;
+
+/// The meter's slot table of IPv4 flows (see the `slots` module). Sized by the loader.
+#[map]
+static FLOWS4_SLOTS: Array<FlowSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The seed of `FLOWS4_SLOTS`'s hash, kept here by userspace so that it is pinned with the
+/// table; the programs read the seed from `SLOT_SEED` (see the `slots` module).
+#[map]
+static SLOT_SEED_MAP: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static FLOWS4: HashMap<FlowKey4, FlowStats> =
@@ -145,26 +177,23 @@ fn count(c: &mut CounterBlock, idx: u32, n: u64) {
 
 /// Adds one packet (or `segs` GSO segments) to its flow, or to the overflow ring.
 #[inline(always)]
-fn account(
-    c: &mut CounterBlock,
-    pkt: &Packet,
-    ifindex: u32,
-    direction: u8,
-    segs: u32,
-    table: Table,
-) {
+fn account(c: &mut CounterBlock, pkt: &Packet, ifindex: u32, direction: u8, segs: u32) {
     let now = now_ns();
     let packets = segs as u64;
     let bytes = pkt.ip_len as u64 + (segs as u64 - 1) * pkt.hdr_len as u64;
     if pkt.fragment != 0 {
         count(c, counter::FRAGMENTS, packets);
     }
+    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+    let slots_on = unsafe { core::ptr::read_volatile(&FLOW_SLOTS) } != 0;
     let added = if pkt.v4 != 0
-        && table == Table::BenchSlots
+        && slots_on
         && slots::add(
-            &bench::BENCH_SLOTS,
+            c,
+            &FLOWS4_SLOTS,
             &pkt.key4(direction),
             pkt,
+            (ifindex, direction),
             packets,
             bytes,
             now,
@@ -228,6 +257,23 @@ fn now_ns() -> u64 {
     }
 }
 
+/// A new flow's counters, of its first packet (`packets` > 1 when sampled), in either
+/// store (the hash maps, the slot table).
+#[inline(always)]
+fn first_packet(pkt: &Packet, packets: u64, bytes: u64, now: u64, announced: bool) -> FlowStats {
+    FlowStats {
+        packets,
+        bytes,
+        first_ns: now,
+        last_ns: now,
+        tcp_flags: pkt.tcp_flags,
+        tos: pkt.tos,
+        hints: pkt.hints,
+        announced: announced as u8,
+        opening: [pkt.opening, 0, 0, 0],
+    }
+}
+
 #[allow(clippy::too_many_arguments, reason = "inlined; one call per map")]
 #[inline(always)]
 fn add_to_flow<K>(
@@ -243,33 +289,48 @@ fn add_to_flow<K>(
     if update(map, key, pkt, packets, bytes, now) {
         return true;
     }
-    // Live flows: the start is announced if there is room in the ring; the entry says
-    // whether it was, so that userspace counts the flow once either way.
-    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
-    let live = unsafe { core::ptr::read_volatile(&LIVE_FLOWS) } != 0;
-    let mut event = if live {
-        let e = NEW_FLOWS.reserve::<NewFlowEvent>(0);
-        if e.is_none() {
-            count(c, counter::NEW_FLOWS_DROPPED, packets);
-        }
-        e
-    } else {
-        None
-    };
-    let fresh = FlowStats {
-        packets,
-        bytes,
-        first_ns: now,
-        last_ns: now,
-        tcp_flags: pkt.tcp_flags,
-        tos: pkt.tos,
-        hints: pkt.hints,
-        announced: event.is_some() as u8,
-        opening: [pkt.opening, 0, 0, 0],
-    };
+    let mut event = announce(c, packets);
+    let fresh = first_packet(pkt, packets, bytes, now, event.is_some());
     let r = map.insert(key, fresh, BPF_NOEXIST as u64);
+    announced(&mut event, r.is_ok(), pkt, (ifindex, direction), bytes, now);
+    match r {
+        Ok(()) => true,
+        // Another CPU created the key between our lookup and insert: add to it.
+        Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
+        Err(_) => false,
+    }
+}
+
+/// Live flows: a reserved announcement of a new flow if there is room in the ring (the
+/// new entry says whether it was, so that userspace counts the flow once either way).
+#[inline(always)]
+fn announce(
+    c: &mut CounterBlock,
+    packets: u64,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<NewFlowEvent>> {
+    // SAFETY: a read-only global set by the loader; volatile, not constant-folded.
+    if unsafe { core::ptr::read_volatile(&LIVE_FLOWS) } == 0 {
+        return None;
+    }
+    let e = NEW_FLOWS.reserve::<NewFlowEvent>(0);
+    if e.is_none() {
+        count(c, counter::NEW_FLOWS_DROPPED, packets);
+    }
+    e
+}
+
+/// Sends the announcement [`announce`] reserved if the flow was `inserted`, else drops it.
+#[inline(always)]
+fn announced(
+    event: &mut Option<aya_ebpf::maps::ring_buf::RingBufEntry<NewFlowEvent>>,
+    inserted: bool,
+    pkt: &Packet,
+    (ifindex, direction): (u32, u8),
+    bytes: u64,
+    now: u64,
+) {
     if let Some(mut e) = event.take() {
-        if r.is_ok() {
+        if inserted {
             e.write(NewFlowEvent {
                 ts_ns: now,
                 key: pkt.key(ifindex, direction),
@@ -281,12 +342,6 @@ fn add_to_flow<K>(
         } else {
             e.discard(0);
         }
-    }
-    match r {
-        Ok(()) => true,
-        // Another CPU created the key between our lookup and insert: add to it.
-        Err(e) if e == -EEXIST => update(map, key, pkt, packets, bytes, now),
-        Err(_) => false,
     }
 }
 
@@ -394,14 +449,7 @@ impl FrameLen {
 }
 
 #[inline(always)]
-fn meter(
-    f: &Frame,
-    ifindex: u32,
-    direction: u8,
-    len: FrameLen,
-    (vlan_tci, segs): (u16, u32),
-    table: Table,
-) {
+fn meter(f: &Frame, ifindex: u32, direction: u8, len: FrameLen, (vlan_tci, segs): (u16, u32)) {
     let Some(c) = COUNTERS.get_ptr_mut(direction as u32) else {
         return;
     };
@@ -427,7 +475,6 @@ fn meter(
                 ifindex,
                 direction,
                 if segs == 0 { 1 } else { segs },
-                table,
             );
         }
         Err(reason) => {
@@ -444,23 +491,9 @@ pub fn flow_ingress(ctx: XdpContext) -> u32 {
     ingress(&ctx)
 }
 
-/// Where IPv4 flows are counted: the kernel hash map `FLOWS4` (the agent's meter), or
-/// first the benchmark's slot table (`bench_slots_seq`, issue #21), `FLOWS4` for what
-/// does not fit. A constant at each call, so the meter's code has no test for it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Table {
-    HashMap,
-    BenchSlots,
-}
-
 /// What `flow_ingress` does (the benchmark's sequence-driven programs call it too).
 #[inline(always)]
 fn ingress(ctx: &XdpContext) -> u32 {
-    ingress_into(ctx, Table::HashMap)
-}
-
-#[inline(always)]
-fn ingress_into(ctx: &XdpContext, table: Table) -> u32 {
     let f = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
@@ -471,7 +504,6 @@ fn ingress_into(ctx: &XdpContext, table: Table) -> u32 {
         DIRECTION_INGRESS,
         FrameLen::Xdp(ctx.ctx),
         (0, 1),
-        table,
     );
     xdp_action::XDP_PASS
 }
@@ -512,7 +544,6 @@ pub fn flow_egress(ctx: TcContext) -> i32 {
         DIRECTION_EGRESS,
         FrameLen::Skb(len),
         (tci, segs),
-        Table::HashMap,
     );
     TC_ACT_OK
 }

@@ -11,16 +11,18 @@
 //!   N records through the decoder, the pipeline and the v9 re-export in this process,
 //!   one thread a stage (for instruction counts under callgrind).
 //! - `engine`: the detection engine's throughput and memory.
+//! - `drain`: one pass of the meter's drain over the slot table, at 1 M flows by default.
 
+#[path = "micro/drain.rs"]
+mod drain;
 #[path = "micro/uplink.rs"]
 mod uplink;
 
 use anyhow::{Context, Result, bail};
-use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::{Args, Parser, Subcommand};
 use detector::sources::xdp::{LoadOptions, XDP_PROGRAM, load_object};
-use detector_common::{FLOWS4_MAP, FlowKey4, FlowStats};
+use detector_common::FlowKey4;
 
 /// The agent's allocator, as in the product binary (the engine's figures depend on it).
 #[global_allocator]
@@ -41,6 +43,8 @@ enum Bench {
     Ingest(IngestBenchArgs),
     /// Measure the detection engine's throughput and memory.
     Engine(EngineBenchArgs),
+    /// Measure one pass of the meter's drain over the slot table.
+    Drain(drain::DrainArgs),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +60,7 @@ fn main() -> Result<()> {
         Bench::Xdp(a) => xdp(a),
         Bench::Ingest(a) => ingest(a),
         Bench::Engine(a) => engine(a),
+        Bench::Drain(a) => drain::drain(a),
     }
 }
 
@@ -316,19 +321,12 @@ fn warm_key(i: u32) -> FlowKey4 {
     }
 }
 
-/// Inserts `n` distinct flows into the IPv4 flow map.
+/// Warms `n` distinct flows: one packet of each through the meter, which inserts it
+/// where the agent's meter would (the slot table, the flow map for flows whose slots are
+/// taken).
 fn warm(bpf: &mut aya::Ebpf, n: u32) -> Result<()> {
-    let mut flows: BpfHashMap<_, FlowKey4, FlowStats> =
-        BpfHashMap::try_from(bpf.map_mut(FLOWS4_MAP).context("flow map")?)?;
-    let value = FlowStats {
-        packets: 1,
-        bytes: 100,
-        first_ns: 1,
-        last_ns: 1,
-        ..FlowStats::default()
-    };
     for i in 0..n {
-        flows.insert(warm_key(i), value, 0)?;
+        run_once(bpf, XDP_PROGRAM, &warm_frame(i), 1)?;
     }
     Ok(())
 }
@@ -366,6 +364,7 @@ fn spread(flows: u32) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
+        flow_slots: true,
     })?;
     for p in ["bench_pass", XDP_PROGRAM] {
         load(&mut bpf, p)?;
@@ -424,6 +423,7 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
         sampling: 1,
         payload_hints: false,
         live_flows: false,
+        flow_slots: true,
     })?;
     for p in ["bench_pass", "bench_parse", XDP_PROGRAM] {
         load(&mut bpf, p)?;

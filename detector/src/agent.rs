@@ -109,6 +109,7 @@ impl Meter {
                 sampling: args.sampling,
                 payload_hints: args.payload_hints,
                 live_flows: true,
+                flow_slots: xdp::FLOW_SLOTS_HERE,
             },
             pins.as_ref(),
         )?;
@@ -561,11 +562,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )?);
     pipeline.set_decisions(decisions.clone());
 
-    let status = match build::http_listen(args.http, &args.detect.options())? {
+    // Served on a thread of its own, which holds no capability.
+    let http = match build::http_listen(args.http, &args.detect.options())? {
         Some(addr) => {
             // TLS and authentication (--http-config), checked before anything binds.
             let web = build::http_config(args.http_config.as_deref(), &args.detect.options())?;
-            let listener = crate::status::server::bind(addr).await?;
+            let listener = crate::status::server::bind(addr)?;
             let status = Arc::new(Status::new(boot).with_decisions(decisions.clone()));
             let local = listener.local_addr().unwrap_or(addr);
             info!(
@@ -578,8 +580,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     "--http on {local} without authentication: whoever reaches the port reads the alarms and the hosts (and writes, from outside a browser); give --http-config with basic_auth_users or bearer_tokens, or bind 127.0.0.1"
                 );
             }
-            crate::status::server::serve(listener, status.clone(), &web);
-            Some(status)
+            Some((
+                status.clone(),
+                crate::status::server::HttpThread::start(listener, status, web)
+                    .context("starting the --http server's thread")?,
+            ))
         }
         None => {
             if let Some(f) = &args.http_config {
@@ -685,6 +690,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ),
         Err(e) => warn!("privileges: could not drop capabilities: {e}"),
     }
+    // The server's thread is joined when `run` returns.
+    let (status, _http_thread) = http.unzip();
     for s in pipeline.sink_names() {
         info!("exporting to {s}");
     }

@@ -129,6 +129,7 @@ fn replay_frames(args: &ReplayOptions, mut pipeline: Pipeline) -> Result<()> {
         sampling: 1,
         payload_hints: args.payload_hints,
         live_flows: false,
+        flow_slots: xdp::FLOW_SLOTS_HERE,
     })?;
     let timeouts = Timeouts::from_secs(args.active_timeout, args.inactive_timeout);
     let mut source = XdpSource::new(&mut bpf, timeouts, TEST_RUN_IFINDEX)?;

@@ -1,6 +1,7 @@
 //! Rewrites a capture's ports as a BitTorrent swarm that hides would choose them: every
 //! external endpoint's port becomes 443, 80 or a random high port (never one of the P2P
-//! families' well-known ports), every internal endpoint's port a random high port. The
+//! families' well-known ports), a third each in turn, every internal endpoint's port a
+//! random high port. The
 //! mapping is per endpoint and consistent, so connections stay connections; nothing
 //! else changes (checksums are left as they were: the meter does not read them).
 
@@ -68,7 +69,11 @@ impl<F: Fn(IpAddr) -> bool> Mapper<F> {
         let new = if (self.internal)(addr) {
             random(h >> 8)
         } else {
-            match h % 3 {
+            // In turn (from a place the seed picks), so that a third of the external
+            // endpoints gets each: a hash's split of a few dozen endpoints strays by
+            // several from a third, and with it how many distinct ports are left.
+            let external = (self.done.to_443 + self.done.to_80 + self.done.to_random) as u64;
+            match (self.seed + external) % 3 {
                 0 => {
                     self.done.to_443 += 1;
                     443

@@ -80,6 +80,9 @@ enum Bench {
     Ingest,
     /// Records per second through dedup, profiles and scoring; memory per host.
     Engine,
+    /// One pass of the meter's drain over the slot table (2^21 slots, 1 M flows),
+    /// against the bookkeeping alone and a sweep of the table's memory.
+    Drain,
     /// The agent end to end as root: flow meter CPU per flow in network namespaces
     /// (every packet exported to nfcapd?), and NetFlow ingest rate against nfcapd and
     /// nfacctd. The agent binary is $DETECTOR_BIN when set, else a release build.
@@ -151,6 +154,9 @@ fn main() -> ExitCode {
         Task::Bench {
             which: Bench::Engine,
         } => bench_engine(),
+        Task::Bench {
+            which: Bench::Drain,
+        } => bench_drain(),
         Task::Bench {
             which: Bench::Agent(args),
         } => bench_agent(&args),
@@ -493,6 +499,11 @@ fn bench_ingest() -> Result<()> {
             .arg("--testdata")
             .arg(testdata),
     )
+}
+
+fn bench_drain() -> Result<()> {
+    let bin = build_micro()?;
+    status(Command::new(bin).arg("drain"))
 }
 
 fn bench_engine() -> Result<()> {

@@ -1,7 +1,7 @@
 //! `cargo xtask soak --minutes N`: the agent under everything at once, for N minutes.
 //!
 //! Two network namespaces joined by a veth; the agent meters the receiving end (native
-//! XDP) with small flow maps (4,096 flows, so bursts take the overflow path), receives
+//! XDP) with small flow tables (--map-size 2,048: 4,096 slots and a 2,048-flow hash map, so bursts take the overflow path), receives
 //! NetFlow v9 from three exporters on its loopback, detects, and exports NetFlow v9 to a
 //! real `nfcapd`. Every second a thread of this process, in the sending namespace,
 //! sends raw frames: new short flows (churn), the same long flows again (exported at
@@ -45,7 +45,9 @@ const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x98];
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const FRAME_LEN: usize = 60;
 const IP_LEN: u64 = (FRAME_LEN - 14) as u64;
-const MAP_SIZE: u32 = 4096;
+/// IPv4 flows fill the slot table (2 x this) and then the hash map (this): the bursts
+/// overfill both.
+const MAP_SIZE: u32 = 2048;
 const NFCAPD_PORT: u16 = 29996;
 const LISTEN_PORT: u16 = 29055;
 const HTTP_PORT: u16 = 29750;

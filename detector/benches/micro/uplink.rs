@@ -12,9 +12,10 @@
 //!   80 % of packets), each flow's packets interleaved at random, the map empty at the
 //!   start so that every flow's first packet inserts it.
 //!
-//! Hot, spread and trace-shaped run twice: with the agent's kernel hash map, and with an
-//! open-addressed table of one-cache-line slots (`bench_slots_seq`, the eBPF crate's
-//! `slots` module; the hash map takes the flows whose slots are all taken), against
+//! Hot, spread and trace-shaped run twice, both with the agent's own program: with the
+//! kernel hash map alone (the meter before issue #21, the slot table off), and as the
+//! agent meters now, with the open-addressed table of one-cache-line slots first (the
+//! eBPF crate's `slots` module; the hash map takes the flows whose slots are taken), against
 //! floors of both tables' memory sizes; two more latency floors read a hot set of 3,000
 //! lines (the trace's heavy flows) spread over as many pages, then packed.
 //!
@@ -33,9 +34,9 @@ use aya::{Ebpf, EbpfLoader};
 use detector::sources::xdp::clock::Ticker;
 use detector::sources::xdp::{EBPF_OBJECT, map_kernel_bytes};
 use detector_common::{
-    BENCH_FLOOR_MAP, BENCH_POS_MAP, BENCH_SEQ_MAP, BENCH_SLOTS_MAP, COUNTERS_MAP, CounterBlock,
-    DIRECTION_INGRESS, FLOWS4_MAP, FlowKey4, FlowSlot, FlowStats, SLOT_MASK_GLOBAL,
-    SLOT_SEED_GLOBAL, counter, slot,
+    BENCH_FLOOR_MAP, BENCH_POS_MAP, BENCH_SEQ_MAP, COUNTERS_MAP, CounterBlock, DIRECTION_INGRESS,
+    FLOW_SLOTS_GLOBAL, FLOWS4_MAP, FLOWS4_SLOTS_MAP, FlowKey4, FlowSlot, FlowStats,
+    SLOT_MASK_GLOBAL, SLOT_SEED_GLOBAL, counter, slot,
 };
 
 /// A small xorshift generator: the sequences are the same in every run.
@@ -67,11 +68,14 @@ fn load(map_size: u32, seq: u32, floor: u32, slots: u32) -> Result<(Ebpf, Ticker
         "slot count {slots} is not a power of two"
     );
     let (mask, seed) = (slots - 1, SLOT_SEED);
+    // The agent's slot table on when it has more than one slot.
+    let slots_on = u32::from(slots > 1);
     let mut bpf = EbpfLoader::new()
         .map_max_entries(FLOWS4_MAP, map_size)
         .map_max_entries(BENCH_SEQ_MAP, seq + 1)
         .map_max_entries(BENCH_FLOOR_MAP, floor.max(1))
-        .map_max_entries(BENCH_SLOTS_MAP, slots)
+        .map_max_entries(FLOWS4_SLOTS_MAP, slots)
+        .override_global(FLOW_SLOTS_GLOBAL, &slots_on, true)
         .override_global(SLOT_MASK_GLOBAL, &mask, true)
         .override_global(SLOT_SEED_GLOBAL, &seed, true)
         .load(EBPF_OBJECT)
@@ -81,7 +85,6 @@ fn load(map_size: u32, seq: u32, floor: u32, slots: u32) -> Result<(Ebpf, Ticker
         "bench_floor",
         "bench_floor_chain",
         "bench_meter_seq",
-        "bench_slots_seq",
     ] {
         let prog: &mut Xdp = bpf.program_mut(p).context(p)?.try_into()?;
         prog.load().with_context(|| format!("loading {p}"))?;
@@ -192,7 +195,7 @@ impl SlotCensus {
     }
 
     fn read(bpf: &Ebpf) -> Result<Self> {
-        let table: Mapped<FlowSlot> = Mapped::map(bpf, BENCH_SLOTS_MAP)?;
+        let table: Mapped<FlowSlot> = Mapped::map(bpf, FLOWS4_SLOTS_MAP)?;
         let mask = table.cap as u32 - 1;
         let mut c = SlotCensus::default();
         for i in 0..table.cap {
@@ -587,7 +590,7 @@ pub fn uplink(flows: u32) -> Result<()> {
     drop((bpf, clock));
     let (_, s_hot, s_spread, bpf, clock) = hot_and_spread(
         (map_size, slots),
-        "bench_slots_seq",
+        "bench_meter_seq",
         flows,
         &uniform,
         spread_len,
@@ -657,7 +660,7 @@ pub fn uplink(flows: u32) -> Result<()> {
     // Trace-shaped, both tables.
     let (trace, _) = trace_figure((map_size, 1), "bench_meter_seq", &tr, flows, &cpus)?;
     let (s_trace, trace_census) =
-        trace_figure((map_size, slots), "bench_slots_seq", &tr, flows, &cpus)?;
+        trace_figure((map_size, slots), "bench_meter_seq", &tr, flows, &cpus)?;
 
     let list = |v: &[f64]| {
         v.iter()

@@ -1,7 +1,9 @@
 //! The `--http` server: `/metrics` (Prometheus), `/api/alarms`, `/api/hosts?top=N`,
 //! `/api/hosts/{ip}` (a host's drill-down), `/api/history` (JSON) and `/` (also as
-//! `/host/{ip}`), one self-contained page that shows them live. It runs
-//! on the agent's main runtime and only reads the [`Status`] snapshot.
+//! `/host/{ip}`), one self-contained page that shows them live. In `run` it has a
+//! thread and a runtime of its own ([`HttpThread`]), so that nothing the agent's loop
+//! does (a long pass of the meter's drain) delays an answer; it only reads the
+//! [`Status`] snapshot.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,11 +32,62 @@ pub enum HttpError {
 const PAGE: &str = include_str!("page.html");
 
 /// Binds `addr` (before the agent drops its capabilities: a port below 1024 needs
-/// CAP_NET_BIND_SERVICE).
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+/// CAP_NET_BIND_SERVICE). Connections wait in the listen queue until [`HttpThread`]
+/// serves them.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, HttpError> {
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    Ok(bound)
+}
+
+/// The server on a thread of its own, with a current-thread runtime of its own: the
+/// agent's loop (the meter's drain, the ring buffer, signals) may block its runtime for
+/// a while without delaying an answer. The thread gives up every capability as it
+/// starts (the socket is bound already). Dropping it stops the server and joins the
+/// thread.
+pub struct HttpThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpThread {
+    pub fn start(
+        listener: std::net::TcpListener,
+        status: Arc<Status>,
+        web: super::access::WebConfig,
+    ) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                crate::privileges::drop_thread_capabilities();
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => serve(l, status, &web),
+                        Err(e) => log::warn!("the --http server did not start: {e}"),
+                    }
+                    // Until the agent stops (or drops the sender).
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HttpThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 pub fn router(status: Arc<Status>) -> Router {

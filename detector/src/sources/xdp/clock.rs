@@ -15,45 +15,22 @@ use crate::flow::monotonic_ns;
 
 /// The mapped `CLOCK` value.
 pub struct ClockMap {
-    ptr: *mut u8,
-    len: usize,
+    mem: memmap2::MmapRaw,
     _map: Array<MapData, u64>,
 }
 
-// SAFETY: the mapping stays valid as long as the struct lives; it is only accessed through
-// an AtomicU64 at offset 0, which is 8-byte aligned (page aligned).
-unsafe impl Send for ClockMap {}
-unsafe impl Sync for ClockMap {}
-
 impl ClockMap {
     pub fn new(map: Array<MapData, u64>) -> io::Result<Self> {
-        let fd = map.map().fd().as_fd().as_raw_fd();
-        // SAFETY: sysconf has no preconditions.
-        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        // SAFETY: mapping a BPF_F_MMAPABLE array map of one u64: one page, shared.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            ptr: ptr as *mut u8,
-            len,
-            _map: map,
-        })
+        // A BPF_F_MMAPABLE array map of one u64: its page, shared.
+        let mem = memmap2::MmapOptions::new()
+            .len(size_of::<u64>())
+            .map_raw(map.map().fd().as_fd().as_raw_fd())?;
+        Ok(Self { mem, _map: map })
     }
 
     fn cell(&self) -> &AtomicU64 {
-        // SAFETY: page-aligned mapping of at least 8 bytes, alive as long as self.
-        unsafe { AtomicU64::from_ptr(self.ptr as *mut u64) }
+        // SAFETY: a page-aligned mapping of at least 8 bytes, alive as long as self.
+        unsafe { AtomicU64::from_ptr(self.mem.as_mut_ptr().cast()) }
     }
 
     /// Sets the time the programs stamp packets with (CLOCK_MONOTONIC ns; 0: kernel clock).
@@ -63,13 +40,6 @@ impl ClockMap {
 
     pub fn get(&self) -> u64 {
         self.cell().load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for ClockMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what new() mapped.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
 

@@ -11,8 +11,9 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use detector_common::{
-    EXPORTED_MAP, FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, LIVE_FLOWS_GLOBAL,
-    PAYLOAD_HINTS_GLOBAL, SAMPLING_GLOBAL,
+    EXPORTED_MAP, FLOW_SLOTS_GLOBAL, FLOWS4_MAP, FLOWS4_SLOTS_MAP, FLOWS6_MAP, FlowKey, FlowKey4,
+    LIVE_FLOWS_GLOBAL, PAYLOAD_HINTS_GLOBAL, SAMPLING_GLOBAL, SLOT_MASK_GLOBAL, SLOT_SEED_GLOBAL,
+    SLOT_SEED_MAP, slot,
 };
 use log::{info, warn};
 
@@ -48,6 +49,8 @@ pub enum XdpError {
     Cpus(String),
     #[error("mapping the packet clock: {0}")]
     Clock(std::io::Error),
+    #[error("mapping the flow slot table: {0}")]
+    Slots(std::io::Error),
     #[error("reading the flow map in batches: {0}")]
     Batch(std::io::Error),
     #[error(transparent)]
@@ -82,6 +85,60 @@ pub struct LoadOptions {
     pub payload_hints: bool,
     /// Announce new flows in `NEW_FLOWS` (`run`; the caller must read them).
     pub live_flows: bool,
+    /// Count IPv4 flows in the slot table `FLOWS4_SLOTS` first (issue #21), `FLOWS4`
+    /// taking those whose slots are all taken; false: `FLOWS4` only, as before.
+    pub flow_slots: bool,
+}
+
+/// Whether the meter counts IPv4 flows in the slot table on this machine: on x86-64 only,
+/// whose stores are not reordered with each other, so a slot published LIVE holds the key
+/// and counters written before it (the programs publish with a plain store; weaker CPUs
+/// would need BPF's store-release, kernel 6.15+). Elsewhere the hash map alone, as before.
+pub const FLOW_SLOTS_HERE: bool = cfg!(target_arch = "x86_64");
+
+/// The slot table's size, hash seed, and whether the programs use it: the table pinned
+/// in `pins` if there is one (so the programs find its flows where the last agent put
+/// them), else [`slot::slots_for`] the map size and a random seed. A pinned table this
+/// agent cannot use (fewer than two slots, not a power of two, or its seed missing: its
+/// flows could not be found again) is loaded as it is but left alone by the programs
+/// (IPv4 flows go to the flow map) while the drain exports what it holds.
+fn slot_geometry(map_size: u32, pins: Option<&pin::PinDir>) -> Result<(u32, u64, bool), XdpError> {
+    if let Some(p) = pins
+        && p.map(FLOWS4_SLOTS_MAP).exists()
+    {
+        let table = MapData::from_pin(p.map(FLOWS4_SLOTS_MAP))?;
+        let slots = table.info()?.max_entries();
+        let seeded = p.map(SLOT_SEED_MAP).exists();
+        if slots >= 2 && slots.is_power_of_two() && seeded {
+            let seed_map = MapData::from_pin(p.map(SLOT_SEED_MAP))?;
+            let seed: aya::maps::Array<MapData, u64> =
+                aya::maps::Array::try_from(aya::maps::Map::Array(seed_map))?;
+            return Ok((slots, seed.get(&0, 0)?, true));
+        }
+        warn!(
+            "the pinned slot table ({slots} slots{}) cannot be used: IPv4 flows go to the flow map this run, and what the table holds is exported; remove {} for a new table at the next start",
+            if seeded { "" } else { ", its seed not pinned" },
+            p.map(FLOWS4_SLOTS_MAP).display()
+        );
+        return Ok((slots, 0, false));
+    }
+    Ok((slot::slots_for(map_size), random_seed(), true))
+}
+
+/// A seed for the slot table's hash, so that nobody can choose keys that collide.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom into a local buffer of its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: a seed from the clock and the process id.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return t ^ (std::process::id() as u64).rotate_left(32);
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// Loads the object with the map sized and the sampling rate set. Programs are not loaded.
@@ -95,8 +152,19 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
     let sampling = opts.sampling;
     let hints = u32::from(opts.payload_hints);
     let live = u32::from(opts.live_flows);
+    let (slots, seed, on) = if opts.flow_slots {
+        slot_geometry(opts.map_size, pins)?
+    } else {
+        (1, 0, false)
+    };
+    let slots_on = u32::from(on);
+    let mask = slots.saturating_sub(1);
     let mut loader = EbpfLoader::new();
     loader
+        .map_max_entries(FLOWS4_SLOTS_MAP, slots)
+        .override_global(FLOW_SLOTS_GLOBAL, &slots_on, true)
+        .override_global(SLOT_MASK_GLOBAL, &mask, true)
+        .override_global(SLOT_SEED_GLOBAL, &seed, true)
         .map_max_entries(FLOWS4_MAP, opts.map_size)
         .map_max_entries(FLOWS6_MAP, opts.map_size)
         // The bookkeeping holds only flows exported at an active timeout and still in
@@ -110,14 +178,23 @@ pub fn load_pinned(opts: LoadOptions, pins: Option<&pin::PinDir>) -> Result<Ebpf
             loader.map_pin_path(name, p.map(name));
         }
     }
-    loader.load(EBPF_OBJECT).map_err(|e| match &e {
+    let mut bpf = loader.load(EBPF_OBJECT).map_err(|e| match &e {
         aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
             if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
         {
             XdpError::Permission(e.to_string())
         }
         _ => XdpError::Load(e),
-    })
+    })?;
+    // The seed beside the table (pinned with it): the next agent hashes the same way.
+    let mut seed_map: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(
+        bpf.map_mut(SLOT_SEED_MAP)
+            .ok_or(XdpError::Missing(SLOT_SEED_MAP))?,
+    )?;
+    if on {
+        seed_map.set(0, seed, 0)?;
+    }
+    Ok(bpf)
 }
 
 fn program_error(name: &'static str, e: aya::programs::ProgramError) -> XdpError {
@@ -333,9 +410,11 @@ pub fn detach(bpf: &mut Ebpf) {
 /// classes (element header, key and value: 128 bytes for IPv4, 192 for IPv6), plus the
 /// bucket array (16 bytes per possible entry, allocated at load). A million IPv4 flows
 /// measured 153.6 MB (fdinfo memlock).
+///
+/// IPv4 flows also have two 64-byte slots each in the slot table (allocated at load).
 pub fn entry_bytes(key_size: usize) -> u64 {
     if key_size <= size_of::<FlowKey4>() {
-        160
+        160 + 128
     } else {
         224
     }

@@ -6,6 +6,7 @@
 pub mod clock;
 mod load;
 pub mod pin;
+pub mod slots;
 mod sys;
 
 pub use load::*;
@@ -17,8 +18,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use detector_common::{
     CLOCK_MAP, COUNTERS_MAP, CounterBlock, DRAIN_STATE_MAP, DrainState, EXPORTED_MAP, ExportMark,
-    FLOWS4_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_MAP, NewFlowEvent,
-    OVERFLOW_MAP, OverflowEvent, counter,
+    FLOWS4_MAP, FLOWS4_SLOTS_MAP, FLOWS6_MAP, FlowKey, FlowKey4, FlowStats, NEW_FLOWS_MAP,
+    NewFlowEvent, OVERFLOW_MAP, OverflowEvent, counter,
 };
 use log::warn;
 
@@ -280,6 +281,8 @@ impl<K: MapKey + Default> KernelFlows<K> {
 
 /// The attached meter's maps and the export bookkeeping for them.
 pub struct XdpSource {
+    /// The slot table of IPv4 flows, when the object was loaded with it.
+    slots4: Option<slots::SlotFlows>,
     flows4: KernelFlows<FlowKey4>,
     flows6: KernelFlows<FlowKey>,
     counters: PerCpuArray<MapData, CounterBlock>,
@@ -348,6 +351,14 @@ impl XdpSource {
             }
         });
         let flows4 = KernelFlows::new(map4, timeouts, ifindex, mode)?;
+        let slots4 = match take(FLOWS4_SLOTS_MAP)? {
+            aya::maps::Map::Array(m) if m.info()?.max_entries() > 1 => Some(slots::SlotFlows::new(
+                slots::SlotMemory::map(m).map_err(XdpError::Slots)?,
+                timeouts,
+                ifindex,
+            )),
+            _ => None,
+        };
         let flows6 = KernelFlows::new(take(FLOWS6_MAP)?, timeouts, ifindex, mode)?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?)?;
         let ring = RingBuf::try_from(take(OVERFLOW_MAP)?)?;
@@ -358,6 +369,7 @@ impl XdpSource {
         Ok(Self {
             bookkeeping,
             persist: None,
+            slots4,
             flows4,
             flows6,
             counters,
@@ -394,10 +406,22 @@ impl XdpSource {
             ..Adoption::default()
         };
         let marks: Vec<(FlowKey, ExportMark)> = exported.iter().collect::<Result<_, _>>()?;
-        for (key, mark) in marks {
-            let (live, table) = match key.narrow() {
-                Some(k4) => (self.flows4.map.get(&k4, 0).ok(), &mut self.flows4.table),
-                None => (self.flows6.map.get(&key, 0).ok(), &mut self.flows6.table),
+        let in_slots = self
+            .slots4
+            .as_ref()
+            .map(|s| s.live_flows())
+            .unwrap_or_default();
+        for (marked, mark) in marks {
+            // One flow may be in the slot table and in FLOWS4 at once: each store's
+            // marks are its own (see `mark_key`).
+            let (key, in_slot_table) = unmark_key(&marked);
+            let (live, table) = match (key.narrow(), in_slot_table) {
+                (Some(k4), true) => match &mut self.slots4 {
+                    Some(slots) => (in_slots.get(&k4).copied(), &mut slots.table),
+                    None => (None, &mut self.flows4.table),
+                },
+                (Some(k4), false) => (self.flows4.map.get(&k4, 0).ok(), &mut self.flows4.table),
+                (None, _) => (self.flows6.map.get(&key, 0).ok(), &mut self.flows6.table),
             };
             match live {
                 Some(s) if s.first_ns <= mark.period_start_ns && s.packets >= mark.packets => {
@@ -405,13 +429,16 @@ impl XdpSource {
                     found.marks += 1;
                 }
                 _ => {
-                    let _ = exported.remove(&key);
+                    let _ = exported.remove(&marked);
                     found.stale += 1;
                 }
             }
         }
         self.flows4.table.keep_journal();
         self.flows6.table.keep_journal();
+        if let Some(s) = &mut self.slots4 {
+            s.table.keep_journal();
+        }
         self.persist = Some(Persist {
             exported,
             state,
@@ -428,6 +455,11 @@ impl XdpSource {
         for table in [&mut self.flows4.table, &mut self.flows6.table] {
             for (key, mark) in table.take_journal() {
                 last.insert(key, mark);
+            }
+        }
+        if let Some(s) = &mut self.slots4 {
+            for (key, mark) in s.table.take_journal() {
+                last.insert(mark_key(&key), mark);
             }
         }
         if !last.is_empty() {
@@ -546,6 +578,9 @@ impl XdpSource {
     }
 
     fn scan_all(&mut self, now_ns: u64, out: &mut Vec<Delta>) -> Result<(), XdpError> {
+        if let Some(s) = &mut self.slots4 {
+            s.scan(now_ns, out);
+        }
         self.flows4.scan(now_ns, &mut self.drain, out)?;
         self.flows6.scan(now_ns, &mut self.drain, out)?;
         self.overflow_table.begin_pass(now_ns);
@@ -579,6 +614,11 @@ impl XdpSource {
     /// maps as they are, for the next agent (`--keep-attached`).
     pub fn flush_userspace(&mut self, out: &mut Vec<Delta>) {
         let from = out.len();
+        // Flows this agent moved to RETIRING: their last packets, then TOMBSTONE (the
+        // next agent could not tell what was exported of them).
+        if let Some(s) = &mut self.slots4 {
+            s.finish_retiring(out, true);
+        }
         for (key, stats) in std::mem::take(&mut self.overflow) {
             out.extend(self.overflow_table.evict(&key, &stats));
         }
@@ -587,6 +627,9 @@ impl XdpSource {
     }
 
     fn flush_all(&mut self, out: &mut Vec<Delta>) -> Result<(), XdpError> {
+        if let Some(s) = &mut self.slots4 {
+            s.flush(out);
+        }
         self.flows4.flush(&mut self.drain, out)?;
         self.flows6.flush(&mut self.drain, out)?;
         for (key, stats) in std::mem::take(&mut self.overflow) {
@@ -600,7 +643,8 @@ impl XdpSource {
     /// overflow table.
     pub fn flow_counts(&self) -> (usize, usize) {
         (
-            self.flows4.last_pass_len.max(self.flows4.pass_seen)
+            self.slots4.as_ref().map_or(0, |s| s.live)
+                + self.flows4.last_pass_len.max(self.flows4.pass_seen)
                 + self.flows6.last_pass_len.max(self.flows6.pass_seen),
             self.overflow.len(),
         )
@@ -641,11 +685,62 @@ pub fn final_check(k: &KernelCounters, drain: &DrainCounters) -> Result<u64, Str
 }
 
 impl XdpSource {
-    /// Kernel memory of the IPv4 and IPv6 flow maps, in bytes.
+    /// Kernel memory of the IPv4 flow stores (the slot table with the flow map) and of
+    /// the IPv6 flow map, in bytes.
     pub fn map_kernel_bytes(&self) -> (Option<u64>, Option<u64>) {
+        let slots = self
+            .slots4
+            .as_ref()
+            .map_or(Some(0), |s| s.mem.kernel_bytes());
         (
-            map_kernel_bytes(self.flows4.map.map()),
+            map_kernel_bytes(self.flows4.map.map())
+                .zip(slots)
+                .map(|(m, s)| m + s),
             map_kernel_bytes(self.flows6.map.map()),
         )
+    }
+}
+
+/// The key under which the slot table's export marks are pinned in `EXPORTED`: the
+/// flow's key with [`MARK_OF_SLOT_TABLE`] in its first padding byte, so that a flow held
+/// in the slot table and in FLOWS4 at once (a probe sequence full for a while) keeps one
+/// mark per store. Marks of FLOWS4 and FLOWS6 keep the zero padding they always had.
+fn mark_key(key: &FlowKey) -> FlowKey {
+    let mut k = *key;
+    k._pad[0] = MARK_OF_SLOT_TABLE;
+    k
+}
+
+/// The flow's key of a pinned mark, and whether the mark is the slot table's.
+fn unmark_key(marked: &FlowKey) -> (FlowKey, bool) {
+    let mut k = *marked;
+    let of_slots = k._pad[0] == MARK_OF_SLOT_TABLE;
+    k._pad = [0; 2];
+    (k, of_slots)
+}
+
+/// See [`mark_key`].
+const MARK_OF_SLOT_TABLE: u8 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flow_in_both_ipv4_stores_keeps_one_mark_each_and_both_read_back() {
+        let key = FlowKey4 {
+            src_addr: [10, 0, 0, 1],
+            dst_addr: [192, 0, 2, 7],
+            src_port: 51_413,
+            dst_port: 443,
+            protocol: 6,
+            ..FlowKey4::default()
+        }
+        .widen(3);
+        let of_slots = mark_key(&key);
+        // Two entries in EXPORTED, not one overwriting the other.
+        assert_ne!(of_slots, key);
+        assert_eq!(unmark_key(&of_slots), (key, true));
+        assert_eq!(unmark_key(&key), (key, false));
     }
 }

@@ -23,13 +23,16 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use detector_common::{
-    CLOCK_MAP, COUNTERS_MAP, DRAIN_STATE_MAP, EXPORTED_MAP, FLOWS4_MAP, FLOWS6_MAP, NEW_FLOWS_MAP,
-    OVERFLOW_MAP,
+    CLOCK_MAP, COUNTERS_MAP, DRAIN_STATE_MAP, EXPORTED_MAP, FLOWS4_MAP, FLOWS4_SLOTS_MAP,
+    FLOWS6_MAP, NEW_FLOWS_MAP, OVERFLOW_MAP, SLOT_SEED_MAP,
 };
 
-/// Every map of the object, pinned under its name.
-pub const MAPS: [&str; 8] = [
+/// Every map of the object, pinned under its name. A directory an earlier release
+/// pinned lacks the slot table and its seed: they are created and pinned beside the rest.
+pub const MAPS: [&str; 10] = [
     FLOWS4_MAP,
+    FLOWS4_SLOTS_MAP,
+    SLOT_SEED_MAP,
     FLOWS6_MAP,
     OVERFLOW_MAP,
     NEW_FLOWS_MAP,
