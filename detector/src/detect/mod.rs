@@ -459,8 +459,10 @@ impl Engine {
     /// [`Self::observe`] with the sides already found, and maybe the host's position.
     fn observe_found(&mut self, r: &FlowRecord, sides: Option<Sides>, found: Option<usize>) {
         self.stats.records += 1;
-        if self.cfg.allow_ports.contains(&r.src_port) || self.cfg.allow_ports.contains(&r.dst_port)
-        {
+        // The empty list (the default) asked first: `contains` is a call of its own, two
+        // of them 36 instructions a record (callgrind, `micro ingest --in-process`).
+        let ports = &self.cfg.allow_ports;
+        if !ports.is_empty() && (ports.contains(&r.src_port) || ports.contains(&r.dst_port)) {
             self.stats.allow_listed += 1;
             return;
         }

@@ -73,6 +73,8 @@ pub struct V9Sink {
     records: u64,
     /// Relayed records exported scaled because every relay domain was taken.
     rescaled: u64,
+    /// Each record's domain in [`Self::encode`], kept between batches.
+    domains: Vec<u8>,
 }
 
 impl V9Sink {
@@ -106,6 +108,7 @@ impl V9Sink {
             collectors,
             records: 0,
             rescaled: 0,
+            domains: Vec::new(),
         };
         // The unsampled domain scales counts: it also carries the overflow.
         sink.open_relay(1, true);
@@ -159,22 +162,50 @@ impl V9Sink {
 
     /// This cycle's datagrams: the meter's records, then each relay domain's.
     fn encode(&mut self, records: &[FlowRecord], now: SystemTime) -> Vec<Bytes> {
-        let is_local = |r: &FlowRecord| r.origin == crate::flow::Origin::Local;
-        let mut datagrams = self
-            .encoder
-            .encode(records.iter().filter(|r| is_local(r)), now);
-        // Which domain each relayed record goes to; one pass per domain that has any.
-        let mut domain = Vec::new();
-        let mut used = [false; MAX_RELAY_DOMAINS];
+        // Each record's domain (the meter's, or a relay's) in one pass, and each encoder
+        // given its records without a filter when it takes them all (the usual batch:
+        // one exporter's records, one sampling interval): 35 instructions a record fewer
+        // than a filter for each encoder and the domains chosen apart (callgrind, `micro
+        // ingest --in-process`).
+        let mut domain = std::mem::take(&mut self.domains);
+        domain.clear();
+        let mut count = [0usize; MAX_RELAY_DOMAINS];
+        let mut local = 0;
         let mut overflow = 0;
-        for r in records.iter().filter(|r| !is_local(r)) {
-            let i = self.relay_for(r.sampling);
+        let mut last: Option<(u32, usize)> = None;
+        for r in records {
+            if r.origin == crate::flow::Origin::Local {
+                local += 1;
+                domain.push(LOCAL);
+                continue;
+            }
+            // A batch's records mostly share one interval: its domain is asked once.
+            let i = match last {
+                Some((interval, i)) if interval == r.sampling => i,
+                _ => {
+                    let i = self.relay_for(r.sampling);
+                    last = Some((r.sampling, i));
+                    i
+                }
+            };
             if i == 0 && r.sampling > 1 {
                 overflow += 1;
             }
-            used[i] = true;
-            domain.push(i);
+            count[i] += 1;
+            domain.push(i as u8);
         }
+        let of = |d: u8| {
+            records
+                .iter()
+                .zip(&domain)
+                .filter(move |&(_, &x)| x == d)
+                .map(|(r, _)| r)
+        };
+        let mut datagrams = if local == records.len() {
+            self.encoder.encode(records, now)
+        } else {
+            self.encoder.encode(of(LOCAL), now)
+        };
         if overflow > 0 {
             if self.rescaled == 0 || (self.rescaled + overflow).ilog2() > self.rescaled.ilog2() {
                 warn!(
@@ -188,21 +219,24 @@ impl V9Sink {
             self.rescaled += overflow;
         }
         for (i, relay) in self.relays.iter_mut().enumerate() {
-            if used[i] {
-                let mut of = domain.iter();
-                let mine = records
-                    .iter()
-                    .filter(|r| !is_local(r))
-                    .filter(|_| of.next() == Some(&i));
-                datagrams.extend(relay.encoder.encode(mine, now));
+            if count[i] > 0 && count[i] == records.len() {
+                datagrams.extend(relay.encoder.encode(records, now));
+            } else if count[i] > 0 {
+                datagrams.extend(relay.encoder.encode(of(i as u8), now));
             } else if relay.encoder.next_sequence() > 0 {
                 // Templates (and sampling options) refreshed while a domain is idle.
                 datagrams.extend(relay.encoder.encode(&[], now));
             }
         }
+        self.domains = domain;
         datagrams
     }
 }
+
+/// [`V9Sink::encode`]'s mark of a record of the local meter (relay domains are below
+/// [`MAX_RELAY_DOMAINS`]).
+const LOCAL: u8 = u8::MAX;
+const _: () = assert!(MAX_RELAY_DOMAINS < LOCAL as usize);
 
 /// Most datagrams one `sendmmsg` takes (the kernel's UIO_MAXIOV).
 const SEND_BATCH: usize = 1024;
