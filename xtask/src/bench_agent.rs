@@ -518,6 +518,7 @@ pub(crate) mod sys {
         fn close(fd: i32) -> i32;
         fn setsockopt(fd: i32, level: i32, name: i32, val: *const c_void, len: u32) -> i32;
         fn sendmmsg(fd: i32, msgs: *mut Mmsghdr, n: u32, flags: i32) -> i32;
+        fn recvmmsg(fd: i32, msgs: *mut Mmsghdr, n: u32, flags: i32, timeout: *mut c_void) -> i32;
         fn setns(fd: i32, nstype: i32) -> i32;
         fn if_nametoindex(name: *const i8) -> u32;
         fn kill(pid: i32, sig: i32) -> i32;
@@ -639,6 +640,50 @@ pub(crate) mod sys {
         // kernel only reads the buffers.
         let r = unsafe { sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
         check(r, "sendmmsg").map(|r| r as usize)
+    }
+
+    /// `recvmmsg` without waiting into `bufs` (each datagram truncated to its buffer):
+    /// how many were read, 0 when none was queued.
+    pub fn recv_batch_now(fd: i32, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
+        const MSG_DONTWAIT: i32 = 0x40;
+        let mut iov: Vec<Iovec> = bufs
+            .iter_mut()
+            .map(|b| Iovec {
+                base: b.as_mut_ptr() as *mut c_void,
+                len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<Mmsghdr> = iov
+            .iter_mut()
+            .map(|v| Mmsghdr {
+                hdr: Msghdr {
+                    name: std::ptr::null_mut(),
+                    namelen: 0,
+                    iov: v,
+                    iovlen: 1,
+                    control: std::ptr::null_mut(),
+                    controllen: 0,
+                    flags: 0,
+                },
+                len: 0,
+            })
+            .collect();
+        // SAFETY: msgs, their iovecs and the buffers they point to outlive the call; the
+        // kernel writes at most each iovec's length into its buffer.
+        let r = unsafe {
+            recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as u32,
+                MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        match check(r, "recvmmsg") {
+            Ok(n) => Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn signal_pid(pid: i32, sig: i32) {

@@ -39,6 +39,14 @@ const QUEUE_READS: usize = 1 << 16;
 const SPARE_READS: usize = 64;
 /// How long a reader waiting for room in the queue sleeps between looks.
 const ROOM_POLL: Duration = Duration::from_micros(200);
+/// How long a reader that emptied its socket sleeps before it reads again, so that the
+/// next read finds a batch waiting rather than one datagram: at 50,000 datagrams a
+/// second, a read of about 30 instead of a few, and the reader, the decoder and the
+/// pipeline's threads each woken about once a millisecond instead of at every datagram
+/// (waking them, and their preempting the rest, cost more than the reads). The socket's
+/// buffer holds far more than a millisecond of any exporter's traffic (32 MiB by default:
+/// a quarter of a second at 1 Gbit/s), and a flow record waits 1 ms more: nothing else.
+pub const PAUSE: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -373,6 +381,7 @@ fn deal_loop(
             return;
         }
         next = (next + 1) % parsers.len();
+        pause_if_dry(n, &stop, &mut gaps);
     }
 }
 
@@ -536,6 +545,14 @@ impl Gaps {
         self.returned = Some(Instant::now());
     }
 
+    /// The reader paused `d` after emptying its socket ([`PAUSE`]): not a gap that
+    /// risks the socket's buffer, so not counted as one.
+    fn paused(&mut self, d: Duration) {
+        if let Some(r) = &mut self.returned {
+            *r += d;
+        }
+    }
+
     /// The reader waited `d` for room in the queue: not a gap of its own making.
     fn waited(&mut self, d: Duration, stats: &ReadStats) {
         self.waited += d;
@@ -606,6 +623,25 @@ fn receive_loop(
         if queue.send(read).is_err() {
             return;
         }
+        pause_if_dry(n, &stop, &mut gaps);
+    }
+}
+
+/// After a read of `n` datagrams: when the socket ran dry before the batch was full
+/// (and the listener is not stopping), sleeps [`PAUSE`] so that datagrams gather, and
+/// returns how long it slept.
+pub(crate) fn pause_when_dry(n: usize, stop: &AtomicBool) -> Option<Duration> {
+    if n == 0 || n >= BATCH || stop.load(Ordering::Relaxed) {
+        return None;
+    }
+    let t = Instant::now();
+    std::thread::sleep(PAUSE);
+    Some(t.elapsed())
+}
+
+fn pause_if_dry(n: usize, stop: &AtomicBool, gaps: &mut Gaps) {
+    if let Some(d) = pause_when_dry(n, stop) {
+        gaps.paused(d);
     }
 }
 

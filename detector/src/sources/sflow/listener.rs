@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use super::decode::{Decoder, SflowLimits, SflowTimeouts};
 use crate::flow::{Cidr, Emit};
-use crate::sources::netflow::listener::{BATCH, ListenError, RecvBatch, bind_one, recv_or_zero};
+use crate::sources::netflow::listener::{
+    BATCH, ListenError, RecvBatch, bind_one, pause_when_dry, recv_or_zero,
+};
 
 /// How often the flows that ended are handed over.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -114,5 +116,6 @@ fn read_loop<E: Emit>(
         if stopping {
             return;
         }
+        pause_when_dry(n, &stop);
     }
 }
