@@ -369,6 +369,13 @@ impl<K, V, S, I, E: Default> Default for DenseMap<K, V, S, I, E> {
     }
 }
 
+/// The hash a [`DenseMap`] files `k` under (the same in every map: no seed), for the
+/// `*_hashed` lookups of a caller that asks for one key several times.
+#[inline]
+pub fn key_hash<K: Hash>(k: &K) -> u32 {
+    hash_of(k)
+}
+
 #[inline]
 fn hash_of<K: Hash>(k: &K) -> u32 {
     let h = FxBuildHasher.hash_one(k);
@@ -395,10 +402,16 @@ impl<K: Hash + Eq, V, S, I: Slot, E: Store<(K, V)>> DenseMap<K, V, S, I, E> {
     /// Asks the CPU to fetch the index slot where `k` would be found.
     #[inline]
     pub fn prefetch(&self, k: &K) {
+        self.prefetch_hashed(hash_of(k));
+    }
+
+    /// [`Self::prefetch`] of the key whose [`key_hash`] is `h`.
+    #[inline]
+    pub fn prefetch_hashed(&self, h: u32) {
         if self.index.is_empty() {
             return;
         }
-        let i = I::home_of(hash_of(k), self.index.len() - 1);
+        let i = I::home_of(h, self.index.len() - 1);
         prefetch_read(self.index.as_ptr().wrapping_add(i));
     }
 
@@ -439,12 +452,17 @@ impl<K: Hash + Eq, V, S, I: Slot, E: Store<(K, V)>> DenseMap<K, V, S, I, E> {
     /// Position of `k` in the dense entries.
     #[inline]
     pub fn position(&self, k: &K) -> Option<usize> {
+        self.position_hashed(k, hash_of(k))
+    }
+
+    /// [`Self::position`] of `k`, whose [`key_hash`] is `h`.
+    #[inline]
+    pub fn position_hashed(&self, k: &K, h: u32) -> Option<usize> {
         if self.is_empty() {
             return None;
         }
-        self.find_slot(k, hash_of(k))
-            .ok()
-            .map(|i| self.index[i].pos())
+        debug_assert_eq!(h, hash_of(k), "a hash of another key");
+        self.find_slot(k, h).ok().map(|i| self.index[i].pos())
     }
 
     pub fn contains_key(&self, k: &K) -> bool {
@@ -681,10 +699,15 @@ impl<K: Hash + Eq, V, S, I: Slot, E: Store<(K, V)>> DenseMap<K, V, S, I, E> {
     /// comparing keys.
     #[inline]
     pub fn prefetch_entry(&self, k: &K) {
+        self.prefetch_entry_hashed(hash_of(k));
+    }
+
+    /// [`Self::prefetch_entry`] of the key whose [`key_hash`] is `h`.
+    #[inline]
+    pub fn prefetch_entry_hashed(&self, h: u32) {
         if self.index.is_empty() {
             return;
         }
-        let h = hash_of(k);
         let mask = self.index.len() - 1;
         let mut i = I::home_of(h, mask);
         loop {

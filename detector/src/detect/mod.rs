@@ -86,6 +86,12 @@ struct Sides {
     local: u16,
     remote: u16,
     host_is_src: bool,
+    /// [`dense::key_hash`] of `host`, and of `peer` when `!host_is_src` (0 otherwise):
+    /// hashed once, not at each look ahead and lookup.
+    host_hash: u32,
+    peer_hash: u32,
+    /// [`profile::peer_hash`] of `peer`, for the host's table of peers.
+    peer_key_hash: u32,
 }
 
 /// The internal networks as masks, compiled from [`DetectConfig::internal`]: answers
@@ -380,11 +386,10 @@ impl Engine {
         keys.clear();
         keys.extend(records.iter().map(|r| self.sides(r)));
         // Duplicates only note their source: nothing to fetch for them.
-        let at = |i: usize| {
-            keys.get(i)
-                .copied()
-                .flatten()
-                .filter(|_| !records[i].duplicate)
+        // By reference: the sides are not copied for each of the four looks ahead.
+        let at = |i: usize| match keys.get(i) {
+            Some(Some(k)) if !records[i].duplicate => Some(k),
+            _ => None,
         };
         // The host's position, once looked up for the lookahead (hosts are only appended
         // while records come in, so a position found stays right; one not found yet is
@@ -394,30 +399,34 @@ impl Engine {
         found.resize(records.len(), None);
         for (i, r) in records.iter().enumerate() {
             if let Some(k) = at(i + 4 * D) {
-                self.hosts.prefetch(&k.host);
+                self.hosts.prefetch_hashed(k.host_hash);
             }
             if let Some(k) = at(i + 3 * D) {
-                self.hosts.prefetch_entry(&k.host);
+                self.hosts.prefetch_entry_hashed(k.host_hash);
             }
             if let Some(k) = at(i + 2 * D) {
-                found[i + 2 * D] = self.hosts.position(&k.host);
+                found[i + 2 * D] = self.hosts.position_hashed(&k.host, k.host_hash);
                 if let Some(pos) = found[i + 2 * D] {
                     self.hosts
                         .at(pos)
                         .1
                         .profile
-                        .prefetch(&k.peer, k.local, k.remote);
+                        .prefetch_keyed(k.peer_key_hash, k.local, k.remote);
                 }
                 if !k.host_is_src {
-                    self.senders.prefetch(&k.peer);
+                    self.senders.prefetch_hashed(k.peer_hash);
                 }
             }
             if let Some(k) = at(i + D) {
                 if !k.host_is_src {
-                    self.senders.prefetch_entry(&k.peer);
+                    self.senders.prefetch_entry_hashed(k.peer_hash);
                 }
                 if let Some(pos) = found[i + D] {
-                    self.hosts.at(pos).1.profile.prefetch_entries(&k.peer);
+                    self.hosts
+                        .at(pos)
+                        .1
+                        .profile
+                        .prefetch_entries_keyed(k.peer_key_hash);
                 }
             }
             self.observe_found(r, keys[i], found[i]);
@@ -438,6 +447,9 @@ impl Engine {
                 local: r.src_port,
                 remote: r.dst_port,
                 host_is_src: true,
+                host_hash: dense::key_hash(&r.src_addr),
+                peer_hash: 0,
+                peer_key_hash: profile::peer_hash(&r.dst_addr),
             }),
             (false, true) => Some(Sides {
                 host: r.dst_addr,
@@ -445,6 +457,9 @@ impl Engine {
                 local: r.dst_port,
                 remote: r.src_port,
                 host_is_src: false,
+                host_hash: dense::key_hash(&r.dst_addr),
+                peer_hash: dense::key_hash(&r.src_addr),
+                peer_key_hash: profile::peer_hash(&r.src_addr),
             }),
             _ => None,
         }
@@ -470,6 +485,9 @@ impl Engine {
             host,
             peer,
             host_is_src,
+            host_hash,
+            peer_hash,
+            peer_key_hash,
             ..
         }) = sides
         else {
@@ -496,7 +514,7 @@ impl Engine {
         }
         let n_hosts = self.hosts.len();
         let (max_peers, limits) = (self.cfg.max_peers, self.limits);
-        let pos = match found.or_else(|| self.hosts.position(&host)) {
+        let pos = match found.or_else(|| self.hosts.position_hashed(&host, host_hash)) {
             Some(pos) => pos,
             None if n_hosts >= self.cfg.max_hosts => {
                 self.stats.hosts_over_limit += 1;
@@ -516,7 +534,7 @@ impl Engine {
         let h = self.hosts.at_mut(pos);
         // Bounded like the hosts: a new sender is tracked only while there is room.
         if !host_is_src {
-            let e = match self.senders.position(&peer) {
+            let e = match self.senders.position_hashed(&peer, peer_hash) {
                 Some(pos) => Some(self.senders.at_mut(pos)),
                 None if self.senders.len() < self.cfg.max_hosts * 4 => {
                     let pos = self.senders.insert_new(peer, (0, r.last));
@@ -530,7 +548,8 @@ impl Engine {
             }
         }
         let stamp = self.last_clock.ms_secs_up(r.last).min(u64::from(u32::MAX)) as u32;
-        h.profile.add_stamped(r, host_is_src, stamp);
+        h.profile
+            .add_stamped_keyed(r, host_is_src, stamp, peer_key_hash);
     }
 
     /// Evaluates when `eval_interval` has passed since the last evaluation (or always

@@ -41,6 +41,12 @@ pub type Peers = DenseMap<PeerAddr, PeerStat, u32, u32, Chunked<(PeerAddr, PeerS
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr([u8; 16]);
 
+/// The hash a host's table of peers files `peer` under.
+#[inline]
+pub fn peer_hash(peer: &IpAddr) -> u32 {
+    super::dense::key_hash(&PeerAddr::new(*peer))
+}
+
 impl PeerAddr {
     pub fn new(ip: IpAddr) -> Self {
         match ip {
@@ -552,7 +558,13 @@ impl HostProfile {
 
     /// Starts fetching what [`Self::add`] will touch for this peer and port pair.
     pub fn prefetch(&self, peer: &IpAddr, local_port: u16, remote_port: u16) {
-        self.peers.prefetch(&PeerAddr::new(*peer));
+        self.prefetch_keyed(peer_hash(peer), local_port, remote_port);
+    }
+
+    /// [`Self::prefetch`] with the peer's [`peer_hash`] already taken.
+    #[inline]
+    pub fn prefetch_keyed(&self, peer_hash: u32, local_port: u16, remote_port: u16) {
+        self.peers.prefetch_hashed(peer_hash);
         self.peers.prefetch_directory();
         self.peers.prefetch_end();
         self.agg.remote_ports.prefetch(remote_port);
@@ -561,7 +573,13 @@ impl HostProfile {
 
     /// Starts fetching the entries [`Self::add`] will update (after [`Self::prefetch`]).
     pub fn prefetch_entries(&self, peer: &IpAddr) {
-        self.peers.prefetch_entry(&PeerAddr::new(*peer));
+        self.prefetch_entries_keyed(peer_hash(peer));
+    }
+
+    /// [`Self::prefetch_entries`] with the peer's [`peer_hash`] already taken.
+    #[inline]
+    pub fn prefetch_entries_keyed(&self, peer_hash: u32) {
+        self.peers.prefetch_entry_hashed(peer_hash);
     }
 
     /// Adds a record in which `host` (internal) talks with `peer` (external).
@@ -571,7 +589,21 @@ impl HostProfile {
 
     /// [`Self::add`] with the record's stamp, `stamp_of(unix_ms(r.last))`, already
     /// taken (the engine converts times with a [`crate::flow::seconds::SecondClock`]).
+    #[inline]
     pub fn add_stamped(&mut self, r: &FlowRecord, host_is_src: bool, stamp: u32) {
+        let peer = if host_is_src { r.dst_addr } else { r.src_addr };
+        self.add_stamped_keyed(r, host_is_src, stamp, peer_hash(&peer));
+    }
+
+    /// [`Self::add_stamped`] with the peer's [`peer_hash`] already taken (the engine
+    /// hashes a record's peer once for its looks ahead and this).
+    pub fn add_stamped_keyed(
+        &mut self,
+        r: &FlowRecord,
+        host_is_src: bool,
+        stamp: u32,
+        peer_hash: u32,
+    ) {
         let peer = if host_is_src { r.dst_addr } else { r.src_addr };
         let (local_port, remote_port) = if host_is_src {
             (r.src_port, r.dst_port)
@@ -597,7 +629,7 @@ impl HostProfile {
         let held = self.peers.len();
         let key = PeerAddr::new(peer);
         debug_assert_eq!(key.ip(), peer, "a multicast peer");
-        let (pos, fresh) = match self.peers.position(&key) {
+        let (pos, fresh) = match self.peers.position_hashed(&key, peer_hash) {
             Some(pos) => (pos, false),
             None if held >= self.max_peers => {
                 self.count_overflow(&peer);
