@@ -602,6 +602,24 @@ pub(crate) mod sys {
         .map(drop)
     }
 
+    /// One message header a buffer (`iov`), each to `name` (none when null).
+    fn headers(iov: &mut [Iovec], name: *mut c_void, namelen: u32) -> Vec<Mmsghdr> {
+        iov.iter_mut()
+            .map(|v| Mmsghdr {
+                hdr: Msghdr {
+                    name,
+                    namelen,
+                    iov: v,
+                    iovlen: 1,
+                    control: std::ptr::null_mut(),
+                    controllen: 0,
+                    flags: 0,
+                },
+                len: 0,
+            })
+            .collect()
+    }
+
     /// `sendmmsg` of whole buffers, each its own datagram or frame, to `dest` (or the
     /// connected peer when None). Returns how many were sent; Err only when none was.
     pub fn send_batch(fd: i32, bufs: &[&[u8]], dest: Option<&SockaddrLl>) -> io::Result<usize> {
@@ -621,21 +639,7 @@ pub(crate) mod sys {
             ),
             None => (std::ptr::null_mut(), 0),
         };
-        let mut msgs: Vec<Mmsghdr> = iov
-            .iter_mut()
-            .map(|v| Mmsghdr {
-                hdr: Msghdr {
-                    name,
-                    namelen,
-                    iov: v,
-                    iovlen: 1,
-                    control: std::ptr::null_mut(),
-                    controllen: 0,
-                    flags: 0,
-                },
-                len: 0,
-            })
-            .collect();
+        let mut msgs = headers(&mut iov, name, namelen);
         // SAFETY: msgs, their iovecs and the buffers they point to outlive the call; the
         // kernel only reads the buffers.
         let r = unsafe { sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
@@ -653,21 +657,7 @@ pub(crate) mod sys {
                 len: b.len(),
             })
             .collect();
-        let mut msgs: Vec<Mmsghdr> = iov
-            .iter_mut()
-            .map(|v| Mmsghdr {
-                hdr: Msghdr {
-                    name: std::ptr::null_mut(),
-                    namelen: 0,
-                    iov: v,
-                    iovlen: 1,
-                    control: std::ptr::null_mut(),
-                    controllen: 0,
-                    flags: 0,
-                },
-                len: 0,
-            })
-            .collect();
+        let mut msgs = headers(&mut iov, std::ptr::null_mut(), 0);
         // SAFETY: msgs, their iovecs and the buffers they point to outlive the call; the
         // kernel writes at most each iovec's length into its buffer.
         let r = unsafe {
