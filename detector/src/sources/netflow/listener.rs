@@ -40,10 +40,9 @@ const SPARE_READS: usize = 64;
 /// How long a reader waiting for room in the queue sleeps between looks.
 const ROOM_POLL: Duration = Duration::from_micros(200);
 /// How long a reader that emptied its socket sleeps before it reads again, so that the
-/// next read finds a batch waiting rather than one datagram: at 50,000 datagrams a
-/// second, a read of about 30 instead of a few, and the reader, the decoder and the
-/// pipeline's threads each woken about once a millisecond instead of at every datagram
-/// (waking them, and their preempting the rest, cost more than the reads). The socket's
+/// next read finds a batch waiting rather than a few datagrams, even when the reader
+/// keeps up (at 61,000 datagrams a second: at most 2,441 reads a second, where without
+/// it some seconds took 10,890; the reader 0.10 -> 0.07 us a record). The socket's
 /// buffer holds far more than a millisecond of any exporter's traffic (32 MiB by default:
 /// a quarter of a second at 1 Gbit/s), and a flow record waits 1 ms more: nothing else.
 pub const PAUSE: Duration = Duration::from_millis(1);
