@@ -11,11 +11,14 @@
 //! EMPTY slot ends the search. The packet's flow is then inserted in the first free slot
 //! seen (EMPTY or TOMBSTONE) by compare-and-swap of the control word (-> BUSY), its key
 //! and counters written, then the word set to LIVE. A packet that meets a BUSY slot with
-//! its fingerprint (perhaps its own flow, being inserted on another CPU), or loses the
-//! compare-and-swap, or finds no free slot, makes [`add`] return false: the caller counts
-//! it in the kernel hash map, so nothing is lost (a flow may then have two entries, one
-//! in each store, exported apart). No waiting and no retry: the verifier explores every
-//! path of the probe loop, and both multiplied its states past its limit.
+//! its fingerprint, or loses the compare-and-swap, may be its own flow being inserted on
+//! another CPU (a new flow's first packets reaching two CPUs at once): it waits, up to
+//! [`SPIN`] reads, for that slot to turn LIVE and counts there if the slot is its flow
+//! (with no wait, `prog_test_run`'s concurrent-insert test split 34 to 7,273 of 20,000
+//! flows into two entries; with it, 0 to 3). Otherwise, or when no free slot is seen,
+//! [`add`] returns false: the caller counts the packet in the kernel hash map, so nothing
+//! is lost. The one wait comes after the probe loop: the verifier explores every path of
+//! the loop, and waiting or retrying inside it had multiplied its states past its limit.
 //!
 //! Userspace never writes a LIVE slot's counters: it moves LIVE -> RETIRING, reads the
 //! final counters at a later pass (at least 20 ms later, a second in the agent: any
@@ -24,11 +27,11 @@
 //! probe sequence goes on past an EMPTY slot, so none can need this one).
 //!
 //! Known limit: one flow can get two entries, each counted exactly and exported apart
-//! (two records where there was one flow): a packet that finds a BUSY slot with its
-//! fingerprint or loses a compare-and-swap (the hash map takes it), an IPv4 flow in the
-//! hash map that later finds a free slot, or two CPUs inserting the same new flow at the
-//! instant a RETIRING slot on its probe path turns TOMBSTONE (one takes that slot, the
-//! other the EMPTY one after it).
+//! (two records where there was one flow): an insert that outlasts the other CPU's wait
+//! (an interrupt between its compare-and-swap and its publish), a fingerprint shared by
+//! two flows inserted at once, an IPv4 flow in the hash map that later finds a free slot,
+//! or two CPUs inserting the same new flow at the instant a RETIRING slot on its probe
+//! path turns TOMBSTONE (one takes that slot, the other the EMPTY one after it).
 //!
 //! Ordering: every store before the publishing one is volatile, and x86's stores are
 //! not reordered with each other (nor loads with loads); on weaker CPUs the publishing
@@ -79,6 +82,7 @@ pub(crate) fn add(
     {
         let mut free = NONE;
         let mut free_ctrl = 0;
+        let mut wait = NONE;
         for d in 0..slot::PROBES {
             let Some(s) = table.get_ptr_mut((home + d) & mask) else {
                 return false;
@@ -103,15 +107,28 @@ pub(crate) fn add(
                     continue;
                 }
                 if state == slot::BUSY {
-                    // Perhaps this flow, being written on another CPU right now: count
-                    // in the hash map (exact: the two entries are exported apart).
-                    return false;
+                    // Perhaps this flow, being inserted on another CPU right now: wait
+                    // for that insert below rather than insert it a second time.
+                    wait = d;
+                    break;
                 }
                 if c & slot::STATE_MASK == slot::LIVE && same_key(s, &w) {
                     update_stats(&raw mut (*s).stats, pkt, packets, bytes, now);
                     return true;
                 }
             }
+        }
+        if wait < NONE {
+            return wait_and_add(
+                table,
+                (home + wait) & mask,
+                fp,
+                &w,
+                pkt,
+                packets,
+                bytes,
+                now,
+            );
         }
         if free >= NONE {
             return false;
@@ -128,8 +145,17 @@ pub(crate) fn add(
                     ctrl, free_ctrl, busy,
                 );
             if !won {
-                // Another CPU took it first (perhaps for this flow): the hash map.
-                return false;
+                // Another CPU took it first, perhaps for this flow: wait for its insert.
+                return wait_and_add(
+                    table,
+                    (home + free) & mask,
+                    fp,
+                    &w,
+                    pkt,
+                    packets,
+                    bytes,
+                    now,
+                );
             }
             // The slot is ours: nobody else writes it until it is published.
             let mut event = crate::announce(counters, packets);
@@ -146,6 +172,57 @@ pub(crate) fn add(
         }
     }
     true
+}
+
+/// How many times [`wait_and_add`] reads a BUSY control word before it gives up. An
+/// insert holds its slot BUSY for a few dozen instructions (the key, the first packet's
+/// counters and the announcement); 64 reads cover that unless an interrupt comes in
+/// between on the inserting CPU (8 reads left up to 658 of `prog_test_run`'s 20,000
+/// concurrent inserts split; 64 and 1,024 both 0 to 3). Each read is verified once per
+/// path that reaches it: 64 add about 30,000 instructions to the verifier's walk, 128 took
+/// the payload-hints program past its limit before [`crate::forget`].
+const SPIN: u32 = 64;
+
+/// Slot `i` was seen BUSY with this flow's fingerprint, or another CPU won it first:
+/// perhaps this very flow is being inserted there. Waits for the slot to be published
+/// and, if it is this flow, adds the packet to it (so one flow that reaches two CPUs at
+/// once gets one entry). False, for the hash map, when it is another flow or the insert
+/// outlasts [`SPIN`] reads.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "inlined; the caller's own values"
+)]
+#[inline(always)]
+fn wait_and_add(
+    table: &Array<FlowSlot>,
+    i: u32,
+    fp: u32,
+    w: &[u32; 5],
+    pkt: &Packet,
+    packets: u64,
+    bytes: u64,
+    now: u64,
+) -> bool {
+    let Some(s) = table.get_ptr_mut(i) else {
+        return false;
+    };
+    // SAFETY: `s` points to a slot of the table; its words are only read here until it is
+    // LIVE, and a LIVE slot's counters take atomic adds.
+    unsafe {
+        let ctrl = &raw const (*s).ctrl;
+        for _ in 0..SPIN {
+            let c = read_volatile(ctrl);
+            if c & slot::STATE_MASK == slot::BUSY {
+                continue;
+            }
+            if c & slot::STATE_MASK == slot::LIVE && c >> slot::FP_SHIFT == fp && same_key(s, w) {
+                update_stats(&raw mut (*s).stats, pkt, packets, bytes, now);
+                return true;
+            }
+            return false;
+        }
+    }
+    false
 }
 
 /// Whether slot `s` holds key `w`.
