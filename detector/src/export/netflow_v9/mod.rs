@@ -38,6 +38,8 @@ struct Collector {
     socket: UdpSocket,
     sent: u64,
     failures: u64,
+    /// Runs of equal datagrams go out with UDP segmentation offload (see [`send_all`]).
+    gso: bool,
 }
 
 /// The most observation domains (v9 source ids) the relay opens for distinct sampling
@@ -97,6 +99,7 @@ impl V9Sink {
                     socket,
                     sent: 0,
                     failures: 0,
+                    gso: true,
                 })
             })
             .collect::<Result<_, ExportError>>()?;
@@ -238,46 +241,125 @@ impl V9Sink {
 const LOCAL: u8 = u8::MAX;
 const _: () = assert!(MAX_RELAY_DOMAINS < LOCAL as usize);
 
-/// Most datagrams one `sendmmsg` takes (the kernel's UIO_MAXIOV).
+/// Most messages one `sendmmsg` takes (the kernel's UIO_MAXIOV).
 const SEND_BATCH: usize = 1024;
 
-/// Sends `datagrams` to `addr` in order with as few system calls as `sendmmsg` allows
-/// (a datagram a call cost the sink thread about a tenth of its time); returns how many
-/// went, and tells `failed` the error of each one that did not.
+/// Most datagrams one UDP GSO send carries (the kernel's UDP_MAX_SEGMENTS).
+const GSO_SEGMENTS: usize = 64;
+
+/// Most payload bytes of one UDP GSO send: an IP packet's 65,535 less the IPv6 and UDP
+/// headers.
+const GSO_BYTES: usize = 65_535 - 40 - 8;
+
+/// Splits `datagrams` into the runs one UDP GSO send carries (`UDP_SEGMENT`, Linux 4.18):
+/// consecutive datagrams all of the first one's size except the last, which may be
+/// shorter, at most [`GSO_SEGMENTS`] of them and [`GSO_BYTES`] in all. The kernel cuts
+/// the run back into those datagrams; a run of one goes as it is.
+fn gso_runs(datagrams: &[Bytes]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < datagrams.len() {
+        let size = datagrams[start].len();
+        let (mut end, mut bytes) = (start + 1, size);
+        while size > 0 && end < datagrams.len() && end - start < GSO_SEGMENTS {
+            let len = datagrams[end].len();
+            if len > size || bytes + len > GSO_BYTES {
+                break;
+            }
+            bytes += len;
+            end += 1;
+            if len < size {
+                break;
+            }
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+/// Whether a send with `UDP_SEGMENT` failed because the kernel or the route cannot
+/// segment (an old kernel, a device without checksum offload), not the datagrams.
+fn gso_refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
+/// Control-message room for one `UDP_SEGMENT` (a u16), aligned for `cmsghdr`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct SegmentCmsg([u8; 32]);
+
+/// Sends `datagrams` to `addr` in order with as few system calls and as little kernel
+/// work as the kernel allows: `sendmmsg` of up to [`SEND_BATCH`] messages, each a run of
+/// equal datagrams sent with UDP segmentation offload while `gso` holds (the kernel walks
+/// its output path once a run instead of once a datagram; turned off, with a log line, the
+/// first time the kernel refuses it); returns how many datagrams went, and tells `failed`
+/// the error of each one that did not.
 fn send_all(
     socket: &UdpSocket,
     addr: SocketAddr,
     datagrams: &[Bytes],
-    mut failed: impl FnMut(std::io::Error),
+    gso: &mut bool,
+    failed: &mut impl FnMut(&std::io::Error),
 ) -> u64 {
     use std::os::fd::AsRawFd;
     let to = socket2::SockAddr::from(addr);
+    let runs = if *gso {
+        gso_runs(datagrams)
+    } else {
+        (0..datagrams.len()).map(|i| i..i + 1).collect()
+    };
+    let mut iovs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    // SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic on their argument.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(2), libc::CMSG_LEN(2)) };
+    debug_assert!(space as usize <= size_of::<SegmentCmsg>());
     let mut sent = 0;
-    for chunk in datagrams.chunks(SEND_BATCH) {
-        let mut iovs: Vec<libc::iovec> = chunk
+    for batch in runs.chunks(SEND_BATCH) {
+        let mut cmsgs = vec![SegmentCmsg([0; 32]); batch.len()];
+        let mut hdrs: Vec<libc::mmsghdr> = batch
             .iter()
-            .map(|d| libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            })
-            .collect();
-        let mut hdrs: Vec<libc::mmsghdr> = iovs
-            .iter_mut()
-            .map(|iov| {
+            .zip(&mut cmsgs)
+            .map(|(run, cmsg)| {
                 // SAFETY: a C struct of integers and pointers; all-zero is valid.
                 let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
                 h.msg_hdr.msg_namelen = to.len();
-                h.msg_hdr.msg_iov = iov;
-                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_iov = iovs[run.start..].as_mut_ptr();
+                h.msg_hdr.msg_iovlen = run.len() as _;
+                if run.len() > 1 {
+                    h.msg_hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = space as _;
+                    // SAFETY: the header's control buffer is `cmsg`, of `space` bytes
+                    // and aligned for a cmsghdr; the u16 fits in the room CMSG_SPACE(2)
+                    // gives after the header.
+                    unsafe {
+                        let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = len as _;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c).cast::<u16>(),
+                            datagrams[run.start].len() as u16,
+                        );
+                    }
+                }
                 h
             })
             .collect();
         let mut at = 0;
         while at < hdrs.len() {
-            // SAFETY: every header points at `to` and at an iovec of a datagram of
-            // `chunk`, all of which outlive the call; the count is that of the headers
-            // from `at` on.
+            // SAFETY: every header points at `to`, at iovecs of datagrams of
+            // `datagrams` and at a control buffer of `cmsgs`, all of which outlive the
+            // call; the count is that of the headers from `at` on.
             let rc = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
@@ -291,12 +373,27 @@ fn send_all(
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                // The datagram at `at` failed: count it and go on with the next.
-                failed(e);
+                let run = batch[at].clone();
+                if run.len() > 1 && gso_refused(&e) {
+                    warn!(
+                        "export to {addr}: the kernel refused UDP segmentation offload ({e}); \
+                         sending datagram by datagram from now on"
+                    );
+                    *gso = false;
+                    return sent + send_all(socket, addr, &datagrams[run.start..], gso, failed);
+                }
+                // The message at `at` failed: count its datagrams and go on.
+                for _ in run {
+                    failed(&e);
+                }
                 at += 1;
             } else {
-                sent += rc as u64;
-                at += rc as usize;
+                let rc = rc as usize;
+                sent += batch[at..at + rc]
+                    .iter()
+                    .map(|r| r.len() as u64)
+                    .sum::<u64>();
+                at += rc;
             }
         }
     }
@@ -318,7 +415,7 @@ impl Sink for V9Sink {
         self.records += records.len() as u64;
         for c in &mut self.collectors {
             let (addr, failures) = (c.addr, &mut c.failures);
-            c.sent += send_all(&c.socket, addr, &datagrams, |e| {
+            c.sent += send_all(&c.socket, addr, &datagrams, &mut c.gso, &mut |e| {
                 *failures += 1;
                 if failures.is_power_of_two() {
                     warn!("export to {addr} failed ({e}); {failures} datagrams lost so far");
