@@ -124,10 +124,7 @@ pub(crate) fn add(
                 (home + wait) & mask,
                 fp,
                 &w,
-                pkt,
-                packets,
-                bytes,
-                now,
+                (pkt, packets, bytes, now),
             );
         }
         if free >= NONE {
@@ -151,10 +148,7 @@ pub(crate) fn add(
                     (home + free) & mask,
                     fp,
                     &w,
-                    pkt,
-                    packets,
-                    bytes,
-                    now,
+                    (pkt, packets, bytes, now),
                 );
             }
             // The slot is ours: nobody else writes it until it is published.
@@ -188,20 +182,14 @@ const SPIN: u32 = 64;
 /// and, if it is this flow, adds the packet to it (so one flow that reaches two CPUs at
 /// once gets one entry). False, for the hash map, when it is another flow or the insert
 /// outlasts [`SPIN`] reads.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "inlined; the caller's own values"
-)]
+/// `(pkt, packets, bytes, now)` is what [`add`] was given.
 #[inline(always)]
 fn wait_and_add(
     table: &Array<FlowSlot>,
     i: u32,
     fp: u32,
     w: &[u32; 5],
-    pkt: &Packet,
-    packets: u64,
-    bytes: u64,
-    now: u64,
+    (pkt, packets, bytes, now): (&Packet, u64, u64, u64),
 ) -> bool {
     let Some(s) = table.get_ptr_mut(i) else {
         return false;
