@@ -35,8 +35,10 @@ pub fn capture(dir: &Path, hosts: &[(&str, String)]) -> Result<()> {
             let body = topology::ns_run(GW, "curl", &["-sf", "-m", "5", &api_url])?;
             Ok(serde_json::from_str(&body)?)
         };
+        // Up to eight tries: under load one Chromium run can outlast an evaluation (10 s),
+        // so that the page's falls between the two API reads (4 tries failed in a check).
         let mut found = None;
-        for attempt in 1..=4 {
+        for attempt in 1..=8 {
             let before = fetch()?;
             let out = chromium(Some(GW), &profile, &page_url, &["--dump-dom"])
                 .output()
@@ -44,6 +46,10 @@ pub fn capture(dir: &Path, hosts: &[(&str, String)]) -> Result<()> {
             let dom = String::from_utf8_lossy(&out.stdout).into_owned();
             let after = fetch()?;
             let at = try_attr(&dom, "host-view", "data-evaluated-at");
+            let seen = (
+                before["evaluated_at"].to_string(),
+                after["evaluated_at"].to_string(),
+            );
             if let Some(api) = [before, after]
                 .into_iter()
                 .find(|a| at.is_some() && a["evaluated_at"].as_str() == at.as_deref())
@@ -52,7 +58,10 @@ pub fn capture(dir: &Path, hosts: &[(&str, String)]) -> Result<()> {
                 break;
             }
             say(&format!(
-                "drill-down of {name}: the page and the API were of different evaluations (attempt {attempt})"
+                "drill-down of {name}: the page ({}) and the API (before {}, after {}) were of different evaluations (attempt {attempt} of 8)",
+                at.as_deref().unwrap_or("no evaluation shown"),
+                seen.0,
+                seen.1
             ));
         }
         let (api, dom) = found
