@@ -63,6 +63,19 @@ impl Proc {
             .with_context(|| format!("signalling {} ({sig})", self.name))
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the whole process group: the lab pauses
+    /// its traffic while headless Chromium renders a page (see `drilldown`).
+    pub fn pause(&self, paused: bool) -> Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        let sig = if paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        killpg(Pid::from_raw(child.id() as i32), sig)
+            .with_context(|| format!("signalling {} ({sig})", self.name))
+    }
+
     /// Sends `sig` to the process group and waits up to `timeout`, then kills the group.
     /// Returns whether it exited by itself.
     pub fn stop(&mut self, sig: Signal, timeout: Duration) -> bool {
