@@ -4,7 +4,7 @@
 //!
 //! Under BPF_PROG_TEST_RUN with `repeat = N`, the kernel runs a program N times on the
 //! same frame; the sequence-driven programs make each run another packet: run `k` of a
-//! CPU takes index `BENCH_SEQ[1 + (pos + k) % BENCH_SEQ[0]]`, so the figures carry no
+//! CPU takes index `BENCH_SEQ[1 + (pos + k) mod BENCH_SEQ[0]]`, so the figures carry no
 //! per-syscall cost and the frames follow any order the benchmark writes (uniformly
 //! spread flows, a heavy-tailed trace):
 //!
@@ -39,7 +39,8 @@ static BENCH_FLOOR: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static BENCH_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
-/// This CPU's next index of the sequence (0 when the sequence is empty).
+/// This CPU's next index of the sequence (`None` when the sequence is empty). The
+/// position wraps with a compare, not a division (a `%` a packet was in every row).
 #[inline(always)]
 fn next_index() -> Option<u32> {
     let pos = BENCH_POS.get_ptr_mut(0)?;
@@ -50,10 +51,11 @@ fn next_index() -> Option<u32> {
     // SAFETY: this CPU's slot; programs do not nest on a CPU.
     let p = unsafe {
         let p = *pos;
-        *pos = p.wrapping_add(1);
+        *pos = if p + 1 >= len { 0 } else { p + 1 };
         p
     };
-    BENCH_SEQ.get(1 + p % len).map(|&i| i as u32)
+    // Userspace starts each CPU below `len`; a position past it reads nothing and wraps.
+    BENCH_SEQ.get(1 + p).map(|&i| i as u32)
 }
 
 /// One read of a random entry of `BENCH_FLOOR` per run.
@@ -97,20 +99,37 @@ pub fn bench_meter_seq(ctx: XdpContext) -> u32 {
     crate::ingress(&ctx)
 }
 
-/// Writes the address and port of flow `BENCH_SEQ[...]` into the frame.
+/// Writes the address and port of flow `BENCH_SEQ[...]` into the frame: one store each,
+/// of the width the parser loads them with (byte stores had the parser's loads wait for
+/// them to reach the cache instead of taking their values from the store buffer).
 #[inline(always)]
 fn write_flow(ctx: &XdpContext) {
     let (data, end) = (ctx.data(), ctx.data_end());
     if let Some(i) = next_index()
         && data + SRC_PORT + 2 <= end
     {
-        let addr = (0x0a40_0000u32 + (i >> 8)).to_be_bytes();
-        let port = ((i & 0xffff) as u16).to_be_bytes();
+        let addr = (0x0a40_0000u32 + (i >> 8)).to_be();
+        let port = ((i & 0xffff) as u16).to_be();
         // SAFETY: within the frame (checked above); the frame is the benchmark's own.
         unsafe {
-            let p = data as *mut u8;
-            core::ptr::copy_nonoverlapping(addr.as_ptr(), p.add(SRC_ADDR), 4);
-            core::ptr::copy_nonoverlapping(port.as_ptr(), p.add(SRC_PORT), 2);
+            packet_store((data + SRC_ADDR) as *mut u32, addr);
+            packet_store((data + SRC_PORT) as *mut u16, port);
         }
+    }
+}
+
+/// One BPF store instruction to packet memory, of `T`'s width (the counterpart of
+/// `parse::packet_load`, whose documentation says why unaligned packet access is fine).
+///
+/// # Safety
+/// `p` points into the bounds-checked packet.
+#[inline(always)]
+unsafe fn packet_store<T: Copy>(p: *mut T, v: T) {
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "BPF packet stores may be unaligned; see parse::packet_load"
+    )]
+    unsafe {
+        core::ptr::write_volatile(p, v)
     }
 }
