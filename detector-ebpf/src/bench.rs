@@ -12,6 +12,8 @@
 //!   flow map: what one cache and TLB miss costs on this machine, the floor of a lookup.
 //! - [`bench_floor_chain`]: the same, each read's place depending on the previous read's
 //!   value, so that no two misses overlap: the latency of one miss.
+//! - [`bench_seq_pass`]: the sequence read and the frame rewrite of [`bench_meter_seq`],
+//!   then PASS: what the meter's rows carry beyond the meter itself.
 //! - [`bench_meter_seq`]: writes flow `i`'s source address and port into the frame (an
 //!   IPv4 TCP frame from the benchmark: address `10.64.0.0 + (i >> 8)`, port `i & 0xffff`)
 //!   and meters it with the agent's own code, as `flow_ingress` does.
@@ -85,6 +87,14 @@ pub fn bench_floor_chain(_ctx: XdpContext) -> u32 {
             unsafe { *last = core::ptr::read_volatile(v) as u32 };
         }
     }
+    xdp_action::XDP_PASS
+}
+
+/// The sequence programs' own work without the meter: the frame rewrite of
+/// [`bench_meter_seq`], then PASS (what its rows carry beyond the meter).
+#[xdp]
+pub fn bench_seq_pass(ctx: XdpContext) -> u32 {
+    write_flow(&ctx);
     xdp_action::XDP_PASS
 }
 
