@@ -121,6 +121,10 @@ pub struct XdpArgs {
     /// Flows of the uplink-size measurement (frames spread over them; 0: skip it).
     #[arg(long, default_value_t = 1_000_000)]
     pub spread_flows: u32,
+    /// Of the uplink-size measurement, only the slot table's rows and the loop's ((a),
+    /// (r), hot, spread, trace-shaped): a quicker run for comparing two builds in turn.
+    #[arg(long)]
+    pub slot_table_only: bool,
 }
 
 /// A frame of the mix with its weight (share of packets on a typical uplink).
@@ -478,8 +482,10 @@ pub fn xdp(args: XdpArgs) -> Result<()> {
         if c <= 1.5 * b { "met" } else { "NOT met" }
     );
     if args.spread_flows > 0 {
-        spread(args.spread_flows)?;
-        uplink::uplink(args.spread_flows)?;
+        if !args.slot_table_only {
+            spread(args.spread_flows)?;
+        }
+        uplink::uplink(args.spread_flows, args.slot_table_only)?;
     }
     Ok(())
 }
