@@ -12,6 +12,9 @@
 //!   flow map: what one cache and TLB miss costs on this machine, the floor of a lookup.
 //! - [`bench_floor_chain`]: the same, each read's place depending on the previous read's
 //!   value, so that no two misses overlap: the latency of one miss.
+//! - [`bench_floor_add`]: one atomic add to the entry at that index: the least an exact
+//!   meter on a table shared by every CPU does to a packet's flow (read the line, write
+//!   it back with a locked add).
 //! - [`bench_seq_pass`]: the sequence read and the frame rewrite of [`bench_meter_seq`],
 //!   then PASS: what the meter's rows carry beyond the meter itself.
 //! - [`bench_meter_seq`]: writes flow `i`'s source address and port into the frame (an
@@ -19,6 +22,8 @@
 //!   and meters it with the agent's own code, as `flow_ingress` does.
 //!   With the slot table on (the loader's `FLOW_SLOTS`, as in the agent), IPv4 flows go
 //!   to `FLOWS4_SLOTS` first; off, to the kernel hash map alone (the reference).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -86,6 +91,19 @@ pub fn bench_floor_chain(_ctx: XdpContext) -> u32 {
             // SAFETY: as above; a map value read.
             unsafe { *last = core::ptr::read_volatile(v) as u32 };
         }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// One atomic add of 1 to a random entry of `BENCH_FLOOR` per run: the memory work an
+/// exact meter on a shared table cannot do without.
+#[xdp]
+pub fn bench_floor_add(_ctx: XdpContext) -> u32 {
+    if let Some(i) = next_index()
+        && let Some(v) = BENCH_FLOOR.get_ptr_mut(i)
+    {
+        // SAFETY: a map value, valid for this run; shared entries take atomic adds only.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(v, 1) };
     }
     xdp_action::XDP_PASS
 }
