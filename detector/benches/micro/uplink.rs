@@ -591,20 +591,24 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
         .collect();
 
     // Hot and spread, the kernel hash map (the agent's meter), then the slot table.
-    let mut pass = None;
-    let hash = if slot_only {
-        None
-    } else {
-        let (p, hot, spread, bpf, clock) = hot_and_spread(
-            (map_size, 1),
+    // `slots` 1: the hash map alone; the PASS figure taken with the first table run.
+    let hot_and_spread = |slots: u32, with_pass: bool| {
+        hot_and_spread(
+            (map_size, slots),
             "bench_meter_seq",
             flows,
             &uniform,
             spread_len,
             trials,
             &cpus,
-            true,
-        )?;
+            with_pass,
+        )
+    };
+    let mut pass = None;
+    let hash = if slot_only {
+        None
+    } else {
+        let (p, hot, spread, bpf, clock) = hot_and_spread(1, true)?;
         pass = p;
         let map_bytes = {
             let m = bpf.map(FLOWS4_MAP).context("flow map")?;
@@ -616,16 +620,7 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
         drop((bpf, clock));
         Some((hot, spread, map_bytes))
     };
-    let (p, s_hot, s_spread, bpf, clock) = hot_and_spread(
-        (map_size, slots),
-        "bench_meter_seq",
-        flows,
-        &uniform,
-        spread_len,
-        trials,
-        &cpus,
-        slot_only,
-    )?;
+    let (p, s_hot, s_spread, bpf, clock) = hot_and_spread(slots, slot_only)?;
     let pass = pass.or(p).context("PASS figure")?;
     let warm_census = SlotCensus::read(&bpf)?;
     drop((bpf, clock));
