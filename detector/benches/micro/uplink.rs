@@ -571,45 +571,106 @@ fn trace_figure(
     Ok((trace, census))
 }
 
-/// The uplink-size measurement over `flows` flows (see the module's notes).
-///
-/// `slot_only`: the slot table's rows and the loop's alone ((a), (r), hot, spread and
-/// trace-shaped), a quicker run for comparing two builds in turn.
-pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let map_size = flows.saturating_mul(2);
-    // The slot table: twice the flows, rounded up to a power of two.
-    let slots = map_size.next_power_of_two();
-    let slot_bytes = slots as u64 * size_of::<FlowSlot>() as u64;
-    let spread_len = 2_000_000u32;
-    let tr = trace(flows, &mut rng);
-    let trace_len = tr.seq.len() as u32;
-    let cpus = cpus()?;
-    let trials = 3;
-    let uniform: Vec<u32> = (0..spread_len)
-        .map(|_| rng.below(flows as u64) as u32)
-        .collect();
+/// What every part of one uplink-size run shares: the sizes, the CPUs, the sequences.
+struct Setup {
+    flows: u32,
+    /// The kernel hash map's size (twice the flows).
+    map_size: u32,
+    /// The slot table's slots: twice the flows, rounded up to a power of two.
+    slots: u32,
+    slot_bytes: u64,
+    /// Packets a run of the spread row (and of most others) sends on each CPU.
+    spread_len: u32,
+    trials: usize,
+    cpus: Vec<usize>,
+    tr: Trace,
+    trace_len: u32,
+    /// The spread row's sequence: flows drawn uniformly.
+    uniform: Vec<u32>,
+}
 
-    // Hot and spread, the kernel hash map (the agent's meter), then the slot table.
-    // `slots` 1: the hash map alone; the PASS figure taken with the first table run.
-    let hot_and_spread = |slots: u32, with_pass: bool| {
-        hot_and_spread(
-            (map_size, slots),
-            "bench_meter_seq",
+impl Setup {
+    fn new(flows: u32, rng: &mut Rng) -> Result<Setup> {
+        let map_size = flows.saturating_mul(2);
+        let slots = map_size.next_power_of_two();
+        let spread_len = 2_000_000u32;
+        let tr = trace(flows, rng);
+        let uniform = (0..spread_len)
+            .map(|_| rng.below(flows as u64) as u32)
+            .collect();
+        Ok(Setup {
             flows,
-            &uniform,
+            map_size,
+            slots,
+            slot_bytes: slots as u64 * size_of::<FlowSlot>() as u64,
             spread_len,
-            trials,
-            &cpus,
+            trials: 3,
+            cpus: cpus()?,
+            trace_len: tr.seq.len() as u32,
+            tr,
+            uniform,
+        })
+    }
+
+    /// Hot and spread of the meter with `slots` slots (1: the hash map alone).
+    fn hot_and_spread(
+        &self,
+        slots: u32,
+        with_pass: bool,
+    ) -> Result<(Option<Figure>, Figure, Figure, Ebpf, Ticker)> {
+        hot_and_spread(
+            (self.map_size, slots),
+            "bench_meter_seq",
+            self.flows,
+            &self.uniform,
+            self.spread_len,
+            self.trials,
+            &self.cpus,
             with_pass,
         )
-    };
-    let mut pass = None;
-    let hash = if slot_only {
-        None
-    } else {
-        let (p, hot, spread, bpf, clock) = hot_and_spread(1, true)?;
-        pass = p;
+    }
+
+    /// Trace-shaped of the meter with `slots` slots (1: the hash map alone).
+    fn trace(&self, slots: u32) -> Result<(Figure, Option<SlotCensus>)> {
+        trace_figure(
+            (self.map_size, slots),
+            "bench_meter_seq",
+            &self.tr,
+            self.flows,
+            &self.cpus,
+        )
+    }
+}
+
+/// The figures the full run takes beside the slot table's rows (none of them with
+/// `--slot-table-only`): the kernel hash map's rows and the floors.
+struct Full {
+    /// The flow map's kernel memory, warm with the run's flows.
+    map_bytes: u64,
+    /// (h), (s), (t): the hash map alone.
+    hot: Figure,
+    spread: Figure,
+    trace: Figure,
+    /// (f), (l): random reads of the flow map's size, independent and each waiting for
+    /// the last.
+    floor: Figure,
+    chain: Figure,
+    /// (f'), (l'): the same at the slot table's size.
+    s_floor: Figure,
+    s_chain: Figure,
+    /// (p), (q): 3,000 lines read in turn, in as many pages and packed into 47.
+    pages_spread: Figure,
+    pages_packed: Figure,
+    /// (u), (v), (w): the trace's floor: one read a packet of its flow's line,
+    /// independent, each waiting for the last, and one atomic add.
+    t_floor: Figure,
+    t_chain: Figure,
+    t_add: Figure,
+}
+
+impl Full {
+    fn measure(s: &Setup, rng: &mut Rng) -> Result<Full> {
+        let (_, hot, spread, bpf, clock) = s.hot_and_spread(1, false)?;
         let map_bytes = {
             let m = bpf.map(FLOWS4_MAP).context("flow map")?;
             let aya::maps::Map::HashMap(d) = m else {
@@ -618,117 +679,144 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
             map_kernel_bytes(d).context("the flow map's memlock")?
         };
         drop((bpf, clock));
-        Some((hot, spread, map_bytes))
-    };
-    let (p, s_hot, s_spread, bpf, clock) = hot_and_spread(slots, slot_only)?;
-    let pass = pass.or(p).context("PASS figure")?;
+        let (trials, cpus) = (s.trials, &s.cpus[..]);
+
+        // Arrays of `bytes` read at random, independent and each read waiting for the
+        // last; the array loaded long enough for `seq_len` entries.
+        let floors = |bytes: u64, seq_len: u32, rng: &mut Rng| -> Result<_> {
+            let entries = (bytes / 8).min(u32::MAX as u64 - 1) as u32;
+            let (mut bpf, clock) = load(1024, seq_len, entries, 1)?;
+            let random: Vec<u32> = (0..s.spread_len)
+                .map(|_| rng.below(entries as u64) as u32)
+                .collect();
+            Seq::map(&bpf)?.write(&random);
+            let floor = figure(
+                &mut bpf,
+                "bench_floor",
+                random.len(),
+                s.spread_len,
+                trials,
+                cpus,
+            )?;
+            let chain = figure(
+                &mut bpf,
+                "bench_floor_chain",
+                random.len(),
+                s.spread_len,
+                trials,
+                cpus,
+            )?;
+            Ok((floor, chain, entries, bpf, clock))
+        };
+        let (floor, chain, ..) = floors(map_bytes, s.spread_len, rng)?;
+        let (s_floor, s_chain, entries, mut bpf, _clock) =
+            floors(s.slot_bytes, s.spread_len.max(s.trace_len), rng)?;
+        let seq = Seq::map(&bpf)?;
+
+        // A hot set the size of the trace's heavy flows (3,000 lines) read at random, each
+        // read waiting for the last: its lines in as many 4 KiB pages, then packed into 47
+        // pages. The difference is what the TLB costs when a table's hot flows are spread
+        // over it (an array map is vmalloc'd in 4 KiB pages).
+        let pages = (entries / 512).max(1) as u64;
+        let spread_set: Vec<u32> = (0..3000).map(|_| (rng.below(pages) * 512) as u32).collect();
+        let packed_set: Vec<u32> = (0..3000u32).map(|k| k * 8).collect();
+        let mut hot_set = |set: &[u32]| {
+            let seq_of: Vec<u32> = (0..s.spread_len)
+                .map(|_| set[rng.below(set.len() as u64) as usize])
+                .collect();
+            seq.write(&seq_of);
+            figure(
+                &mut bpf,
+                "bench_floor_chain",
+                seq_of.len(),
+                s.spread_len,
+                trials,
+                cpus,
+            )
+        };
+        let pages_spread = hot_set(&spread_set)?;
+        let pages_packed = hot_set(&packed_set)?;
+
+        // The trace's own floor: its packets in its order, each one read of the line its
+        // flow has at a fixed random place of the table-sized array, and nothing else:
+        // what the trace would cost if the meter's only work were its one line. Run as
+        // the meter's trace is, once through on each CPU, then both at once.
+        let lines = (s.slots - 1) as u64;
+        let at: Vec<u32> = s
+            .tr
+            .seq
+            .iter()
+            .map(|&f| (((f as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40 & lines) * 8) as u32)
+            .collect();
+        seq.write(&at);
+        let t_floor = figure(&mut bpf, "bench_floor", at.len(), s.trace_len, 1, cpus)?;
+        let t_chain = figure(
+            &mut bpf,
+            "bench_floor_chain",
+            at.len(),
+            s.trace_len,
+            1,
+            cpus,
+        )?;
+        let t_add = figure(&mut bpf, "bench_floor_add", at.len(), s.trace_len, 1, cpus)?;
+        drop((seq, bpf));
+
+        let (trace, _) = s.trace(1)?;
+        Ok(Full {
+            map_bytes,
+            hot,
+            spread,
+            trace,
+            floor,
+            chain,
+            s_floor,
+            s_chain,
+            pages_spread,
+            pages_packed,
+            t_floor,
+            t_chain,
+            t_add,
+        })
+    }
+}
+
+/// The uplink-size measurement over `flows` flows (see the module's notes).
+///
+/// `slot_only`: the slot table's rows and the loop's alone ((a), (r), hot, spread and
+/// trace-shaped), a quicker run for comparing two builds in turn.
+pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let s = Setup::new(flows, &mut rng)?;
+    let (trials, slots, slot_bytes, trace_len) = (s.trials, s.slots, s.slot_bytes, s.trace_len);
+
+    // The slot table's hot and spread, with the PASS figure (a) taken on its object.
+    let (pass, s_hot, s_spread, bpf, clock) = s.hot_and_spread(slots, true)?;
+    let pass = pass.context("PASS figure")?;
     let warm_census = SlotCensus::read(&bpf)?;
     drop((bpf, clock));
 
-    // The floors: arrays of the flow map's and of the slot table's memory size, read at
-    // random.
-    let mut floors = Vec::new();
-    let mut hot_sets = Vec::new();
-    let mut trace_floor = None;
-    let floor_sizes = match &hash {
-        Some((_, _, map_bytes)) => vec![*map_bytes, slot_bytes],
-        None => Vec::new(),
+    let full = if slot_only {
+        None
+    } else {
+        Some(Full::measure(&s, &mut rng)?)
     };
-    for bytes in floor_sizes {
-        let floor_entries = (bytes / 8).min(u32::MAX as u64 - 1) as u32;
-        let seq_len = if bytes == slot_bytes {
-            spread_len.max(trace_len)
-        } else {
-            spread_len
-        };
-        let (mut bpf, _clock) = load(1024, seq_len, floor_entries, 1)?;
-        let seq = Seq::map(&bpf)?;
-        let random: Vec<u32> = (0..spread_len)
-            .map(|_| rng.below(floor_entries as u64) as u32)
-            .collect();
-        seq.write(&random);
-        let floor = figure(
-            &mut bpf,
-            "bench_floor",
-            random.len(),
-            spread_len,
-            trials,
-            &cpus,
-        )?;
-        let chain = figure(
-            &mut bpf,
-            "bench_floor_chain",
-            random.len(),
-            spread_len,
-            trials,
-            &cpus,
-        )?;
-        floors.push((floor, chain));
-        if bytes == slot_bytes {
-            // A hot set the size of the trace's heavy flows (3,000 lines) read at random,
-            // each read waiting for the last: its lines in as many 4 KiB pages, then
-            // packed into 47 pages. The difference is what the TLB costs when a table's
-            // hot flows are spread over it (an array map is vmalloc'd in 4 KiB pages).
-            let pages = (floor_entries / 512).max(1) as u64;
-            let spread_set: Vec<u32> = (0..3000).map(|_| (rng.below(pages) * 512) as u32).collect();
-            let packed_set: Vec<u32> = (0..3000u32).map(|k| k * 8).collect();
-            for set in [spread_set, packed_set] {
-                let s: Vec<u32> = (0..spread_len)
-                    .map(|_| set[rng.below(set.len() as u64) as usize])
-                    .collect();
-                seq.write(&s);
-                hot_sets.push(figure(
-                    &mut bpf,
-                    "bench_floor_chain",
-                    s.len(),
-                    spread_len,
-                    trials,
-                    &cpus,
-                )?);
-            }
-            // The trace's own floor: its packets in its order, each one read of the line
-            // its flow has at a fixed random place of the table-sized array, and nothing
-            // else: what the trace would cost if the meter's only work were its one line.
-            // Run as the meter's trace is, once through on each CPU, then both at once.
-            let lines = (slots - 1) as u64;
-            let at: Vec<u32> = tr
-                .seq
-                .iter()
-                .map(|&f| {
-                    (((f as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40 & lines) * 8) as u32
-                })
-                .collect();
-            seq.write(&at);
-            let independent = figure(&mut bpf, "bench_floor", at.len(), trace_len, 1, &cpus)?;
-            let latency = figure(&mut bpf, "bench_floor_chain", at.len(), trace_len, 1, &cpus)?;
-            let add = figure(&mut bpf, "bench_floor_add", at.len(), trace_len, 1, &cpus)?;
-            trace_floor = Some((independent, latency, add));
-        }
-    }
 
     // The sequence programs' own work (the sequence read and the frame rewrite, then
     // PASS) over the trace's sequence: what the meter rows carry beyond the meter.
     let harness = {
         let (mut bpf, _clock) = load(1024, trace_len, 1, 1)?;
-        let seq = Seq::map(&bpf)?;
-        seq.write(&tr.seq);
+        Seq::map(&bpf)?.write(&s.tr.seq);
         figure(
             &mut bpf,
             "bench_seq_pass",
-            tr.seq.len(),
-            spread_len,
+            s.tr.seq.len(),
+            s.spread_len,
             trials,
-            &cpus,
+            &s.cpus,
         )?
     };
 
-    // Trace-shaped, both tables.
-    let trace = match hash {
-        Some(_) => Some(trace_figure((map_size, 1), "bench_meter_seq", &tr, flows, &cpus)?.0),
-        None => None,
-    };
-    let (s_trace, trace_census) =
-        trace_figure((map_size, slots), "bench_meter_seq", &tr, flows, &cpus)?;
+    let (s_trace, trace_census) = s.trace(slots)?;
 
     let list = |v: &[f64]| {
         v.iter()
@@ -738,13 +826,13 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
     };
     println!(
         "uplink size, in the kernel's loop (BPF_PROG_TEST_RUN repeat over a sequence, no syscall between packets; each CPU alone, lowest of {trials}, then all {} at once):",
-        cpus.len()
+        s.cpus.len()
     );
-    if let Some((_, _, map_bytes)) = &hash {
+    if let Some(f) = &full {
         println!(
             "  flow map: {flows} flows, {} MB of kernel memory ({:.0} B a flow with its buckets)",
-            map_bytes / 1_000_000,
-            *map_bytes as f64 / flows as f64
+            f.map_bytes / 1_000_000,
+            f.map_bytes as f64 / flows as f64
         );
     }
     println!(
@@ -753,7 +841,7 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
         slot_bytes as f64 / flows as f64,
         slot::PROBES
     );
-    let cols: Vec<String> = cpus.iter().map(|c| format!("cpu{c}")).collect();
+    let cols: Vec<String> = s.cpus.iter().map(|c| format!("cpu{c}")).collect();
     println!(
         "  {:<62} {:>w$}   at once: per CPU, and wall-clock ns per packet of all",
         "ns/packet",
@@ -761,7 +849,7 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
             .map(|c| format!("{c:>6}"))
             .collect::<Vec<_>>()
             .join(" "),
-        w = 7 * cpus.len() - 1
+        w = 7 * s.cpus.len() - 1
     );
     let row = |name: String, f: &Figure| {
         println!(
@@ -776,62 +864,54 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
         "(r) the sequence read and frame rewrite, then PASS".into(),
         &harness,
     );
-    // The hash map's rows and the floors (all but `--slot-table-only`).
-    let full = match (&hash, &trace, &trace_floor) {
-        (Some((hot, spread, map_bytes)), Some(trace), Some((t_floor, t_chain, t_add))) => {
-            let ((floor, chain), (s_floor, s_chain)) = (&floors[0], &floors[1]);
-            row(
-                format!("(f) floor: a random read of {} MB", map_bytes / 1_000_000),
-                floor,
-            );
-            row(
-                "(l) floor, latency: each read waits for the last".into(),
-                chain,
-            );
-            row(
-                format!("(f') floor: a random read of {} MB", slot_bytes / 1_000_000),
-                s_floor,
-            );
-            row("(l') floor, latency, the slot table's size".into(), s_chain);
-            row(
-                "(p) latency, 3,000 lines in 3,000 pages of the table".into(),
-                &hot_sets[0],
-            );
-            row(
-                "(q) latency, the same 3,000 lines packed in 47 pages".into(),
-                &hot_sets[1],
-            );
-            row(
-                "(u) the trace's floor: one read a packet, of its flow's line".into(),
-                t_floor,
-            );
-            row(
-                "(v) the trace's floor, latency: each read waits for the last".into(),
-                t_chain,
-            );
-            row(
-                "(w) the trace's floor, written: one atomic add a packet".into(),
-                t_add,
-            );
-            row("(h) hot: one flow".into(), hot);
-            row(
-                format!("(s) spread: uniform over {flows} warm flows"),
-                spread,
-            );
-            row(
-                format!("(t) trace-shaped: {trace_len} packets, map empty at the start"),
-                trace,
-            );
-            Some((
-                hot,
-                spread,
-                trace,
-                (floor, chain, s_floor, s_chain),
-                (t_chain, t_add),
-            ))
-        }
-        _ => None,
-    };
+    if let Some(f) = &full {
+        let mb = |bytes: u64| bytes / 1_000_000;
+        row(
+            format!("(f) floor: a random read of {} MB", mb(f.map_bytes)),
+            &f.floor,
+        );
+        row(
+            "(l) floor, latency: each read waits for the last".into(),
+            &f.chain,
+        );
+        row(
+            format!("(f') floor: a random read of {} MB", mb(slot_bytes)),
+            &f.s_floor,
+        );
+        row(
+            "(l') floor, latency, the slot table's size".into(),
+            &f.s_chain,
+        );
+        row(
+            "(p) latency, 3,000 lines in 3,000 pages of the table".into(),
+            &f.pages_spread,
+        );
+        row(
+            "(q) latency, the same 3,000 lines packed in 47 pages".into(),
+            &f.pages_packed,
+        );
+        row(
+            "(u) the trace's floor: one read a packet, of its flow's line".into(),
+            &f.t_floor,
+        );
+        row(
+            "(v) the trace's floor, latency: each read waits for the last".into(),
+            &f.t_chain,
+        );
+        row(
+            "(w) the trace's floor, written: one atomic add a packet".into(),
+            &f.t_add,
+        );
+        row("(h) hot: one flow".into(), &f.hot);
+        row(
+            format!("(s) spread: uniform over {flows} warm flows"),
+            &f.spread,
+        );
+        row(
+            format!("(t) trace-shaped: {trace_len} packets, map empty at the start"),
+            &f.trace,
+        );
+    }
     row("(H) slot table: hot, one flow".into(), &s_hot);
     row(
         format!("(S) slot table: spread over {flows} warm flows"),
@@ -843,8 +923,8 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
     );
     println!(
         "  the trace: {flows} flows, {:.0} % of them a single packet, the top 0.3 % carrying {:.0} % of packets",
-        tr.single_share * 100.0,
-        tr.top_share * 100.0
+        s.tr.single_share * 100.0,
+        s.tr.top_share * 100.0
     );
     for (what, c) in [
         ("warm", Some(&warm_census)),
@@ -871,33 +951,33 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
             .fold(0.0, f64::max)
     };
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
-    if let Some((hot, spread, trace, (floor, chain, s_floor, s_chain), (t_chain, t_add))) = full {
-        let s_f = ratio(spread, floor);
-        let s_l = ratio(spread, chain);
+    if let Some(f) = &full {
+        let s_f = ratio(&f.spread, &f.floor);
+        let s_l = ratio(&f.spread, &f.chain);
         println!(
             "  hash map: spread / floor (worst CPU): {s_f:.2} against independent reads, {s_l:.2} against one miss's latency (target <= 2: {})",
             met(s_l <= 2.0)
         );
         println!(
             "  hash map: trace-shaped: {:.1} ns/packet on the slowest CPU, {:.1} on the fastest (target <= 100: {})",
-            trace.worst(),
-            trace.best(),
-            met(trace.worst() <= 100.0)
+            f.trace.worst(),
+            f.trace.best(),
+            met(f.trace.worst() <= 100.0)
         );
-        let ss_f = ratio(&s_spread, s_floor);
-        let ss_l = ratio(&s_spread, s_chain);
+        let ss_f = ratio(&s_spread, &f.s_floor);
+        let ss_l = ratio(&s_spread, &f.s_chain);
         println!(
             "  slot table: spread / floor (worst CPU): {ss_f:.2} against independent reads, {ss_l:.2} against one miss's latency (target <= 2: {}); hot / hash map's hot (worst CPU): {:.2}",
             met(ss_l <= 2.0),
-            ratio(&s_hot, hot)
+            ratio(&s_hot, &f.hot)
         );
         // The 100 ns target against what this machine's memory allows for the trace.
         println!(
             "  slot table: trace-shaped / the trace's floor (worst CPU): {:.2} against its latency (v), {:.2} against its atomic adds (w); those floors: {:.1} and {:.1} ns/packet on the slowest CPU",
-            ratio(&s_trace, t_chain),
-            ratio(&s_trace, t_add),
-            t_chain.worst(),
-            t_add.worst()
+            ratio(&s_trace, &f.t_chain),
+            ratio(&s_trace, &f.t_add),
+            f.t_chain.worst(),
+            f.t_add.worst()
         );
     }
     println!(
