@@ -824,6 +824,10 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    // Per-CPU figures on one line of a sentence: "94/98".
+    let per_cpu = |v: &mut dyn Iterator<Item = f64>| {
+        v.map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/")
+    };
     println!(
         "uplink size, in the kernel's loop (BPF_PROG_TEST_RUN repeat over a sequence, no syscall between packets; each CPU alone, lowest of {trials}, then all {} at once):",
         s.cpus.len()
@@ -982,12 +986,6 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
         // A lower bound from the rows alone: 80 % of the trace's packets are its heavy
         // flows', whose lines stay cached (each costs at least (H)); the others wait for a
         // miss, which (v) - (a) averages over every packet of the trace.
-        let per_cpu = |v: Vec<f64>| {
-            v.iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join("/")
-        };
         let misses: Vec<f64> = f
             .t_chain
             .alone
@@ -997,17 +995,10 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
             .collect();
         println!(
             "  slot table: trace-shaped {} against its bound (H) + (v) - (a) = {} ns/packet, per CPU; under 100 ns needs (H) under {} (it is {})",
-            per_cpu(s_trace.alone.clone()),
-            per_cpu(
-                s_hot
-                    .alone
-                    .iter()
-                    .zip(&misses)
-                    .map(|(h, m)| h + m)
-                    .collect()
-            ),
-            per_cpu(misses.iter().map(|m| 100.0 - m).collect()),
-            per_cpu(s_hot.alone.clone())
+            per_cpu(&mut s_trace.alone.iter().copied()),
+            per_cpu(&mut s_hot.alone.iter().zip(&misses).map(|(h, m)| h + m)),
+            per_cpu(&mut misses.iter().map(|m| 100.0 - m)),
+            per_cpu(&mut s_hot.alone.iter().copied())
         );
     }
     println!(
@@ -1018,14 +1009,7 @@ pub fn uplink(flows: u32, slot_only: bool) -> Result<()> {
     );
     // Each CPU's row less its own (r): the meter's own cost, to compare machines whose
     // test-run loop costs differ (the target stays on the rows themselves).
-    let own = |f: &Figure| {
-        f.alone
-            .iter()
-            .zip(&harness.alone)
-            .map(|(m, r)| format!("{:.0}", m - r))
-            .collect::<Vec<_>>()
-            .join("/")
-    };
+    let own = |f: &Figure| per_cpu(&mut f.alone.iter().zip(&harness.alone).map(|(m, r)| m - r));
     println!(
         "  slot table, the meter's own ns/packet beyond (r), per CPU: hot {}, spread {}, trace-shaped {}",
         own(&s_hot),
